@@ -1,0 +1,65 @@
+//! Where a backup goes. The drainer hands a target whole granules (runs of tracking
+//! chunks of the target's granule size) in any order; the target commits only after
+//! its data is durable, and a target that is dropped or aborted says it is incomplete.
+
+use crate::changelog::Cut;
+use crate::error::Result;
+use serde::Serialize;
+
+/// Facts about the snapshot a target stores.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    /// Disk name.
+    pub disk: String,
+    /// Disk size in bytes.
+    pub disk_size: u64,
+    /// Tracking chunk size in bytes.
+    pub chunk_size: u32,
+    /// Seconds since the epoch at the snapshot instant.
+    pub created_unix: u64,
+    /// Lineage id of the disk.
+    pub lineage: String,
+    /// Next change sequence number at the instant.
+    pub seq_next: u64,
+    /// Lowest not-yet-acknowledged sequence number at the instant.
+    pub seq_lowest_unacked: u64,
+}
+
+/// Which chunks a backup must read.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    /// Every chunk.
+    All,
+    /// Only chunks whose bit is set in the change-log cut, widened to whole granules;
+    /// the rest the target takes from its parent.
+    Changed,
+}
+
+/// What a target reports after commit.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetSummary {
+    /// Generation id (repository targets).
+    pub generation: Option<String>,
+    /// Bytes written to the target medium.
+    pub bytes_stored: u64,
+    /// Notes for the user (e.g. "tracking not trusted: full read").
+    pub notes: Vec<String>,
+}
+
+/// A backup destination.
+pub trait Target: Send {
+    /// Granule in tracking chunks (power of two): the drainer always hands over whole
+    /// granules (the last one may be short at the end of the disk).
+    fn granule_chunks(&self) -> u32;
+    /// Which chunks must be read; called once, at the snapshot instant, with the cut.
+    fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope>;
+    /// Called once before any data, with facts about the snapshot.
+    fn begin(&mut self, info: &SnapshotInfo) -> Result<()>;
+    /// Store `data` (whole granules, `data.len()` a multiple of the chunk size except
+    /// at the disk's end) at byte offset `off`.
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<()>;
+    /// Make everything durable and mark the target complete.
+    fn commit(self: Box<Self>) -> Result<TargetSummary>;
+    /// Leave the target marked incomplete, with the reason.
+    fn abort(self: Box<Self>, why: &str);
+}

@@ -1,0 +1,4 @@
+//! cowsnap-nbd: the NBD protocol and server, the per-disk daemon's pieces, and the
+//! kernel attach paths (netlink `nbd` family; nbdfuse + losetup where nbd.ko is absent).
+
+pub mod nbd;

@@ -1,0 +1,2 @@
+//! The NBD protocol: wire format, handshake, transmission.
+pub mod server;

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the Debian packages cowsnap's tests, demo and benchmarks need. Idempotent.
+set -euo pipefail
+PKGS=(nbdkit libnbd-bin python3-libnbd fio qemu-utils e2fsprogs xfsprogs fuse3 util-linux
+      postgresql postgresql-contrib kmod procps psmisc jq)
+missing=()
+for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || [ -x "$HOME/.cargo/bin/cargo" ] || { echo "setup: cargo not found (install a Rust toolchain)"; exit 1; }
