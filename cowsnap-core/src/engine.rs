@@ -1,16 +1,33 @@
 //! The engine: the write path of one attached disk. Without a snapshot every request
 //! passes straight to the origin. While a backup runs, a write to a chunk the backup
-//! has not copied yet is held until the chunk's original is preserved in the container.
+//! has not copied yet is held until the chunk's original is preserved in the container
+//! (see [`crate::snapshot`] for the per-chunk rules).
 //!
-//! (Skeleton: pass-through only. The snapshot write path lands with the CoW engine.)
+//! Design notes
+//! - The instant gate: `active` is an `RwLock<Option<Arc<Snapshot>>>`. Every
+//!   data-changing request (write, trim, write-zeroes — there is no other; the
+//!   [`Export`] trait has no default bodies, so a new one cannot bypass this) holds it
+//!   shared from the snapshot check until its origin I/O has completed. Installing a
+//!   snapshot takes it exclusively: in-flight writes finish first, new ones wait, so
+//!   the image is exactly the disk at one point in time. Clearing the snapshot at the
+//!   end of a backup takes it exclusively too (after every waiter was released).
+//! - Reads and flushes do not take the gate: reads never wait on the drainer.
+//! - Change-log marks happen inside the gate, before the origin write, so the cut taken
+//!   at the instant matches the image.
+//! - `block_status` reports holes/zeros only where the origin says so (SEEK_HOLE on a
+//!   regular file); otherwise one data extent. It never reports zero over data.
 
+use crate::backup::JobSlot;
 use crate::blockio::BlockIo;
 use crate::changelog::ChangeLog;
-use crate::error::{ErrorKind, Result};
+use crate::error::Result;
 use crate::export::{Export, ExportCaps, Extent, ZeroFlags};
+use crate::snapshot::Snapshot;
+use crate::throttle::ThrottleConfig;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 /// Engine settings fixed at attach time.
 #[derive(Debug, Clone)]
@@ -19,6 +36,13 @@ pub struct EngineConfig {
     pub chunk_size: u32,
     /// Refuse data-changing requests.
     pub read_only: bool,
+    /// Disk name (for snapshot info and status), default "".
+    pub name: String,
+    /// Container spec used when a backup names none; `None` = `ram:64M`
+    /// ([`crate::container::DEFAULT_CONTAINER`]).
+    pub default_container: Option<String>,
+    /// Writer throttling and drain-first watermarks.
+    pub throttle: ThrottleConfig,
 }
 
 impl Default for EngineConfig {
@@ -26,6 +50,9 @@ impl Default for EngineConfig {
         EngineConfig {
             chunk_size: 64 * 1024,
             read_only: false,
+            name: String::new(),
+            default_container: None,
+            throttle: ThrottleConfig::default(),
         }
     }
 }
@@ -67,8 +94,15 @@ struct Counters {
 pub struct Engine {
     origin: Arc<dyn BlockIo>,
     cfg: EngineConfig,
-    changelog: Option<Arc<ChangeLog>>,
+    pub(crate) changelog: Option<Arc<ChangeLog>>,
     counters: Counters,
+    active: RwLock<Option<Arc<Snapshot>>>,
+    pub(crate) jobs: JobSlot,
+    epoch: Instant,
+    /// ns since `epoch` of the last data-changing request's start or end.
+    last_change_ns: AtomicU64,
+    /// Data-changing requests in flight.
+    inflight: AtomicU64,
 }
 
 impl Engine {
@@ -90,6 +124,11 @@ impl Engine {
             cfg,
             changelog,
             counters: Counters::default(),
+            active: RwLock::new(None),
+            jobs: JobSlot::default(),
+            epoch: Instant::now(),
+            last_change_ns: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
         }))
     }
 
@@ -118,6 +157,37 @@ impl Engine {
         }
     }
 
+    /// The active snapshot, if a backup is running.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.gate_shared().clone()
+    }
+
+    pub(crate) fn gate_shared(&self) -> RwLockReadGuard<'_, Option<Arc<Snapshot>>> {
+        self.active.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Take the instant gate exclusively: no data-changing request is in flight while
+    /// the guard lives.
+    pub(crate) fn gate_exclusive(&self) -> RwLockWriteGuard<'_, Option<Arc<Snapshot>>> {
+        self.active.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Time since the last data-changing request started or ended, and how many are
+    /// in flight (for quiesce-idle waiting).
+    pub(crate) fn idle_for(&self) -> (std::time::Duration, u64) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let last = self.last_change_ns.load(Ordering::SeqCst);
+        (
+            std::time::Duration::from_nanos(now.saturating_sub(last)),
+            self.inflight.load(Ordering::SeqCst),
+        )
+    }
+
+    fn touch(&self) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.last_change_ns.fetch_max(now, Ordering::SeqCst);
+    }
+
     fn count_err<T>(&self, r: Result<T>) -> Result<T> {
         if r.is_err() {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -130,6 +200,61 @@ impl Engine {
             Some(cl) => cl.mark(off, len),
             None => Ok(()),
         }
+    }
+
+    /// Run a data-changing operation on `off..off+len` under the instant gate, after
+    /// preserving the originals of pending chunks.
+    fn change(&self, off: u64, len: u64, op: impl FnOnce() -> Result<()>) -> Result<()> {
+        crate::blockio::check_range(self.size(), off, len, "write")?;
+        let gate = self.gate_shared();
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        if let Some(snap) = gate.as_ref() {
+            snap.preserve(&*self.origin, off, len);
+        }
+        let r = self.mark_changed(off, len).and_then(|_| op());
+        self.touch();
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+        drop(gate);
+        r
+    }
+
+    /// Extents of `off..off+len` from the origin's allocation (regular files), or
+    /// `None` when unknown.
+    fn allocation(&self, off: u64, len: u64) -> Option<Vec<Extent>> {
+        let ranges = self.origin.data_ranges(off, len).ok()??;
+        let end = off + len;
+        let mut out = Vec::new();
+        let mut pos = off;
+        for (a, b) in ranges {
+            let a = a.max(pos).min(end);
+            let b = b.min(end);
+            if a > pos {
+                out.push(Extent {
+                    len: a - pos,
+                    hole: true,
+                    zero: true,
+                });
+            }
+            if b > a {
+                out.push(Extent {
+                    len: b - a,
+                    hole: false,
+                    zero: false,
+                });
+                pos = b;
+            } else {
+                pos = pos.max(a);
+            }
+        }
+        if pos < end {
+            out.push(Extent {
+                len: end - pos,
+                hole: true,
+                zero: true,
+            });
+        }
+        Some(out)
     }
 }
 
@@ -161,10 +286,13 @@ impl Export for Engine {
         self.counters
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let r = self
-            .mark_changed(off, data.len() as u64)
-            .and_then(|_| self.origin.write_at(data, off))
-            .and_then(|_| if fua { self.origin.flush() } else { Ok(()) });
+        let r = self.change(off, data.len() as u64, || {
+            self.origin.write_at(data, off)?;
+            if fua {
+                self.origin.flush()?;
+            }
+            Ok(())
+        });
         self.count_err(r)
     }
     fn flush(&self) -> Result<()> {
@@ -176,10 +304,13 @@ impl Export for Engine {
             return Err(crate::err!(ReadOnly, "trim on a read-only export"));
         }
         self.counters.trims.fetch_add(1, Ordering::Relaxed);
-        let r = self
-            .mark_changed(off, len)
-            .and_then(|_| self.origin.discard(off, len))
-            .and_then(|_| if fua { self.origin.flush() } else { Ok(()) });
+        let r = self.change(off, len, || {
+            self.origin.discard(off, len)?;
+            if fua {
+                self.origin.flush()?;
+            }
+            Ok(())
+        });
         self.count_err(r)
     }
     fn zero(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<()> {
@@ -190,26 +321,27 @@ impl Export for Engine {
             return Err(crate::err!(Unsupported, "fast zero not supported"));
         }
         self.counters.zeroes.fetch_add(1, Ordering::Relaxed);
-        let r = self
-            .mark_changed(off, len)
-            .and_then(|_| self.origin.write_zeroes(off, len, !flags.no_hole))
-            .and_then(|_| {
-                if flags.fua {
-                    self.origin.flush()
-                } else {
-                    Ok(())
-                }
-            });
+        let r = self.change(off, len, || {
+            self.origin.write_zeroes(off, len, !flags.no_hole)?;
+            if flags.fua {
+                self.origin.flush()?;
+            }
+            Ok(())
+        });
         self.count_err(r)
     }
     fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
         crate::blockio::check_range(self.size(), off, len, "block status")
             .map_err(|e| e.with_context("unable to report block status"))?;
-        let _ = ErrorKind::Io;
-        Ok(vec![Extent {
-            len,
-            hole: false,
-            zero: false,
-        }])
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.allocation(off, len).unwrap_or_else(|| {
+            vec![Extent {
+                len,
+                hole: false,
+                zero: false,
+            }]
+        }))
     }
 }

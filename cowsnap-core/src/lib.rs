@@ -14,9 +14,14 @@
 pub mod backup;
 pub mod blockio;
 pub mod changelog;
+pub mod chunk_map;
+pub mod container;
+pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod snapshot;
 pub mod target;
+pub mod throttle;
 
 pub use error::{Error, ErrorKind, Result};

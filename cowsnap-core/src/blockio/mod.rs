@@ -42,6 +42,14 @@ pub trait BlockIo: Send + Sync {
     fn is_block_device(&self) -> bool;
     /// Which engine serves this I/O ("uring" or "sync"), for status output.
     fn engine_name(&self) -> &'static str;
+    /// The allocated (data) ranges `[start, end)` within `off..off+len`, ascending, if
+    /// the backend can tell cheaply (SEEK_DATA/SEEK_HOLE on regular files); `None`
+    /// when unknown (then everything must be treated as data). Not data-changing, so
+    /// a default is safe.
+    fn data_ranges(&self, off: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let _ = (off, len);
+        Ok(None)
+    }
 }
 
 /// Which I/O engine to use.

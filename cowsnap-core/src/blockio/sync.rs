@@ -62,7 +62,12 @@ pub(crate) fn zero_fd(
     };
     match r {
         Ok(()) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
+            ) =>
+        {
             write_zeros(file, off, len)
         }
         Err(e) => Err(e),
@@ -142,6 +147,55 @@ impl BlockIo for SyncIo {
     fn engine_name(&self) -> &'static str {
         "sync"
     }
+    fn data_ranges(&self, off: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        if self.is_blk {
+            return Ok(None);
+        }
+        check_range(self.size, off, len, "block status")?;
+        data_ranges_fd(&self.file, off, off + len)
+            .ctx(|| format!("unable to map allocation at offset {off} length {len}"))
+    }
+}
+
+/// SEEK_DATA/SEEK_HOLE walk of `off..end` on a regular file; `None` where the file
+/// system does not support it. At most 1024 ranges, the rest reported as data.
+pub(crate) fn data_ranges_fd(
+    file: &File,
+    off: u64,
+    end: u64,
+) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = off;
+    while pos < end {
+        // SAFETY: lseek on a valid fd with integer arguments; no memory is passed.
+        let d = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(Some(out)), // only a hole up to EOF
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let d = d as u64;
+        if d >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, d as libc::off_t, libc::SEEK_HOLE) };
+        if h < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let h = (h as u64).min(end);
+        if out.len() >= 1024 {
+            out.push((d, end));
+            break;
+        }
+        out.push((d, h));
+        pos = h;
+    }
+    Ok(Some(out))
 }
 
 #[cfg(test)]
@@ -158,5 +212,22 @@ mod tests {
         let io = open(&spec).unwrap();
         assert_eq!(io.engine_name(), "sync");
         crate::blockio::conformance::run(&*io);
+    }
+
+    #[test]
+    fn data_ranges_follow_holes() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(8 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.as_file().write_all_at(&[1u8; 65536], 2 << 20).unwrap();
+        let r = data_ranges_fd(f.as_file(), 0, 8 << 20).unwrap();
+        let Some(r) = r else { return }; // file system without SEEK_DATA
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].0 <= 2 << 20 && r[0].1 >= (2 << 20) + 65536, "{r:?}");
+        assert!(r[0].1 - r[0].0 < 1 << 20, "{r:?}");
+        let mut spec = OpenSpec::origin(f.path());
+        spec.engine = Engine::Sync;
+        let io = open(&spec).unwrap();
+        assert_eq!(io.data_ranges(0, 1 << 20).unwrap(), Some(vec![]));
     }
 }

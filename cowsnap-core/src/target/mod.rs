@@ -2,6 +2,8 @@
 //! chunks of the target's granule size) in any order; the target commits only after
 //! its data is durable, and a target that is dropped or aborted says it is incomplete.
 
+pub mod raw;
+
 use crate::changelog::Cut;
 use crate::error::Result;
 use serde::Serialize;

@@ -1,0 +1,604 @@
+//! Per-chunk state of one snapshot.
+//!
+//! Design notes
+//! - The disk is cut into chunks of `chunk_size` bytes (a power of two, 64 KiB by
+//!   default); the last chunk may be short when the disk size is not a multiple.
+//! - State encoding (bit planes, `bitvec`, one bit per chunk each):
+//!
+//!   | pending | done | in `preserved` | state |
+//!   |---|---|---|---|
+//!   | 0 | 0 | no  | out of scope: never copied; writes pass straight through |
+//!   | 1 | 0 | no  | pending: the original is still on the origin, not copied yet |
+//!   | 0 | 0 | yes | preserved: the original sits in a container slot |
+//!   | 0 | 1 | no  | done: copied to the target; writes pass straight through |
+//!
+//!   Preserved chunks are few (at most the container's slots), so they are kept in a
+//!   `BTreeMap<chunk, slot>` rather than a third full-size plane: memory is 2 bits per
+//!   chunk, 64 MiB for a 16 TiB disk at 64 KiB chunks. Busy marks are a small set
+//!   (at most one per writer plus the drainer's batch).
+//! - Creating a map allocates the planes and sets `pending` (all ones, or the
+//!   change-log cut widened to whole target granules). Nothing is read from the disk:
+//!   the cost is the allocation, independent of what is on the disk.
+//! - Transitions, all under the one mutex and never across I/O:
+//!   pending → busy(writer) → preserved (`preserved`) or back to pending (`release`);
+//!   pending → busy(drainer) → done (`copied`); preserved → done (`drained`, after the
+//!   target write). `pending` only ever goes from 1 to 0, so a chunk seen not-pending
+//!   never needs preserving again.
+//! - Writers wait (condvar) only for a busy chunk; busy holders only do I/O and never
+//!   wait on anything while holding a mark, so there is no lock-order cycle. The
+//!   drainer never waits for a busy chunk: it skips the granule and comes back.
+//! - `drop_snapshot` releases every waiter; from then on every chunk reads as
+//!   "pass through" for writers.
+
+use crate::container::SlotIdx;
+use crate::error::Result;
+use bitvec::prelude::*;
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// Disk size and chunking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Disk size in bytes.
+    pub disk_size: u64,
+    /// Chunk size in bytes (power of two).
+    pub chunk_size: u32,
+    shift: u32,
+    /// Number of chunks (the last may be short).
+    pub nchunks: u64,
+}
+
+impl Geometry {
+    /// Chunking of a disk.
+    pub fn new(disk_size: u64, chunk_size: u32) -> Result<Self> {
+        if !chunk_size.is_power_of_two() {
+            return Err(crate::err!(
+                InvalidInput,
+                "chunk size {chunk_size} is not a power of two"
+            ));
+        }
+        let shift = chunk_size.trailing_zeros();
+        // cannot overflow: disk_size >> shift < 2^64 and we add at most 1
+        let nchunks =
+            (disk_size >> shift) + u64::from(disk_size & (u64::from(chunk_size) - 1) != 0);
+        if usize::try_from(nchunks).is_err() {
+            return Err(crate::err!(
+                InvalidInput,
+                "disk of {disk_size} bytes has too many chunks"
+            ));
+        }
+        Ok(Geometry {
+            disk_size,
+            chunk_size,
+            shift,
+            nchunks,
+        })
+    }
+
+    /// Chunk holding byte `off`.
+    pub fn chunk_of(&self, off: u64) -> u64 {
+        off >> self.shift
+    }
+
+    /// First byte of chunk `c` (c <= nchunks, so this cannot overflow past the disk size
+    /// rounded up to a chunk).
+    pub fn chunk_off(&self, c: u64) -> u64 {
+        c << self.shift
+    }
+
+    /// Length of chunk `c` in bytes (short for the last chunk).
+    pub fn chunk_len(&self, c: u64) -> u64 {
+        let off = self.chunk_off(c);
+        u64::from(self.chunk_size).min(self.disk_size.saturating_sub(off))
+    }
+
+    /// End byte (exclusive) of chunks `..end`, clipped to the disk.
+    pub fn end_off(&self, end_chunk: u64) -> u64 {
+        self.chunk_off(end_chunk).min(self.disk_size)
+    }
+
+    /// Chunks touched by `off..off+len` (empty for len 0). Callers validated the range.
+    pub fn chunks_of(&self, off: u64, len: u64) -> Range<u64> {
+        if len == 0 {
+            return 0..0;
+        }
+        let last = off.saturating_add(len - 1);
+        self.chunk_of(off)..self.chunk_of(last) + 1
+    }
+}
+
+/// The state of one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    /// Not part of this backup.
+    OutOfScope,
+    /// Original on the origin, not copied yet.
+    Pending,
+    /// Original in a container slot.
+    Preserved(SlotIdx),
+    /// Copied to the target.
+    Done,
+}
+
+/// What a writer must do for a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteClaim {
+    /// Nothing: the chunk is done, preserved, out of scope, or the snapshot was dropped.
+    PassThrough {
+        /// The writer waited for a busy mark first.
+        waited: bool,
+    },
+    /// The caller now holds the busy mark and must preserve the chunk, then call
+    /// [`ChunkMap::preserved`] or [`ChunkMap::release`].
+    Preserve {
+        /// The writer waited for a busy mark first.
+        waited: bool,
+    },
+}
+
+/// A run of whole granules the drainer holds: every pending chunk in `first..end` is
+/// marked busy, the preserved ones are listed with their slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// First chunk.
+    pub first: u64,
+    /// End chunk (exclusive).
+    pub end: u64,
+    /// Preserved chunks in the run, ascending.
+    pub preserved: Vec<(u64, SlotIdx)>,
+}
+
+/// Result of [`ChunkMap::try_claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimResult {
+    /// Claimed.
+    Claimed(Claim),
+    /// The first granule has a pending chunk a writer is preserving: try later.
+    Busy,
+    /// The first granule has nothing to copy.
+    Nothing,
+}
+
+struct State {
+    pending: BitVec<u64, Lsb0>,
+    done: BitVec<u64, Lsb0>,
+    preserved: BTreeMap<u64, SlotIdx>,
+    busy: HashSet<u64>,
+    pending_count: u64,
+    dropped: bool,
+}
+
+/// Chunk states of one snapshot.
+pub struct ChunkMap {
+    geo: Geometry,
+    granule: u64,
+    in_scope: u64,
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+impl ChunkMap {
+    /// A map where `scope` (one bit per chunk, widened here to whole granules of
+    /// `granule` chunks) is pending, or every chunk when `scope` is `None`.
+    pub fn new(geo: Geometry, granule: u64, scope: Option<&BitSlice<u64, Lsb0>>) -> Self {
+        let n = geo.nchunks as usize;
+        let granule = granule.max(1);
+        let pending = match scope {
+            None => BitVec::repeat(true, n),
+            Some(bits) => {
+                let mut p: BitVec<u64, Lsb0> = BitVec::repeat(false, n);
+                let mut last_g = u64::MAX;
+                for c in bits.iter_ones().take_while(|&c| c < n) {
+                    let g = c as u64 / granule;
+                    if g == last_g {
+                        continue;
+                    }
+                    last_g = g;
+                    let a = (g * granule) as usize;
+                    let b = ((g + 1) * granule).min(geo.nchunks) as usize;
+                    p[a..b].fill(true);
+                }
+                p
+            }
+        };
+        let pending_count = pending.count_ones() as u64;
+        ChunkMap {
+            geo,
+            granule,
+            in_scope: pending_count,
+            st: Mutex::new(State {
+                pending,
+                done: BitVec::repeat(false, n),
+                preserved: BTreeMap::new(),
+                busy: HashSet::new(),
+                pending_count,
+                dropped: false,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// Granule in chunks.
+    pub fn granule(&self) -> u64 {
+        self.granule
+    }
+
+    /// Chunks in scope at the snapshot instant.
+    pub fn in_scope(&self) -> u64 {
+        self.in_scope
+    }
+
+    /// Bytes held by the two bit planes.
+    pub fn bitmap_bytes(&self) -> u64 {
+        let st = self.lock();
+        ((st.pending.as_raw_slice().len() + st.done.as_raw_slice().len()) * 8) as u64
+    }
+
+    /// State of chunk `c`.
+    pub fn state(&self, c: u64) -> ChunkState {
+        let st = self.lock();
+        Self::state_of(&st, c)
+    }
+
+    fn state_of(st: &State, c: u64) -> ChunkState {
+        if let Some(s) = st.preserved.get(&c) {
+            ChunkState::Preserved(*s)
+        } else if st.pending[c as usize] {
+            ChunkState::Pending
+        } else if st.done[c as usize] {
+            ChunkState::Done
+        } else {
+            ChunkState::OutOfScope
+        }
+    }
+
+    /// Chunks still to copy (pending + preserved).
+    pub fn remaining(&self) -> u64 {
+        let st = self.lock();
+        st.pending_count + st.preserved.len() as u64
+    }
+
+    /// Chunks currently preserved.
+    pub fn preserved_count(&self) -> u64 {
+        self.lock().preserved.len() as u64
+    }
+
+    /// Whether a write to `c` would have to preserve it (a hint: the answer may go
+    /// from true to false, never the other way).
+    pub fn needs_preserve(&self, c: u64) -> bool {
+        let st = self.lock();
+        !st.dropped && st.pending[c as usize]
+    }
+
+    /// A writer is about to change chunk `c`: wait while it is busy, then either pass
+    /// through or take the busy mark to preserve it.
+    pub fn claim_for_write(&self, c: u64) -> WriteClaim {
+        let mut st = self.lock();
+        let mut waited = false;
+        loop {
+            if st.dropped {
+                return WriteClaim::PassThrough { waited };
+            }
+            if st.busy.contains(&c) {
+                waited = true;
+                st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            if st.pending[c as usize] {
+                st.busy.insert(c);
+                return WriteClaim::Preserve { waited };
+            }
+            return WriteClaim::PassThrough { waited };
+        }
+    }
+
+    /// The writer holding `c` stored its original in `slot`.
+    pub fn preserved(&self, c: u64, slot: SlotIdx) {
+        let mut st = self.lock();
+        st.busy.remove(&c);
+        if st.pending[c as usize] {
+            st.pending.set(c as usize, false);
+            st.pending_count -= 1;
+            st.preserved.insert(c, slot);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// The holder of `c` gives up its busy mark without changing the state.
+    pub fn release(&self, c: u64) {
+        let mut st = self.lock();
+        st.busy.remove(&c);
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Drop the snapshot: every waiter and every later writer passes through.
+    pub fn drop_snapshot(&self) {
+        let mut st = self.lock();
+        st.dropped = true;
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Whether the snapshot was dropped.
+    pub fn is_dropped(&self) -> bool {
+        self.lock().dropped
+    }
+
+    /// First chunk at or after `from` that still needs copying (pending or preserved).
+    pub fn next_work_from(&self, from: u64) -> Option<u64> {
+        if from >= self.geo.nchunks {
+            return None;
+        }
+        let st = self.lock();
+        let p = st.pending[from as usize..]
+            .first_one()
+            .map(|i| i as u64 + from);
+        let q = st.preserved.range(from..).next().map(|(c, _)| *c);
+        match (p, q) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// First preserved chunk at or after `from`.
+    pub fn next_preserved_from(&self, from: u64) -> Option<u64> {
+        let st = self.lock();
+        st.preserved.range(from..).next().map(|(c, _)| *c)
+    }
+
+    /// Claim up to `max` whole granules starting at granule `g`, stopping before
+    /// granule `limit` and at the first granule with nothing to copy or a busy chunk.
+    pub fn try_claim(&self, g: u64, max: u64, limit: u64) -> Result<ClaimResult> {
+        let ngran = self.geo.nchunks.div_ceil(self.granule);
+        let limit = limit.min(ngran);
+        let mut st = self.lock();
+        if st.dropped {
+            return Ok(ClaimResult::Nothing);
+        }
+        let mut claim = Claim {
+            first: g * self.granule,
+            end: g * self.granule,
+            preserved: Vec::new(),
+        };
+        let mut gi = g;
+        while gi < limit && gi - g < max.max(1) {
+            let a = gi * self.granule;
+            let b = ((gi + 1) * self.granule).min(self.geo.nchunks);
+            let npending = st.pending[a as usize..b as usize].count_ones() as u64;
+            let pres: Vec<(u64, SlotIdx)> =
+                st.preserved.range(a..b).map(|(c, s)| (*c, *s)).collect();
+            if npending == 0 && pres.is_empty() {
+                break;
+            }
+            if npending + pres.len() as u64 != b - a {
+                // a granule partly done or partly out of scope: granules are always
+                // scoped and copied whole, so this is a bug, not a disk state
+                for c in claim.first..claim.end {
+                    st.busy.remove(&c);
+                }
+                drop(st);
+                self.cv.notify_all();
+                return Err(crate::err!(
+                    Corrupt,
+                    "unable to copy chunks {a}..{b}: the granule is partly copied"
+                ));
+            }
+            if st.busy.iter().any(|&c| c >= a && c < b) {
+                break;
+            }
+            for c in a..b {
+                if st.pending[c as usize] {
+                    st.busy.insert(c);
+                }
+            }
+            claim.preserved.extend(pres);
+            claim.end = b;
+            gi += 1;
+        }
+        if claim.end > claim.first {
+            return Ok(ClaimResult::Claimed(claim));
+        }
+        if gi < limit {
+            let a = gi * self.granule;
+            let b = ((gi + 1) * self.granule).min(self.geo.nchunks);
+            let has = st.pending[a as usize..b as usize].any()
+                || st.preserved.range(a..b).next().is_some();
+            if has {
+                return Ok(ClaimResult::Busy);
+            }
+        }
+        Ok(ClaimResult::Nothing)
+    }
+
+    /// The drainer has read the pending chunks of `claim` (into memory): they are done
+    /// and their busy marks released. The preserved ones stay until [`Self::drained`].
+    pub fn copied(&self, claim: &Claim) {
+        let mut st = self.lock();
+        for c in claim.first..claim.end {
+            if st.pending[c as usize] {
+                st.pending.set(c as usize, false);
+                st.pending_count -= 1;
+                st.done.set(c as usize, true);
+            }
+            st.busy.remove(&c);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// The drainer gives up `claim` without copying (failure path).
+    pub fn abandon(&self, claim: &Claim) {
+        let mut st = self.lock();
+        for c in claim.first..claim.end {
+            st.busy.remove(&c);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// The preserved chunk `c` reached the target; returns its slot to free.
+    pub fn drained(&self, c: u64) -> Option<SlotIdx> {
+        let mut st = self.lock();
+        let s = st.preserved.remove(&c);
+        if s.is_some() {
+            st.done.set(c as usize, true);
+        }
+        drop(st);
+        self.cv.notify_all();
+        s
+    }
+
+    /// Wait until some chunk changes state or `timeout` passes.
+    pub fn wait_change(&self, timeout: Duration) {
+        let st = self.lock();
+        let _ = self.cv.wait_timeout(st, timeout);
+    }
+
+    /// Counts: (pending, preserved, done).
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let st = self.lock();
+        (
+            st.pending_count,
+            st.preserved.len() as u64,
+            st.done.count_ones() as u64,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn geo(size: u64) -> Geometry {
+        Geometry::new(size, 65536).unwrap()
+    }
+
+    #[test]
+    fn geometry_short_last_chunk() {
+        let g = geo(3 * 65536 + 100);
+        assert_eq!(g.nchunks, 4);
+        assert_eq!(g.chunk_len(3), 100);
+        assert_eq!(g.chunk_len(0), 65536);
+        assert_eq!(g.chunks_of(65535, 2), 0..2);
+        assert_eq!(g.chunks_of(3 * 65536 + 99, 1), 3..4);
+        assert_eq!(g.chunks_of(0, 0), 0..0);
+        assert_eq!(g.end_off(4), 3 * 65536 + 100);
+        assert!(Geometry::new(100, 3000).is_err());
+    }
+
+    #[test]
+    fn write_claim_lifecycle() {
+        let m = ChunkMap::new(geo(4 * 65536), 1, None);
+        assert_eq!(m.in_scope(), 4);
+        assert_eq!(m.state(1), ChunkState::Pending);
+        assert_eq!(m.claim_for_write(1), WriteClaim::Preserve { waited: false });
+        m.preserved(1, SlotIdx(7));
+        assert_eq!(m.state(1), ChunkState::Preserved(SlotIdx(7)));
+        assert_eq!(
+            m.claim_for_write(1),
+            WriteClaim::PassThrough { waited: false }
+        );
+        assert!(!m.needs_preserve(1));
+        assert_eq!(m.remaining(), 4);
+        // release keeps the chunk pending
+        assert_eq!(m.claim_for_write(2), WriteClaim::Preserve { waited: false });
+        m.release(2);
+        assert_eq!(m.state(2), ChunkState::Pending);
+    }
+
+    #[test]
+    fn scope_is_widened_to_granules() {
+        let mut bits: BitVec<u64, Lsb0> = BitVec::repeat(false, 10);
+        bits.set(5, true);
+        bits.set(9, true);
+        let m = ChunkMap::new(geo(10 * 65536), 4, Some(&bits));
+        // granules 4..8 and 8..10 (short)
+        assert_eq!(m.in_scope(), 6);
+        assert_eq!(m.state(0), ChunkState::OutOfScope);
+        assert_eq!(m.state(4), ChunkState::Pending);
+        assert_eq!(m.state(8), ChunkState::Pending);
+        assert_eq!(
+            m.claim_for_write(0),
+            WriteClaim::PassThrough { waited: false }
+        );
+        assert_eq!(m.next_work_from(0), Some(4));
+    }
+
+    #[test]
+    fn drainer_claims_whole_granules_and_skips_busy() {
+        let m = ChunkMap::new(geo(8 * 65536), 2, None);
+        assert_eq!(m.claim_for_write(3), WriteClaim::Preserve { waited: false });
+        // granule 1 (chunks 2,3) is busy
+        assert_eq!(m.try_claim(1, 4, u64::MAX).unwrap(), ClaimResult::Busy);
+        // from granule 0: stops before the busy granule
+        match m.try_claim(0, 4, u64::MAX).unwrap() {
+            ClaimResult::Claimed(c) => {
+                assert_eq!((c.first, c.end), (0, 2));
+                m.copied(&c);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(m.state(0), ChunkState::Done);
+        m.preserved(3, SlotIdx(0));
+        match m.try_claim(1, 4, 3).unwrap() {
+            ClaimResult::Claimed(c) => {
+                assert_eq!((c.first, c.end), (2, 6));
+                assert_eq!(c.preserved, vec![(3, SlotIdx(0))]);
+                m.copied(&c);
+                assert_eq!(m.drained(3), Some(SlotIdx(0)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(m.state(3), ChunkState::Done);
+        assert_eq!(m.try_claim(0, 4, u64::MAX).unwrap(), ClaimResult::Nothing);
+        assert_eq!(m.remaining(), 2);
+        assert_eq!(m.counts(), (2, 0, 6));
+    }
+
+    #[test]
+    fn writer_waits_for_drainer_busy_then_passes() {
+        let m = Arc::new(ChunkMap::new(geo(2 * 65536), 1, None));
+        let c = match m.try_claim(0, 1, u64::MAX).unwrap() {
+            ClaimResult::Claimed(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let m2 = m.clone();
+        let t = std::thread::spawn(move || m2.claim_for_write(0));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "writer must wait for the drainer's copy");
+        m.copied(&c);
+        assert_eq!(t.join().unwrap(), WriteClaim::PassThrough { waited: true });
+    }
+
+    #[test]
+    fn drop_releases_waiters() {
+        let m = Arc::new(ChunkMap::new(geo(2 * 65536), 1, None));
+        assert_eq!(m.claim_for_write(0), WriteClaim::Preserve { waited: false });
+        let m2 = m.clone();
+        let t = std::thread::spawn(move || m2.claim_for_write(0));
+        std::thread::sleep(Duration::from_millis(30));
+        m.drop_snapshot();
+        assert_eq!(t.join().unwrap(), WriteClaim::PassThrough { waited: true });
+        assert!(!m.needs_preserve(1));
+    }
+
+    #[test]
+    fn bitmap_size_is_two_bits_per_chunk() {
+        let m = ChunkMap::new(geo(1 << 30), 1, None);
+        assert_eq!(m.bitmap_bytes(), 2 * (16384 / 8));
+    }
+}
