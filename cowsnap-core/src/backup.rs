@@ -23,7 +23,7 @@
 
 use crate::changelog::Cut;
 use crate::chunk_map::{ChunkMap, Geometry};
-use crate::container::{self, DEFAULT_CONTAINER};
+use crate::container::{self, Container, DEFAULT_CONTAINER};
 use crate::drain::Drainer;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -223,6 +223,18 @@ pub fn open_target(spec: &str, geo: &Geometry) -> Result<Box<dyn Target>> {
 impl Engine {
     /// Start a backup: returns after the snapshot instant, with the job id.
     pub fn start_backup(self: &Arc<Self>, p: BackupParams) -> Result<u64> {
+        self.start_backup_with(p, None, None)
+    }
+
+    /// [`Self::start_backup`] with an already opened target and/or container instead of
+    /// the ones `p.to` / `p.container` name (`p.to` is then only shown in the status).
+    /// For targets built elsewhere (the repository) and for tests.
+    pub fn start_backup_with(
+        self: &Arc<Self>,
+        p: BackupParams,
+        target: Option<Box<dyn Target>>,
+        container: Option<Box<dyn Container>>,
+    ) -> Result<u64> {
         let job = {
             let mut cur = lock(&self.jobs.cur);
             if let Some(j) = cur.as_ref() {
@@ -251,7 +263,7 @@ impl Engine {
             *cur = Some(job.clone());
             job
         };
-        match self.start_inner(&job, p) {
+        match self.start_inner(&job, p, target, container) {
             Ok(()) => Ok(lock(&job.status).id),
             Err(e) => {
                 job.fail(e.to_string());
@@ -260,15 +272,38 @@ impl Engine {
         }
     }
 
-    fn start_inner(self: &Arc<Self>, job: &Arc<Job>, p: BackupParams) -> Result<()> {
+    fn start_inner(
+        self: &Arc<Self>,
+        job: &Arc<Job>,
+        p: BackupParams,
+        target: Option<Box<dyn Target>>,
+        container: Option<Box<dyn Container>>,
+    ) -> Result<()> {
         let geo = Geometry::new(self.size(), self.config().chunk_size)?;
-        let cspec = p
-            .container
-            .clone()
-            .or_else(|| self.config().default_container.clone())
-            .unwrap_or_else(|| DEFAULT_CONTAINER.to_string());
-        let container = container::open(&cspec, geo.chunk_size)?;
-        let mut target = open_target(&p.to, &geo)?;
+        let container = match container {
+            Some(c) => c,
+            None => {
+                let cspec = p
+                    .container
+                    .clone()
+                    .or_else(|| self.config().default_container.clone())
+                    .unwrap_or_else(|| DEFAULT_CONTAINER.to_string());
+                container::open(&cspec, geo.chunk_size)?
+            }
+        };
+        if container.slot_size() != geo.chunk_size {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to use container {}: {}-byte slots for {}-byte chunks",
+                container.describe(),
+                container.slot_size(),
+                geo.chunk_size
+            ));
+        }
+        let mut target = match target {
+            Some(t) => t,
+            None => open_target(&p.to, &geo)?,
+        };
         let gate = match self.quiesce(job, &p) {
             Ok(g) => g,
             Err(e) => {

@@ -360,8 +360,16 @@ impl ChunkMap {
     }
 
     /// Claim up to `max` whole granules starting at granule `g`, stopping before
-    /// granule `limit` and at the first granule with nothing to copy or a busy chunk.
-    pub fn try_claim(&self, g: u64, max: u64, limit: u64) -> Result<ClaimResult> {
+    /// granule `limit` and at the first granule with nothing to copy or a busy chunk
+    /// (or, with `preserved_only`, without a preserved chunk: draining the container
+    /// should not wait for origin reads).
+    pub fn try_claim(
+        &self,
+        g: u64,
+        max: u64,
+        limit: u64,
+        preserved_only: bool,
+    ) -> Result<ClaimResult> {
         let ngran = self.geo.nchunks.div_ceil(self.granule);
         let limit = limit.min(ngran);
         let mut st = self.lock();
@@ -380,7 +388,7 @@ impl ChunkMap {
             let npending = st.pending[a as usize..b as usize].count_ones() as u64;
             let pres: Vec<(u64, SlotIdx)> =
                 st.preserved.range(a..b).map(|(c, s)| (*c, *s)).collect();
-            if npending == 0 && pres.is_empty() {
+            if (npending == 0 && pres.is_empty()) || (preserved_only && pres.is_empty()) {
                 break;
             }
             if npending + pres.len() as u64 != b - a {
@@ -543,9 +551,12 @@ mod tests {
         let m = ChunkMap::new(geo(8 * 65536), 2, None);
         assert_eq!(m.claim_for_write(3), WriteClaim::Preserve { waited: false });
         // granule 1 (chunks 2,3) is busy
-        assert_eq!(m.try_claim(1, 4, u64::MAX).unwrap(), ClaimResult::Busy);
+        assert_eq!(
+            m.try_claim(1, 4, u64::MAX, false).unwrap(),
+            ClaimResult::Busy
+        );
         // from granule 0: stops before the busy granule
-        match m.try_claim(0, 4, u64::MAX).unwrap() {
+        match m.try_claim(0, 4, u64::MAX, false).unwrap() {
             ClaimResult::Claimed(c) => {
                 assert_eq!((c.first, c.end), (0, 2));
                 m.copied(&c);
@@ -554,7 +565,7 @@ mod tests {
         }
         assert_eq!(m.state(0), ChunkState::Done);
         m.preserved(3, SlotIdx(0));
-        match m.try_claim(1, 4, 3).unwrap() {
+        match m.try_claim(1, 4, 3, false).unwrap() {
             ClaimResult::Claimed(c) => {
                 assert_eq!((c.first, c.end), (2, 6));
                 assert_eq!(c.preserved, vec![(3, SlotIdx(0))]);
@@ -564,7 +575,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(m.state(3), ChunkState::Done);
-        assert_eq!(m.try_claim(0, 4, u64::MAX).unwrap(), ClaimResult::Nothing);
+        assert_eq!(
+            m.try_claim(0, 4, u64::MAX, false).unwrap(),
+            ClaimResult::Nothing
+        );
         assert_eq!(m.remaining(), 2);
         assert_eq!(m.counts(), (2, 0, 6));
     }
@@ -572,7 +586,7 @@ mod tests {
     #[test]
     fn writer_waits_for_drainer_busy_then_passes() {
         let m = Arc::new(ChunkMap::new(geo(2 * 65536), 1, None));
-        let c = match m.try_claim(0, 1, u64::MAX).unwrap() {
+        let c = match m.try_claim(0, 1, u64::MAX, false).unwrap() {
             ClaimResult::Claimed(c) => c,
             other => panic!("{other:?}"),
         };

@@ -62,7 +62,12 @@ impl<'a> Drainer<'a> {
     ) -> Self {
         let geo = snap.geometry();
         let gbytes = snap.map.granule() * u64::from(geo.chunk_size);
-        let max_granules = (MAX_BATCH / gbytes).max(1);
+        let mut max_batch = MAX_BATCH;
+        if let Some(r) = rate.filter(|&r| r > 0) {
+            // a quarter second's worth, so the pacing stays smooth
+            max_batch = max_batch.min(r / 4);
+        }
+        let max_granules = (max_batch / gbytes).max(1);
         Drainer {
             origin,
             snap,
@@ -103,10 +108,10 @@ impl<'a> Drainer<'a> {
             .div_ceil(self.snap.map.granule())
     }
 
-    fn claim_at(&self, g: u64, limit: u64) -> Result<ClaimResult> {
+    fn claim_at(&self, g: u64, limit: u64, preserved_only: bool) -> Result<ClaimResult> {
         self.snap
             .map
-            .try_claim(g, self.max_granules, limit)
+            .try_claim(g, self.max_granules, limit, preserved_only)
             .inspect_err(|e| {
                 self.snap.fail(e.to_string());
             })
@@ -128,7 +133,7 @@ impl<'a> Drainer<'a> {
                 match self.snap.map.next_preserved_from(from) {
                     Some(c) => {
                         let g = c / gran;
-                        match self.claim_at(g, ngran)? {
+                        match self.claim_at(g, ngran, true)? {
                             ClaimResult::Claimed(cl) => {
                                 self.pcursor = cl.end;
                                 return Ok(Some(cl));
@@ -153,7 +158,7 @@ impl<'a> Drainer<'a> {
                 None => self.snap.priority_advance(b),
                 Some(c) => {
                     let g = c / gran;
-                    match self.claim_at(g, b.div_ceil(gran))? {
+                    match self.claim_at(g, b.div_ceil(gran), false)? {
                         ClaimResult::Claimed(cl) => {
                             self.snap.priority_advance(cl.end);
                             return Ok(Some(cl));
@@ -171,7 +176,7 @@ impl<'a> Drainer<'a> {
             match self.snap.map.next_work_from(from) {
                 Some(c) => {
                     let g = c / gran;
-                    match self.claim_at(g, ngran)? {
+                    match self.claim_at(g, ngran, false)? {
                         ClaimResult::Claimed(cl) => {
                             self.cursor = cl.end;
                             return Ok(Some(cl));

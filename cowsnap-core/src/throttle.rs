@@ -9,8 +9,9 @@
 //!   container: with 75 % / 50 ms, a write that takes the container to 99 % sleeps
 //!   about 48 ms. A full container makes the writer wait for a free slot instead
 //!   (see `snapshot::SlotPool`); the backup never fails because the container filled.
-//! - The rate limiter is a plain "bytes since start / rate" pacer: the drainer sleeps
-//!   until the bytes it has read are due. No token bursts beyond one request.
+//! - The rate limiter is a plain "bytes since start / rate" pacer: before a read the
+//!   drainer sleeps until the bytes read so far, this read included, are due. The
+//!   drainer also caps its batches at a quarter second's worth of the rate.
 
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -80,8 +81,8 @@ impl RateLimiter {
     /// Account for `n` bytes about to be read, sleeping until they are due.
     /// Returns the time slept.
     pub fn take(&mut self, n: u64) -> Duration {
-        let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
         self.bytes = self.bytes.saturating_add(n);
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
         let now = self.start.elapsed();
         if due > now {
             let d = due - now;
@@ -133,7 +134,7 @@ mod tests {
         for _ in 0..3 {
             r.take(1024 * 1024);
         }
-        // the third MiB is due after 0.2 s
-        assert!(t.elapsed() >= Duration::from_millis(190));
+        // three MiB are due after 0.3 s
+        assert!(t.elapsed() >= Duration::from_millis(290));
     }
 }
