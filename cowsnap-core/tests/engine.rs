@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use cowsnap_core::backup::BackupParams;
-use cowsnap_core::blockio::{self, BlockIo, OpenSpec};
+use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::error::ErrorKind;
 use cowsnap_core::export::{Export, ZeroFlags};

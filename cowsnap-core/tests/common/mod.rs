@@ -242,7 +242,7 @@ impl Target for MemTarget {
         assert_eq!(off % g, 0, "write at {off} is not granule aligned");
         let end = off + data.len() as u64;
         assert!(
-            end % g == 0 || end == size,
+            (end / g) * g == end || end == size,
             "write end {end} not a granule edge"
         );
         let mut w = self.st.written.lock().unwrap();
