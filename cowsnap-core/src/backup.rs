@@ -363,6 +363,13 @@ impl Engine {
         // ---- writers run again; pending chunks are now preserved before changing ----
         *lock(&job.snap) = Some(snap.clone());
         lock(&job.status).state = "running".into();
+        // a cancel that raced with the instant (it saw no snapshot yet)
+        if job.cancel.load(Ordering::SeqCst) {
+            snap.fail("backup canceled");
+        }
+        if p.incremental && matches!(scope, Scope::All) {
+            job.note("this target takes full backups only: incremental ignored".into());
+        }
         let info = SnapshotInfo {
             disk: self.config().name.clone(),
             disk_size: geo.disk_size,

@@ -203,7 +203,10 @@ impl ChunkMap {
                 p
             }
         };
-        let pending_count = pending.count_ones() as u64;
+        let pending_count = match scope {
+            None => geo.nchunks,
+            Some(_) => pending.count_ones() as u64,
+        };
         ChunkMap {
             geo,
             granule,

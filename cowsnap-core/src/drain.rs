@@ -13,7 +13,9 @@
 //!
 //! A batch is a run of whole target granules, up to 4 MiB (at least one granule).
 //! Pending chunks in it are marked busy and read from the origin in one read per
-//! contiguous run (rate-limited when asked); preserved ones come from their slots.
+//! contiguous run (rate-limited when asked; holes of a sparse origin file, found with
+//! SEEK_DATA/SEEK_HOLE, are filled with zeros instead of read); preserved ones come
+//! from their slots.
 //! The busy marks are dropped as soon as the origin read is done (the data is in
 //! memory), the batch goes to the target in one `write`, then the preserved chunks'
 //! slots are freed. A granule holding a chunk that a writer is preserving is skipped
@@ -249,13 +251,29 @@ impl<'a> Drainer<'a> {
             let run_end = pres.peek().map_or(claim.end, |&&(pc, _)| pc);
             let ro = geo.chunk_off(c);
             let re = geo.end_off(run_end);
-            if let Some(r) = self.rate.as_mut() {
-                r.take(re - ro);
+            // Holes of a sparse origin read as zeros without I/O. The chunks are busy,
+            // so no write can fill a hole between this query and the read.
+            let data = match self.origin.data_ranges(ro, re - ro) {
+                Ok(Some(ranges)) => {
+                    let o = (ro - base) as usize;
+                    self.buf[o..o + (re - ro) as usize].fill(0);
+                    ranges
+                }
+                _ => vec![(ro, re)],
+            };
+            for (a, b) in data {
+                let (a, b) = (a.max(ro), b.min(re));
+                if a >= b {
+                    continue;
+                }
+                if let Some(r) = self.rate.as_mut() {
+                    r.take(b - a);
+                }
+                let o = (a - base) as usize;
+                self.origin
+                    .read_at(&mut self.buf[o..o + (b - a) as usize], a)
+                    .map_err(|e| e.with_context("unable to read the origin for the backup"))?;
             }
-            let o = (ro - base) as usize;
-            self.origin
-                .read_at(&mut self.buf[o..o + (re - ro) as usize], ro)
-                .map_err(|e| e.with_context("unable to read the origin for the backup"))?;
             c = run_end;
         }
         Ok(())

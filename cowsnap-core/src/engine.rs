@@ -204,8 +204,14 @@ impl Engine {
 
     /// Run a data-changing operation on `off..off+len` under the instant gate, after
     /// preserving the originals of pending chunks.
-    fn change(&self, off: u64, len: u64, op: impl FnOnce() -> Result<()>) -> Result<()> {
-        crate::blockio::check_range(self.size(), off, len, "write")?;
+    fn change(
+        &self,
+        what: &str,
+        off: u64,
+        len: u64,
+        op: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        crate::blockio::check_range(self.size(), off, len, what)?;
         let gate = self.gate_shared();
         self.inflight.fetch_add(1, Ordering::SeqCst);
         self.touch();
@@ -286,7 +292,7 @@ impl Export for Engine {
         self.counters
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let r = self.change(off, data.len() as u64, || {
+        let r = self.change("write", off, data.len() as u64, || {
             self.origin.write_at(data, off)?;
             if fua {
                 self.origin.flush()?;
@@ -304,7 +310,7 @@ impl Export for Engine {
             return Err(crate::err!(ReadOnly, "trim on a read-only export"));
         }
         self.counters.trims.fetch_add(1, Ordering::Relaxed);
-        let r = self.change(off, len, || {
+        let r = self.change("trim", off, len, || {
             self.origin.discard(off, len)?;
             if fua {
                 self.origin.flush()?;
@@ -321,7 +327,7 @@ impl Export for Engine {
             return Err(crate::err!(Unsupported, "fast zero not supported"));
         }
         self.counters.zeroes.fetch_add(1, Ordering::Relaxed);
-        let r = self.change(off, len, || {
+        let r = self.change("write-zeroes", off, len, || {
             self.origin.write_zeroes(off, len, !flags.no_hole)?;
             if flags.fua {
                 self.origin.flush()?;

@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 const SECTOR: usize = 4096;
 const ZERO_SEQ: u64 = u64::MAX;
 
+fn every(n: u64, k: u64) -> bool {
+    n.rem_euclid(k) == 0
+}
+
 fn checksum(b: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for w in b.chunks_exact(8) {
@@ -55,7 +59,9 @@ fn read_stamp(buf: &[u8], off: u64) -> Result<u64, String> {
         ));
     }
     if o != off {
-        return Err(format!("sector at {off}: holds the sector of offset {o} (seq {seq})"));
+        return Err(format!(
+            "sector at {off}: holds the sector of offset {o} (seq {seq})"
+        ));
     }
     Ok(seq)
 }
@@ -139,11 +145,12 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let len = rng.gen_range(1..=40usize);
-                let first = if n % 50 == 0 {
+                let first = if every(n, 50) {
                     nsec - len // ends at the disk's last byte
-                } else if n % 7 == 0 {
+                } else if every(n, 7) {
                     // straddle a chunk edge
-                    let edge = rng.gen_range(1..(size / chunk)) as usize * (chunk as usize / SECTOR);
+                    let edge =
+                        rng.gen_range(1..(size / chunk)) as usize * (chunk as usize / SECTOR);
                     edge.saturating_sub(rng.gen_range(1..=len.min(edge)))
                 } else {
                     rng.gen_range(0..nsec - len)
@@ -152,7 +159,7 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
                 let _g = instant.read().unwrap();
                 ranges.lock(a, b);
                 let s = seq.fetch_add(1, Ordering::SeqCst);
-                if n % 23 == 0 {
+                if every(n, 23) {
                     e.zero(a, b - a, ZeroFlags::default()).unwrap();
                     let mut m = model.lock().unwrap();
                     m[first..first + len].fill(ZERO_SEQ);
@@ -161,7 +168,7 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
                     for (i, sbuf) in buf.chunks_exact_mut(SECTOR).enumerate() {
                         stamp(sbuf, a + (i * SECTOR) as u64, s, w);
                     }
-                    e.write(a, &buf, n % 31 == 0).unwrap();
+                    e.write(a, &buf, every(n, 31)).unwrap();
                     let mut m = model.lock().unwrap();
                     m[first..first + len].fill(s);
                 }
@@ -232,7 +239,12 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
             Err(e) => bad.push(format!("image {e}")),
         }
     }
-    assert!(bad.is_empty(), "{} bad image sectors: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+    assert!(
+        bad.is_empty(),
+        "{} bad image sectors: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
 
     // the live disk holds every acknowledged write
     let disk = std::fs::read(&origin).unwrap();
@@ -244,15 +256,26 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
             Err(e) => bad.push(format!("disk {e}")),
         }
     }
-    assert!(bad.is_empty(), "{} bad disk sectors: {:?}", bad.len(), &bad[..bad.len().min(10)]);
-    assert!(fin.iter().zip(&at_instant).any(|(a, b)| a != b), "nothing changed");
+    assert!(
+        bad.is_empty(),
+        "{} bad disk sectors: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
+    assert!(
+        fin.iter().zip(&at_instant).any(|(a, b)| a != b),
+        "nothing changed"
+    );
 
     // the backup really ran under pressure
     assert_eq!(st.container_slots, 4);
     assert!(st.container_high_water <= 4);
     assert!(st.chunks_preserved > 0, "{st:?}");
     assert!(st.holds > 0, "{st:?}");
-    assert!(st.throttled_writes > 0 && st.throttle_delay_ms > 0, "{st:?}");
+    assert!(
+        st.throttled_writes > 0 && st.throttle_delay_ms > 0,
+        "{st:?}"
+    );
     assert_eq!(st.chunks_copied, st.chunks_in_scope);
     assert_eq!(st.chunks_in_scope, size.div_ceil(chunk));
 }
