@@ -397,9 +397,15 @@ impl Engine {
         let spawned = std::thread::Builder::new()
             .name("cowsnap-drain".into())
             .spawn(move || {
-                let res = Drainer::new(&**engine.origin(), &snap2, &mut *target, rate)
-                    .run()
-                    .map_err(|e| e.to_string());
+                // a panic in the drainer must not leave writers held: it fails the
+                // snapshot like any other drain error
+                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Drainer::new(&**engine.origin(), &snap2, &mut *target, rate).run()
+                }));
+                let res = match res {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("the drainer stopped unexpectedly (internal error)".into()),
+                };
                 engine.finish(&job2, &snap2, res, target, cut);
             });
         if let Err(e) = spawned {

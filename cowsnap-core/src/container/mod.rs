@@ -14,7 +14,7 @@
 //!   `SIZE / chunk_size`; at least one slot is required.
 //! - The default container when neither the backup nor the disk names one is
 //!   [`DEFAULT_CONTAINER`] (`ram:64M`: 1024 slots of 64 KiB).
-//! - Every backend runs [`conformance::run`] in its tests.
+//! - Every backend runs the `conformance::run` checks in its tests.
 
 pub mod file;
 pub mod ram;
