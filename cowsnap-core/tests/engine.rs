@@ -517,3 +517,31 @@ fn block_status_reports_holes_only_where_there_are_holes() {
     assert_eq!(ex.len(), 1);
     assert!(!ex[0].zero);
 }
+
+#[test]
+fn the_instant_waits_for_writes_in_flight() {
+    let (e, disk, _log, orig) = mem_engine(N as usize * CS as usize, 14);
+    disk.set_block_writes(true);
+    let e1 = e.clone();
+    // spans two chunks; stuck inside the origin write
+    let w = std::thread::spawn(move || e1.write(B + CSU - 100, &[0xAB; 200], false));
+    while disk.writes_waiting.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (t, ts) = MemTarget::new(N * CSU, CS, 1);
+    let e2 = e.clone();
+    let b = std::thread::spawn(move || e2.start_backup_with(params("test:"), Some(t), None));
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(
+        !b.is_finished(),
+        "the snapshot must wait for the write in flight"
+    );
+    disk.set_block_writes(false);
+    w.join().unwrap().unwrap();
+    b.join().unwrap().unwrap();
+    assert_eq!(wait_done(&e).state, "complete");
+    // the write happened before the instant: the image has all of it
+    let mut expect = orig;
+    expect[(B + CSU - 100) as usize..(B + CSU + 100) as usize].fill(0xAB);
+    assert!(*ts.image.lock().unwrap() == expect);
+}

@@ -31,6 +31,10 @@ pub struct MemDisk {
     pub data: Mutex<Vec<u8>>,
     pub log: Log,
     pub record_reads: AtomicBool,
+    /// While true, writes wait (after counting themselves in `writes_waiting`).
+    pub block_writes: Mutex<bool>,
+    pub writes_waiting: AtomicUsize,
+    cv: Condvar,
 }
 
 impl MemDisk {
@@ -39,7 +43,14 @@ impl MemDisk {
             data: Mutex::new(data),
             log,
             record_reads: AtomicBool::new(false),
+            block_writes: Mutex::new(false),
+            writes_waiting: AtomicUsize::new(0),
+            cv: Condvar::new(),
         })
+    }
+    pub fn set_block_writes(&self, on: bool) {
+        *self.block_writes.lock().unwrap() = on;
+        self.cv.notify_all();
     }
     pub fn snapshot(&self) -> Vec<u8> {
         self.data.lock().unwrap().clone()
@@ -66,6 +77,16 @@ impl BlockIo for MemDisk {
         Ok(())
     }
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        {
+            let mut b = self.block_writes.lock().unwrap();
+            if *b {
+                self.writes_waiting.fetch_add(1, Ordering::SeqCst);
+                while *b {
+                    b = self.cv.wait(b).unwrap();
+                }
+                self.writes_waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         let mut d = self.data.lock().unwrap();
         let o = off as usize;
         if o + buf.len() > d.len() {
