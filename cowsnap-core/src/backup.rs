@@ -220,6 +220,22 @@ pub fn open_target(spec: &str, geo: &Geometry) -> Result<Box<dyn Target>> {
     }
 }
 
+/// The drainer is background work: give the CPU to the disk's users first (nice +10
+/// for this thread only). Failure is harmless and ignored.
+fn lower_thread_priority() {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    // SAFETY: setpriority with integer arguments only; on Linux PRIO_PROCESS with a
+    // thread id changes that thread's nice value.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) };
+    if r != 0 {
+        log::debug!(
+            "unable to lower the drainer's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 impl Engine {
     /// Start a backup: returns after the snapshot instant, with the job id.
     pub fn start_backup(self: &Arc<Self>, p: BackupParams) -> Result<u64> {
@@ -397,6 +413,7 @@ impl Engine {
         let spawned = std::thread::Builder::new()
             .name("cowsnap-drain".into())
             .spawn(move || {
+                lower_thread_priority();
                 // a panic in the drainer must not leave writers held: it fails the
                 // snapshot like any other drain error
                 let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
