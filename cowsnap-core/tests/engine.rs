@@ -377,31 +377,6 @@ fn priority_ranges_go_first() {
     let (e, _disk, _log, orig) = mem_engine(256 * CS as usize, 11);
     let (t, ts) = MemTarget::new(256 * CSU, CS, 1);
     let order = Arc::new(Mutex::new(Vec::new()));
-    struct Spy(Box<MemTarget>, Arc<Mutex<Vec<u64>>>);
-    impl cowsnap_core::target::Target for Spy {
-        fn granule_chunks(&self) -> u32 {
-            self.0.granule_chunks()
-        }
-        fn scope(
-            &mut self,
-            c: Option<&cowsnap_core::changelog::Cut>,
-        ) -> cowsnap_core::Result<cowsnap_core::target::Scope> {
-            self.0.scope(c)
-        }
-        fn begin(&mut self, i: &cowsnap_core::target::SnapshotInfo) -> cowsnap_core::Result<()> {
-            self.0.begin(i)
-        }
-        fn write(&mut self, off: u64, d: &[u8]) -> cowsnap_core::Result<()> {
-            self.1.lock().unwrap().push(off);
-            self.0.write(off, d)
-        }
-        fn commit(self: Box<Self>) -> cowsnap_core::Result<cowsnap_core::target::TargetSummary> {
-            self.0.commit()
-        }
-        fn abort(self: Box<Self>, why: &str) {
-            self.0.abort(why)
-        }
-    }
     let mut p = params("test:");
     p.priority = vec![(200 * CSU, 3 * CSU)];
     e.start_backup_with(p, Some(Box::new(Spy(t, order.clone()))), None)
@@ -544,4 +519,37 @@ fn the_instant_waits_for_writes_in_flight() {
     let mut expect = orig;
     expect[(B + CSU - 100) as usize..(B + CSU + 100) as usize].fill(0xAB);
     assert!(*ts.image.lock().unwrap() == expect);
+}
+
+#[test]
+fn container_above_low_watermark_is_drained_first() {
+    let (e, _disk, log, orig) = mem_engine(N as usize * CS as usize, 15);
+    let (t, ts) = MemTarget::new(N * CSU, CS, 1);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    ts.pause(); // blocks in the first batch (chunks 0..63)
+    e.start_backup_with(
+        params("test:"),
+        Some(Box::new(Spy(t, order.clone()))),
+        Some(Box::new(RecContainer::new(8, CS, log))),
+    )
+    .unwrap();
+    // 3 of 8 slots: above the 25 % low watermark
+    for c in [200u64, 201, 202] {
+        e.write(c * CSU + 10, &[1; 10], false).unwrap();
+    }
+    ts.resume();
+    let st = wait_done(&e);
+    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(*ts.image.lock().unwrap(), orig);
+    let o = order.lock().unwrap();
+    // the drainer may or may not have started its first batch (0..63) before the
+    // writes; either way the preserved run 200..203 goes before the walk reaches 64
+    let p200 = o
+        .iter()
+        .position(|&x| x == 200 * CSU)
+        .expect("preserved run");
+    let p64 = o.iter().position(|&x| x == 64 * CSU).expect("walk");
+    assert!(p200 < p64, "preserved chunks first: {o:?}");
+    assert!(p200 <= 1, "{o:?}");
+    assert!(!o.contains(&(201 * CSU)), "one batch for the run: {o:?}");
 }

@@ -302,3 +302,28 @@ pub fn pattern(size: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Wraps a target and records the offset of every write, in order.
+pub struct Spy(pub Box<MemTarget>, pub Arc<Mutex<Vec<u64>>>);
+
+impl Target for Spy {
+    fn granule_chunks(&self) -> u32 {
+        self.0.granule_chunks()
+    }
+    fn scope(&mut self, c: Option<&Cut>) -> Result<Scope> {
+        self.0.scope(c)
+    }
+    fn begin(&mut self, i: &SnapshotInfo) -> Result<()> {
+        self.0.begin(i)
+    }
+    fn write(&mut self, off: u64, d: &[u8]) -> Result<()> {
+        self.1.lock().unwrap().push(off);
+        self.0.write(off, d)
+    }
+    fn commit(self: Box<Self>) -> Result<TargetSummary> {
+        self.0.commit()
+    }
+    fn abort(self: Box<Self>, why: &str) {
+        self.0.abort(why)
+    }
+}
