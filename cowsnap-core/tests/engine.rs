@@ -553,3 +553,40 @@ fn container_above_low_watermark_is_drained_first() {
     assert!(p200 <= 1, "{o:?}");
     assert!(!o.contains(&(201 * CSU)), "one batch for the run: {o:?}");
 }
+
+#[test]
+fn sparse_origin_holes_are_zeros_in_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = dir.path().join("disk");
+    let size: u64 = 64 << 20;
+    let f = std::fs::File::create(&origin).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    let a = pattern(3 * 4096, 21);
+    f.write_all_at(&a, 5 * CSU + 4096).unwrap(); // data inside a chunk, holes around
+    f.write_all_at(&a, size - a.len() as u64).unwrap(); // the disk's end
+    drop(f);
+    let before = std::fs::read(&origin).unwrap();
+    let mut spec = OpenSpec::origin(&origin);
+    spec.engine = blockio::Engine::Sync;
+    let e = Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap();
+    let img = dir.path().join("img");
+    let mut p = params(&format!("file:{}", img.display()));
+    p.rate_limit = Some(32 << 20);
+    e.start_backup(p).unwrap();
+    // writes into holes and over data during the backup
+    for i in 0..16u64 {
+        e.write(i * 4 * CSU + 777, &[0x5A; 9000], false).unwrap();
+    }
+    let st = wait_done(&e);
+    assert_eq!(st.state, "complete", "{st:?}");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "image is not the disk at the instant"
+    );
+    assert_eq!(
+        st.bytes_stored,
+        2 * 65536,
+        "only the two data chunks are stored: {st:?}"
+    );
+}
