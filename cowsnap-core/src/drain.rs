@@ -25,6 +25,7 @@
 //! Failure: any origin, container or target error fails the snapshot (releasing every
 //! writer) and ends the drain with that error.
 
+use crate::aligned::AlignedBuf;
 use crate::blockio::BlockIo;
 use crate::chunk_map::{Claim, ClaimResult};
 use crate::error::Result;
@@ -51,7 +52,7 @@ pub struct Drainer<'a> {
     cursor: u64,
     pcursor: u64,
     rate: Option<RateLimiter>,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
 }
 
 impl<'a> Drainer<'a> {
@@ -78,7 +79,7 @@ impl<'a> Drainer<'a> {
             cursor: 0,
             pcursor: 0,
             rate: rate.filter(|&r| r > 0).map(RateLimiter::new),
-            buf: Vec::new(),
+            buf: AlignedBuf::new(),
         }
     }
 
@@ -201,7 +202,7 @@ impl<'a> Drainer<'a> {
         let off = geo.chunk_off(claim.first);
         let end = geo.end_off(claim.end);
         let len = (end - off) as usize;
-        self.buf.resize(len, 0);
+        self.buf.resize(len);
         if let Err(e) = self.fill(claim, off) {
             self.snap.map.abandon(claim);
             return Err(e);

@@ -31,6 +31,7 @@
 
 #![warn(missing_docs)]
 
+pub mod aligned;
 pub mod backup;
 pub mod blockio;
 pub mod changelog;

@@ -20,6 +20,7 @@
 //!   failed (`fail`), never the user's write: the mark is released, every waiter is
 //!   woken and passes through, and the write goes on to the origin.
 
+use crate::aligned::AlignedBuf;
 use crate::blockio::BlockIo;
 use crate::chunk_map::{ChunkMap, Geometry, WriteClaim};
 use crate::container::{Container, SlotIdx};
@@ -28,6 +29,12 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+thread_local! {
+    /// Per-thread buffer for preserving one chunk (no allocation per write).
+    static PRESERVE_BUF: std::cell::RefCell<AlignedBuf> =
+        std::cell::RefCell::new(AlignedBuf::new());
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -271,7 +278,6 @@ impl Snapshot {
         let mut held = false;
         let mut throttled = Duration::ZERO;
         let mut was_throttled = false;
-        let mut buf: Vec<u8> = Vec::new();
         'chunks: for c in geo.chunks_of(off, len) {
             loop {
                 if self.is_failed() {
@@ -316,21 +322,23 @@ impl Snapshot {
                             continue;
                         };
                         let n = geo.chunk_len(c) as usize;
-                        buf.resize(n, 0);
-                        let r = origin
-                            .read_at(&mut buf[..n], geo.chunk_off(c))
-                            .map_err(|e| {
-                                e.with_context(format!(
-                                    "unable to read the original of chunk {c} from the origin"
-                                ))
-                            })
-                            .and_then(|_| {
-                                self.container.write_slot(s, &buf[..n]).map_err(|e| {
+                        let r = PRESERVE_BUF.with_borrow_mut(|buf| {
+                            buf.resize(n);
+                            origin
+                                .read_at(&mut buf[..n], geo.chunk_off(c))
+                                .map_err(|e| {
                                     e.with_context(format!(
-                                        "unable to preserve chunk {c} in the container"
+                                        "unable to read the original of chunk {c} from the origin"
                                     ))
                                 })
-                            });
+                                .and_then(|_| {
+                                    self.container.write_slot(s, &buf[..n]).map_err(|e| {
+                                        e.with_context(format!(
+                                            "unable to preserve chunk {c} in the container"
+                                        ))
+                                    })
+                                })
+                        });
                         match r {
                             Ok(()) => {
                                 self.map.preserved(c, s);

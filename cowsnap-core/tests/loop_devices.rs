@@ -77,3 +77,40 @@ fn dev_container_and_dev_target_on_loop_devices() {
         "past the disk untouched"
     );
 }
+
+#[test]
+fn direct_io_origin_on_a_loop_device() {
+    use cowsnap_core::aligned::AlignedBuf;
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 4 << 20;
+    let ofile = dir.path().join("disk");
+    let data: Vec<u8> = (0..size).map(|i| ((i / 512) % 253) as u8 | 1).collect();
+    std::fs::write(&ofile, &data).unwrap();
+    let Some(odev) = Loop::attach(&ofile) else {
+        eprintln!("SKIP: cannot set up loop devices");
+        return;
+    };
+    let mut spec = OpenSpec::origin(&odev.0);
+    spec.engine = blockio::Engine::Sync;
+    spec.direct = true;
+    let e = Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap();
+    let img = dir.path().join("img");
+    e.start_backup(BackupParams {
+        to: format!("file:{}", img.display()),
+        container: Some("ram:128K".into()),
+        rate_limit: Some(8 << 20),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut buf = AlignedBuf::new();
+    buf.resize(8192);
+    buf.fill(0x42);
+    for i in 0..16u64 {
+        e.write(i * 4 * 65536 + 4096, &buf, false).unwrap();
+    }
+    let st = e.wait_backup(Duration::from_secs(60)).unwrap();
+    assert_eq!(st.state, "complete", "{st:?}");
+    assert!(st.chunks_preserved > 0, "{st:?}");
+    assert!(std::fs::read(&img).unwrap() == data, "image differs");
+    drop(e);
+}
