@@ -17,6 +17,10 @@ pub mod changelog;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod fsutil;
+pub mod identity;
+pub mod repo;
+pub mod restore;
 pub mod target;
 
 pub use error::{Error, ErrorKind, Result};
