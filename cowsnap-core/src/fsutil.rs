@@ -108,7 +108,14 @@ impl AtomicFile {
     }
 
     /// fsync, rename over the destination, fsync the directory.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
+        let dir = self.dest.parent().unwrap_or(Path::new(".")).to_path_buf();
+        self.commit_no_dir_sync()?;
+        fsync_dir(&dir)
+    }
+
+    /// fsync and rename; the caller fsyncs the directory later (batching many files).
+    pub fn commit_no_dir_sync(mut self) -> Result<()> {
         if let Some(f) = self.file.take() {
             f.sync_all()
                 .ctx(|| format!("unable to fsync {}", self.tmp.display()))?;
@@ -121,7 +128,7 @@ impl AtomicFile {
             )
         })?;
         self.tmp = PathBuf::new();
-        fsync_dir(self.dest.parent().unwrap_or(Path::new(".")))
+        Ok(())
     }
 }
 
