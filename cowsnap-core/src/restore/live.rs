@@ -140,6 +140,7 @@ pub struct FillingIo {
     fill_running: AtomicBool,
     error: Mutex<Option<String>>,
     repo_lock: Mutex<Option<File>>,
+    fill_rate: AtomicU64,
 }
 
 /// Held busy marks on chunks; released on drop.
@@ -225,6 +226,7 @@ impl FillingIo {
                 fill_running: AtomicBool::new(false),
                 error: Mutex::new(None),
                 repo_lock: Mutex::new(None),
+                fill_rate: AtomicU64::new(0),
             }));
         }
         let repo = Repo::open(repo_dir)?;
@@ -321,6 +323,7 @@ impl FillingIo {
             fill_running: AtomicBool::new(false),
             error: Mutex::new(None),
             repo_lock: Mutex::new(Some(lock)),
+            fill_rate: AtomicU64::new(0),
         });
         if done == nchunks {
             fio.finish()?;
@@ -551,12 +554,19 @@ impl FillingIo {
         self.stop.store(true, Ordering::SeqCst);
     }
 
+    /// Limit the background fill to about `bytes_per_sec` (0: unlimited). On-demand
+    /// fetches for requests are never limited.
+    pub fn set_fill_rate(&self, bytes_per_sec: u64) {
+        self.fill_rate.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
     /// Whether the background fill thread is running.
     pub fn fill_running(&self) -> bool {
         self.fill_running.load(Ordering::SeqCst)
     }
 
-    fn fill_batch(&self, from: &mut u64) -> Result<bool> {
+    /// Fetch the next batch; `None` when the end is reached, else the bytes fetched.
+    fn fill_batch(&self, from: &mut u64) -> Result<Option<u64>> {
         let mut batch = Vec::with_capacity(FILL_BATCH);
         while *from < self.nchunks && batch.len() < FILL_BATCH {
             if !self.is_restored(*from) {
@@ -565,7 +575,7 @@ impl FillingIo {
             *from += 1;
         }
         if batch.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         let _g = self.acquire(batch.clone());
         let todo: Vec<u64> = batch.into_iter().filter(|&c| !self.is_restored(c)).collect();
@@ -576,13 +586,32 @@ impl FillingIo {
             self.dest.flush()?;
             self.persist(&todo)?;
         }
-        Ok(true)
+        Ok(Some(todo.len() as u64 * self.chunk_size))
     }
 }
 
 fn fill_loop(weak: Weak<FillingIo>) {
     let mut from = 0u64;
+    let started = std::time::Instant::now();
+    let mut bytes = 0u64;
     loop {
+        // Pace to the fill rate, waking often enough to notice a stop.
+        loop {
+            let Some(io) = weak.upgrade() else {
+                return;
+            };
+            let rate = io.fill_rate.load(Ordering::SeqCst);
+            if rate == 0 || io.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+            let now = started.elapsed();
+            if now >= due {
+                break;
+            }
+            drop(io);
+            std::thread::sleep((due - now).min(std::time::Duration::from_millis(50)));
+        }
         let Some(io) = weak.upgrade() else {
             return;
         };
@@ -591,8 +620,8 @@ fn fill_loop(weak: Weak<FillingIo>) {
             return;
         }
         match io.fill_batch(&mut from) {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Some(n)) => bytes += n,
+            Ok(None) => {
                 if io.done.load(Ordering::SeqCst) < io.nchunks {
                     log::error!("restore fill passed the end with chunks missing");
                 }
