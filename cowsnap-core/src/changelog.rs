@@ -693,7 +693,7 @@ mod tests {
             cl.mark(0, 1).unwrap();
             cl.mark(5 * CS as u64 - 1, 2).unwrap(); // chunks 4 and 5
             cl.mark(size - 1, 1).unwrap(); // last chunk (100)
-            // simulate a crash: leak without the clean-close header write
+                                           // simulate a crash: leak without the clean-close header write
             std::mem::forget(cl);
         }
         let cl = ChangeLog::open(&p, size, CS).unwrap();

@@ -170,10 +170,7 @@ pub fn lock_file(path: &Path, exclusive: bool) -> Result<File> {
         }
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(Error::io(
-                format!("unable to lock {}", path.display()),
-                e,
-            ));
+            return Err(Error::io(format!("unable to lock {}", path.display()), e));
         }
     }
 }

@@ -50,9 +50,8 @@ impl Identity {
     pub fn load_or_create(state_dir: &Path) -> Result<Identity> {
         let path = identity_path(state_dir);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                crate::err!(Corrupt, "unable to parse {}: {e}", path.display())
-            }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| crate::err!(Corrupt, "unable to parse {}: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let id = Identity {
                     lineage: new_lineage()?,

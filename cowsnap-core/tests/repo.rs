@@ -63,7 +63,10 @@ fn chain_of_three_generations_restores_each_exactly() {
     assert_eq!(gens[2].parent.as_deref(), Some(g2.as_str()));
     assert_eq!(gens[2].lineage, cl.lineage());
     assert_eq!(gens[2].stats.chunks_zero, 1);
-    assert_eq!(gens[2].stats.chunks_from_parent, gens[2].stats.chunks_total - 2);
+    assert_eq!(
+        gens[2].stats.chunks_from_parent,
+        gens[2].stats.chunks_total - 2
+    );
 
     assert_eq!(hash(&restore_bytes(&repo, &g1, d.path())), h1);
     assert_eq!(hash(&restore_bytes(&repo, &g2, d.path())), h2);
@@ -97,7 +100,13 @@ fn incremental_with_one_percent_changed_reads_and_stores_one_percent() {
     let changed = nchunks / 100; // 7 chunks of 768
     for k in 0..changed {
         let c = (k * 97 + 13) % nchunks;
-        scribble(&mut disk, Some(&cl), c * TCS as usize + 1000, 3000, 100 + k as u64);
+        scribble(
+            &mut disk,
+            Some(&cl),
+            c * TCS as usize + 1000,
+            3000,
+            100 + k as u64,
+        );
     }
     let inc = backup_tracked(&repo, "db", &disk, &cl);
     let gens = repo::list(&repo).unwrap();
@@ -114,7 +123,10 @@ fn incremental_with_one_percent_changed_reads_and_stores_one_percent() {
         st.bytes_stored_new,
         full_stored
     );
-    assert_eq!(hash(&restore_bytes(&repo, &gens[1].id, d.path())), hash(&disk));
+    assert_eq!(
+        hash(&restore_bytes(&repo, &gens[1].id, d.path())),
+        hash(&disk)
+    );
 }
 
 #[test]
@@ -177,7 +189,10 @@ fn corruption_is_reported_by_verify_and_refused_by_restore() {
     let e = restore_to(&repo, Some(&g), &dest, &|_, _| {}).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains(&format!("offset {}", i * MIB)), "{msg}");
-    assert!(msg.contains(&cowsnap_core::fsutil::hex(&idx.hashes[i])), "{msg}");
+    assert!(
+        msg.contains(&cowsnap_core::fsutil::hex(&idx.hashes[i])),
+        "{msg}"
+    );
     assert_eq!(e.kind(), cowsnap_core::ErrorKind::Corrupt);
 
     // a missing chunk too
@@ -200,7 +215,12 @@ fn prune_keeps_what_kept_generations_reference() {
             // replace whole chunks so old content becomes garbage
             scribble(&mut disk, Some(&cl), k * 2 * MIB, MIB, 40 + k as u64);
         }
-        ids.push(backup_tracked(&repo, "p", &disk, &cl).summary.generation.unwrap());
+        ids.push(
+            backup_tracked(&repo, "p", &disk, &cl)
+                .summary
+                .generation
+                .unwrap(),
+        );
         hashes.push(hash(&disk));
     }
     let other = synth_disk(4 * MIB, 99);
@@ -210,10 +230,17 @@ fn prune_keeps_what_kept_generations_reference() {
         .unwrap();
     // leftovers of a crashed backup: an index without metadata
     let r = Repo::open(&repo).unwrap();
-    std::fs::copy(r.index_path(&ids[0]), r.index_path("20000101T000000.000Z-deadbeef")).unwrap();
+    std::fs::copy(
+        r.index_path(&ids[0]),
+        r.index_path("20000101T000000.000Z-deadbeef"),
+    )
+    .unwrap();
     let before = chunk_files(&repo);
     let rep = repo::prune(&repo, 1).unwrap();
-    assert_eq!(rep.removed_generations, vec![ids[0].clone(), ids[1].clone()]);
+    assert_eq!(
+        rep.removed_generations,
+        vec![ids[0].clone(), ids[1].clone()]
+    );
     assert_eq!(rep.leftovers_removed, 1);
     let mut kept = rep.kept_generations.clone();
     kept.sort();
@@ -316,7 +343,11 @@ fn untrusted_tracking_falls_back_to_a_full_read() {
     // relative to an unknown generation
     let b = backup(&repo, "u", &disk, Some(&cut), "l1", true);
     assert!(!b.scope_changed);
-    assert!(b.summary.notes[0].contains("cannot be trusted"), "{:?}", b.summary.notes);
+    assert!(
+        b.summary.notes[0].contains("cannot be trusted"),
+        "{:?}",
+        b.summary.notes
+    );
     assert_eq!(b.bytes_handed, disk.len() as u64);
     let gens = repo::list(&repo).unwrap();
     assert_eq!(gens[1].kind, GenerationKind::Full);

@@ -48,11 +48,17 @@ fn restore_twice_and_several_generations_in_sequence() {
     let d = tempfile::tempdir().unwrap();
     let repo = d.path().join("repo");
     let mut disk = synth_disk(6 * MIB + 4096, 1);
-    let g1 = backup(&repo, "s", &disk, None, "l", false).summary.generation.unwrap();
+    let g1 = backup(&repo, "s", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
     let h1 = hash(&disk);
     disk[..3 * MIB].fill(0);
     scribble(&mut disk, None, 4 * MIB, 1000, 2);
-    let g2 = backup(&repo, "s", &disk, None, "l", false).summary.generation.unwrap();
+    let g2 = backup(&repo, "s", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
     let h2 = hash(&disk);
     let dest = d.path().join("dest.img");
     let calls = std::sync::atomic::AtomicU64::new(0);
@@ -68,7 +74,10 @@ fn restore_twice_and_several_generations_in_sequence() {
         assert_eq!(&hash(&std::fs::read(&dest).unwrap()), h);
     }
     assert!(calls.load(std::sync::atomic::Ordering::Relaxed) >= 7);
-    assert_eq!(last.load(std::sync::atomic::Ordering::Relaxed), disk.len() as u64);
+    assert_eq!(
+        last.load(std::sync::atomic::Ordering::Relaxed),
+        disk.len() as u64
+    );
     // a too-small block device is refused; a missing generation is an error
     assert!(restore_to(&repo, Some("nope"), &dest, &|_, _| {}).is_err());
 }
@@ -78,7 +87,10 @@ fn live_restore_reader_sees_the_generation_during_the_fill() {
     let d = tempfile::tempdir().unwrap();
     let repo = d.path().join("repo");
     let disk = Arc::new(synth_disk(24 * MIB + 12345, 2));
-    let g = backup(&repo, "l", &disk, None, "l", false).summary.generation.unwrap();
+    let g = backup(&repo, "l", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
     let dest = d.path().join("live.img");
     let io = dest_file(&dest, disk.len() as u64);
     let f = FillingIo::open(io, &repo, Some(&g), &d.path().join("fill.state")).unwrap();
@@ -124,7 +136,10 @@ fn live_restore_resumes_after_a_stop_and_keeps_writes() {
     let d = tempfile::tempdir().unwrap();
     let repo = d.path().join("repo");
     let disk = synth_disk(32 * MIB, 3);
-    let g = backup(&repo, "r", &disk, None, "l", false).summary.generation.unwrap();
+    let g = backup(&repo, "r", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
     let dest = d.path().join("live.img");
     let state = d.path().join("fill.state");
     let mut expect = disk.clone();
@@ -163,12 +178,21 @@ fn live_restore_resumes_after_a_stop_and_keeps_writes() {
 
     // a state file of another generation is refused
     let other = synth_disk(32 * MIB, 33);
-    let g2 = backup(&repo, "other", &other, None, "l", false).summary.generation.unwrap();
-    let e = FillingIo::open(reopen(&dest), &repo, Some(&g2), &state).err().unwrap();
+    let g2 = backup(&repo, "other", &other, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let e = FillingIo::open(reopen(&dest), &repo, Some(&g2), &state)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("belongs to generation"), "{e}");
     let f = FillingIo::open(reopen(&dest), &repo, Some(&g), &state).unwrap();
     assert_eq!(f.generation(), g);
-    assert_eq!(f.fill_status().done, done_before, "resumed from the state file");
+    assert_eq!(
+        f.fill_status().done,
+        done_before,
+        "resumed from the state file"
+    );
     f.start_fill();
     let w4 = vec![0x11u8; 3];
     f.write_at(&w4, (31 * MIB - 1) as u64).unwrap();
@@ -184,7 +208,10 @@ fn live_restore_fails_loudly_on_a_corrupt_chunk() {
     let d = tempfile::tempdir().unwrap();
     let repo = d.path().join("repo");
     let disk = synth_disk(4 * MIB, 4);
-    let g = backup(&repo, "c", &disk, None, "l", false).summary.generation.unwrap();
+    let g = backup(&repo, "c", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
     let r = Repo::open(&repo).unwrap();
     let idx = r.load_index(&r.resolve(Some(&g)).unwrap()).unwrap();
     let i = (0..4).find(|&i| idx.hashes[i] != repo::ZERO_HASH).unwrap();
@@ -202,7 +229,10 @@ fn live_restore_fails_loudly_on_a_corrupt_chunk() {
     .unwrap();
     let mut buf = vec![0u8; 10];
     let e = f.read_at(&mut buf, (i * MIB) as u64 + 3).unwrap_err();
-    assert!(e.to_string().contains(&format!("offset {}", i * MIB)), "{e}");
+    assert!(
+        e.to_string().contains(&format!("offset {}", i * MIB)),
+        "{e}"
+    );
     f.start_fill();
     let t = Instant::now();
     while f.fill_status().error.is_none() {
@@ -221,7 +251,10 @@ fn a_restored_disk_gets_a_new_lineage_and_its_first_incremental_is_relative_to_i
     let cl = ChangeLog::open_in(&src_state, disk.len() as u64, TCS).unwrap();
     backup_tracked(&repo, "vm", &disk, &cl);
     scribble(&mut disk, Some(&cl), 3 * MIB, 10, 6);
-    let g2 = backup_tracked(&repo, "vm", &disk, &cl).summary.generation.unwrap();
+    let g2 = backup_tracked(&repo, "vm", &disk, &cl)
+        .summary
+        .generation
+        .unwrap();
     let src_lineage = cl.lineage().to_string();
     drop(cl);
 
@@ -245,7 +278,10 @@ fn a_restored_disk_gets_a_new_lineage_and_its_first_incremental_is_relative_to_i
     let g3 = gens.last().unwrap();
     assert_eq!(g3.parent.as_deref(), Some(g2.as_str()));
     assert_eq!(g3.lineage, id.lineage);
-    assert_eq!(hash(&restore_bytes(&repo, &g3.id, d.path())), hash(&newdisk));
+    assert_eq!(
+        hash(&restore_bytes(&repo, &g3.id, d.path())),
+        hash(&newdisk)
+    );
 
     // the source disk's tracking (relative to g2) is no longer trusted once the newest
     // generation of "vm" is the restored disk's
@@ -254,5 +290,12 @@ fn a_restored_disk_gets_a_new_lineage_and_its_first_incremental_is_relative_to_i
     scribble(&mut disk, Some(&cl), 0, 5, 8);
     let b = backup_tracked(&repo, "vm", &disk, &cl);
     assert!(!b.scope_changed);
-    assert_eq!(hash(&restore_bytes(&repo, b.summary.generation.as_deref().unwrap(), d.path())), hash(&disk));
+    assert_eq!(
+        hash(&restore_bytes(
+            &repo,
+            b.summary.generation.as_deref().unwrap(),
+            d.path()
+        )),
+        hash(&disk)
+    );
 }

@@ -54,6 +54,10 @@ pub struct ChunkStore {
     touched: Mutex<BTreeSet<u16>>,
 }
 
+/// One file found in the store: its hash (`None` for a stray temporary file), path
+/// and size in bytes.
+pub type StoredFile = (Option<[u8; 32]>, PathBuf, u64);
+
 /// Result of storing one chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Insert {
@@ -139,16 +143,9 @@ impl ChunkStore {
             return Ok(vec![0u8; expect_len]);
         }
         let path = self.path_of(hash);
-        let raw = std::fs::read(&path).map_err(|e| {
-            Error::io(format!("unable to read chunk {}", path.display()), e)
-        })?;
-        let bad = |why: &str| {
-            crate::err!(
-                Corrupt,
-                "chunk {} is corrupt: {why}",
-                hex(hash)
-            )
-        };
+        let raw = std::fs::read(&path)
+            .map_err(|e| Error::io(format!("unable to read chunk {}", path.display()), e))?;
+        let bad = |why: &str| crate::err!(Corrupt, "chunk {} is corrupt: {why}", hex(hash));
         if raw.len() < HDR || raw[..4] != MAGIC || raw[4] != 1 {
             return Err(bad("bad header"));
         }
@@ -158,7 +155,9 @@ impl ChunkStore {
             return Err(bad("truncated"));
         }
         if raw_len != expect_len {
-            return Err(bad(&format!("holds {raw_len} bytes, expected {expect_len}")));
+            return Err(bad(&format!(
+                "holds {raw_len} bytes, expected {expect_len}"
+            )));
         }
         let data = match raw[5] {
             0 => raw[HDR..].to_vec(),
@@ -174,7 +173,7 @@ impl ChunkStore {
 
     /// Every stored chunk: (hash, path, size in bytes). Stray temporary files are
     /// returned as `None` hashes.
-    pub fn walk(&self) -> Result<Vec<(Option<[u8; 32]>, PathBuf, u64)>> {
+    pub fn walk(&self) -> Result<Vec<StoredFile>> {
         let mut out = Vec::new();
         let rd = match std::fs::read_dir(&self.dir) {
             Ok(rd) => rd,

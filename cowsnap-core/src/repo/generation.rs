@@ -85,8 +85,7 @@ pub fn new_generation_id() -> Result<String> {
 pub fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-' || c == b'_')
         && !s.starts_with('.')
 }
@@ -94,8 +93,9 @@ pub fn valid_id(s: &str) -> bool {
 impl GenerationInfo {
     /// Write the metadata atomically.
     pub fn write(&self, path: &Path) -> Result<u64> {
-        let json = serde_json::to_vec_pretty(self)
-            .map_err(|e| crate::err!(InvalidInput, "unable to encode generation {}: {e}", self.id))?;
+        let json = serde_json::to_vec_pretty(self).map_err(|e| {
+            crate::err!(InvalidInput, "unable to encode generation {}: {e}", self.id)
+        })?;
         fsutil::write_atomic(path, &json)?;
         Ok(json.len() as u64)
     }

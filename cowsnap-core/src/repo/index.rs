@@ -235,8 +235,10 @@ mod tests {
         assert_eq!(FixedIndex::decode(&b, "x").unwrap(), sample());
     }
 
-    const PINNED_ENTRIES_SUM: &str = "427859bda3c7fb47f9bedafa5ada2838c1b2b1b491b8083d7ebe49379c136f5f";
-    const PINNED_HEADER_SUM: &str = "3d575a9a139314976ccbc0b4774a65365a0dc395832a39171938c592f55bf6ae";
+    const PINNED_ENTRIES_SUM: &str =
+        "427859bda3c7fb47f9bedafa5ada2838c1b2b1b491b8083d7ebe49379c136f5f";
+    const PINNED_HEADER_SUM: &str =
+        "3d575a9a139314976ccbc0b4774a65365a0dc395832a39171938c592f55bf6ae";
 
     #[test]
     fn damage_is_refused() {

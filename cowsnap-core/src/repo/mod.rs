@@ -86,9 +86,8 @@ impl Repo {
                 ))
             }
         };
-        let config: RepoConfig = serde_json::from_slice(&b).map_err(|e| {
-            crate::err!(Corrupt, "unable to parse {}: {e}", path.display())
-        })?;
+        let config: RepoConfig = serde_json::from_slice(&b)
+            .map_err(|e| crate::err!(Corrupt, "unable to parse {}: {e}", path.display()))?;
         if config.format != FORMAT || config.version != 1 {
             return Err(crate::err!(
                 Unsupported,
@@ -123,9 +122,12 @@ impl Repo {
                     dir.display()
                 ));
             }
-            for d in [dir.to_path_buf(), dir.join("chunks"), dir.join("generations")] {
-                std::fs::create_dir_all(&d)
-                    .ctx(|| format!("unable to create {}", d.display()))?;
+            for d in [
+                dir.to_path_buf(),
+                dir.join("chunks"),
+                dir.join("generations"),
+            ] {
+                std::fs::create_dir_all(&d).ctx(|| format!("unable to create {}", d.display()))?;
             }
             let cfg = RepoConfig {
                 format: FORMAT.into(),
@@ -201,7 +203,12 @@ impl Repo {
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(crate::Error::io(format!("unable to list {}", dir.display()), e)),
+            Err(e) => {
+                return Err(crate::Error::io(
+                    format!("unable to list {}", dir.display()),
+                    e,
+                ))
+            }
         };
         let mut out = Vec::new();
         for ent in rd {
@@ -236,7 +243,10 @@ impl Repo {
         match spec {
             None => {
                 let last = all.last().ok_or_else(|| {
-                    crate::err!(NotFound, "unable to pick a generation: repository {dir} has none")
+                    crate::err!(
+                        NotFound,
+                        "unable to pick a generation: repository {dir} has none"
+                    )
                 })?;
                 if all.iter().any(|g| g.disk != last.disk) {
                     return Err(crate::err!(

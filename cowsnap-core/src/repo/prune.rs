@@ -116,6 +116,9 @@ fn remove_if_exists(p: &Path) -> Result<()> {
     match std::fs::remove_file(p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(crate::Error::io(format!("unable to remove {}", p.display()), e)),
+        Err(e) => Err(crate::Error::io(
+            format!("unable to remove {}", p.display()),
+            e,
+        )),
     }
 }

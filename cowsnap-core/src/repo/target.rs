@@ -64,7 +64,11 @@ pub struct RepoTarget {
 /// Open a backup of `params.disk_name` into the repository at `dir` (created with the
 /// default chunk size if missing), for the engine's default 64 KiB tracking chunk.
 pub fn open_target(dir: &Path, params: RepoTargetParams) -> Result<Box<dyn Target>> {
-    open_target_with(dir, params, crate::engine::EngineConfig::default().chunk_size)
+    open_target_with(
+        dir,
+        params,
+        crate::engine::EngineConfig::default().chunk_size,
+    )
 }
 
 /// Like [`open_target`] for a given tracking chunk size (checked again in `begin`).
@@ -80,7 +84,10 @@ impl RepoTarget {
     /// Open the target (see [`open_target_with`]).
     pub fn open(dir: &Path, params: RepoTargetParams, tracking_chunk: u32) -> Result<Self> {
         if params.disk_name.is_empty() {
-            return Err(crate::err!(InvalidInput, "unable to back up: the disk has no name"));
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to back up: the disk has no name"
+            ));
         }
         if !tracking_chunk.is_power_of_two() || tracking_chunk == 0 {
             return Err(crate::err!(
@@ -215,11 +222,14 @@ impl Target for RepoTarget {
 
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
         let Some(info) = &self.info else {
-            return Err(crate::err!(InvalidInput, "unable to store data: backup not begun"));
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to store data: backup not begun"
+            ));
         };
         let disk_size = info.disk_size;
         let cs = self.repo.chunk_size() as u64;
-        if off % cs != 0 {
+        if off & (cs - 1) != 0 {
             return Err(crate::err!(
                 InvalidInput,
                 "unable to store data at offset {off}: not aligned to the repository chunk size {cs}"
@@ -265,7 +275,10 @@ impl Target for RepoTarget {
 
     fn commit(mut self: Box<Self>) -> Result<TargetSummary> {
         let Some(info) = self.info.clone() else {
-            return Err(crate::err!(InvalidInput, "unable to commit: backup not begun"));
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to commit: backup not begun"
+            ));
         };
         self.repo.store().sync_dirs()?;
         let idx = FixedIndex {

@@ -299,13 +299,13 @@ impl FillingIo {
             .open(state_path)
             .ctx(|| format!("unable to open fill state {sp}"))?;
         // Bits past the end count as restored.
-        if nchunks % 64 != 0 {
+        if nchunks & 63 != 0 {
             if let Some(last) = bits.last_mut() {
                 *last |= !0u64 << (nchunks % 64);
             }
         }
-        let done: u64 = bits.iter().map(|w| w.count_ones() as u64).sum::<u64>()
-            - (words as u64 * 64 - nchunks);
+        let done: u64 =
+            bits.iter().map(|w| w.count_ones() as u64).sum::<u64>() - (words as u64 * 64 - nchunks);
         let fio = Arc::new(FillingIo {
             dest,
             repo: Some(repo),
@@ -385,7 +385,10 @@ impl FillingIo {
         let len = self.index.chunk_len(c);
         let h = &self.index.hashes[c as usize];
         let repo = self.repo.as_ref().ok_or_else(|| {
-            crate::err!(InvalidInput, "unable to fetch chunk {c}: restore already complete")
+            crate::err!(
+                InvalidInput,
+                "unable to fetch chunk {c}: restore already complete"
+            )
         })?;
         if *h == ZERO_HASH {
             return self.dest.write_zeroes(off, len as u64, true);
@@ -478,7 +481,10 @@ impl FillingIo {
             return Ok(());
         }
         let _g = self.acquire(missing.clone());
-        let todo: Vec<u64> = missing.into_iter().filter(|&c| !self.is_restored(c)).collect();
+        let todo: Vec<u64> = missing
+            .into_iter()
+            .filter(|&c| !self.is_restored(c))
+            .collect();
         for &c in &todo {
             self.fetch_data(c)?;
         }
@@ -533,8 +539,7 @@ impl FillingIo {
 
     /// Start the background fill (no-op if complete or already running).
     pub fn start_fill(self: &Arc<Self>) {
-        if self.complete.load(Ordering::SeqCst) || self.fill_running.swap(true, Ordering::SeqCst)
-        {
+        if self.complete.load(Ordering::SeqCst) || self.fill_running.swap(true, Ordering::SeqCst) {
             return;
         }
         self.stop.store(false, Ordering::SeqCst);
@@ -578,7 +583,10 @@ impl FillingIo {
             return Ok(None);
         }
         let _g = self.acquire(batch.clone());
-        let todo: Vec<u64> = batch.into_iter().filter(|&c| !self.is_restored(c)).collect();
+        let todo: Vec<u64> = batch
+            .into_iter()
+            .filter(|&c| !self.is_restored(c))
+            .collect();
         for &c in &todo {
             self.fetch_data(c)?;
         }
