@@ -419,3 +419,30 @@ fn abort_and_drop_publish_nothing() {
     assert!(t.write(2 * MIB as u64, &disk[..2 * MIB]).is_err());
     assert!(t.write(0, &disk[..MIB / 2]).is_err());
 }
+
+#[test]
+fn a_chunk_handed_over_twice_keeps_the_last_data() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(4 * MIB, 91);
+    let mut t = cowsnap_core::repo::open_target_with(
+        &repo,
+        cowsnap_core::repo::RepoTargetParams {
+            disk_name: "t".into(),
+            incremental: false,
+        },
+        TCS,
+    )
+    .unwrap();
+    t.scope(None).unwrap();
+    t.begin(&info(&disk, "l", 0)).unwrap();
+    let mut stale = vec![0u8; MIB];
+    let mut s = 5;
+    fill_random(&mut stale, &mut s);
+    for _ in 0..20 {
+        t.write(MIB as u64, &stale).unwrap();
+    }
+    t.write(0, &disk).unwrap();
+    let g = t.commit().unwrap().generation.unwrap();
+    assert_eq!(hash(&restore_bytes(&repo, &g, d.path())), hash(&disk));
+}

@@ -22,6 +22,10 @@
 //!   unreferenced until a prune.
 //! - The repository lock is held shared from open to commit/abort (see the module's
 //!   locking table).
+//! - Hashing, compression and chunk writes run on a small worker pool (`write` copies
+//!   the data into a bounded queue and returns); `commit` waits for the workers, and
+//!   abort or drop joins them before the lock is released, so no chunk is written
+//!   into the repository after the shared lock is gone.
 
 use super::chunk_store::{chunk_hash, Insert, ZERO_HASH};
 use super::generation::{new_generation_id, GenerationInfo, GenerationKind, GenerationStats};
@@ -30,9 +34,114 @@ use super::{Repo, DEFAULT_CHUNK_SIZE};
 use crate::changelog::Cut;
 use crate::error::Result;
 use crate::target::{Scope, SnapshotInfo, Target, TargetSummary};
+use crossbeam_channel::{bounded, Sender};
 use std::fs::File;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
+
+/// One repository chunk for the workers.
+struct Job {
+    /// Orders jobs for the same chunk: the last handed over wins.
+    seq: u64,
+    index: usize,
+    off: u64,
+    data: Vec<u8>,
+}
+
+/// What the workers produce.
+#[derive(Default)]
+struct Shared {
+    hashes: Vec<[u8; 32]>,
+    /// Seq of the job whose hash `hashes[i]` holds (0: none yet).
+    latest: Vec<u64>,
+    chunks_new: u64,
+    chunks_reused: u64,
+    chunks_zero: u64,
+    bytes_stored_new: u64,
+    error: Option<crate::Error>,
+}
+
+struct Pool {
+    tx: Option<Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    fn start(repo: &Arc<Repo>, shared: &Arc<Mutex<Shared>>) -> Result<Pool> {
+        // Twice the CPUs (at least 4): chunk fsyncs block a worker without using a
+        // CPU, and concurrent fsyncs share journal commits.
+        let n = std::thread::available_parallelism()
+            .map(|p| p.get() * 2)
+            .unwrap_or(4)
+            .clamp(4, 16);
+        let (tx, rx) = bounded::<Job>(2 * n);
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let rx = rx.clone();
+            let repo = repo.clone();
+            let shared = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("cowsnap-repo-{i}"))
+                .spawn(move || {
+                    for job in rx.iter() {
+                        store_job(&repo, &shared, job);
+                    }
+                })
+                .map_err(|e| crate::Error::io("unable to start a repository worker", e))?;
+            workers.push(h);
+        }
+        Ok(Pool {
+            tx: Some(tx),
+            workers,
+        })
+    }
+
+    fn finish(&mut self) {
+        self.tx = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn lock_shared(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn store_job(repo: &Repo, shared: &Mutex<Shared>, job: Job) {
+    if lock_shared(shared).error.is_some() {
+        return;
+    }
+    let h = chunk_hash(&job.data);
+    let r = if h == ZERO_HASH {
+        None
+    } else {
+        Some(repo.store().insert(&h, &job.data).map_err(|e| {
+            e.with_context(format!("unable to store the chunk at offset {}", job.off))
+        }))
+    };
+    let mut s = lock_shared(shared);
+    match r {
+        None => s.chunks_zero += 1,
+        Some(Ok(Insert::New(n))) => {
+            s.chunks_new += 1;
+            s.bytes_stored_new += n;
+        }
+        Some(Ok(Insert::Reused)) => s.chunks_reused += 1,
+        Some(Err(e)) => {
+            if s.error.is_none() {
+                s.error = Some(e);
+            }
+            return;
+        }
+    }
+    if job.seq > s.latest[job.index] {
+        s.latest[job.index] = job.seq;
+        s.hashes[job.index] = h;
+    }
+}
 
 /// What a repository backup needs to know up front.
 #[derive(Debug, Clone, Default)]
@@ -45,7 +154,7 @@ pub struct RepoTargetParams {
 
 /// A backup into a repository.
 pub struct RepoTarget {
-    repo: Repo,
+    repo: Arc<Repo>,
     params: RepoTargetParams,
     tracking_chunk: u32,
     _lock: File,
@@ -55,7 +164,9 @@ pub struct RepoTarget {
     notes: Vec<String>,
     info: Option<SnapshotInfo>,
     id: String,
-    hashes: Vec<[u8; 32]>,
+    shared: Arc<Mutex<Shared>>,
+    pool: Option<Pool>,
+    job_seq: u64,
     written: Vec<bool>,
     stats: GenerationStats,
     started: Instant,
@@ -98,7 +209,7 @@ impl RepoTarget {
         let repo = Repo::open_or_create(dir, DEFAULT_CHUNK_SIZE)?;
         let lock = repo.lock(false)?;
         Ok(RepoTarget {
-            repo,
+            repo: Arc::new(repo),
             params,
             tracking_chunk,
             _lock: lock,
@@ -108,7 +219,9 @@ impl RepoTarget {
             notes: Vec::new(),
             info: None,
             id: String::new(),
-            hashes: Vec::new(),
+            shared: Arc::new(Mutex::new(Shared::default())),
+            pool: None,
+            job_seq: 0,
             written: Vec::new(),
             stats: GenerationStats::default(),
             started: Instant::now(),
@@ -209,9 +322,13 @@ impl Target for RepoTarget {
                     p.disk_size
                 ));
             }
-            self.hashes = idx.hashes.clone();
+            lock_shared(&self.shared).hashes = idx.hashes.clone();
         } else {
-            self.hashes = vec![ZERO_HASH; n];
+            lock_shared(&self.shared).hashes = vec![ZERO_HASH; n];
+        }
+        lock_shared(&self.shared).latest = vec![0; n];
+        if self.pool.is_none() {
+            self.pool = Some(Pool::start(&self.repo, &self.shared)?);
         }
         self.written = vec![false; n];
         self.id = new_generation_id()?;
@@ -248,21 +365,24 @@ impl Target for RepoTarget {
                 )
             })?;
             let i = (coff / cs) as usize;
-            let h = chunk_hash(piece);
-            if h == ZERO_HASH {
-                self.stats.chunks_zero += 1;
-            } else {
-                match self.repo.store().insert(&h, piece).map_err(|e| {
-                    e.with_context(format!("unable to store the chunk at offset {coff}"))
-                })? {
-                    Insert::New(n) => {
-                        self.stats.chunks_new += 1;
-                        self.stats.bytes_stored_new += n;
-                    }
-                    Insert::Reused => self.stats.chunks_reused += 1,
-                }
+            if let Some(e) = &lock_shared(&self.shared).error {
+                return Err(crate::Error::new(e.kind(), e.to_string()));
             }
-            self.hashes[i] = h;
+            self.job_seq += 1;
+            let tx = self
+                .pool
+                .as_ref()
+                .and_then(|p| p.tx.as_ref())
+                .ok_or_else(|| {
+                    crate::err!(InvalidInput, "unable to store data: backup not begun")
+                })?;
+            tx.send(Job {
+                seq: self.job_seq,
+                index: i,
+                off: coff,
+                data: piece.to_vec(),
+            })
+            .map_err(|_| crate::err!(Io, "unable to store data: repository workers stopped"))?;
             if !self.written[i] {
                 self.written[i] = true;
                 self.stats.chunks_written += 1;
@@ -280,12 +400,26 @@ impl Target for RepoTarget {
                 "unable to commit: backup not begun"
             ));
         };
+        if let Some(mut p) = self.pool.take() {
+            p.finish();
+        }
+        let hashes = {
+            let mut sh = lock_shared(&self.shared);
+            if let Some(e) = sh.error.take() {
+                return Err(e);
+            }
+            self.stats.chunks_new = sh.chunks_new;
+            self.stats.chunks_reused = sh.chunks_reused;
+            self.stats.chunks_zero = sh.chunks_zero;
+            self.stats.bytes_stored_new = sh.bytes_stored_new;
+            std::mem::take(&mut sh.hashes)
+        };
         self.repo.store().sync_dirs()?;
         let idx = FixedIndex {
             generation: self.id.clone(),
             chunk_size: self.repo.chunk_size(),
             disk_size: info.disk_size,
-            hashes: std::mem::take(&mut self.hashes),
+            hashes,
         };
         let idx_bytes = idx.write(&self.repo.index_path(&self.id))?;
         let total = idx.hashes.len() as u64;
@@ -322,11 +456,23 @@ impl Target for RepoTarget {
         })
     }
 
-    fn abort(self: Box<Self>, why: &str) {
+    fn abort(mut self: Box<Self>, why: &str) {
+        if let Some(mut p) = self.pool.take() {
+            p.finish();
+        }
         log::warn!(
             "backup of {} into {} aborted: {why}; no generation published",
             self.params.disk_name,
             self.repo.dir().display()
         );
+    }
+}
+
+impl Drop for RepoTarget {
+    fn drop(&mut self) {
+        // Join the workers while the repository lock is still held.
+        if let Some(mut p) = self.pool.take() {
+            p.finish();
+        }
     }
 }
