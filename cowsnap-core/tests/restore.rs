@@ -299,3 +299,134 @@ fn a_restored_disk_gets_a_new_lineage_and_its_first_incremental_is_relative_to_i
         hash(&disk)
     );
 }
+
+#[test]
+fn live_restore_concurrent_writers_reads_and_fill() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(24 * MIB, 9);
+    let g = backup(&repo, "c", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let dest = d.path().join("live.img");
+    let f = FillingIo::open(
+        dest_file(&dest, disk.len() as u64),
+        &repo,
+        Some(&g),
+        &d.path().join("state"),
+    )
+    .unwrap();
+    f.set_fill_rate(16 * MIB as u64);
+    f.start_fill();
+    const T: usize = 3;
+    // thread t owns the chunks c with c % T == t; it keeps its own expected image
+    let images: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..T)
+            .map(|t| {
+                let f = &f;
+                let disk = &disk;
+                s.spawn(move || {
+                    let mut exp = disk.clone();
+                    let mut st = 100 + t as u64;
+                    for i in 0..150 {
+                        let c = (splitmix(&mut st) % 8) as usize * T + t;
+                        let (off, len) = if i % 7 == 0 {
+                            (c * MIB, MIB)
+                        } else {
+                            let o = (splitmix(&mut st) % (MIB as u64 - 9000)) as usize;
+                            (c * MIB + o, (splitmix(&mut st) % 9000) as usize + 1)
+                        };
+                        if i % 11 == 0 {
+                            f.write_zeroes(off as u64, len as u64, i % 2 == 0).unwrap();
+                            exp[off..off + len].fill(0);
+                        } else {
+                            let mut data = vec![0u8; len];
+                            fill_random(&mut data, &mut st);
+                            f.write_at(&data, off as u64).unwrap();
+                            exp[off..off + len].copy_from_slice(&data);
+                        }
+                        // read back something of ours, and something of anyone's
+                        let mut b = vec![0u8; 3000];
+                        let o = c * MIB + (splitmix(&mut st) % (MIB as u64 - 3000)) as usize;
+                        f.read_at(&mut b, o as u64).unwrap();
+                        assert!(b == exp[o..o + 3000], "thread {t} read {o}");
+                    }
+                    exp
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    wait_complete(&f);
+    let got = read_all(&*f);
+    for c in 0..24 {
+        let owner = c % T;
+        let r = c * MIB..(c + 1) * MIB;
+        assert!(got[r.clone()] == images[owner][r], "chunk {c}");
+    }
+}
+
+/// Restore onto a block device (a loop device over a file full of garbage): zero
+/// chunks must become zeros, not stay garbage. Skips without root or losetup.
+#[test]
+fn restore_onto_a_block_device_zeroes_zero_chunks() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skip: needs root for a loop device");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let mut disk = synth_disk(6 * MIB, 10);
+    disk[MIB..3 * MIB].fill(0);
+    let g = backup(&repo, "b", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let backing = d.path().join("backing.img");
+    std::fs::write(&backing, vec![0xEEu8; 8 * MIB]).unwrap();
+    let out = match std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        _ => {
+            eprintln!("skip: losetup unavailable");
+            return;
+        }
+    };
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let r = restore_to(&repo, Some(&g), Path::new(&dev), &|_, _| {}).unwrap();
+    assert_eq!(r.chunks_zero, 2);
+    let mut got = vec![0u8; 8 * MIB];
+    let f = std::fs::File::open(&dev).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, 0).unwrap();
+    assert_eq!(hash(&got[..6 * MIB]), hash(&disk));
+    assert!(
+        got[6 * MIB..].iter().all(|&b| b == 0xEE),
+        "past the disk untouched"
+    );
+    // too small a device is refused
+    let small = d.path().join("small.img");
+    std::fs::write(&small, vec![0u8; MIB]).unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&small)
+        .output()
+        .unwrap();
+    let dev2 = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let _detach2 = Detach(dev2.clone());
+    let e = restore_to(&repo, Some(&g), Path::new(&dev2), &|_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("holds"), "{e}");
+}

@@ -26,7 +26,7 @@ fn open_io(path: &Path) -> Arc<dyn BlockIo> {
 /// covers the whole chunk (no fetch), the others are partial (fetch first).
 fn nth_write(k: usize) -> (usize, Vec<u8>) {
     let mut s = 1000 + k as u64;
-    if k.is_multiple_of(3) {
+    if matches!(k % 3, 0) {
         let mut d = vec![0u8; MIB];
         fill_random(&mut d, &mut s);
         (k * MIB, d)
