@@ -69,7 +69,7 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 pub struct AtomicFile {
     tmp: PathBuf,
     dest: PathBuf,
-    file: Option<File>,
+    file: File,
 }
 
 impl AtomicFile {
@@ -89,14 +89,13 @@ impl AtomicFile {
         Ok(AtomicFile {
             tmp,
             dest: dest.to_path_buf(),
-            file: Some(file),
+            file,
         })
     }
 
     /// The open temporary file.
     pub fn file(&mut self) -> &mut File {
-        // The file is only taken by `commit`, which consumes self.
-        self.file.as_mut().expect("AtomicFile used after commit")
+        &mut self.file
     }
 
     /// Append bytes.
@@ -116,10 +115,9 @@ impl AtomicFile {
 
     /// fsync and rename; the caller fsyncs the directory later (batching many files).
     pub fn commit_no_dir_sync(mut self) -> Result<()> {
-        if let Some(f) = self.file.take() {
-            f.sync_all()
-                .ctx(|| format!("unable to fsync {}", self.tmp.display()))?;
-        }
+        self.file
+            .sync_all()
+            .ctx(|| format!("unable to fsync {}", self.tmp.display()))?;
         std::fs::rename(&self.tmp, &self.dest).ctx(|| {
             format!(
                 "unable to rename {} to {}",
