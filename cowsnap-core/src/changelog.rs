@@ -17,9 +17,11 @@
 //!
 //! - `mark` (write path): a lock-free check of an in-memory atomic copy of C that only
 //!   holds bits already durable on disk. Only the first write to a chunk since the
-//!   last cut takes the persistence mutex, writes the 4 KiB bitmap block containing
-//!   the bit, `fdatasync`s, and then publishes the bit in memory. A concurrent mark of
-//!   the same chunk therefore cannot return before the bit is durable.
+//!   last cut queues its bit and waits for a group commit: one thread at a time writes
+//!   the 4 KiB bitmap blocks holding every queued bit, `fdatasync`s once, and then
+//!   publishes the bits in memory and wakes the waiters. A concurrent mark of the same
+//!   chunk therefore cannot return before the bit is durable, and concurrent first
+//!   writes share one fdatasync.
 //! - `begin_generation` (writes paused by the caller): C is copied to P and fsynced,
 //!   then the header gets `IN_GENERATION` (fsync), then C is cleared (fsync). A crash
 //!   anywhere in between leaves C ⊇ old C or C ∪ P = old C.
@@ -39,12 +41,12 @@
 use crate::error::{Error, IoContext, Result};
 use crate::identity::Identity;
 use bitvec::prelude::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 /// File name of the change log inside a state directory.
 pub const CHANGELOG_FILE: &str = "changelog.bin";
@@ -186,6 +188,21 @@ struct Inner {
     reset_reason: Option<String>,
 }
 
+/// Bits waiting for the group commit of `mark`.
+#[derive(Default)]
+struct MarkQueue {
+    /// Word index → bits not yet written.
+    queued: BTreeMap<usize, u64>,
+    /// Tickets handed out so far.
+    next_ticket: u64,
+    /// Every ticket up to this one has been written (or failed).
+    done_ticket: u64,
+    /// A thread is writing a batch.
+    leader: bool,
+    /// Recent failed batches: (first ticket, last ticket, message).
+    failures: Vec<(u64, u64, String)>,
+}
+
 /// Chunks written since the last acknowledged generation.
 pub struct ChangeLog {
     path: PathBuf,
@@ -198,6 +215,8 @@ pub struct ChangeLog {
     /// Region C, bits that are durable on disk.
     durable: Vec<AtomicU64>,
     inner: Mutex<Inner>,
+    queue: Mutex<MarkQueue>,
+    queue_cv: Condvar,
     seq_next: AtomicU64,
     inflight: Mutex<BTreeSet<u64>>,
 }
@@ -343,6 +362,8 @@ impl ChangeLog {
                 pending: None,
                 reset_reason,
             }),
+            queue: Mutex::new(MarkQueue::default()),
+            queue_cv: Condvar::new(),
             seq_next: AtomicU64::new(seq_next),
             inflight: Mutex::new(BTreeSet::new()),
         };
@@ -503,23 +524,61 @@ impl ChangeLog {
         if (first..=last).all(is_set) {
             return Ok(());
         }
-        let _inner = self.lock_inner();
-        // Under the mutex: only we change `durable` now.
-        let mut words: Vec<(usize, u64)> = Vec::new();
+        // Group commit: queue the bits under a ticket; one thread at a time (the
+        // leader) writes everything queued so far with a single fdatasync, and every
+        // waiter whose ticket that covered returns.
+        let mut q = self.lock_queue();
         for c in first..=last {
             if !is_set(c) {
-                let wi = (c / 64) as usize;
-                match words.last_mut() {
-                    Some((i, m)) if *i == wi => *m |= 1 << (c % 64),
-                    _ => words.push((wi, 1 << (c % 64))),
-                }
+                *q.queued.entry((c / 64) as usize).or_insert(0) |= 1 << (c % 64);
             }
         }
-        if words.is_empty() {
+        q.next_ticket += 1;
+        let mine = q.next_ticket;
+        loop {
+            if q.done_ticket >= mine {
+                return match q.failures.iter().find(|f| f.0 <= mine && mine <= f.1) {
+                    Some(f) => Err(crate::err!(Io, "{}", f.2)),
+                    None => Ok(()),
+                };
+            }
+            if q.leader {
+                q = self.queue_cv.wait(q).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            q.leader = true;
+            let batch = std::mem::take(&mut q.queued);
+            let from = q.done_ticket + 1;
+            let upto = q.next_ticket;
+            drop(q);
+            let r = self.write_bits(&batch);
+            q = self.lock_queue();
+            q.leader = false;
+            q.done_ticket = upto;
+            if let Err(e) = r {
+                if q.failures.len() >= 64 {
+                    q.failures.remove(0);
+                }
+                q.failures.push((from, upto, e.to_string()));
+            }
+            self.queue_cv.notify_all();
+        }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, MarkQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Write the bitmap blocks holding `batch` (word index → bits), fdatasync, then
+    /// publish the bits in memory.
+    fn write_bits(&self, batch: &BTreeMap<usize, u64>) -> Result<()> {
+        if batch.is_empty() {
             return Ok(());
         }
+        // The state lock keeps cuts (which rewrite region C) out while we write.
+        let _inner = self.lock_inner();
         let words_per_block = (BLOCK / 8) as usize;
-        let mut blocks: Vec<usize> = words.iter().map(|(i, _)| i / words_per_block).collect();
+        let mut blocks: Vec<usize> = batch.keys().map(|i| i / words_per_block).collect();
         blocks.dedup();
         for b in blocks {
             let start = b * words_per_block;
@@ -528,10 +587,8 @@ impl ChangeLog {
                 .iter()
                 .map(|w| w.load(Ordering::Relaxed))
                 .collect();
-            for (i, m) in &words {
-                if *i >= start && *i < end {
-                    block[i - start] |= m;
-                }
+            for (i, m) in batch.range(start..end) {
+                block[i - start] |= m;
             }
             let bytes = words_to_bytes(&block, block.len() * 8);
             self.file
@@ -539,8 +596,8 @@ impl ChangeLog {
                 .ctx(|| format!("unable to write change log {}", self.path.display()))?;
         }
         self.sync()?;
-        for (i, m) in words {
-            self.durable[i].fetch_or(m, Ordering::Release);
+        for (i, m) in batch {
+            self.durable[*i].fetch_or(*m, Ordering::Release);
         }
         Ok(())
     }
