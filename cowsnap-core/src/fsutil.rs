@@ -1,0 +1,257 @@
+//! Small durable-file helpers shared by the repository, change tracking, the disk
+//! identity and restore: atomic publication (temp → fsync → rename → fsync dir, the
+//! temp removed on drop), directory fsync, `flock`, random ids and UTC timestamps.
+
+use crate::error::{Error, IoContext, Result};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// `nbytes` random bytes from the kernel, as lowercase hex.
+pub fn random_hex(nbytes: usize) -> Result<String> {
+    let mut buf = vec![0u8; nbytes];
+    let mut filled = 0;
+    while filled < nbytes {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`, a live,
+        // writable allocation; getrandom writes at most that many bytes.
+        let r = unsafe {
+            libc::getrandom(
+                buf[filled..].as_mut_ptr() as *mut libc::c_void,
+                nbytes - filled,
+                0,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(Error::io("unable to read random bytes", e));
+        }
+        filled += r as usize;
+    }
+    Ok(hex(&buf))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Parse 64 hex digits into 32 bytes.
+pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// fsync a directory (makes renames and creations in it durable).
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).ctx(|| format!("unable to open directory {}", dir.display()))?;
+    f.sync_all()
+        .ctx(|| format!("unable to fsync directory {}", dir.display()))
+}
+
+/// A file written under a temporary name and published atomically by [`AtomicFile::commit`].
+/// Dropping it uncommitted removes the temporary file.
+pub struct AtomicFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: File,
+}
+
+impl AtomicFile {
+    /// Create the temporary file beside `dest`.
+    pub fn create(dest: &Path) -> Result<Self> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".tmp-{}-{}", name, random_hex(6)?));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .ctx(|| format!("unable to create {}", tmp.display()))?;
+        Ok(AtomicFile {
+            tmp,
+            dest: dest.to_path_buf(),
+            file,
+        })
+    }
+
+    /// The open temporary file.
+    pub fn file(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// Append bytes.
+    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        let tmp = self.tmp.clone();
+        self.file()
+            .write_all(data)
+            .ctx(|| format!("unable to write {}", tmp.display()))
+    }
+
+    /// fsync, rename over the destination, fsync the directory.
+    pub fn commit(self) -> Result<()> {
+        let dir = self.dest.parent().unwrap_or(Path::new(".")).to_path_buf();
+        self.commit_no_dir_sync()?;
+        fsync_dir(&dir)
+    }
+
+    /// fsync and rename; the caller fsyncs the directory later (batching many files).
+    pub fn commit_no_dir_sync(mut self) -> Result<()> {
+        self.file
+            .sync_all()
+            .ctx(|| format!("unable to fsync {}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.dest).ctx(|| {
+            format!(
+                "unable to rename {} to {}",
+                self.tmp.display(),
+                self.dest.display()
+            )
+        })?;
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Write `data` to `dest` atomically and durably.
+pub fn write_atomic(dest: &Path, data: &[u8]) -> Result<()> {
+    let mut f = AtomicFile::create(dest)?;
+    f.write_all(data)?;
+    f.commit()
+}
+
+/// Take a `flock` on `path` (created if missing): shared or exclusive, blocking.
+/// The lock lives as long as the returned file.
+pub fn lock_file(path: &Path, exclusive: bool) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .ctx(|| format!("unable to open lock file {}", path.display()))?;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    loop {
+        // SAFETY: plain syscall on a valid fd owned by `f`; no memory is passed.
+        let r = unsafe { libc::flock(f.as_raw_fd(), op) };
+        if r == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(Error::io(format!("unable to lock {}", path.display()), e));
+        }
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// (year, month, day, hour, minute, second, millisecond) in UTC.
+fn civil(ms: u64) -> (i64, u32, u32, u32, u32, u32, u32) {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = if m <= 2 { y + 1 } else { y };
+    (
+        y,
+        m,
+        d,
+        (sod / 3600) as u32,
+        (sod % 3600 / 60) as u32,
+        (sod % 60) as u32,
+        (ms % 1000) as u32,
+    )
+}
+
+/// RFC 3339 UTC time, e.g. `2026-11-25T23:27:32.123Z`.
+pub fn format_utc(ms: u64) -> String {
+    let (y, mo, d, h, mi, s, mss) = civil(ms);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{mss:03}Z")
+}
+
+/// Compact sortable UTC time, e.g. `20261125T232732.123Z`.
+pub fn format_utc_compact(ms: u64) -> String {
+    let (y, mo, d, h, mi, s, mss) = civil(ms);
+    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{mss:03}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formatting() {
+        // 2026-11-25T23:27:32.123Z
+        assert_eq!(format_utc(1_795_649_252_123), "2026-11-25T23:27:32.123Z");
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(format_utc_compact(0), "19700101T000000.000Z");
+    }
+
+    #[test]
+    fn atomic_file_drop_removes_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("x");
+        {
+            let mut f = AtomicFile::create(&dest).unwrap();
+            f.write_all(b"abc").unwrap();
+        }
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+        write_atomic(&dest, b"hello").unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn hex_roundtrip() {
+        let h = random_hex(32).unwrap();
+        assert_eq!(h.len(), 64);
+        assert_eq!(hex(&parse_hash(&h).unwrap()), h);
+        assert!(parse_hash("zz").is_none());
+    }
+}

@@ -1,0 +1,258 @@
+//! The fixed index of one generation: which chunk holds each repository-chunk-sized
+//! piece of the disk.
+//!
+//! Layout: a 4096-byte header ([`IndexHeader`], `#[repr(C)]`, little endian), then
+//! `chunk_count` entries of 32 bytes: the blake3 hash of the uncompressed chunk, or
+//! [`ZERO_HASH`](super::chunk_store::ZERO_HASH) for a chunk of zeros. The header
+//! carries the blake3 checksum of all entries and of itself, and the generation id, so
+//! a torn, truncated or swapped index is refused. The index is published atomically
+//! (temp → fsync → rename → fsync dir; the temp is removed if dropped unpublished).
+
+use crate::error::{IoContext, Result};
+use crate::fsutil::AtomicFile;
+use std::path::Path;
+
+/// Versioned magic of the index format.
+pub const INDEX_MAGIC: [u8; 8] = *b"CSNPIX01";
+/// Format version.
+pub const INDEX_VERSION: u32 = 1;
+/// Header size in bytes.
+pub const INDEX_HEADER_SIZE: usize = 4096;
+
+/// The on-disk header (little endian).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IndexHeader {
+    /// [`INDEX_MAGIC`].
+    pub magic: [u8; 8],
+    /// [`INDEX_VERSION`].
+    pub version: u32,
+    /// Repository chunk size in bytes.
+    pub chunk_size: u32,
+    /// Disk size in bytes.
+    pub disk_size: u64,
+    /// Number of entries: `ceil(disk_size / chunk_size)`.
+    pub chunk_count: u64,
+    /// blake3 of the entries.
+    pub entries_checksum: [u8; 32],
+    /// Generation id, NUL padded.
+    pub generation: [u8; 64],
+    /// blake3 of the 128 bytes above.
+    pub header_checksum: [u8; 32],
+    /// Zero.
+    pub reserved: [u8; INDEX_HEADER_SIZE - 160],
+}
+
+const _: () = assert!(std::mem::size_of::<IndexHeader>() == INDEX_HEADER_SIZE);
+
+impl IndexHeader {
+    /// Encode, computing the header checksum.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(INDEX_HEADER_SIZE);
+        v.extend_from_slice(&self.magic);
+        v.extend_from_slice(&self.version.to_le_bytes());
+        v.extend_from_slice(&self.chunk_size.to_le_bytes());
+        v.extend_from_slice(&self.disk_size.to_le_bytes());
+        v.extend_from_slice(&self.chunk_count.to_le_bytes());
+        v.extend_from_slice(&self.entries_checksum);
+        v.extend_from_slice(&self.generation);
+        let sum = blake3::hash(&v);
+        v.extend_from_slice(sum.as_bytes());
+        v.resize(INDEX_HEADER_SIZE, 0);
+        v
+    }
+}
+
+/// A generation's index in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixedIndex {
+    /// Generation id.
+    pub generation: String,
+    /// Repository chunk size.
+    pub chunk_size: u32,
+    /// Disk size.
+    pub disk_size: u64,
+    /// One hash per chunk.
+    pub hashes: Vec<[u8; 32]>,
+}
+
+/// Entries a disk of `disk_size` needs at `chunk_size`.
+pub fn chunk_count(disk_size: u64, chunk_size: u32) -> u64 {
+    disk_size.div_ceil(chunk_size as u64)
+}
+
+impl FixedIndex {
+    /// Length of chunk `i` (the last one may be short).
+    pub fn chunk_len(&self, i: u64) -> usize {
+        let off = i * self.chunk_size as u64;
+        (self.disk_size - off).min(self.chunk_size as u64) as usize
+    }
+
+    fn entries_checksum(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        for e in &self.hashes {
+            h.update(e);
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// The header for this index.
+    pub fn header(&self) -> IndexHeader {
+        let mut generation = [0u8; 64];
+        let g = self.generation.as_bytes();
+        let n = g.len().min(64);
+        generation[..n].copy_from_slice(&g[..n]);
+        IndexHeader {
+            magic: INDEX_MAGIC,
+            version: INDEX_VERSION,
+            chunk_size: self.chunk_size,
+            disk_size: self.disk_size,
+            chunk_count: self.hashes.len() as u64,
+            entries_checksum: self.entries_checksum(),
+            generation,
+            header_checksum: [0; 32],
+            reserved: [0; INDEX_HEADER_SIZE - 160],
+        }
+    }
+
+    /// Serialize header and entries.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.header().encode();
+        v.reserve(self.hashes.len() * 32);
+        for e in &self.hashes {
+            v.extend_from_slice(e);
+        }
+        v
+    }
+
+    /// Parse and check an encoded index.
+    pub fn decode(b: &[u8], what: &str) -> Result<FixedIndex> {
+        let bad = |why: &str| crate::err!(Corrupt, "index {what} is corrupt: {why}");
+        if b.len() < INDEX_HEADER_SIZE {
+            return Err(bad("shorter than its header"));
+        }
+        if b[..8] != INDEX_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        if blake3::hash(&b[..128]).as_bytes()[..] != b[128..160] {
+            return Err(bad("header checksum mismatch"));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(w)
+        };
+        let version = u32_at(8);
+        if version != INDEX_VERSION {
+            return Err(bad(&format!("unsupported version {version}")));
+        }
+        let chunk_size = u32_at(12);
+        let disk_size = u64_at(16);
+        let count = u64_at(24);
+        if chunk_size == 0 || count != chunk_count(disk_size, chunk_size) {
+            return Err(bad("chunk count does not match the disk size"));
+        }
+        let want_len = (count as usize)
+            .checked_mul(32)
+            .and_then(|n| n.checked_add(INDEX_HEADER_SIZE));
+        if want_len != Some(b.len()) {
+            return Err(bad("wrong length"));
+        }
+        let hashes: Vec<[u8; 32]> = b[INDEX_HEADER_SIZE..]
+            .chunks_exact(32)
+            .map(|c| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                h
+            })
+            .collect();
+        let gen_end = b[64..128].iter().position(|&c| c == 0).unwrap_or(64);
+        let idx = FixedIndex {
+            generation: String::from_utf8_lossy(&b[64..64 + gen_end]).into_owned(),
+            chunk_size,
+            disk_size,
+            hashes,
+        };
+        if idx.entries_checksum()[..] != b[32..64] {
+            return Err(bad("entries checksum mismatch"));
+        }
+        Ok(idx)
+    }
+
+    /// Publish the index at `path` atomically and durably.
+    pub fn write(&self, path: &Path) -> Result<u64> {
+        let bytes = self.encode();
+        let mut f = AtomicFile::create(path)?;
+        f.write_all(&bytes)?;
+        f.commit()?;
+        Ok(bytes.len() as u64)
+    }
+
+    /// Load and check the index at `path`.
+    pub fn read(path: &Path) -> Result<FixedIndex> {
+        let b = std::fs::read(path).ctx(|| format!("unable to read index {}", path.display()))?;
+        Self::decode(&b, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FixedIndex {
+        FixedIndex {
+            generation: "20261125T232732.123Z-0011aabb".into(),
+            chunk_size: 1 << 20,
+            disk_size: (3 << 20) + 5,
+            hashes: vec![[0u8; 32], [1u8; 32], [2u8; 32], [0xffu8; 32]],
+        }
+    }
+
+    #[test]
+    fn header_bytes_are_pinned() {
+        let b = sample().encode();
+        assert_eq!(b.len(), INDEX_HEADER_SIZE + 4 * 32);
+        let expect_head: &[u8] = b"CSNPIX01\
+            \x01\x00\x00\x00\
+            \x00\x00\x10\x00\
+            \x05\x00\x30\x00\x00\x00\x00\x00\
+            \x04\x00\x00\x00\x00\x00\x00\x00";
+        assert_eq!(&b[..32], expect_head);
+        assert_eq!(&b[64..93], b"20261125T232732.123Z-0011aabb");
+        assert!(b[93..128].iter().all(|&c| c == 0));
+        assert!(b[160..INDEX_HEADER_SIZE].iter().all(|&c| c == 0));
+        assert_eq!(
+            crate::fsutil::hex(&b[32..64]),
+            PINNED_ENTRIES_SUM,
+            "entries checksum"
+        );
+        assert_eq!(
+            crate::fsutil::hex(&b[128..160]),
+            PINNED_HEADER_SUM,
+            "header checksum"
+        );
+        assert_eq!(FixedIndex::decode(&b, "x").unwrap(), sample());
+    }
+
+    const PINNED_ENTRIES_SUM: &str =
+        "427859bda3c7fb47f9bedafa5ada2838c1b2b1b491b8083d7ebe49379c136f5f";
+    const PINNED_HEADER_SUM: &str =
+        "3d575a9a139314976ccbc0b4774a65365a0dc395832a39171938c592f55bf6ae";
+
+    #[test]
+    fn damage_is_refused() {
+        let b = sample().encode();
+        for pos in [0usize, 9, 17, 40, 70, 140, INDEX_HEADER_SIZE + 33] {
+            let mut c = b.clone();
+            c[pos] ^= 0x40;
+            assert!(FixedIndex::decode(&c, "x").is_err(), "flip at {pos}");
+        }
+        assert!(FixedIndex::decode(&b[..b.len() - 1], "x").is_err());
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("g.idx");
+        sample().write(&p).unwrap();
+        assert_eq!(FixedIndex::read(&p).unwrap(), sample());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,300 @@
+//! The backup repository `repo:DIR`: generations (restore points) over a
+//! content-addressed, compressed, deduplicated chunk store.
+//!
+//! # Layout
+//!
+//! ```text
+//! DIR/cowsnap-repo.json          format marker and repository chunk size
+//! DIR/lock                       flock: backups/restores LOCK_SH, prune LOCK_EX
+//! DIR/chunks/ab/<64 hex>         one chunk (see chunk_store)
+//! DIR/generations/<id>.idx       fixed index (see index)
+//! DIR/generations/<id>.json      metadata (see generation), written after the index
+//! ```
+//!
+//! # Locking
+//!
+//! | operations | together? | why it is safe |
+//! |---|---|---|
+//! | backups (any disks), restores, verify, list | yes | they only add files (chunk renames are atomic, identical content under one name); readers see only generations with both files |
+//! | prune vs backup/restore/verify | no | prune holds `LOCK_EX` on `DIR/lock` for its whole run, everyone else `LOCK_SH` for theirs, so a sweep never sees a running backup's new or reused chunks as garbage; prune waits for running backups and a backup started during prune waits for it |
+//!
+//! A shared lock for the whole backup, rather than only for the sweep, is the simple
+//! choice: prune is rare and fast (no data is read), so making it wait is cheap, and
+//! there is no window in which a backup has decided "chunk exists, reuse it" while a
+//! sweep deletes it.
+
+pub mod chunk_store;
+pub mod generation;
+pub mod index;
+pub mod prune;
+pub mod target;
+pub mod verify;
+
+pub use chunk_store::{ChunkStore, ZERO_HASH};
+pub use generation::{GenerationInfo, GenerationKind, GenerationStats};
+pub use index::FixedIndex;
+pub use prune::{prune, PruneReport};
+pub use target::{open_target, open_target_with, RepoTarget, RepoTargetParams};
+pub use verify::{verify, VerifyProblem, VerifyReport};
+
+use crate::error::{IoContext, Result};
+use crate::fsutil;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Default repository chunk size: 1 MiB.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+const CONFIG_FILE: &str = "cowsnap-repo.json";
+const FORMAT: &str = "cowsnap-repo";
+
+/// The repository's format marker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoConfig {
+    /// Always "cowsnap-repo".
+    pub format: String,
+    /// Format version (1).
+    pub version: u32,
+    /// Repository chunk size in bytes (a power of two).
+    pub chunk_size: u32,
+}
+
+/// An opened repository.
+pub struct Repo {
+    dir: PathBuf,
+    config: RepoConfig,
+    store: ChunkStore,
+}
+
+impl Repo {
+    /// Open an existing repository.
+    pub fn open(dir: &Path) -> Result<Repo> {
+        let path = dir.join(CONFIG_FILE);
+        let b = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(crate::err!(
+                    NotFound,
+                    "unable to open repository {}: not a cowsnap repository (no {CONFIG_FILE})",
+                    dir.display()
+                ))
+            }
+            Err(e) => {
+                return Err(crate::Error::io(
+                    format!("unable to open repository {}", dir.display()),
+                    e,
+                ))
+            }
+        };
+        let config: RepoConfig = serde_json::from_slice(&b)
+            .map_err(|e| crate::err!(Corrupt, "unable to parse {}: {e}", path.display()))?;
+        if config.format != FORMAT || config.version != 1 {
+            return Err(crate::err!(
+                Unsupported,
+                "unable to open repository {}: format {} version {} is not supported",
+                dir.display(),
+                config.format,
+                config.version
+            ));
+        }
+        if !config.chunk_size.is_power_of_two() || config.chunk_size < 4096 {
+            return Err(crate::err!(
+                Corrupt,
+                "unable to open repository {}: bad chunk size {}",
+                dir.display(),
+                config.chunk_size
+            ));
+        }
+        Ok(Repo {
+            dir: dir.to_path_buf(),
+            store: ChunkStore::new(&dir.join("chunks")),
+            config,
+        })
+    }
+
+    /// Open the repository, creating it (with `chunk_size`) if `dir` holds none.
+    pub fn open_or_create(dir: &Path, chunk_size: u32) -> Result<Repo> {
+        if !dir.join(CONFIG_FILE).exists() {
+            if !chunk_size.is_power_of_two() || chunk_size < 4096 {
+                return Err(crate::err!(
+                    InvalidInput,
+                    "unable to create repository {}: chunk size {chunk_size} is not a power of two >= 4096",
+                    dir.display()
+                ));
+            }
+            for d in [
+                dir.to_path_buf(),
+                dir.join("chunks"),
+                dir.join("generations"),
+            ] {
+                std::fs::create_dir_all(&d).ctx(|| format!("unable to create {}", d.display()))?;
+            }
+            let cfg = RepoConfig {
+                format: FORMAT.into(),
+                version: 1,
+                chunk_size,
+            };
+            let json = serde_json::to_vec_pretty(&cfg)
+                .map_err(|e| crate::err!(InvalidInput, "unable to encode config: {e}"))?;
+            // Two creators race harmlessly: the first rename wins, and an existing
+            // config is never replaced.
+            let tmp = dir.join(format!(".tmp-config-{}", fsutil::random_hex(6)?));
+            std::fs::write(&tmp, &json).ctx(|| format!("unable to write {}", tmp.display()))?;
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .ctx(|| format!("unable to fsync {}", tmp.display()))?;
+            let r = std::fs::hard_link(&tmp, dir.join(CONFIG_FILE));
+            let _ = std::fs::remove_file(&tmp);
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(crate::Error::io(
+                        format!("unable to create repository {}", dir.display()),
+                        e,
+                    ))
+                }
+            }
+            fsutil::fsync_dir(dir)?;
+            if let Some(parent) = dir.parent() {
+                let _ = fsutil::fsync_dir(parent);
+            }
+        }
+        Self::open(dir)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Repository chunk size.
+    pub fn chunk_size(&self) -> u32 {
+        self.config.chunk_size
+    }
+
+    /// The chunk store.
+    pub fn store(&self) -> &ChunkStore {
+        &self.store
+    }
+
+    fn generations_dir(&self) -> PathBuf {
+        self.dir.join("generations")
+    }
+
+    /// Index path of a generation.
+    pub fn index_path(&self, id: &str) -> PathBuf {
+        self.generations_dir().join(format!("{id}.idx"))
+    }
+
+    /// Metadata path of a generation.
+    pub fn meta_path(&self, id: &str) -> PathBuf {
+        self.generations_dir().join(format!("{id}.json"))
+    }
+
+    /// Take the repository lock: shared for backups and restores, exclusive for prune.
+    pub fn lock(&self, exclusive: bool) -> Result<File> {
+        fsutil::lock_file(&self.dir.join("lock"), exclusive)
+    }
+
+    /// Every complete generation (index and metadata present), oldest first.
+    pub fn list(&self) -> Result<Vec<GenerationInfo>> {
+        let dir = self.generations_dir();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(crate::Error::io(
+                    format!("unable to list {}", dir.display()),
+                    e,
+                ))
+            }
+        };
+        let mut out = Vec::new();
+        for ent in rd {
+            let ent = ent.ctx(|| format!("unable to list {}", dir.display()))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            if !generation::valid_id(id) || !self.index_path(id).exists() {
+                continue;
+            }
+            match GenerationInfo::read(&ent.path()) {
+                Ok(g) if g.id == id => out.push(g),
+                Ok(_) => log::warn!("{}: id does not match the file name; ignored", name),
+                Err(e) => log::warn!("{e}; generation ignored"),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// The newest complete generation of `disk`.
+    pub fn latest_of(&self, disk: &str) -> Result<Option<GenerationInfo>> {
+        Ok(self.list()?.into_iter().rev().find(|g| g.disk == disk))
+    }
+
+    /// Resolve a generation spec: an id, a unique id prefix, a disk name (its newest
+    /// generation), or `None` (the newest generation when the repository holds one disk).
+    pub fn resolve(&self, spec: Option<&str>) -> Result<GenerationInfo> {
+        let all = self.list()?;
+        let dir = self.dir.display();
+        match spec {
+            None => {
+                let last = all.last().ok_or_else(|| {
+                    crate::err!(
+                        NotFound,
+                        "unable to pick a generation: repository {dir} has none"
+                    )
+                })?;
+                if all.iter().any(|g| g.disk != last.disk) {
+                    return Err(crate::err!(
+                        InvalidInput,
+                        "unable to pick a generation: repository {dir} holds several disks; name a generation or a disk"
+                    ));
+                }
+                Ok(last.clone())
+            }
+            Some(s) => {
+                if let Some(g) = all.iter().find(|g| g.id == s) {
+                    return Ok(g.clone());
+                }
+                if let Some(g) = all.iter().rev().find(|g| g.disk == s) {
+                    return Ok(g.clone());
+                }
+                let m: Vec<_> = all.iter().filter(|g| g.id.starts_with(s)).collect();
+                match m.len() {
+                    1 => Ok(m[0].clone()),
+                    0 => Err(crate::err!(
+                        NotFound,
+                        "unable to find generation {s:?} in repository {dir}"
+                    )),
+                    n => Err(crate::err!(
+                        InvalidInput,
+                        "unable to pick a generation: {s:?} matches {n} generations in {dir}"
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Load a generation's index and check it matches its metadata.
+    pub fn load_index(&self, g: &GenerationInfo) -> Result<FixedIndex> {
+        let idx = FixedIndex::read(&self.index_path(&g.id))?;
+        if idx.generation != g.id || idx.disk_size != g.disk_size || idx.chunk_size != g.chunk_size
+        {
+            return Err(crate::err!(
+                Corrupt,
+                "index of generation {} does not match its metadata",
+                g.id
+            ));
+        }
+        Ok(idx)
+    }
+}
+
+/// Every complete generation in the repository at `dir`, oldest first.
+pub fn list(dir: &Path) -> Result<Vec<GenerationInfo>> {
+    Repo::open(dir)?.list()
+}

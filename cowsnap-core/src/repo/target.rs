@@ -1,0 +1,478 @@
+//! [`RepoTarget`]: a backup into the repository, as a [`Target`].
+//!
+//! Flow (called by the drainer): `granule_chunks` → `scope(cut)` → `begin(info)` →
+//! `write(off, data)`* in any order → `commit` or `abort`.
+//!
+//! - The granule is one repository chunk: `repo_chunk / tracking_chunk` tracking chunks
+//!   (1 when the tracking chunk is larger; a write then covers several repo chunks).
+//! - `scope`: a full backup reads everything. An incremental trusts the cut only if it
+//!   is relative to the newest complete generation of this disk in this repository
+//!   (`cut.relative_to == parent.id`) and that index loads; otherwise it reads
+//!   everything, deduplicating against the store, with a note saying why. Generation
+//!   ids are unique, and a change log only ever becomes relative to a generation by
+//!   committing it (same lineage) or by being reset to it at restore (new lineage,
+//!   content exactly that generation), so a matching `relative_to` is what makes the
+//!   bits trustworthy; a lineage differing from the parent's is reported as a note.
+//!   `begin` refuses a snapshot whose lineage differs from the cut's (the scope can no
+//!   longer be widened there).
+//! - Chunks out of scope keep the parent's hash; in a full backup chunks never written
+//!   (free space the drainer skipped) are zeros.
+//! - `commit`: fsync the touched chunk directories, publish the index, then the
+//!   metadata. `abort` or drop: nothing is published; chunks already stored stay
+//!   unreferenced until a prune.
+//! - The repository lock is held shared from open to commit/abort (see the module's
+//!   locking table).
+//! - Hashing, compression and chunk writes run on a small worker pool (`write` copies
+//!   the data into a bounded queue and returns); `commit` waits for the workers, and
+//!   abort or drop joins them before the lock is released, so no chunk is written
+//!   into the repository after the shared lock is gone.
+
+use super::chunk_store::{chunk_hash, Insert, ZERO_HASH};
+use super::generation::{new_generation_id, GenerationInfo, GenerationKind, GenerationStats};
+use super::index::{chunk_count, FixedIndex};
+use super::{Repo, DEFAULT_CHUNK_SIZE};
+use crate::changelog::Cut;
+use crate::error::Result;
+use crate::target::{Scope, SnapshotInfo, Target, TargetSummary};
+use crossbeam_channel::{bounded, Sender};
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// One repository chunk for the workers.
+struct Job {
+    /// Orders jobs for the same chunk: the last handed over wins.
+    seq: u64,
+    index: usize,
+    off: u64,
+    data: Vec<u8>,
+}
+
+/// What the workers produce.
+#[derive(Default)]
+struct Shared {
+    hashes: Vec<[u8; 32]>,
+    /// Seq of the job whose hash `hashes[i]` holds (0: none yet).
+    latest: Vec<u64>,
+    chunks_new: u64,
+    chunks_reused: u64,
+    chunks_zero: u64,
+    bytes_stored_new: u64,
+    error: Option<crate::Error>,
+}
+
+struct Pool {
+    tx: Option<Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    fn start(repo: &Arc<Repo>, shared: &Arc<Mutex<Shared>>) -> Result<Pool> {
+        // Twice the CPUs (at least 4): chunk fsyncs block a worker without using a
+        // CPU, and concurrent fsyncs share journal commits.
+        let n = std::thread::available_parallelism()
+            .map(|p| p.get() * 2)
+            .unwrap_or(4)
+            .clamp(4, 16);
+        let (tx, rx) = bounded::<Job>(2 * n);
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let rx = rx.clone();
+            let repo = repo.clone();
+            let shared = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("cowsnap-repo-{i}"))
+                .spawn(move || {
+                    for job in rx.iter() {
+                        store_job(&repo, &shared, job);
+                    }
+                })
+                .map_err(|e| crate::Error::io("unable to start a repository worker", e))?;
+            workers.push(h);
+        }
+        Ok(Pool {
+            tx: Some(tx),
+            workers,
+        })
+    }
+
+    fn finish(&mut self) {
+        self.tx = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn lock_shared(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn store_job(repo: &Repo, shared: &Mutex<Shared>, job: Job) {
+    if lock_shared(shared).error.is_some() {
+        return;
+    }
+    let h = chunk_hash(&job.data);
+    let r = if h == ZERO_HASH {
+        None
+    } else {
+        Some(repo.store().insert(&h, &job.data).map_err(|e| {
+            e.with_context(format!("unable to store the chunk at offset {}", job.off))
+        }))
+    };
+    let mut s = lock_shared(shared);
+    match r {
+        None => s.chunks_zero += 1,
+        Some(Ok(Insert::New(n))) => {
+            s.chunks_new += 1;
+            s.bytes_stored_new += n;
+        }
+        Some(Ok(Insert::Reused)) => s.chunks_reused += 1,
+        Some(Err(e)) => {
+            if s.error.is_none() {
+                s.error = Some(e);
+            }
+            return;
+        }
+    }
+    if job.seq > s.latest[job.index] {
+        s.latest[job.index] = job.seq;
+        s.hashes[job.index] = h;
+    }
+}
+
+/// What a repository backup needs to know up front.
+#[derive(Debug, Clone, Default)]
+pub struct RepoTargetParams {
+    /// Disk name the generation is filed under.
+    pub disk_name: String,
+    /// Read only changed chunks when the change log can be trusted.
+    pub incremental: bool,
+}
+
+/// A backup into a repository.
+pub struct RepoTarget {
+    repo: Arc<Repo>,
+    params: RepoTargetParams,
+    tracking_chunk: u32,
+    _lock: File,
+    parent: Option<(GenerationInfo, FixedIndex)>,
+    cut_lineage: Option<String>,
+    scope: Option<Scope>,
+    notes: Vec<String>,
+    info: Option<SnapshotInfo>,
+    id: String,
+    shared: Arc<Mutex<Shared>>,
+    pool: Option<Pool>,
+    job_seq: u64,
+    written: Vec<bool>,
+    stats: GenerationStats,
+    started: Instant,
+}
+
+/// Open a backup of `params.disk_name` into the repository at `dir` (created with the
+/// default chunk size if missing), for the engine's default 64 KiB tracking chunk.
+pub fn open_target(dir: &Path, params: RepoTargetParams) -> Result<Box<dyn Target>> {
+    open_target_with(
+        dir,
+        params,
+        crate::engine::EngineConfig::default().chunk_size,
+    )
+}
+
+/// Like [`open_target`] for a given tracking chunk size (checked again in `begin`).
+pub fn open_target_with(
+    dir: &Path,
+    params: RepoTargetParams,
+    tracking_chunk: u32,
+) -> Result<Box<dyn Target>> {
+    Ok(Box::new(RepoTarget::open(dir, params, tracking_chunk)?))
+}
+
+impl RepoTarget {
+    /// Open the target (see [`open_target_with`]).
+    pub fn open(dir: &Path, params: RepoTargetParams, tracking_chunk: u32) -> Result<Self> {
+        if params.disk_name.is_empty() {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to back up: the disk has no name"
+            ));
+        }
+        if !tracking_chunk.is_power_of_two() || tracking_chunk == 0 {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to back up: tracking chunk size {tracking_chunk} is not a power of two"
+            ));
+        }
+        let repo = Repo::open_or_create(dir, DEFAULT_CHUNK_SIZE)?;
+        let lock = repo.lock(false)?;
+        Ok(RepoTarget {
+            repo: Arc::new(repo),
+            params,
+            tracking_chunk,
+            _lock: lock,
+            parent: None,
+            cut_lineage: None,
+            scope: None,
+            notes: Vec::new(),
+            info: None,
+            id: String::new(),
+            shared: Arc::new(Mutex::new(Shared::default())),
+            pool: None,
+            job_seq: 0,
+            written: Vec::new(),
+            stats: GenerationStats::default(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Generation id (after `begin`).
+    pub fn generation_id(&self) -> &str {
+        &self.id
+    }
+
+    fn decide(&mut self, cut: Option<&Cut>) -> std::result::Result<Scope, String> {
+        let cut = cut.ok_or("no change log for this disk")?;
+        let rel = cut
+            .relative_to
+            .as_deref()
+            .ok_or("the change log is not relative to any generation")?;
+        let parent = self
+            .repo
+            .latest_of(&self.params.disk_name)
+            .map_err(|e| format!("unable to list the repository: {e}"))?
+            .ok_or_else(|| format!("no earlier generation of disk {:?}", self.params.disk_name))?;
+        if parent.id != rel {
+            return Err(format!(
+                "changes are relative to generation {rel}, the newest of this disk is {}",
+                parent.id
+            ));
+        }
+        if parent.chunk_size != self.repo.chunk_size() {
+            return Err("the parent has another chunk size".into());
+        }
+        let idx = self
+            .repo
+            .load_index(&parent)
+            .map_err(|e| format!("parent unusable: {e}"))?;
+        if parent.lineage != cut.lineage {
+            self.notes.push(format!(
+                "incremental relative to generation {} (this disk was restored from it)",
+                parent.id
+            ));
+        }
+        self.cut_lineage = Some(cut.lineage.clone());
+        self.parent = Some((parent, idx));
+        Ok(Scope::Changed)
+    }
+}
+
+impl Target for RepoTarget {
+    fn granule_chunks(&self) -> u32 {
+        (self.repo.chunk_size() / self.tracking_chunk).max(1)
+    }
+
+    fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope> {
+        let s = if self.params.incremental {
+            match self.decide(cut) {
+                Ok(s) => s,
+                Err(why) => {
+                    self.notes.push(format!(
+                        "change tracking cannot be trusted ({why}): full read with dedup"
+                    ));
+                    Scope::All
+                }
+            }
+        } else {
+            Scope::All
+        };
+        self.scope = Some(s.clone());
+        Ok(s)
+    }
+
+    fn begin(&mut self, info: &SnapshotInfo) -> Result<()> {
+        if info.chunk_size != self.tracking_chunk {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to begin the backup: tracking chunk size {} differs from the {} this target was opened for",
+                info.chunk_size,
+                self.tracking_chunk
+            ));
+        }
+        let cs = self.repo.chunk_size();
+        let n = chunk_count(info.disk_size, cs) as usize;
+        if let Some((p, idx)) = &self.parent {
+            if let Some(l) = &self.cut_lineage {
+                if *l != info.lineage {
+                    return Err(crate::err!(
+                        InvalidInput,
+                        "unable to begin the incremental backup: the change log belongs to lineage {l}, the disk has lineage {}",
+                        info.lineage
+                    ));
+                }
+            }
+            if p.disk_size != info.disk_size || idx.hashes.len() != n {
+                return Err(crate::err!(
+                    InvalidInput,
+                    "unable to begin the incremental backup: the disk is {} bytes, its parent generation {} was {}",
+                    info.disk_size,
+                    p.id,
+                    p.disk_size
+                ));
+            }
+            lock_shared(&self.shared).hashes = idx.hashes.clone();
+        } else {
+            lock_shared(&self.shared).hashes = vec![ZERO_HASH; n];
+        }
+        lock_shared(&self.shared).latest = vec![0; n];
+        if self.pool.is_none() {
+            self.pool = Some(Pool::start(&self.repo, &self.shared)?);
+        }
+        self.written = vec![false; n];
+        self.id = new_generation_id()?;
+        self.info = Some(info.clone());
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        let Some(info) = &self.info else {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to store data: backup not begun"
+            ));
+        };
+        let disk_size = info.disk_size;
+        let cs = self.repo.chunk_size() as u64;
+        if off & (cs - 1) != 0 {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to store data at offset {off}: not aligned to the repository chunk size {cs}"
+            ));
+        }
+        crate::blockio::check_range(disk_size, off, data.len() as u64, "repository write")?;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let coff = off + pos as u64;
+            let want = (disk_size - coff).min(cs) as usize;
+            let piece = data.get(pos..pos + want).ok_or_else(|| {
+                crate::err!(
+                    InvalidInput,
+                    "unable to store data at offset {coff}: {} bytes is not a whole repository chunk",
+                    data.len() - pos
+                )
+            })?;
+            let i = (coff / cs) as usize;
+            if let Some(e) = &lock_shared(&self.shared).error {
+                return Err(crate::Error::new(e.kind(), e.to_string()));
+            }
+            self.job_seq += 1;
+            let tx = self
+                .pool
+                .as_ref()
+                .and_then(|p| p.tx.as_ref())
+                .ok_or_else(|| {
+                    crate::err!(InvalidInput, "unable to store data: backup not begun")
+                })?;
+            tx.send(Job {
+                seq: self.job_seq,
+                index: i,
+                off: coff,
+                data: piece.to_vec(),
+            })
+            .map_err(|_| crate::err!(Io, "unable to store data: repository workers stopped"))?;
+            if !self.written[i] {
+                self.written[i] = true;
+                self.stats.chunks_written += 1;
+            }
+            self.stats.bytes_read += piece.len() as u64;
+            pos += want;
+        }
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<TargetSummary> {
+        let Some(info) = self.info.clone() else {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to commit: backup not begun"
+            ));
+        };
+        if let Some(mut p) = self.pool.take() {
+            p.finish();
+        }
+        let hashes = {
+            let mut sh = lock_shared(&self.shared);
+            if let Some(e) = sh.error.take() {
+                return Err(e);
+            }
+            self.stats.chunks_new = sh.chunks_new;
+            self.stats.chunks_reused = sh.chunks_reused;
+            self.stats.chunks_zero = sh.chunks_zero;
+            self.stats.bytes_stored_new = sh.bytes_stored_new;
+            std::mem::take(&mut sh.hashes)
+        };
+        self.repo.store().sync_dirs()?;
+        let idx = FixedIndex {
+            generation: self.id.clone(),
+            chunk_size: self.repo.chunk_size(),
+            disk_size: info.disk_size,
+            hashes,
+        };
+        let idx_bytes = idx.write(&self.repo.index_path(&self.id))?;
+        let total = idx.hashes.len() as u64;
+        self.stats.chunks_total = total;
+        self.stats.chunks_from_parent = match self.parent {
+            Some(_) => total - self.stats.chunks_written,
+            None => 0,
+        };
+        self.stats.duration_ms = self.started.elapsed().as_millis() as u64;
+        let g = GenerationInfo {
+            id: self.id.clone(),
+            disk: self.params.disk_name.clone(),
+            disk_size: info.disk_size,
+            chunk_size: self.repo.chunk_size(),
+            created_unix: info.created_unix,
+            created: crate::fsutil::format_utc(info.created_unix.saturating_mul(1000)),
+            kind: if self.parent.is_some() {
+                GenerationKind::Incremental
+            } else {
+                GenerationKind::Full
+            },
+            parent: self.parent.as_ref().map(|(p, _)| p.id.clone()),
+            lineage: info.lineage.clone(),
+            seq_next: info.seq_next,
+            seq_lowest_unacked: info.seq_lowest_unacked,
+            stats: self.stats.clone(),
+            notes: self.notes.clone(),
+        };
+        let meta_bytes = g.write(&self.repo.meta_path(&self.id))?;
+        Ok(TargetSummary {
+            generation: Some(self.id.clone()),
+            bytes_stored: self.stats.bytes_stored_new + idx_bytes + meta_bytes,
+            notes: self.notes.clone(),
+        })
+    }
+
+    fn abort(mut self: Box<Self>, why: &str) {
+        if let Some(mut p) = self.pool.take() {
+            p.finish();
+        }
+        log::warn!(
+            "backup of {} into {} aborted: {why}; no generation published",
+            self.params.disk_name,
+            self.repo.dir().display()
+        );
+    }
+}
+
+impl Drop for RepoTarget {
+    fn drop(&mut self) {
+        // Join the workers while the repository lock is still held.
+        if let Some(mut p) = self.pool.take() {
+            p.finish();
+        }
+    }
+}

@@ -1,0 +1,684 @@
+//! Restore on the fly: [`FillingIo`] serves a destination that is still being filled
+//! from a repository generation.
+//!
+//! # Design notes
+//!
+//! State: one bit per repository chunk, "restored": the destination holds the chunk's
+//! generation content or newer writes. The bits live in memory (atomics) and in a state
+//! file (4096-byte header + bitmap). A bit is set in memory only after it is durable in
+//! the state file, and it is written to the state file only after the chunk's data is
+//! durable on the destination (dest flush → bitmap pwrite → fdatasync).
+//!
+//! Rules:
+//! - read: every unrestored chunk in range is fetched first (read the repository chunk,
+//!   check its hash, write it, flush, persist the bit), then the destination is read.
+//! - write / write-zeroes / discard: unrestored chunks the request covers entirely are
+//!   not fetched: the request is done, flushed, and their bits persisted; chunks it only
+//!   partly covers are fetched first.
+//! - Per-chunk busy marks (a set under a mutex with a condvar) serialize a fetch with
+//!   any write to the same unrestored chunk; marks are always taken in ascending chunk
+//!   order, so user requests and the fill cannot deadlock. A chunk's bit never goes
+//!   from set to unset, so I/O to restored chunks takes no mark at all.
+//! - The background fill takes marks on a batch of chunks, fetches them, flushes the
+//!   destination once, persists the batch's bits, then releases the marks: a write to a
+//!   chunk whose fetch is not yet durable waits, so a restart can never re-fetch a chunk
+//!   over an acknowledged write.
+//! - Restart (daemon killed): the state file's bits are exactly the chunks whose data
+//!   and later writes are safe; the rest are fetched again. A missing state file means a
+//!   fresh destination. When every bit is set the header says "complete", the
+//!   repository lock is released and the device is plain pass-through.
+
+use crate::blockio::{check_range, BlockIo};
+use crate::error::{IoContext, Result};
+use crate::fsutil::hex;
+use crate::repo::{FixedIndex, Repo, ZERO_HASH};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+
+const MAGIC: [u8; 8] = *b"CSNPFL01";
+const HEADER: u64 = 4096;
+const BLOCK: u64 = 4096;
+const FLAG_COMPLETE: u32 = 1;
+/// Chunks fetched per durable step of the background fill.
+const FILL_BATCH: usize = 16;
+
+/// Progress of the background fill.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct FillStatus {
+    /// Repository chunks restored.
+    pub done: u64,
+    /// Repository chunks in the generation.
+    pub total: u64,
+    /// Every chunk is restored: the device is a plain disk now.
+    pub complete: bool,
+    /// The fill stopped on this error.
+    pub error: Option<String>,
+}
+
+/// The state file header (little endian; 4096 bytes on disk).
+#[repr(C)]
+struct FillHeader {
+    magic: [u8; 8],
+    version: u32,
+    flags: u32,
+    disk_size: u64,
+    chunk_size: u32,
+    _pad: u32,
+    nchunks: u64,
+    generation: [u8; 64],
+    checksum: [u8; 32],
+}
+
+const _: () = assert!(std::mem::size_of::<FillHeader>() == 136);
+
+impl FillHeader {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(HEADER as usize);
+        v.extend_from_slice(&self.magic);
+        v.extend_from_slice(&self.version.to_le_bytes());
+        v.extend_from_slice(&self.flags.to_le_bytes());
+        v.extend_from_slice(&self.disk_size.to_le_bytes());
+        v.extend_from_slice(&self.chunk_size.to_le_bytes());
+        v.extend_from_slice(&self._pad.to_le_bytes());
+        v.extend_from_slice(&self.nchunks.to_le_bytes());
+        v.extend_from_slice(&self.generation);
+        let sum = blake3::hash(&v);
+        v.extend_from_slice(sum.as_bytes());
+        v.resize(HEADER as usize, 0);
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<FillHeader> {
+        if b.len() < 136 || b[..8] != MAGIC || blake3::hash(&b[..104]).as_bytes()[..] != b[104..136]
+        {
+            return None;
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(w)
+        };
+        let mut generation = [0u8; 64];
+        generation.copy_from_slice(&b[40..104]);
+        let mut checksum = [0u8; 32];
+        checksum.copy_from_slice(&b[104..136]);
+        Some(FillHeader {
+            magic: MAGIC,
+            version: u32_at(8),
+            flags: u32_at(12),
+            disk_size: u64_at(16),
+            chunk_size: u32_at(24),
+            _pad: 0,
+            nchunks: u64_at(32),
+            generation,
+            checksum,
+        })
+    }
+}
+
+/// A destination being filled from a generation, as a [`BlockIo`].
+pub struct FillingIo {
+    dest: Arc<dyn BlockIo>,
+    repo: Option<Repo>,
+    index: FixedIndex,
+    chunk_size: u64,
+    nchunks: u64,
+    state_path: PathBuf,
+    state: Mutex<File>,
+    restored: Vec<AtomicU64>,
+    done: AtomicU64,
+    complete: AtomicBool,
+    busy: Mutex<HashSet<u64>>,
+    busy_cv: Condvar,
+    stop: AtomicBool,
+    fill_running: AtomicBool,
+    error: Mutex<Option<String>>,
+    repo_lock: Mutex<Option<File>>,
+    fill_rate: AtomicU64,
+}
+
+/// Held busy marks on chunks; released on drop.
+struct BusyGuard<'a> {
+    io: &'a FillingIo,
+    chunks: Vec<u64>,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        let mut b = self.io.busy.lock().unwrap_or_else(|p| p.into_inner());
+        for c in &self.chunks {
+            b.remove(c);
+        }
+        drop(b);
+        self.io.busy_cv.notify_all();
+    }
+}
+
+impl FillingIo {
+    /// Serve `dest` filled from generation `generation` (id, prefix or disk name; `None`
+    /// = the newest when the repository holds one disk) of the repository at
+    /// `repo_dir`, tracking progress in `state_path`. A missing state file starts a
+    /// fresh fill (`dest` is assumed to hold nothing of value); an existing one resumes,
+    /// and must belong to the same generation.
+    pub fn open(
+        dest: Arc<dyn BlockIo>,
+        repo_dir: &Path,
+        generation: Option<&str>,
+        state_path: &Path,
+    ) -> Result<Arc<FillingIo>> {
+        let sp = state_path.display();
+        let existing = match std::fs::read(state_path) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(crate::Error::io(
+                    format!("unable to read fill state {sp}"),
+                    e,
+                ))
+            }
+        };
+        let header = match &existing {
+            Some(b) => Some(FillHeader::decode(b).ok_or_else(|| {
+                crate::err!(
+                    Corrupt,
+                    "unable to resume the restore: fill state {sp} is unreadable"
+                )
+            })?),
+            None => None,
+        };
+        let hgen = |h: &FillHeader| {
+            String::from_utf8_lossy(&h.generation)
+                .trim_end_matches('\0')
+                .to_string()
+        };
+        if let Some(h) = header.as_ref().filter(|h| h.flags & FLAG_COMPLETE != 0) {
+            // Done earlier: a plain disk, the repository is not needed any more.
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(state_path)
+                .ctx(|| format!("unable to open fill state {sp}"))?;
+            return Ok(Arc::new(FillingIo {
+                dest,
+                repo: None,
+                index: FixedIndex {
+                    generation: hgen(h),
+                    chunk_size: h.chunk_size,
+                    disk_size: h.disk_size,
+                    hashes: Vec::new(),
+                },
+                chunk_size: h.chunk_size as u64,
+                nchunks: h.nchunks,
+                state_path: state_path.to_path_buf(),
+                state: Mutex::new(file),
+                restored: Vec::new(),
+                done: AtomicU64::new(h.nchunks),
+                complete: AtomicBool::new(true),
+                busy: Mutex::new(HashSet::new()),
+                busy_cv: Condvar::new(),
+                stop: AtomicBool::new(false),
+                fill_running: AtomicBool::new(false),
+                error: Mutex::new(None),
+                repo_lock: Mutex::new(None),
+                fill_rate: AtomicU64::new(0),
+            }));
+        }
+        let repo = Repo::open(repo_dir)?;
+        let lock = repo.lock(false)?;
+        let g = match (&header, generation) {
+            (Some(h), None) => repo.resolve(Some(&hgen(h)))?,
+            _ => repo.resolve(generation)?,
+        };
+        let index = repo.load_index(&g)?;
+        if dest.size() < g.disk_size {
+            return Err(crate::err!(
+                NoSpace,
+                "unable to restore generation {}: the destination holds {} bytes, the disk needs {}",
+                g.id,
+                dest.size(),
+                g.disk_size
+            ));
+        }
+        let chunk_size = index.chunk_size as u64;
+        let nchunks = index.hashes.len() as u64;
+        let words = nchunks.div_ceil(64) as usize;
+        let region = ((words as u64 * 8).div_ceil(BLOCK)).max(1) * BLOCK;
+        let mut bits = vec![0u64; words];
+        match (&header, &existing) {
+            (Some(h), Some(b)) => {
+                if hgen(h) != g.id || h.disk_size != g.disk_size || h.nchunks != nchunks {
+                    return Err(crate::err!(
+                        InvalidInput,
+                        "unable to resume the restore: fill state {sp} belongs to generation {}, not {}",
+                        hgen(h),
+                        g.id
+                    ));
+                }
+                if (b.len() as u64) < HEADER + region {
+                    return Err(crate::err!(
+                        Corrupt,
+                        "unable to resume the restore: fill state {sp} is truncated"
+                    ));
+                }
+                for (i, w) in bits.iter_mut().enumerate() {
+                    let o = HEADER as usize + i * 8;
+                    let mut x = [0u8; 8];
+                    x.copy_from_slice(&b[o..o + 8]);
+                    *w = u64::from_le_bytes(x);
+                }
+            }
+            _ => {
+                let mut generation = [0u8; 64];
+                let gb = g.id.as_bytes();
+                generation[..gb.len().min(64)].copy_from_slice(&gb[..gb.len().min(64)]);
+                let h = FillHeader {
+                    magic: MAGIC,
+                    version: 1,
+                    flags: 0,
+                    disk_size: g.disk_size,
+                    chunk_size: index.chunk_size,
+                    _pad: 0,
+                    nchunks,
+                    generation,
+                    checksum: [0; 32],
+                };
+                let mut b = h.encode();
+                b.resize((HEADER + region) as usize, 0);
+                crate::fsutil::write_atomic(state_path, &b)?;
+            }
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(state_path)
+            .ctx(|| format!("unable to open fill state {sp}"))?;
+        // Bits past the end count as restored.
+        if nchunks & 63 != 0 {
+            if let Some(last) = bits.last_mut() {
+                *last |= !0u64 << (nchunks % 64);
+            }
+        }
+        let done: u64 =
+            bits.iter().map(|w| w.count_ones() as u64).sum::<u64>() - (words as u64 * 64 - nchunks);
+        let fio = Arc::new(FillingIo {
+            dest,
+            repo: Some(repo),
+            index,
+            chunk_size,
+            nchunks,
+            state_path: state_path.to_path_buf(),
+            state: Mutex::new(file),
+            restored: bits.into_iter().map(AtomicU64::new).collect(),
+            done: AtomicU64::new(done),
+            complete: AtomicBool::new(false),
+            busy: Mutex::new(HashSet::new()),
+            busy_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            fill_running: AtomicBool::new(false),
+            error: Mutex::new(None),
+            repo_lock: Mutex::new(Some(lock)),
+            fill_rate: AtomicU64::new(0),
+        });
+        if done == nchunks {
+            fio.finish()?;
+        }
+        Ok(fio)
+    }
+
+    /// The generation being restored.
+    pub fn generation(&self) -> &str {
+        &self.index.generation
+    }
+
+    /// The destination.
+    pub fn dest(&self) -> &Arc<dyn BlockIo> {
+        &self.dest
+    }
+
+    /// Progress of the fill.
+    pub fn fill_status(&self) -> FillStatus {
+        FillStatus {
+            done: self.done.load(Ordering::SeqCst),
+            total: self.nchunks,
+            complete: self.complete.load(Ordering::SeqCst),
+            error: self.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    fn is_restored(&self, c: u64) -> bool {
+        self.restored[(c / 64) as usize].load(Ordering::Acquire) & (1 << (c % 64)) != 0
+    }
+
+    fn chunk_range(&self, off: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 {
+            return 0..0;
+        }
+        off / self.chunk_size..(off + len - 1) / self.chunk_size + 1
+    }
+
+    /// Take busy marks on `chunks` (ascending), waiting for holders.
+    fn acquire(&self, chunks: Vec<u64>) -> BusyGuard<'_> {
+        let mut held = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+            while b.contains(&c) {
+                b = self.busy_cv.wait(b).unwrap_or_else(|p| p.into_inner());
+            }
+            b.insert(c);
+            held.push(c);
+        }
+        BusyGuard {
+            io: self,
+            chunks: held,
+        }
+    }
+
+    /// Copy chunk `c` from the repository to the destination (not yet durable).
+    fn fetch_data(&self, c: u64) -> Result<()> {
+        let off = c * self.chunk_size;
+        let len = self.index.chunk_len(c);
+        let h = &self.index.hashes[c as usize];
+        let repo = self.repo.as_ref().ok_or_else(|| {
+            crate::err!(
+                InvalidInput,
+                "unable to fetch chunk {c}: restore already complete"
+            )
+        })?;
+        if *h == ZERO_HASH {
+            return self.dest.write_zeroes(off, len as u64, true);
+        }
+        let data = repo.store().read(h, len).map_err(|e| {
+            e.with_context(format!(
+                "unable to restore generation {} at offset {off} (chunk {})",
+                self.index.generation,
+                hex(h)
+            ))
+        })?;
+        self.dest.write_at(&data, off)
+    }
+
+    /// Persist the bits of `chunks` (their data already durable), then publish them.
+    fn persist(&self, chunks: &[u64]) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let file = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut words: Vec<u64> = self
+            .restored
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect();
+        let mut blocks = Vec::new();
+        for &c in chunks {
+            words[(c / 64) as usize] |= 1 << (c % 64);
+            blocks.push(c / 8 / BLOCK);
+        }
+        blocks.sort_unstable();
+        blocks.dedup();
+        for b in blocks {
+            let w0 = (b * BLOCK / 8) as usize;
+            let w1 = (w0 + (BLOCK / 8) as usize).min(words.len());
+            let mut bytes = Vec::with_capacity((w1 - w0) * 8);
+            for w in &words[w0..w1] {
+                bytes.extend_from_slice(&w.to_le_bytes());
+            }
+            file.write_all_at(&bytes, HEADER + b * BLOCK)
+                .ctx(|| format!("unable to write fill state {}", self.state_path.display()))?;
+        }
+        file.sync_data()
+            .ctx(|| format!("unable to sync fill state {}", self.state_path.display()))?;
+        let mut newly = 0;
+        for &c in chunks {
+            let prev = self.restored[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::AcqRel);
+            if prev & (1 << (c % 64)) == 0 {
+                newly += 1;
+            }
+        }
+        let done = self.done.fetch_add(newly, Ordering::SeqCst) + newly;
+        drop(file);
+        if done == self.nchunks {
+            self.finish()?;
+        }
+        Ok(())
+    }
+
+    /// Every chunk is restored: say so durably and let go of the repository.
+    fn finish(&self) -> Result<()> {
+        {
+            let file = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut hb = vec![0u8; HEADER as usize];
+            file.read_exact_at(&mut hb, 0)
+                .ctx(|| format!("unable to read fill state {}", self.state_path.display()))?;
+            if let Some(mut h) = FillHeader::decode(&hb) {
+                if h.flags & FLAG_COMPLETE == 0 {
+                    h.flags |= FLAG_COMPLETE;
+                    file.write_all_at(&h.encode(), 0)
+                        .and_then(|_| file.sync_data())
+                        .ctx(|| {
+                            format!("unable to write fill state {}", self.state_path.display())
+                        })?;
+                }
+            }
+        }
+        self.complete.store(true, Ordering::SeqCst);
+        self.repo_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        Ok(())
+    }
+
+    /// Make sure every chunk of `range` is restored (fetching the missing ones).
+    fn ensure(&self, range: std::ops::Range<u64>) -> Result<()> {
+        let missing: Vec<u64> = range.filter(|&c| !self.is_restored(c)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let _g = self.acquire(missing.clone());
+        let todo: Vec<u64> = missing
+            .into_iter()
+            .filter(|&c| !self.is_restored(c))
+            .collect();
+        for &c in &todo {
+            self.fetch_data(c)?;
+        }
+        if !todo.is_empty() {
+            self.dest.flush()?;
+            self.persist(&todo)?;
+        }
+        Ok(())
+    }
+
+    /// Run a data-changing request: fetch partly covered unrestored chunks first, do
+    /// `op`, then mark the fully covered ones restored.
+    fn changing(&self, off: u64, len: u64, op: impl FnOnce() -> Result<()>) -> Result<()> {
+        if self.complete.load(Ordering::Acquire) {
+            return op();
+        }
+        let range = self.chunk_range(off, len);
+        let missing: Vec<u64> = range.filter(|&c| !self.is_restored(c)).collect();
+        if missing.is_empty() {
+            return op();
+        }
+        let _g = self.acquire(missing.clone());
+        let end = off + len;
+        let mut covered = Vec::new();
+        let mut partial = Vec::new();
+        for c in missing {
+            if self.is_restored(c) {
+                continue;
+            }
+            let cs = c * self.chunk_size;
+            let ce = cs + self.index.chunk_len(c) as u64;
+            if off <= cs && end >= ce {
+                covered.push(c);
+            } else {
+                partial.push(c);
+            }
+        }
+        for &c in &partial {
+            self.fetch_data(c)?;
+        }
+        if !partial.is_empty() {
+            self.dest.flush()?;
+            self.persist(&partial)?;
+        }
+        op()?;
+        if !covered.is_empty() {
+            self.dest.flush()?;
+            self.persist(&covered)?;
+        }
+        Ok(())
+    }
+
+    /// Start the background fill (no-op if complete or already running).
+    pub fn start_fill(self: &Arc<Self>) {
+        if self.complete.load(Ordering::SeqCst) || self.fill_running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.stop.store(false, Ordering::SeqCst);
+        let weak: Weak<FillingIo> = Arc::downgrade(self);
+        let r = std::thread::Builder::new()
+            .name("cowsnap-fill".into())
+            .spawn(move || fill_loop(weak));
+        if let Err(e) = r {
+            self.fill_running.store(false, Ordering::SeqCst);
+            *self.error.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(format!("unable to start the fill thread: {e}"));
+        }
+    }
+
+    /// Ask the background fill to stop after its current batch.
+    pub fn stop_fill(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Limit the background fill to about `bytes_per_sec` (0: unlimited). On-demand
+    /// fetches for requests are never limited.
+    pub fn set_fill_rate(&self, bytes_per_sec: u64) {
+        self.fill_rate.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// Whether the background fill thread is running.
+    pub fn fill_running(&self) -> bool {
+        self.fill_running.load(Ordering::SeqCst)
+    }
+
+    /// Fetch the next batch; `None` when the end is reached, else the bytes fetched.
+    fn fill_batch(&self, from: &mut u64) -> Result<Option<u64>> {
+        let mut batch = Vec::with_capacity(FILL_BATCH);
+        while *from < self.nchunks && batch.len() < FILL_BATCH {
+            if !self.is_restored(*from) {
+                batch.push(*from);
+            }
+            *from += 1;
+        }
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let _g = self.acquire(batch.clone());
+        let todo: Vec<u64> = batch
+            .into_iter()
+            .filter(|&c| !self.is_restored(c))
+            .collect();
+        for &c in &todo {
+            self.fetch_data(c)?;
+        }
+        if !todo.is_empty() {
+            self.dest.flush()?;
+            self.persist(&todo)?;
+        }
+        Ok(Some(todo.len() as u64 * self.chunk_size))
+    }
+}
+
+fn fill_loop(weak: Weak<FillingIo>) {
+    let mut from = 0u64;
+    let started = std::time::Instant::now();
+    let mut bytes = 0u64;
+    loop {
+        // Pace to the fill rate, waking often enough to notice a stop.
+        loop {
+            let Some(io) = weak.upgrade() else {
+                return;
+            };
+            let rate = io.fill_rate.load(Ordering::SeqCst);
+            if rate == 0 || io.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+            let now = started.elapsed();
+            if now >= due {
+                break;
+            }
+            drop(io);
+            std::thread::sleep((due - now).min(std::time::Duration::from_millis(50)));
+        }
+        let Some(io) = weak.upgrade() else {
+            return;
+        };
+        if io.stop.load(Ordering::SeqCst) || io.complete.load(Ordering::SeqCst) {
+            io.fill_running.store(false, Ordering::SeqCst);
+            return;
+        }
+        match io.fill_batch(&mut from) {
+            Ok(Some(n)) => bytes += n,
+            Ok(None) => {
+                if io.done.load(Ordering::SeqCst) < io.nchunks {
+                    log::error!("restore fill passed the end with chunks missing");
+                }
+                io.fill_running.store(false, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => {
+                log::error!("restore fill stopped: {e}");
+                *io.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                io.fill_running.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+}
+
+impl BlockIo for FillingIo {
+    fn size(&self) -> u64 {
+        self.index.disk_size
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        check_range(self.size(), off, buf.len() as u64, "read")?;
+        if !self.complete.load(Ordering::Acquire) {
+            self.ensure(self.chunk_range(off, buf.len() as u64))?;
+        }
+        self.dest.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        check_range(self.size(), off, buf.len() as u64, "write")?;
+        self.changing(off, buf.len() as u64, || self.dest.write_at(buf, off))
+    }
+    fn flush(&self) -> Result<()> {
+        self.dest.flush()
+    }
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        check_range(self.size(), off, len, "discard")?;
+        self.changing(off, len, || self.dest.discard(off, len))
+    }
+    fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool) -> Result<()> {
+        check_range(self.size(), off, len, "write-zeroes")?;
+        self.changing(off, len, || self.dest.write_zeroes(off, len, may_unmap))
+    }
+    fn fast_zero(&self) -> bool {
+        self.dest.fast_zero()
+    }
+    fn is_block_device(&self) -> bool {
+        self.dest.is_block_device()
+    }
+    fn engine_name(&self) -> &'static str {
+        self.dest.engine_name()
+    }
+}

@@ -1,0 +1,448 @@
+//! Repository tests: a RepoTarget driven directly with synthetic disks.
+
+mod repo_common;
+
+use cowsnap_core::changelog::{ChangeLog, Cut};
+use cowsnap_core::repo::{self, GenerationKind, Repo};
+use cowsnap_core::restore::restore_to;
+use cowsnap_core::target::Scope;
+use repo_common::*;
+use std::path::Path;
+
+const MIB: usize = 1 << 20;
+
+fn chunk_files(repo: &Path) -> usize {
+    Repo::open(repo).unwrap().store().walk().unwrap().len()
+}
+
+#[test]
+fn chain_of_three_generations_restores_each_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let state = d.path().join("state");
+    // 20 MiB + a partial last chunk, so sizes are not whole repository chunks.
+    let mut disk = synth_disk(20 * MIB + 3 * TCS as usize + 512, 1);
+    let cl = ChangeLog::open_in(&state, disk.len() as u64, TCS).unwrap();
+
+    let b1 = backup_tracked(&repo, "vm1", &disk, &cl);
+    assert!(!b1.scope_changed, "first backup reads everything");
+    assert!(b1.summary.notes[0].contains("cannot be trusted"));
+    let h1 = hash(&disk);
+    let g1 = b1.summary.generation.clone().unwrap();
+
+    scribble(&mut disk, Some(&cl), 0, 10, 2); // first byte
+    scribble(&mut disk, Some(&cl), 5 * MIB - 7, 20, 3); // across a chunk edge
+    let last = disk.len() - 1;
+    scribble(&mut disk, Some(&cl), last, 1, 4); // last byte
+    let b2 = backup_tracked(&repo, "vm1", &disk, &cl);
+    assert!(b2.scope_changed);
+    assert!(b2.summary.notes.is_empty(), "{:?}", b2.summary.notes);
+    // chunks 0, 4, 5 and the partial last one
+    let last_len = (disk.len() % MIB) as u64;
+    assert_eq!(b2.bytes_handed, 3 * MIB as u64 + last_len);
+    let h2 = hash(&disk);
+    let g2 = b2.summary.generation.clone().unwrap();
+
+    // zero a whole MiB and change one more chunk
+    cl.mark(8 * MIB as u64, MIB as u64).unwrap();
+    disk[8 * MIB..9 * MIB].fill(0);
+    scribble(&mut disk, Some(&cl), 13 * MIB + 100, 5000, 5);
+    let b3 = backup_tracked(&repo, "vm1", &disk, &cl);
+    assert_eq!(b3.bytes_handed, 2 * MIB as u64);
+    let h3 = hash(&disk);
+    let g3 = b3.summary.generation.clone().unwrap();
+
+    let gens = repo::list(&repo).unwrap();
+    assert_eq!(
+        gens.iter().map(|g| g.id.clone()).collect::<Vec<_>>(),
+        vec![g1.clone(), g2.clone(), g3.clone()]
+    );
+    assert_eq!(gens[0].kind, GenerationKind::Full);
+    assert_eq!(gens[1].kind, GenerationKind::Incremental);
+    assert_eq!(gens[1].parent.as_deref(), Some(g1.as_str()));
+    assert_eq!(gens[2].parent.as_deref(), Some(g2.as_str()));
+    assert_eq!(gens[2].lineage, cl.lineage());
+    assert_eq!(gens[2].stats.chunks_zero, 1);
+    assert_eq!(
+        gens[2].stats.chunks_from_parent,
+        gens[2].stats.chunks_total - 2
+    );
+
+    assert_eq!(hash(&restore_bytes(&repo, &g1, d.path())), h1);
+    assert_eq!(hash(&restore_bytes(&repo, &g2, d.path())), h2);
+    assert_eq!(hash(&restore_bytes(&repo, &g3, d.path())), h3);
+    // the newest by disk name and by default
+    let dest = d.path().join("x.img");
+    let r = restore_to(&repo, None, &dest, &|_, _| {}).unwrap();
+    assert_eq!(r.generation, g3);
+    assert_eq!(hash(&std::fs::read(&dest).unwrap()), h3);
+    let r = restore_to(&repo, Some("vm1"), &dest, &|_, _| {}).unwrap();
+    assert_eq!(r.generation, g3);
+    let v = repo::verify(&repo, None).unwrap();
+    assert!(v.ok, "{:?}", v.problems);
+    assert_eq!(v.generations.len(), 3);
+}
+
+#[test]
+fn incremental_with_one_percent_changed_reads_and_stores_one_percent() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    // 64 KiB repository chunks so that 1% of a small disk is many chunks.
+    Repo::open_or_create(&repo, TCS).unwrap();
+    let size = 48 * MIB;
+    let mut disk = vec![0u8; size];
+    let mut s = 7;
+    fill_random(&mut disk, &mut s);
+    let cl = ChangeLog::open_in(&d.path().join("state"), size as u64, TCS).unwrap();
+    let full = backup_tracked(&repo, "db", &disk, &cl);
+    assert_eq!(full.bytes_handed, size as u64);
+    let nchunks = size / TCS as usize;
+    let changed = nchunks / 100; // 7 chunks of 768
+    for k in 0..changed {
+        let c = (k * 97 + 13) % nchunks;
+        scribble(
+            &mut disk,
+            Some(&cl),
+            c * TCS as usize + 1000,
+            3000,
+            100 + k as u64,
+        );
+    }
+    let inc = backup_tracked(&repo, "db", &disk, &cl);
+    let gens = repo::list(&repo).unwrap();
+    let st = &gens[1].stats;
+    assert_eq!(inc.bytes_handed, (changed * TCS as usize) as u64);
+    assert_eq!(st.bytes_read, inc.bytes_handed);
+    assert_eq!(st.chunks_new, changed as u64);
+    assert_eq!(st.chunks_from_parent, (nchunks - changed) as u64);
+    let full_stored = gens[0].stats.bytes_stored_new;
+    let ratio = st.bytes_stored_new as f64 / full_stored as f64;
+    assert!(
+        (0.005..0.015).contains(&ratio),
+        "incremental stored {} of {} (ratio {ratio})",
+        st.bytes_stored_new,
+        full_stored
+    );
+    assert_eq!(
+        hash(&restore_bytes(&repo, &gens[1].id, d.path())),
+        hash(&disk)
+    );
+}
+
+#[test]
+fn dedup_across_two_disks() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let a = synth_disk(16 * MIB, 11);
+    let mut b = a.clone();
+    scribble(&mut b, None, 3 * MIB, 100, 12);
+    let ba = backup(&repo, "a", &a, None, "la", false);
+    let files_a = chunk_files(&repo);
+    let bb = backup(&repo, "b", &b, None, "lb", false);
+    let gens = repo::list(&repo).unwrap();
+    let sb = &gens[1].stats;
+    assert_eq!(sb.chunks_new, 1, "only the changed chunk is new");
+    assert_eq!(sb.chunks_reused + sb.chunks_zero + 1, 16);
+    assert_eq!(chunk_files(&repo), files_a + 1);
+    assert!(bb.summary.bytes_stored < ba.summary.bytes_stored / 4);
+    assert_eq!(hash(&restore_bytes(&repo, &gens[0].id, d.path())), hash(&a));
+    assert_eq!(hash(&restore_bytes(&repo, &gens[1].id, d.path())), hash(&b));
+}
+
+#[test]
+fn corruption_is_reported_by_verify_and_refused_by_restore() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(8 * MIB, 21);
+    let g = backup(&repo, "c", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let r = Repo::open(&repo).unwrap();
+    let gi = r.resolve(Some(&g)).unwrap();
+    let idx = r.load_index(&gi).unwrap();
+    // the 6th chunk (offset 5 MiB) must hold data, and only once
+    let i = (0..idx.hashes.len())
+        .rev()
+        .find(|&i| {
+            idx.hashes[i] != repo::ZERO_HASH
+                && idx.hashes.iter().filter(|h| **h == idx.hashes[i]).count() == 1
+        })
+        .unwrap();
+    let path = r.store().path_of(&idx.hashes[i]);
+    let mut b = std::fs::read(&path).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    std::fs::write(&path, b).unwrap();
+
+    let v = repo::verify(&repo, Some(&g)).unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+    let p = &v.problems[0];
+    assert_eq!(p.generation, g);
+    assert_eq!(p.offset, Some((i * MIB) as u64));
+    assert_eq!(p.problem, "corrupt");
+    let json = serde_json::to_string(&v).unwrap();
+    assert!(json.contains("\"problem\":\"corrupt\""));
+
+    let dest = d.path().join("r.img");
+    let e = restore_to(&repo, Some(&g), &dest, &|_, _| {}).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("offset {}", i * MIB)), "{msg}");
+    assert!(
+        msg.contains(&cowsnap_core::fsutil::hex(&idx.hashes[i])),
+        "{msg}"
+    );
+    assert_eq!(e.kind(), cowsnap_core::ErrorKind::Corrupt);
+
+    // a missing chunk too
+    std::fs::remove_file(&path).unwrap();
+    let v = repo::verify(&repo, None).unwrap();
+    assert_eq!(v.problems[0].problem, "missing");
+}
+
+#[test]
+fn prune_keeps_what_kept_generations_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let state = d.path().join("state");
+    let mut disk = synth_disk(12 * MIB, 31);
+    let cl = ChangeLog::open_in(&state, disk.len() as u64, TCS).unwrap();
+    let mut ids = Vec::new();
+    let mut hashes = Vec::new();
+    for k in 0..3 {
+        if k > 0 {
+            // replace whole chunks so old content becomes garbage
+            scribble(&mut disk, Some(&cl), k * 2 * MIB, MIB, 40 + k as u64);
+        }
+        ids.push(
+            backup_tracked(&repo, "p", &disk, &cl)
+                .summary
+                .generation
+                .unwrap(),
+        );
+        hashes.push(hash(&disk));
+    }
+    let other = synth_disk(4 * MIB, 99);
+    let og = backup(&repo, "other", &other, None, "lo", false)
+        .summary
+        .generation
+        .unwrap();
+    // leftovers of a crashed backup: an index without metadata
+    let r = Repo::open(&repo).unwrap();
+    std::fs::copy(
+        r.index_path(&ids[0]),
+        r.index_path("20000101T000000.000Z-deadbeef"),
+    )
+    .unwrap();
+    let before = chunk_files(&repo);
+    let rep = repo::prune(&repo, 1).unwrap();
+    assert_eq!(
+        rep.removed_generations,
+        vec![ids[0].clone(), ids[1].clone()]
+    );
+    assert_eq!(rep.leftovers_removed, 1);
+    let mut kept = rep.kept_generations.clone();
+    kept.sort();
+    let mut want = vec![ids[2].clone(), og.clone()];
+    want.sort();
+    assert_eq!(kept, want);
+    // the chunks written by gen 1 and 2 at 2 MiB and 4 MiB were replaced later: gone
+    assert_eq!(rep.chunks_removed, 2);
+    assert_eq!(chunk_files(&repo), before - 2);
+    let v = repo::verify(&repo, None).unwrap();
+    assert!(v.ok, "{:?}", v.problems);
+    assert_eq!(hash(&restore_bytes(&repo, &ids[2], d.path())), hashes[2]);
+    assert_eq!(hash(&restore_bytes(&repo, &og, d.path())), hash(&other));
+    // the incremental chain continues after its parent's parents are gone
+    scribble(&mut disk, Some(&cl), 0, 1, 77);
+    let b = backup_tracked(&repo, "p", &disk, &cl);
+    assert!(b.scope_changed);
+    let g = b.summary.generation.unwrap();
+    assert_eq!(hash(&restore_bytes(&repo, &g, d.path())), hash(&disk));
+}
+
+#[test]
+fn two_concurrent_backups_into_one_repository() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let a = synth_disk(12 * MIB, 51);
+    let mut b = a.clone();
+    scribble(&mut b, None, MIB, 4 * MIB, 52);
+    let (ra, rb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| backup(&repo, "a", &a, None, "la", false));
+        let tb = s.spawn(|| backup(&repo, "b", &b, None, "lb", false));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    let ga = ra.summary.generation.unwrap();
+    let gb = rb.summary.generation.unwrap();
+    assert_eq!(repo::list(&repo).unwrap().len(), 2);
+    assert!(repo::verify(&repo, None).unwrap().ok);
+    assert_eq!(hash(&restore_bytes(&repo, &ga, d.path())), hash(&a));
+    assert_eq!(hash(&restore_bytes(&repo, &gb, d.path())), hash(&b));
+}
+
+#[test]
+fn prune_waits_for_a_running_backup() {
+    use cowsnap_core::repo::{open_target_with, RepoTargetParams};
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let old = synth_disk(4 * MIB, 61);
+    backup(&repo, "w", &old, None, "l", false);
+    let disk = synth_disk(4 * MIB, 62);
+    let mut t = open_target_with(
+        &repo,
+        RepoTargetParams {
+            disk_name: "w".into(),
+            incremental: false,
+        },
+        TCS,
+    )
+    .unwrap();
+    t.scope(None).unwrap();
+    t.begin(&info(&disk, "l", 0)).unwrap();
+    t.write(0, &disk[..2 * MIB]).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let p = s.spawn(|| {
+            let r = repo::prune(&repo, 1).unwrap();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "prune ran during a backup"
+        );
+        t.write(2 * MIB as u64, &disk[2 * MIB..]).unwrap();
+        let g = t.commit().unwrap().generation.unwrap();
+        let rep = p.join().unwrap();
+        assert_eq!(rep.kept_generations, vec![g.clone()]);
+        assert!(repo::verify(&repo, None).unwrap().ok);
+        assert_eq!(hash(&restore_bytes(&repo, &g, d.path())), hash(&disk));
+    });
+}
+
+#[test]
+fn untrusted_tracking_falls_back_to_a_full_read() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(6 * MIB, 71);
+    let g1 = backup(&repo, "u", &disk, None, "l1", false)
+        .summary
+        .generation
+        .unwrap();
+    let mut changed = bitvec::vec::BitVec::new();
+    changed.resize(disk.len() / TCS as usize, false);
+    let mut cut = Cut {
+        changed,
+        relative_to: Some("20000101T000000.000Z-00000000".into()),
+        lineage: "l1".into(),
+        ..Default::default()
+    };
+    // relative to an unknown generation
+    let b = backup(&repo, "u", &disk, Some(&cut), "l1", true);
+    assert!(!b.scope_changed);
+    assert!(
+        b.summary.notes[0].contains("cannot be trusted"),
+        "{:?}",
+        b.summary.notes
+    );
+    assert_eq!(b.bytes_handed, disk.len() as u64);
+    let gens = repo::list(&repo).unwrap();
+    assert_eq!(gens[1].kind, GenerationKind::Full);
+    assert_eq!(gens[1].stats.chunks_new, 0, "everything deduplicated");
+    // no cut at all
+    let b = backup(&repo, "u", &disk, None, "l1", true);
+    assert!(!b.scope_changed);
+    // relative to the parent, but the snapshot's lineage differs: refused at begin
+    cut.relative_to = Some(repo::list(&repo).unwrap().last().unwrap().id.clone());
+    let mut t = cowsnap_core::repo::open_target_with(
+        &repo,
+        cowsnap_core::repo::RepoTargetParams {
+            disk_name: "u".into(),
+            incremental: true,
+        },
+        TCS,
+    )
+    .unwrap();
+    assert!(matches!(t.scope(Some(&cut)).unwrap(), Scope::Changed));
+    assert!(t.begin(&info(&disk, "l2", 0)).is_err());
+    t.abort("test");
+    assert_eq!(repo::list(&repo).unwrap().len(), 3);
+    assert_eq!(hash(&restore_bytes(&repo, &g1, d.path())), hash(&disk));
+}
+
+#[test]
+fn abort_and_drop_publish_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(3 * MIB, 81);
+    for abort in [true, false] {
+        let mut t = cowsnap_core::repo::open_target_with(
+            &repo,
+            cowsnap_core::repo::RepoTargetParams {
+                disk_name: "x".into(),
+                incremental: false,
+            },
+            TCS,
+        )
+        .unwrap();
+        t.scope(None).unwrap();
+        t.begin(&info(&disk, "l", 0)).unwrap();
+        t.write(0, &disk[..MIB]).unwrap();
+        if abort {
+            t.abort("test");
+        } else {
+            drop(t);
+        }
+    }
+    assert!(repo::list(&repo).unwrap().is_empty());
+    let names: Vec<_> = std::fs::read_dir(repo.join("generations"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    // unaligned and oversize writes are refused
+    let mut t = cowsnap_core::repo::open_target_with(
+        &repo,
+        cowsnap_core::repo::RepoTargetParams {
+            disk_name: "x".into(),
+            incremental: false,
+        },
+        TCS,
+    )
+    .unwrap();
+    t.scope(None).unwrap();
+    t.begin(&info(&disk, "l", 0)).unwrap();
+    assert!(t.write(4096, &disk[..MIB]).is_err());
+    assert!(t.write(2 * MIB as u64, &disk[..2 * MIB]).is_err());
+    assert!(t.write(0, &disk[..MIB / 2]).is_err());
+}
+
+#[test]
+fn a_chunk_handed_over_twice_keeps_the_last_data() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(4 * MIB, 91);
+    let mut t = cowsnap_core::repo::open_target_with(
+        &repo,
+        cowsnap_core::repo::RepoTargetParams {
+            disk_name: "t".into(),
+            incremental: false,
+        },
+        TCS,
+    )
+    .unwrap();
+    t.scope(None).unwrap();
+    t.begin(&info(&disk, "l", 0)).unwrap();
+    let mut stale = vec![0u8; MIB];
+    let mut s = 5;
+    fill_random(&mut stale, &mut s);
+    for _ in 0..20 {
+        t.write(MIB as u64, &stale).unwrap();
+    }
+    t.write(0, &disk).unwrap();
+    let g = t.commit().unwrap().generation.unwrap();
+    assert_eq!(hash(&restore_bytes(&repo, &g, d.path())), hash(&disk));
+}
