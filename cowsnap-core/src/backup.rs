@@ -18,7 +18,7 @@
 //!   backup still sees every change. Failure → the snapshot is dropped (writers
 //!   released), `abort_generation`, `target.abort(why)`. Either way the snapshot is
 //!   uninstalled and the container released (a `file:` container is removed).
-//! - Target specs: `file:PATH`, `dev:PATH` ([`crate::target::raw`]); `repo:DIR` is not
+//! - Target specs: `file:PATH`, `dev:PATH` ([`crate::target::raw`]); `repo:DIR` is
 //!   wired here (see [`open_target`]).
 
 use crate::changelog::Cut;
@@ -187,8 +187,14 @@ fn fill_figures(st: &mut BackupStatus, s: &Snapshot) {
     st.bitmap_bytes = s.map.bitmap_bytes();
 }
 
-/// Open a backup target from its spec for a disk of `geo`.
-pub fn open_target(spec: &str, geo: &Geometry) -> Result<Box<dyn Target>> {
+/// Open a backup target from its spec for the disk `disk_name` of `geo`.
+/// `incremental` is only meaningful for repository targets.
+pub fn open_target(
+    spec: &str,
+    geo: &Geometry,
+    disk_name: &str,
+    incremental: bool,
+) -> Result<Box<dyn Target>> {
     let bad = |why: &str| {
         crate::err!(
             InvalidInput,
@@ -198,6 +204,12 @@ pub fn open_target(spec: &str, geo: &Geometry) -> Result<Box<dyn Target>> {
     let (kind, rest) = spec.split_once(':').ok_or_else(|| bad("no kind"))?;
     if rest.is_empty() {
         return Err(bad("empty path"));
+    }
+    if incremental && kind != "repo" {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to open target {spec:?}: --incremental needs a repository target (repo:DIR)"
+        ));
     }
     match kind {
         "file" => Ok(Box::new(RawImage::create_file(
@@ -210,12 +222,14 @@ pub fn open_target(spec: &str, geo: &Geometry) -> Result<Box<dyn Target>> {
             geo.disk_size,
             geo.chunk_size,
         )?)),
-        // The repository target implements the same `Target` trait; it is wired here
-        // when the repository lands.
-        "repo" => Err(crate::err!(
-            Unsupported,
-            "unable to open target {spec:?}: repository targets are not wired"
-        )),
+        "repo" => crate::repo::open_target_with(
+            rest.as_ref(),
+            crate::repo::RepoTargetParams {
+                disk_name: disk_name.to_string(),
+                incremental,
+            },
+            geo.chunk_size,
+        ),
         _ => Err(bad("unknown kind")),
     }
 }
@@ -318,7 +332,7 @@ impl Engine {
         }
         let mut target = match target {
             Some(t) => t,
-            None => open_target(&p.to, &geo)?,
+            None => open_target(&p.to, &geo, &self.config().name, p.incremental)?,
         };
         let gate = match self.quiesce(job, &p) {
             Ok(g) => g,

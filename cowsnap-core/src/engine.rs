@@ -195,10 +195,17 @@ impl Engine {
         r
     }
 
-    fn mark_changed(&self, off: u64, len: u64) -> Result<()> {
+    /// Persist the change bits of `off..off+len` (before the data changes), run `op`,
+    /// then acknowledge its change sequence number.
+    fn tracked(&self, off: u64, len: u64, op: impl FnOnce() -> Result<()>) -> Result<()> {
         match &self.changelog {
-            Some(cl) => cl.mark(off, len),
-            None => Ok(()),
+            Some(cl) => {
+                let seq = cl.mark_seq(off, len)?;
+                let r = op();
+                cl.done(seq);
+                r
+            }
+            None => op(),
         }
     }
 
@@ -218,7 +225,7 @@ impl Engine {
         if let Some(snap) = gate.as_ref() {
             snap.preserve(&*self.origin, off, len);
         }
-        let r = self.mark_changed(off, len).and_then(|_| op());
+        let r = self.tracked(off, len, op);
         self.touch();
         self.inflight.fetch_sub(1, Ordering::SeqCst);
         drop(gate);
