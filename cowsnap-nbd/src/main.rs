@@ -1,5 +1,13 @@
-//! `cowsnap-nbd`: the per-disk daemon.
+//! `cowsnap-nbd`: the per-disk daemon. See `daemon.rs`.
+use clap::Parser;
+
+mod daemon;
+
 fn main() {
-    eprintln!("cowsnap-nbd: not implemented yet");
-    std::process::exit(1);
+    let args = daemon::Args::parse();
+    if let Err(e) = daemon::run(args) {
+        log::error!("{e:#}");
+        eprintln!("cowsnap-nbd: {e:#}");
+        std::process::exit(1);
+    }
 }
