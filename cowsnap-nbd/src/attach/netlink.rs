@@ -90,7 +90,7 @@ pub fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
     buf.extend_from_slice(payload);
-    while buf.len() % 4 != 0 {
+    while !buf.len().is_multiple_of(4) {
         buf.push(0);
     }
 }
@@ -183,6 +183,9 @@ pub fn build_disconnect(family: u16, seq: u32, index: u32) -> Vec<u8> {
         &a,
     )
 }
+
+/// Attributes of one message: (type without flags, payload).
+pub type Attrs = Vec<(u16, Vec<u8>)>;
 
 /// One parsed netlink message.
 #[derive(Debug, PartialEq, Eq)]
@@ -304,7 +307,7 @@ impl GenlSocket {
     }
 
     /// Send one message and collect replies until an ACK, an error or a DONE.
-    pub fn request(&mut self, msg: &[u8], what: &str) -> Result<Vec<Vec<(u16, Vec<u8>)>>> {
+    pub fn request(&mut self, msg: &[u8], what: &str) -> Result<Vec<Attrs>> {
         // SAFETY: msg points at msg.len() readable bytes.
         let r = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
         if r < 0 {
@@ -359,14 +362,14 @@ impl GenlSocket {
 }
 
 /// CTRL_ATTR_FAMILY_ID from GETFAMILY replies.
-pub fn family_id_from(replies: &[Vec<(u16, Vec<u8>)>]) -> Option<u16> {
+pub fn family_id_from(replies: &[Attrs]) -> Option<u16> {
     replies.iter().flatten().find_map(|(t, p)| {
         (*t == CTRL_ATTR_FAMILY_ID && p.len() >= 2).then(|| u16::from_ne_bytes([p[0], p[1]]))
     })
 }
 
 /// NBD_ATTR_INDEX from CONNECT replies.
-pub fn index_from(replies: &[Vec<(u16, Vec<u8>)>]) -> Option<u32> {
+pub fn index_from(replies: &[Attrs]) -> Option<u32> {
     replies.iter().flatten().find_map(|(t, p)| {
         (*t == NBD_ATTR_INDEX && p.len() >= 4).then(|| u32::from_ne_bytes([p[0], p[1], p[2], p[3]]))
     })
@@ -506,7 +509,7 @@ mod tests {
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[1], Reply::Ack);
         let Reply::Genl(g) = &msgs[0] else { panic!() };
-        assert_eq!(index_from(&[g.clone()]), Some(2));
+        assert_eq!(index_from(std::slice::from_ref(g)), Some(2));
 
         let mut e = err.clone();
         e[16..20].copy_from_slice(&(-libc::EBUSY).to_ne_bytes());
@@ -519,7 +522,7 @@ mod tests {
         let Reply::Genl(g) = &parse_messages(&fm).unwrap()[0] else {
             panic!()
         };
-        assert_eq!(family_id_from(&[g.clone()]), Some(0x1a));
+        assert_eq!(family_id_from(std::slice::from_ref(g)), Some(0x1a));
 
         // garbage never panics
         assert!(parse_messages(&[0xff; 20]).is_err());
