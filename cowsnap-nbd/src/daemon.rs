@@ -209,9 +209,25 @@ impl Daemon {
                 let _ = self.stop_tx.send(Stop::Command);
                 return;
             }
-            if too_long {
-                // The rest of the oversized line would be parsed as garbage: drop it.
-                return;
+            if too_long && !buf.ends_with(b"\n") {
+                // Skip the rest of the oversized line, then go on with the next one.
+                let mut skipped = 0u64;
+                loop {
+                    let mut chunk = Vec::new();
+                    match (&mut reader)
+                        .take(control::MAX_LINE as u64)
+                        .read_until(b'\n', &mut chunk)
+                    {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => skipped += n as u64,
+                    }
+                    if chunk.ends_with(b"\n") {
+                        break;
+                    }
+                    if skipped > 64 * control::MAX_LINE as u64 {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -233,8 +249,17 @@ fn init_logging(log_file: Option<&Path>) -> Result<()> {
 }
 
 fn make_dir(p: &Path, mode: u32) -> Result<()> {
-    if p.is_dir() {
-        return Ok(());
+    if let Ok(m) = std::fs::metadata(p) {
+        if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+            log::warn!(
+                "{} is accessible to other users (mode {:o}); 0700 is advised",
+                p.display(),
+                m.permissions().mode() & 0o7777
+            );
+        }
+        if m.is_dir() {
+            return Ok(());
+        }
     }
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -6,7 +6,6 @@ mod daemon;
 fn main() {
     let args = daemon::Args::parse();
     if let Err(e) = daemon::run(args) {
-        log::error!("{e:#}");
         eprintln!("cowsnap-nbd: {e:#}");
         std::process::exit(1);
     }
