@@ -352,6 +352,11 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
         direct_io: None,
         read_only: a.read_only,
     };
+    // Recorded at once, so that `detach --force` finds the daemon if this process dies.
+    if let Err(e) = rec.save(&paths.attach_record()) {
+        let _ = stop_daemon(&paths, Some(pid as i32));
+        bail!("{e}");
+    }
     let exposed: Result<Vec<String>> = (|| {
         let mut notes = Vec::new();
         match via {

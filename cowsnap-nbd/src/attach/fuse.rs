@@ -121,6 +121,14 @@ pub fn attach(
             }
         }
         if let Ok(Some(st)) = child.try_wait() {
+            if st.success() {
+                // It went to the background by itself: keep waiting for the pid file.
+                std::thread::sleep(Duration::from_millis(20));
+                if Instant::now() < deadline {
+                    continue;
+                }
+            }
+            let _ = Command::new("fusermount3").arg("-u").arg(mount_dir).output();
             let _ = std::fs::remove_dir(mount_dir);
             return Err(cowsnap_core::err!(
                 Io,
@@ -228,7 +236,7 @@ pub fn detach(fa: &FuseAttach) -> Result<()> {
     }
     if is_mounted(&fa.mount_dir) {
         let mut last = None;
-        for _ in 0..50 {
+        for _ in 0..30 {
             match run(
                 Command::new("fusermount3").arg("-u").arg(&fa.mount_dir),
                 &format!("unmount {}", fa.mount_dir.display()),
@@ -242,7 +250,13 @@ pub fn detach(fa: &FuseAttach) -> Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
         if let Some(e) = last {
-            return Err(e);
+            // Still busy (e.g. a forced detach of a mounted loop device): detach the
+            // FUSE mount lazily; it goes away when its last user does.
+            log::warn!("{e}; unmounting {} lazily", fa.mount_dir.display());
+            run(
+                Command::new("fusermount3").arg("-u").arg("-z").arg(&fa.mount_dir),
+                &format!("unmount {} lazily", fa.mount_dir.display()),
+            )?;
         }
     }
     if pid_alive(fa.nbdfuse_pid) && !wait_pid_gone(fa.nbdfuse_pid, Duration::from_secs(10)) {
