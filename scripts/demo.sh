@@ -59,6 +59,6 @@ umount "$D/mnt"
 "$CTL" detach "$NAME"
 
 step "the origin file is a clean ext4 image"
-e2fsck -fn "$D/disk.img" | tail -n 1
+e2fsck -fn "$D/disk.img" 2>&1 | tail -n 1
 
 step "done; removing $D"

@@ -84,6 +84,8 @@ truncate -s 64M "$T/b.img"
 expect_fail "attach twice" "already attached" ctl attach "$T/b.img" --name dup --via none
 expect_fail "daemon twice" "already served" "$NBD" --name dup --origin "$T/b.img" --run-dir "$COWSNAP_RUN_DIR" --state-dir "$COWSNAP_STATE_DIR"
 [ -S "$COWSNAP_RUN_DIR/dup.ctl" ] || fail "second daemon removed the first one's socket"
+expect_fail "same file under another name" "served by another cowsnap daemon" ctl attach "$T/a.img" --name other --via none
+expect_fail "same file read-only" "served by another cowsnap daemon" ctl attach "$T/a.img" --name other --via none --read-only
 
 # --- garbage on the control socket
 replies=$(printf '%s\n' 'hello' '{"v":1}' '{"v":7,"cmd":"status"}' '{"v":1,"cmd":"explode"}' '[]' '{"v":1,"cmd":"priority","ranges":"x"}' '{"v":1,"cmd":"status"}' |

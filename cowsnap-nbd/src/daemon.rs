@@ -280,6 +280,31 @@ fn bind_unix(p: &Path) -> Result<UnixListener> {
     UnixListener::bind(p).with_context(|| format!("unable to listen on {}", p.display()))
 }
 
+/// Regular files have no O_EXCL: take an exclusive advisory lock instead, so that two
+/// daemons never serve the same file. Held for the daemon's lifetime.
+fn lock_origin(path: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        _ => return Ok(None), // devices: O_EXCL in blockio::open; errors reported there
+    }
+    let f =
+        std::fs::File::open(path).with_context(|| format!("unable to open {}", path.display()))?;
+    // SAFETY: flock on a valid fd owned by `f`.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "unable to lock {}: it is served by another cowsnap daemon (or locked by another program)",
+                path.display()
+            );
+        }
+        return Err(e).with_context(|| format!("unable to lock {}", path.display()));
+    }
+    Ok(Some(f))
+}
+
 /// Run the daemon until a stop event; returns after cleaning up.
 pub fn run(args: Args) -> Result<()> {
     init_logging(args.log_file.as_deref())?;
@@ -311,6 +336,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
+    let _origin_lock = lock_origin(&args.origin)?;
     let spec = OpenSpec {
         path: args.origin.clone(),
         read_only: args.read_only,

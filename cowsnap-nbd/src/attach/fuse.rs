@@ -128,7 +128,10 @@ pub fn attach(
                     continue;
                 }
             }
-            let _ = Command::new("fusermount3").arg("-u").arg(mount_dir).output();
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(mount_dir)
+                .output();
             let _ = std::fs::remove_dir(mount_dir);
             return Err(cowsnap_core::err!(
                 Io,
@@ -254,7 +257,10 @@ pub fn detach(fa: &FuseAttach) -> Result<()> {
             // FUSE mount lazily; it goes away when its last user does.
             log::warn!("{e}; unmounting {} lazily", fa.mount_dir.display());
             run(
-                Command::new("fusermount3").arg("-u").arg("-z").arg(&fa.mount_dir),
+                Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(&fa.mount_dir),
                 &format!("unmount {} lazily", fa.mount_dir.display()),
             )?;
         }
