@@ -354,15 +354,15 @@ pub fn run(args: Args) -> Result<()> {
             .map_err(|e| anyhow!("unable to open the change log: {e}"))?;
         Some(Arc::new(cl))
     };
-    let engine = Engine::new(
-        origin,
-        EngineConfig {
-            chunk_size: args.chunk_size,
-            read_only: args.read_only,
-        },
-        changelog,
-    )
-    .map_err(|e| anyhow!("{e}"))?;
+    // `..Default::default()`: the engine's config grows (name, container, throttle);
+    // the default container is applied per request in `Daemon::handle`.
+    #[allow(clippy::needless_update)]
+    let cfg = EngineConfig {
+        chunk_size: args.chunk_size,
+        read_only: args.read_only,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(origin, cfg, changelog).map_err(|e| anyhow!("{e}"))?;
 
     // Sockets are born 0600: umask while binding (no other thread runs yet).
     // SAFETY: umask only changes this process's file-creation mask; no other thread
