@@ -116,8 +116,7 @@ ss -ltn | grep -q "127.0.0.1:$port " && fail "TCP port still open after detach"
 # --- detach: stops the daemon, removes sockets, pid file and record
 pid=$(cat "$COWSNAP_RUN_DIR/dup.pid")
 ctl detach dup || fail "detach dup"
-for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$pid" 2>/dev/null && fail "daemon $pid still running after detach"
+wait_gone "$pid" 5 || fail "daemon $pid still running after detach"
 [ -z "$(ls -A "$COWSNAP_RUN_DIR")" ] || fail "files left after detach: $(ls "$COWSNAP_RUN_DIR")"
 
 # --- the daemon in the foreground: SIGTERM → exit 0, files removed

@@ -10,6 +10,7 @@
 #   need_fuse          skip unless FUSE works here
 #   fail MSG           print MSG and the daemon logs, exit 1
 #   track_mount DIR    unmount DIR at cleanup
+#   running PID / wait_gone PID [SECONDS]   process state, zombies count as gone
 #   ctl ARGS...        run cowsnapctl
 #   json_field JSON EXPR   jq -r EXPR on JSON
 set -uo pipefail
@@ -39,6 +40,10 @@ need() { local c; for c in "$@"; do command -v "$c" >/dev/null 2>&1 || skip "$c 
 need_root() { [ "$(id -u)" = 0 ] || skip "needs root (mount, losetup)"; }
 need_fuse() { [ -c /dev/fuse ] || skip "no /dev/fuse"; need nbdfuse fusermount3 losetup; }
 track_mount() { MOUNTS+=("$1"); }
+# running PID: alive and not a zombie (an exited daemon may wait a moment to be reaped)
+running() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1; [ -n "$st" ] && [ "${st#Z}" = "$st" ]; }
+# wait_gone PID [SECONDS]: 0 once PID is not running
+wait_gone() { local i; for i in $(seq $(( ${2:-10} * 10 ))); do running "$1" || return 0; sleep 0.1; done; return 1; }
 ctl() { "$CTL" "$@"; }
 json_field() { printf '%s' "$1" | jq -r "$2"; }
 [ -x "$CTL" ] || { echo "FAIL: no cowsnapctl at $CTL (build first, or set COWSNAP_BIN_DIR)"; exit 1; }

@@ -237,6 +237,7 @@ pub fn detach(fa: &FuseAttach) -> Result<()> {
             }
         }
     }
+    let mut lazy = false;
     if is_mounted(&fa.mount_dir) {
         let mut last = None;
         for _ in 0..30 {
@@ -256,6 +257,7 @@ pub fn detach(fa: &FuseAttach) -> Result<()> {
             // Still busy (e.g. a forced detach of a mounted loop device): detach the
             // FUSE mount lazily; it goes away when its last user does.
             log::warn!("{e}; unmounting {} lazily", fa.mount_dir.display());
+            lazy = true;
             run(
                 Command::new("fusermount3")
                     .arg("-u")
@@ -265,7 +267,9 @@ pub fn detach(fa: &FuseAttach) -> Result<()> {
             )?;
         }
     }
-    if pid_alive(fa.nbdfuse_pid) && !wait_pid_gone(fa.nbdfuse_pid, Duration::from_secs(10)) {
+    // After a lazy unmount nbdfuse lives until the mount's last user lets go.
+    if !lazy && pid_alive(fa.nbdfuse_pid) && !wait_pid_gone(fa.nbdfuse_pid, Duration::from_secs(10))
+    {
         log::warn!(
             "nbdfuse (pid {}) did not exit after unmount",
             fa.nbdfuse_pid
