@@ -135,7 +135,9 @@ pub fn attach(
             let _ = std::fs::remove_dir(mount_dir);
             return Err(cowsnap_core::err!(
                 Io,
-                "unable to start nbdfuse on {uri}: it exited with {st} (see the log)"
+                "unable to start nbdfuse on {uri}: it exited with {st}{}",
+                log.map(|p| format!(" (see {})", p.display()))
+                    .unwrap_or_default()
             ));
         }
         if Instant::now() >= deadline {
