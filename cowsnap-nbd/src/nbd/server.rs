@@ -3,8 +3,8 @@
 
 use cowsnap_core::export::Export;
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
