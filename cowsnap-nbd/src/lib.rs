@@ -1,4 +1,7 @@
 //! cowsnap-nbd: the NBD protocol and server, the per-disk daemon's pieces, and the
 //! kernel attach paths (netlink `nbd` family; nbdfuse + losetup where nbd.ko is absent).
 
+pub mod attach;
+pub mod config;
+pub mod control;
 pub mod nbd;

@@ -1,5 +1,12 @@
-//! `cowsnap-nbd`: the per-disk daemon.
+//! `cowsnap-nbd`: the per-disk daemon. See `daemon.rs`.
+use clap::Parser;
+
+mod daemon;
+
 fn main() {
-    eprintln!("cowsnap-nbd: not implemented yet");
-    std::process::exit(1);
+    let args = daemon::Args::parse();
+    if let Err(e) = daemon::run(args) {
+        eprintln!("cowsnap-nbd: {e:#}");
+        std::process::exit(1);
+    }
 }

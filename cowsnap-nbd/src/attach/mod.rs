@@ -1,0 +1,321 @@
+//! Making an attached disk visible to the kernel, and taking it away again.
+//!
+//! Three ways (`cowsnapctl attach --via`):
+//! - `nbd`: the kernel NBD client, configured over generic netlink ([`netlink`]). The
+//!   client side of the NBD handshake is done here ([`client`]); the kernel gets
+//!   sockets that are already in the transmission phase.
+//! - `fuse`: `nbdfuse` exposes the export as a file, `losetup` turns the file into
+//!   `/dev/loopN` ([`fuse`]). Used where `nbd.ko` is absent.
+//! - `none`: no kernel device; clients use the NBD URI.
+//!
+//! What was set up is recorded in `RUN_DIR/NAME.attach.json` ([`AttachRecord`]) so
+//! that `detach` and `status` can find it from another process.
+
+pub mod client;
+pub mod fuse;
+pub mod netlink;
+
+use cowsnap_core::error::{Error, IoContext, Result};
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// How a disk is exposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// Kernel NBD client (netlink).
+    Nbd,
+    /// nbdfuse + loop device.
+    Fuse,
+    /// No kernel device.
+    None,
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Via::Nbd => "nbd",
+            Via::Fuse => "fuse",
+            Via::None => "none",
+        })
+    }
+}
+
+/// `auto`: the kernel client when `/dev/nbd0` exists, else nbdfuse + loop.
+pub fn auto_via() -> Via {
+    if Path::new("/dev/nbd0").exists() {
+        Via::Nbd
+    } else {
+        Via::Fuse
+    }
+}
+
+/// What `attach` set up, as stored in `RUN_DIR/NAME.attach.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachRecord {
+    /// Disk name.
+    pub name: String,
+    /// Origin path.
+    pub origin: String,
+    /// How it is exposed.
+    pub via: Via,
+    /// The block device (`/dev/nbdN`, `/dev/loopN`), if any.
+    pub device: Option<String>,
+    /// NBD URI.
+    pub uri: String,
+    /// Daemon pid.
+    pub pid: u32,
+    /// Kernel NBD index (`--via nbd`).
+    #[serde(default)]
+    pub nbd_index: Option<u32>,
+    /// nbdfuse mount directory (`--via fuse`).
+    #[serde(default)]
+    pub fuse_mount: Option<PathBuf>,
+    /// nbdfuse pid (`--via fuse`).
+    #[serde(default)]
+    pub nbdfuse_pid: Option<i32>,
+    /// Loop device (`--via fuse`).
+    #[serde(default)]
+    pub loop_device: Option<String>,
+    /// Whether the loop device does direct I/O (`--via fuse`).
+    #[serde(default)]
+    pub direct_io: Option<bool>,
+    /// Read-only attach.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl AttachRecord {
+    /// Write atomically (temp file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        use std::io::Write;
+        let ctx = || format!("unable to write attach record {}", path.display());
+        let tmp = path.with_extension("json.tmp");
+        let data = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::new(cowsnap_core::ErrorKind::InvalidInput, e.to_string()))?;
+        let mut f = std::fs::File::create(&tmp).ctx(ctx)?;
+        f.write_all(&data).ctx(ctx)?;
+        f.sync_all().ctx(ctx)?;
+        std::fs::rename(&tmp, path).ctx(ctx)
+    }
+    /// Read; `Ok(None)` when there is none.
+    pub fn load(path: &Path) -> Result<Option<Self>> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                cowsnap_core::err!(
+                    Corrupt,
+                    "unable to read attach record {}: {e}",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(
+                format!("unable to read attach record {}", path.display()),
+                e,
+            )),
+        }
+    }
+}
+
+/// Decode the octal escapes of /proc/self/mountinfo (`\040` = space).
+pub fn unescape_mount_path(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = oct.iter().fold(0u32, |a, &c| a * 8 + u32::from(c - b'0'));
+                if let Ok(v) = u8::try_from(v) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount points in `mountinfo` text whose device is one of `devs` ("major:minor").
+pub fn mounts_of(mountinfo: &str, devs: &[String]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 5 {
+            continue;
+        }
+        if devs.iter().any(|d| d == f[2]) {
+            out.push((f[2].to_string(), unescape_mount_path(f[4])));
+        }
+    }
+    out
+}
+
+/// "major:minor" of a block device and of each of its partitions.
+pub fn device_numbers(dev: &Path) -> Result<Vec<String>> {
+    let meta = std::fs::metadata(dev).ctx(|| format!("unable to inspect {}", dev.display()))?;
+    if !meta.file_type().is_block_device() {
+        return Err(cowsnap_core::err!(
+            InvalidInput,
+            "{} is not a block device",
+            dev.display()
+        ));
+    }
+    let rdev = meta.rdev();
+    let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+    let me = format!("{maj}:{min}");
+    let mut out = vec![me.clone()];
+    // Partitions: /sys/dev/block/M:m/<part>/{partition,dev}
+    if let Ok(rd) = std::fs::read_dir(format!("/sys/dev/block/{me}")) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.join("partition").exists() {
+                if let Ok(d) = std::fs::read_to_string(p.join("dev")) {
+                    out.push(d.trim().to_string());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where the device or any of its partitions is mounted (major:minor, mount point).
+pub fn mounted_at(dev: &Path) -> Result<Vec<(String, String)>> {
+    let devs = device_numbers(dev)?;
+    let mi = std::fs::read_to_string("/proc/self/mountinfo")
+        .ctx(|| "unable to read /proc/self/mountinfo".to_string())?;
+    Ok(mounts_of(&mi, &devs))
+}
+
+/// Write back everything cached for a block device (`blockdev --flushbufs`).
+pub fn flush_device(dev: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .open(dev)
+        .ctx(|| format!("unable to open {}", dev.display()))?;
+    f.sync_all()
+        .ctx(|| format!("unable to flush {}", dev.display()))?;
+    // BLKFLSBUF = _IO(0x12, 97)
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    // SAFETY: the fd is valid while `f` lives; BLKFLSBUF takes no argument pointer.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF, 0) };
+    if r < 0 {
+        return Err(Error::io(
+            format!("unable to flush the buffers of {}", dev.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a process exists (signal 0).
+pub fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether a process is a zombie (exited, not yet reaped) per /proc/PID/stat.
+pub fn pid_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Wait until `pid` is gone (or a zombie), up to `timeout`.
+pub fn wait_pid_gone(pid: i32, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if !pid_alive(pid) || pid_zombie(pid) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MI: &str = "\
+22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw
+95 22 7:3 / /mnt/my\\040disk rw,relatime shared:50 - ext4 /dev/loop3 rw
+96 22 7:3 / /srv/bind rw,relatime shared:50 - ext4 /dev/loop3 rw
+97 22 7:30 / /other rw,relatime shared:51 - ext4 /dev/loop30 rw
+98 22 43:1 / /data rw - xfs /dev/nbd0p1 rw
+";
+
+    #[test]
+    fn finds_mounts_by_device_number() {
+        let m = mounts_of(MI, &["7:3".into()]);
+        assert_eq!(
+            m,
+            vec![
+                ("7:3".to_string(), "/mnt/my disk".to_string()),
+                ("7:3".to_string(), "/srv/bind".to_string())
+            ]
+        );
+        let m = mounts_of(MI, &["43:0".into(), "43:1".into()]);
+        assert_eq!(m, vec![("43:1".to_string(), "/data".to_string())]);
+        assert!(mounts_of(MI, &["8:0".into()]).is_empty());
+        assert!(mounts_of("garbage\n\n1 2", &["7:3".into()]).is_empty());
+    }
+
+    #[test]
+    fn unescapes_mount_paths() {
+        assert_eq!(unescape_mount_path("/a\\040b\\011c"), "/a b\tc");
+        assert_eq!(unescape_mount_path("/a\\x"), "/a\\x");
+        assert_eq!(unescape_mount_path("/a\\04"), "/a\\04");
+        assert_eq!(unescape_mount_path("\\134"), "\\");
+    }
+
+    #[test]
+    fn record_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.attach.json");
+        assert_eq!(AttachRecord::load(&p).unwrap(), None);
+        let r = AttachRecord {
+            name: "d".into(),
+            origin: "/x".into(),
+            via: Via::Fuse,
+            device: Some("/dev/loop3".into()),
+            uri: "nbd+unix:///d?socket=/r/d.nbd".into(),
+            pid: 42,
+            nbd_index: None,
+            fuse_mount: Some("/r/d.fuse".into()),
+            nbdfuse_pid: Some(43),
+            loop_device: Some("/dev/loop3".into()),
+            direct_io: Some(true),
+            read_only: false,
+        };
+        r.save(&p).unwrap();
+        assert_eq!(AttachRecord::load(&p).unwrap(), Some(r));
+        let s = std::fs::read_to_string(&p).unwrap();
+        assert!(s.contains("\"via\": \"fuse\""), "{s}");
+        std::fs::write(&p, "{").unwrap();
+        assert!(AttachRecord::load(&p).is_err());
+    }
+
+    #[test]
+    fn own_pid_alive() {
+        assert!(pid_alive(std::process::id() as i32));
+        assert!(!pid_alive(0));
+        assert!(!pid_zombie(std::process::id() as i32));
+    }
+}

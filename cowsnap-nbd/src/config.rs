@@ -1,0 +1,185 @@
+//! Where a disk's files live, and how disk names are made.
+//!
+//! One daemon serves one disk, named NAME. Its files:
+//!
+//! | path | what |
+//! |---|---|
+//! | `RUN_DIR/NAME.nbd` | NBD unix socket (0600) |
+//! | `RUN_DIR/NAME.ctl` | control socket, JSON lines (0600) |
+//! | `RUN_DIR/NAME.pid` | daemon pid |
+//! | `RUN_DIR/NAME.attach.json` | how `cowsnapctl attach` exposed the disk |
+//! | `RUN_DIR/NAME.fuse/` | nbdfuse mount point (`--via fuse`) |
+//! | `STATE_DIR/NAME.changelog` | persistent changed-chunk log |
+//! | `STATE_DIR/NAME.log` | daemon log when started by `cowsnapctl` |
+//!
+//! RUN_DIR defaults to `/run/cowsnap` (`COWSNAP_RUN_DIR`), mode 0700; STATE_DIR to
+//! `/var/lib/cowsnap` (`COWSNAP_STATE_DIR`).
+
+use std::path::{Path, PathBuf};
+
+/// Default run directory (sockets, pid files, attach records).
+pub const DEFAULT_RUN_DIR: &str = "/run/cowsnap";
+/// Default state directory (change logs, daemon logs).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cowsnap";
+/// Environment variable overriding the run directory.
+pub const ENV_RUN_DIR: &str = "COWSNAP_RUN_DIR";
+/// Environment variable overriding the state directory.
+pub const ENV_STATE_DIR: &str = "COWSNAP_STATE_DIR";
+/// Longest disk name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The files of one disk.
+#[derive(Debug, Clone)]
+pub struct DiskPaths {
+    /// Disk name.
+    pub name: String,
+    /// Run directory.
+    pub run_dir: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+}
+
+impl DiskPaths {
+    /// Paths of disk `name` under the given directories.
+    pub fn new(name: &str, run_dir: &Path, state_dir: &Path) -> Self {
+        DiskPaths {
+            name: name.to_string(),
+            run_dir: run_dir.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+    fn run(&self, suffix: &str) -> PathBuf {
+        self.run_dir.join(format!("{}{suffix}", self.name))
+    }
+    /// NBD unix socket.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.run(".nbd")
+    }
+    /// Control socket.
+    pub fn ctl_socket(&self) -> PathBuf {
+        self.run(".ctl")
+    }
+    /// Pid file.
+    pub fn pid_file(&self) -> PathBuf {
+        self.run(".pid")
+    }
+    /// Attach record.
+    pub fn attach_record(&self) -> PathBuf {
+        self.run(".attach.json")
+    }
+    /// nbdfuse mount point.
+    pub fn fuse_dir(&self) -> PathBuf {
+        self.run(".fuse")
+    }
+    /// nbdfuse pid file.
+    pub fn fuse_pid_file(&self) -> PathBuf {
+        self.run(".fuse.pid")
+    }
+    /// Change log.
+    pub fn changelog(&self) -> PathBuf {
+        self.state_dir.join(format!("{}.changelog", self.name))
+    }
+    /// Daemon log written when `cowsnapctl` starts the daemon.
+    pub fn log_file(&self) -> PathBuf {
+        self.state_dir.join(format!("{}.log", self.name))
+    }
+    /// The NBD URI of the disk's export.
+    pub fn uri(&self) -> String {
+        format!(
+            "nbd+unix:///{}?socket={}",
+            self.name,
+            self.nbd_socket().display()
+        )
+    }
+}
+
+/// Check a disk name: 1..=64 characters of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a disk name must not be empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "disk name {name:?} is longer than {MAX_NAME_LEN} characters"
+        ));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!("disk name {name:?} must not start with '.' or '-'"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "disk name {name:?} contains {c:?} (allowed: letters, digits, '.', '_', '-')"
+        ));
+    }
+    Ok(())
+}
+
+/// A disk name derived from a device or file path: its base name with every other
+/// character replaced by `_` (`/dev/sdb` → `sdb`, `/srv/my disk.img` → `my_disk.img`).
+pub fn derive_name(path: &Path) -> String {
+    let base = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut s: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let trimmed = s.trim_start_matches(['.', '-']);
+    s = trimmed.to_string();
+    s.truncate(MAX_NAME_LEN);
+    if s.is_empty() {
+        s = "disk".to_string();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_paths() {
+        assert_eq!(derive_name(Path::new("/dev/sdb")), "sdb");
+        assert_eq!(derive_name(Path::new("/dev/mapper/vg0-data")), "vg0-data");
+        assert_eq!(derive_name(Path::new("/srv/my disk.img")), "my_disk.img");
+        assert_eq!(derive_name(Path::new("/tmp/.hidden")), "hidden");
+        assert_eq!(derive_name(Path::new("/tmp/ä.img")), "_.img");
+        assert_eq!(derive_name(Path::new("/")), "disk");
+        let long = format!("/x/{}", "a".repeat(100));
+        assert_eq!(derive_name(Path::new(&long)).len(), MAX_NAME_LEN);
+        for p in ["/dev/sdb", "/srv/my disk.img", "/tmp/.hidden", "/", "/x/-y"] {
+            assert!(validate_name(&derive_name(Path::new(p))).is_ok(), "{p}");
+        }
+    }
+
+    #[test]
+    fn name_validation() {
+        assert!(validate_name("sdb").is_ok());
+        assert!(validate_name("disk-1.img_2").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name(".x").is_err());
+        assert!(validate_name("-x").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name("a b").is_err());
+        assert!(validate_name(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn paths_and_uri() {
+        let p = DiskPaths::new("d1", Path::new("/run/x"), Path::new("/var/y"));
+        assert_eq!(p.nbd_socket(), Path::new("/run/x/d1.nbd"));
+        assert_eq!(p.ctl_socket(), Path::new("/run/x/d1.ctl"));
+        assert_eq!(p.changelog(), Path::new("/var/y/d1.changelog"));
+        assert_eq!(p.uri(), "nbd+unix:///d1?socket=/run/x/d1.nbd");
+    }
+}

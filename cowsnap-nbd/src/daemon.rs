@@ -1,0 +1,620 @@
+//! The per-disk daemon: opens the origin, builds the engine, serves it over NBD on a
+//! unix socket (and TCP when asked) and answers the control socket.
+//!
+//! Start-up order: refuse if another daemon answers on the control socket; remove
+//! stale sockets; open the origin (O_EXCL on block devices); build the engine and the
+//! change log; bind every socket (umask 0177, so they are born 0600); write the pid
+//! file; start serving. Shutdown (SIGTERM, SIGINT or the `shutdown` command): stop
+//! accepting, give open connections a moment to finish in-flight requests, flush the
+//! origin, remove the sockets and the pid file, exit 0.
+//!
+//! Threads: one signal thread (SIGTERM/SIGINT are blocked everywhere else), the NBD
+//! server's accept threads, one control accept thread and one thread per control
+//! connection. The main thread waits for a stop event.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use cowsnap_core::blockio::{self, OpenSpec};
+use cowsnap_core::changelog::ChangeLog;
+use cowsnap_core::engine::{Engine, EngineConfig};
+use cowsnap_core::export::Export;
+use cowsnap_nbd::config::DiskPaths;
+use cowsnap_nbd::control::{self, IoCounters, Request, StatusInfo};
+use cowsnap_nbd::nbd::server::Server;
+use crossbeam_channel::{Receiver, Sender};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, ToSocketAddrs};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Command line of `cowsnap-nbd`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "cowsnap-nbd",
+    version,
+    about = "Serve one disk over NBD through the cowsnap engine (runs in the foreground)"
+)]
+pub struct Args {
+    /// Disk name: export name and socket file names.
+    #[arg(long)]
+    pub name: String,
+    /// Block device or regular file to serve.
+    #[arg(long)]
+    pub origin: PathBuf,
+    /// Directory for sockets and the pid file.
+    #[arg(long, env = cowsnap_nbd::config::ENV_RUN_DIR, default_value = cowsnap_nbd::config::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// Directory for the change log.
+    #[arg(long, env = cowsnap_nbd::config::ENV_STATE_DIR, default_value = cowsnap_nbd::config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Refuse writes (no change log is kept).
+    #[arg(long)]
+    pub read_only: bool,
+    /// I/O engine for the origin.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
+    pub io_engine: String,
+    /// Also listen on TCP (e.g. tcp:127.0.0.1:10809). Repeatable.
+    #[arg(long = "listen", value_name = "tcp:ADDR:PORT")]
+    pub listen: Vec<String>,
+    /// Tracking chunk size in bytes (power of two, >= 4096).
+    #[arg(long, default_value_t = 65536)]
+    pub chunk_size: u32,
+    /// Default container for backups (ram:SIZE, file:PATH:SIZE, dev:PATH).
+    #[arg(long)]
+    pub container: Option<String>,
+    /// Also write the log to this file.
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+}
+
+/// Events that stop the daemon.
+#[derive(Debug)]
+enum Stop {
+    Signal(i32),
+    Command,
+}
+
+/// The running daemon's shared state.
+pub struct Daemon {
+    args: Args,
+    paths: DiskPaths,
+    engine: Arc<Engine>,
+    server: Arc<Server>,
+    started: Instant,
+    stop_tx: Sender<Stop>,
+}
+
+/// Parse a `--listen` value: `tcp:HOST:PORT`.
+pub fn parse_listen(spec: &str) -> Result<std::net::SocketAddr> {
+    let rest = spec
+        .strip_prefix("tcp:")
+        .ok_or_else(|| anyhow!("invalid --listen {spec:?}: expected tcp:ADDR:PORT"))?;
+    rest.to_socket_addrs()
+        .with_context(|| format!("invalid --listen {spec:?}: expected tcp:ADDR:PORT"))?
+        .next()
+        .ok_or_else(|| anyhow!("invalid --listen {spec:?}: address resolves to nothing"))
+}
+
+impl Daemon {
+    /// Answer one control line (never panics on bad input).
+    pub fn handle_line(&self, line: &str) -> (String, bool) {
+        match control::decode_request(line) {
+            Err(e) => {
+                log::warn!("control: {e}");
+                (control::error_reply(&e), false)
+            }
+            Ok(req) => self.handle(req),
+        }
+    }
+
+    /// Answer one request; the flag says "stop after replying".
+    pub fn handle(&self, req: Request) -> (String, bool) {
+        let fail = |e: &dyn std::fmt::Display| control::error_reply(&e.to_string());
+        match req {
+            Request::Status => (control::ok_reply(&self.status()), false),
+            Request::Flush => match self.engine.flush() {
+                Ok(()) => (control::ok_reply(&()), false),
+                Err(e) => (fail(&format!("unable to flush the origin: {e}")), false),
+            },
+            Request::Shutdown => (control::ok_reply(&()), true),
+            Request::Backup { mut params } => {
+                if params.container.is_none() {
+                    params.container = self.args.container.clone();
+                }
+                log::info!("backup requested to {}", params.to);
+                match self.engine.start_backup(params) {
+                    Ok(id) => (control::ok_reply(&serde_json::json!({ "id": id })), false),
+                    Err(e) => (fail(&e), false),
+                }
+            }
+            Request::BackupStatus => (
+                control::ok_reply(&serde_json::json!({ "backup": self.engine.backup_status() })),
+                false,
+            ),
+            Request::Priority { ranges } => match self.engine.backup_priority(&ranges) {
+                Ok(()) => (control::ok_reply(&()), false),
+                Err(e) => (fail(&e), false),
+            },
+            Request::Cancel => match self.engine.cancel_backup() {
+                Ok(()) => (control::ok_reply(&()), false),
+                Err(e) => (fail(&e), false),
+            },
+        }
+    }
+
+    /// The `status` reply.
+    pub fn status(&self) -> StatusInfo {
+        StatusInfo {
+            name: self.paths.name.clone(),
+            origin: self.args.origin.display().to_string(),
+            size: self.engine.size(),
+            read_only: self.args.read_only,
+            io_engine: self.engine.origin().engine_name().to_string(),
+            chunk_size: self.engine.config().chunk_size,
+            uri: self.paths.uri(),
+            listen: self.args.listen.clone(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            connections: self.server.connections() as u64,
+            stats: IoCounters::from(self.engine.stats()),
+            container: self.args.container.clone(),
+            backup: self.engine.backup_status(),
+        }
+    }
+
+    fn serve_control_conn(self: &Arc<Self>, stream: UnixStream) {
+        let Ok(w) = stream.try_clone() else { return };
+        let mut writer = w;
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut buf = Vec::new();
+            let n = match (&mut reader)
+                .take(control::MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    log::debug!("control connection: {e}");
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            let too_long = buf.len() > control::MAX_LINE;
+            let (reply, stop) = if too_long {
+                (
+                    control::error_reply(&format!(
+                        "request longer than {} bytes",
+                        control::MAX_LINE
+                    )),
+                    false,
+                )
+            } else {
+                match std::str::from_utf8(&buf) {
+                    Ok(s) if s.trim().is_empty() => continue,
+                    Ok(s) => self.handle_line(s),
+                    Err(_) => (control::error_reply("malformed request (not UTF-8)"), false),
+                }
+            };
+            let mut out = reply.into_bytes();
+            out.push(b'\n');
+            if writer.write_all(&out).and_then(|_| writer.flush()).is_err() {
+                return;
+            }
+            if stop {
+                let _ = self.stop_tx.send(Stop::Command);
+                return;
+            }
+            if too_long && !buf.ends_with(b"\n") {
+                // Skip the rest of the oversized line, then go on with the next one.
+                let mut skipped = 0u64;
+                loop {
+                    let mut chunk = Vec::new();
+                    match (&mut reader)
+                        .take(control::MAX_LINE as u64)
+                        .read_until(b'\n', &mut chunk)
+                    {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => skipped += n as u64,
+                    }
+                    if chunk.ends_with(b"\n") {
+                        break;
+                    }
+                    if skipped > 64 * control::MAX_LINE as u64 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(log_file: Option<&Path>) -> Result<()> {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if let Some(p) = log_file {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("unable to open log file {}", p.display()))?;
+        b.target(env_logger::Target::Pipe(Box::new(f)));
+    }
+    b.format_timestamp_millis();
+    let _ = b.try_init();
+    Ok(())
+}
+
+fn make_dir(p: &Path, mode: u32) -> Result<()> {
+    if let Ok(m) = std::fs::metadata(p) {
+        if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+            log::warn!(
+                "{} is accessible to other users (mode {:o}); 0700 is advised",
+                p.display(),
+                m.permissions().mode() & 0o7777
+            );
+        }
+        if m.is_dir() {
+            return Ok(());
+        }
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(p)
+        .with_context(|| format!("unable to create directory {}", p.display()))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("unable to set the mode of {}", p.display()))
+}
+
+/// Bind a unix socket, replacing a stale socket file.
+fn bind_unix(p: &Path) -> Result<UnixListener> {
+    match std::fs::remove_file(p) {
+        Ok(()) => log::info!("removed stale socket {}", p.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("unable to remove {}", p.display())),
+    }
+    UnixListener::bind(p).with_context(|| format!("unable to listen on {}", p.display()))
+}
+
+/// Regular files have no O_EXCL: take an exclusive advisory lock instead, so that two
+/// daemons never serve the same file. Held for the daemon's lifetime.
+fn lock_origin(path: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        _ => return Ok(None), // devices: O_EXCL in blockio::open; errors reported there
+    }
+    let f =
+        std::fs::File::open(path).with_context(|| format!("unable to open {}", path.display()))?;
+    // SAFETY: flock on a valid fd owned by `f`.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "unable to lock {}: it is served by another cowsnap daemon (or locked by another program)",
+                path.display()
+            );
+        }
+        return Err(e).with_context(|| format!("unable to lock {}", path.display()));
+    }
+    Ok(Some(f))
+}
+
+/// Run the daemon until a stop event; returns after cleaning up.
+pub fn run(args: Args) -> Result<()> {
+    init_logging(args.log_file.as_deref())?;
+    cowsnap_nbd::config::validate_name(&args.name).map_err(|e| anyhow!("invalid --name: {e}"))?;
+    let paths = DiskPaths::new(&args.name, &args.run_dir, &args.state_dir);
+    let listen: Vec<std::net::SocketAddr> = args
+        .listen
+        .iter()
+        .map(|s| parse_listen(s))
+        .collect::<Result<_>>()?;
+    let engine_kind: blockio::Engine = args
+        .io_engine
+        .parse()
+        .map_err(|e| anyhow!("invalid --io-engine: {e}"))?;
+
+    // Block the stop signals before any thread starts, so only the signal thread sees them.
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    sigs.add(nix::sys::signal::Signal::SIGHUP);
+    sigs.thread_block().context("unable to block signals")?;
+
+    make_dir(&args.run_dir, 0o700)?;
+    if control::Client::connect(&paths.ctl_socket(), Duration::from_secs(2)).is_ok() {
+        bail!(
+            "disk {:?} is already served by another daemon (control socket {} answers)",
+            args.name,
+            paths.ctl_socket().display()
+        );
+    }
+
+    let _origin_lock = lock_origin(&args.origin)?;
+    let spec = OpenSpec {
+        path: args.origin.clone(),
+        read_only: args.read_only,
+        exclusive: true,
+        engine: engine_kind,
+        direct: false,
+    };
+    let origin = blockio::open(&spec).map_err(|e| anyhow!("{e}"))?;
+    let size = origin.size();
+    let changelog = if args.read_only {
+        None
+    } else {
+        make_dir(&args.state_dir, 0o700)?;
+        let cl = ChangeLog::open(&paths.changelog(), size, args.chunk_size)
+            .map_err(|e| anyhow!("unable to open the change log: {e}"))?;
+        Some(Arc::new(cl))
+    };
+    // `..Default::default()`: the engine's config grows (name, container, throttle);
+    // the default container is applied per request in `Daemon::handle`.
+    #[allow(clippy::needless_update)]
+    let cfg = EngineConfig {
+        chunk_size: args.chunk_size,
+        read_only: args.read_only,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(origin, cfg, changelog).map_err(|e| anyhow!("{e}"))?;
+
+    // Sockets are born 0600: umask while binding (no other thread runs yet).
+    // SAFETY: umask only changes this process's file-creation mask; no other thread
+    // exists yet that could create files concurrently.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = (|| -> Result<_> {
+        let nbd = bind_unix(&paths.nbd_socket())?;
+        let ctl = bind_unix(&paths.ctl_socket())?;
+        let mut tcp = Vec::new();
+        for a in &listen {
+            tcp.push(TcpListener::bind(a).with_context(|| format!("unable to listen on {a}"))?);
+        }
+        Ok((nbd, ctl, tcp))
+    })();
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(old) };
+    let (nbd_l, ctl_l, tcp_l) = match bound {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(paths.nbd_socket());
+            let _ = std::fs::remove_file(paths.ctl_socket());
+            return Err(e);
+        }
+    };
+
+    let server = Server::new();
+    let export: Arc<dyn Export> = engine.clone();
+    let desc = format!("cowsnap disk {} ({})", args.name, args.origin.display());
+    server.set_export(&args.name, export.clone(), &desc);
+    server.set_export("", export, &desc);
+
+    let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
+    let daemon = Arc::new(Daemon {
+        args: args.clone(),
+        paths: paths.clone(),
+        engine: engine.clone(),
+        server: server.clone(),
+        started: Instant::now(),
+        stop_tx: stop_tx.clone(),
+    });
+
+    {
+        let tx = stop_tx.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                match sigs.wait() {
+                    Ok(sig) => {
+                        let _ = tx.send(Stop::Signal(sig as i32));
+                    }
+                    Err(e) => {
+                        log::error!("sigwait: {e}");
+                        return;
+                    }
+                }
+            })
+            .context("unable to start the signal thread")?;
+    }
+
+    server.spawn_unix(nbd_l);
+    for l in tcp_l {
+        server.spawn_tcp(l);
+    }
+    {
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in ctl_l.incoming() {
+                    match conn {
+                        Ok(s) => {
+                            let d2 = d.clone();
+                            let _ = std::thread::Builder::new()
+                                .name("control-conn".into())
+                                .spawn(move || d2.serve_control_conn(s));
+                        }
+                        Err(e) => log::warn!("control accept: {e}"),
+                    }
+                }
+            })
+            .context("unable to start the control thread")?;
+    }
+
+    let pid_tmp = paths.run_dir.join(format!(".{}.pid.tmp", args.name));
+    std::fs::write(&pid_tmp, format!("{}\n", std::process::id()))
+        .and_then(|_| std::fs::rename(&pid_tmp, paths.pid_file()))
+        .with_context(|| format!("unable to write {}", paths.pid_file().display()))?;
+
+    log::info!(
+        "serving {} ({} bytes, io {}{}) as {} ; control {}{}",
+        args.origin.display(),
+        size,
+        engine.origin().engine_name(),
+        if args.read_only { ", read-only" } else { "" },
+        paths.uri(),
+        paths.ctl_socket().display(),
+        if listen.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ; tcp {}",
+                listen
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+
+    let why = wait_stop(&stop_rx);
+    log::info!("stopping ({why})");
+    shutdown(&daemon);
+    Ok(())
+}
+
+fn wait_stop(rx: &Receiver<Stop>) -> String {
+    match rx.recv() {
+        Ok(Stop::Signal(s)) => format!("signal {s}"),
+        Ok(Stop::Command) => "shutdown command".into(),
+        Err(_) => "all senders gone".into(),
+    }
+}
+
+fn shutdown(d: &Daemon) {
+    d.server.shutdown();
+    let _ = std::fs::remove_file(d.paths.nbd_socket());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.server.connections() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if d.server.connections() > 0 {
+        log::warn!(
+            "{} NBD connection(s) still open at shutdown",
+            d.server.connections()
+        );
+    }
+    if !d.args.read_only {
+        match d.engine.flush() {
+            Ok(()) => log::info!("origin flushed"),
+            Err(e) => log::error!("unable to flush the origin at shutdown: {e}"),
+        }
+    }
+    let _ = std::fs::remove_file(d.paths.ctl_socket());
+    let _ = std::fs::remove_file(d.paths.pid_file());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_daemon(dir: &Path) -> Daemon {
+        let origin = dir.join("disk.img");
+        let f = std::fs::File::create(&origin).unwrap();
+        f.set_len(4 << 20).unwrap();
+        let args = Args::parse_from([
+            "cowsnap-nbd",
+            "--name",
+            "t1",
+            "--origin",
+            origin.to_str().unwrap(),
+            "--run-dir",
+            dir.to_str().unwrap(),
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--io-engine",
+            "sync",
+        ]);
+        let io = blockio::open(&OpenSpec {
+            path: origin.clone(),
+            read_only: false,
+            exclusive: true,
+            engine: blockio::Engine::Sync,
+            direct: false,
+        })
+        .unwrap();
+        let engine = Engine::new(io, EngineConfig::default(), None).unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        Daemon {
+            paths: DiskPaths::new("t1", dir, dir),
+            args,
+            engine,
+            server: Server::new(),
+            started: Instant::now(),
+            stop_tx: tx,
+        }
+    }
+
+    #[test]
+    fn control_lines_get_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = test_daemon(dir.path());
+        let (r, stop) = d.handle_line(r#"{"v":1,"cmd":"status"}"#);
+        assert!(!stop);
+        let m = control::decode_reply(&r).unwrap();
+        let st: StatusInfo = serde_json::from_value(serde_json::Value::Object(m)).unwrap();
+        assert_eq!(st.name, "t1");
+        assert_eq!(st.size, 4 << 20);
+        assert_eq!(st.io_engine, "sync");
+        assert!(st.uri.ends_with("t1.nbd"), "{}", st.uri);
+
+        d.engine.write(0, &[1u8; 4096], false).unwrap();
+        let (r, _) = d.handle_line(r#"{"v":1,"cmd":"flush"}"#);
+        assert!(control::decode_reply(&r).is_ok());
+        let (r, _) = d.handle_line(r#"{"v":1,"cmd":"status"}"#);
+        let m = control::decode_reply(&r).unwrap();
+        assert_eq!(m["stats"]["writes"], 1);
+        assert_eq!(m["stats"]["flushes"], 1);
+
+        for bad in ["hello", "{}", r#"{"v":1,"cmd":"nope"}"#, "\u{0}\u{1}"] {
+            let (r, stop) = d.handle_line(bad);
+            assert!(!stop);
+            assert!(
+                matches!(
+                    control::decode_reply(&r),
+                    Err(control::ControlError::Daemon(_))
+                ),
+                "{bad:?} → {r}"
+            );
+        }
+        let (r, stop) = d.handle_line(r#"{"v":1,"cmd":"shutdown"}"#);
+        assert!(stop);
+        assert!(control::decode_reply(&r).is_ok());
+    }
+
+    #[test]
+    fn backup_errors_are_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = test_daemon(dir.path());
+        let (r, _) =
+            d.handle_line(r#"{"v":1,"cmd":"backup","params":{"to":"file:/nonexistent/x"}}"#);
+        // Whatever the engine answers, the reply is well-formed.
+        let parsed: serde_json::Value = serde_json::from_str(&r).unwrap();
+        assert_eq!(parsed["v"], 1);
+        assert!(parsed["ok"].is_boolean());
+        let (r, _) = d.handle_line(r#"{"v":1,"cmd":"backup_status"}"#);
+        let m = control::decode_reply(&r).unwrap();
+        assert!(m.contains_key("backup"));
+    }
+
+    #[test]
+    fn listen_specs() {
+        assert_eq!(
+            parse_listen("tcp:127.0.0.1:10809").unwrap().to_string(),
+            "127.0.0.1:10809"
+        );
+        assert_eq!(
+            parse_listen("tcp:[::1]:10").unwrap().to_string(),
+            "[::1]:10"
+        );
+        assert!(parse_listen("127.0.0.1:10809").is_err());
+        assert!(parse_listen("tcp:127.0.0.1").is_err());
+        assert!(parse_listen("unix:/x").is_err());
+    }
+}

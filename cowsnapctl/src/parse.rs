@@ -1,0 +1,183 @@
+//! Parsing of sizes ("64M"), durations ("3s", "500ms"), priority ranges and target
+//! specs given on the command line, and human-readable formatting.
+
+use anyhow::{anyhow, bail, Result};
+use std::time::Duration;
+
+/// A size: a number with an optional binary suffix K, M, G, T, P (optionally followed
+/// by "iB" or "B"); a bare number is bytes. "64M" = 64 MiB.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        bail!("invalid size {s:?}: expected a number with an optional K, M, G, T suffix");
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow!("invalid size {s:?}: number too large"))?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        "P" | "PB" | "PIB" => 50,
+        _ => bail!("invalid size {s:?}: unknown unit {unit:?} (use K, M, G, T or P)"),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| anyhow!("invalid size {s:?}: too large"))
+}
+
+/// A duration: a number with a unit ms, s, m or h; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("invalid duration {s:?}: expected e.g. 3s, 500ms, 2m"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" | "sec" => n * 1e3,
+        "m" | "min" => n * 60e3,
+        "h" => n * 3600e3,
+        _ => bail!("invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)"),
+    };
+    if !ms.is_finite() || !(0.0..=1e12).contains(&ms) {
+        bail!("invalid duration {s:?}");
+    }
+    Ok(Duration::from_millis(ms.round() as u64))
+}
+
+/// Priority ranges: "OFFSET:LENGTH,..." with sizes ("0:64M,1G:16M").
+pub fn parse_ranges(s: &str) -> Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (o, l) = part
+            .split_once(':')
+            .ok_or_else(|| anyhow!("invalid range {part:?}: expected OFFSET:LENGTH"))?;
+        let (o, l) = (parse_size(o)?, parse_size(l)?);
+        if l == 0 {
+            bail!("invalid range {part:?}: length is zero");
+        }
+        o.checked_add(l)
+            .ok_or_else(|| anyhow!("invalid range {part:?}: overflows"))?;
+        out.push((o, l));
+    }
+    if out.is_empty() {
+        bail!("invalid ranges {s:?}: expected OFFSET:LENGTH[,OFFSET:LENGTH...]");
+    }
+    Ok(out)
+}
+
+/// Check a backup target spec: `file:PATH`, `dev:PATH` or `repo:DIR`.
+pub fn check_target(s: &str) -> Result<()> {
+    match s.split_once(':') {
+        Some(("file" | "dev" | "repo", p)) if !p.is_empty() => Ok(()),
+        _ => bail!("invalid target {s:?}: expected file:PATH, dev:PATH or repo:DIR"),
+    }
+}
+
+/// "1.5 GiB".
+pub fn human_bytes(n: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// "1h02m", "3m05s", "12s".
+pub fn human_secs(s: u64) -> String {
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("8K").unwrap(), 8192);
+        assert_eq!(parse_size("16T").unwrap(), 16 << 40);
+        for bad in [
+            "",
+            "M",
+            "1X",
+            "-1",
+            "1.5G",
+            "99999999999P",
+            "18446744073709551616",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("80").unwrap(), Duration::from_secs(80));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "s", "3x", "-1s", "1..2s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(
+            parse_ranges("0:64M,1G:4096").unwrap(),
+            vec![(0, 64 << 20), (1 << 30, 4096)]
+        );
+        assert_eq!(parse_ranges(" 10:20 ").unwrap(), vec![(10, 20)]);
+        for bad in ["", "10", "10:0", "a:b", "18446744073709551615:2"] {
+            assert!(parse_ranges(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn targets() {
+        assert!(check_target("file:/tmp/x.img").is_ok());
+        assert!(check_target("dev:/dev/sdc").is_ok());
+        assert!(check_target("repo:/srv/backups").is_ok());
+        for bad in ["/tmp/x", "file:", "nbd:x", ""] {
+            assert!(check_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_secs(5), "5s");
+        assert_eq!(human_secs(185), "3m05s");
+        assert_eq!(human_secs(3720), "1h02m");
+    }
+}

@@ -1,0 +1,97 @@
+# shellcheck shell=bash
+# Common helpers for the end-to-end tests. Source it first:  . "$(dirname "$0")/lib.sh"
+#
+# Gives each test a private temp dir $T with its own COWSNAP_RUN_DIR / COWSNAP_STATE_DIR,
+# and a cleanup trap that unmounts what the test mounted, detaches every disk attached
+# under $T (loop devices, nbdfuse mounts), stops the daemons started under $T and removes
+# $T — also when the test fails half-way.
+#   need CMD...        skip (exit 77) unless every command exists
+#   need_root          skip unless root
+#   need_fuse          skip unless FUSE works here
+#   fail MSG           print MSG and the daemon logs, exit 1
+#   track_mount DIR    unmount DIR at cleanup
+#   running PID / wait_gone PID [SECONDS]   process state, zombies count as gone
+#   ctl ARGS...        run cowsnapctl
+#   json_field JSON EXPR   jq -r EXPR on JSON
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${COWSNAP_BIN_DIR:-$ROOT/target/release}
+CTL=$BIN/cowsnapctl
+NBD=${COWSNAP_NBD_BIN:-$BIN/cowsnap-nbd}
+TEST_NAME=$(basename "$0" .sh)
+T=$(mktemp -d "/tmp/cowsnap-$TEST_NAME.XXXXXX")
+export COWSNAP_RUN_DIR=$T/run COWSNAP_STATE_DIR=$T/state
+export COWSNAP_ATTACH_TIMEOUT=${COWSNAP_ATTACH_TIMEOUT:-30}
+MOUNTS=()
+EXTRA_PIDS=()
+
+log() { echo "[$(date +%T)] $*"; }
+skip() { echo "SKIP: $*"; exit 77; }
+dump_logs() {
+  local f
+  for f in "$COWSNAP_STATE_DIR"/*.log; do
+    [ -f "$f" ] || continue
+    echo "--- $f (last 20 lines)"; tail -n 20 "$f"
+  done
+}
+fail() { echo "FAIL: $*" >&2; dump_logs >&2; exit 1; }
+need() { local c; for c in "$@"; do command -v "$c" >/dev/null 2>&1 || skip "$c is not installed"; done; }
+need_root() { [ "$(id -u)" = 0 ] || skip "needs root (mount, losetup)"; }
+need_fuse() { [ -c /dev/fuse ] || skip "no /dev/fuse"; need nbdfuse fusermount3 losetup; }
+track_mount() { MOUNTS+=("$1"); }
+# running PID: alive and not a zombie (an exited daemon may wait a moment to be reaped)
+running() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1; [ -n "$st" ] && [ "${st#Z}" = "$st" ]; }
+# wait_gone PID [SECONDS]: 0 once PID is not running
+wait_gone() { local i; for i in $(seq $(( ${2:-10} * 10 ))); do running "$1" || return 0; sleep 0.1; done; return 1; }
+ctl() { "$CTL" "$@"; }
+json_field() { printf '%s' "$1" | jq -r "$2"; }
+[ -x "$CTL" ] || { echo "FAIL: no cowsnapctl at $CTL (build first, or set COWSNAP_BIN_DIR)"; exit 1; }
+[ -x "$NBD" ] || { echo "FAIL: no cowsnap-nbd at $NBD"; exit 1; }
+need jq
+
+cleanup() {
+  local rc=$? i m f name pid lo
+  trap - EXIT
+  set +e
+  # our own mounts, innermost last-in first-out
+  for ((i=${#MOUNTS[@]}-1; i>=0; i--)); do
+    m=${MOUNTS[$i]}
+    mountpoint -q "$m" 2>/dev/null && { umount "$m" 2>/dev/null || umount -l "$m"; }
+  done
+  # anything else still mounted from a loop device backed by a file under $T
+  while read -r lo f; do
+    case $f in "$T"/*)
+      findmnt -rn -S "$lo" -o TARGET 2>/dev/null | while read -r m; do umount -l "$m"; done
+    esac
+  done < <(losetup -n -O NAME,BACK-FILE 2>/dev/null)
+  # disks attached under $T
+  for f in "$COWSNAP_RUN_DIR"/*.attach.json "$COWSNAP_RUN_DIR"/*.ctl; do
+    [ -e "$f" ] || continue
+    name=$(basename "$f"); name=${name%.attach.json}; name=${name%.ctl}
+    timeout 60 "$CTL" detach --force "$name" >/dev/null 2>&1
+  done
+  # loop devices whose backing file is under $T
+  while read -r lo f; do
+    case $f in "$T"/*) losetup -d "$lo" 2>/dev/null;; esac
+  done < <(losetup -n -O NAME,BACK-FILE 2>/dev/null)
+  # FUSE mounts under $T
+  awk '{print $5}' /proc/self/mountinfo | grep -F "$T/" | sort -r | while read -r m; do
+    fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+  done
+  # daemons with pid files under $T, and extra processes the test started
+  for f in "$COWSNAP_RUN_DIR"/*.pid; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f" 2>/dev/null) && [ -n "$pid" ] && EXTRA_PIDS+=("$pid")
+  done
+  for pid in "${EXTRA_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in "${EXTRA_PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+  done
+  rm -rf "$T"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+mkdir -p -m 700 "$COWSNAP_RUN_DIR" "$COWSNAP_STATE_DIR"
