@@ -75,9 +75,14 @@ impl DiskPaths {
     pub fn fuse_pid_file(&self) -> PathBuf {
         self.run(".fuse.pid")
     }
-    /// Change log.
-    pub fn changelog(&self) -> PathBuf {
-        self.state_dir.join(format!("{}.changelog", self.name))
+    /// The disk's own state directory: change log (`changelog.bin`), identity
+    /// (`identity.json`, lineage) and live-restore fill state (`fill.state`).
+    pub fn disk_state_dir(&self) -> PathBuf {
+        self.state_dir.join(&self.name)
+    }
+    /// Live-restore fill state.
+    pub fn fill_state(&self) -> PathBuf {
+        self.disk_state_dir().join("fill.state")
     }
     /// Daemon log written when `cowsnapctl` starts the daemon.
     pub fn log_file(&self) -> PathBuf {
@@ -179,7 +184,8 @@ mod tests {
         let p = DiskPaths::new("d1", Path::new("/run/x"), Path::new("/var/y"));
         assert_eq!(p.nbd_socket(), Path::new("/run/x/d1.nbd"));
         assert_eq!(p.ctl_socket(), Path::new("/run/x/d1.ctl"));
-        assert_eq!(p.changelog(), Path::new("/var/y/d1.changelog"));
+        assert_eq!(p.disk_state_dir(), Path::new("/var/y/d1"));
+        assert_eq!(p.fill_state(), Path::new("/var/y/d1/fill.state"));
         assert_eq!(p.uri(), "nbd+unix:///d1?socket=/run/x/d1.nbd");
     }
 }

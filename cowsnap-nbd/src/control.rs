@@ -132,6 +132,32 @@ pub struct StatusInfo {
     /// The running or last backup.
     #[serde(default)]
     pub backup: Option<BackupStatus>,
+    /// Lineage id of the disk (changes when a disk is restored from a backup).
+    #[serde(default)]
+    pub lineage: Option<String>,
+    /// Change tracking: what incremental backups will be relative to.
+    #[serde(default)]
+    pub tracking: Option<serde_json::Value>,
+    /// Live restore: the repository generation this disk is filled from.
+    #[serde(default)]
+    pub restored_from: Option<serde_json::Value>,
+    /// Live restore: fill progress (`complete` is true once every chunk is restored).
+    #[serde(default)]
+    pub fill: Option<FillInfo>,
+}
+
+/// Live-restore fill progress.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FillInfo {
+    /// Repository chunks restored so far.
+    pub done: u64,
+    /// Repository chunks in all.
+    pub total: u64,
+    /// Every chunk is restored: the disk no longer needs the repository.
+    pub complete: bool,
+    /// Why the fill stopped, if it failed.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Serialize a request as one line (without the newline): `{"v":1,"cmd":...}`.

@@ -18,8 +18,11 @@ use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::changelog::ChangeLog;
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
+use cowsnap_core::identity::Identity;
+use cowsnap_core::repo::Repo;
+use cowsnap_core::restore::{self, live::FillingIo};
 use cowsnap_nbd::config::DiskPaths;
-use cowsnap_nbd::control::{self, IoCounters, Request, StatusInfo};
+use cowsnap_nbd::control::{self, FillInfo, IoCounters, Request, StatusInfo};
 use cowsnap_nbd::nbd::server::Server;
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -68,6 +71,11 @@ pub struct Args {
     /// Also write the log to this file.
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// Live restore: the origin is filled from this repository generation
+    /// (`repo:DIR@GENERATION`) while it is served. On a later start the fill resumes
+    /// from the disk's state directory without this flag.
+    #[arg(long, value_name = "repo:DIR@GEN")]
+    pub restore_from: Option<String>,
 }
 
 /// Events that stop the daemon.
@@ -85,6 +93,8 @@ pub struct Daemon {
     server: Arc<Server>,
     started: Instant,
     stop_tx: Sender<Stop>,
+    changelog: Option<Arc<ChangeLog>>,
+    filling: Option<Arc<FillingIo>>,
 }
 
 /// Parse a `--listen` value: `tcp:HOST:PORT`.
@@ -162,6 +172,24 @@ impl Daemon {
             stats: IoCounters::from(self.engine.stats()),
             container: self.args.container.clone(),
             backup: self.engine.backup_status(),
+            lineage: self.changelog.as_ref().map(|c| c.lineage().to_string()),
+            tracking: self
+                .changelog
+                .as_ref()
+                .and_then(|c| serde_json::to_value(c.status()).ok()),
+            restored_from: Identity::load_or_create(&self.paths.disk_state_dir())
+                .ok()
+                .and_then(|i| i.restored_from)
+                .and_then(|r| serde_json::to_value(r).ok()),
+            fill: self.filling.as_ref().map(|f| {
+                let st = f.fill_status();
+                FillInfo {
+                    done: st.done,
+                    total: st.total,
+                    complete: st.complete,
+                    error: st.error,
+                }
+            }),
         }
     }
 
@@ -344,25 +372,19 @@ pub fn run(args: Args) -> Result<()> {
         engine: engine_kind,
         direct: false,
     };
-    let origin = blockio::open(&spec).map_err(|e| anyhow!("{e}"))?;
-    let size = origin.size();
-    let changelog = if args.read_only {
-        None
-    } else {
-        make_dir(&args.state_dir, 0o700)?;
-        let cl = ChangeLog::open(&paths.changelog(), size, args.chunk_size)
-            .map_err(|e| anyhow!("unable to open the change log: {e}"))?;
-        Some(Arc::new(cl))
-    };
+    let dest = blockio::open(&spec).map_err(|e| anyhow!("{e}"))?;
+    let size = dest.size();
+    let (origin, filling, changelog) = open_origin_state(&args, &paths, dest)?;
     // `..Default::default()`: the engine's config grows (name, container, throttle);
     // the default container is applied per request in `Daemon::handle`.
-    #[allow(clippy::needless_update)]
     let cfg = EngineConfig {
+        name: args.name.clone(),
         chunk_size: args.chunk_size,
         read_only: args.read_only,
+        default_container: args.container.clone(),
         ..EngineConfig::default()
     };
-    let engine = Engine::new(origin, cfg, changelog).map_err(|e| anyhow!("{e}"))?;
+    let engine = Engine::new(origin, cfg, changelog.clone()).map_err(|e| anyhow!("{e}"))?;
 
     // Sockets are born 0600: umask while binding (no other thread runs yet).
     // SAFETY: umask only changes this process's file-creation mask; no other thread
@@ -402,7 +424,12 @@ pub fn run(args: Args) -> Result<()> {
         server: server.clone(),
         started: Instant::now(),
         stop_tx: stop_tx.clone(),
+        changelog,
+        filling: filling.clone(),
     });
+    if let Some(f) = &filling {
+        f.start_fill();
+    }
 
     {
         let tx = stop_tx.clone();
@@ -479,6 +506,124 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// What identifies the destination of a live restore across restarts.
+fn origin_key(origin: &Path) -> String {
+    std::fs::canonicalize(origin)
+        .unwrap_or_else(|_| origin.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// A fill state belongs to one destination: never fill another disk from it.
+fn check_fill_origin(sdir: &Path, origin: &Path) -> Result<()> {
+    let want = std::fs::read_to_string(sdir.join("fill.origin")).unwrap_or_default();
+    let have = origin_key(origin);
+    if want != have {
+        bail!(
+            "the state directory {} holds a live restore onto {:?}, not {have:?}: \
+             attach under another --name, or remove that directory if the restore is abandoned",
+            sdir.display(),
+            want
+        );
+    }
+    Ok(())
+}
+
+type OriginState = (
+    Arc<dyn cowsnap_core::blockio::BlockIo>,
+    Option<Arc<FillingIo>>,
+    Option<Arc<ChangeLog>>,
+);
+
+/// The disk's state (identity, change log) and, for a disk being restored on the fly,
+/// the filling layer over the destination. A fresh `--restore-from` starts a new
+/// identity (new lineage, tracking relative to the generation); a restart finds the
+/// fill state in the disk's state directory and resumes the fill.
+fn open_origin_state(
+    args: &Args,
+    paths: &DiskPaths,
+    dest: Arc<dyn cowsnap_core::blockio::BlockIo>,
+) -> Result<OriginState> {
+    let size = dest.size();
+    if args.read_only {
+        if args.restore_from.is_some() {
+            bail!("--restore-from cannot be combined with --read-only");
+        }
+        return Ok((dest, None, None));
+    }
+    make_dir(&args.state_dir, 0o700)?;
+    let sdir = paths.disk_state_dir();
+    let fill_state = paths.fill_state();
+    let mut filling = None;
+    if let Some(spec) = &args.restore_from {
+        let rest = spec
+            .strip_prefix("repo:")
+            .ok_or_else(|| anyhow!("invalid --restore-from {spec:?}: expected repo:DIR@GEN"))?;
+        let (dir, gen) = match rest.rsplit_once('@') {
+            Some((d, g)) => (PathBuf::from(d), Some(g.to_string())),
+            None => (PathBuf::from(rest), None),
+        };
+        let repo = Repo::open(&dir).map_err(|e| anyhow!("{e}"))?;
+        let g = repo.resolve(gen.as_deref()).map_err(|e| anyhow!("{e}"))?;
+        if g.disk_size > size {
+            bail!(
+                "unable to restore generation {} ({} bytes) onto {} ({size} bytes): too small",
+                g.id,
+                g.disk_size,
+                args.origin.display()
+            );
+        }
+        if !fill_state.exists() {
+            // A fresh restore: whatever state this name had belongs to another disk.
+            if sdir.exists() {
+                std::fs::remove_dir_all(&sdir)
+                    .with_context(|| format!("unable to reset {}", sdir.display()))?;
+            }
+            make_dir(&sdir, 0o700)?;
+            restore::init_restored_state(&sdir, &dir, &g.id, size, args.chunk_size)
+                .map_err(|e| anyhow!("{e}"))?;
+            std::fs::write(sdir.join("fill.origin"), origin_key(&args.origin))
+                .with_context(|| format!("unable to write {}", sdir.display()))?;
+        }
+        check_fill_origin(&sdir, &args.origin)?;
+        let f = FillingIo::open(dest.clone(), &dir, Some(&g.id), &fill_state)
+            .map_err(|e| anyhow!("{e}"))?;
+        filling = Some(f);
+    } else if fill_state.exists() {
+        check_fill_origin(&sdir, &args.origin)?;
+        let id = Identity::load_or_create(&sdir).map_err(|e| anyhow!("{e}"))?;
+        let from = id.restored_from.ok_or_else(|| {
+            anyhow!(
+                "{} holds a fill state but the identity names no repository",
+                sdir.display()
+            )
+        })?;
+        let f = FillingIo::open(
+            dest.clone(),
+            Path::new(&from.repo),
+            Some(&from.generation),
+            &fill_state,
+        )
+        .map_err(|e| anyhow!("unable to resume the live restore: {e}"))?;
+        if !f.fill_status().complete {
+            log::info!(
+                "resuming the live restore of generation {} from {}",
+                from.generation,
+                from.repo
+            );
+        }
+        filling = Some(f);
+    }
+    make_dir(&sdir, 0o700)?;
+    let cl = ChangeLog::open_in(&sdir, size, args.chunk_size)
+        .map_err(|e| anyhow!("unable to open the change log: {e}"))?;
+    let origin: Arc<dyn cowsnap_core::blockio::BlockIo> = match &filling {
+        Some(f) => f.clone(),
+        None => dest,
+    };
+    Ok((origin, filling, Some(Arc::new(cl))))
+}
+
 fn wait_stop(rx: &Receiver<Stop>) -> String {
     match rx.recv() {
         Ok(Stop::Signal(s)) => format!("signal {s}"),
@@ -548,6 +693,8 @@ mod tests {
             server: Server::new(),
             started: Instant::now(),
             stop_tx: tx,
+            changelog: None,
+            filling: None,
         }
     }
 

@@ -45,6 +45,10 @@ pub struct AttachArgs {
     /// Print {name, device, uri, pid, via} as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Fill the disk from a repository generation while serving it
+    /// (set by `cowsnapctl restore --live`).
+    #[arg(long, hide = true, value_name = "repo:DIR@GEN")]
+    pub restore_from: Option<String>,
 }
 
 /// How long to wait for the daemon and nbdfuse (COWSNAP_ATTACH_TIMEOUT seconds).
@@ -147,6 +151,9 @@ fn start_daemon(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<(u32
     }
     if let Some(c) = &a.container {
         cmd.arg("--container").arg(c);
+    }
+    if let Some(r) = &a.restore_from {
+        cmd.arg("--restore-from").arg(r);
     }
     if let Some(c) = &a.chunk_size {
         cmd.arg("--chunk-size")

@@ -10,6 +10,7 @@ mod attach;
 mod backup;
 mod detach;
 mod parse;
+mod repo;
 mod status;
 
 /// Directories shared by every command.
@@ -57,6 +58,14 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Back up an attached disk while it stays in use.
     Backup(backup::BackupArgs),
+    /// List the restore points (generations) of a repository.
+    List(repo::ListArgs),
+    /// Re-hash every chunk the repository's generations reference.
+    Verify(repo::VerifyArgs),
+    /// Delete old generations and the chunks no kept generation references.
+    Prune(repo::PruneArgs),
+    /// Restore a generation to a file or device (on the fly with --live).
+    Restore(repo::RestoreArgs),
 }
 
 fn main() {
@@ -67,6 +76,10 @@ fn main() {
         Cmd::Detach(a) => detach::run(&cli.dirs, a).map(|_| 0),
         Cmd::Status(a) => status::run(&cli.dirs, a),
         Cmd::Backup(a) => backup::run(&cli.dirs, a),
+        Cmd::List(a) => repo::list(a),
+        Cmd::Verify(a) => repo::verify(a),
+        Cmd::Prune(a) => repo::prune(a),
+        Cmd::Restore(a) => repo::restore(&cli.dirs, a),
     };
     match r {
         Ok(code) => std::process::exit(code),
