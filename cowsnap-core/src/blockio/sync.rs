@@ -62,7 +62,12 @@ pub(crate) fn zero_fd(
     };
     match r {
         Ok(()) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
+            ) =>
+        {
             write_zeros(file, off, len)
         }
         Err(e) => Err(e),
