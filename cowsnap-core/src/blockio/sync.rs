@@ -151,7 +151,6 @@ impl BlockIo for SyncIo {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::blockio::{open, Engine, OpenSpec};
 
     #[test]

@@ -3,4 +3,6 @@ pub mod handshake;
 pub mod proto;
 pub mod server;
 pub mod stream;
+#[cfg(test)]
+mod tests;
 pub mod transmission;

@@ -611,6 +611,7 @@ pub fn validate(r: &Request, v: &ExportView) -> Result<(), u32> {
                 }
         }
         CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        CMD_CACHE if v.tflags & TF_SEND_CACHE != 0 => CMD_FLAG_FUA,
         _ => return Err(EINVAL),
     };
     if r.flags & !allowed != 0 {
@@ -657,7 +658,7 @@ pub fn errno_of(e: &cowsnap_core::Error) -> u32 {
 
 /// Transmission flags for an export with these capabilities.
 pub fn transmission_flags(caps: &cowsnap_core::export::ExportCaps, structured: bool) -> u16 {
-    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA;
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_CACHE;
     if caps.read_only {
         f |= TF_READ_ONLY;
     } else {
@@ -908,6 +909,8 @@ mod tests {
             Err(EINVAL)
         );
         assert_eq!(validate(&req(99, 0, 0, 512), &v), Err(EINVAL));
+        assert_eq!(validate(&req(CMD_CACHE, 0, 0, 512), &v), Ok(()));
+        assert_eq!(validate(&req(CMD_CACHE, 0, 1 << 20, 512), &v), Err(EINVAL));
         assert_eq!(
             validate(&req(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &v),
             Err(EINVAL)

@@ -109,6 +109,11 @@ impl Server {
             })
         })
     }
+    /// Serve one already-connected client (e.g. one end of a socketpair, or a socket
+    /// handed over by a supervisor) in a background thread.
+    pub fn serve_stream(self: &Arc<Self>, s: Stream) {
+        self.start_connection(s);
+    }
     /// Connections open now.
     pub fn connections(&self) -> usize {
         self.open.lock().map(|m| m.len()).unwrap_or(0)

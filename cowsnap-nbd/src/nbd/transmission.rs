@@ -97,11 +97,7 @@ pub fn serve(
 
 fn worker(c: &Conn) {
     let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let job = match next_job(c, &mut buf) {
-            Some(j) => j,
-            None => break,
-        };
+    while let Some(job) = next_job(c, &mut buf) {
         let ok = match job {
             Job::Refuse(r, err) => reply_error(c, &r, err, "request refused"),
             Job::Run(r) => execute(c, &r, &mut buf),
@@ -210,6 +206,20 @@ fn reply_error(c: &Conn, r: &Request, err: u32, msg: &str) -> io::Result<()> {
     }
 }
 
+/// NBD_CMD_CACHE: read the range through the export (into the worker's buffer, in
+/// pieces) so that it is in the page cache when the client asks for it.
+fn cache(e: &dyn Export, mut off: u64, len: u64, buf: &mut Vec<u8>) -> cowsnap_core::Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let end = off + len;
+    while off < end {
+        let n = (end - off).min(PIECE) as usize;
+        ensure_len(buf, n);
+        e.read(off, &mut buf[..n])?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
 fn execute(c: &Conn, r: &Request, buf: &mut Vec<u8>) -> io::Result<()> {
     let e = &c.export;
     let fua = r.flags & CMD_FLAG_FUA != 0;
@@ -232,6 +242,7 @@ fn execute(c: &Conn, r: &Request, buf: &mut Vec<u8>) -> io::Result<()> {
                 Err(err) => Err(err),
             }
         }
+        CMD_CACHE => cache(e.as_ref(), r.offset, r.len as u64, buf),
         CMD_WRITE => e.write(r.offset, &buf[..r.len as usize], fua),
         CMD_FLUSH => e.flush(),
         CMD_TRIM => e.trim(r.offset, r.len as u64, fua),
