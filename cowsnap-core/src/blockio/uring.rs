@@ -14,6 +14,13 @@
 //! - Discard and write-zeroes are fallocate/ioctl calls shared with the sync engine
 //!   (`sync::discard_fd`, `sync::zero_fd`): io_uring's fallocate would not be faster
 //!   and the block-device ioctls have no ring opcode on older kernels.
+//! - Buffered writes (an fd without `O_DIRECT`) bypass the ring and use pwrite from the
+//!   calling thread. The kernel cannot complete a buffered write inline in
+//!   `io_uring_enter` on ext4 or on a block device's page cache, so it hands every one
+//!   to an io-wq worker thread: the same copy plus two context switches. Measured on
+//!   the NBD server (4k random writes, QD32): ring ~0.5-0.75x of pwrite, on a file and
+//!   on a loop device alike. Reads (served inline from the page cache), fsync, and
+//!   every I/O on an `O_DIRECT` fd go through the ring.
 //! - A thread that cannot create its ring (e.g. a locked-memory limit) falls back to
 //!   pread/pwrite for its operations, with a warning: data is never at risk.
 
@@ -69,6 +76,8 @@ pub struct UringIo {
     file: File,
     size: u64,
     is_blk: bool,
+    /// Submit writes to the ring (O_DIRECT fds); otherwise pwrite (see the notes).
+    ring_writes: bool,
 }
 
 impl UringIo {
@@ -80,7 +89,20 @@ impl UringIo {
                 "unable to use io_uring: the kernel refused to create a ring or run a NOP"
             ));
         }
-        Ok(UringIo { file, size, is_blk })
+        // SAFETY: F_GETFL on a valid fd takes no pointer argument.
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        let ring_writes = fl >= 0 && fl & libc::O_DIRECT != 0;
+        Ok(UringIo {
+            file,
+            size,
+            is_blk,
+            ring_writes,
+        })
+    }
+
+    /// Submit every write to the ring, buffered fd or not (tests; benchmarks).
+    pub fn set_ring_writes(&mut self, on: bool) {
+        self.ring_writes = on;
     }
 
     fn fd(&self) -> types::Fd {
@@ -186,6 +208,9 @@ impl UringIo {
     }
 
     fn write_full(&self, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+        if !self.ring_writes {
+            return self.file.write_all_at(buf, off);
+        }
         while !buf.is_empty() {
             let n = buf.len().min(MAX_OP);
             let sqe = opcode::Write::new(self.fd(), buf.as_ptr(), n as u32)
@@ -298,6 +323,25 @@ mod tests {
     }
 
     #[test]
+    fn conformance_uring_ring_writes() {
+        if !probe() {
+            println!("SKIP conformance_uring_ring_writes: io_uring is not available here");
+            return;
+        }
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4 << 20).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap();
+        let mut io = UringIo::new(file, 4 << 20, false).unwrap();
+        assert!(!io.ring_writes, "a buffered fd should write with pwrite");
+        io.set_ring_writes(true);
+        crate::blockio::conformance::run(&io);
+    }
+
+    #[test]
     fn uring_many_threads_agree_with_pread() {
         if !probe() {
             println!("SKIP uring_many_threads_agree_with_pread: io_uring is not available");
@@ -307,7 +351,14 @@ mod tests {
         f.as_file().set_len(8 << 20).unwrap();
         let mut spec = OpenSpec::origin(f.path());
         spec.engine = Engine::Uring;
-        let io: Arc<dyn BlockIo> = open(&spec).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap();
+        let mut ring = UringIo::new(file, 8 << 20, false).unwrap();
+        ring.set_ring_writes(true);
+        let io: Arc<dyn BlockIo> = Arc::new(ring);
         let mut hs = Vec::new();
         for t in 0..4u64 {
             let io = io.clone();
