@@ -153,6 +153,16 @@ fn next_job(c: &Conn, buf: &mut Vec<u8>) -> Option<Job> {
         return None;
     }
     let verdict = validate(&r, &c.view);
+    if let Err(e) = verdict {
+        log::debug!(
+            "nbd connection {}: refused command {} flags {:#x} offset {} length {}: errno {e}",
+            c.id,
+            r.cmd,
+            r.flags,
+            r.offset,
+            r.len
+        );
+    }
     if r.cmd == CMD_WRITE {
         let res = match verdict {
             Ok(()) => {
