@@ -84,11 +84,11 @@ fn main() -> Result<()> {
     log::info!("{sig:?}: shutting down");
     server.shutdown();
     let _ = acceptor.join();
-    for _ in 0..100 {
-        if server.connections() == 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    if !server.wait_idle(std::time::Duration::from_secs(5)) {
+        log::warn!(
+            "{} connection(s) still open; exiting anyway",
+            server.connections()
+        );
     }
     let _ = std::fs::remove_file(&sock);
     Ok(())

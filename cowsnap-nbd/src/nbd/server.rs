@@ -21,6 +21,11 @@ use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A client must finish the handshake within this time (a connection that never
+/// speaks would otherwise hold a thread forever).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Worker threads per connection unless set otherwise.
 pub const DEFAULT_THREADS_PER_CONNECTION: usize = 16;
@@ -122,6 +127,19 @@ impl Server {
     pub fn connections_total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
+    /// Wait until no connection is open, at most `timeout`; true if none is.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        loop {
+            if self.connections() == 0 {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     /// Stop accepting; connections finish their in-flight requests and close.
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
@@ -180,12 +198,8 @@ impl Server {
     }
 
     fn run_connection(&self, id: u64, s: Stream) -> std::io::Result<()> {
-        if let Stream::Unix(u) = &s {
-            u.set_nonblocking(false)?;
-        }
-        if let Stream::Tcp(t) = &s {
-            t.set_nonblocking(false)?;
-        }
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
         {
             let mut m = self
                 .open
@@ -215,6 +229,8 @@ impl Server {
             session.name,
             session.structured
         );
+        // Idle connections are normal in transmission (a mounted, quiet disk).
+        writer.set_read_timeout(None)?;
         let threads = self.threads.load(Ordering::Relaxed);
         transmission::serve(id, session, reader, writer, threads)
     }

@@ -30,6 +30,22 @@ impl Stream {
         }
     }
 
+    /// Blocking or not.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+
+    /// Read timeout (applies to every handle on the socket).
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
     /// Write `head` then `data` with as few syscalls as possible (writev).
     pub fn write_two(&mut self, head: &[u8], data: &[u8]) -> io::Result<()> {
         let (mut h, mut d) = (0usize, 0usize);

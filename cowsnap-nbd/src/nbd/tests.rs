@@ -554,6 +554,42 @@ fn unix_listener_serves_clients() {
     h.join().unwrap();
 }
 
+#[test]
+fn tcp_listener_serves_clients() {
+    let srv = server_with(Mem::new(1 << 20, false));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = srv.spawn_tcp(l);
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut o = IHAVEOPT.to_be_bytes().to_vec();
+    o.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    o.extend_from_slice(&4u32.to_be_bytes());
+    o.extend_from_slice(b"disk");
+    s.write_all(&o).unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(u64::from_be_bytes(r[..8].try_into().unwrap()), 1 << 20);
+    s.write_all(&encode_request(&Request {
+        flags: 0,
+        cmd: CMD_FLUSH,
+        cookie: 5,
+        offset: 0,
+        len: 0,
+    }))
+    .unwrap();
+    let mut rep = [0u8; 16];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(rep, simple_reply(0, 5));
+    srv.shutdown();
+    h.join().unwrap();
+    assert!(srv.wait_idle(Duration::from_secs(5)));
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
