@@ -200,7 +200,6 @@ pub(crate) fn data_ranges_fd(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::blockio::{open, Engine, OpenSpec};
 
     #[test]

@@ -1,2 +1,8 @@
 //! The NBD protocol: wire format, handshake, transmission.
+pub mod handshake;
+pub mod proto;
 pub mod server;
+pub mod stream;
+#[cfg(test)]
+mod tests;
+pub mod transmission;

@@ -1,0 +1,268 @@
+//! Fixed-newstyle negotiation: greeting, client flags, then options until the client
+//! picks an export (NBD_OPT_GO or NBD_OPT_EXPORT_NAME) or leaves.
+//!
+//! Design notes
+//! - Every option payload is read in full before it is answered, so the stream stays
+//!   in step whatever the option; payloads larger than [`proto::MAX_OPTION_LEN`] are
+//!   refused with NBD_REP_ERR_TOO_BIG, and beyond [`proto::MAX_OPTION_DISCARD`] the
+//!   connection is dropped.
+//! - Unknown client flags, a bad option magic, or an unknown export name in
+//!   NBD_OPT_EXPORT_NAME (which has no error reply) end the connection.
+//! - STARTTLS is refused with NBD_REP_ERR_POLICY (no TLS configured); EXTENDED_HEADERS
+//!   and every unknown option get NBD_REP_ERR_UNSUP.
+//! - The meta-context selection (`base:allocation` or nothing) is remembered from the
+//!   last NBD_OPT_SET_META_CONTEXT and needs structured replies.
+
+use super::proto::{self, *};
+use super::server::{ExportEntry, Server};
+use super::stream::Stream;
+use std::io::{self, Read, Write};
+
+/// What the negotiation agreed on.
+pub struct Session {
+    /// The export chosen.
+    pub entry: ExportEntry,
+    /// Its name.
+    pub name: String,
+    /// Structured replies negotiated.
+    pub structured: bool,
+    /// `base:allocation` selected.
+    pub base_allocation: bool,
+    /// Transmission flags sent.
+    pub tflags: u16,
+}
+
+/// Why negotiation ended without a session.
+#[derive(Debug)]
+pub enum End {
+    /// The client aborted or disconnected, or broke the protocol; close quietly.
+    Closed(String),
+    /// A socket error.
+    Io(io::Error),
+}
+
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            End::Closed("client closed the connection during the handshake".into())
+        } else {
+            End::Io(e)
+        }
+    }
+}
+
+fn reply(w: &mut Stream, opt: u32, rtype: u32, data: &[u8]) -> io::Result<()> {
+    w.write_all(&encode_option_reply(opt, rtype, data))
+}
+
+fn discard(r: &mut impl Read, mut n: u64) -> io::Result<()> {
+    let mut scratch = [0u8; 8192];
+    while n > 0 {
+        let k = (n as usize).min(scratch.len());
+        r.read_exact(&mut scratch[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+fn lookup(server: &Server, name: &[u8]) -> Option<(String, ExportEntry)> {
+    let name = std::str::from_utf8(name).ok()?;
+    server.export(name).map(|e| (name.to_string(), e))
+}
+
+/// Run the handshake on a fresh connection.
+pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result<Session, End> {
+    wr.write_all(&greeting())?;
+    let mut cf = [0u8; 4];
+    rd.read_exact(&mut cf)?;
+    let cflags = u32::from_be_bytes(cf);
+    if cflags & !CLIENT_KNOWN != 0 {
+        return Err(End::Closed(format!("unknown client flags {cflags:#x}")));
+    }
+    let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut base_allocation = false;
+    loop {
+        let mut hb = [0u8; OPTION_HEADER_LEN];
+        rd.read_exact(&mut hb)?;
+        let h = parse_option_header(&hb).map_err(|e| End::Closed(format!("option: {e}")))?;
+        if h.len > MAX_OPTION_LEN {
+            if h.len > MAX_OPTION_DISCARD || h.option == OPT_EXPORT_NAME {
+                return Err(End::Closed(format!(
+                    "option {} payload of {} bytes is too large",
+                    h.option, h.len
+                )));
+            }
+            discard(rd, h.len as u64)?;
+            reply(wr, h.option, REP_ERR_TOO_BIG, b"option payload too large")?;
+            continue;
+        }
+        let mut data = vec![0u8; h.len as usize];
+        rd.read_exact(&mut data)?;
+        match h.option {
+            OPT_EXPORT_NAME => {
+                let Some((name, entry)) = lookup(server, &data) else {
+                    return Err(End::Closed(format!(
+                        "unknown export {:?} in NBD_OPT_EXPORT_NAME",
+                        String::from_utf8_lossy(&data)
+                    )));
+                };
+                let tflags = transmission_flags(&entry.export.caps(), structured);
+                wr.write_all(&export_name_reply(entry.export.size(), tflags, no_zeroes))?;
+                return Ok(Session {
+                    entry,
+                    name,
+                    structured,
+                    base_allocation,
+                    tflags,
+                });
+            }
+            OPT_ABORT => {
+                // The client may already have closed; a failed ACK does not matter.
+                let _ = reply(wr, h.option, REP_ACK, &[]);
+                return Err(End::Closed("client sent NBD_OPT_ABORT".into()));
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    reply(wr, h.option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                    continue;
+                }
+                for (name, e) in server.export_list() {
+                    reply(
+                        wr,
+                        h.option,
+                        REP_SERVER,
+                        &rep_server(name.as_bytes(), e.description.as_bytes()),
+                    )?;
+                }
+                reply(wr, h.option, REP_ACK, &[])?;
+            }
+            OPT_STARTTLS => {
+                if !data.is_empty() {
+                    reply(
+                        wr,
+                        h.option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STARTTLS takes no data",
+                    )?;
+                } else {
+                    reply(
+                        wr,
+                        h.option,
+                        REP_ERR_POLICY,
+                        b"TLS is not configured on this server",
+                    )?;
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply(
+                        wr,
+                        h.option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )?;
+                } else {
+                    structured = true;
+                    reply(wr, h.option, REP_ACK, &[])?;
+                }
+            }
+            OPT_INFO | OPT_GO => {
+                let req = match parse_info_request(&data) {
+                    Ok(r) => r,
+                    Err(InvalidOption(why)) => {
+                        reply(wr, h.option, REP_ERR_INVALID, why.as_bytes())?;
+                        continue;
+                    }
+                };
+                let Some((name, entry)) = lookup(server, &req.name) else {
+                    reply(wr, h.option, REP_ERR_UNKNOWN, b"no such export")?;
+                    continue;
+                };
+                let tflags = transmission_flags(&entry.export.caps(), structured);
+                reply(
+                    wr,
+                    h.option,
+                    REP_INFO,
+                    &info_export(entry.export.size(), tflags),
+                )?;
+                if req.infos.contains(&INFO_NAME) {
+                    reply(
+                        wr,
+                        h.option,
+                        REP_INFO,
+                        &info_string(INFO_NAME, name.as_bytes()),
+                    )?;
+                }
+                if req.infos.contains(&INFO_DESCRIPTION) && !entry.description.is_empty() {
+                    reply(
+                        wr,
+                        h.option,
+                        REP_INFO,
+                        &info_string(INFO_DESCRIPTION, entry.description.as_bytes()),
+                    )?;
+                }
+                reply(
+                    wr,
+                    h.option,
+                    REP_INFO,
+                    &info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD),
+                )?;
+                reply(wr, h.option, REP_ACK, &[])?;
+                if h.option == OPT_GO {
+                    return Ok(Session {
+                        entry,
+                        name,
+                        structured,
+                        base_allocation,
+                        tflags,
+                    });
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let list = h.option == OPT_LIST_META_CONTEXT;
+                if !structured {
+                    reply(
+                        wr,
+                        h.option,
+                        REP_ERR_INVALID,
+                        b"meta contexts need structured replies first",
+                    )?;
+                    continue;
+                }
+                let req = match parse_meta_request(&data) {
+                    Ok(r) => r,
+                    Err(InvalidOption(why)) => {
+                        reply(wr, h.option, REP_ERR_INVALID, why.as_bytes())?;
+                        continue;
+                    }
+                };
+                if lookup(server, &req.name).is_none() {
+                    reply(wr, h.option, REP_ERR_UNKNOWN, b"no such export")?;
+                    continue;
+                }
+                let hit = match_meta_queries(&req.queries, list);
+                if hit {
+                    reply(
+                        wr,
+                        h.option,
+                        REP_META_CONTEXT,
+                        &rep_meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION),
+                    )?;
+                }
+                if !list {
+                    base_allocation = hit;
+                }
+                reply(wr, h.option, REP_ACK, &[])?;
+            }
+            other => {
+                let msg = if other == proto::OPT_EXTENDED_HEADERS {
+                    "extended headers are not supported".to_string()
+                } else {
+                    format!("option {other} is not supported")
+                };
+                reply(wr, other, REP_ERR_UNSUP, msg.as_bytes())?;
+            }
+        }
+    }
+}
