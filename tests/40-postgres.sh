@@ -41,9 +41,12 @@ attach() { # FILE NAME -> device on stdout
 books() { # PORT -> "a b t h"
   psqlq "$1" "select (select sum(abalance) from pgbench_accounts), (select sum(bbalance) from pgbench_branches), (select sum(tbalance) from pgbench_tellers), (select coalesce(sum(delta),0) from pgbench_history)" | tr '|' ' '
 }
-mkdir -p "$W/sock" && chown postgres "$W/sock"
+mkdir -p "$W/sock" "$W/pglog" && chown postgres "$W/sock" "$W/pglog"
 fails=0
 fail() { log "FAIL: $*"; fails=$((fails+1)); }
+umnt() { # umount, retrying while the last server processes exit
+  for _ in $(seq 50); do umount "$1" 2>/dev/null && return 0; sleep 0.2; done
+  fuser -vm "$1" 2>&1 | sed 's/^/    /' >&2 || true; umount "$1"; }
 
 for FS in $FSLIST; do
   log "=== $FS: a 2 GiB disk behind cowsnap, PostgreSQL on it"
@@ -52,9 +55,9 @@ for FS in $FSLIST; do
   case $FS in ext4) mkfs.ext4 -q -F "$DEV";; xfs) mkfs.xfs -q -f "$DEV";; esac
   M=$W/mnt-$FS; mkdir -p "$M"; mount "$DEV" "$M"; MOUNTS+=("$M")
   mkdir "$M/data"; chown postgres "$M/data"; chmod 700 "$M/data"
-  pg "$PGBIN/initdb" -q -D "$M/data" -A trust >/dev/null
+  pg "$PGBIN/initdb" -D "$M/data" -A trust >/dev/null
   PGDATAS+=("$M/data"); P=$PORT; PORT=$((PORT+1))
-  start_pg "$M/data" "$P" "$W/pg-$FS.log"
+  start_pg "$M/data" "$P" "$W/pglog/pg-$FS.log"
   pg "$PGBIN/pgbench" -h "$W/sock" -p "$P" -i -q -s "$SCALE" postgres >/dev/null 2>&1
   log "pgbench -i -s $SCALE done; baseline run without backup (${SECS}s/3)"
   pg "$PGBIN/pgbench" -h "$W/sock" -p "$P" -n -c 4 -j 2 -T $((SECS / 3)) postgres >"$W/base-$FS.out" 2>&1
@@ -86,20 +89,21 @@ for FS in $FSLIST; do
     RDEV=$("$CTL" restore "repo:$W/repo@$G" --to "$R" --live --via fuse --name "$RN" | tail -n1)
     NAMES+=("$RN")
     RM=$W/rmnt-$FS-$i; mkdir -p "$RM"; mount "$RDEV" "$RM"; MOUNTS+=("$RM")
-    FILLED=$("$CTL" status "$RN" --json | jq -r '.fill.complete // "unknown"')
+    FILLED=$("$CTL" status "$RN" --json | jq -r '.fill.complete')
     log "mounted the restored disk (fill complete: $FILLED); starting a second server on it"
     RP=$PORT; PORT=$((PORT+1)); PGDATAS+=("$RM/data"); rm -f "$RM/data/postmaster.pid"
-    if start_pg "$RM/data" "$RP" "$W/pg-r-$FS-$i.log"; then
-      grep -E 'redo|recovery|checkpoint record' "$W/pg-r-$FS-$i.log" | sed 's/^/    /' | head -5
+    if start_pg "$RM/data" "$RP" "$W/pglog/pg-r-$FS-$i.log"; then
+      grep -E 'redo|recovery|checkpoint record' "$W/pglog/pg-r-$FS-$i.log" | sed 's/^/    /' | head -5
       pg "$PGBIN/pg_amcheck" -h "$W/sock" -p "$RP" --install-missing -d postgres >"$W/amcheck.out" 2>&1 || { cat "$W/amcheck.out"; fail "$FS gen $i: pg_amcheck"; }
       read -r a b t h <<<"$(books "$RP")"
       if [ "$a" = "$b" ] && [ "$b" = "$t" ] && [ "$t" = "$h" ]; then log "books balance: $a"; else fail "$FS gen $i: books do not balance: $a $b $t $h"; fi
       pg "$PGBIN/pg_ctl" -D "$RM/data" -m fast stop >/dev/null
     else
-      cat "$W/pg-r-$FS-$i.log"; fail "$FS gen $i: restored server did not start"
+      cat "$W/pglog/pg-r-$FS-$i.log"; fail "$FS gen $i: restored server did not start"
     fi
-    umount "$RM"
+    umnt "$RM"
     for _ in $(seq 600); do [ "$("$CTL" status "$RN" --json | jq -r '.fill.complete // false')" = true ] && break; sleep 0.5; done
+    [ "$("$CTL" status "$RN" --json | jq -r '.fill.complete')" = true ] || fail "$FS gen $i: the fill did not complete"
     "$CTL" detach "$RN"
     case $FS in
       ext4) e2fsck -fn "$R" >"$W/fsck.out" 2>&1 || { cat "$W/fsck.out"; fail "$FS gen $i: e2fsck"; };;
@@ -120,11 +124,11 @@ for FS in $FSLIST; do
     RREDO=$("$PGBIN/pg_controldata" "$RM/data" | awk -F': *' '/REDO location/ {print $2}')
     [ "$RREDO" = "$REDO" ] && log "restored control file: latest checkpoint REDO $RREDO = the CHECKPOINT's" || fail "freeze: REDO $RREDO != $REDO"
     RP=$PORT; PORT=$((PORT+1)); PGDATAS+=("$RM/data"); rm -f "$RM/data/postmaster.pid"
-    start_pg "$RM/data" "$RP" "$W/pg-freeze.log" || { cat "$W/pg-freeze.log"; fail "freeze: server did not start"; }
+    start_pg "$RM/data" "$RP" "$W/pglog/pg-freeze.log" || { cat "$W/pglog/pg-freeze.log"; fail "freeze: server did not start"; }
     read -r a b t h <<<"$(books "$RP")"; [ "$a" = "$h" ] && [ "$b" = "$t" ] && [ "$a" = "$b" ] || fail "freeze: books $a $b $t $h"
-    pg "$PGBIN/pg_ctl" -D "$RM/data" -m fast stop >/dev/null; umount "$RM"; "$CTL" detach "$RN" --force >/dev/null
+    pg "$PGBIN/pg_ctl" -D "$RM/data" -m fast stop >/dev/null; umnt "$RM"; "$CTL" detach "$RN" --force >/dev/null
   fi
   pg "$PGBIN/pg_ctl" -D "$M/data" -m fast stop >/dev/null
-  umount "$M"; "$CTL" detach "pg-$FS"
+  umnt "$M"; "$CTL" detach "pg-$FS"
 done
 [ "$fails" = 0 ] && log "all checks passed" || { log "$fails check(s) failed"; exit 1; }

@@ -65,6 +65,23 @@ pub fn backup_line(b: &BackupStatus) -> String {
     s
 }
 
+/// Live-restore progress, when the disk is being filled from a repository.
+fn fill_line(s: &StatusInfo) -> String {
+    match &s.fill {
+        None => String::new(),
+        Some(f) if f.complete => "  restore complete".into(),
+        Some(f) => format!(
+            "  restoring {}/{} chunks{}",
+            f.done,
+            f.total,
+            f.error
+                .as_ref()
+                .map(|e| format!(" (stopped: {e})"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
 fn line(name: &str, rec: Option<&AttachRecord>, st: Option<&StatusInfo>) -> String {
     let via = rec.map(|r| r.via.to_string()).unwrap_or_else(|| "-".into());
     let dev = rec
@@ -88,7 +105,7 @@ fn line(name: &str, rec: Option<&AttachRecord>, st: Option<&StatusInfo>) -> Stri
                     .as_ref()
                     .map(backup_line)
                     .unwrap_or_else(|| "no backup".into())
-            )
+            ) + &fill_line(s)
         }
     }
 }
@@ -132,6 +149,9 @@ pub fn run(dirs: &Dirs, a: StatusArgs) -> Result<i32> {
                     "uri": st.as_ref().map(|s| s.uri.clone()).or(rec.as_ref().map(|r| r.uri.clone())),
                     "pid": st.as_ref().map(|s| s.pid as i32).or(*pid),
                     "responding": st.is_some(),
+                    "backup": st.as_ref().and_then(|s| s.backup.clone()),
+                    "fill": st.as_ref().and_then(|s| s.fill.clone()),
+                    "lineage": st.as_ref().and_then(|s| s.lineage.clone()),
                     "attach": rec,
                     "daemon": st,
                 })
