@@ -88,7 +88,9 @@ for FS in $FSLIST; do
     log "restore --live generation $G of pg-$FS to $R"
     RDEV=$("$CTL" restore "repo:$W/repo@$G" --to "$R" --live --via fuse --name "$RN" | tail -n1)
     NAMES+=("$RN")
-    RM=$W/rmnt-$FS-$i; mkdir -p "$RM"; mount "$RDEV" "$RM"; MOUNTS+=("$RM")
+    # XFS refuses a second mount of the same filesystem UUID while the original is mounted.
+    RM=$W/rmnt-$FS-$i; mkdir -p "$RM"; MOUNTS+=("$RM")
+    case $FS in xfs) mount -o nouuid "$RDEV" "$RM";; *) mount "$RDEV" "$RM";; esac
     FILLED=$("$CTL" status "$RN" --json | jq -r '.fill.complete')
     log "mounted the restored disk (fill complete: $FILLED); starting a second server on it"
     RP=$PORT; PORT=$((PORT+1)); PGDATAS+=("$RM/data"); rm -f "$RM/data/postmaster.pid"
