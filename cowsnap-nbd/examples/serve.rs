@@ -36,13 +36,14 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let a = Args::parse();
-    // Block the signals before any thread starts so only sigwait below sees them.
+    // Block the signals first, before any thread starts, so only sigwait below sees
+    // them (a SIGTERM during start-up then still ends the process cleanly).
     let mut sigs = SigSet::empty();
     sigs.add(Signal::SIGTERM);
     sigs.add(Signal::SIGINT);
     sigs.thread_block().context("unable to block signals")?;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let a = Args::parse();
 
     let mut spec = OpenSpec::origin(&a.origin);
     spec.read_only = a.read_only;

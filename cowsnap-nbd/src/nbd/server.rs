@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 /// speaks would otherwise hold a thread forever).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Socket send buffer asked for in transmission (capped by the kernel's wmem_max).
+pub const SEND_BUFFER: usize = 4 << 20;
+
 /// Worker threads per connection unless set otherwise.
 pub const DEFAULT_THREADS_PER_CONNECTION: usize = 16;
 
@@ -231,6 +234,7 @@ impl Server {
         );
         // Idle connections are normal in transmission (a mounted, quiet disk).
         writer.set_read_timeout(None)?;
+        writer.set_send_buffer(SEND_BUFFER);
         let threads = self.threads.load(Ordering::Relaxed);
         transmission::serve(id, session, reader, writer, threads)
     }

@@ -16,7 +16,9 @@
 //!   the socket closes. NBD_CMD_DISC ends it the same way.
 //! - Replies: READ answers with one OFFSET_DATA chunk when structured replies are on
 //!   (which also satisfies DF), errors on READ and BLOCK_STATUS as an ERROR chunk, every
-//!   other command with a simple reply. Header and data go out in one writev.
+//!   other command with a simple reply. Small replies are queued and written in batches
+//!   by whichever worker finds the queue idle ([`Out`], a group commit); large ones go
+//!   out directly, header and data in one writev.
 
 use super::handshake::Session;
 use super::proto::{self, *};
@@ -36,7 +38,7 @@ pub const READ_BUF: usize = 256 << 10;
 
 struct Conn {
     reader: Mutex<BufReader<Stream>>,
-    writer: Mutex<Stream>,
+    out: Out,
     closing: AtomicBool,
     export: Arc<dyn Export>,
     view: ExportView,
@@ -69,7 +71,7 @@ pub fn serve(
     };
     let conn = Arc::new(Conn {
         reader: Mutex::new(reader),
-        writer: Mutex::new(writer),
+        out: Out::new(writer)?,
         closing: AtomicBool::new(false),
         export,
         view,
@@ -87,12 +89,104 @@ pub fn serve(
     for h in hs {
         let _ = h.join();
     }
-    let w = conn
-        .writer
-        .lock()
-        .map_err(|_| io::Error::other("writer lock poisoned"))?;
-    let _ = w.shutdown(Shutdown::Both);
+    let _ = conn.out.ctl.shutdown(Shutdown::Both);
     Ok(())
+}
+
+/// Replies larger than this are written directly; smaller ones are queued and sent in
+/// batches.
+const COALESCE_MAX: usize = 64 << 10;
+/// A queue this full makes new replies wait for the socket (back-pressure on a client
+/// that does not read its replies).
+const QUEUE_MAX: usize = 8 << 20;
+
+/// The reply side of a connection: group commit of small replies.
+///
+/// A worker appends its reply to the queue; if nobody is flushing, it becomes the
+/// flusher and writes the queue to the socket, again and again until it finds the queue
+/// empty (checked under the queue lock, so no reply is left behind). Workers that find a
+/// flusher at work return at once and go on reading requests; under load many replies
+/// leave in one syscall. Large replies (and any reply while the queue is over
+/// [`QUEUE_MAX`]) are written directly; the socket lock keeps every reply contiguous.
+struct Out {
+    queue: Mutex<Queue>,
+    sock: Mutex<Stream>,
+    /// A handle for shutdown that never waits behind a blocked write.
+    ctl: Stream,
+}
+
+#[derive(Default)]
+struct Queue {
+    bytes: Vec<u8>,
+    spare: Vec<u8>,
+    flushing: bool,
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("reply lock poisoned")
+}
+
+impl Out {
+    fn new(s: Stream) -> io::Result<Out> {
+        Ok(Out {
+            queue: Mutex::new(Queue::default()),
+            ctl: s.try_clone()?,
+            sock: Mutex::new(s),
+        })
+    }
+
+    /// Send one reply: `head` then `data`, contiguous on the wire.
+    fn send(&self, head: &[u8], data: &[u8]) -> io::Result<()> {
+        if head.len() + data.len() <= COALESCE_MAX {
+            let mut q = self.queue.lock().map_err(|_| poisoned())?;
+            if q.bytes.len() < QUEUE_MAX {
+                q.bytes.extend_from_slice(head);
+                q.bytes.extend_from_slice(data);
+                if q.flushing {
+                    return Ok(());
+                }
+                q.flushing = true;
+                drop(q);
+                return self.flush_queue();
+            }
+        }
+        let mut s = self.sock.lock().map_err(|_| poisoned())?;
+        s.write_two(head, data)
+    }
+
+    fn flush_queue(&self) -> io::Result<()> {
+        let mut batch = {
+            let mut q = self.queue.lock().map_err(|_| poisoned())?;
+            std::mem::take(&mut q.spare)
+        };
+        loop {
+            {
+                let mut q = self.queue.lock().map_err(|_| poisoned())?;
+                if q.bytes.is_empty() {
+                    q.flushing = false;
+                    batch.clear();
+                    if batch.capacity() <= 2 * QUEUE_MAX {
+                        q.spare = batch;
+                    }
+                    return Ok(());
+                }
+                std::mem::swap(&mut q.bytes, &mut batch);
+            }
+            let r = match self.sock.lock() {
+                Ok(mut s) => s.write_two(&batch, &[]),
+                Err(_) => Err(poisoned()),
+            };
+            batch.clear();
+            if let Err(e) = r {
+                // The connection is lost: drop what is queued and let others see it.
+                if let Ok(mut q) = self.queue.lock() {
+                    q.flushing = false;
+                    q.bytes.clear();
+                }
+                return Err(e);
+            }
+        }
+    }
 }
 
 fn worker(c: &Conn) {
@@ -115,9 +209,7 @@ fn worker(c: &Conn) {
 
 fn stop(c: &Conn) {
     c.closing.store(true, Ordering::SeqCst);
-    if let Ok(w) = c.writer.lock() {
-        let _ = w.shutdown(Shutdown::Read);
-    }
+    let _ = c.out.ctl.shutdown(Shutdown::Read);
 }
 
 fn ensure_len(buf: &mut Vec<u8>, n: usize) {
@@ -196,21 +288,12 @@ fn discard(r: &mut impl Read, mut n: u64) -> io::Result<()> {
 }
 
 fn send_simple(c: &Conn, cookie: u64, err: u32) -> io::Result<()> {
-    let mut w = c
-        .writer
-        .lock()
-        .map_err(|_| io::Error::other("writer lock poisoned"))?;
-    w.write_two(&simple_reply(err, cookie), &[])
+    c.out.send(&simple_reply(err, cookie), &[])
 }
 
 fn reply_error(c: &Conn, r: &Request, err: u32, msg: &str) -> io::Result<()> {
     if c.view.structured && matches!(r.cmd, CMD_READ | CMD_BLOCK_STATUS) {
-        let chunk = error_chunk(r.cookie, err, msg);
-        let mut w = c
-            .writer
-            .lock()
-            .map_err(|_| io::Error::other("writer lock poisoned"))?;
-        w.write_two(&chunk, &[])
+        c.out.send(&error_chunk(r.cookie, err, msg), &[])
     } else {
         send_simple(c, r.cookie, err)
     }
@@ -239,14 +322,11 @@ fn execute(c: &Conn, r: &Request, buf: &mut Vec<u8>) -> io::Result<()> {
             ensure_len(buf, n);
             match e.read(r.offset, &mut buf[..n]) {
                 Ok(()) => {
-                    let mut w = c
-                        .writer
-                        .lock()
-                        .map_err(|_| io::Error::other("writer lock poisoned"))?;
                     return if c.view.structured {
-                        w.write_two(&offset_data_header(r.cookie, r.offset, r.len), &buf[..n])
+                        c.out
+                            .send(&offset_data_header(r.cookie, r.offset, r.len), &buf[..n])
                     } else {
-                        w.write_two(&simple_reply(0, r.cookie), &buf[..n])
+                        c.out.send(&simple_reply(0, r.cookie), &buf[..n])
                     };
                 }
                 Err(err) => Err(err),
@@ -272,11 +352,7 @@ fn execute(c: &Conn, r: &Request, buf: &mut Vec<u8>) -> io::Result<()> {
                     return reply_error(c, r, EIO, "no extents for the range");
                 }
                 let chunk = block_status_chunk(r.cookie, BASE_ALLOCATION_ID, &d);
-                let mut w = c
-                    .writer
-                    .lock()
-                    .map_err(|_| io::Error::other("writer lock poisoned"))?;
-                return w.write_two(&chunk, &[]);
+                return c.out.send(&chunk, &[]);
             }
             Err(err) => Err(err),
         },
