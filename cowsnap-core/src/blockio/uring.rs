@@ -299,6 +299,14 @@ impl BlockIo for UringIo {
     fn engine_name(&self) -> &'static str {
         "uring"
     }
+    fn data_ranges(&self, off: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        if self.is_blk {
+            return Ok(None);
+        }
+        check_range(self.size, off, len, "block status")?;
+        super::sync::data_ranges_fd(&self.file, off, off + len)
+            .ctx(|| format!("unable to map allocation at offset {off} length {len}"))
+    }
 }
 
 #[cfg(test)]
@@ -320,6 +328,20 @@ mod tests {
         let io = open(&spec).unwrap();
         assert_eq!(io.engine_name(), "uring");
         crate::blockio::conformance::run(&*io);
+        // A fresh sparse file: allocation is reported like the sync engine does.
+        let g = tempfile::NamedTempFile::new().unwrap();
+        g.as_file().set_len(4 << 20).unwrap();
+        let mut spec = OpenSpec::origin(g.path());
+        spec.engine = Engine::Uring;
+        let io = open(&spec).unwrap();
+        io.write_at(&[7u8; 4096], 1 << 20).unwrap();
+        let r = io.data_ranges(0, 4 << 20).unwrap().unwrap();
+        assert!(
+            r.iter()
+                .any(|&(a, b)| a <= 1 << 20 && b >= (1 << 20) + 4096),
+            "{r:?}"
+        );
+        assert!(!r.iter().any(|&(a, _)| a == 0), "{r:?}");
     }
 
     #[test]

@@ -254,7 +254,6 @@ mod tests {
 
     /// What the kernel does: GO, then simple-reply transmission, against our server.
     #[test]
-    #[ignore = "needs the NBD protocol server behind nbd::server (run with --ignored once it is in)"]
     fn handshake_and_simple_read_with_our_server() {
         use crate::nbd::server::Server;
         use cowsnap_core::blockio::{self, OpenSpec};
