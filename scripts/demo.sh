@@ -21,6 +21,11 @@ CTL=$BIN/cowsnapctl
 D=$(mktemp -d /tmp/cowsnap-demo.XXXXXX)
 export COWSNAP_RUN_DIR=$D/run COWSNAP_STATE_DIR=$D/state
 WL=
+# Run a backup and print one line about it (cowsnapctl shows a progress bar on a terminal).
+backup() {
+  "$CTL" backup "$@" --json | jq -r 'select(.event == "complete" or .event == "failed") |
+    "   backup \(.event): \(.chunks_copied) chunks copied, \(.chunks_preserved) preserved through the container, \(.holds) writes held \(.hold_time_ms) ms, \(.throttled_writes) throttled; generation \(.generation)"'
+}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say() { printf '   %s\n' "$*"; }
 cleanup() {
@@ -48,6 +53,7 @@ mkdir -p "$D/mnt/docs"
 for i in $(seq 1 200); do echo "document $i, written $(date -Is)" >"$D/mnt/docs/doc$i.txt"; done
 head -c $((96 << 20)) /dev/urandom >"$D/mnt/photos.bin"
 (cd "$D/mnt" && sha256sum docs/*.txt photos.bin) >"$D/manifest"
+sync   # the snapshot is crash-consistent: it holds what has reached the disk
 # The workload: a journal of numbered, checksummed lines, appended and fsynced.
 ( n=0; while :; do n=$((n+1)); l="entry $n $(date +%s%N)"
   echo "$l $(echo "$l" | cksum | cut -d' ' -f1)" >>"$D/mnt/journal.log"; sync "$D/mnt/journal.log"
@@ -57,13 +63,14 @@ sleep 2
 say "200 documents, a 96 MiB file, and a journal growing by the millisecond"
 
 step "3. Online full backup into the repository $D/repo (the workload keeps running)"
-"$CTL" backup demo --to "repo:$D/repo" --quiesce-idle 0s
+backup demo --to "repo:$D/repo" --quiesce-idle 0s
 sleep 2
 step "4. More changes, then an incremental backup: only the changed chunks are read"
 head -c $((8 << 20)) /dev/urandom >"$D/mnt/new-photo.bin"
 (cd "$D/mnt" && sha256sum new-photo.bin) >>"$D/manifest"
-"$CTL" backup demo --to "repo:$D/repo" --incremental --freeze "$D/mnt"
-say "(--freeze: the filesystem was frozen for the snapshot instant, then thawed)"
+backup demo --to "repo:$D/repo" --incremental --freeze "$D/mnt"
+say "(--freeze: the filesystem was flushed and frozen for the snapshot instant, then thawed;"
+say " without it, the snapshot is crash-consistent: what had reached the disk at that instant)"
 "$CTL" status demo
 step "5. The repository's restore points"
 "$CTL" list "repo:$D/repo"
