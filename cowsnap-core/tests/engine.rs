@@ -361,9 +361,15 @@ fn one_backup_at_a_time_and_bad_specs() {
     assert!(err.to_string().contains("still running"), "{err}");
     ts.resume();
     wait_done(&e);
-    let err = e.start_backup(params("repo:/tmp/r")).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unsupported);
-    assert!(err.to_string().contains("repository targets are not wired"));
+    let mut inc = params("file:/tmp/never-written.img");
+    inc.incremental = true;
+    let err = e.start_backup(inc).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(
+        err.to_string().contains("--incremental needs a repository"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new("/tmp/never-written.img").exists());
     assert_eq!(e.backup_status().unwrap().state, "failed");
     let err = e.start_backup(params("ftp:x")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
