@@ -51,7 +51,7 @@ fn fill_child() {
         &dir.join("fill.state"),
     )
     .unwrap();
-    f.set_fill_rate(8 * MIB as u64);
+    f.set_fill_rate(4 * MIB as u64);
     f.start_fill();
     let mut log = std::fs::OpenOptions::new()
         .append(true)
@@ -62,7 +62,7 @@ fn fill_child() {
         let (off, data) = nth_write(k);
         f.write_at(&data, off as u64).unwrap();
         writeln!(log, "{k}").unwrap();
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(100));
     }
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -71,7 +71,9 @@ fn fill_child() {
 
 #[test]
 fn kill9_mid_fill_resumes_and_keeps_acknowledged_writes() {
-    for (round, kill_after_ms) in [700u64, 1500].into_iter().enumerate() {
+    // Kill after this many acknowledged writes (not after a fixed time: on a loaded
+    // machine the child may start late, on an idle one the fill may finish early).
+    for (round, kill_after_acks) in [3usize, 9].into_iter().enumerate() {
         let d = tempfile::tempdir().unwrap();
         let repo = d.path().join("repo");
         let disk = synth_disk(SIZE, 40 + round as u64);
@@ -90,7 +92,15 @@ fn kill9_mid_fill_resumes_and_keeps_acknowledged_writes() {
             .env(ENV, d.path())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(kill_after_ms));
+        let t0 = Instant::now();
+        while std::fs::read_to_string(d.path().join("acked.log"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+            < kill_after_acks
+        {
+            assert!(t0.elapsed() < Duration::from_secs(60), "child made no progress");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // SAFETY: plain kill(2) of the child we spawned; no memory is passed.
         let r = unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         assert_eq!(r, 0);
