@@ -98,7 +98,10 @@ fn kill9_mid_fill_resumes_and_keeps_acknowledged_writes() {
             .unwrap_or(0)
             < kill_after_acks
         {
-            assert!(t0.elapsed() < Duration::from_secs(60), "child made no progress");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "child made no progress"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         // SAFETY: plain kill(2) of the child we spawned; no memory is passed.
