@@ -31,6 +31,7 @@ cleanup() {
 trap cleanup EXIT
 PORT=$((20000 + RANDOM % 20000))
 
+sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a - b }'; }
 pg() { runuser -u postgres -- "$@"; }
 psqlq() { pg "$PGBIN/psql" -h "$W/sock" -p "$1" -d postgres -Atqc "$2"; }
 start_pg() { # DATA PORT LOG
@@ -76,8 +77,8 @@ for FS in $FSLIST; do
   LOAD_TPS=$(awk '/^tps/ {print $3; exit}' "$W/load-$FS.out")
   grep -qE 'number of failed transactions: 0|^number of transactions actually processed' "$W/load-$FS.out" || fail "$FS: pgbench reported failures"
   grep -q 'aborted' "$W/load-$FS.out" && fail "$FS: pgbench aborted transactions"
-  log "TPS without backup $BASE_TPS, during backups $LOAD_TPS; full $(echo "$t1 - $t0" | bc)s, incremental $(echo "$t2 - $t1" | bc)s"
-  echo "{\"fs\":\"$FS\",\"tps_base\":$BASE_TPS,\"tps_during\":$LOAD_TPS,\"full_s\":$(echo "$t1 - $t0" | bc),\"incr_s\":$(echo "$t2 - $t1" | bc)}" >>"${PG_RESULTS:-$W/results.jsonl}"
+  log "TPS without backup $BASE_TPS, during backups $LOAD_TPS; full $(sub "$t1" "$t0")s, incremental $(sub "$t2" "$t1")s"
+  echo "{\"fs\":\"$FS\",\"tps_base\":$BASE_TPS,\"tps_during\":$LOAD_TPS,\"full_s\":$(sub "$t1" "$t0"),\"incr_s\":$(sub "$t2" "$t1")}" >>"${PG_RESULTS:-$W/results.jsonl}"
 
   GENS=$("$CTL" list "repo:$W/repo" --json | jq -r --arg d "pg-$FS" '.[] | select(.disk == $d) | .id')
   [ "$(echo "$GENS" | wc -w)" = 2 ] || fail "$FS: expected 2 generations, got: $GENS"
