@@ -31,12 +31,15 @@ disk_ok() { # a write and read-back through NBD, then the daemon still answers
   [ "$(ctl status t23 --json | jq .daemon.stats.errors)" = 0 ] || fail "$1: a client request failed"
 }
 bk() { timeout 300 "$CTL" backup t23 --quiesce-idle 0s --json "$@" >"$T/out" 2>"$T/err"; }
+last_id() { ctl status t23 --json | jq '.daemon.backup.id // 0'; }
+# wait_running ID: until the backup after ID (the last one before it was started) runs
 wait_running() {
-  local st
-  for _ in $(seq 500); do
-    st=$(ctl status t23 --json | jq -r '.daemon.backup.state // "none"')
-    [ "$st" = running ] && return 0
-    case $st in complete|failed) return 1;; esac
+  local b
+  for _ in $(seq 1000); do
+    b=$(ctl status t23 --json | jq -c '.daemon.backup // {id: 0}')
+    if [ "$(json_field "$b" .id)" -gt "$1" ]; then
+      case $(json_field "$b" .state) in running) return 0;; complete|failed) return 1;; esac
+    fi
     sleep 0.01
   done
   return 1
@@ -73,8 +76,8 @@ fuse_file() { # NAME SIZE -> prints the file path
 log "b1: dev: target (loop device over nbdkit) failing with EIO mid-backup"
 fuse_file tgt 320M
 lo=$(losetup -f --show "$T/tgt.fuse/f") || fail "losetup"
-bk --to "dev:$lo" --rate-limit 64M & B=$!; EXTRA_PIDS+=("$B")
-wait_running || fail "backup to $lo did not start: $(cat "$T/err")"
+id0=$(last_id); bk --to "dev:$lo" --rate-limit 64M & B=$!; EXTRA_PIDS+=("$B")
+wait_running "$id0" || fail "backup to $lo did not start: $(cat "$T/err")"
 sleep 1; touch "$T/tgt.trigger"
 wait "$B" && fail "backup to a failing device succeeded"
 log "exit != 0: $(cat "$T/err")"
@@ -84,8 +87,8 @@ disk_ok "after target EIO"
 
 log "b2: the target vanishes (its nbdfuse is killed) mid-backup"
 rm -f "$T/tgt.trigger"
-bk --to "dev:$lo" --rate-limit 64M & B=$!; EXTRA_PIDS+=("$B")
-wait_running || fail "backup to $lo did not start: $(cat "$T/err")"
+id0=$(last_id); bk --to "dev:$lo" --rate-limit 64M & B=$!; EXTRA_PIDS+=("$B")
+wait_running "$id0" || fail "backup to $lo did not start: $(cat "$T/err")"
 sleep 1; kill -KILL "$FPID"
 wait "$B" && fail "backup to a vanished device succeeded"
 log "exit != 0: $(cat "$T/err")"
@@ -96,8 +99,8 @@ losetup -d "$lo"; umount -l "$T/tgt.fuse/f" 2>/dev/null
 log "c: the container fails while clients write to chunks not yet copied"
 fuse_file cont 32M
 head -c $((64 << 20)) /dev/urandom > "$T/data"
-bk --to "file:$T/c.img" --container "dev:$T/cont.fuse/f" --rate-limit 16M & B=$!; EXTRA_PIDS+=("$B")
-wait_running || fail "backup with a dev: container did not start: $(cat "$T/err")"
+id0=$(last_id); bk --to "file:$T/c.img" --container "dev:$T/cont.fuse/f" --rate-limit 16M & B=$!; EXTRA_PIDS+=("$B")
+wait_running "$id0" || fail "backup with a dev: container did not start: $(cat "$T/err")"
 # the writes start at 128 MiB: the drainer (16 MiB/s from 0) is far from there
 qemu-io -f raw "$uri" -c "write -P 0x11 $((128 << 20)) 64k" >/dev/null || fail "write before the fault"
 touch "$T/cont.trigger"
@@ -131,8 +134,8 @@ grep -q "unknown kind" "$T/err" || fail "unclear: $(cat "$T/err")"
 [ ! -e "$T/x.img" ] || fail "a refused backup created its image"
 timeout 30 "$CTL" backup nosuch --to "file:$T/y.img" --quiesce-idle 0s >/dev/null 2>"$T/err" && fail "unknown disk accepted"
 grep -q 'disk "nosuch" is not attached' "$T/err" || fail "unclear: $(cat "$T/err")"
-"$CTL" backup t23 --to "file:$T/first.img" --quiesce-idle 0s --rate-limit 64M >/dev/null 2>"$T/err1" & B=$!; EXTRA_PIDS+=("$B")
-wait_running || fail "first backup did not start: $(cat "$T/err1")"
+id0=$(last_id); "$CTL" backup t23 --to "file:$T/first.img" --quiesce-idle 0s --rate-limit 64M >/dev/null 2>"$T/err1" & B=$!; EXTRA_PIDS+=("$B")
+wait_running "$id0" || fail "first backup did not start: $(cat "$T/err1")"
 bk --to "file:$T/second.img" && fail "a second backup at once was accepted"
 grep -q "still running" "$T/err" || fail "unclear busy message: $(cat "$T/err")"
 [ ! -e "$T/second.img" ] && [ ! -e "$T/second.img.incomplete" ] || fail "the refused backup touched its target"
