@@ -15,8 +15,8 @@
 //!   right after the instant with the job id.
 //! - End: success → `target.commit()`; then, when the target reports a generation, the
 //!   change log's `commit_generation(cut, generation)`; a target without generations
-//!   (raw images) keeps the change bits (`abort_generation`) so the next repository
-//!   backup still sees every change. Failure → the snapshot is dropped (writers
+//!   keeps the change bits (`abort_generation`) so the next repository backup still
+//!   sees every change (raw images take no cut at all, see `Target::uses_change_log`). Failure → the snapshot is dropped (writers
 //!   released), `abort_generation`, `target.abort(why)`. Either way the snapshot is
 //!   uninstalled and the container released (a `file:` container is removed).
 //! - Target specs: `file:PATH`, `dev:PATH` ([`crate::target::raw`]); `repo:DIR` is
