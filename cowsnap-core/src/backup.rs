@@ -9,13 +9,14 @@
 //!   for `quiesce_idle_ms` without data-changing requests, re-checked under the gate;
 //!   fail cleanly after `quiesce_timeout_ms`, default 80 s when 0); then the *instant*,
 //!   under the exclusive gate: `changelog.begin_generation()` (an error means "no cut"
-//!   plus a note), `target.scope(cut)`, build the chunk map, install the snapshot.
+//!   plus a note; skipped for targets that do not use it, `Target::uses_change_log`),
+//!   `target.scope(cut)`, build the chunk map, install the snapshot.
 //!   Then `target.begin`, the priority ranges, and the drainer thread. It returns
 //!   right after the instant with the job id.
 //! - End: success → `target.commit()`; then, when the target reports a generation, the
 //!   change log's `commit_generation(cut, generation)`; a target without generations
-//!   (raw images) keeps the change bits (`abort_generation`) so the next repository
-//!   backup still sees every change. Failure → the snapshot is dropped (writers
+//!   keeps the change bits (`abort_generation`) so the next repository backup still
+//!   sees every change (raw images take no cut at all, see `Target::uses_change_log`). Failure → the snapshot is dropped (writers
 //!   released), `abort_generation`, `target.abort(why)`. Either way the snapshot is
 //!   uninstalled and the container released (a `file:` container is removed).
 //! - Target specs: `file:PATH`, `dev:PATH` ([`crate::target::raw`]); `repo:DIR` is
@@ -344,14 +345,14 @@ impl Engine {
         // ---- the snapshot instant: no data-changing request is in flight ----
         let mut gate = gate;
         let cut: Option<Cut> = match &self.changelog {
-            Some(cl) => match cl.begin_generation() {
+            Some(cl) if target.uses_change_log() => match cl.begin_generation() {
                 Ok(c) => Some(c),
                 Err(e) => {
                     job.note(format!("change tracking unavailable ({e}): full backup"));
                     None
                 }
             },
-            None => None,
+            _ => None,
         };
         let scope = match target.scope(cut.as_ref()) {
             Ok(s) => s,

@@ -292,6 +292,6 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -53,6 +53,16 @@ pub trait Target: Send {
     /// Granule in tracking chunks (power of two): the drainer always hands over whole
     /// granules (the last one may be short at the end of the disk).
     fn granule_chunks(&self) -> u32;
+    /// Whether the backup should cut the change log (the target records restore points
+    /// that later incremental backups build on). `false` for targets that neither read
+    /// the cut nor commit a generation (raw images): then no cut is taken, which keeps
+    /// the change log as it is instead of clearing it at the instant and merging it back
+    /// at the end — and spares the disk's writers from re-persisting the change bit of
+    /// every chunk they touch during the backup (one fdatasync per group commit, slow
+    /// while the backup loads the same disk). The default keeps the cut.
+    fn uses_change_log(&self) -> bool {
+        true
+    }
     /// Which chunks must be read; called once, at the snapshot instant, with the cut.
     fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope>;
     /// Called once before any data, with facts about the snapshot.

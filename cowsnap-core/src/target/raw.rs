@@ -18,7 +18,8 @@
 //!   back in memory during the backup, and written only after everything else is
 //!   fsynced; then it is fsynced itself. An aborted or interrupted backup leaves a
 //!   device whose first chunk is zeros: it does not look like a valid disk.
-//! - Granule: one tracking chunk. Scope: always every chunk (a raw image is full).
+//! - Granule: one tracking chunk. Scope: always every chunk (a raw image is full), so
+//!   the change log is not cut for it (`uses_change_log` is false).
 
 use super::{Scope, SnapshotInfo, Target, TargetSummary};
 use crate::blockio::{self, BlockIo, OpenSpec};
@@ -147,6 +148,12 @@ fn is_zero(b: &[u8]) -> bool {
 impl Target for RawImage {
     fn granule_chunks(&self) -> u32 {
         1
+    }
+
+    fn uses_change_log(&self) -> bool {
+        // a raw image is always full and has no generations: a cut would only be
+        // merged back at the end
+        false
     }
 
     fn scope(&mut self, _cut: Option<&Cut>) -> Result<Scope> {
