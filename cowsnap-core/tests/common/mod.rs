@@ -182,6 +182,8 @@ pub struct TargetState {
     pub aborted: Mutex<Option<String>>,
     pub began: AtomicBool,
     pub chunk: u32,
+    /// Writes that found the target paused (and waited).
+    pub blocked: AtomicUsize,
 }
 
 impl TargetState {
@@ -191,6 +193,17 @@ impl TargetState {
     pub fn resume(&self) {
         *self.paused.lock().unwrap() = false;
         self.cv.notify_all();
+    }
+    /// Wait until a write is blocked on the pause (the drainer is inside a batch).
+    pub fn wait_blocked(&self) {
+        let t = std::time::Instant::now();
+        while self.blocked.load(Ordering::SeqCst) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no write reached the target"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
@@ -214,6 +227,7 @@ impl MemTarget {
             aborted: Mutex::new(None),
             began: AtomicBool::new(false),
             chunk,
+            blocked: AtomicUsize::new(0),
         });
         (
             Box::new(MemTarget {
@@ -240,6 +254,9 @@ impl Target for MemTarget {
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
         {
             let mut p = self.st.paused.lock().unwrap();
+            if *p {
+                self.st.blocked.fetch_add(1, Ordering::SeqCst);
+            }
             while *p {
                 p = self
                     .st
