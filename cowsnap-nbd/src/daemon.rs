@@ -428,6 +428,14 @@ pub fn run(args: Args) -> Result<()> {
         filling: filling.clone(),
     });
     if let Some(f) = &filling {
+        // Hidden knob for tests and demos: limit the background fill (bytes/s).
+        if let Some(rate) = std::env::var("COWSNAP_FILL_RATE")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            log::info!("background fill limited to {rate} bytes/s (COWSNAP_FILL_RATE)");
+            f.set_fill_rate(rate);
+        }
         f.start_fill();
     }
 
