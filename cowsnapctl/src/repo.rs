@@ -193,6 +193,9 @@ pub struct RestoreArgs {
 /// `cowsnapctl restore`.
 pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     let (dir, gen) = parse_repo_spec(&a.source)?;
+    // Absolute: a live restore records it and resumes from it, in another directory.
+    let dir = std::path::absolute(&dir)
+        .map_err(|e| anyhow!("unable to resolve {}: {e}", dir.display()))?;
     let repo = Repo::open(&dir).map_err(|e| anyhow!("{e}"))?;
     let g = repo.resolve(gen.as_deref()).map_err(|e| anyhow!("{e}"))?;
     drop(repo);
