@@ -581,7 +581,12 @@ fn open_origin_state(
                 args.origin.display()
             );
         }
-        if !fill_state.exists() {
+        // A completed earlier restore under this name is not resumed: restoring again
+        // (the same generation or another) starts afresh.
+        let pending = restore::live::read_fill_state(&fill_state)
+            .map_err(|e| anyhow!("{e}"))?
+            .is_some_and(|(_, complete)| !complete);
+        if !pending {
             // A fresh restore: whatever state this name had belongs to another disk.
             if sdir.exists() {
                 std::fs::remove_dir_all(&sdir)
