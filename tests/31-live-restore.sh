@@ -148,4 +148,25 @@ ctl restore "repo:$REPO@$g2" --to "$T/r2.img" >/dev/null || fail "restore $g2"
 cmp "$T/r2.img" "$T/exp_b.img" || fail "backup of the restored disk does not restore to its content"
 ctl verify "repo:$REPO" >/dev/null || fail "verify"
 ctl detach b31 || fail "detach b31"
+
+log "restore --live again under the same name: restored afresh, not taken as resumed"
+ctl restore "repo:$REPO@$gen" --to "$T/b.img" --live --via none --name b31 >/dev/null 2>"$T/rr.err" || fail "second live restore: $(cat "$T/rr.err")"
+grep -q resuming "$T/rr.err" && fail "a completed live restore was taken as interrupted: $(cat "$T/rr.err")"
+wait_fill b31
+ctl detach b31 || fail "detach b31"
+cmp "$T/b.img" "$T/src.img" || fail "the second live restore of the same generation did not restore it"
+
+log "an interrupted restore of $g2: another generation under that name is refused, the same one resumes"
+COWSNAP_FILL_RATE=$((4 << 20)) ctl restore "repo:$REPO@$g2" --to "$T/b.img" --live --via none --name b31 >/dev/null 2>&1 || fail "live restore of $g2"
+st=$(ctl status b31 --json)
+[ "$(json_field "$st" .daemon.fill.complete)" = false ] || fail "fill of $g2 complete at once: $st"
+kill -9 "$(json_field "$st" .daemon.pid)"; wait_gone "$(json_field "$st" .daemon.pid)" 10 || fail "kill -9"
+ctl restore "repo:$REPO@$gen" --to "$T/b.img" --live --via none --name b31 >/dev/null 2>"$T/rr.err" &&
+  fail "a live restore of another generation over a pending one was accepted"
+grep -q "$g2" "$T/rr.err" || fail "refusal does not name the pending generation: $(cat "$T/rr.err")"
+ctl restore "repo:$REPO@$g2" --to "$T/b.img" --live --via none --name b31 >/dev/null 2>"$T/rr.err" || fail "resume by restore: $(cat "$T/rr.err")"
+grep -q resuming "$T/rr.err" || fail "not resumed: $(cat "$T/rr.err")"
+wait_fill b31
+ctl detach b31 || fail "detach b31"
+cmp "$T/b.img" "$T/r2.img" || fail "resumed restore of $g2 differs from the generation"
 log "PASS"
