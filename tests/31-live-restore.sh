@@ -113,6 +113,11 @@ uri=$(COWSNAP_FILL_RATE=$RATE ctl restore "repo:$REPO@$gen" --to "$T/b.img" --li
   fail "restore --live --via none"
 bad=$(io "$uri" "$T/exp_b.img" 11) || fail "io on $uri"
 [ "$bad" = 0 ] || fail "$bad differences via NBD during the fill"
+log "an incremental backup while the fill runs"
+timeout 300 "$CTL" backup b31 --to "repo:$REPO" --incremental --quiesce-idle 0 >"$T/bkf.out" 2>"$T/bkf.err" ||
+  fail "backup during the fill: $(cat "$T/bkf.err")"
+gf=$(tail -n 1 "$T/bkf.out" | jq -r .generation); cp "$T/exp_b.img" "$T/exp_f.img"
+tail -n 1 "$T/bkf.out" | grep -q "full read" && fail "backup during the fill was a full read: $(tail -n 1 "$T/bkf.out")"
 st=$(ctl status b31 --json); pid=$(json_field "$st" .daemon.pid)
 d1=$(json_field "$st" .daemon.fill.done); total=$(json_field "$st" .daemon.fill.total)
 [ "$d1" -lt "$total" ] || fail "fill complete before the kill: $st"
@@ -146,6 +151,8 @@ tail -n 1 "$T/bk2.out" | jq -c '{generation, notes, bytes_copied}'
 g2=$(tail -n 1 "$T/bk2.out" | jq -r .generation)
 ctl restore "repo:$REPO@$g2" --to "$T/r2.img" >/dev/null || fail "restore $g2"
 cmp "$T/r2.img" "$T/exp_b.img" || fail "backup of the restored disk does not restore to its content"
+ctl restore "repo:$REPO@$gf" --to "$T/rf.img" >/dev/null || fail "restore $gf"
+cmp "$T/rf.img" "$T/exp_f.img" || fail "the backup taken during the fill does not restore to the disk's content then"
 ctl verify "repo:$REPO" >/dev/null || fail "verify"
 ctl detach b31 || fail "detach b31"
 
