@@ -74,6 +74,22 @@ kill -9 "$(json_field "$(ctl status d32 --json)" .daemon.pid)"; sleep 0.5
 uri=$(ctl attach "$T/d.img" --name d32 --via none 2>"$T/att.err" | tail -n 1) || fail "attach: $(cat "$T/att.err")"
 backup_check d32 "$uri" no
 
+log "kill -9 during a (rate-limited) incremental backup, then attach, write, incremental"
+nbdw "$uri" 5 6 || fail "writes 5"
+timeout 300 "$CTL" backup d32 --to "repo:$REPO" --incremental --quiesce-idle 0 --rate-limit 1M >"$T/bkk.out" 2>"$T/bkk.err" & bp=$!
+EXTRA_PIDS+=("$bp")
+for _ in $(seq 100); do [ "$(json_field "$(ctl status d32 --json)" .daemon.backup.state)" = running ] && break; sleep 0.05; done
+[ "$(json_field "$(ctl status d32 --json)" .daemon.backup.state)" = running ] || fail "backup not running"
+ngen=$(json_field "$(ctl list "repo:$REPO" --json)" length)
+nbdw "$uri" 6 2 || fail "writes during the backup"
+kill -9 "$(json_field "$(ctl status d32 --json)" .daemon.pid)"
+wait "$bp" && fail "the backup command succeeded although its daemon was killed"
+[ "$(json_field "$(ctl list "repo:$REPO" --json)" length)" = "$ngen" ] || fail "the killed backup published a generation"
+uri=$(ctl attach "$T/d.img" --name d32 --via none 2>"$T/att.err" | tail -n 1) || fail "attach: $(cat "$T/att.err")"
+nbdw "$uri" 7 2 || fail "writes 7"
+backup_check d32 "$uri" no
+ctl verify "repo:$REPO" >/dev/null || fail "verify after the killed backup"
+
 log "attach with another tracking chunk size: untrusted, full read"
 ctl detach d32 || fail "detach"
 uri=$(ctl attach "$T/d.img" --name d32 --via none --chunk-size 128K | tail -n 1) || fail "attach --chunk-size 128K"
