@@ -239,7 +239,10 @@ impl RepoTarget {
         let rel = cut
             .relative_to
             .as_deref()
-            .ok_or("the change log is not relative to any generation")?;
+            .ok_or_else(|| match &cut.reset_reason {
+                Some(r) => format!("the change log was reset: {r}"),
+                None => "the change log is not relative to any generation".to_string(),
+            })?;
         // The parent is the generation the change log is relative to (a disk restored
         // from another disk's generation, under another name, has it as its parent),
         // when this repository holds it complete. It need not be the newest of this
