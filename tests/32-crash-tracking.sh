@@ -29,7 +29,7 @@ PY
 # backup_check NAME URI FULL_EXPECTED(yes|no): incremental backup, check the note and the
 # amount read, restore the generation and compare it with the export's content.
 backup_check() {
-  local name=$1 uri=$2 want_full=$3 out g read
+  local name=$1 uri=$2 want_full=$3 why=${4:-} out g read
   timeout 300 "$CTL" backup "$name" --to "repo:$REPO" --incremental --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" ||
     fail "incremental backup of $name: $(cat "$T/bk.err")"
   out=$(tail -n 1 "$T/bk.out")
@@ -39,6 +39,7 @@ backup_check() {
   if [ "$want_full" = yes ]; then
     printf '%s' "$out" | grep -q "full read" || fail "untrusted tracking did not say \"full read\": $out"
     printf '%s' "$out" | grep -q "full backups only" && fail "misleading note for a repository target: $out"
+    [ -z "$why" ] || printf '%s' "$out" | grep -q "$why" || fail "the note does not say \"$why\": $out"
     [ "$read" -ge "$(stat -c %s "$T/d.img")" ] || fail "full read read only $read bytes"
   else
     printf '%s' "$out" | grep -q "full read" && fail "tracking not trusted after the crash: $out"
@@ -94,13 +95,13 @@ log "attach with another tracking chunk size: untrusted, full read"
 ctl detach d32 || fail "detach"
 uri=$(ctl attach "$T/d.img" --name d32 --via none --chunk-size 128K | tail -n 1) || fail "attach --chunk-size 128K"
 nbdw "$uri" 4 2 || fail "writes 4"
-backup_check d32 "$uri" yes
+backup_check d32 "$uri" yes "chunk size changed"
 
 log "the origin replaced by one of another size: untrusted, full read"
 ctl detach d32 || fail "detach"
 head -c $((SIZE + (64 << 20))) /dev/urandom > "$T/d.img"
 uri=$(ctl attach "$T/d.img" --name d32 --via none --chunk-size 128K | tail -n 1) || fail "attach the replaced origin"
-backup_check d32 "$uri" yes
+backup_check d32 "$uri" yes "disk size changed"
 ctl verify "repo:$REPO" >/dev/null || fail "verify"
 ctl detach d32 || fail "detach"
 log "PASS"
