@@ -200,6 +200,7 @@ pub(crate) fn data_ranges_fd(
 
 #[cfg(test)]
 mod tests {
+    use super::data_ranges_fd;
     use crate::blockio::{open, Engine, OpenSpec};
 
     #[test]
