@@ -361,9 +361,12 @@ fn one_backup_at_a_time_and_bad_specs() {
     assert!(err.to_string().contains("still running"), "{err}");
     ts.resume();
     wait_done(&e);
-    let err = e.start_backup(params("repo:/tmp/r")).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unsupported);
-    assert!(err.to_string().contains("repository targets are not wired"));
+    // Repository targets are wired; a disk without a name cannot file a generation.
+    let err = e
+        .start_backup(params("repo:/nonexistent-dir/r"))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("no name"), "{err}");
     assert_eq!(e.backup_status().unwrap().state, "failed");
     let err = e.start_backup(params("ftp:x")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
