@@ -71,7 +71,7 @@ fn fill_child() {
 
 #[test]
 fn kill9_mid_fill_resumes_and_keeps_acknowledged_writes() {
-    for (round, kill_after_ms) in [700u64, 1500].into_iter().enumerate() {
+    for (round, kill_after_ms) in [500u64, 1000].into_iter().enumerate() {
         let d = tempfile::tempdir().unwrap();
         let repo = d.path().join("repo");
         let disk = synth_disk(SIZE, 40 + round as u64);
