@@ -398,7 +398,8 @@ impl Engine {
         if job.cancel.load(Ordering::SeqCst) {
             snap.fail("backup canceled");
         }
-        if p.incremental && matches!(scope, Scope::All) {
+        // A repository target that falls back to a full read says why in its own note.
+        if p.incremental && matches!(scope, Scope::All) && !p.to.starts_with("repo:") {
             job.note("this target takes full backups only: incremental ignored".into());
         }
         let info = SnapshotInfo {

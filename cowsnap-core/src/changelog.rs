@@ -160,6 +160,8 @@ pub struct Cut {
     pub seq_next: u64,
     /// Lowest sequence number not yet acknowledged at the snapshot instant.
     pub seq_lowest_unacked: u64,
+    /// Why tracking was reset when the change log was opened (when it was).
+    pub reset_reason: Option<String>,
 }
 
 /// State of the change log, for status output.
@@ -631,6 +633,7 @@ impl ChangeLog {
             lineage: self.lineage.clone(),
             seq_next,
             seq_lowest_unacked: self.lowest_unacked(seq_next),
+            reset_reason: inner.reset_reason.clone(),
         })
     }
 

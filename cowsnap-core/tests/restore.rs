@@ -283,13 +283,17 @@ fn a_restored_disk_gets_a_new_lineage_and_its_first_incremental_is_relative_to_i
         hash(&newdisk)
     );
 
-    // the source disk's tracking (relative to g2) is no longer trusted once the newest
-    // generation of "vm" is the restored disk's
+    // the source disk's tracking stays relative to g2 (exact: g2 plus its own bits),
+    // although the newest generation of "vm" is now the restored disk's: its next
+    // incremental is relative to g2 too
     let cl = ChangeLog::open_in(&src_state, disk.len() as u64, TCS).unwrap();
     assert_eq!(cl.lineage(), src_lineage);
     scribble(&mut disk, Some(&cl), 0, 5, 8);
     let b = backup_tracked(&repo, "vm", &disk, &cl);
-    assert!(!b.scope_changed);
+    assert!(b.scope_changed, "{:?}", b.summary.notes);
+    let g4 = repo::list(&repo).unwrap().last().unwrap().clone();
+    assert_eq!(g4.parent.as_deref(), Some(g2.as_str()));
+    assert_eq!(g4.lineage, src_lineage);
     assert_eq!(
         hash(&restore_bytes(
             &repo,

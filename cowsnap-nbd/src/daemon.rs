@@ -428,6 +428,14 @@ pub fn run(args: Args) -> Result<()> {
         filling: filling.clone(),
     });
     if let Some(f) = &filling {
+        // Hidden knob for tests and demos: limit the background fill (bytes/s).
+        if let Some(rate) = std::env::var("COWSNAP_FILL_RATE")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            log::info!("background fill limited to {rate} bytes/s (COWSNAP_FILL_RATE)");
+            f.set_fill_rate(rate);
+        }
         f.start_fill();
     }
 
@@ -573,7 +581,12 @@ fn open_origin_state(
                 args.origin.display()
             );
         }
-        if !fill_state.exists() {
+        // A completed earlier restore under this name is not resumed: restoring again
+        // (the same generation or another) starts afresh.
+        let pending = restore::live::read_fill_state(&fill_state)
+            .map_err(|e| anyhow!("{e}"))?
+            .is_some_and(|(_, complete)| !complete);
+        if !pending {
             // A fresh restore: whatever state this name had belongs to another disk.
             if sdir.exists() {
                 std::fs::remove_dir_all(&sdir)

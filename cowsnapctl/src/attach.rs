@@ -283,6 +283,35 @@ pub fn undo_device(rec: &AttachRecord) -> Result<()> {
     Ok(())
 }
 
+/// The leftovers of a daemon that died (killed, crashed): remove its device (unless
+/// it is mounted), sockets, pid file and attach record, so the disk can be attached
+/// again (a live restore then resumes its fill). Returns false, touching nothing,
+/// when the device is still mounted: that needs `detach --force` and an unmount.
+fn clean_dead_attach(paths: &DiskPaths, rec: &AttachRecord) -> bool {
+    if let Some(dev) = rec.device.as_deref().map(Path::new) {
+        if dev.exists() && attach::mounted_at(dev).map_or(true, |m| !m.is_empty()) {
+            return false;
+        }
+    }
+    eprintln!(
+        "note: cleaning up after the daemon (pid {}) of {:?}, which is gone",
+        rec.pid, paths.name
+    );
+    if let Err(e) = undo_device(rec) {
+        eprintln!("warning: {e:#}");
+    }
+    for p in [
+        paths.ctl_socket(),
+        paths.nbd_socket(),
+        paths.pid_file(),
+        paths.fuse_pid_file(),
+        paths.attach_record(),
+    ] {
+        let _ = std::fs::remove_file(p);
+    }
+    true
+}
+
 pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     let origin = a.path.clone();
     let meta = std::fs::metadata(&origin)
@@ -336,12 +365,15 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
         );
     }
     if let Ok(Some(rec)) = AttachRecord::load(&paths.attach_record()) {
-        bail!(
-            "a disk named {name:?} has a stale attach record ({}; daemon pid {} not answering); \
-             clean it up with: cowsnapctl detach {name} --force",
-            paths.attach_record().display(),
-            rec.pid
-        );
+        let alive = attach::pid_alive(rec.pid as i32) && !attach::pid_zombie(rec.pid as i32);
+        if alive || !clean_dead_attach(&paths, &rec) {
+            bail!(
+                "a disk named {name:?} has a stale attach record ({}; daemon pid {} not answering); \
+                 clean it up with: cowsnapctl detach {name} --force",
+                paths.attach_record().display(),
+                rec.pid
+            );
+        }
     }
 
     let (pid, st) = start_daemon(&a, &origin, &paths)?;

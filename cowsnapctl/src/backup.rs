@@ -161,7 +161,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
     }
 
     let params = BackupParams {
-        to: a.to.clone(),
+        to: crate::parse::absolute_target(&a.to)?,
         container: a.container.clone(),
         incremental: a.incremental,
         priority,

@@ -81,6 +81,18 @@ pub fn check_target(s: &str) -> Result<()> {
     }
 }
 
+/// A target spec with its path made absolute against this process's working directory:
+/// the daemon resolves paths against its own (the directory `attach` ran in).
+pub fn absolute_target(s: &str) -> Result<String> {
+    check_target(s)?;
+    let (kind, p) = s
+        .split_once(':')
+        .ok_or_else(|| anyhow!("invalid target {s:?}"))?;
+    let abs = std::path::absolute(p)
+        .map_err(|e| anyhow!("unable to resolve the target path {p:?}: {e}"))?;
+    Ok(format!("{kind}:{}", abs.display()))
+}
+
 /// "1.5 GiB".
 pub fn human_bytes(n: u64) -> String {
     const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -166,6 +178,13 @@ mod tests {
         assert!(check_target("file:/tmp/x.img").is_ok());
         assert!(check_target("dev:/dev/sdc").is_ok());
         assert!(check_target("repo:/srv/backups").is_ok());
+        assert_eq!(absolute_target("repo:/srv/b").unwrap(), "repo:/srv/b");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            absolute_target("file:x/y.img").unwrap(),
+            format!("file:{}", cwd.join("x/y.img").display())
+        );
+        assert!(absolute_target("nope:x").is_err());
         for bad in ["/tmp/x", "file:", "nbd:x", ""] {
             assert!(check_target(bad).is_err(), "{bad}");
         }

@@ -193,6 +193,9 @@ pub struct RestoreArgs {
 /// `cowsnapctl restore`.
 pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     let (dir, gen) = parse_repo_spec(&a.source)?;
+    // Absolute: a live restore records it and resumes from it, in another directory.
+    let dir = std::path::absolute(&dir)
+        .map_err(|e| anyhow!("unable to resolve {}: {e}", dir.display()))?;
     let repo = Repo::open(&dir).map_err(|e| anyhow!("{e}"))?;
     let g = repo.resolve(gen.as_deref()).map_err(|e| anyhow!("{e}"))?;
     drop(repo);
@@ -206,9 +209,19 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
                 &std::fs::canonicalize(&a.to).unwrap_or_else(|_| a.to.clone()),
             ),
         };
-        if dirs.paths(&name).fill_state().exists() {
+        let pending = restore::live::read_fill_state(&dirs.paths(&name).fill_state())
+            .map_err(|e| anyhow!("{e}"))?
+            .filter(|(_, complete)| !complete);
+        if let Some((pgen, _)) = pending {
             // A live restore under this name was interrupted: resume it, never
             // truncate what it already filled.
+            if pgen != g.id {
+                bail!(
+                    "an interrupted live restore of generation {pgen} is pending under the name \
+                     {name:?}: resume it (cowsnapctl attach {} --name {name}) or choose another --name",
+                    a.to.display()
+                );
+            }
             eprintln!("resuming the interrupted live restore of {name:?}");
         } else {
             let (dest, _) =

@@ -6,8 +6,9 @@
 //! - The granule is one repository chunk: `repo_chunk / tracking_chunk` tracking chunks
 //!   (1 when the tracking chunk is larger; a write then covers several repo chunks).
 //! - `scope`: a full backup reads everything. An incremental trusts the cut only if it
-//!   is relative to the newest complete generation of this disk in this repository
-//!   (`cut.relative_to == parent.id`) and that index loads; otherwise it reads
+//!   is relative to a complete generation this repository holds (the parent:
+//!   `cut.relative_to == parent.id`, of this disk or, for a disk restored from another
+//!   disk's generation, of that disk) and that index loads; otherwise it reads
 //!   everything, deduplicating against the store, with a note saying why. Generation
 //!   ids are unique, and a change log only ever becomes relative to a generation by
 //!   committing it (same lineage) or by being reset to it at restore (new lineage,
@@ -238,18 +239,31 @@ impl RepoTarget {
         let rel = cut
             .relative_to
             .as_deref()
-            .ok_or("the change log is not relative to any generation")?;
+            .ok_or_else(|| match &cut.reset_reason {
+                Some(r) => format!("the change log was reset: {r}"),
+                None => "the change log is not relative to any generation".to_string(),
+            })?;
+        // The parent is the generation the change log is relative to (a disk restored
+        // from another disk's generation, under another name, has it as its parent),
+        // when this repository holds it complete. It need not be the newest of this
+        // disk: tracking relative to it is exact whatever came later.
         let parent = self
             .repo
-            .latest_of(&self.params.disk_name)
+            .list()
             .map_err(|e| format!("unable to list the repository: {e}"))?
-            .ok_or_else(|| format!("no earlier generation of disk {:?}", self.params.disk_name))?;
-        if parent.id != rel {
-            return Err(format!(
-                "changes are relative to generation {rel}, the newest of this disk is {}",
-                parent.id
-            ));
-        }
+            .into_iter()
+            .find(|g| g.id == rel)
+            .ok_or_else(|| {
+                match self.repo.latest_of(&self.params.disk_name) {
+                    Ok(Some(g)) => format!(
+                        "changes are relative to generation {rel}, which this repository does not hold (the newest of this disk is {})",
+                        g.id
+                    ),
+                    _ => format!(
+                        "changes are relative to generation {rel}, which this repository does not hold"
+                    ),
+                }
+            })?;
         if parent.chunk_size != self.repo.chunk_size() {
             return Err("the parent has another chunk size".into());
         }

@@ -122,6 +122,28 @@ impl FillHeader {
     }
 }
 
+/// What a fill state file says: the generation and whether the fill completed.
+/// `Ok(None)` when there is no state file; an unreadable one is an error.
+pub fn read_fill_state(state_path: &Path) -> Result<Option<(String, bool)>> {
+    let sp = state_path.display();
+    let b = match std::fs::read(state_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(crate::Error::io(
+                format!("unable to read fill state {sp}"),
+                e,
+            ))
+        }
+    };
+    let h = FillHeader::decode(&b)
+        .ok_or_else(|| crate::err!(Corrupt, "fill state {sp} is unreadable"))?;
+    let generation = String::from_utf8_lossy(&h.generation)
+        .trim_end_matches('\0')
+        .to_string();
+    Ok(Some((generation, h.flags & FLAG_COMPLETE != 0)))
+}
+
 /// A destination being filled from a generation, as a [`BlockIo`].
 pub struct FillingIo {
     dest: Arc<dyn BlockIo>,

@@ -160,7 +160,7 @@ pub fn restore_to(
         }
     });
     if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        log::error!("{e}");
+        log::debug!("{e}");
         return Err(e);
     }
     io.flush()
