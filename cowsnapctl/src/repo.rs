@@ -2,6 +2,7 @@
 //! the destination is attached at once and filled from the repository while in use).
 
 use crate::attach::{self, AttachArgs};
+use crate::parse::human_bytes;
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
 use cowsnap_core::repo::{self, Repo};
@@ -21,21 +22,6 @@ pub fn parse_repo_spec(spec: &str) -> Result<(PathBuf, Option<String>)> {
         Some((d, g)) if !g.is_empty() && !d.is_empty() => (PathBuf::from(d), Some(g.to_string())),
         _ => (PathBuf::from(rest), None),
     })
-}
-
-fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
 }
 
 /// Arguments of `list`.
@@ -69,9 +55,9 @@ pub fn list(a: ListArgs) -> Result<i32> {
             g.id,
             g.disk,
             format!("{:?}", g.kind).to_lowercase(),
-            human(g.disk_size),
-            human(g.stats.bytes_read),
-            human(g.stats.bytes_stored_new),
+            human_bytes(g.disk_size),
+            human_bytes(g.stats.bytes_read),
+            human_bytes(g.stats.bytes_stored_new),
             g.parent.as_deref().unwrap_or("-")
         );
     }
@@ -121,7 +107,7 @@ pub fn verify(a: VerifyArgs) -> Result<i32> {
             "{} generation(s), {} chunk(s) / {} checked: {}",
             rep.generations.len(),
             rep.chunks_checked,
-            human(rep.bytes_checked),
+            human_bytes(rep.bytes_checked),
             if rep.ok {
                 "all good".to_string()
             } else {
@@ -160,7 +146,7 @@ pub fn prune(a: PruneArgs) -> Result<i32> {
             rep.removed_generations.len(),
             rep.kept_generations.len(),
             rep.chunks_removed,
-            human(rep.bytes_freed)
+            human_bytes(rep.bytes_freed)
         );
     }
     Ok(0)
@@ -232,7 +218,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
             "restoring generation {} of {:?} ({}) on the fly onto {}",
             g.id,
             g.disk,
-            human(g.disk_size),
+            human_bytes(g.disk_size),
             a.to.display()
         );
         attach::run(
@@ -283,7 +269,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
             "restored generation {} of {:?} ({}) to {}",
             g.id,
             g.disk,
-            human(g.disk_size),
+            human_bytes(g.disk_size),
             a.to.display()
         );
     }
