@@ -69,16 +69,20 @@ for FS in $FSLIST; do
   sleep 3
   t0=$(date +%s.%N)
   "$CTL" backup "pg-$FS" --to "repo:$W/repo" --quiesce-idle 0s --json >"$W/full-$FS.json"
-  t1=$(date +%s.%N)
+  tf=$(date +%s.%N)
   sleep 5
+  t1=$(date +%s.%N)
   "$CTL" backup "pg-$FS" --to "repo:$W/repo" --incremental --quiesce-idle 0s --json >"$W/incr-$FS.json"
   t2=$(date +%s.%N)
   wait $LOAD || { cat "$W/load-$FS.out"; fail "$FS: pgbench failed during the backups"; }
   LOAD_TPS=$(awk '/^tps/ {print $3; exit}' "$W/load-$FS.out")
+  for k in full incr; do
+    tail -n1 "$W/$k-$FS.json" | jq -r --arg k "$k" '"\($k): \(.chunks_in_scope) chunks in scope, \(.chunks_preserved) preserved, \(.holds) holds (\(.hold_time_ms) ms), \(.throttled_writes) throttled, \(.bytes_stored) bytes stored, \(.elapsed_ms) ms"' | sed 's/^/    /'
+  done
   grep -qE 'number of failed transactions: 0|^number of transactions actually processed' "$W/load-$FS.out" || fail "$FS: pgbench reported failures"
   grep -q 'aborted' "$W/load-$FS.out" && fail "$FS: pgbench aborted transactions"
-  log "TPS without backup $BASE_TPS, during backups $LOAD_TPS; full $(sub "$t1" "$t0")s, incremental $(sub "$t2" "$t1")s"
-  echo "{\"fs\":\"$FS\",\"tps_base\":$BASE_TPS,\"tps_during\":$LOAD_TPS,\"full_s\":$(sub "$t1" "$t0"),\"incr_s\":$(sub "$t2" "$t1")}" >>"${PG_RESULTS:-$W/results.jsonl}"
+  log "TPS without backup $BASE_TPS, during backups $LOAD_TPS; full $(sub "$tf" "$t0")s, incremental $(sub "$t2" "$t1")s"
+  echo "{\"fs\":\"$FS\",\"tps_base\":$BASE_TPS,\"tps_during\":$LOAD_TPS,\"full_s\":$(sub "$tf" "$t0"),\"incr_s\":$(sub "$t2" "$t1")}" >>"${PG_RESULTS:-$W/results.jsonl}"
 
   GENS=$("$CTL" list "repo:$W/repo" --json | jq -r --arg d "pg-$FS" '.[] | select(.disk == $d) | .id')
   [ "$(echo "$GENS" | wc -w)" = 2 ] || fail "$FS: expected 2 generations, got: $GENS"
