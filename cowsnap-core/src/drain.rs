@@ -122,7 +122,6 @@ impl<'a> Drainer<'a> {
 
     fn pick(&mut self) -> Result<Option<Claim>> {
         let gran = self.snap.map.granule();
-        let ngran = self.ngran();
         // 1. container first
         if self.snap.slots.waiters() > 0
             || self
@@ -130,26 +129,10 @@ impl<'a> Drainer<'a> {
                 .throttle
                 .drain_container_first(self.snap.slots.used(), self.snap.slots.total())
         {
-            let mut from = self.pcursor;
-            let mut wrapped = false;
-            for _ in 0..TRIES {
-                match self.snap.map.next_preserved_from(from) {
-                    Some(c) => {
-                        let g = c / gran;
-                        match self.claim_at(g, ngran, true)? {
-                            ClaimResult::Claimed(cl) => {
-                                self.pcursor = cl.end;
-                                return Ok(Some(cl));
-                            }
-                            _ => from = (g + 1) * gran,
-                        }
-                    }
-                    None if !wrapped && from > 0 => {
-                        wrapped = true;
-                        from = 0;
-                    }
-                    None => break,
-                }
+            let map = &self.snap.map;
+            if let Some(cl) = self.scan(self.pcursor, true, |f| map.next_preserved_from(f))? {
+                self.pcursor = cl.end;
+                return Ok(Some(cl));
             }
         }
         // 2. priority ranges
@@ -173,17 +156,32 @@ impl<'a> Drainer<'a> {
             }
         }
         // 3. sequential walk
-        let mut from = self.cursor;
+        let map = &self.snap.map;
+        let cl = self.scan(self.cursor, false, |f| map.next_work_from(f))?;
+        if let Some(cl) = &cl {
+            self.cursor = cl.end;
+        }
+        Ok(cl)
+    }
+
+    /// Claim at the first granule, from chunk `from` on and wrapping around once, that
+    /// `next` finds and that can be claimed (busy ones are stepped over; at most
+    /// [`TRIES`] attempts).
+    fn scan(
+        &self,
+        mut from: u64,
+        preserved_only: bool,
+        next: impl Fn(u64) -> Option<u64>,
+    ) -> Result<Option<Claim>> {
+        let gran = self.snap.map.granule();
+        let ngran = self.ngran();
         let mut wrapped = false;
         for _ in 0..TRIES {
-            match self.snap.map.next_work_from(from) {
+            match next(from) {
                 Some(c) => {
                     let g = c / gran;
-                    match self.claim_at(g, ngran, false)? {
-                        ClaimResult::Claimed(cl) => {
-                            self.cursor = cl.end;
-                            return Ok(Some(cl));
-                        }
+                    match self.claim_at(g, ngran, preserved_only)? {
+                        ClaimResult::Claimed(cl) => return Ok(Some(cl)),
                         _ => from = (g + 1) * gran,
                     }
                 }

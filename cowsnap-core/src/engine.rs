@@ -57,8 +57,8 @@ impl Default for EngineConfig {
     }
 }
 
-/// I/O counters, as shown by `cowsnapctl status`.
-#[derive(Debug, Default, Clone, Serialize)]
+/// I/O counters, as shown by `cowsnapctl status` (also the control socket's wire type).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct IoStats {
     /// Read requests.
     pub reads: u64,

@@ -60,42 +60,8 @@ pub enum Request {
     Cancel,
 }
 
-/// I/O counters as carried over the control socket (mirror of
-/// [`cowsnap_core::engine::IoStats`]).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct IoCounters {
-    /// Read requests.
-    pub reads: u64,
-    /// Write requests.
-    pub writes: u64,
-    /// Bytes read.
-    pub bytes_read: u64,
-    /// Bytes written.
-    pub bytes_written: u64,
-    /// Flush requests.
-    pub flushes: u64,
-    /// Trim requests.
-    pub trims: u64,
-    /// Write-zeroes requests.
-    pub zeroes: u64,
-    /// Requests that failed.
-    pub errors: u64,
-}
-
-impl From<IoStats> for IoCounters {
-    fn from(s: IoStats) -> Self {
-        IoCounters {
-            reads: s.reads,
-            writes: s.writes,
-            bytes_read: s.bytes_read,
-            bytes_written: s.bytes_written,
-            flushes: s.flushes,
-            trims: s.trims,
-            zeroes: s.zeroes,
-            errors: s.errors,
-        }
-    }
-}
+/// I/O counters as carried over the control socket: the engine's own figures.
+pub type IoCounters = IoStats;
 
 /// Reply to `status`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

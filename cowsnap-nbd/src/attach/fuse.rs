@@ -128,11 +128,7 @@ pub fn attach(
                     continue;
                 }
             }
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg(mount_dir)
-                .output();
-            let _ = std::fs::remove_dir(mount_dir);
+            give_up(mount_dir);
             return Err(cowsnap_core::err!(
                 Io,
                 "unable to start nbdfuse on {uri}: it exited with {st}{}",
@@ -143,11 +139,7 @@ pub fn attach(
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg(mount_dir)
-                .output();
-            let _ = std::fs::remove_dir(mount_dir);
+            give_up(mount_dir);
             return Err(cowsnap_core::err!(
                 Io,
                 "unable to start nbdfuse on {uri}: not serving after {:?}",
@@ -287,4 +279,13 @@ pub fn loop_backing(dev: &str) -> Option<String> {
     std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file"))
         .ok()
         .map(|s| s.trim().to_string())
+}
+
+/// Undo a half-started nbdfuse: unmount (if it got that far) and remove the mount point.
+fn give_up(mount_dir: &Path) {
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg(mount_dir)
+        .output();
+    let _ = std::fs::remove_dir(mount_dir);
 }
