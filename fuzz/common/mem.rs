@@ -24,7 +24,10 @@ impl Mem {
         off as usize..end as usize
     }
     fn writable(&self) {
-        assert!(!self.read_only, "data-changing request reached a read-only export");
+        assert!(
+            !self.read_only,
+            "data-changing request reached a read-only export"
+        );
     }
 }
 

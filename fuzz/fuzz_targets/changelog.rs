@@ -74,7 +74,10 @@ fuzz_target!(|data: &[u8]| {
         let cl = ChangeLog::open_with_lineage(p, disk_size, chunk_size, &lineage)
             .expect("a change log opens whatever the file held");
         let st = cl.status();
-        assert!(st.changed_chunks <= nbits, "more changed chunks than chunks");
+        assert!(
+            st.changed_chunks <= nbits,
+            "more changed chunks than chunks"
+        );
         assert!(!st.in_generation);
         let cut = cl.begin_generation().expect("cut");
         assert_eq!(cut.changed.len() as u64, nbits);
@@ -88,7 +91,10 @@ fuzz_target!(|data: &[u8]| {
     let cl = ChangeLog::open_with_lineage(p, disk_size, chunk_size, &lineage)
         .expect("reopen the change log");
     let st = cl.status();
-    assert_eq!(st.reset_reason, None, "a log just written is not trusted on reopen");
+    assert_eq!(
+        st.reset_reason, None,
+        "a log just written is not trusted on reopen"
+    );
     if mode & 2 != 0 {
         assert_eq!(st.relative_to.as_deref(), Some("g1"));
         assert_eq!(st.changed_chunks, 0);

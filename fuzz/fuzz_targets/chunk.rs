@@ -34,7 +34,11 @@ fuzz_target!(|data: &[u8]| {
         .get(8..12)
         .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
         .unwrap_or(0);
-    let expect_len = if mode & 1 != 0 { header_len } else { payload.len() };
+    let expect_len = if mode & 1 != 0 {
+        header_len
+    } else {
+        payload.len()
+    };
     if expect_len > MAX_CHUNK {
         return;
     }

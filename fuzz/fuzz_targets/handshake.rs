@@ -46,7 +46,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(e.export.size(), s.entry.export.size());
             let caps = s.entry.export.caps();
             assert_eq!(s.tflags, transmission_flags(&caps, s.structured));
-            assert!(!s.base_allocation || s.structured, "meta context without structured replies");
+            assert!(
+                !s.base_allocation || s.structured,
+                "meta context without structured replies"
+            );
             assert_eq!(s.tflags & TF_READ_ONLY != 0, caps.read_only);
         }
         Err(End::Closed(why)) => assert!(!why.is_empty()),

@@ -34,7 +34,11 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         assert_eq!(b.len(), REQUEST_LEN);
-        assert_eq!(&encode_request(&r)[..], b, "request header does not round-trip");
+        assert_eq!(
+            &encode_request(&r)[..],
+            b,
+            "request header does not round-trip"
+        );
         check(&r, &view);
     }
     // The tail of the input doubles as block-status extents for `descriptors`.
@@ -70,10 +74,19 @@ fn check(r: &Request, v: &ExportView) {
     };
     assert!(matches!(
         r.cmd,
-        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
+        CMD_READ
+            | CMD_WRITE
+            | CMD_FLUSH
+            | CMD_TRIM
+            | CMD_CACHE
+            | CMD_WRITE_ZEROES
+            | CMD_BLOCK_STATUS
     ));
     let write_like = matches!(r.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    assert!(!(write_like && v.tflags & TF_READ_ONLY != 0), "write on a read-only export");
+    assert!(
+        !(write_like && v.tflags & TF_READ_ONLY != 0),
+        "write on a read-only export"
+    );
     if r.cmd == CMD_BLOCK_STATUS {
         assert!(v.structured && v.base_allocation);
     }
