@@ -94,7 +94,7 @@ impl Export for Mem {
 }
 
 /// A server with a writable export "disk" (also the default export "") and a
-/// read-only one "ro".
+/// read-only one "ro"; one worker per connection.
 pub fn server() -> Arc<cowsnap_nbd::nbd::server::Server> {
     let s = cowsnap_nbd::nbd::server::Server::new();
     let disk = Mem::new(MEM_SIZE, false);
