@@ -85,7 +85,8 @@ pub fn daemon_binary() -> PathBuf {
 }
 
 /// The reason a daemon gave for failing, from what it wrote to its log after
-/// `offset`: its last `error:` line, else its last non-empty line.
+/// `offset`: its last `cowsnap-nbd: error:` line, else its last line with `error:`,
+/// else its last non-empty line.
 pub fn daemon_reason(log: &Path, offset: u64) -> Option<String> {
     let mut f = std::fs::File::open(log).ok()?;
     f.seek(std::io::SeekFrom::Start(offset)).ok()?;
@@ -98,16 +99,16 @@ pub fn daemon_reason(log: &Path, offset: u64) -> Option<String> {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    let line = lines
+    const FATAL: &str = "cowsnap-nbd: error: ";
+    if let Some(l) = lines.iter().rev().find(|l| l.starts_with(FATAL)) {
+        return Some(l[FATAL.len()..].to_string());
+    }
+    lines
         .iter()
         .rev()
         .find(|l| l.contains("error: "))
-        .or(lines.last())?;
-    let reason = match line.split_once("cowsnap-nbd: error: ") {
-        Some((_, r)) => r,
-        None => line,
-    };
-    Some(reason.to_string())
+        .or(lines.last())
+        .map(|l| l.to_string())
 }
 
 /// Size of a regular file or a block device, without opening it for writing.
@@ -605,4 +606,35 @@ fn attach_locked(
         println!("{}", rec.device.as_deref().unwrap_or(&rec.uri));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_is_the_fatal_line_written_after_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("d.log");
+        let old = "cowsnap-nbd: error: an old failure\n";
+        std::fs::write(
+            &log,
+            format!(
+                "{old}[t INFO x] starting\n[t WARN x] control: parse error: junk\n\
+                 cowsnap-nbd: error: unable to open /x: No such file\n[t INFO x] late\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            daemon_reason(&log, 0).as_deref(),
+            Some("unable to open /x: No such file")
+        );
+        let all = std::fs::read(&log).unwrap();
+        assert_eq!(daemon_reason(&log, all.len() as u64), None);
+        std::fs::write(&log, format!("{old}fake: cannot serve\n\n")).unwrap();
+        assert_eq!(
+            daemon_reason(&log, old.len() as u64).as_deref(),
+            Some("fake: cannot serve")
+        );
+    }
 }
