@@ -190,7 +190,12 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                     a.name
                 );
             }
-            bail!("unable to back up {}: {why}", a.name);
+            let said = match started {
+                Err(control::ControlError::Daemon(msg)) => msg,
+                Err(e) => e.to_string(),
+                Ok(_) => String::new(),
+            };
+            bail!("unable to back up {}: {why}; the daemon said: {said}", a.name);
         }
     };
     let id = match started {
