@@ -195,7 +195,10 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                 Err(e) => e.to_string(),
                 Ok(_) => String::new(),
             };
-            bail!("unable to back up {}: {why}; the daemon said: {said}", a.name);
+            bail!(
+                "unable to back up {}: {why}; the daemon said: {said}",
+                a.name
+            );
         }
     };
     let id = match started {
