@@ -189,6 +189,8 @@ fi
 expect_fail "status as nobody" "unable to query disk \"rel\": permission denied" nobody "$uctl" status rel
 printf '%s' "$LAST_OUT" | grep -q "not responding" && fail "non-root status says not responding: $LAST_OUT"
 expect_fail "status of all as nobody" "unable to list the attached disks: permission denied" nobody "$uctl" status
+expect_fail "backup as nobody" "unable to back up rel: permission denied" nobody "$uctl" backup rel --to file:/tmp/never.raw
+[ ! -e /tmp/never.raw ] || fail "a refused backup created its target"
 ctl detach rel >/dev/null 2>&1 || fail "detach rel"
 }
 

@@ -112,10 +112,22 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
     cowsnap_nbd::config::validate_name(&a.name).map_err(|e| anyhow!("{e}"))?;
     let mut cl =
         Client::connect(&paths.ctl_socket(), timeout + Duration::from_secs(60)).map_err(|e| {
-            anyhow!(
-                "disk {:?} is not attached or its daemon does not answer: {e}",
-                a.name
-            )
+            match &e {
+                control::ControlError::NotRunning { source, .. }
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    anyhow!(
+                        "unable to back up {}: permission denied on {} (the daemon's files \
+                         belong to the user that attached it, usually root)",
+                        a.name,
+                        paths.ctl_socket().display()
+                    )
+                }
+                _ => anyhow!(
+                    "disk {:?} is not attached or its daemon does not answer: {e}",
+                    a.name
+                ),
+            }
         })?;
     let mountpoint = match &a.freeze {
         Some(m) => Some(freeze_target(&paths, &mut cl, &a.name, m)?),
