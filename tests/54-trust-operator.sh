@@ -49,8 +49,10 @@ expect_fail "--freeze a directory on the root filesystem" "unable to freeze" \
   timeout 60 "$CTL" backup t54 --to "file:$T/x3.raw" --freeze "$T"
 expect_fail "--freeze /" "unable to freeze" \
   timeout 60 "$CTL" backup t54 --to "file:$T/x4.raw" --freeze /
+expect_fail "--freeze-timeout over the cap" "at most 10s" \
+  timeout 60 "$CTL" backup t54 --to "file:$T/x5.raw" --freeze "$T/mnt" --freeze-timeout 1m
 [ "$(backup_state t54)" = none ] || fail "a refused --freeze started a backup: $(backup_state t54)"
-for f in x1 x2 x3 x4; do [ ! -e "$T/$f.raw" ] || fail "refused backup created $f.raw"; done
+for f in x1 x2 x3 x4 x5; do [ ! -e "$T/$f.raw" ] || fail "refused backup created $f.raw"; done
 writable "$T/mnt" 5 && writable "$T/other" 5 && writable "$T" 5 || fail "a filesystem was left frozen"
 
 log "--freeze of the disk's own mount point"

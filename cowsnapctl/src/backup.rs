@@ -38,7 +38,7 @@ pub struct BackupArgs {
     #[arg(long, value_name = "MOUNTPOINT")]
     pub freeze: Option<PathBuf>,
     /// Thaw after this long at most; if the snapshot instant was not reached by then,
-    /// the backup fails (at most 30s).
+    /// the backup fails (at most 10s).
     #[arg(long, value_name = "DURATION", default_value = "5s")]
     pub freeze_timeout: String,
     /// Wait for this long without writes before the snapshot (default 3s; 0 = don't).

@@ -28,7 +28,7 @@ const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 
 /// Longest freeze `--freeze-timeout` may ask for.
-pub const MAX_FREEZE: Duration = Duration::from_secs(30);
+pub const MAX_FREEZE: Duration = Duration::from_secs(10);
 
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
