@@ -14,7 +14,8 @@ use libfuzzer_sys::fuzz_target;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::Once;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
 
 fuzz_target!(|data: &[u8]| {
     static INIT: Once = Once::new();
@@ -38,4 +39,14 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = vec![0u8; 1 << 16];
     while matches!(rx.read(&mut buf), Ok(n) if n > 0) {}
     sender.join().expect("sender thread");
+    // The connection's thread closed the socket; wait until it has let go of the
+    // server too, so that nothing of this input outlives it (else: a leak report).
+    let until = Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&server) > 1 {
+        assert!(
+            Instant::now() < until,
+            "the connection thread did not finish after closing its socket"
+        );
+        std::thread::sleep(Duration::from_micros(20));
+    }
 });
