@@ -4,6 +4,9 @@
 //! transmission, one worker); this thread sends the input on the other end and reads
 //! the replies until the server closes. The memory export panics if a request reaches
 //! it out of range or changes a read-only export; a panic in any thread is a crash.
+//! Run it with `-detect_leaks=0`: the connection's detached thread may still be
+//! exiting when the next input starts, and the per-input leak check then reports its
+//! thread-local storage.
 #![no_main]
 
 #[path = "../common/mem.rs"]
