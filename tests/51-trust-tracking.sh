@@ -9,6 +9,9 @@
 #   the origin written while detached (dd conv=notrunc) → full read, says why (also
 #     after a second clean detach/attach before the backup: the reason is kept)
 #   kill -9 (no seal) → full read, says why
+#   (root with losetup) a loop device as origin: clean detach/attach → trusted; a write
+#     to the device while detached (kernel write counters) and a write to its backing
+#     file → full read, says why
 . "$(dirname "$0")/lib.sh"
 need nbdcopy sha256sum dd; [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
@@ -28,12 +31,13 @@ for _ in range(count):
 h.flush(); h.shutdown()
 PY
 }
-attach() { ctl attach "$1" --name d51 --via none 2>"$T/att.err" | tail -n 1 || fail "attach $1: $(cat "$T/att.err")"; }
+DISK=d51
+attach() { ctl attach "$1" --name "$DISK" --via none 2>"$T/att.err" | tail -n 1 || fail "attach $1: $(cat "$T/att.err")"; }
 # incr URI trusted|full [WHY]: incremental backup; check the note and the bytes read;
 # restore the generation and compare it with the disk's content.
 incr() {
   local uri=$1 want=$2 why=${3:-} out g read
-  timeout 300 "$CTL" backup d51 --to "repo:$REPO" --incremental --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" ||
+  timeout 300 "$CTL" backup "$DISK" --to "repo:$REPO" --incremental --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" ||
     fail "incremental backup: $(cat "$T/bk.err")"
   out=$(tail -n 1 "$T/bk.out")
   printf '%s\n' "$out" | jq -c '{generation, notes}'
@@ -117,6 +121,32 @@ uri=$(attach "$IMG")
 incr "$uri" full "no origin seal"
 nbdw "$uri" 9 2 || fail "writes"
 incr "$uri" trusted
-ctl verify "repo:$REPO" >/dev/null || fail "verify"
 ctl detach d51 || fail "detach"
+
+head -c $SIZE /dev/urandom > "$T/lo.img"
+if [ "$(id -u)" = 0 ] && command -v losetup >/dev/null && LO=$(losetup -f --show "$T/lo.img" 2>/dev/null); then
+  log "a loop device ($LO) as origin"
+  DISK=l51
+  uri=$(attach "$LO")
+  timeout 300 "$CTL" backup l51 --to "repo:$REPO" --quiesce-idle 0 >/dev/null 2>"$T/bk.err" || fail "full backup of $LO: $(cat "$T/bk.err")"
+  nbdw "$uri" 11 4 || fail "writes"
+  ctl detach l51 || fail "detach"
+  uri=$(attach "$LO")
+  nbdw "$uri" 12 4 || fail "writes"
+  incr "$uri" trusted
+  ctl detach l51 || fail "detach"
+  log "a write to $LO while detached"
+  head -c 4096 /dev/urandom | dd of="$LO" bs=4096 seek=300 oflag=direct conv=notrunc status=none || fail "dd to $LO"
+  uri=$(attach "$LO")
+  incr "$uri" full "written while detached"
+  ctl detach l51 || fail "detach"
+  log "a write to the backing file of $LO while detached"
+  head -c 4096 /dev/urandom | dd of="$T/lo.img" bs=4096 seek=400 conv=notrunc status=none || fail "dd to the backing file"
+  uri=$(attach "$LO")
+  incr "$uri" full "backing file"
+  ctl detach l51 || fail "detach"
+else
+  log "loop device case skipped (needs root and losetup)"
+fi
+ctl verify "repo:$REPO" >/dev/null || fail "verify"
 log "PASS"

@@ -898,7 +898,8 @@ mod tests {
             let cut = cl.begin_generation().unwrap();
             cl.commit_generation(&cut, "G1").unwrap();
             cl.mark(0, 1).unwrap();
-            cl.distrust("the origin was modified while detached").unwrap();
+            cl.distrust("the origin was modified while detached")
+                .unwrap();
             assert!(cl.relative_to().is_none());
         }
         // a clean close and a crash both keep the reason
@@ -910,7 +911,11 @@ mod tests {
         let cl = ChangeLog::open(&p, 1 << 24, CS).unwrap();
         let cut = cl.begin_generation().unwrap();
         assert!(cut.relative_to.is_none());
-        assert!(cut.reset_reason.as_deref().unwrap().contains("modified while detached"));
+        assert!(cut
+            .reset_reason
+            .as_deref()
+            .unwrap()
+            .contains("modified while detached"));
         cl.commit_generation(&cut, "G2").unwrap();
         drop(cl);
         let cl = ChangeLog::open(&p, 1 << 24, CS).unwrap();

@@ -232,7 +232,8 @@ fn read_counters(dir: &Path) -> Result<WriteCounters> {
 /// Observe a block device `major:minor` through `sys`.
 pub fn observe_block(sys: &SysPaths, major: u32, minor: u32) -> Result<BlockState> {
     let link = sys.dev_block.join(format!("{major}:{minor}"));
-    let dir = std::fs::canonicalize(&link).ctx(|| format!("unable to resolve {}", link.display()))?;
+    let dir =
+        std::fs::canonicalize(&link).ctx(|| format!("unable to resolve {}", link.display()))?;
     let writes = read_counters(&dir)?;
     let size = read_trim(&dir.join("size"))
         .and_then(|s| s.parse::<u64>().ok())
@@ -243,7 +244,9 @@ pub fn observe_block(sys: &SysPaths, major: u32, minor: u32) -> Result<BlockStat
     let mut ids = BTreeMap::new();
     let is_part = dir.join("partition").exists();
     let whole = if is_part {
-        dir.parent().map(Path::to_path_buf).unwrap_or_else(|| dir.clone())
+        dir.parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.clone())
     } else {
         dir.clone()
     };
@@ -540,7 +543,10 @@ pub fn read_seal(state_dir: &Path) -> Result<Option<Seal>> {
             .map(Some)
             .map_err(|e| crate::err!(Corrupt, "unable to parse {}: {e}", p.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(crate::Error::io(format!("unable to read {}", p.display()), e)),
+        Err(e) => Err(crate::Error::io(
+            format!("unable to read {}", p.display()),
+            e,
+        )),
     }
 }
 
@@ -550,7 +556,10 @@ pub fn remove_seal(state_dir: &Path) -> Result<()> {
     match std::fs::remove_file(&p) {
         Ok(()) => fsutil::fsync_dir(state_dir),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(crate::Error::io(format!("unable to remove {}", p.display()), e)),
+        Err(e) => Err(crate::Error::io(
+            format!("unable to remove {}", p.display()),
+            e,
+        )),
     }
 }
 
@@ -626,7 +635,10 @@ mod tests {
         assert_eq!((c15.discard_ios, c15.discard_sectors), (12, 14));
         // 11 fields (old kernels): no discard accounting
         let c11 = parse_stat("1 2 3 4 5 6 7 8 9 10 11").unwrap();
-        assert_eq!((c11.write_ios, c11.write_sectors, c11.discard_ios), (5, 7, 0));
+        assert_eq!(
+            (c11.write_ios, c11.write_sectors, c11.discard_ios),
+            (5, 7, 0)
+        );
         assert!(parse_stat("1 2 3").is_none());
         assert!(parse_stat("").is_none());
         assert!(parse_stat("1 2 3 4 x 6 7 8 9 10 11").is_none());
@@ -697,7 +709,10 @@ mod tests {
         assert_eq!(p1.ids.get("partuuid").map(String::as_str), Some("abcd-01"));
         assert_eq!(p1.ids.get("part_start").map(String::as_str), Some("1024"));
         assert_eq!(p1.ids.get("serial").map(String::as_str), Some("S1"));
-        assert!(!p1.ids.contains_key("udev_serial"), "empty values are ignored");
+        assert!(
+            !p1.ids.contains_key("udev_serial"),
+            "empty values are ignored"
+        );
         assert_eq!(p1.writes.write_ios, 60);
         // whole disk 100/1000 minus partitions 60/600 and 30/300
         let direct = p1.whole_disk_direct.unwrap();
@@ -714,7 +729,12 @@ mod tests {
     fn block_device_seal_comparison() {
         let f = fixture();
         let sealed = OriginState::Block(observe_block(&f.sys, 8, 1).unwrap());
-        let check = |f: &Fixture| compare(&sealed, &OriginState::Block(observe_block(&f.sys, 8, 1).unwrap()));
+        let check = |f: &Fixture| {
+            compare(
+                &sealed,
+                &OriginState::Block(observe_block(&f.sys, 8, 1).unwrap()),
+            )
+        };
         assert!(check(&f).is_ok());
 
         // a write to the sibling partition moves the disk's counters too: still trusted
@@ -732,14 +752,23 @@ mod tests {
         put(&f.disk.join("sdx1/stat"), &stat_line(61, 608));
         put(&f.disk.join("stat"), &stat_line(106, 1058));
         let e = check(&f).unwrap_err();
-        assert!(e.contains("written while detached") && e.contains("600 -> 608"), "{e}");
+        assert!(
+            e.contains("written while detached") && e.contains("600 -> 608"),
+            "{e}"
+        );
         put(&f.disk.join("sdx1/stat"), &stat_line(60, 600));
         put(&f.disk.join("stat"), &stat_line(105, 1050));
         assert!(check(&f).is_ok());
 
         // a discard counts as a change
-        put(&f.disk.join("sdx1/stat"), "10 0 80 1 60 0 600 3 0 4 5 1 0 8 0 2 1\n");
-        put(&f.disk.join("stat"), "10 0 80 1 105 0 1050 3 0 4 5 1 0 8 0 2 1\n");
+        put(
+            &f.disk.join("sdx1/stat"),
+            "10 0 80 1 60 0 600 3 0 4 5 1 0 8 0 2 1\n",
+        );
+        put(
+            &f.disk.join("stat"),
+            "10 0 80 1 105 0 1050 3 0 4 5 1 0 8 0 2 1\n",
+        );
         assert!(check(&f).unwrap_err().contains("discarded"));
         put(&f.disk.join("sdx1/stat"), &stat_line(60, 600));
         put(&f.disk.join("stat"), &stat_line(105, 1050));
@@ -748,9 +777,15 @@ mod tests {
         put(&f.disk.join("diskseq"), "10\n");
         assert!(check(&f).unwrap_err().contains("another block device"));
         put(&f.disk.join("diskseq"), "9\n");
-        put(&f.sys.udev_data.join("b8:1"), "E:ID_PART_ENTRY_UUID=ffff-01\n");
+        put(
+            &f.sys.udev_data.join("b8:1"),
+            "E:ID_PART_ENTRY_UUID=ffff-01\n",
+        );
         assert!(check(&f).unwrap_err().contains("another block device"));
-        put(&f.sys.udev_data.join("b8:1"), "E:ID_PART_ENTRY_UUID=abcd-01\n");
+        put(
+            &f.sys.udev_data.join("b8:1"),
+            "E:ID_PART_ENTRY_UUID=abcd-01\n",
+        );
         assert!(check(&f).is_ok());
 
         // a reboot: counters prove nothing
@@ -787,7 +822,10 @@ mod tests {
         put(&dev.join("stat"), &stat_line(1, 8));
         put(&dev.join("size"), "16\n");
         put(&dev.join("diskseq"), "44\n");
-        put(&dev.join("loop/backing_file"), &format!("{}\n", backing.display()));
+        put(
+            &dev.join("loop/backing_file"),
+            &format!("{}\n", backing.display()),
+        );
         put(&dev.join("loop/offset"), "0\n");
         let db = d.path().join("dev/block");
         std::fs::create_dir_all(&db).unwrap();
@@ -799,13 +837,18 @@ mod tests {
             boot_id: d.path().join("boot_id"),
         };
         let a = OriginState::Block(observe_block(&sys, 7, 9).unwrap());
-        let OriginState::Block(ab) = &a else { unreachable!() };
+        let OriginState::Block(ab) = &a else {
+            unreachable!()
+        };
         assert!(ab.backing.is_some());
         assert_eq!(ab.ids.get("loop_offset").map(String::as_str), Some("0"));
         assert!(compare(&a, &OriginState::Block(observe_block(&sys, 7, 9).unwrap())).is_ok());
         // a write to the backing file, not through the loop device
         std::thread::sleep(Duration::from_millis(20));
-        let mut fh = std::fs::OpenOptions::new().write(true).open(&backing).unwrap();
+        let mut fh = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&backing)
+            .unwrap();
         fh.write_all(b"x").unwrap();
         drop(fh);
         let e = compare(&a, &OriginState::Block(observe_block(&sys, 7, 9).unwrap())).unwrap_err();
@@ -821,7 +864,9 @@ mod tests {
         let p = d.path().join("disk.img");
         std::fs::write(&p, vec![1u8; 65536]).unwrap();
         let sealed = observe_for_seal(&p).unwrap();
-        let OriginState::File(f) = &sealed else { panic!() };
+        let OriginState::File(f) = &sealed else {
+            panic!()
+        };
         assert!(times_settled(f, coarse_now_ns()));
         assert!(compare(&sealed, &observe(&p).unwrap()).is_ok());
         // a same-size write in place, right after the seal

@@ -681,7 +681,9 @@ fn take_origin_seal(origin: &Path, sdir: &Path) -> Result<Option<String>> {
 /// that could fetch chunks through the fill, and the final flush succeeded. Otherwise
 /// no seal: the next start does not trust the tracking.
 fn seal_origin(d: &Daemon, flushed: bool) {
-    let skip = |why: &str| log::warn!("origin not sealed ({why}): the next incremental will read everything");
+    let skip = |why: &str| {
+        log::warn!("origin not sealed ({why}): the next incremental will read everything")
+    };
     if !flushed {
         return skip("the final flush failed");
     }
@@ -849,6 +851,39 @@ mod tests {
         let (r, _) = d.handle_line(r#"{"v":1,"cmd":"backup_status"}"#);
         let m = control::decode_reply(&r).unwrap();
         assert!(m.contains_key("backup"));
+    }
+
+    #[test]
+    fn origin_seal_is_taken_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = dir.path().join("disk.img");
+        std::fs::write(&origin, vec![0u8; 1 << 16]).unwrap();
+        let sdir = dir.path().join("state");
+        assert!(take_origin_seal(&origin, &sdir).unwrap().is_some());
+        std::fs::create_dir_all(&sdir).unwrap();
+        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        assert!(why.contains("no origin seal"), "{why}");
+        let seal = |p: &Path| {
+            origin_seal::write_seal(&sdir, p, origin_seal::observe_for_seal(p).unwrap()).unwrap()
+        };
+        seal(&origin);
+        assert_eq!(take_origin_seal(&origin, &sdir).unwrap(), None);
+        assert!(!origin_seal::seal_path(&sdir).exists(), "the seal is taken");
+        // taken once: a second start (after a crash) has none
+        assert!(take_origin_seal(&origin, &sdir).unwrap().is_some());
+        seal(&origin);
+        std::fs::write(&origin, vec![1u8; 1 << 16]).unwrap();
+        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        assert!(why.contains("modified while detached"), "{why}");
+        let other = dir.path().join("other.img");
+        std::fs::write(&other, vec![0u8; 1 << 16]).unwrap();
+        seal(&origin);
+        let why = take_origin_seal(&other, &sdir).unwrap().unwrap();
+        assert!(why.contains("another file"), "{why}");
+        std::fs::write(origin_seal::seal_path(&sdir), b"{").unwrap();
+        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        assert!(why.contains("unreadable"), "{why}");
+        assert!(!origin_seal::seal_path(&sdir).exists());
     }
 
     #[test]
