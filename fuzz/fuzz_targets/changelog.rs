@@ -14,8 +14,11 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 const HEADER: usize = 4096;
-/// The header's checksummed part: everything before the checksum at 248..280.
+/// The header's checksummed part: everything before the checksum at 248..280, and
+/// the reset reason at 280..536.
 const BODY: usize = 248;
+const REASON_AT: usize = 280;
+const REASON_LEN: usize = 256;
 
 fn path() -> &'static PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
@@ -64,8 +67,17 @@ fuzz_target!(|data: &[u8]| {
                     file[56..56 + lineage.len()].copy_from_slice(lineage.as_bytes());
                 }
             }
-            let sum = *blake3::hash(&file[..BODY]).as_bytes();
-            file[BODY..BODY + 32].copy_from_slice(&sum);
+            // The checksum covers the body, and the reset reason when there is one.
+            let reason = &file[REASON_AT..REASON_AT + REASON_LEN];
+            let sum = if reason.iter().all(|&c| c == 0) {
+                blake3::hash(&file[..BODY])
+            } else {
+                let mut h = blake3::Hasher::new();
+                h.update(&file[..BODY]);
+                h.update(reason);
+                h.finalize()
+            };
+            file[BODY..BODY + 32].copy_from_slice(sum.as_bytes());
         }
     }
     let nbits = disk_size.div_ceil(chunk_size as u64);
