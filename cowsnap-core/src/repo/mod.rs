@@ -35,7 +35,7 @@ pub use generation::{GenerationInfo, GenerationKind, GenerationStats};
 pub use index::FixedIndex;
 pub use prune::{prune, PruneReport};
 pub use target::{open_target, open_target_with, RepoTarget, RepoTargetParams};
-pub use verify::{verify, VerifyProblem, VerifyReport};
+pub use verify::{verify, verify_repair, RepairReport, VerifyProblem, VerifyReport};
 
 use crate::error::{IoContext, Result};
 use crate::fsutil;
@@ -107,7 +107,7 @@ impl Repo {
         }
         Ok(Repo {
             dir: dir.to_path_buf(),
-            store: ChunkStore::new(&dir.join("chunks")),
+            store: ChunkStore::new(&dir.join("chunks"), &dir.join("quarantine")),
             config,
         })
     }
@@ -297,4 +297,50 @@ impl Repo {
 /// Every complete generation in the repository at `dir`, oldest first.
 pub fn list(dir: &Path) -> Result<Vec<GenerationInfo>> {
     Repo::open(dir)?.list()
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::{FixedIndex, GenerationInfo, GenerationKind, GenerationStats, Repo};
+
+    /// Store `img` as a full generation `id` of disk "d".
+    pub(crate) fn make_gen(repo: &Repo, id: &str, img: &[u8]) -> GenerationInfo {
+        let cs = repo.chunk_size() as usize;
+        let hashes: Vec<[u8; 32]> = img
+            .chunks(cs)
+            .map(|c| {
+                let h = super::chunk_store::chunk_hash(c);
+                if h != super::ZERO_HASH {
+                    repo.store().insert(&h, c).unwrap();
+                }
+                h
+            })
+            .collect();
+        repo.store().sync_dirs().unwrap();
+        FixedIndex {
+            generation: id.into(),
+            chunk_size: cs as u32,
+            disk_size: img.len() as u64,
+            hashes,
+        }
+        .write(&repo.index_path(id))
+        .unwrap();
+        let g = GenerationInfo {
+            id: id.into(),
+            disk: "d".into(),
+            disk_size: img.len() as u64,
+            chunk_size: cs as u32,
+            created_unix: 0,
+            created: String::new(),
+            kind: GenerationKind::Full,
+            parent: None,
+            lineage: "l".into(),
+            seq_next: 0,
+            seq_lowest_unacked: 0,
+            stats: GenerationStats::default(),
+            notes: Vec::new(),
+        };
+        g.write(&repo.meta_path(id)).unwrap();
+        g
+    }
 }
