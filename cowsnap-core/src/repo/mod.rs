@@ -26,6 +26,7 @@
 pub mod chunk_store;
 pub mod generation;
 pub mod index;
+pub mod pin;
 pub mod prune;
 pub mod target;
 pub mod verify;
