@@ -9,6 +9,8 @@
 //! DIR/chunks/ab/<64 hex>         one chunk (see chunk_store)
 //! DIR/generations/<id>.idx       fixed index (see index)
 //! DIR/generations/<id>.json      metadata (see generation), written after the index
+//! DIR/quarantine/<64 hex>[.N]    damaged chunks moved out of the store (see chunk_store)
+//! DIR/pins/<id>.<8 hex>.json     generations unfinished live restores need (see pin)
 //! ```
 //!
 //! # Locking
@@ -16,6 +18,7 @@
 //! | operations | together? | why it is safe |
 //! |---|---|---|
 //! | backups (any disks), restores, verify, list | yes | they only add files (chunk renames are atomic, identical content under one name); readers see only generations with both files |
+//! | quarantining a chunk vs anything holding the shared lock | yes | the move happens under `DIR/quarantine/.lock` after reading the chunk again; only a damaged file is moved, and a name is only ever installed when free, so a healthy copy is never moved away |
 //! | prune vs backup/restore/verify | no | prune holds `LOCK_EX` on `DIR/lock` for its whole run, everyone else `LOCK_SH` for theirs, so a sweep never sees a running backup's new or reused chunks as garbage; prune waits for running backups and a backup started during prune waits for it |
 //!
 //! A shared lock for the whole backup, rather than only for the sweep, is the simple

@@ -12,6 +12,7 @@
 //! 2. each source given (the live disk's origin, a device or an image of the disk):
 //!    the bytes at every offset where a damaged generation had the chunk are read
 //!    (read only, one chunk at a time) and hashed; a match is stored.
+//!
 //! One stored copy heals every generation that references the hash. Afterwards each
 //! affected generation is reported whole again or still damaged, with its offsets; the
 //! report is `ok` only if every selected generation is whole. An unreadable index
