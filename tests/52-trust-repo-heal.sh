@@ -120,8 +120,6 @@ import random, sys
 f = open(sys.argv[1], "r+b"); f.seek(33 << 20); f.write(random.Random(4).randbytes(1 << 20))' "$T/expl.img"
 st=$(ctl status l52 --json); pid=$(json_field "$st" .daemon.pid)
 [ "$(json_field "$st" .daemon.fill.complete)" = false ] || fail "fill complete too early: $st"
-ctl abandon l52 >/dev/null 2>"$T/ab.err" && fail "abandon while the daemon runs exits 0"
-grep -q "is running" "$T/ab.err" || fail "abandon refusal unclear: $(cat "$T/ab.err")"
 kill -9 "$pid"; wait_gone "$pid" 10 || fail "daemon $pid survived kill -9"
 log "killed the filling daemon at $(json_field "$st" .daemon.fill.done)/$(json_field "$st" .daemon.fill.total)"
 nbdw "$suri" 1 5; gq=$(bk s52 --to "repo:$P" --incremental)
@@ -155,6 +153,8 @@ log "abandon: the generation is unpinned, the half-filled destination is refused
 nbdw "$suri" 3 7; gs=$(bk s52 --to "repo:$P" --incremental)
 COWSNAP_FILL_RATE=$((2 * MIB)) ctl restore "repo:$P@$gr" --to "$T/m.img" --live --via none --name m52 >/dev/null || fail "restore --live m52"
 pid=$(json_field "$(ctl status m52 --json)" .daemon.pid)
+ctl abandon m52 >/dev/null 2>"$T/ab.err" && fail "abandon while the daemon runs exits 0"
+grep -q "is running" "$T/ab.err" || fail "abandon refusal unclear: $(cat "$T/ab.err")"
 kill -9 "$pid"; wait_gone "$pid" 10 || fail "daemon $pid survived kill -9"
 ctl prune "repo:$P" --keep 1 >"$T/p.out" || fail "prune"
 grep -q "kept $gr: pinned by live restore of m52" "$T/p.out" || fail "prune does not keep $gr for m52: $(cat "$T/p.out")"

@@ -278,3 +278,50 @@ fn reopen(path: &Path) -> Arc<dyn BlockIo> {
     spec.engine = blockio::Engine::Sync;
     blockio::open(&spec).unwrap()
 }
+
+#[test]
+fn an_incremental_refuses_to_publish_a_generation_taking_a_missing_chunk_from_its_parent() {
+    use cowsnap_core::repo::{open_target_with, RepoTargetParams};
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let mut disk = random_disk(4 * MIB, 11);
+    let cl = ChangeLog::open(&d.path().join("cl.bin"), disk.len() as u64, TCS).unwrap();
+    let g1 = backup_tracked(&repo, "m", &disk, &cl)
+        .summary
+        .generation
+        .unwrap();
+    // lost outside the quarantine (deleted by hand)
+    let r = Repo::open(&repo).unwrap();
+    let idx = r.load_index(&r.resolve(Some(&g1)).unwrap()).unwrap();
+    std::fs::remove_file(r.store().path_of(&idx.hashes[3])).unwrap();
+    scribble(&mut disk, Some(&cl), 0, 4096, 12);
+    let cut = cl.begin_generation().unwrap();
+    let mut t = open_target_with(
+        &repo,
+        RepoTargetParams {
+            disk_name: "m".into(),
+            incremental: true,
+        },
+        TCS,
+    )
+    .unwrap();
+    let g = t.granule_chunks() as usize * TCS as usize;
+    assert!(matches!(
+        t.scope(Some(&cut)).unwrap(),
+        cowsnap_core::target::Scope::Changed
+    ));
+    t.begin(&info(&disk, cl.lineage(), cut.seq_next)).unwrap();
+    t.write(0, &disk[..g]).unwrap();
+    let e = t.commit().err().unwrap();
+    assert!(e.to_string().contains("lacks 1 chunk"), "{e}");
+    assert!(
+        e.to_string().contains(&format!("offset {}", 3 * MIB)),
+        "{e}"
+    );
+    cl.abort_generation(&cut).unwrap();
+    assert_eq!(
+        Repo::open(&repo).unwrap().list().unwrap().len(),
+        1,
+        "nothing published"
+    );
+}

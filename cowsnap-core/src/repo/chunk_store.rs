@@ -404,6 +404,18 @@ impl ChunkStore {
         Ok(Some(dest))
     }
 
+    /// Hashes of the chunks in the quarantine (one readdir; usually empty).
+    pub fn quarantined_hashes(&self) -> Result<std::collections::HashSet<[u8; 32]>> {
+        Ok(self
+            .quarantined()?
+            .iter()
+            .filter_map(|p| {
+                let n = p.file_name()?.to_string_lossy().into_owned();
+                fsutil::parse_hash(n.get(..64)?)
+            })
+            .collect())
+    }
+
     /// Files in the quarantine (damaged chunks kept as evidence).
     pub fn quarantined(&self) -> Result<Vec<PathBuf>> {
         let rd = match std::fs::read_dir(&self.quarantine) {

@@ -18,8 +18,9 @@
 //!   longer be widened there).
 //! - Chunks out of scope keep the parent's hash; in a full backup chunks never written
 //!   (free space the drainer skipped) are zeros.
-//!   The parent's chunks must all be present: one that was quarantined (damaged) or
-//!   is missing makes the backup read everything, so the data is stored afresh.
+//!   A parent chunk in the quarantine (damaged) makes the backup read everything, so
+//!   the data is stored afresh (one readdir at the instant); `commit` refuses to
+//!   publish a generation that would take a missing chunk from its parent.
 //! - Reusing a stored chunk reads it back and compares it (see `chunk_store`); a
 //!   damaged one is quarantined and written afresh, which heals every generation
 //!   referencing it, and the generation's notes say how many.
@@ -283,17 +284,28 @@ impl RepoTarget {
             .load_index(&parent)
             .map_err(|e| format!("parent unusable: {e}"))?;
         // Unchanged chunks take the parent's hashes unread: only sound if the parent's
-        // chunks are there. A quarantined (damaged) or missing one must be read from the
-        // disk and stored afresh, so read everything (dedup keeps it cheap).
-        let mut seen = std::collections::HashSet::new();
-        let missing = idx
-            .hashes
-            .iter()
-            .filter(|h| seen.insert(**h) && !self.repo.store().contains(h))
-            .count();
-        if missing > 0 {
+        // chunks are there. A quarantined (damaged) one must be read from the disk and
+        // stored afresh, so read everything (dedup keeps it cheap). This runs while
+        // writes are paused, so it is one readdir of the quarantine; chunks missing for
+        // any other reason are caught at commit.
+        let q = self
+            .repo
+            .store()
+            .quarantined_hashes()
+            .map_err(|e| format!("unable to list the quarantine: {e}"))?;
+        let damaged = if q.is_empty() {
+            0
+        } else {
+            idx.hashes
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .into_iter()
+                .filter(|h| q.contains(*h) && !self.repo.store().contains(h))
+                .count()
+        };
+        if damaged > 0 {
             return Err(format!(
-                "the parent generation {} references {missing} damaged or missing chunk(s); reading everything stores them afresh",
+                "the parent generation {} references {damaged} damaged or missing chunk(s); reading everything stores them afresh",
                 parent.id
             ));
         }
@@ -455,6 +467,28 @@ impl Target for RepoTarget {
             self.stats.bytes_stored_new = sh.bytes_stored_new;
             std::mem::take(&mut sh.hashes)
         };
+        // Chunks taken from the parent unread must exist, or this generation could not
+        // be restored: refuse to publish it.
+        if let Some((p, _)) = &self.parent {
+            let mut checked = std::collections::HashSet::new();
+            let cs = self.repo.chunk_size() as u64;
+            let missing: Vec<u64> = hashes
+                .iter()
+                .enumerate()
+                .filter(|(i, h)| {
+                    !self.written[*i] && checked.insert(**h) && !self.repo.store().contains(h)
+                })
+                .map(|(i, _)| i as u64 * cs)
+                .collect();
+            if let Some(first) = missing.first() {
+                return Err(crate::err!(
+                    Corrupt,
+                    "unable to commit the incremental backup: its parent generation {} lacks {} chunk(s) this backup would reuse (first at offset {first}); run cowsnapctl verify --repair, or a full backup",
+                    p.id,
+                    missing.len()
+                ));
+            }
+        }
         self.repo.store().sync_dirs()?;
         let idx = FixedIndex {
             generation: self.id.clone(),
