@@ -67,12 +67,12 @@ ctl verify "repo:$REPO" --json >"$T/v.json" 2>"$T/v.err" && fail "verify of a da
 [ "$(jq -r "[.problems[] | select(.offset == $((5 * MIB)))] | length" "$T/v.json")" = 2 ] ||
   fail "verify does not name offset $((5 * MIB)) in both generations: $(cat "$T/v.json")"
 [ -e "$c" ] && q=present || q=gone
-ctl restore "repo:$REPO@$g1" --to "$T/r.img" >/dev/null 2>"$T/r.err" && fail "restore of a damaged generation exits 0"
+ctl restore "repo:$REPO@$g1" --to "$T/r.img" >/dev/null 2>"$T/rq.err" && fail "restore of a damaged generation exits 0"
 nbdw "$uri" 40 1; g3=$(bk d52 --to "repo:$REPO"); nbdcopy "$uri" "$T/exp3.img"
 all_whole "$g1=$T/exp12.img" "$g2=$T/exp12.img" "$g3=$T/exp3.img"
 [ "$q" = gone ] || fail "verify left the damaged chunk in the store"
 [ -f "$REPO/quarantine/$(basename "$c")" ] || fail "damaged chunk not kept in $REPO/quarantine"
-grep -q quarantine "$T/r.err" || fail "restore error does not say the chunk is quarantined: $(cat "$T/r.err")"
+grep -q quarantine "$T/rq.err" || fail "restore error does not say the chunk is quarantined: $(cat "$T/rq.err")"
 log "A: $g1 $g2 whole again after $g3"
 
 log "B: damage nobody has seen: the full backup about to reuse the chunk finds and heals it"

@@ -399,7 +399,7 @@ impl FillingIo {
         {
             return Err(crate::err!(
                 InvalidInput,
-                "unable to resume the restore: the live restore of generation {} onto this destination was abandoned, so it holds partial data; restore it again (cowsnapctl restore --live) or attach another disk",
+                "the live restore of generation {} onto this destination was abandoned (cowsnapctl abandon), so it holds partial data: restore it again (cowsnapctl restore --live) or attach another disk",
                 hgen(h)
             ));
         }
