@@ -1,10 +1,11 @@
-//! Stored chunks: `ChunkStore::read` on a chunk file holding the input (in a private
-//! directory under $TMPDIR). The first byte picks the length and hash the reader is
-//! asked for: bit 0 takes the length from the file's own header (else the stored
-//! payload's length), bit 1 asks for the zero hash, bit 2 uses the hash of the
-//! payload as stored, else the hash of what it decompresses to, so the fuzzer gets
-//! past the content check. Bit 3 also stores the input as a new chunk and reads it
-//! back. A chunk that reads must have the length and hash asked for.
+//! Stored chunks: `ChunkStore::read_no_quarantine` (the reader without the move of a
+//! damaged file to the quarantine, which would keep every input) on a chunk file
+//! holding the input (in a private directory under $TMPDIR). The first byte picks the
+//! length and hash the reader is asked for: bit 0 takes the length from the file's own
+//! header (else the stored payload's length), bit 1 asks for the zero hash, bit 2 uses
+//! the hash of the payload as stored, else the hash of what it decompresses to, so the
+//! fuzzer gets past the content check. Bit 3 also stores the input as a new chunk and
+//! reads it back. A chunk that reads must have the length and hash asked for.
 #![no_main]
 
 use cowsnap_core::repo::chunk_store::{chunk_hash, ChunkStore, ZERO_HASH};
@@ -28,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, raw)) = data.split_first() else {
         return;
     };
-    let store = ChunkStore::new(dir());
+    let store = ChunkStore::new(dir(), &dir().join("quarantine"));
     let payload = raw.get(16..).unwrap_or(&[]);
     let header_len = raw
         .get(8..12)
@@ -57,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         std::fs::create_dir_all(path.parent().unwrap()).expect("create the chunk subdirectory");
         std::fs::write(&path, raw).expect("write the chunk file");
     }
-    if let Ok(d) = store.read(&hash, expect_len) {
+    if let Ok(d) = store.read_no_quarantine(&hash, expect_len) {
         assert_eq!(d.len(), expect_len);
         assert!(hash == ZERO_HASH || blake3::hash(&d).as_bytes() == &hash);
     }
