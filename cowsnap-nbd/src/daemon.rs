@@ -135,6 +135,18 @@ impl Daemon {
                     params.container = self.args.container.clone();
                 }
                 log::info!("backup requested to {}", params.to);
+                // Nothing is opened before the target and the container are checked.
+                let own = cowsnap_nbd::attached::OwnDisk {
+                    name: &self.args.name,
+                    origin: Some(&self.args.origin),
+                    default_container: self.args.container.as_deref(),
+                };
+                if let Err(e) =
+                    cowsnap_nbd::attached::check_backup(&self.args.run_dir, &own, &params)
+                {
+                    log::warn!("{e}");
+                    return (fail(&e), false);
+                }
                 match self.engine.start_backup(params) {
                     Ok(id) => (control::ok_reply(&serde_json::json!({ "id": id })), false),
                     Err(e) => (fail(&e), false),
@@ -364,6 +376,17 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
+    if let Some(r) = &args.restore_from {
+        // A live restore overwrites the origin: never another disk's origin or a mount.
+        let action = format!("restore {r} onto {}", args.origin.display());
+        cowsnap_nbd::attached::check_destination(
+            &args.run_dir,
+            Some(&args.name),
+            &args.origin,
+            &action,
+        )
+        .map_err(|e| anyhow!(e))?;
+    }
     let _origin_lock = lock_origin(&args.origin)?;
     let spec = OpenSpec {
         path: args.origin.clone(),
@@ -374,6 +397,11 @@ pub fn run(args: Args) -> Result<()> {
     };
     let dest = blockio::open(&spec).map_err(|e| anyhow!("{e}"))?;
     let size = dest.size();
+    // What other commands check their destinations against, even if we do not answer.
+    let origin_record = cowsnap_nbd::attached::origin_record_path(&paths);
+    cowsnap_nbd::attached::OriginRecord::of(&args.origin)
+        .and_then(|r| r.save(&origin_record))
+        .with_context(|| format!("unable to write {}", origin_record.display()))?;
     let (origin, filling, changelog) = open_origin_state(&args, &paths, dest)?;
     // `..Default::default()`: the engine's config grows (name, container, throttle);
     // the default container is applied per request in `Daemon::handle`.
@@ -666,6 +694,10 @@ fn shutdown(d: &Daemon) {
     }
     let _ = std::fs::remove_file(d.paths.ctl_socket());
     let _ = std::fs::remove_file(d.paths.pid_file());
+    let rec = cowsnap_nbd::attached::origin_record_path(&d.paths);
+    if cowsnap_nbd::attached::OriginRecord::load(&rec).is_some_and(|r| r.pid == std::process::id()) {
+        let _ = std::fs::remove_file(rec);
+    }
 }
 
 #[cfg(test)]
