@@ -154,7 +154,9 @@ fn loop_backing(sys_dev: &Path, name: &str) -> Option<Node> {
         }
     }
     let p = std::fs::read_to_string(sys_dev.join("loop/backing_file")).ok()?;
-    std::fs::metadata(p.trim_end()).ok().map(|m| Node::of_meta(&m))
+    std::fs::metadata(p.trim_end())
+        .ok()
+        .map(|m| Node::of_meta(&m))
 }
 
 impl BlockTopology {
@@ -220,10 +222,7 @@ impl BlockTopology {
         if self.sys_root.as_os_str().is_empty() {
             return Vec::new();
         }
-        let sys = self
-            .sys_root
-            .join("dev/block")
-            .join(major_minor(rdev));
+        let sys = self.sys_root.join("dev/block").join(major_minor(rdev));
         let mut out = Vec::new();
         if sys.join("partition").exists() {
             if let Some(d) = std::fs::canonicalize(&sys)
@@ -479,7 +478,10 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = b[i + 1..i + 4]
                 .iter()
                 .fold(0u32, |a, &c| a * 8 + u32::from(c - b'0'));
@@ -603,7 +605,11 @@ mod tests {
         assert_eq!(overlap(&t, &l, &p1), Some(Overlap::Contains));
         assert_eq!(overlap(&t, &f, &p2), Some(Overlap::Contains));
         assert_eq!(overlap(&t, &p2, &f), Some(Overlap::PartOf));
-        assert_eq!(overlap(&t, &p1, &p2), None, "sibling partitions are disjoint");
+        assert_eq!(
+            overlap(&t, &p1, &p2),
+            None,
+            "sibling partitions are disjoint"
+        );
         assert_eq!(overlap(&t, &f, &Node::File { dev: 1, ino: 3 }), None);
     }
 
@@ -617,7 +623,10 @@ mod tests {
             container_path("file:/a:b.cow:1G"),
             Some(PathBuf::from("/a:b.cow"))
         );
-        assert_eq!(container_path("dev:/dev/sdc1"), Some(PathBuf::from("/dev/sdc1")));
+        assert_eq!(
+            container_path("dev:/dev/sdc1"),
+            Some(PathBuf::from("/dev/sdc1"))
+        );
         assert_eq!(container_path("ram:64M"), None);
         assert_eq!(container_path("file:1G"), None);
     }
@@ -644,10 +653,8 @@ mod tests {
         probe_exclusive(&a).unwrap();
         let f = std::fs::File::open(&a).unwrap();
         // SAFETY: flock on a valid fd owned by `f`.
-        assert_eq!(
-            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-            0
-        );
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(r, 0);
         let e = probe_exclusive(&a).unwrap_err();
         assert!(e.to_string().contains("locked"), "{e}");
         drop(f);

@@ -289,10 +289,7 @@ pub fn check_backup(run_dir: &Path, own: &OwnDisk<'_>, p: &BackupParams) -> Resu
     }
     if let (Some(d), Some(c)) = (own.default_container.and_then(container_path), &container) {
         if d != *c {
-            base.protect(
-                &d,
-                format!("the container of attached disk {:?}", own.name),
-            );
+            base.protect(&d, format!("the container of attached disk {:?}", own.name));
         }
     }
     if let Some(t) = &target {

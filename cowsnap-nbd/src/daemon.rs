@@ -695,7 +695,8 @@ fn shutdown(d: &Daemon) {
     let _ = std::fs::remove_file(d.paths.ctl_socket());
     let _ = std::fs::remove_file(d.paths.pid_file());
     let rec = cowsnap_nbd::attached::origin_record_path(&d.paths);
-    if cowsnap_nbd::attached::OriginRecord::load(&rec).is_some_and(|r| r.pid == std::process::id()) {
+    if cowsnap_nbd::attached::OriginRecord::load(&rec).is_some_and(|r| r.pid == std::process::id())
+    {
         let _ = std::fs::remove_file(rec);
     }
 }
