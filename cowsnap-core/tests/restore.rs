@@ -467,5 +467,8 @@ fn an_interrupted_offline_restore_leaves_its_destination_marked_incomplete() {
     assert!(msg.contains(&dest.display().to_string()), "{msg}");
     assert!(msg.contains(&marker.display().to_string()), "{msg}");
     let why = std::fs::read_to_string(&marker).unwrap();
-    assert!(why.contains("not complete") && why.contains("failed"), "{why}");
+    assert!(
+        why.contains("not complete") && why.contains("failed"),
+        "{why}"
+    );
 }

@@ -287,8 +287,8 @@ pub fn check_backup(run_dir: &Path, own: &OwnDisk<'_>, p: &BackupParams) -> Resu
     if let Some(o) = own.origin {
         base.protect(o, format!("the origin of attached disk {:?}", own.name));
     }
-    if let (Some(d), Some(c)) = (own.default_container.and_then(container_path), &container) {
-        if d != *c {
+    if let Some(d) = own.default_container.and_then(container_path) {
+        if container.as_ref() != Some(&d) {
             base.protect(&d, format!("the container of attached disk {:?}", own.name));
         }
     }
@@ -313,4 +313,101 @@ pub fn check_backup(run_dir: &Path, own: &OwnDisk<'_>, p: &BackupParams) -> Resu
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_run_dir_files() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [
+            "a.pid",
+            "b.ctl",
+            "c.attach.json",
+            "d.origin.json",
+            ".a.pid.tmp",
+            "e.fuse",
+            "bad name.pid",
+        ] {
+            std::fs::write(d.path().join(f), "").unwrap();
+        }
+        let n: Vec<String> = names(d.path()).into_iter().collect();
+        assert_eq!(n, ["a", "b", "c", "d"]);
+        assert!(names(&d.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn command_line_values() {
+        let a: Vec<String> = ["x", "--name", "d1", "--origin=/o", "--run-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(arg_value(&a, "--name").as_deref(), Some("d1"));
+        assert_eq!(arg_value(&a, "--origin").as_deref(), Some("/o"));
+        assert_eq!(arg_value(&a, "--run-dir"), None);
+        assert_eq!(arg_value(&a, "--state-dir"), None);
+    }
+
+    #[test]
+    fn origin_record_roundtrip_and_liveness() {
+        let d = tempfile::tempdir().unwrap();
+        let origin = d.path().join("o.img");
+        std::fs::write(&origin, b"data").unwrap();
+        let paths = DiskPaths::new("o", d.path(), d.path());
+        let mut rec = OriginRecord::of(&origin).unwrap();
+        rec.save(&origin_record_path(&paths)).unwrap();
+        assert_eq!(
+            OriginRecord::load(&origin_record_path(&paths)),
+            Some(rec.clone())
+        );
+        assert!(matches!(rec.node(), Node::File { .. }));
+        // This test process is alive but is not a daemon named "o": the record is a
+        // leftover and protects nothing; neither does a dead pid.
+        let mut g = DestGuard::with_topology(Default::default());
+        protect_attached(&mut g, d.path(), None);
+        g.check(&origin).unwrap();
+        rec.pid = u32::MAX / 2;
+        rec.save(&origin_record_path(&paths)).unwrap();
+        let mut g = DestGuard::with_topology(Default::default());
+        protect_attached(&mut g, d.path(), None);
+        g.check(&origin).unwrap();
+    }
+
+    #[test]
+    fn a_backup_never_targets_its_own_container() {
+        let d = tempfile::tempdir().unwrap();
+        let own = OwnDisk {
+            name: "x",
+            origin: None,
+            default_container: None,
+        };
+        let t = d.path().join("t.img");
+        let p = BackupParams {
+            to: format!("file:{}", t.display()),
+            container: Some(format!("file:{}:4M", t.display())),
+            ..Default::default()
+        };
+        let e = check_backup(d.path(), &own, &p).unwrap_err();
+        assert!(e.contains("is the container of this backup"), "{e}");
+        let p = BackupParams {
+            to: format!("file:{}", t.display()),
+            container: Some(format!("dev:{}", d.path().join("c").display())),
+            ..Default::default()
+        };
+        check_backup(d.path(), &own, &p).unwrap();
+        // The disk's default container is protected when another one is used.
+        let own = OwnDisk {
+            default_container: Some("dev:/nonexistent/c"),
+            ..own
+        };
+        let p = BackupParams {
+            to: "file:/nonexistent/c".into(),
+            container: Some("ram:1M".into()),
+            ..Default::default()
+        };
+        let e = check_backup(d.path(), &own, &p).unwrap_err();
+        assert!(e.contains("the container of attached disk \"x\""), "{e}");
+    }
 }

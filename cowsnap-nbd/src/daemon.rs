@@ -797,6 +797,37 @@ mod tests {
     }
 
     #[test]
+    fn backup_onto_its_own_origin_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = test_daemon(dir.path());
+        let origin = dir.path().join("disk.img");
+        std::fs::write(&origin, vec![7u8; 4 << 20]).unwrap();
+        let link = dir.path().join("link.img");
+        std::fs::hard_link(&origin, &link).unwrap();
+        for req in [
+            format!(
+                r#"{{"v":1,"cmd":"backup","params":{{"to":"file:{}"}}}}"#,
+                link.display()
+            ),
+            format!(
+                r#"{{"v":1,"cmd":"backup","params":{{"to":"file:{}/x.img","container":"dev:{}"}}}}"#,
+                dir.path().display(),
+                origin.display()
+            ),
+        ] {
+            let (r, _) = d.handle_line(&req);
+            match control::decode_reply(&r) {
+                Err(control::ControlError::Daemon(m)) => {
+                    assert!(m.contains("is the origin of attached disk \"t1\""), "{m}")
+                }
+                other => panic!("{req} → {other:?}"),
+            }
+        }
+        assert_eq!(std::fs::read(&origin).unwrap(), vec![7u8; 4 << 20]);
+        assert!(!dir.path().join("x.img").exists());
+    }
+
+    #[test]
     fn listen_specs() {
         assert_eq!(
             parse_listen("tcp:127.0.0.1:10809").unwrap().to_string(),
