@@ -86,6 +86,30 @@ impl OriginRecord {
     }
 }
 
+/// A daemon's origin record on disk, removed on drop (if it is still this process's).
+pub struct OriginRecordFile(PathBuf);
+
+impl OriginRecordFile {
+    /// Write the record of `origin` for disk `paths`.
+    pub fn write(paths: &DiskPaths, origin: &Path) -> std::io::Result<OriginRecordFile> {
+        let p = origin_record_path(paths);
+        OriginRecord::of(origin)
+            .and_then(|r| r.save(&p))
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("unable to write {}: {e}", p.display()))
+            })?;
+        Ok(OriginRecordFile(p))
+    }
+}
+
+impl Drop for OriginRecordFile {
+    fn drop(&mut self) {
+        if OriginRecord::load(&self.0).is_some_and(|r| r.pid == std::process::id()) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 /// Path of a disk's origin record.
 pub fn origin_record_path(paths: &DiskPaths) -> PathBuf {
     paths.run_dir.join(format!("{}.origin.json", paths.name))

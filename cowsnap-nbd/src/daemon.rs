@@ -398,10 +398,8 @@ pub fn run(args: Args) -> Result<()> {
     let dest = blockio::open(&spec).map_err(|e| anyhow!("{e}"))?;
     let size = dest.size();
     // What other commands check their destinations against, even if we do not answer.
-    let origin_record = cowsnap_nbd::attached::origin_record_path(&paths);
-    cowsnap_nbd::attached::OriginRecord::of(&args.origin)
-        .and_then(|r| r.save(&origin_record))
-        .with_context(|| format!("unable to write {}", origin_record.display()))?;
+    // Removed when `run` returns, on failure and after shutdown alike.
+    let _origin_record = cowsnap_nbd::attached::OriginRecordFile::write(&paths, &args.origin)?;
     let (origin, filling, changelog) = open_origin_state(&args, &paths, dest)?;
     // `..Default::default()`: the engine's config grows (name, container, throttle);
     // the default container is applied per request in `Daemon::handle`.
@@ -694,11 +692,6 @@ fn shutdown(d: &Daemon) {
     }
     let _ = std::fs::remove_file(d.paths.ctl_socket());
     let _ = std::fs::remove_file(d.paths.pid_file());
-    let rec = cowsnap_nbd::attached::origin_record_path(&d.paths);
-    if cowsnap_nbd::attached::OriginRecord::load(&rec).is_some_and(|r| r.pid == std::process::id())
-    {
-        let _ = std::fs::remove_file(rec);
-    }
 }
 
 #[cfg(test)]
