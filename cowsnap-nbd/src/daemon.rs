@@ -1,10 +1,15 @@
 //! The per-disk daemon: opens the origin, builds the engine, serves it over NBD on a
 //! unix socket (and TCP when asked) and answers the control socket.
 //!
-//! Start-up order: refuse if another daemon answers on the control socket; remove
-//! stale sockets; open the origin (O_EXCL on block devices); build the engine and the
-//! change log; bind every socket (umask 0177, so they are born 0600); write the pid
-//! file; start serving. Shutdown (SIGTERM, SIGINT or the `shutdown` command): stop
+//! Start-up order: make every path argument absolute and change to `/` (the daemon
+//! pins no mount and no relative path lands in a caller's directory); take the name
+//! lock `RUN_DIR/NAME.lock` (or adopt the one `cowsnapctl attach` holds, `--lock-fd`)
+//! before touching any file of the name; refuse if another daemon answers on the
+//! control socket; remove stale sockets; open the origin (O_EXCL on block devices) and
+//! refuse an empty one or one whose size is not a multiple of 512; build the engine and
+//! the change log; bind every socket (umask 0177, so they are born 0600); write the pid
+//! file; start serving. A fatal error ends in one `cowsnap-nbd: error: ...` line on
+//! stderr (the log), which `cowsnapctl attach` shows as the reason. Shutdown (SIGTERM, SIGINT or the `shutdown` command): stop
 //! accepting, give open connections a moment to finish in-flight requests, flush the
 //! origin, remove the sockets and the pid file, exit 0.
 //!
@@ -23,6 +28,7 @@ use cowsnap_core::repo::Repo;
 use cowsnap_core::restore::{self, live::FillingIo};
 use cowsnap_nbd::config::DiskPaths;
 use cowsnap_nbd::control::{self, FillInfo, IoCounters, Request, StatusInfo};
+use cowsnap_nbd::name_lock::{self, NameLock};
 use cowsnap_nbd::nbd::server::Server;
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -76,6 +82,109 @@ pub struct Args {
     /// from the disk's state directory without this flag.
     #[arg(long, value_name = "repo:DIR@GEN")]
     pub restore_from: Option<String>,
+    /// An open descriptor of `RUN_DIR/NAME.lock` that the starting process has already
+    /// locked (`cowsnapctl attach`); the daemon keeps it for its life.
+    #[arg(long, hide = true)]
+    pub lock_fd: Option<i32>,
+}
+
+/// Every path argument made absolute against the caller's working directory, before
+/// the daemon changes to `/`.
+fn absolute_args(mut a: Args) -> Result<Args> {
+    let abs = |p: &Path| {
+        std::path::absolute(p).with_context(|| format!("unable to resolve {}", p.display()))
+    };
+    a.origin = abs(&a.origin)?;
+    a.run_dir = abs(&a.run_dir)?;
+    a.state_dir = abs(&a.state_dir)?;
+    if let Some(l) = &a.log_file {
+        a.log_file = Some(abs(l)?);
+    }
+    if let Some(c) = &a.container {
+        a.container = Some(
+            cowsnap_nbd::config::absolute_container(c)
+                .with_context(|| format!("unable to resolve --container {c:?}"))?,
+        );
+    }
+    if let Some(r) = &a.restore_from {
+        if let Some(rest) = r.strip_prefix("repo:") {
+            let (dir, gen) = match rest.rsplit_once('@') {
+                Some((d, g)) => (d, Some(g)),
+                None => (rest, None),
+            };
+            let dir = abs(Path::new(dir))?;
+            a.restore_from = Some(match gen {
+                Some(g) => format!("repo:{}@{g}", dir.display()),
+                None => format!("repo:{}", dir.display()),
+            });
+        }
+    }
+    Ok(a)
+}
+
+/// Paths in a backup request must be absolute: the daemon works in `/`, so a relative
+/// one would land there, not where the caller meant.
+fn check_request_paths(p: &cowsnap_nbd::control::BackupParams) -> Result<(), String> {
+    let to = cowsnap_nbd::config::target_path(&p.to);
+    let c = p
+        .container
+        .as_deref()
+        .and_then(cowsnap_nbd::config::container_path);
+    for path in to.into_iter().chain(c) {
+        if !Path::new(path).is_absolute() {
+            return Err(format!(
+                "unable to start the backup: the path {path:?} is relative \
+                 (the daemon works in /); give an absolute path"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The name lock for the daemon's life; removed at exit if the daemon took it itself
+/// (an inherited one is removed by whoever still holds it: see `name_lock`).
+struct NameHold {
+    lock: Option<NameLock>,
+    own: bool,
+}
+
+impl Drop for NameHold {
+    fn drop(&mut self) {
+        if let Some(l) = self.lock.take() {
+            if self.own {
+                l.remove();
+            }
+        }
+    }
+}
+
+/// Take (or adopt) the name lock; refuse when another process holds it.
+fn hold_name(args: &Args, paths: &DiskPaths) -> Result<NameHold> {
+    let path = paths.lock_file();
+    if let Some(fd) = args.lock_fd {
+        // SAFETY: the descriptor was handed to this process to own (`--lock-fd`) and
+        // nothing else in it uses it.
+        let lock = unsafe { NameLock::adopt(fd, &path) }.map_err(|e| anyhow!("{e}"))?;
+        return Ok(NameHold {
+            lock: Some(lock),
+            own: false,
+        });
+    }
+    match NameLock::try_acquire(&path).map_err(|e| anyhow!("{e}"))? {
+        Some(lock) => Ok(NameHold {
+            lock: Some(lock),
+            own: true,
+        }),
+        None => bail!(
+            "disk {:?} is already served by another daemon or being attached \
+             (pid {} holds {})",
+            args.name,
+            name_lock::holder_pid(&path)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "?".into()),
+            path.display()
+        ),
+    }
 }
 
 /// Events that stop the daemon.
@@ -133,6 +242,9 @@ impl Daemon {
             Request::Backup { mut params } => {
                 if params.container.is_none() {
                     params.container = self.args.container.clone();
+                }
+                if let Err(e) = check_request_paths(&params) {
+                    return (fail(&e), false);
                 }
                 log::info!("backup requested to {}", params.to);
                 // Nothing is opened before the target and the container are checked.
@@ -347,6 +459,8 @@ fn lock_origin(path: &Path) -> Result<Option<std::fs::File>> {
 
 /// Run the daemon until a stop event; returns after cleaning up.
 pub fn run(args: Args) -> Result<()> {
+    let args = absolute_args(args)?;
+    std::env::set_current_dir("/").context("unable to change the working directory to /")?;
     init_logging(args.log_file.as_deref())?;
     cowsnap_nbd::config::validate_name(&args.name).map_err(|e| anyhow!("invalid --name: {e}"))?;
     let paths = DiskPaths::new(&args.name, &args.run_dir, &args.state_dir);
@@ -368,6 +482,7 @@ pub fn run(args: Args) -> Result<()> {
     sigs.thread_block().context("unable to block signals")?;
 
     make_dir(&args.run_dir, 0o700)?;
+    let _name = hold_name(&args, &paths)?;
     if control::Client::connect(&paths.ctl_socket(), Duration::from_secs(2)).is_ok() {
         bail!(
             "disk {:?} is already served by another daemon (control socket {} answers)",
@@ -397,6 +512,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     let dest = blockio::open(&spec).map_err(|e| anyhow!("{e}"))?;
     let size = dest.size();
+    cowsnap_nbd::config::check_disk_size(size)
+        .map_err(|why| anyhow!("unable to serve {}: {why}", args.origin.display()))?;
     // What other commands check their destinations against, even if we do not answer.
     // Removed when `run` returns, on failure and after shutdown alike.
     let _origin_record = cowsnap_nbd::attached::OriginRecordFile::write(&paths, &args.origin)?;

@@ -5,4 +5,5 @@ pub mod attach;
 pub mod attached;
 pub mod config;
 pub mod control;
+pub mod name_lock;
 pub mod nbd;

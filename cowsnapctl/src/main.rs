@@ -9,6 +9,7 @@ use std::path::PathBuf;
 mod attach;
 mod backup;
 mod detach;
+mod freeze;
 mod parse;
 mod repo;
 mod status;
@@ -25,6 +26,18 @@ pub struct Dirs {
 }
 
 impl Dirs {
+    /// Both directories made absolute: they are handed to the daemon, which works in `/`.
+    fn absolute(self) -> Result<Dirs> {
+        let abs = |p: PathBuf| {
+            std::path::absolute(&p)
+                .map_err(|e| anyhow::anyhow!("unable to resolve {}: {e}", p.display()))
+        };
+        Ok(Dirs {
+            run_dir: abs(self.run_dir)?,
+            state_dir: abs(self.state_dir)?,
+        })
+    }
+
     /// The files of disk `name`.
     pub fn paths(&self, name: &str) -> config::DiskPaths {
         config::DiskPaths::new(name, &self.run_dir, &self.state_dir)
@@ -70,7 +83,14 @@ enum Cmd {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.dirs = match cli.dirs.absolute() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cowsnapctl: {e:#}");
+            std::process::exit(1);
+        }
+    };
     let r: Result<i32> = match cli.cmd {
         Cmd::Attach(a) => attach::run(&cli.dirs, a).map(|_| 0),
         Cmd::Detach(a) => detach::run(&cli.dirs, a).map(|_| 0),
