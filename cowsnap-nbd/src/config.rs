@@ -82,7 +82,8 @@ impl DiskPaths {
         self.run(".fuse.pid")
     }
     /// The disk's own state directory: change log (`changelog.bin`), identity
-    /// (`identity.json`, lineage) and live-restore fill state (`fill.state`).
+    /// (`identity.json`, lineage), live-restore fill state (`fill.state`) and, while
+    /// no daemon serves it, the origin seal (`origin.seal`).
     pub fn disk_state_dir(&self) -> PathBuf {
         self.state_dir.join(&self.name)
     }

@@ -16,6 +16,10 @@
 //! Threads: one signal thread (SIGTERM/SIGINT are blocked everywhere else), the NBD
 //! server's accept threads, one control accept thread and one thread per control
 //! connection. The main thread waits for a stop event.
+//!
+//! Change tracking is bound to the origin (`cowsnap_core::origin_seal`): at start the
+//! seal the last daemon left is taken (removed before anything is served) and checked;
+//! a clean shutdown seals the origin again after the final flush.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -24,6 +28,7 @@ use cowsnap_core::changelog::ChangeLog;
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
 use cowsnap_core::identity::Identity;
+use cowsnap_core::origin_seal;
 use cowsnap_core::repo::Repo;
 use cowsnap_core::restore::{self, live::FillingIo};
 use cowsnap_nbd::config::DiskPaths;
@@ -704,6 +709,9 @@ fn open_origin_state(
     }
     make_dir(&args.state_dir, 0o700)?;
     let sdir = paths.disk_state_dir();
+    // Before anything can write to the origin: take the seal (whatever it proves).
+    let unproven = take_origin_seal(&args.origin, &sdir)?;
+    let mut fresh_restore = false;
     let fill_state = paths.fill_state();
     let mut filling = None;
     if let Some(spec) = &args.restore_from {
@@ -738,6 +746,8 @@ fn open_origin_state(
             make_dir(&sdir, 0o700)?;
             restore::init_restored_state(&sdir, &dir, &g.id, size, args.chunk_size)
                 .map_err(|e| anyhow!("{e}"))?;
+            // Exact by construction: the content is the generation's, filled from now.
+            fresh_restore = true;
             std::fs::write(sdir.join("fill.origin"), origin_key(&args.origin))
                 .with_context(|| format!("unable to write {}", sdir.display()))?;
         }
@@ -773,11 +783,75 @@ fn open_origin_state(
     make_dir(&sdir, 0o700)?;
     let cl = ChangeLog::open_in(&sdir, size, args.chunk_size)
         .map_err(|e| anyhow!("unable to open the change log: {e}"))?;
+    if let (false, Some(rel), Some(why)) = (fresh_restore, cl.relative_to(), unproven) {
+        log::warn!("change tracking (relative to {rel}) is not trusted: {why}");
+        cl.distrust(&why)
+            .map_err(|e| anyhow!("unable to reset the change log: {e}"))?;
+    }
     let origin: Arc<dyn cowsnap_core::blockio::BlockIo> = match &filling {
         Some(f) => f.clone(),
         None => dest,
     };
     Ok((origin, filling, Some(Arc::new(cl))))
+}
+
+/// Take the origin seal of the state directory `sdir` (it is removed, durably, before
+/// the origin is served, so a crash from now on leaves none) and check it against the
+/// origin as it is now. `None`: the origin is proven to be the one tracked, unchanged
+/// since the last clean stop; else why not.
+fn take_origin_seal(origin: &Path, sdir: &Path) -> Result<Option<String>> {
+    if !sdir.exists() {
+        return Ok(Some("the disk has no state yet".into()));
+    }
+    let seal = origin_seal::read_seal(sdir);
+    origin_seal::remove_seal(sdir).map_err(|e| anyhow!("{e}"))?;
+    Ok(match seal {
+        Err(e) => Some(format!("the origin seal is unreadable ({e})")),
+        Ok(None) => Some(
+            "no origin seal: the disk was not detached cleanly (or its state predates origin \
+             seals), so changes to the origin since its last daemon are unknown"
+                .into(),
+        ),
+        Ok(Some(s)) => match origin_seal::observe(origin) {
+            Err(e) => Some(format!("unable to examine the origin: {e}")),
+            Ok(now) => s.check(&now).err(),
+        },
+    })
+}
+
+/// At a clean shutdown: record the origin seal, but only when nothing can write to the
+/// origin any more: no NBD connection left, a live restore's fill stopped, no backup
+/// that could fetch chunks through the fill, and the final flush succeeded. Otherwise
+/// no seal: the next start does not trust the tracking.
+fn seal_origin(d: &Daemon, flushed: bool) {
+    let skip = |why: &str| {
+        log::warn!("origin not sealed ({why}): the next incremental will read everything")
+    };
+    if !flushed {
+        return skip("the final flush failed");
+    }
+    if d.server.connections() > 0 {
+        return skip("NBD connections are still open");
+    }
+    if let Some(f) = &d.filling {
+        if f.fill_running() {
+            return skip("the live restore's fill is still running");
+        }
+        let backup_running = d
+            .engine
+            .backup_status()
+            .is_some_and(|b| b.state == "running" || b.state == "quiescing");
+        if !f.fill_status().complete && backup_running {
+            return skip("a backup is still reading through the live restore");
+        }
+    }
+    let sdir = d.paths.disk_state_dir();
+    match origin_seal::observe_for_seal(&d.args.origin)
+        .and_then(|st| origin_seal::write_seal(&sdir, &d.args.origin, st))
+    {
+        Ok(()) => log::info!("origin sealed"),
+        Err(e) => skip(&e.to_string()),
+    }
 }
 
 fn wait_stop(rx: &Receiver<Stop>) -> String {
@@ -801,10 +875,26 @@ fn shutdown(d: &Daemon) {
             d.server.connections()
         );
     }
+    if let Some(f) = &d.filling {
+        f.stop_fill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.fill_running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     if !d.args.read_only {
-        match d.engine.flush() {
-            Ok(()) => log::info!("origin flushed"),
-            Err(e) => log::error!("unable to flush the origin at shutdown: {e}"),
+        let flushed = match d.engine.flush() {
+            Ok(()) => {
+                log::info!("origin flushed");
+                true
+            }
+            Err(e) => {
+                log::error!("unable to flush the origin at shutdown: {e}");
+                false
+            }
+        };
+        if d.changelog.is_some() {
+            seal_origin(d, flushed);
         }
     }
     let _ = std::fs::remove_file(d.paths.ctl_socket());
@@ -935,6 +1025,39 @@ mod tests {
         }
         assert_eq!(std::fs::read(&origin).unwrap(), vec![7u8; 4 << 20]);
         assert!(!dir.path().join("x.img").exists());
+    }
+
+    #[test]
+    fn origin_seal_is_taken_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = dir.path().join("disk.img");
+        std::fs::write(&origin, vec![0u8; 1 << 16]).unwrap();
+        let sdir = dir.path().join("state");
+        assert!(take_origin_seal(&origin, &sdir).unwrap().is_some());
+        std::fs::create_dir_all(&sdir).unwrap();
+        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        assert!(why.contains("no origin seal"), "{why}");
+        let seal = |p: &Path| {
+            origin_seal::write_seal(&sdir, p, origin_seal::observe_for_seal(p).unwrap()).unwrap()
+        };
+        seal(&origin);
+        assert_eq!(take_origin_seal(&origin, &sdir).unwrap(), None);
+        assert!(!origin_seal::seal_path(&sdir).exists(), "the seal is taken");
+        // taken once: a second start (after a crash) has none
+        assert!(take_origin_seal(&origin, &sdir).unwrap().is_some());
+        seal(&origin);
+        std::fs::write(&origin, vec![1u8; 1 << 16]).unwrap();
+        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        assert!(why.contains("modified while detached"), "{why}");
+        let other = dir.path().join("other.img");
+        std::fs::write(&other, vec![0u8; 1 << 16]).unwrap();
+        seal(&origin);
+        let why = take_origin_seal(&other, &sdir).unwrap().unwrap();
+        assert!(why.contains("another file"), "{why}");
+        std::fs::write(origin_seal::seal_path(&sdir), b"{").unwrap();
+        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        assert!(why.contains("unreadable"), "{why}");
+        assert!(!origin_seal::seal_path(&sdir).exists());
     }
 
     #[test]

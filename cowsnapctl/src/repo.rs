@@ -5,10 +5,11 @@ use crate::attach::{self, AttachArgs};
 use crate::parse::human_bytes;
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
+use cowsnap_core::origin_seal;
 use cowsnap_core::repo::{self, Repo};
 use cowsnap_core::restore;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `repo:DIR[@GEN]` → (DIR, GEN).
 pub fn parse_repo_spec(spec: &str) -> Result<(PathBuf, Option<String>)> {
@@ -219,8 +220,10 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
                     a.to.display()
                 );
             }
+            reset_tracking_of_origin(dirs, &a.to, &g.id, "a live restore")?;
             eprintln!("resuming the interrupted live restore of {name:?}");
         } else {
+            reset_tracking_of_origin(dirs, &a.to, &g.id, "a live restore")?;
             let (dest, _) =
                 restore::open_destination(&a.to, g.disk_size).map_err(|e| anyhow!("{e}"))?;
             drop(dest);
@@ -270,6 +273,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     };
     cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)
         .map_err(|e| anyhow!(e))?;
+    reset_tracking_of_origin(dirs, &a.to, &g.id, "an offline restore")?;
     let rep =
         restore::restore_to(&dir, Some(&g.id), &a.to, &progress).map_err(|e| anyhow!("{e}"))?;
     if let Some(b) = &bar {
@@ -287,4 +291,29 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// A restore is about to write onto `dest`: if it is the sealed origin of a detached
+/// disk (any name in the state directory, matched by the origin's identity), that
+/// disk's seal is invalidated first, so its next incremental reads everything and says
+/// why. Fails (before anything is written) when a seal cannot be rewritten.
+fn reset_tracking_of_origin(dirs: &Dirs, dest: &Path, gen: &str, what: &str) -> Result<()> {
+    let Ok(target) = origin_seal::observe(dest) else {
+        return Ok(()); // does not exist yet (or is no disk): nobody's origin
+    };
+    for sdir in origin_seal::disks_sealed_on(&dirs.state_dir, &target) {
+        let name = sdir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let why = format!("{what} of generation {gen} was written onto the origin");
+        origin_seal::invalidate(&sdir, &why).map_err(|e| {
+            anyhow!("unable to reset the change tracking of disk {name:?} (the destination is its origin): {e}")
+        })?;
+        eprintln!(
+            "{} is the origin of disk {name:?}: its change tracking is reset, its next incremental backup reads everything",
+            dest.display()
+        );
+    }
+    Ok(())
 }
