@@ -512,7 +512,12 @@ pub fn same_origin(a: &OriginState, b: &OriginState) -> bool {
         (OriginState::Block(x), OriginState::Block(y)) => {
             (x.major, x.minor) == (y.major, y.minor) || (!x.ids.is_empty() && x.ids == y.ids)
         }
-        _ => false,
+        // A loop device over the file, either way round.
+        (OriginState::Block(x), OriginState::File(f))
+        | (OriginState::File(f), OriginState::Block(x)) => x
+            .backing
+            .as_ref()
+            .is_some_and(|b| (b.dev, b.ino) == (f.dev, f.ino)),
     }
 }
 
@@ -853,6 +858,12 @@ mod tests {
         drop(fh);
         let e = compare(&a, &OriginState::Block(observe_block(&sys, 7, 9).unwrap())).unwrap_err();
         assert!(e.contains("backing file") && e.contains("modified"), "{e}");
+        // the loop device and its backing file are one origin for a restore
+        assert!(same_origin(&a, &observe(&backing).unwrap()));
+        assert!(same_origin(&observe(&backing).unwrap(), &a));
+        let unrelated = d.path().join("unrelated.img");
+        std::fs::write(&unrelated, b"u").unwrap();
+        assert!(!same_origin(&a, &observe(&unrelated).unwrap()));
         std::fs::remove_file(&backing).unwrap();
         let e = compare(&a, &OriginState::Block(observe_block(&sys, 7, 9).unwrap())).unwrap_err();
         assert!(e.contains("cannot be examined"), "{e}");

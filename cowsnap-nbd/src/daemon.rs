@@ -714,6 +714,11 @@ fn open_origin_state(
     let mut fresh_restore = false;
     let fill_state = paths.fill_state();
     let mut filling = None;
+    // Named in the repository's pin while the live restore is unfinished.
+    let owner = restore::live::PinOwner {
+        disk: args.name.clone(),
+        destination: origin_key(&args.origin),
+    };
     if let Some(spec) = &args.restore_from {
         let rest = spec
             .strip_prefix("repo:")
@@ -752,7 +757,7 @@ fn open_origin_state(
                 .with_context(|| format!("unable to write {}", sdir.display()))?;
         }
         check_fill_origin(&sdir, &args.origin)?;
-        let f = FillingIo::open(dest.clone(), &dir, Some(&g.id), &fill_state)
+        let f = FillingIo::open_pinned(dest.clone(), &dir, Some(&g.id), &fill_state, &owner)
             .map_err(|e| anyhow!("{e}"))?;
         filling = Some(f);
     } else if fill_state.exists() {
@@ -764,11 +769,12 @@ fn open_origin_state(
                 sdir.display()
             )
         })?;
-        let f = FillingIo::open(
+        let f = FillingIo::open_pinned(
             dest.clone(),
             Path::new(&from.repo),
             Some(&from.generation),
             &fill_state,
+            &owner,
         )
         .map_err(|e| anyhow!("unable to resume the live restore: {e}"))?;
         if !f.fill_status().complete {

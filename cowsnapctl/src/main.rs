@@ -73,12 +73,14 @@ enum Cmd {
     Backup(backup::BackupArgs),
     /// List the restore points (generations) of a repository.
     List(repo::ListArgs),
-    /// Re-hash every chunk the repository's generations reference.
+    /// Re-hash every chunk the repository's generations reference (--repair: heal).
     Verify(repo::VerifyArgs),
     /// Delete old generations and the chunks no kept generation references.
     Prune(repo::PruneArgs),
     /// Restore a generation to a file or device (on the fly with --live).
     Restore(repo::RestoreArgs),
+    /// Give up an interrupted live restore: its generation is no longer pinned.
+    Abandon(repo::AbandonArgs),
 }
 
 fn main() {
@@ -97,9 +99,10 @@ fn main() {
         Cmd::Status(a) => status::run(&cli.dirs, a),
         Cmd::Backup(a) => backup::run(&cli.dirs, a),
         Cmd::List(a) => repo::list(a),
-        Cmd::Verify(a) => repo::verify(a),
+        Cmd::Verify(a) => repo::verify(&cli.dirs, a),
         Cmd::Prune(a) => repo::prune(a),
         Cmd::Restore(a) => repo::restore(&cli.dirs, a),
+        Cmd::Abandon(a) => repo::abandon(&cli.dirs, a),
     };
     match r {
         Ok(code) => std::process::exit(code),
