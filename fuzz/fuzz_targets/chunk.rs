@@ -4,10 +4,12 @@
 //! payload's length), bit 1 asks for the zero hash, bit 2 uses the hash of the
 //! payload as stored, else the hash of what it decompresses to, so the fuzzer gets
 //! past the content check. Bit 3 also stores the input as a new chunk and reads it
-//! back. A chunk that reads must have the length and hash asked for.
+//! back. A chunk that reads must have the length and hash asked for; a damaged one
+//! must leave the store for the quarantine (emptied after every input).
 #![no_main]
 
-use cowsnap_core::repo::chunk_store::{chunk_hash, ChunkStore, ZERO_HASH};
+use cowsnap_core::fsutil::hex;
+use cowsnap_core::repo::chunk_store::{chunk_hash, is_damage, ChunkStore, ZERO_HASH};
 use libfuzzer_sys::fuzz_target;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -28,7 +30,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, raw)) = data.split_first() else {
         return;
     };
-    let store = ChunkStore::new(dir());
+    let quarantine = dir().join("quarantine");
+    let store = ChunkStore::new(dir(), &quarantine);
     let payload = raw.get(16..).unwrap_or(&[]);
     let header_len = raw
         .get(8..12)
@@ -57,11 +60,22 @@ fuzz_target!(|data: &[u8]| {
         std::fs::create_dir_all(path.parent().unwrap()).expect("create the chunk subdirectory");
         std::fs::write(&path, raw).expect("write the chunk file");
     }
-    if let Ok(d) = store.read(&hash, expect_len) {
-        assert_eq!(d.len(), expect_len);
-        assert!(hash == ZERO_HASH || blake3::hash(&d).as_bytes() == &hash);
+    match store.read(&hash, expect_len) {
+        Ok(d) => {
+            assert_eq!(d.len(), expect_len);
+            assert!(hash == ZERO_HASH || blake3::hash(&d).as_bytes() == &hash);
+        }
+        Err(e) if is_damage(&e) => {
+            assert!(!path.exists(), "a damaged chunk stayed in the store: {e}");
+            assert!(
+                store.is_quarantined(&hash),
+                "a damaged chunk was not quarantined: {e}"
+            );
+        }
+        Err(e) => panic!("reading a chunk file failed without damage: {e}"),
     }
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(quarantine.join(hex(&hash)));
     if mode & 8 != 0 {
         // Store the input as chunk data and read it back.
         let h = chunk_hash(raw);
