@@ -338,6 +338,15 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
             bail!("invalid --listen {l:?}: expected tcp:ADDR:PORT");
         }
     }
+    // Every later backup depends on these: refuse bad values now, before the daemon.
+    let chunk_size = match &a.chunk_size {
+        Some(c) => cowsnap_core::engine::check_chunk_size(crate::parse::parse_size(c)?)
+            .map_err(|e| anyhow!("{e}"))?,
+        None => cowsnap_core::engine::EngineConfig::default().chunk_size,
+    };
+    if let Some(c) = &a.container {
+        cowsnap_core::container::check_default(c, chunk_size).map_err(|e| anyhow!("{e}"))?;
+    }
     let via = match a.via.as_str() {
         "nbd" => Via::Nbd,
         "fuse" => Via::Fuse,
