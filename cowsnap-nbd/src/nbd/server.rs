@@ -143,7 +143,7 @@ impl Server {
             refusals: Mutex::new(Refusals::default()),
         })
     }
-    fn shared(&self) -> Arc<Shared> {
+    pub(crate) fn shared(&self) -> Arc<Shared> {
         match self.shared.read() {
             Ok(s) => s.clone(),
             Err(p) => p.into_inner().clone(),
