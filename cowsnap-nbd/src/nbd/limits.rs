@@ -259,7 +259,8 @@ impl Budget {
 /// A per-connection cap on leased bytes.
 pub struct ConnMemory {
     cap: usize,
-    used: Mutex<usize>,
+    /// (bytes reserved, reservations waiting)
+    used: Mutex<(usize, usize)>,
     cv: Condvar,
 }
 
@@ -268,7 +269,7 @@ impl ConnMemory {
     pub fn new(cap: usize) -> Self {
         ConnMemory {
             cap,
-            used: Mutex::new(0),
+            used: Mutex::new((0, 0)),
             cv: Condvar::new(),
         }
     }
@@ -278,32 +279,37 @@ impl ConnMemory {
     /// whether nothing else was in flight.
     pub fn reserve(&self, n: usize, closing: &dyn Fn() -> bool) -> Result<bool, LeaseError> {
         let mut u = lock(&self.used);
-        while *u > 0 && *u + n > self.cap {
+        while u.0 > 0 && u.0 + n > self.cap {
             if closing() {
                 return Err(LeaseError::Closing);
             }
+            u.1 += 1;
             u = self
                 .cv
                 .wait_timeout(u, WAIT_SLICE)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+            u.1 -= 1;
         }
-        let idle = *u == 0;
-        *u += n;
+        let idle = u.0 == 0;
+        u.0 += n;
         Ok(idle)
     }
 
     /// Release `n` bytes.
     pub fn release(&self, n: usize) {
         let mut u = lock(&self.used);
-        *u = u.saturating_sub(n);
+        u.0 = u.0.saturating_sub(n);
+        let wake = u.1 > 0;
         drop(u);
-        self.cv.notify_all();
+        if wake {
+            self.cv.notify_all();
+        }
     }
 
     /// Bytes reserved now.
     pub fn used(&self) -> usize {
-        *lock(&self.used)
+        lock(&self.used).0
     }
 }
 

@@ -374,8 +374,9 @@ impl Server {
                 return Ok(());
             }
             Err(End::Io(e)) => {
+                // debug, not info: a client must not be able to fill the log
                 if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock {
-                    log::info!(
+                    log::debug!(
                         "nbd connection {id}: dropped: the handshake did not finish within {limit:?}"
                     );
                 }
@@ -388,8 +389,8 @@ impl Server {
             session.name,
             session.structured
         );
-        // Idle connections are normal in transmission (a mounted, quiet disk).
-        writer.set_read_timeout(None)?;
+        // Idle connections are normal in transmission (a mounted, quiet disk): no write
+        // timeout, and the read timeout only tells idle workers to leave (transmission).
         writer.set_write_timeout(None)?;
         writer.set_send_buffer(SEND_BUFFER);
         transmission::serve(id, session, reader, writer, shared)

@@ -820,3 +820,30 @@ fn workers_start_on_demand_and_stay_bounded() {
     assert!(took < Duration::from_millis(1700), "requests ran one by one: {took:?}");
     assert!(srv.shared().workers.running() <= 2);
 }
+
+#[test]
+fn idle_extra_workers_leave() {
+    let mut m = Mem::new(1 << 20, false);
+    Arc::get_mut(&mut m).unwrap().slow_zero = Duration::from_millis(200);
+    let srv = limited_server(m, |l| l.threads_per_connection = 4);
+    let mut c = Client::connect(&srv);
+    c.go(false);
+    for i in 0..4u64 {
+        c.req(CMD_READ, 0, i, 0, 512);
+    }
+    for _ in 0..4 {
+        assert_eq!(c.simple().0, 0);
+        c.rx(512);
+    }
+    assert!(srv.shared().workers.running() >= 1, "extra workers were started");
+    // idle: every extra worker leaves within a few idle periods
+    let t0 = std::time::Instant::now();
+    while srv.shared().workers.running() > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(15), "idle workers stay");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // and the connection still serves
+    c.req(CMD_READ, 0, 9, 4096, 512);
+    assert_eq!(c.simple(), (0, 9));
+    c.rx(512);
+}

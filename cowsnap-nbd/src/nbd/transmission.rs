@@ -7,10 +7,14 @@
 //!   are in flight per connection, replies go out in completion order (the client
 //!   matches them by cookie), and there is no hand-off between a reader thread and a
 //!   pool on the hot path.
-//! - Workers are started on demand (see [`super::limits`]): the connection's own thread
-//!   is the first; a worker that has read a request and finds nobody waiting for the
-//!   turn starts another, up to the per-connection and server-wide limits; an extra
-//!   worker idle for [`IDLE_WORKER`] leaves. An idle connection costs one thread.
+//! - The reader turn is a mutex around the buffered socket (a quick hand-off: waiters
+//!   spin briefly before sleeping). Workers are started on demand (see
+//!   [`super::limits`]): the connection's own thread is the first; a worker that has
+//!   read a request and finds nobody waiting for the turn starts another, up to the
+//!   per-connection and server-wide limits. The socket has a read timeout of
+//!   [`IDLE_WORKER`]: when it expires before a request starts, the connection is idle
+//!   and its extra workers leave (a timeout inside a request just goes on waiting, so
+//!   no request is cut). An idle connection costs one thread.
 //! - Every payload buffer is leased from the server's budget *before* it exists
 //!   (per connection, then server-wide) and goes back after the reply is written. The
 //!   reader waits for the lease while holding the turn, so a client that does not read
@@ -35,7 +39,7 @@ use super::stream::Stream;
 use cowsnap_core::export::{Export, ZeroFlags};
 use std::io::{self, BufReader, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 /// Size of the buffered reader on the socket (amortises header reads); the caller
@@ -44,20 +48,17 @@ pub const READ_BUF: usize = 256 << 10;
 /// CACHE reads the range through a buffer of this size.
 const CACHE_PIECE: usize = 1 << 20;
 
-struct Turn {
-    /// A worker holds the reader turn.
-    reading: bool,
-    /// Workers waiting for the turn.
-    waiting: usize,
-    /// Worker threads alive, the connection's own included.
-    workers: usize,
-}
-
 struct Conn {
-    turn: Mutex<Turn>,
-    turn_cv: Condvar,
-    /// Only touched by the worker holding the turn.
+    /// The reader turn: the worker holding it reads the next request.
     reader: Mutex<BufReader<Stream>>,
+    /// Workers waiting for the reader turn.
+    waiting: AtomicUsize,
+    /// Worker threads alive, the connection's own included.
+    workers: AtomicUsize,
+    /// Extra workers should leave (the connection was idle for [`IDLE_WORKER`]).
+    retire: AtomicBool,
+    /// Signalled when a worker leaves.
+    gone: (Mutex<()>, Condvar),
     out: Out,
     closing: AtomicBool,
     export: Arc<dyn Export>,
@@ -134,14 +135,15 @@ pub(crate) fn serve(
         base_allocation: session.base_allocation,
     };
     let mem = ConnMemory::new(shared.limits.connection_memory);
+    // Idle extra workers notice the quiet socket through this timeout and leave; the
+    // connection's own worker just reads on.
+    writer.set_read_timeout(Some(IDLE_WORKER))?;
     let conn = Arc::new(Conn {
-        turn: Mutex::new(Turn {
-            reading: false,
-            waiting: 0,
-            workers: 1,
-        }),
-        turn_cv: Condvar::new(),
         reader: Mutex::new(reader),
+        waiting: AtomicUsize::new(0),
+        workers: AtomicUsize::new(1),
+        retire: AtomicBool::new(false),
+        gone: (Mutex::new(()), Condvar::new()),
         out: Out::new(writer)?,
         closing: AtomicBool::new(false),
         export,
@@ -152,14 +154,16 @@ pub(crate) fn serve(
     });
     worker(&conn, true);
     // Wait for every other worker: their requests are answered before the socket closes.
-    let mut t = lock(&conn.turn);
-    while t.workers > 1 {
-        t = conn
-            .turn_cv
-            .wait(t)
-            .unwrap_or_else(PoisonError::into_inner);
+    let mut g = lock(&conn.gone.0);
+    while conn.workers.load(Ordering::SeqCst) > 1 {
+        g = conn
+            .gone
+            .1
+            .wait_timeout(g, std::time::Duration::from_millis(50))
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
     }
-    drop(t);
+    drop(g);
     let _ = conn.out.ctl.shutdown(Shutdown::Both);
     Ok(())
 }
@@ -280,69 +284,72 @@ fn spawn_worker(c: &Arc<Conn>) {
     if let Err(e) = r {
         log::warn!("nbd connection {}: unable to start a worker: {e}", c.id);
         c.shared.workers.put();
-        let mut t = lock(&c.turn);
-        t.workers -= 1;
-        drop(t);
-        c.turn_cv.notify_all();
+        worker_gone(c);
     }
 }
 
-/// Wait for the reader turn. `false`: this worker should leave (the connection is
-/// closing, or an extra worker found no work for [`IDLE_WORKER`]).
-fn take_turn(c: &Conn, primary: bool) -> bool {
-    let mut t = lock(&c.turn);
-    loop {
-        if c.closing.load(Ordering::SeqCst) {
-            return false;
-        }
-        if !t.reading {
-            t.reading = true;
-            return true;
-        }
-        t.waiting += 1;
-        let (g, to) = c
-            .turn_cv
-            .wait_timeout(t, IDLE_WORKER)
-            .unwrap_or_else(PoisonError::into_inner);
-        t = g;
-        t.waiting -= 1;
-        if to.timed_out() && t.reading && !primary {
-            return false;
-        }
-    }
+fn worker_gone(c: &Conn) {
+    c.workers.fetch_sub(1, Ordering::SeqCst);
+    let _g = lock(&c.gone.0);
+    c.gone.1.notify_all();
 }
 
-/// Hand the reader turn on; start another worker when nobody waits for it and the
-/// limits allow (so the next request is read while this one runs).
-fn give_turn(c: &Arc<Conn>, more: bool) {
-    let mut t = lock(&c.turn);
-    t.reading = false;
-    let closing = c.closing.load(Ordering::SeqCst);
-    let spawn = more
-        && !closing
-        && t.waiting == 0
-        && t.workers < c.shared.limits.threads_per_connection
-        && c.shared.workers.try_take();
-    if spawn {
-        t.workers += 1;
+/// After a request was read: start another worker when nobody waits for the reader
+/// turn and the limits allow, so the next request is read while this one runs.
+fn maybe_spawn(c: &Arc<Conn>) {
+    if c.waiting.load(Ordering::SeqCst) != 0 || c.closing.load(Ordering::SeqCst) {
+        return;
     }
-    let waiting = t.waiting > 0;
-    drop(t);
-    if closing {
-        c.turn_cv.notify_all();
-    } else if waiting {
-        c.turn_cv.notify_one();
+    let max = c.shared.limits.threads_per_connection;
+    let counted = c
+        .workers
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok();
+    if !counted {
+        return;
     }
-    if spawn {
+    if c.shared.workers.try_take() {
         spawn_worker(c);
+    } else {
+        c.workers.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// What the holder of the reader turn found.
+enum Next<'a> {
+    Job(Job<'a>),
+    /// Nothing arrived for [`IDLE_WORKER`].
+    Idle,
+    /// No more requests: the connection ends.
+    End,
 }
 
 fn worker(c: &Arc<Conn>, primary: bool) {
-    while take_turn(c, primary) {
-        let job = next_job(c);
-        give_turn(c, job.is_some());
-        let Some(job) = job else { break };
+    loop {
+        c.waiting.fetch_add(1, Ordering::SeqCst);
+        let rd = lock(&c.reader);
+        c.waiting.fetch_sub(1, Ordering::SeqCst);
+        if !primary && c.retire.load(Ordering::SeqCst) {
+            break;
+        }
+        let job = match next_job(c, rd) {
+            Next::Job(j) => j,
+            Next::End => break,
+            Next::Idle => {
+                c.retire.store(true, Ordering::SeqCst);
+                if !primary {
+                    break;
+                }
+                // Let the extra workers queued for the turn see `retire` and leave.
+                if c.workers.load(Ordering::SeqCst) > 1 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                continue;
+            }
+        };
+        maybe_spawn(c);
         let ok = match job {
             Job::Refuse(r, err) => reply_error(c, &r, err, "request refused"),
             Job::Run(r, lease) => execute(c, &r, lease),
@@ -354,44 +361,73 @@ fn worker(c: &Arc<Conn>, primary: bool) {
         }
     }
     if !primary {
-        let mut t = lock(&c.turn);
-        t.workers -= 1;
-        drop(t);
-        c.turn_cv.notify_all();
+        worker_gone(c);
     }
 }
 
 fn stop(c: &Conn) {
     c.closing.store(true, Ordering::SeqCst);
     let _ = c.out.ctl.shutdown(Shutdown::Read);
-    c.turn_cv.notify_all();
 }
 
-/// Read the next request (the caller holds the turn). `None`: no more requests.
-fn next_job(c: &Conn) -> Option<Job<'_>> {
-    let mut rd = lock(&c.reader);
+/// Fill `buf` from the socket. `Ok(false)`: nothing arrived within the socket's read
+/// timeout and `may_idle` (no byte of `buf` read yet); otherwise a timeout just goes on
+/// waiting, so no request is ever cut.
+fn read_full(rd: &mut impl Read, buf: &mut [u8], may_idle: bool) -> io::Result<bool> {
+    let mut n = 0;
+    while n < buf.len() {
+        match rd.read(&mut buf[n..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => n += k,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if n == 0 && may_idle {
+                    return Ok(false);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Read the next request while holding the reader turn `rd`.
+fn next_job<'a>(c: &'a Conn, mut rd: MutexGuard<'_, BufReader<Stream>>) -> Next<'a> {
+    let end = |c: &Conn| {
+        c.closing.store(true, Ordering::SeqCst);
+        Next::End
+    };
     if c.closing.load(Ordering::SeqCst) {
-        return None;
+        return Next::End;
     }
     let mut hb = [0u8; REQUEST_LEN];
-    if let Err(e) = rd.read_exact(&mut hb) {
-        if e.kind() != io::ErrorKind::UnexpectedEof {
-            log::debug!("nbd connection {}: read failed: {e}", c.id);
+    match read_full(&mut *rd, &mut hb, true) {
+        Ok(true) => {}
+        Ok(false) => return Next::Idle,
+        Err(e) => {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                log::debug!("nbd connection {}: read failed: {e}", c.id);
+            }
+            return end(c);
         }
-        c.closing.store(true, Ordering::SeqCst);
-        return None;
+    }
+    if c.retire.load(Ordering::Relaxed) {
+        c.retire.store(false, Ordering::SeqCst);
     }
     let r = match parse_request(&hb) {
         Ok(r) => r,
         Err(e) => {
             log::warn!("nbd connection {}: {e}; closing the connection", c.id);
-            c.closing.store(true, Ordering::SeqCst);
-            return None;
+            return end(c);
         }
     };
     if r.cmd == CMD_DISC {
-        c.closing.store(true, Ordering::SeqCst);
-        return None;
+        return end(c);
     }
     let mut verdict = validate(&r, &c.view);
     if let Err(e) = verdict {
@@ -415,10 +451,7 @@ fn next_job(c: &Conn) -> Option<Job<'_>> {
         if need > 0 {
             match c.lease(need) {
                 Ok(l) => lease = Some(l),
-                Err(LeaseError::Closing) => {
-                    c.closing.store(true, Ordering::SeqCst);
-                    return None;
-                }
+                Err(LeaseError::Closing) => return end(c),
                 Err(LeaseError::NoMemory) => {
                     log::warn!(
                         "nbd connection {}: no memory for a {}-byte request: ENOMEM",
@@ -434,18 +467,17 @@ fn next_job(c: &Conn) -> Option<Job<'_>> {
         let res = match lease.as_mut() {
             Some(l) => {
                 let n = r.len as usize;
-                rd.read_exact(&mut l.buf[..n])
+                read_full(&mut *rd, &mut l.buf[..n], false).map(|_| ())
             }
             None => discard(&mut *rd, r.len as u64),
         };
         if let Err(e) = res {
             log::debug!("nbd connection {}: write payload cut short: {e}", c.id);
-            c.closing.store(true, Ordering::SeqCst);
-            return None;
+            return end(c);
         }
     }
     drop(rd);
-    Some(match verdict {
+    Next::Job(match verdict {
         Ok(()) => Job::Run(r, lease),
         Err(e) => Job::Refuse(r, e),
     })
@@ -455,7 +487,7 @@ fn discard(r: &mut impl Read, mut n: u64) -> io::Result<()> {
     let mut scratch = [0u8; 16384];
     while n > 0 {
         let k = (n as usize).min(scratch.len());
-        r.read_exact(&mut scratch[..k])?;
+        read_full(r, &mut scratch[..k], false)?;
         n -= k as u64;
     }
     Ok(())
