@@ -54,8 +54,7 @@ pub const MAX_CHUNK_SIZE: u32 = crate::repo::DEFAULT_CHUNK_SIZE;
 /// Check a tracking chunk size: a power of two from [`MIN_CHUNK_SIZE`] to
 /// [`MAX_CHUNK_SIZE`].
 pub fn check_chunk_size(cs: u64) -> Result<u32> {
-    if !cs.is_power_of_two() || cs < u64::from(MIN_CHUNK_SIZE) || cs > u64::from(MAX_CHUNK_SIZE)
-    {
+    if !cs.is_power_of_two() || cs < u64::from(MIN_CHUNK_SIZE) || cs > u64::from(MAX_CHUNK_SIZE) {
         return Err(crate::err!(
             InvalidInput,
             "unable to use chunk size {cs}: expected a power of two from {} to {} (4K to 1M)",

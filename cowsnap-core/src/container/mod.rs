@@ -425,7 +425,10 @@ pub(crate) mod conformance {
         assert!(check("ram:1M", 65536).is_ok());
         assert!(check("ram:", 65536).is_err());
         assert!(check("ram:12Q", 65536).is_err());
-        assert!(check("ram:4K", 65536).unwrap_err().to_string().contains("smaller than one"));
+        assert!(check("ram:4K", 65536)
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than one"));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c");
         let e = check(&format!("file:{}:1000T", p.display()), 65536)
@@ -433,7 +436,10 @@ pub(crate) mod conformance {
             .to_string();
         assert!(e.contains("free on the filesystem"), "{e}");
         assert!(!p.exists(), "a refused file container is never created");
-        assert_eq!(check(&format!("file:{}:1M", p.display()), 65536).unwrap(), 16);
+        assert_eq!(
+            check(&format!("file:{}:1M", p.display()), 65536).unwrap(),
+            16
+        );
         std::fs::write(&p, b"x").unwrap();
         assert!(check(&format!("file:{}:1M", p.display()), 65536)
             .unwrap_err()

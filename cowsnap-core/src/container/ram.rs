@@ -68,7 +68,10 @@ impl RamContainer {
     /// Slots in the table now (for tests).
     #[cfg(test)]
     fn table_len(&self) -> usize {
-        self.table.read().unwrap_or_else(PoisonError::into_inner).len()
+        self.table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 

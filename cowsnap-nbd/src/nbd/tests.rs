@@ -685,7 +685,10 @@ mod fuzz {
     }
 }
 
-fn limited_server(export: Arc<dyn Export>, f: impl FnOnce(&mut super::limits::Limits)) -> Arc<Server> {
+fn limited_server(
+    export: Arc<dyn Export>,
+    f: impl FnOnce(&mut super::limits::Limits),
+) -> Arc<Server> {
     let mut l = super::limits::Limits::default();
     f(&mut l);
     let s = Server::with_limits(l);
@@ -739,7 +742,8 @@ fn the_handshake_deadline_is_a_total() {
             closed = true;
             break;
         }
-        c.s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        c.s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let mut b = [0u8; 1];
         match c.s.read(&mut b) {
             Ok(0) => {
@@ -816,8 +820,14 @@ fn workers_start_on_demand_and_stay_bounded() {
         c.rx(512);
     }
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(550), "more than 3 ran at once: {took:?}");
-    assert!(took < Duration::from_millis(1700), "requests ran one by one: {took:?}");
+    assert!(
+        took >= Duration::from_millis(550),
+        "more than 3 ran at once: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1700),
+        "requests ran one by one: {took:?}"
+    );
     assert!(srv.shared().workers.running() <= 2);
 }
 
@@ -835,7 +845,10 @@ fn idle_extra_workers_leave() {
         assert_eq!(c.simple().0, 0);
         c.rx(512);
     }
-    assert!(srv.shared().workers.running() >= 1, "extra workers were started");
+    assert!(
+        srv.shared().workers.running() >= 1,
+        "extra workers were started"
+    );
     // idle: every extra worker leaves within a few idle periods
     let t0 = std::time::Instant::now();
     while srv.shared().workers.running() > 0 {
