@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Change tracking survives a crash of the daemon: full backup, writes, kill -9 (no clean
-# shutdown), attach again, more writes, --incremental: it is trusted (no "full read"
-# note, reads only the changed chunks) and restores to exactly the disk's content.
+# A crash of the daemon: full backup, writes, kill -9 (no clean shutdown, so no origin
+# seal), attach again, more writes, --incremental: what happened to the origin while no
+# daemon served it is unknown, so the incremental is a full read (deduplicated) that
+# says "no origin seal", and restores to exactly the disk's content; the one after it
+# is trusted again (reads only the changed chunks). The same after a crash right after
+# writes and after a crash during an incremental backup.
 # Tracking that cannot be trusted falls back to a full read and says so: after an attach
 # with another tracking chunk size, and after the origin was replaced by one of another
 # size.
@@ -67,13 +70,15 @@ st=$(ctl status d32 --json)
 [ "$(json_field "$st" .daemon.lineage)" = "$lin" ] || fail "lineage changed by a restart: $st"
 log "tracking after the crash: $(json_field "$st" .daemon.tracking | jq -c .)"
 nbdw "$uri" 2 8 || fail "writes 2"
+backup_check d32 "$uri" yes "no origin seal"
+nbdw "$uri" 9 8 || fail "writes 9"
 backup_check d32 "$uri" no
 
 log "a second crash right after writes (no flush of anything but the writes)"
 nbdw "$uri" 3 4 || fail "writes 3"
 kill -9 "$(json_field "$(ctl status d32 --json)" .daemon.pid)"; sleep 0.5
 uri=$(ctl attach "$T/d.img" --name d32 --via none 2>"$T/att.err" | tail -n 1) || fail "attach: $(cat "$T/att.err")"
-backup_check d32 "$uri" no
+backup_check d32 "$uri" yes "no origin seal"
 
 log "kill -9 during a (rate-limited) incremental backup, then attach, write, incremental"
 nbdw "$uri" 5 6 || fail "writes 5"
@@ -88,6 +93,8 @@ wait "$bp" && fail "the backup command succeeded although its daemon was killed"
 [ "$(json_field "$(ctl list "repo:$REPO" --json)" length)" = "$ngen" ] || fail "the killed backup published a generation"
 uri=$(ctl attach "$T/d.img" --name d32 --via none 2>"$T/att.err" | tail -n 1) || fail "attach: $(cat "$T/att.err")"
 nbdw "$uri" 7 2 || fail "writes 7"
+backup_check d32 "$uri" yes "no origin seal"
+nbdw "$uri" 8 2 || fail "writes 8"
 backup_check d32 "$uri" no
 ctl verify "repo:$REPO" >/dev/null || fail "verify after the killed backup"
 

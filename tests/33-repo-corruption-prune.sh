@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Repository damage and pruning through the CLI: a flipped byte in a stored chunk makes
-# `verify` exit != 0 naming the generation and the offset, and `restore` refuse naming
-# the offset (other generations still restore); a missing chunk is reported too. Once
-# repaired, `prune --keep 1` keeps the newest generation of each disk and verify is
+# `verify` exit != 0 naming the generation and the offset and move the chunk to the
+# quarantine, and `restore` refuse naming the offset (other generations still restore);
+# the quarantined chunk is reported missing. Once repaired (`verify --repair --from`
+# the disk), `prune --keep 1` keeps the newest generation of each disk and verify is
 # clean. A prune while a backup runs: both succeed, verify is clean, the new generation
 # restores exactly.
 . "$(dirname "$0")/lib.sh"
@@ -63,14 +64,15 @@ grep -q "$off" "$T/r.err" || fail "restore does not name offset $off: $(cat "$T/
 ctl restore "repo:$REPO@$g2" --to "$T/r2.img" >/dev/null || fail "restore of an unaffected generation"
 cmp "$T/r2.img" "$T/exp2.img" || fail "restore of $g2 differs"
 
-log "a missing chunk is reported too"
-mv "$new" "$T/saved.chunk"
+log "the damaged chunk went to quarantine: reported missing from then on"
+[ ! -e "$new" ] || fail "damaged chunk still in the store"
+[ -f "$REPO/quarantine/$(basename "$new")" ] || fail "damaged chunk not in $REPO/quarantine"
 ctl verify "repo:$REPO" 2>"$T/v2.err" >/dev/null && fail "verify with a missing chunk exits 0"
-grep -q "offset $off" "$T/v2.err" || fail "missing chunk not reported at $off: $(cat "$T/v2.err")"
-mv "$T/saved.chunk" "$new"
+grep -q "offset $off: missing" "$T/v2.err" || fail "missing chunk not reported at $off: $(cat "$T/v2.err")"
 
-log "repair the byte, prune --keep 1"
-printf "$(printf '\\%03o' "$orig")" | dd of="$new" bs=1 seek="$pos" conv=notrunc status=none
+log "verify --repair from the disk (unchanged there since $g3), prune --keep 1"
+ctl verify "repo:$REPO" --repair --from "$T/d.img" >/dev/null 2>&1 || fail "verify --repair"
+cmp "$new" "$REPO/quarantine/$(basename "$new")" >/dev/null && fail "repair reinstalled the damaged copy"
 ctl verify "repo:$REPO" >/dev/null || fail "verify after the repair"
 ctl prune "repo:$REPO" --keep 1 || fail "prune"
 L=$(ctl list "repo:$REPO" --json)

@@ -31,6 +31,11 @@
 //! - `open`: a pending P is merged into C (crash during a backup). A header that is
 //!   torn, of another disk size, chunk size or lineage resets tracking to "untrusted"
 //!   (`relative_to = None`): the next incremental backup falls back to a full read.
+//! - `distrust(reason)`: the same reset, asked for by the daemon when the origin cannot
+//!   be proven unchanged since the tracking was recorded (`origin_seal`). The reason of
+//!   an untrusted log is kept in the header (bytes 280..536, checksummed when not
+//!   empty) until a generation is committed, so a restart before the next backup does
+//!   not lose it.
 //! - Sequence numbers: `mark`/`mark_seq` hand out increasing numbers. `mark_seq` also
 //!   records the write as in flight until `done(seq)`; the lowest unacknowledged number
 //!   is the lowest in flight, or `seq_next` when nothing is. Callers that use `mark`
@@ -75,7 +80,34 @@ struct ChangeLogHeader {
     lineage: [u8; 64],
     relative_to: [u8; 128],
     checksum: [u8; 32],
-    reserved: [u8; HEADER_SIZE - 8 - 4 - 4 - 8 - 4 - 4 - 8 - 8 - 8 - 64 - 128 - 32],
+    /// Why tracking is untrusted (NUL-padded text; all zeros when none). Covered by the
+    /// checksum only when not empty, so headers written before it existed stay valid.
+    reason: [u8; REASON_LEN],
+    reserved: [u8; HEADER_SIZE - 8 - 4 - 4 - 8 - 4 - 4 - 8 - 8 - 8 - 64 - 128 - 32 - REASON_LEN],
+}
+
+const REASON_LEN: usize = 256;
+const REASON_AT: usize = 280;
+
+/// `s` cut to at most `n` bytes on a character boundary.
+fn truncate_utf8(s: &str, n: usize) -> &str {
+    let mut end = s.len().min(n);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The header checksum: of the body, and of the reason when there is one.
+fn header_sum(body: &[u8], reason: &[u8]) -> blake3::Hash {
+    if reason.iter().all(|&b| b == 0) {
+        blake3::hash(body)
+    } else {
+        let mut h = blake3::Hasher::new();
+        h.update(body);
+        h.update(reason);
+        h.finalize()
+    }
 }
 
 const _: () = assert!(std::mem::size_of::<ChangeLogHeader>() == HEADER_SIZE);
@@ -107,8 +139,9 @@ impl ChangeLogHeader {
         v.extend_from_slice(&self.seq_lowest_unacked.to_le_bytes());
         v.extend_from_slice(&self.lineage);
         v.extend_from_slice(&self.relative_to);
-        let sum = blake3::hash(&v);
+        let sum = header_sum(&v, &self.reason);
         v.extend_from_slice(sum.as_bytes());
+        v.extend_from_slice(&self.reason);
         v.resize(HEADER_SIZE, 0);
         v
     }
@@ -118,7 +151,8 @@ impl ChangeLogHeader {
             return None;
         }
         let body = 8 + 4 + 4 + 8 + 4 + 4 + 8 + 8 + 8 + 64 + 128;
-        if blake3::hash(&b[..body]).as_bytes()[..] != b[body..body + 32] {
+        let reason_bytes = &b[REASON_AT..REASON_AT + REASON_LEN];
+        if header_sum(&b[..body], reason_bytes).as_bytes()[..] != b[body..body + 32] {
             return None;
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
@@ -129,6 +163,8 @@ impl ChangeLogHeader {
         relative_to.copy_from_slice(&b[120..248]);
         let mut checksum = [0u8; 32];
         checksum.copy_from_slice(&b[248..280]);
+        let mut reason = [0u8; REASON_LEN];
+        reason.copy_from_slice(reason_bytes);
         Some(ChangeLogHeader {
             magic: MAGIC,
             version: u32_at(8),
@@ -142,7 +178,8 @@ impl ChangeLogHeader {
             lineage,
             relative_to,
             checksum,
-            reserved: [0; HEADER_SIZE - 280],
+            reason,
+            reserved: [0; HEADER_SIZE - REASON_AT - REASON_LEN],
         })
     }
 }
@@ -337,6 +374,11 @@ impl ChangeLog {
                 let r = get_str(&h.relative_to);
                 relative_to = (!r.is_empty()).then_some(r);
             }
+            if relative_to.is_none() {
+                // Untrusted since an earlier start: keep saying why.
+                let r = get_str(&h.reason);
+                reset_reason = (!r.is_empty()).then_some(r);
+            }
             seq_next = h.seq_next;
             if h.flags & FLAG_DIRTY != 0 {
                 seq_next = seq_next.saturating_add(1 << 32);
@@ -428,7 +470,11 @@ impl ChangeLog {
             lineage: put_str(&self.lineage),
             relative_to: put_str(inner.relative_to.as_deref().unwrap_or("")),
             checksum: [0; 32],
-            reserved: [0; HEADER_SIZE - 280],
+            reason: match (&inner.relative_to, &inner.reset_reason) {
+                (None, Some(r)) => put_str(truncate_utf8(r, REASON_LEN)),
+                _ => [0; REASON_LEN],
+            },
+            reserved: [0; HEADER_SIZE - REASON_AT - REASON_LEN],
         };
         self.file
             .write_all_at(&h.encode(), 0)
@@ -676,6 +722,20 @@ impl ChangeLog {
         self.write_header(&inner, FLAG_DIRTY)
     }
 
+    /// Stop trusting the tracking: the next incremental backup reads everything and
+    /// says `reason` (persisted in the header, so it survives a restart). Used when
+    /// the origin cannot be proven unchanged since the tracking was recorded.
+    pub fn distrust(&self, reason: &str) -> Result<()> {
+        let mut inner = self.lock_inner();
+        log::warn!(
+            "change log {}: {reason}; tracking reset, next incremental reads everything",
+            self.path.display()
+        );
+        inner.relative_to = None;
+        inner.reset_reason = Some(reason.to_string());
+        self.write_header(&inner, FLAG_DIRTY)
+    }
+
     /// Forget all tracking and make it relative to generation `gen` (a disk freshly
     /// restored from `gen`: its content is exactly that generation's).
     pub fn reset_relative_to(&self, gen: &str) -> Result<()> {
@@ -727,7 +787,8 @@ mod tests {
             lineage: put_str("ab"),
             relative_to: put_str("g"),
             checksum: [0; 32],
-            reserved: [0; HEADER_SIZE - 280],
+            reason: [0; REASON_LEN],
+            reserved: [0; HEADER_SIZE - REASON_AT - REASON_LEN],
         };
         let b = h.encode();
         assert_eq!(b.len(), HEADER_SIZE);
@@ -826,6 +887,45 @@ mod tests {
         f.write_all_at(b"X", 20).unwrap();
         let cl = ChangeLog::open(&p, 1 << 25, CS * 2).unwrap();
         assert!(cl.relative_to().is_none());
+    }
+
+    #[test]
+    fn distrust_reason_survives_a_restart_until_a_commit() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CHANGELOG_FILE);
+        {
+            let cl = ChangeLog::open(&p, 1 << 24, CS).unwrap();
+            let cut = cl.begin_generation().unwrap();
+            cl.commit_generation(&cut, "G1").unwrap();
+            cl.mark(0, 1).unwrap();
+            cl.distrust("the origin was modified while detached")
+                .unwrap();
+            assert!(cl.relative_to().is_none());
+        }
+        // a clean close and a crash both keep the reason
+        let cl = ChangeLog::open(&p, 1 << 24, CS).unwrap();
+        assert!(cl.relative_to().is_none());
+        let why = cl.status().reset_reason.unwrap();
+        assert!(why.contains("modified while detached"), "{why}");
+        std::mem::forget(cl);
+        let cl = ChangeLog::open(&p, 1 << 24, CS).unwrap();
+        let cut = cl.begin_generation().unwrap();
+        assert!(cut.relative_to.is_none());
+        assert!(cut
+            .reset_reason
+            .as_deref()
+            .unwrap()
+            .contains("modified while detached"));
+        cl.commit_generation(&cut, "G2").unwrap();
+        drop(cl);
+        let cl = ChangeLog::open(&p, 1 << 24, CS).unwrap();
+        assert_eq!(cl.relative_to().as_deref(), Some("G2"));
+        assert!(cl.status().reset_reason.is_none());
+        // a long reason with multi-byte characters is cut on a character boundary
+        cl.distrust(&"é".repeat(300)).unwrap();
+        drop(cl);
+        let cl = ChangeLog::open(&p, 1 << 24, CS).unwrap();
+        assert_eq!(cl.status().reset_reason.unwrap(), "é".repeat(128));
     }
 
     #[test]

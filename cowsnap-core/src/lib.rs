@@ -43,6 +43,7 @@ pub mod error;
 pub mod export;
 pub mod fsutil;
 pub mod identity;
+pub mod origin_seal;
 pub mod repo;
 pub mod restore;
 pub mod snapshot;

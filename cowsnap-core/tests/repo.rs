@@ -193,10 +193,13 @@ fn corruption_is_reported_by_verify_and_refused_by_restore() {
         msg.contains(&cowsnap_core::fsutil::hex(&idx.hashes[i])),
         "{msg}"
     );
-    assert_eq!(e.kind(), cowsnap_core::ErrorKind::Corrupt);
+    // verify moved the damaged chunk to the quarantine: restore says so
+    assert_eq!(e.kind(), cowsnap_core::ErrorKind::NotFound);
+    assert!(msg.contains("quarantine"), "{msg}");
+    assert!(!path.exists());
+    assert_eq!(v.quarantined.len(), 1);
 
-    // a missing chunk too
-    std::fs::remove_file(&path).unwrap();
+    // from then on it is a missing chunk
     let v = repo::verify(&repo, None).unwrap();
     assert_eq!(v.problems[0].problem, "missing");
 }

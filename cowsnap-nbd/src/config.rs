@@ -7,6 +7,7 @@
 //! | `RUN_DIR/NAME.nbd` | NBD unix socket (0600) |
 //! | `RUN_DIR/NAME.ctl` | control socket, JSON lines (0600) |
 //! | `RUN_DIR/NAME.pid` | daemon pid |
+//! | `RUN_DIR/NAME.lock` | held (flock) by the daemon for its life; see [`crate::name_lock`] |
 //! | `RUN_DIR/NAME.attach.json` | how `cowsnapctl attach` exposed the disk |
 //! | `RUN_DIR/NAME.fuse/` | nbdfuse mount point (`--via fuse`) |
 //! | `STATE_DIR/NAME.changelog` | persistent changed-chunk log |
@@ -63,6 +64,10 @@ impl DiskPaths {
     pub fn pid_file(&self) -> PathBuf {
         self.run(".pid")
     }
+    /// Name lock, held by the daemon for its life ([`crate::name_lock`]).
+    pub fn lock_file(&self) -> PathBuf {
+        self.run(".lock")
+    }
     /// Attach record.
     pub fn attach_record(&self) -> PathBuf {
         self.run(".attach.json")
@@ -76,7 +81,8 @@ impl DiskPaths {
         self.run(".fuse.pid")
     }
     /// The disk's own state directory: change log (`changelog.bin`), identity
-    /// (`identity.json`, lineage) and live-restore fill state (`fill.state`).
+    /// (`identity.json`, lineage), live-restore fill state (`fill.state`) and, while
+    /// no daemon serves it, the origin seal (`origin.seal`).
     pub fn disk_state_dir(&self) -> PathBuf {
         self.state_dir.join(&self.name)
     }
@@ -96,6 +102,53 @@ impl DiskPaths {
             self.nbd_socket().display()
         )
     }
+}
+
+/// The path in a container spec: `file:PATH:SIZE` or `dev:PATH` (`ram:` has none).
+pub fn container_path(spec: &str) -> Option<&str> {
+    match spec.split_once(':')? {
+        ("file", rest) => rest.rsplit_once(':').map(|(p, _)| p),
+        ("dev", p) => Some(p),
+        _ => None,
+    }
+    .filter(|p| !p.is_empty())
+}
+
+/// The path in a backup target spec: `file:PATH`, `dev:PATH` or `repo:DIR`.
+pub fn target_path(spec: &str) -> Option<&str> {
+    match spec.split_once(':')? {
+        ("file" | "dev" | "repo", p) if !p.is_empty() => Some(p),
+        _ => None,
+    }
+}
+
+/// A container spec with its path made absolute against this process's working
+/// directory (the daemon works in `/`); specs without a path come back unchanged.
+pub fn absolute_container(spec: &str) -> std::io::Result<String> {
+    let Some(p) = container_path(spec) else {
+        return Ok(spec.to_string());
+    };
+    let abs = std::path::absolute(p)?;
+    let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    let tail = &rest[p.len()..];
+    Ok(format!("{kind}:{}{tail}", abs.display()))
+}
+
+/// A disk must hold at least one 512-byte sector and a whole number of them: a block
+/// device made of it (loop, nbd) would hide a partial last sector.
+pub fn check_disk_size(size: u64) -> Result<(), String> {
+    if size == 0 {
+        return Err("it is empty (0 bytes)".into());
+    }
+    if !size.is_multiple_of(512) {
+        return Err(format!(
+            "its size ({size} bytes) is not a multiple of 512: a block device of it would \
+             hide the last {} bytes; grow it to {} bytes (truncate -s) or shrink it",
+            size % 512,
+            size.div_ceil(512) * 512
+        ));
+    }
+    Ok(())
 }
 
 /// Check a disk name: 1..=64 characters of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
@@ -151,6 +204,23 @@ pub fn derive_name(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spec_paths() {
+        assert_eq!(container_path("file:/a:b/c.cow:64M"), Some("/a:b/c.cow"));
+        assert_eq!(container_path("dev:/dev/sdc1"), Some("/dev/sdc1"));
+        assert_eq!(container_path("ram:64M"), None);
+        assert_eq!(container_path("file::64M"), None);
+        assert_eq!(target_path("repo:r"), Some("r"));
+        assert_eq!(target_path("file:"), None);
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            absolute_container("file:x.cow:1G").unwrap(),
+            format!("file:{}:1G", cwd.join("x.cow").display())
+        );
+        assert_eq!(absolute_container("dev:/dev/x").unwrap(), "dev:/dev/x");
+        assert_eq!(absolute_container("ram:1G").unwrap(), "ram:1G");
+    }
 
     #[test]
     fn names_from_paths() {

@@ -1,16 +1,25 @@
 //! The per-disk daemon: opens the origin, builds the engine, serves it over NBD on a
 //! unix socket (and TCP when asked) and answers the control socket.
 //!
-//! Start-up order: refuse if another daemon answers on the control socket; remove
-//! stale sockets; open the origin (O_EXCL on block devices); build the engine and the
-//! change log; bind every socket (umask 0177, so they are born 0600); write the pid
-//! file; start serving. Shutdown (SIGTERM, SIGINT or the `shutdown` command): stop
+//! Start-up order: make every path argument absolute and change to `/` (the daemon
+//! pins no mount and no relative path lands in a caller's directory); take the name
+//! lock `RUN_DIR/NAME.lock` (or adopt the one `cowsnapctl attach` holds, `--lock-fd`)
+//! before touching any file of the name; refuse if another daemon answers on the
+//! control socket; remove stale sockets; open the origin (O_EXCL on block devices) and
+//! refuse an empty one or one whose size is not a multiple of 512; build the engine and
+//! the change log; bind every socket (umask 0177, so they are born 0600); write the pid
+//! file; start serving. A fatal error ends in one `cowsnap-nbd: error: ...` line on
+//! stderr (the log), which `cowsnapctl attach` shows as the reason. Shutdown (SIGTERM, SIGINT or the `shutdown` command): stop
 //! accepting, give open connections a moment to finish in-flight requests, flush the
 //! origin, remove the sockets and the pid file, exit 0.
 //!
 //! Threads: one signal thread (SIGTERM/SIGINT are blocked everywhere else), the NBD
 //! server's accept threads, one control accept thread and one thread per control
 //! connection. The main thread waits for a stop event.
+//!
+//! Change tracking is bound to the origin (`cowsnap_core::origin_seal`): at start the
+//! seal the last daemon left is taken (removed before anything is served) and checked;
+//! a clean shutdown seals the origin again after the final flush.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -19,10 +28,12 @@ use cowsnap_core::changelog::ChangeLog;
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
 use cowsnap_core::identity::Identity;
+use cowsnap_core::origin_seal;
 use cowsnap_core::repo::Repo;
 use cowsnap_core::restore::{self, live::FillingIo};
 use cowsnap_nbd::config::DiskPaths;
 use cowsnap_nbd::control::{self, FillInfo, IoCounters, Request, StatusInfo};
+use cowsnap_nbd::name_lock::{self, NameLock};
 use cowsnap_nbd::nbd::limits::Limits;
 use cowsnap_nbd::nbd::server::Server;
 use crossbeam_channel::{Receiver, Sender};
@@ -84,6 +95,109 @@ pub struct Args {
     /// a connection uses at most 64M of it.
     #[arg(long, default_value = "128M")]
     pub request_memory: String,
+    /// An open descriptor of `RUN_DIR/NAME.lock` that the starting process has already
+    /// locked (`cowsnapctl attach`); the daemon keeps it for its life.
+    #[arg(long, hide = true)]
+    pub lock_fd: Option<i32>,
+}
+
+/// Every path argument made absolute against the caller's working directory, before
+/// the daemon changes to `/`.
+fn absolute_args(mut a: Args) -> Result<Args> {
+    let abs = |p: &Path| {
+        std::path::absolute(p).with_context(|| format!("unable to resolve {}", p.display()))
+    };
+    a.origin = abs(&a.origin)?;
+    a.run_dir = abs(&a.run_dir)?;
+    a.state_dir = abs(&a.state_dir)?;
+    if let Some(l) = &a.log_file {
+        a.log_file = Some(abs(l)?);
+    }
+    if let Some(c) = &a.container {
+        a.container = Some(
+            cowsnap_nbd::config::absolute_container(c)
+                .with_context(|| format!("unable to resolve --container {c:?}"))?,
+        );
+    }
+    if let Some(r) = &a.restore_from {
+        if let Some(rest) = r.strip_prefix("repo:") {
+            let (dir, gen) = match rest.rsplit_once('@') {
+                Some((d, g)) => (d, Some(g)),
+                None => (rest, None),
+            };
+            let dir = abs(Path::new(dir))?;
+            a.restore_from = Some(match gen {
+                Some(g) => format!("repo:{}@{g}", dir.display()),
+                None => format!("repo:{}", dir.display()),
+            });
+        }
+    }
+    Ok(a)
+}
+
+/// Paths in a backup request must be absolute: the daemon works in `/`, so a relative
+/// one would land there, not where the caller meant.
+fn check_request_paths(p: &cowsnap_nbd::control::BackupParams) -> Result<(), String> {
+    let to = cowsnap_nbd::config::target_path(&p.to);
+    let c = p
+        .container
+        .as_deref()
+        .and_then(cowsnap_nbd::config::container_path);
+    for path in to.into_iter().chain(c) {
+        if !Path::new(path).is_absolute() {
+            return Err(format!(
+                "unable to start the backup: the path {path:?} is relative \
+                 (the daemon works in /); give an absolute path"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The name lock for the daemon's life; removed at exit if the daemon took it itself
+/// (an inherited one is removed by whoever still holds it: see `name_lock`).
+struct NameHold {
+    lock: Option<NameLock>,
+    own: bool,
+}
+
+impl Drop for NameHold {
+    fn drop(&mut self) {
+        if let Some(l) = self.lock.take() {
+            if self.own {
+                l.remove();
+            }
+        }
+    }
+}
+
+/// Take (or adopt) the name lock; refuse when another process holds it.
+fn hold_name(args: &Args, paths: &DiskPaths) -> Result<NameHold> {
+    let path = paths.lock_file();
+    if let Some(fd) = args.lock_fd {
+        // SAFETY: the descriptor was handed to this process to own (`--lock-fd`) and
+        // nothing else in it uses it.
+        let lock = unsafe { NameLock::adopt(fd, &path) }.map_err(|e| anyhow!("{e}"))?;
+        return Ok(NameHold {
+            lock: Some(lock),
+            own: false,
+        });
+    }
+    match NameLock::try_acquire(&path).map_err(|e| anyhow!("{e}"))? {
+        Some(lock) => Ok(NameHold {
+            lock: Some(lock),
+            own: true,
+        }),
+        None => bail!(
+            "disk {:?} is already served by another daemon or being attached \
+             (pid {} holds {})",
+            args.name,
+            name_lock::holder_pid(&path)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "?".into()),
+            path.display()
+        ),
+    }
 }
 
 /// Events that stop the daemon.
@@ -141,6 +255,9 @@ impl Daemon {
             Request::Backup { mut params } => {
                 if params.container.is_none() {
                     params.container = self.args.container.clone();
+                }
+                if let Err(e) = check_request_paths(&params) {
+                    return (fail(&e), false);
                 }
                 log::info!("backup requested to {}", params.to);
                 match self.engine.start_backup(params) {
@@ -378,6 +495,8 @@ fn nbd_limits(args: &Args) -> Result<Limits> {
 
 /// Run the daemon until a stop event; returns after cleaning up.
 pub fn run(args: Args) -> Result<()> {
+    let args = absolute_args(args)?;
+    std::env::set_current_dir("/").context("unable to change the working directory to /")?;
     init_logging(args.log_file.as_deref())?;
     cowsnap_nbd::config::validate_name(&args.name).map_err(|e| anyhow!("invalid --name: {e}"))?;
     check_args(&args)?;
@@ -401,6 +520,7 @@ pub fn run(args: Args) -> Result<()> {
     sigs.thread_block().context("unable to block signals")?;
 
     make_dir(&args.run_dir, 0o700)?;
+    let _name = hold_name(&args, &paths)?;
     if control::Client::connect(&paths.ctl_socket(), Duration::from_secs(2)).is_ok() {
         bail!(
             "disk {:?} is already served by another daemon (control socket {} answers)",
@@ -419,6 +539,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     let dest = blockio::open(&spec).map_err(|e| anyhow!("{e}"))?;
     let size = dest.size();
+    cowsnap_nbd::config::check_disk_size(size)
+        .map_err(|why| anyhow!("unable to serve {}: {why}", args.origin.display()))?;
     let (origin, filling, changelog) = open_origin_state(&args, &paths, dest)?;
     // `..Default::default()`: the engine's config grows (name, container, throttle);
     // the default container is applied per request in `Daemon::handle`.
@@ -606,8 +728,16 @@ fn open_origin_state(
     }
     make_dir(&args.state_dir, 0o700)?;
     let sdir = paths.disk_state_dir();
+    // Before anything can write to the origin: take the seal (whatever it proves).
+    let unproven = take_origin_seal(&args.origin, &sdir)?;
+    let mut fresh_restore = false;
     let fill_state = paths.fill_state();
     let mut filling = None;
+    // Named in the repository's pin while the live restore is unfinished.
+    let owner = restore::live::PinOwner {
+        disk: args.name.clone(),
+        destination: origin_key(&args.origin),
+    };
     if let Some(spec) = &args.restore_from {
         let rest = spec
             .strip_prefix("repo:")
@@ -640,11 +770,13 @@ fn open_origin_state(
             make_dir(&sdir, 0o700)?;
             restore::init_restored_state(&sdir, &dir, &g.id, size, args.chunk_size)
                 .map_err(|e| anyhow!("{e}"))?;
+            // Exact by construction: the content is the generation's, filled from now.
+            fresh_restore = true;
             std::fs::write(sdir.join("fill.origin"), origin_key(&args.origin))
                 .with_context(|| format!("unable to write {}", sdir.display()))?;
         }
         check_fill_origin(&sdir, &args.origin)?;
-        let f = FillingIo::open(dest.clone(), &dir, Some(&g.id), &fill_state)
+        let f = FillingIo::open_pinned(dest.clone(), &dir, Some(&g.id), &fill_state, &owner)
             .map_err(|e| anyhow!("{e}"))?;
         filling = Some(f);
     } else if fill_state.exists() {
@@ -656,11 +788,12 @@ fn open_origin_state(
                 sdir.display()
             )
         })?;
-        let f = FillingIo::open(
+        let f = FillingIo::open_pinned(
             dest.clone(),
             Path::new(&from.repo),
             Some(&from.generation),
             &fill_state,
+            &owner,
         )
         .map_err(|e| anyhow!("unable to resume the live restore: {e}"))?;
         if !f.fill_status().complete {
@@ -675,11 +808,75 @@ fn open_origin_state(
     make_dir(&sdir, 0o700)?;
     let cl = ChangeLog::open_in(&sdir, size, args.chunk_size)
         .map_err(|e| anyhow!("unable to open the change log: {e}"))?;
+    if let (false, Some(rel), Some(why)) = (fresh_restore, cl.relative_to(), unproven) {
+        log::warn!("change tracking (relative to {rel}) is not trusted: {why}");
+        cl.distrust(&why)
+            .map_err(|e| anyhow!("unable to reset the change log: {e}"))?;
+    }
     let origin: Arc<dyn cowsnap_core::blockio::BlockIo> = match &filling {
         Some(f) => f.clone(),
         None => dest,
     };
     Ok((origin, filling, Some(Arc::new(cl))))
+}
+
+/// Take the origin seal of the state directory `sdir` (it is removed, durably, before
+/// the origin is served, so a crash from now on leaves none) and check it against the
+/// origin as it is now. `None`: the origin is proven to be the one tracked, unchanged
+/// since the last clean stop; else why not.
+fn take_origin_seal(origin: &Path, sdir: &Path) -> Result<Option<String>> {
+    if !sdir.exists() {
+        return Ok(Some("the disk has no state yet".into()));
+    }
+    let seal = origin_seal::read_seal(sdir);
+    origin_seal::remove_seal(sdir).map_err(|e| anyhow!("{e}"))?;
+    Ok(match seal {
+        Err(e) => Some(format!("the origin seal is unreadable ({e})")),
+        Ok(None) => Some(
+            "no origin seal: the disk was not detached cleanly (or its state predates origin \
+             seals), so changes to the origin since its last daemon are unknown"
+                .into(),
+        ),
+        Ok(Some(s)) => match origin_seal::observe(origin) {
+            Err(e) => Some(format!("unable to examine the origin: {e}")),
+            Ok(now) => s.check(&now).err(),
+        },
+    })
+}
+
+/// At a clean shutdown: record the origin seal, but only when nothing can write to the
+/// origin any more: no NBD connection left, a live restore's fill stopped, no backup
+/// that could fetch chunks through the fill, and the final flush succeeded. Otherwise
+/// no seal: the next start does not trust the tracking.
+fn seal_origin(d: &Daemon, flushed: bool) {
+    let skip = |why: &str| {
+        log::warn!("origin not sealed ({why}): the next incremental will read everything")
+    };
+    if !flushed {
+        return skip("the final flush failed");
+    }
+    if d.server.connections() > 0 {
+        return skip("NBD connections are still open");
+    }
+    if let Some(f) = &d.filling {
+        if f.fill_running() {
+            return skip("the live restore's fill is still running");
+        }
+        let backup_running = d
+            .engine
+            .backup_status()
+            .is_some_and(|b| b.state == "running" || b.state == "quiescing");
+        if !f.fill_status().complete && backup_running {
+            return skip("a backup is still reading through the live restore");
+        }
+    }
+    let sdir = d.paths.disk_state_dir();
+    match origin_seal::observe_for_seal(&d.args.origin)
+        .and_then(|st| origin_seal::write_seal(&sdir, &d.args.origin, st))
+    {
+        Ok(()) => log::info!("origin sealed"),
+        Err(e) => skip(&e.to_string()),
+    }
 }
 
 fn wait_stop(rx: &Receiver<Stop>) -> String {
@@ -703,10 +900,26 @@ fn shutdown(d: &Daemon) {
             d.server.connections()
         );
     }
+    if let Some(f) = &d.filling {
+        f.stop_fill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.fill_running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     if !d.args.read_only {
-        match d.engine.flush() {
-            Ok(()) => log::info!("origin flushed"),
-            Err(e) => log::error!("unable to flush the origin at shutdown: {e}"),
+        let flushed = match d.engine.flush() {
+            Ok(()) => {
+                log::info!("origin flushed");
+                true
+            }
+            Err(e) => {
+                log::error!("unable to flush the origin at shutdown: {e}");
+                false
+            }
+        };
+        if d.changelog.is_some() {
+            seal_origin(d, flushed);
         }
     }
     let _ = std::fs::remove_file(d.paths.ctl_socket());
@@ -806,6 +1019,39 @@ mod tests {
         let (r, _) = d.handle_line(r#"{"v":1,"cmd":"backup_status"}"#);
         let m = control::decode_reply(&r).unwrap();
         assert!(m.contains_key("backup"));
+    }
+
+    #[test]
+    fn origin_seal_is_taken_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = dir.path().join("disk.img");
+        std::fs::write(&origin, vec![0u8; 1 << 16]).unwrap();
+        let sdir = dir.path().join("state");
+        assert!(take_origin_seal(&origin, &sdir).unwrap().is_some());
+        std::fs::create_dir_all(&sdir).unwrap();
+        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        assert!(why.contains("no origin seal"), "{why}");
+        let seal = |p: &Path| {
+            origin_seal::write_seal(&sdir, p, origin_seal::observe_for_seal(p).unwrap()).unwrap()
+        };
+        seal(&origin);
+        assert_eq!(take_origin_seal(&origin, &sdir).unwrap(), None);
+        assert!(!origin_seal::seal_path(&sdir).exists(), "the seal is taken");
+        // taken once: a second start (after a crash) has none
+        assert!(take_origin_seal(&origin, &sdir).unwrap().is_some());
+        seal(&origin);
+        std::fs::write(&origin, vec![1u8; 1 << 16]).unwrap();
+        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        assert!(why.contains("modified while detached"), "{why}");
+        let other = dir.path().join("other.img");
+        std::fs::write(&other, vec![0u8; 1 << 16]).unwrap();
+        seal(&origin);
+        let why = take_origin_seal(&other, &sdir).unwrap().unwrap();
+        assert!(why.contains("another file"), "{why}");
+        std::fs::write(origin_seal::seal_path(&sdir), b"{").unwrap();
+        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        assert!(why.contains("unreadable"), "{why}");
+        assert!(!origin_seal::seal_path(&sdir).exists());
     }
 
     #[test]

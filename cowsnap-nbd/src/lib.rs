@@ -4,4 +4,5 @@
 pub mod attach;
 pub mod config;
 pub mod control;
+pub mod name_lock;
 pub mod nbd;

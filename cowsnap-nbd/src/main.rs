@@ -6,7 +6,11 @@ mod daemon;
 fn main() {
     let args = daemon::Args::parse();
     if let Err(e) = daemon::run(args) {
-        eprintln!("cowsnap-nbd: {e:#}");
+        // One line: `cowsnapctl attach` shows the last "error:" line as the reason.
+        eprintln!(
+            "cowsnap-nbd: error: {}",
+            format!("{e:#}").replace('\n', " ")
+        );
         std::process::exit(1);
     }
 }

@@ -1,11 +1,19 @@
 //! `cowsnapctl attach`: start the disk's daemon in the background, wait until it
 //! answers, expose it (kernel nbd, nbdfuse + loop, or nothing), record what was set up.
+//!
+//! Everything is validated first (origin type and size, name, flags); then the name
+//! lock `RUN_DIR/NAME.lock` is taken before any file of the name is touched, and handed
+//! to the daemon, which keeps it for its life: of two attaches of one name, the loser
+//! stops at the lock and touches nothing of the winner's. A daemon that fails to start
+//! reports one `cowsnap-nbd: error: ...` line, shown here as the reason.
 
 use crate::Dirs;
 use anyhow::{anyhow, bail, Context, Result};
 use cowsnap_nbd::attach::{self, client, fuse, netlink, AttachRecord, Via};
 use cowsnap_nbd::config::{self, DiskPaths};
 use cowsnap_nbd::control::{self, Request, StatusInfo};
+use cowsnap_nbd::name_lock::{self, NameLock};
+use std::io::{Read, Seek};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::process::CommandExt;
@@ -79,16 +87,46 @@ pub fn daemon_binary() -> PathBuf {
     PathBuf::from("cowsnap-nbd")
 }
 
-/// Last `n` lines of a file, for error messages.
-pub fn log_tail(path: &Path, n: usize) -> String {
-    match std::fs::read_to_string(path) {
-        Ok(s) => {
-            let lines: Vec<&str> = s.lines().collect();
-            let start = lines.len().saturating_sub(n);
-            lines[start..].join("\n")
-        }
-        Err(_) => String::from("(no log)"),
+/// The reason a daemon gave for failing, from what it wrote to its log after
+/// `offset`: its last `cowsnap-nbd: error:` line, else its last line with `error:`,
+/// else its last non-empty line.
+pub fn daemon_reason(log: &Path, offset: u64) -> Option<String> {
+    let mut f = std::fs::File::open(log).ok()?;
+    f.seek(std::io::SeekFrom::Start(offset)).ok()?;
+    let mut buf = Vec::new();
+    // Bounded: the reason is at the end of what a failing start-up wrote.
+    f.take(1 << 20).read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    const FATAL: &str = "cowsnap-nbd: error: ";
+    if let Some(l) = lines.iter().rev().find(|l| l.starts_with(FATAL)) {
+        return Some(l[FATAL.len()..].to_string());
     }
+    lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("error: "))
+        .or(lines.last())
+        .map(|l| l.to_string())
+}
+
+/// Size of a regular file or a block device, without opening it for writing.
+fn origin_size(path: &Path, meta: &std::fs::Metadata) -> Result<u64> {
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| anyhow!("unable to attach {}: {e}", path.display()))?;
+    f.seek(std::io::SeekFrom::End(0)).map_err(|e| {
+        anyhow!(
+            "unable to attach {}: unable to read its size: {e}",
+            path.display()
+        )
+    })
 }
 
 /// Whether a daemon answers on the disk's control socket.
@@ -97,6 +135,33 @@ pub fn daemon_status(paths: &DiskPaths) -> Option<StatusInfo> {
         .ok()?
         .status()
         .ok()
+}
+
+/// [`daemon_status`], but "permission denied" on the run directory or the socket is
+/// an error saying so, not "no daemon".
+pub fn daemon_status_checked(paths: &DiskPaths) -> Result<Option<StatusInfo>> {
+    let sock = paths.ctl_socket();
+    let denied = || {
+        anyhow!(
+            "unable to query disk {:?}: permission denied on {} (the daemon's files belong \
+             to the user that attached it, usually root)",
+            paths.name,
+            sock.display()
+        )
+    };
+    let is_denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
+    if let Err(e) = std::fs::symlink_metadata(&sock) {
+        if is_denied(&e) {
+            return Err(denied());
+        }
+    }
+    match control::Client::connect(&sock, Duration::from_secs(3)) {
+        Ok(mut c) => Ok(c.status().ok()),
+        Err(control::ControlError::NotRunning { source, .. }) if is_denied(&source) => {
+            Err(denied())
+        }
+        Err(_) => Ok(None),
+    }
 }
 
 /// Pid from the disk's pid file.
@@ -126,14 +191,23 @@ fn nbd_index(dev: &Path) -> Result<u32> {
         .ok_or_else(|| anyhow!("invalid --nbd-device {s:?}: expected /dev/nbdN"))
 }
 
-/// Start the daemon in the background and wait until it answers `status`.
-fn start_daemon(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<(u32, StatusInfo)> {
+/// Start the daemon in the background and wait until it answers `status`. The daemon
+/// inherits the name lock; `started` gets its pid as soon as it exists.
+fn start_daemon(
+    a: &AttachArgs,
+    origin: &Path,
+    paths: &DiskPaths,
+    lock: &NameLock,
+    started: &std::cell::Cell<Option<u32>>,
+) -> Result<(u32, StatusInfo)> {
     let log = paths.log_file();
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log)
         .with_context(|| format!("unable to open the daemon log {}", log.display()))?;
+    let log_start = logf.metadata().map(|m| m.len()).unwrap_or(0);
+    let what = format!("unable to attach {} as {:?}", origin.display(), paths.name);
     let bin = daemon_binary();
     let mut cmd = Command::new(&bin);
     cmd.arg("--name")
@@ -153,6 +227,8 @@ fn start_daemon(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<(u32
         cmd.arg("--listen").arg(l);
     }
     if let Some(c) = &a.container {
+        let c = config::absolute_container(c)
+            .with_context(|| format!("unable to resolve --container {c:?}"))?;
         cmd.arg("--container").arg(c);
     }
     if let Some(r) = &a.restore_from {
@@ -165,13 +241,19 @@ fn start_daemon(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<(u32
         cmd.arg("--chunk-size")
             .arg(crate::parse::parse_size(c)?.to_string());
     }
+    let lock_fd = lock.raw_fd();
+    cmd.arg("--lock-fd").arg(lock_fd.to_string());
     cmd.stdin(Stdio::null())
         .stdout(logf.try_clone().context("unable to duplicate the log fd")?)
         .stderr(logf);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    // SAFETY: setsid and fcntl are async-signal-safe and touch no memory of the
+    // parent; clearing FD_CLOEXEC lets the daemon inherit the locked name lock.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
+            if libc::fcntl(lock_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
@@ -179,15 +261,13 @@ fn start_daemon(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<(u32
         .spawn()
         .with_context(|| format!("unable to start the daemon {}", bin.display()))?;
     let pid = child.id();
+    started.set(Some(pid));
     let deadline = Instant::now() + attach_timeout();
     loop {
         if let Ok(Some(st)) = child.try_wait() {
-            bail!(
-                "the daemon for {:?} exited ({st}) before serving; its log {} ends with:\n{}",
-                paths.name,
-                log.display(),
-                log_tail(&log, 10)
-            );
+            let why = daemon_reason(&log, log_start)
+                .unwrap_or_else(|| format!("the daemon exited ({st}) without a reason"));
+            bail!("{what}: {why}");
         }
         if let Some(s) = daemon_status(paths) {
             if s.pid == pid {
@@ -199,12 +279,10 @@ fn start_daemon(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<(u32
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             let _ = child.wait();
             bail!(
-                "the daemon for {:?} did not answer on {} within {:?}; its log {} ends with:\n{}",
-                paths.name,
+                "{what}: the daemon did not answer on {} within {:?} (its log: {})",
                 paths.ctl_socket().display(),
                 attach_timeout(),
-                log.display(),
-                log_tail(&log, 10)
+                log.display()
             );
         }
         std::thread::sleep(Duration::from_millis(25));
@@ -212,6 +290,7 @@ fn start_daemon(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<(u32
 }
 
 /// Stop a daemon: `shutdown` over the control socket, SIGTERM as fallback; wait.
+/// Leftover files are not removed here: see [`remove_leftovers`].
 pub fn stop_daemon(paths: &DiskPaths, pid: Option<i32>) -> Result<()> {
     let asked = control::call(
         &paths.ctl_socket(),
@@ -229,10 +308,22 @@ pub fn stop_daemon(paths: &DiskPaths, pid: Option<i32>) -> Result<()> {
             bail!("the daemon (pid {pid}) of {:?} did not exit", paths.name);
         }
     }
-    for p in [paths.ctl_socket(), paths.nbd_socket(), paths.pid_file()] {
+    Ok(())
+}
+
+/// Remove what a stopped daemon and its attach left: sockets, pid files, the attach
+/// record. Only while holding the name lock (`_lock`), so nothing of a daemon that
+/// has taken the name since is touched.
+pub fn remove_leftovers(paths: &DiskPaths, _lock: &NameLock) {
+    for p in [
+        paths.ctl_socket(),
+        paths.nbd_socket(),
+        paths.pid_file(),
+        paths.fuse_pid_file(),
+        paths.attach_record(),
+    ] {
         let _ = std::fs::remove_file(p);
     }
-    Ok(())
 }
 
 /// Kernel nbd: handshake on a fresh socket, hand it to the kernel.
@@ -293,7 +384,7 @@ pub fn undo_device(rec: &AttachRecord) -> Result<()> {
 /// it is mounted), sockets, pid file and attach record, so the disk can be attached
 /// again (a live restore then resumes its fill). Returns false, touching nothing,
 /// when the device is still mounted: that needs `detach --force` and an unmount.
-fn clean_dead_attach(paths: &DiskPaths, rec: &AttachRecord) -> bool {
+fn clean_dead_attach(paths: &DiskPaths, rec: &AttachRecord, lock: &NameLock) -> bool {
     if let Some(dev) = rec.device.as_deref().map(Path::new) {
         if dev.exists() && attach::mounted_at(dev).map_or(true, |m| !m.is_empty()) {
             return false;
@@ -306,15 +397,7 @@ fn clean_dead_attach(paths: &DiskPaths, rec: &AttachRecord) -> bool {
     if let Err(e) = undo_device(rec) {
         eprintln!("warning: {e:#}");
     }
-    for p in [
-        paths.ctl_socket(),
-        paths.nbd_socket(),
-        paths.pid_file(),
-        paths.fuse_pid_file(),
-        paths.attach_record(),
-    ] {
-        let _ = std::fs::remove_file(p);
-    }
+    remove_leftovers(paths, lock);
     true
 }
 
@@ -330,6 +413,9 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     }
     let origin = std::fs::canonicalize(&origin)
         .with_context(|| format!("unable to resolve {}", origin.display()))?;
+    let size = origin_size(&origin, &meta)?;
+    config::check_disk_size(size)
+        .map_err(|why| anyhow!("unable to attach {}: {why}", origin.display()))?;
     let name = match &a.name {
         Some(n) => n.clone(),
         None => config::derive_name(&origin),
@@ -374,6 +460,57 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     make_dir(&dirs.run_dir, 0o700)?;
     make_dir(&dirs.state_dir, 0o700)?;
 
+    // The name is ours from here on, or we stop without touching anything of it.
+    let lock = match NameLock::try_acquire(&paths.lock_file()).map_err(|e| anyhow!("{e}"))? {
+        Some(l) => l,
+        None => {
+            if let Some(s) = daemon_status(&paths) {
+                bail!(
+                    "a disk named {name:?} is already attached (origin {}, daemon pid {}); \
+                     detach it first (cowsnapctl detach {name}) or choose another --name",
+                    s.origin,
+                    s.pid
+                );
+            }
+            bail!(
+                "unable to attach {} as {name:?}: the name is already attached or being \
+                 attached (pid {} holds {})",
+                origin.display(),
+                name_lock::holder_pid(&paths.lock_file())
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                paths.lock_file().display()
+            );
+        }
+    };
+    let started = std::cell::Cell::new(None);
+    let r = attach_locked(&a, &origin, &name, via, index, &paths, &lock, &started);
+    match (&r, started.get()) {
+        // The daemon holds the lock now (inherited); our copy just closes.
+        (Ok(()), _) => drop(lock),
+        // Our daemon outlived the failure: it still holds the name; leave the file.
+        (Err(_), Some(pid)) if attach::pid_alive(pid as i32) && !attach::pid_zombie(pid as i32) => {
+            drop(lock)
+        }
+        (Err(_), _) => lock.remove(),
+    }
+    r
+}
+
+/// The part of `attach` done while holding the name lock.
+#[allow(clippy::too_many_arguments)]
+fn attach_locked(
+    a: &AttachArgs,
+    origin: &Path,
+    name: &str,
+    via: Via,
+    index: Option<u32>,
+    paths: &DiskPaths,
+    lock: &NameLock,
+    started: &std::cell::Cell<Option<u32>>,
+) -> Result<()> {
+    let paths = paths.clone();
+    let name = name.to_string();
     if let Some(s) = daemon_status(&paths) {
         bail!(
             "a disk named {name:?} is already attached (origin {}, daemon pid {}); \
@@ -384,7 +521,7 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     }
     if let Ok(Some(rec)) = AttachRecord::load(&paths.attach_record()) {
         let alive = attach::pid_alive(rec.pid as i32) && !attach::pid_zombie(rec.pid as i32);
-        if alive || !clean_dead_attach(&paths, &rec) {
+        if alive || !clean_dead_attach(&paths, &rec, lock) {
             bail!(
                 "a disk named {name:?} has a stale attach record ({}; daemon pid {} not answering); \
                  clean it up with: cowsnapctl detach {name} --force",
@@ -394,7 +531,7 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
         }
     }
 
-    let (pid, st) = start_daemon(&a, &origin, &paths)?;
+    let (pid, st) = start_daemon(a, origin, &paths, lock, started)?;
     let mut rec = AttachRecord {
         name: name.clone(),
         origin: origin.display().to_string(),
@@ -411,7 +548,9 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     };
     // Recorded at once, so that `detach --force` finds the daemon if this process dies.
     if let Err(e) = rec.save(&paths.attach_record()) {
-        let _ = stop_daemon(&paths, Some(pid as i32));
+        if stop_daemon(&paths, Some(pid as i32)).is_ok() {
+            remove_leftovers(&paths, lock);
+        }
         bail!("{e}");
     }
     let exposed: Result<Vec<String>> = (|| {
@@ -451,10 +590,10 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
             if let Err(e2) = undo_device(&rec) {
                 eprintln!("cowsnapctl: cleanup: {e2:#}");
             }
-            if let Err(e2) = stop_daemon(&paths, Some(pid as i32)) {
-                eprintln!("cowsnapctl: cleanup: {e2:#}");
+            match stop_daemon(&paths, Some(pid as i32)) {
+                Ok(()) => remove_leftovers(&paths, lock),
+                Err(e2) => eprintln!("cowsnapctl: cleanup: {e2:#}"),
             }
-            let _ = std::fs::remove_file(paths.attach_record());
             return Err(e.context(format!("unable to attach {} via {via}", origin.display())));
         }
     };
@@ -485,4 +624,35 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
         println!("{}", rec.device.as_deref().unwrap_or(&rec.uri));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_is_the_fatal_line_written_after_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("d.log");
+        let old = "cowsnap-nbd: error: an old failure\n";
+        std::fs::write(
+            &log,
+            format!(
+                "{old}[t INFO x] starting\n[t WARN x] control: parse error: junk\n\
+                 cowsnap-nbd: error: unable to open /x: No such file\n[t INFO x] late\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            daemon_reason(&log, 0).as_deref(),
+            Some("unable to open /x: No such file")
+        );
+        let all = std::fs::read(&log).unwrap();
+        assert_eq!(daemon_reason(&log, all.len() as u64), None);
+        std::fs::write(&log, format!("{old}fake: cannot serve\n\n")).unwrap();
+        assert_eq!(
+            daemon_reason(&log, old.len() as u64).as_deref(),
+            Some("fake: cannot serve")
+        );
+    }
 }

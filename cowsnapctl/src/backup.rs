@@ -2,18 +2,19 @@
 //! the daemon, follow it to the end with a progress bar or JSON event lines.
 //!
 //! SIGINT, SIGTERM and SIGHUP are blocked for the whole command and read by a
-//! dedicated thread, so no signal can end the process while a filesystem is frozen:
-//! the freeze guard always runs `FITHAW`. An interrupt after the snapshot cancels the
-//! backup in the daemon.
+//! dedicated thread, so no signal can end the process while a filesystem is frozen.
+//! `--freeze` accepts only the mount point of a filesystem on this disk's device, and
+//! every freeze is bounded by a watchdog ([`crate::freeze`]): if the snapshot instant
+//! was not reached while frozen, the backup is cancelled and the command fails. An
+//! interrupt after the snapshot cancels the backup in the daemon.
 
 use crate::parse::{check_target, human_bytes, parse_duration, parse_ranges, parse_size};
 use crate::status::backup_line;
-use crate::Dirs;
+use crate::{freeze, Dirs};
 use anyhow::{anyhow, bail, Context, Result};
 use cowsnap_nbd::control::{self, BackupParams, BackupStatus, Client, Request};
 use std::io::IsTerminal;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,9 +33,14 @@ pub struct BackupArgs {
     /// Container for preserved originals (ram:SIZE, file:PATH:SIZE, dev:PATH).
     #[arg(long)]
     pub container: Option<String>,
-    /// Freeze this mounted filesystem around the snapshot instant (FIFREEZE/FITHAW).
+    /// Freeze this filesystem around the snapshot instant (FIFREEZE/FITHAW): the
+    /// mount point of a filesystem on this disk's device.
     #[arg(long, value_name = "MOUNTPOINT")]
     pub freeze: Option<PathBuf>,
+    /// Thaw after this long at most; if the snapshot instant was not reached by then,
+    /// the backup fails (at most 10s).
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub freeze_timeout: String,
     /// Wait for this long without writes before the snapshot (default 3s; 0 = don't).
     #[arg(long, value_name = "DURATION")]
     pub quiesce_idle: Option<String>,
@@ -50,51 +56,6 @@ pub struct BackupArgs {
     /// Print JSON event lines (also the default when stdout is not a terminal).
     #[arg(long)]
     pub json: bool,
-}
-
-// FIFREEZE = _IOWR('X', 119, int), FITHAW = _IOWR('X', 120, int)
-const FIFREEZE: libc::c_ulong = 0xC004_5877;
-const FITHAW: libc::c_ulong = 0xC004_5878;
-
-/// A frozen filesystem; thawed on drop.
-struct Frozen {
-    dir: std::fs::File,
-    path: PathBuf,
-}
-
-impl Frozen {
-    fn freeze(path: &Path) -> Result<Frozen> {
-        let dir = std::fs::File::open(path)
-            .with_context(|| format!("unable to open mount point {}", path.display()))?;
-        let mut arg: libc::c_int = 0;
-        // SAFETY: the fd is valid while `dir` lives; FIFREEZE ignores its int argument.
-        let r = unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE, &mut arg) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("unable to freeze {}", path.display()));
-        }
-        Ok(Frozen {
-            dir,
-            path: path.to_path_buf(),
-        })
-    }
-    fn thaw(&self) -> std::io::Result<()> {
-        let mut arg: libc::c_int = 0;
-        // SAFETY: as in freeze.
-        let r = unsafe { libc::ioctl(self.dir.as_raw_fd(), FITHAW, &mut arg) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        if let Err(e) = self.thaw() {
-            eprintln!("cowsnapctl: unable to thaw {}: {e}", self.path.display());
-        }
-    }
 }
 
 fn event(kind: &str, b: Option<&BackupStatus>, extra: serde_json::Value) {
@@ -130,15 +91,48 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
         .transpose()?
         .unwrap_or_default();
     let rate_limit = a.rate_limit.as_deref().map(parse_size).transpose()?;
+    let freeze_bound = parse_duration(&a.freeze_timeout)?;
+    if freeze_bound.is_zero() || freeze_bound > freeze::MAX_FREEZE {
+        bail!(
+            "invalid --freeze-timeout {:?}: give more than 0 and at most {}s",
+            a.freeze_timeout,
+            freeze::MAX_FREEZE.as_secs()
+        );
+    }
+    let container = a
+        .container
+        .as_deref()
+        .map(|c| {
+            cowsnap_nbd::config::absolute_container(c)
+                .map_err(|e| anyhow!("unable to resolve --container {c:?}: {e}"))
+        })
+        .transpose()?;
+    let to = crate::parse::absolute_target(&a.to)?;
     let paths = dirs.paths(&a.name);
     cowsnap_nbd::config::validate_name(&a.name).map_err(|e| anyhow!("{e}"))?;
     let mut cl =
         Client::connect(&paths.ctl_socket(), timeout + Duration::from_secs(60)).map_err(|e| {
-            anyhow!(
-                "disk {:?} is not attached or its daemon does not answer: {e}",
-                a.name
-            )
+            match &e {
+                control::ControlError::NotRunning { source, .. }
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    anyhow!(
+                        "unable to back up {}: permission denied on {} (the daemon's files \
+                         belong to the user that attached it, usually root)",
+                        a.name,
+                        paths.ctl_socket().display()
+                    )
+                }
+                _ => anyhow!(
+                    "disk {:?} is not attached or its daemon does not answer: {e}",
+                    a.name
+                ),
+            }
         })?;
+    let mountpoint = match &a.freeze {
+        Some(m) => Some(freeze_target(&paths, &mut cl, &a.name, m)?),
+        None => None,
+    };
 
     // Signals: blocked here, read by a thread (also inherited by the progress thread).
     let mut sigs = nix::sys::signal::SigSet::empty();
@@ -161,21 +155,63 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
     }
 
     let params = BackupParams {
-        to: crate::parse::absolute_target(&a.to)?,
-        container: a.container.clone(),
+        to,
+        container,
         incremental: a.incremental,
         priority,
         rate_limit,
         quiesce_idle_ms: idle.as_millis() as u64,
         quiesce_timeout_ms: timeout.as_millis() as u64,
     };
-    let started = {
-        let _frozen = match &a.freeze {
-            Some(m) => Some(Frozen::freeze(m)?),
-            None => None,
-        };
-        cl.call(&Request::Backup { params })
-        // _frozen thawed here, on success and on error alike
+    let (started, frozen) = match &mountpoint {
+        Some(mp) => {
+            let wd = freeze::freeze(mp, freeze_bound)?;
+            let r = cl.call(&Request::Backup { params });
+            // Thawed here, on success and on error alike (or already by the watchdog).
+            (r, Some((mp, wd.finish())))
+        }
+        None => (cl.call(&Request::Backup { params }), None),
+    };
+    let frozen_ms = match frozen {
+        None => None,
+        Some((_, freeze::Outcome::Held { frozen_for })) => Some(frozen_for.as_millis() as u64),
+        Some((mp, bad)) => {
+            let why = match bad {
+                freeze::Outcome::Expired { bound, thaw_error } => format!(
+                    "the snapshot instant was not reached within {} ms of freezing {} \
+                     (--freeze-timeout); it was thawed then{}",
+                    bound.as_millis(),
+                    mp.path.display(),
+                    thaw_error
+                        .map(|e| format!(" (thaw: {e})"))
+                        .unwrap_or_default()
+                ),
+                freeze::Outcome::ThawFailed(e) => format!(
+                    "unable to thaw {} ({e}): it was not frozen any more at the snapshot \
+                     instant",
+                    mp.path.display()
+                ),
+                freeze::Outcome::Held { .. } => String::new(),
+            };
+            if let Ok(m) = &started {
+                let id = m.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
+                cancel_and_wait(&mut cl, id);
+                bail!(
+                    "unable to back up {}: {why}; backup #{id} was cancelled, its image \
+                     would not be consistent",
+                    a.name
+                );
+            }
+            let said = match started {
+                Err(control::ControlError::Daemon(msg)) => msg,
+                Err(e) => e.to_string(),
+                Ok(_) => String::new(),
+            };
+            bail!(
+                "unable to back up {}: {why}; the daemon said: {said}",
+                a.name
+            );
+        }
     };
     let id = match started {
         Ok(m) => m.get("id").and_then(|v| v.as_u64()).unwrap_or(0),
@@ -187,7 +223,12 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
         event(
             "started",
             None,
-            serde_json::json!({ "id": id, "name": a.name, "target": a.to }),
+            serde_json::json!({ "id": id, "name": a.name, "target": a.to, "frozen_ms": frozen_ms }),
+        );
+    } else if let (Some(ms), Some(mp)) = (frozen_ms, &mountpoint) {
+        eprintln!(
+            "froze {} for {ms} ms around the snapshot instant",
+            mp.path.display()
         );
     }
     let bar = if json {
@@ -294,4 +335,59 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The mount point `--freeze` names, checked against the disk's exposed device.
+fn freeze_target(
+    paths: &cowsnap_nbd::config::DiskPaths,
+    cl: &mut Client,
+    name: &str,
+    m: &std::path::Path,
+) -> Result<freeze::Mountpoint> {
+    let what = || format!("unable to freeze {}", m.display());
+    let st = cl
+        .status()
+        .map_err(|e| anyhow!("{}: the daemon of {name} does not answer: {e}", what()))?;
+    let rec = cowsnap_nbd::attach::AttachRecord::load(&paths.attach_record())
+        .map_err(|e| anyhow!("{}: {e}", what()))?
+        .filter(|r| r.pid == st.pid)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: disk {name} has no attach record of its daemon (pid {}), so no device \
+                 to check the mount against",
+                what(),
+                st.pid
+            )
+        })?;
+    let Some(dev) = rec.device else {
+        bail!(
+            "{}: disk {name} has no block device (attached --via {}), so no filesystem of it \
+             can be mounted",
+            what(),
+            rec.via
+        );
+    };
+    freeze::open_mountpoint(m, std::path::Path::new(&dev))
+}
+
+/// Cancel backup `id` and wait (bounded) until the daemon says it has ended.
+fn cancel_and_wait(cl: &mut Client, id: u64) {
+    if let Err(e) = cl.call(&Request::Cancel) {
+        eprintln!("cowsnapctl: unable to cancel backup #{id}: {e}");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let ended = cl
+            .call(&Request::BackupStatus)
+            .ok()
+            .and_then(|m| m.get("backup").cloned())
+            .and_then(|b| serde_json::from_value::<BackupStatus>(b).ok())
+            .is_none_or(|b| b.id != id || b.state == "complete" || b.state == "failed");
+        if ended {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("cowsnapctl: backup #{id} did not end within 60 s of being cancelled");
 }

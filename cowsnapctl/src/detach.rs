@@ -1,22 +1,88 @@
-//! `cowsnapctl detach`: refuse while mounted (unless --force), flush, remove the
-//! kernel device, stop the daemon, remove sockets and the attach record.
+//! `cowsnapctl detach`: refuse while a backup runs or the device is mounted (unless
+//! --force, which cancels the backup cleanly first), flush, remove the kernel device,
+//! stop the daemon, then — holding the name lock, so nothing of a daemon that took the
+//! name since is touched — remove sockets, pid files, the attach record and the lock.
 
-use crate::attach::{daemon_status, read_pid, stop_daemon, undo_device};
+use crate::attach::{daemon_status, read_pid, remove_leftovers, stop_daemon, undo_device};
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
 use cowsnap_nbd::attach::{self, AttachRecord};
-use cowsnap_nbd::config;
+use cowsnap_nbd::config::{self, DiskPaths};
+use cowsnap_nbd::control::{self, BackupStatus, Request};
+use cowsnap_nbd::name_lock::NameLock;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Arguments of `detach`.
 #[derive(Debug, clap::Args)]
 pub struct DetachArgs {
     /// Disk name.
     pub name: String,
-    /// Detach even if the device is mounted: the mount then sees I/O errors on every
-    /// access and must be unmounted by hand.
+    /// Detach even if a backup runs (it is cancelled first; its target is left marked
+    /// incomplete) or the device is mounted (the mount then sees I/O errors on every
+    /// access and must be unmounted by hand).
     #[arg(long)]
     pub force: bool,
+}
+
+/// A backup that has not ended yet.
+fn running(b: &BackupStatus) -> bool {
+    b.state != "complete" && b.state != "failed"
+}
+
+fn describe(b: &BackupStatus) -> String {
+    let pct = b
+        .chunks_copied
+        .saturating_mul(100)
+        .checked_div(b.chunks_in_scope)
+        .unwrap_or(0);
+    format!(
+        "backup #{} to {} ({}, {pct}% copied)",
+        b.id, b.target, b.state
+    )
+}
+
+/// The backup the daemon runs now, if any.
+fn running_backup(paths: &DiskPaths) -> Option<BackupStatus> {
+    let m = control::call(
+        &paths.ctl_socket(),
+        &Request::BackupStatus,
+        Duration::from_secs(10),
+    )
+    .ok()?;
+    let b: BackupStatus = serde_json::from_value(m.get("backup")?.clone()).ok()?;
+    running(&b).then_some(b)
+}
+
+/// Cancel the running backup and wait until the daemon says it has ended, so its
+/// target is marked incomplete before the daemon stops.
+fn cancel_backup(paths: &DiskPaths, b: &BackupStatus) -> Result<()> {
+    eprintln!("cancelling {} (detach --force)", describe(b));
+    match control::call(
+        &paths.ctl_socket(),
+        &Request::Cancel,
+        Duration::from_secs(10),
+    ) {
+        Ok(_) => {}
+        // It ended meanwhile.
+        Err(control::ControlError::Daemon(_)) => {}
+        Err(e) => bail!("unable to cancel {}: {e}", describe(b)),
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(now) = running_backup(paths) {
+        if Instant::now() >= deadline {
+            bail!(
+                "unable to detach {}: {} did not end within 60 s of being cancelled",
+                paths.name,
+                describe(&now)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Give a `cowsnapctl backup` following it (it polls every 100 ms) time to read
+    // the outcome before the daemon goes away.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
 }
 
 pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
@@ -43,26 +109,45 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
             dirs.run_dir.display()
         );
     }
-    if let Some(dev) = rec.as_ref().and_then(|r| r.device.clone()) {
-        let devp = Path::new(&dev);
+    // Refusals first: nothing is touched before both checks pass.
+    let backup = status.as_ref().and_then(|_| running_backup(&paths));
+    if let (Some(b), false) = (&backup, a.force) {
+        bail!(
+            "unable to detach {}: {} is running; wait for it to end, or detach --force \
+             to cancel it first",
+            a.name,
+            describe(b)
+        );
+    }
+    let dev = rec.as_ref().and_then(|r| r.device.clone());
+    let mounts = match dev.as_deref().map(Path::new) {
+        Some(devp) if devp.exists() => attach::mounted_at(devp).map_err(|e| anyhow!("{e}"))?,
+        _ => Vec::new(),
+    };
+    if !mounts.is_empty() {
+        let list: Vec<String> = mounts.iter().map(|(_, m)| m.clone()).collect();
+        let dev = dev.as_deref().unwrap_or("?");
+        if !a.force {
+            bail!(
+                "{} ({dev}) is mounted on {}; unmount it first \
+                 (or --force: the mount then sees I/O errors)",
+                a.name,
+                list.join(", ")
+            );
+        }
+        eprintln!(
+            "warning: {dev} is mounted on {}; detaching anyway (--force): \
+             that mount will see I/O errors from now on",
+            list.join(", ")
+        );
+    }
+
+    if let Some(b) = &backup {
+        cancel_backup(&paths, b)?;
+    }
+    if let Some(dev) = &dev {
+        let devp = Path::new(dev);
         if devp.exists() {
-            let mounts = attach::mounted_at(devp).map_err(|e| anyhow!("{e}"))?;
-            if !mounts.is_empty() {
-                let list: Vec<String> = mounts.iter().map(|(_, m)| m.clone()).collect();
-                if !a.force {
-                    bail!(
-                        "{} ({dev}) is mounted on {}; unmount it first \
-                         (or --force: the mount then sees I/O errors)",
-                        a.name,
-                        list.join(", ")
-                    );
-                }
-                eprintln!(
-                    "warning: {dev} is mounted on {}; detaching anyway (--force): \
-                     that mount will see I/O errors from now on",
-                    list.join(", ")
-                );
-            }
             if let Err(e) = attach::flush_device(devp) {
                 if !a.force {
                     bail!("{e}");
@@ -79,9 +164,23 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
             eprintln!("warning: {e:#}");
         }
     }
+    // A backup started after the check above is cancelled too, never cut off.
+    if let Some(b) = running_backup(&paths) {
+        cancel_backup(&paths, &b)?;
+    }
     stop_daemon(&paths, pid)?;
-    let _ = std::fs::remove_file(paths.attach_record());
-    let _ = std::fs::remove_file(paths.fuse_pid_file());
+    match NameLock::acquire_within(&paths.lock_file(), Duration::from_secs(5)) {
+        Ok(Some(lock)) => {
+            remove_leftovers(&paths, &lock);
+            lock.remove();
+        }
+        Ok(None) => eprintln!(
+            "note: {} is held by another process (a new attach of {:?}?); leaving its files",
+            paths.lock_file().display(),
+            a.name
+        ),
+        Err(e) => eprintln!("warning: {e}"),
+    }
     eprintln!("detached {}", a.name);
     Ok(())
 }

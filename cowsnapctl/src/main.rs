@@ -9,6 +9,7 @@ use std::path::PathBuf;
 mod attach;
 mod backup;
 mod detach;
+mod freeze;
 mod parse;
 mod repo;
 mod status;
@@ -25,6 +26,18 @@ pub struct Dirs {
 }
 
 impl Dirs {
+    /// Both directories made absolute: they are handed to the daemon, which works in `/`.
+    fn absolute(self) -> Result<Dirs> {
+        let abs = |p: PathBuf| {
+            std::path::absolute(&p)
+                .map_err(|e| anyhow::anyhow!("unable to resolve {}: {e}", p.display()))
+        };
+        Ok(Dirs {
+            run_dir: abs(self.run_dir)?,
+            state_dir: abs(self.state_dir)?,
+        })
+    }
+
     /// The files of disk `name`.
     pub fn paths(&self, name: &str) -> config::DiskPaths {
         config::DiskPaths::new(name, &self.run_dir, &self.state_dir)
@@ -60,26 +73,36 @@ enum Cmd {
     Backup(backup::BackupArgs),
     /// List the restore points (generations) of a repository.
     List(repo::ListArgs),
-    /// Re-hash every chunk the repository's generations reference.
+    /// Re-hash every chunk the repository's generations reference (--repair: heal).
     Verify(repo::VerifyArgs),
     /// Delete old generations and the chunks no kept generation references.
     Prune(repo::PruneArgs),
     /// Restore a generation to a file or device (on the fly with --live).
     Restore(repo::RestoreArgs),
+    /// Give up an interrupted live restore: its generation is no longer pinned.
+    Abandon(repo::AbandonArgs),
 }
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.dirs = match cli.dirs.absolute() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cowsnapctl: {e:#}");
+            std::process::exit(1);
+        }
+    };
     let r: Result<i32> = match cli.cmd {
         Cmd::Attach(a) => attach::run(&cli.dirs, a).map(|_| 0),
         Cmd::Detach(a) => detach::run(&cli.dirs, a).map(|_| 0),
         Cmd::Status(a) => status::run(&cli.dirs, a),
         Cmd::Backup(a) => backup::run(&cli.dirs, a),
         Cmd::List(a) => repo::list(a),
-        Cmd::Verify(a) => repo::verify(a),
+        Cmd::Verify(a) => repo::verify(&cli.dirs, a),
         Cmd::Prune(a) => repo::prune(a),
         Cmd::Restore(a) => repo::restore(&cli.dirs, a),
+        Cmd::Abandon(a) => repo::abandon(&cli.dirs, a),
     };
     match r {
         Ok(code) => std::process::exit(code),

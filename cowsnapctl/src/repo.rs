@@ -1,10 +1,12 @@
-//! Repository commands: `list`, `verify`, `prune` and `restore` (offline, or `--live`:
-//! the destination is attached at once and filled from the repository while in use).
+//! Repository commands: `list`, `verify` (`--repair`), `prune`, `restore` (offline, or
+//! `--live`: the destination is attached at once and filled from the repository while
+//! in use) and `abandon` (give up an interrupted live restore, unpinning its generation).
 
 use crate::attach::{self, AttachArgs};
 use crate::parse::human_bytes;
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
+use cowsnap_core::origin_seal;
 use cowsnap_core::repo::{self, Repo};
 use cowsnap_core::restore;
 use std::io::IsTerminal;
@@ -72,49 +74,132 @@ pub struct VerifyArgs {
     /// Only this generation (id, unique prefix or disk name).
     #[arg(long)]
     pub generation: Option<String>,
+    /// After verifying, store a healthy copy of each damaged or missing chunk where one
+    /// exists (stored afresh meanwhile, or found in a --from source), which makes every
+    /// generation referencing it whole again; report what could not be repaired.
+    #[arg(long)]
+    pub repair: bool,
+    /// With --repair: where to look for healthy data (repeatable): the disk's origin or
+    /// an image or device holding its data, or the name of an attached disk (its
+    /// origin). Read only; only bytes hashing to the damaged chunk are used.
+    #[arg(long, value_name = "PATH|NAME", requires = "repair")]
+    pub from: Vec<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
 
-/// `cowsnapctl verify repo:DIR`: exit 1 if any chunk is missing or corrupt.
-pub fn verify(a: VerifyArgs) -> Result<i32> {
+/// A `--from` value: an existing path, else the origin of the attached disk so named.
+fn repair_source(dirs: &Dirs, v: &str) -> Result<PathBuf> {
+    let p = Path::new(v);
+    if p.exists() {
+        return std::path::absolute(p).map_err(|e| anyhow!("unable to resolve {v}: {e}"));
+    }
+    if cowsnap_nbd::config::validate_name(v).is_ok() {
+        if let Some(st) = attach::daemon_status(&dirs.paths(v)) {
+            return Ok(PathBuf::from(st.origin));
+        }
+    }
+    bail!("unable to use --from {v}: no such file, and no attached disk has that name")
+}
+
+/// `cowsnapctl verify repo:DIR [--repair [--from PATH|NAME]...]`: exit 1 if any chunk
+/// is missing or corrupt (with --repair: if any generation is still damaged after it).
+/// Damaged chunks are moved to DIR/quarantine as they are found.
+pub fn verify(dirs: &Dirs, a: VerifyArgs) -> Result<i32> {
     let (dir, gen) = parse_repo_spec(&a.repo)?;
     let gen = a.generation.or(gen);
-    let rep = repo::verify(&dir, gen.as_deref()).map_err(|e| anyhow!("{e}"))?;
+    let sources = a
+        .from
+        .iter()
+        .map(|v| repair_source(dirs, v))
+        .collect::<Result<Vec<_>>>()?;
+    let rep = if a.repair {
+        repo::verify_repair(&dir, gen.as_deref(), &sources)
+    } else {
+        repo::verify(&dir, gen.as_deref())
+    }
+    .map_err(|e| anyhow!("{e}"))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
-    } else {
-        for p in &rep.problems {
-            match p.offset {
-                Some(o) => eprintln!(
-                    "generation {}: chunk {} at offset {o}: {} ({})",
-                    p.generation,
-                    p.chunk.as_deref().unwrap_or("-"),
-                    p.problem,
-                    p.detail
-                ),
-                None => eprintln!(
-                    "generation {}: chunk {}: {} ({})",
-                    p.generation,
-                    p.chunk.as_deref().unwrap_or("-"),
-                    p.problem,
-                    p.detail
-                ),
-            }
+        return Ok(if rep.ok { 0 } else { 1 });
+    }
+    for p in &rep.problems {
+        match p.offset {
+            Some(o) => eprintln!(
+                "generation {}: chunk {} at offset {o}: {} ({})",
+                p.generation,
+                p.chunk.as_deref().unwrap_or("-"),
+                p.problem,
+                p.detail
+            ),
+            None => eprintln!(
+                "generation {}: chunk {}: {} ({})",
+                p.generation,
+                p.chunk.as_deref().unwrap_or("-"),
+                p.problem,
+                p.detail
+            ),
         }
-        println!(
-            "{} generation(s), {} chunk(s) / {} checked: {}",
-            rep.generations.len(),
-            rep.chunks_checked,
-            human_bytes(rep.bytes_checked),
-            if rep.ok {
-                "all good".to_string()
-            } else {
-                format!("{} problem(s)", rep.problems.len())
-            }
+    }
+    if !rep.quarantined.is_empty() {
+        eprintln!(
+            "{} damaged chunk(s) moved to {}: the next backup holding their data stores them afresh",
+            rep.quarantined.len(),
+            dir.join("quarantine").display()
         );
     }
+    if let Some(rr) = &rep.repair {
+        for c in &rr.chunks_repaired {
+            println!("repaired chunk {} from {}", c.chunk, c.from);
+        }
+        for g in &rr.generations {
+            if g.whole {
+                println!(
+                    "generation {}: whole again ({} damaged offset(s) repaired)",
+                    g.generation, g.repaired
+                );
+            } else {
+                let offs: Vec<String> = g
+                    .damaged
+                    .iter()
+                    .map(|o| o.map_or("index".to_string(), |o| o.to_string()))
+                    .collect();
+                println!(
+                    "generation {}: still damaged at offset(s) {}: no healthy copy of the data{}",
+                    g.generation,
+                    offs.join(", "),
+                    if rr.sources.is_empty() {
+                        " (give --from with the disk or an image of it)".to_string()
+                    } else {
+                        format!(" in the repository or {}", rr.sources.join(", "))
+                    }
+                );
+            }
+        }
+    }
+    println!(
+        "{} generation(s), {} chunk(s) / {} checked: {}",
+        rep.generations.len(),
+        rep.chunks_checked,
+        human_bytes(rep.bytes_checked),
+        match (&rep.repair, rep.ok) {
+            (None, true) => "all good".to_string(),
+            (None, false) => format!("{} problem(s)", rep.problems.len()),
+            (Some(_), true) if rep.problems.is_empty() => "all good".to_string(),
+            (Some(rr), true) => format!(
+                "{} problem(s), all repaired ({} chunk(s))",
+                rep.problems.len(),
+                rr.chunks_repaired.len()
+            ),
+            (Some(rr), false) => format!(
+                "{} problem(s), {} chunk(s) repaired, {} not repairable",
+                rep.problems.len(),
+                rr.chunks_repaired.len(),
+                rr.chunks_unrepaired.len()
+            ),
+        }
+    );
     Ok(if rep.ok { 0 } else { 1 })
 }
 
@@ -123,7 +208,8 @@ pub fn verify(a: VerifyArgs) -> Result<i32> {
 pub struct PruneArgs {
     /// The repository: repo:DIR.
     pub repo: String,
-    /// Generations to keep per disk (the newest).
+    /// Generations to keep per disk (the newest). Generations an unfinished live
+    /// restore needs are kept too (see `abandon`).
     #[arg(long)]
     pub keep: usize,
     /// Print JSON.
@@ -141,12 +227,72 @@ pub fn prune(a: PruneArgs) -> Result<i32> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
+        for s in &rep.stale_pins_removed {
+            println!("removed pin {s}");
+        }
+        for p in &rep.pinned {
+            println!("kept {}: pinned by {}", p.generation, p.pinned_by);
+        }
         println!(
             "removed {} generation(s), kept {}; {} chunk(s) freed ({})",
             rep.removed_generations.len(),
             rep.kept_generations.len(),
             rep.chunks_removed,
             human_bytes(rep.bytes_freed)
+        );
+        if rep.quarantined_files > 0 {
+            println!(
+                "{} damaged chunk file(s) kept as evidence in {} (not needed by any generation; delete them when done)",
+                rep.quarantined_files,
+                dir.join("quarantine").display()
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// Arguments of `abandon`.
+#[derive(Debug, clap::Args)]
+pub struct AbandonArgs {
+    /// Name of the disk whose interrupted live restore is given up.
+    pub name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cowsnapctl abandon NAME`: give up an interrupted live restore. Its generation is
+/// no longer pinned (prune may delete it); the destination keeps partial data and is
+/// refused by `attach` until a new `restore` overwrites it. Refused while the disk's
+/// daemon runs.
+pub fn abandon(dirs: &Dirs, a: AbandonArgs) -> Result<i32> {
+    cowsnap_nbd::config::validate_name(&a.name)
+        .map_err(|e| anyhow!("unable to abandon the live restore of {:?}: {e}", a.name))?;
+    let paths = dirs.paths(&a.name);
+    let running = attach::daemon_status(&paths)
+        .map(|s| s.pid as i32)
+        .or_else(|| attach::read_pid(&paths).filter(|&pid| daemon_alive(pid)));
+    if let Some(pid) = running {
+        bail!(
+            "unable to abandon the live restore of {:?}: its daemon (pid {pid}) is running; detach it first (cowsnapctl detach {})",
+            a.name,
+            a.name
+        );
+    }
+    let r = restore::live::abandon(&paths.fill_state()).map_err(|e| anyhow!("{e}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "abandoned the live restore of {:?} from generation {} at {}/{} chunk(s){}; its destination holds partial data",
+            a.name,
+            r.generation,
+            r.done,
+            r.total,
+            match &r.pin_removed {
+                Some(p) => format!(", pin {p} removed"),
+                None => String::new(),
+            }
         );
     }
     Ok(0)
@@ -208,8 +354,10 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
                     a.to.display()
                 );
             }
+            reset_tracking_of_origin(dirs, &a.to, &g.id, "a live restore")?;
             eprintln!("resuming the interrupted live restore of {name:?}");
         } else {
+            reset_tracking_of_origin(dirs, &a.to, &g.id, "a live restore")?;
             let (dest, _) =
                 restore::open_destination(&a.to, g.disk_size).map_err(|e| anyhow!("{e}"))?;
             drop(dest);
@@ -258,6 +406,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
             b.set_position(done);
         }
     };
+    reset_tracking_of_origin(dirs, &a.to, &g.id, "an offline restore")?;
     let rep =
         restore::restore_to(&dir, Some(&g.id), &a.to, &progress).map_err(|e| anyhow!("{e}"))?;
     if let Some(b) = &bar {
@@ -277,6 +426,31 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// A restore is about to write onto `dest`: if it is the sealed origin of a detached
+/// disk (any name in the state directory, matched by the origin's identity), that
+/// disk's seal is invalidated first, so its next incremental reads everything and says
+/// why. Fails (before anything is written) when a seal cannot be rewritten.
+fn reset_tracking_of_origin(dirs: &Dirs, dest: &Path, gen: &str, what: &str) -> Result<()> {
+    let Ok(target) = origin_seal::observe(dest) else {
+        return Ok(()); // does not exist yet (or is no disk): nobody's origin
+    };
+    for sdir in origin_seal::disks_sealed_on(&dirs.state_dir, &target) {
+        let name = sdir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let why = format!("{what} of generation {gen} was written onto the origin");
+        origin_seal::invalidate(&sdir, &why).map_err(|e| {
+            anyhow!("unable to reset the change tracking of disk {name:?} (the destination is its origin): {e}")
+        })?;
+        eprintln!(
+            "{} is the origin of disk {name:?}: its change tracking is reset, its next incremental backup reads everything",
+            dest.display()
+        );
+    }
+    Ok(())
+}
+
 /// Whether `p` is a block device with a mounted filesystem on it.
 fn is_mounted_dev(p: &Path) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -294,4 +468,18 @@ fn is_mounted_dev(p: &Path) -> bool {
                 .any(|l| l.split_whitespace().nth(2) == Some(&format!("{maj}:{min}")))
         })
         .unwrap_or(false)
+}
+
+/// Whether `pid` is a live (not zombie) cowsnap-nbd process.
+fn daemon_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (comm) STATE ...": comm may hold spaces and parentheses; the state follows
+    // the last ')'.
+    let Some((head, tail)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+    comm.starts_with("cowsnap-nbd") && !tail.trim_start().starts_with(['Z', 'X'])
 }

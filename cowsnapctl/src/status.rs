@@ -1,6 +1,6 @@
 //! `cowsnapctl status`: one line per attached disk, or JSON.
 
-use crate::attach::{daemon_status, read_pid};
+use crate::attach::{daemon_status_checked, read_pid};
 use crate::parse::{human_bytes, human_secs};
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
@@ -116,14 +116,25 @@ pub fn run(dirs: &Dirs, a: StatusArgs) -> Result<i32> {
             config::validate_name(n).map_err(|e| anyhow!("{e}"))?;
             vec![n.clone()]
         }
-        None => attached_names(dirs),
+        None => {
+            if let Err(e) = std::fs::read_dir(&dirs.run_dir) {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    bail!(
+                        "unable to list the attached disks: permission denied on {} \
+                         (it belongs to the user that attached them, usually root)",
+                        dirs.run_dir.display()
+                    );
+                }
+            }
+            attached_names(dirs)
+        }
     };
     let mut rows = Vec::new();
     let mut bad = 0;
     for n in &names {
         let paths = dirs.paths(n);
         let rec = AttachRecord::load(&paths.attach_record()).ok().flatten();
-        let st = daemon_status(&paths);
+        let st = daemon_status_checked(&paths)?;
         if rec.is_none() && st.is_none() {
             if a.name.is_some() {
                 bail!(

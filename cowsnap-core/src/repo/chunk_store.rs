@@ -9,9 +9,29 @@
 //! (see [`ChunkStore::sync_dirs`]) before publishing an index that references them.
 //! The all-zero chunk is never stored: indexes carry [`ZERO_HASH`] for it.
 //!
-//! Dedup: a chunk whose file already exists is not written again. Concurrent writers
-//! of the same chunk each write their own temporary file and rename it; both renames
-//! install identical content.
+//! Dedup: a chunk whose file already exists is not written again, but it is read back
+//! and compared with the data first (a decompression and a memcmp: no hashing, since the
+//! caller's data already hashes to the name). Reuse is what would spread damage: a
+//! backup that reused a damaged chunk would publish a generation that cannot be
+//! restored. Concurrent writers of the same chunk each write their own temporary file
+//! and rename it; both renames install identical content.
+//!
+//! # Quarantine
+//!
+//! A chunk found damaged — by a read (verify, restore, a live restore's fill) or by a
+//! backup about to reuse it — is moved to `DIR/quarantine/<64 hex>` (atomic rename;
+//! the bytes are kept as evidence, later copies get a `.N` suffix). The name is then
+//! free: [`ChunkStore::insert`] stores the data afresh the next time any backup (or
+//! `verify --repair`) has it, and since every generation references chunks by hash,
+//! that one file heals every generation that references it. A read of a quarantined
+//! chunk fails with `NotFound` and says so.
+//!
+//! Replacing a file that exists (quarantining it) happens only under the exclusive
+//! `flock` on `DIR/quarantine/.lock`, after reading it again: two processes that both
+//! found it damaged quarantine it once, and a healthy copy installed meanwhile (only
+//! possible once the name is free) is never moved away. Installing a chunk never
+//! replaces a file that is there: it renames only over a missing name (or over an
+//! identical copy a concurrent writer installed).
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, hex};
@@ -51,6 +71,7 @@ pub fn chunk_hash(data: &[u8]) -> [u8; 32] {
 /// The chunks directory of a repository.
 pub struct ChunkStore {
     dir: PathBuf,
+    quarantine: PathBuf,
     touched: Mutex<BTreeSet<u16>>,
 }
 
@@ -63,15 +84,118 @@ pub type StoredFile = (Option<[u8; 32]>, PathBuf, u64);
 pub enum Insert {
     /// Written now; bytes on disk (header included).
     New(u64),
-    /// Already present.
+    /// Already present (and read back equal to the data).
     Reused,
+    /// A damaged copy was there: it went to quarantine and the data was written
+    /// afresh; bytes on disk (header included).
+    Healed(u64),
+}
+
+/// A chunk file's header fields and payload.
+struct Decoded<'a> {
+    encoding: u8,
+    raw_len: usize,
+    payload: &'a [u8],
+}
+
+fn corrupt(hash: &[u8; 32], why: &str) -> Error {
+    crate::err!(Corrupt, "chunk {} is corrupt: {why}", hex(hash))
+}
+
+/// Check a chunk file's header.
+fn decode_header<'a>(hash: &[u8; 32], raw: &'a [u8]) -> Result<Decoded<'a>> {
+    if raw.len() < HDR || raw[..4] != MAGIC || raw[4] != 1 {
+        return Err(corrupt(hash, "bad header"));
+    }
+    let raw_len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
+    let stored_len = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]) as usize;
+    if stored_len != raw.len() - HDR {
+        return Err(corrupt(hash, "truncated"));
+    }
+    if raw[5] > 1 {
+        return Err(corrupt(hash, &format!("unknown encoding {}", raw[5])));
+    }
+    Ok(Decoded {
+        encoding: raw[5],
+        raw_len,
+        payload: &raw[HDR..],
+    })
+}
+
+/// Decode a chunk file and check its content hashes to `hash`.
+fn decode_any(hash: &[u8; 32], raw: &[u8]) -> Result<Vec<u8>> {
+    let d = decode_header(hash, raw)?;
+    let data = match d.encoding {
+        0 => d.payload.to_vec(),
+        _ => zstd::bulk::decompress(d.payload, d.raw_len)
+            .map_err(|e| corrupt(hash, &format!("does not decompress: {e}")))?,
+    };
+    if data.len() != d.raw_len || blake3::hash(&data).as_bytes() != hash {
+        return Err(corrupt(hash, "content does not match its hash"));
+    }
+    Ok(data)
+}
+
+/// The error for a healthy chunk of another length than the caller expects: the
+/// caller (its index) is wrong, not the chunk, so it is not damage.
+fn wrong_len(hash: &[u8; 32], have: usize, expect_len: usize) -> Error {
+    crate::err!(
+        InvalidInput,
+        "chunk {} holds {have} bytes, expected {expect_len}",
+        hex(hash)
+    )
+}
+
+/// [`decode_any`], and the content has `expect_len` bytes.
+fn decode(hash: &[u8; 32], raw: &[u8], expect_len: usize) -> Result<Vec<u8>> {
+    let data = decode_any(hash, raw)?;
+    if data.len() != expect_len {
+        return Err(wrong_len(hash, data.len(), expect_len));
+    }
+    Ok(data)
+}
+
+/// Whether a chunk file holds exactly `data` (which the caller hashed to its name).
+fn holds(hash: &[u8; 32], raw: &[u8], data: &[u8]) -> Result<()> {
+    let d = decode_header(hash, raw)?;
+    if d.raw_len != data.len() {
+        // Either the header is damaged or the file is healthy and of another length
+        // (impossible for a correct hash): tell them apart by decoding it.
+        let have = decode_any(hash, raw)?;
+        return Err(wrong_len(hash, have.len(), data.len()));
+    }
+    let same = match d.encoding {
+        0 => d.payload == data,
+        _ => {
+            zstd::bulk::decompress(d.payload, d.raw_len)
+                .map_err(|e| corrupt(hash, &format!("does not decompress: {e}")))?
+                == data
+        }
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(corrupt(hash, "content does not match its hash"))
+    }
+}
+
+/// Whether an error means "this chunk file is damaged" (as opposed to "cannot be read
+/// now"): bad content, or EIO from the medium.
+pub fn is_damage(e: &Error) -> bool {
+    e.kind() == crate::ErrorKind::Corrupt
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .and_then(|s| s.raw_os_error())
+            == Some(libc::EIO)
 }
 
 impl ChunkStore {
-    /// The store under `dir` (`DIR/chunks`).
-    pub fn new(dir: &Path) -> Self {
+    /// The store under `dir` (`DIR/chunks`), quarantining into `quarantine`
+    /// (`DIR/quarantine`).
+    pub fn new(dir: &Path, quarantine: &Path) -> Self {
         ChunkStore {
             dir: dir.to_path_buf(),
+            quarantine: quarantine.to_path_buf(),
             touched: Mutex::new(BTreeSet::new()),
         }
     }
@@ -82,11 +206,47 @@ impl ChunkStore {
         self.dir.join(&h[..2]).join(h)
     }
 
-    /// Store `data` under `hash` (the caller computed it) unless already present.
+    /// The quarantine directory.
+    pub fn quarantine_dir(&self) -> &Path {
+        &self.quarantine
+    }
+
+    /// Whether a damaged copy of `hash` was quarantined.
+    pub fn is_quarantined(&self, hash: &[u8; 32]) -> bool {
+        self.quarantine.join(hex(hash)).exists()
+    }
+
+    /// Whether a chunk file exists under `hash` (healthy or not: see [`Self::read`]).
+    pub fn contains(&self, hash: &[u8; 32]) -> bool {
+        *hash == ZERO_HASH || self.path_of(hash).exists()
+    }
+
+    /// Store `data` under `hash` (the caller computed it). A chunk already present is
+    /// read back and compared: equal → [`Insert::Reused`]; damaged → quarantined and
+    /// written afresh ([`Insert::Healed`]).
     pub fn insert(&self, hash: &[u8; 32], data: &[u8]) -> Result<Insert> {
         let path = self.path_of(hash);
-        if path.exists() {
-            return Ok(Insert::Reused);
+        let mut healed = false;
+        match std::fs::read(&path) {
+            Ok(raw) => match holds(hash, &raw, data) {
+                Ok(()) => return Ok(Insert::Reused),
+                Err(e) if !is_damage(&e) => return Err(e),
+                Err(e) => {
+                    log::warn!("{e}; storing it afresh");
+                    self.quarantine_damaged(hash, data.len())?;
+                    healed = true;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let e = Error::io(format!("unable to read chunk {}", path.display()), e);
+                if !is_damage(&e) {
+                    return Err(e);
+                }
+                log::warn!("{e}; storing it afresh");
+                self.quarantine_damaged(hash, data.len())?;
+                healed = true;
+            }
         }
         let sub = path.parent().unwrap_or(&self.dir);
         if !sub.exists() {
@@ -121,7 +281,12 @@ impl ChunkStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(hash[0] as u16);
-        Ok(Insert::New((HDR + payload.len()) as u64))
+        let n = (HDR + payload.len()) as u64;
+        Ok(if healed {
+            Insert::Healed(n)
+        } else {
+            Insert::New(n)
+        })
     }
 
     /// fsync every chunk directory a rename went into since the last call.
@@ -138,37 +303,140 @@ impl ChunkStore {
     }
 
     /// Read a chunk and check it: decodes, has `expect_len` bytes, hashes to `hash`.
+    /// A damaged chunk is quarantined (the error says so); a quarantined one reads as
+    /// `NotFound`, saying it was quarantined.
     pub fn read(&self, hash: &[u8; 32], expect_len: usize) -> Result<Vec<u8>> {
+        match self.read_no_quarantine(hash, expect_len) {
+            Ok(d) => Ok(d),
+            Err(e) if is_damage(&e) => match self.quarantine_damaged(hash, expect_len) {
+                Ok(Some(q)) => {
+                    Err(e.with_context(format!("chunk moved to quarantine ({})", q.display())))
+                }
+                Ok(None) => self.read_no_quarantine(hash, expect_len),
+                Err(qe) => {
+                    log::warn!("{qe}");
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`Self::read`] without quarantining anything.
+    pub fn read_no_quarantine(&self, hash: &[u8; 32], expect_len: usize) -> Result<Vec<u8>> {
         if *hash == ZERO_HASH {
             return Ok(vec![0u8; expect_len]);
         }
         let path = self.path_of(hash);
-        let raw = std::fs::read(&path)
-            .map_err(|e| Error::io(format!("unable to read chunk {}", path.display()), e))?;
-        let bad = |why: &str| crate::err!(Corrupt, "chunk {} is corrupt: {why}", hex(hash));
-        if raw.len() < HDR || raw[..4] != MAGIC || raw[4] != 1 {
-            return Err(bad("bad header"));
-        }
-        let raw_len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
-        let stored_len = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]) as usize;
-        if stored_len != raw.len() - HDR {
-            return Err(bad("truncated"));
-        }
-        if raw_len != expect_len {
-            return Err(bad(&format!(
-                "holds {raw_len} bytes, expected {expect_len}"
-            )));
-        }
-        let data = match raw[5] {
-            0 => raw[HDR..].to_vec(),
-            1 => zstd::bulk::decompress(&raw[HDR..], raw_len)
-                .map_err(|e| bad(&format!("does not decompress: {e}")))?,
-            e => return Err(bad(&format!("unknown encoding {e}"))),
+        let raw = match std::fs::read(&path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.is_quarantined(hash) => {
+                return Err(crate::err!(
+                    NotFound,
+                    "chunk {} is damaged and was moved to quarantine ({}): back the disk up again, or run cowsnapctl verify --repair",
+                    hex(hash),
+                    self.quarantine.display()
+                ))
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("unable to read chunk {}", path.display()),
+                    e,
+                ))
+            }
         };
-        if data.len() != raw_len || blake3::hash(&data).as_bytes() != hash {
-            return Err(bad("content does not match its hash"));
+        decode(hash, &raw, expect_len)
+    }
+
+    /// Move the chunk file of `hash` to the quarantine if it is (still) damaged:
+    /// read again under the quarantine lock, so a healthy copy is never moved.
+    /// Returns where it went, or `None` when it is healthy or gone.
+    pub fn quarantine_damaged(
+        &self,
+        hash: &[u8; 32],
+        expect_len: usize,
+    ) -> Result<Option<PathBuf>> {
+        if *hash == ZERO_HASH {
+            return Ok(None);
         }
-        Ok(data)
+        std::fs::create_dir_all(&self.quarantine)
+            .ctx(|| format!("unable to create {}", self.quarantine.display()))?;
+        let _lock = fsutil::lock_file(&self.quarantine.join(".lock"), true)?;
+        let path = self.path_of(hash);
+        match self.read_no_quarantine(hash, expect_len) {
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => return Ok(None),
+            Err(e) if !is_damage(&e) => return Err(e),
+            Err(_) => {}
+        }
+        let h = hex(hash);
+        let mut dest = self.quarantine.join(&h);
+        // Bounded: a few numbered copies, then a random suffix.
+        let mut n = 1;
+        while dest.exists() {
+            dest = if n <= 16 {
+                self.quarantine.join(format!("{h}.{n}"))
+            } else {
+                self.quarantine
+                    .join(format!("{h}.{}", fsutil::random_hex(4)?))
+            };
+            n += 1;
+        }
+        match std::fs::rename(&path, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Error::io(
+                    format!(
+                        "unable to move damaged chunk {} to {}",
+                        path.display(),
+                        dest.display()
+                    ),
+                    e,
+                ))
+            }
+        }
+        fsutil::fsync_dir(&self.quarantine)?;
+        if let Some(p) = path.parent() {
+            fsutil::fsync_dir(p)?;
+        }
+        log::warn!("damaged chunk {h} moved to {}", dest.display());
+        Ok(Some(dest))
+    }
+
+    /// Hashes of the chunks in the quarantine (one readdir; usually empty).
+    pub fn quarantined_hashes(&self) -> Result<std::collections::HashSet<[u8; 32]>> {
+        Ok(self
+            .quarantined()?
+            .iter()
+            .filter_map(|p| {
+                let n = p.file_name()?.to_string_lossy().into_owned();
+                fsutil::parse_hash(n.get(..64)?)
+            })
+            .collect())
+    }
+
+    /// Files in the quarantine (damaged chunks kept as evidence).
+    pub fn quarantined(&self) -> Result<Vec<PathBuf>> {
+        let rd = match std::fs::read_dir(&self.quarantine) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("unable to list {}", self.quarantine.display()),
+                    e,
+                ))
+            }
+        };
+        let mut out = Vec::new();
+        for ent in rd {
+            let ent = ent.ctx(|| format!("unable to list {}", self.quarantine.display()))?;
+            if !ent.file_name().to_string_lossy().starts_with('.') {
+                out.push(ent.path());
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Every stored chunk: (hash, path, size in bytes). Stray temporary files are
@@ -210,7 +478,7 @@ mod tests {
     #[test]
     fn store_and_read_back_both_encodings() {
         let d = tempfile::tempdir().unwrap();
-        let s = ChunkStore::new(d.path());
+        let s = ChunkStore::new(&d.path().join("chunks"), &d.path().join("quarantine"));
         let text = vec![b'a'; 100_000];
         let h = chunk_hash(&text);
         assert!(matches!(s.insert(&h, &text).unwrap(), Insert::New(n) if n < 1000));
@@ -228,7 +496,11 @@ mod tests {
         s.sync_dirs().unwrap();
         assert_eq!(s.read(&h, text.len()).unwrap(), text);
         assert_eq!(s.read(&h2, rnd.len()).unwrap(), rnd);
-        assert!(s.read(&h2, 100).is_err());
+        // a wrong length is the caller's error: the healthy chunk stays
+        assert_eq!(
+            s.read(&h2, 100).unwrap_err().kind(),
+            crate::ErrorKind::InvalidInput
+        );
         assert_eq!(chunk_hash(&[0u8; 4096]), ZERO_HASH);
         assert_eq!(s.walk().unwrap().len(), 2);
         // corrupt the raw one
@@ -238,5 +510,78 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         let e = s.read(&h2, rnd.len()).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn flip(p: &Path, at: usize) {
+        let mut b = std::fs::read(p).unwrap();
+        b[at] ^= 0x55;
+        std::fs::write(p, b).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_chunk_read_goes_to_quarantine_and_is_stored_afresh() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ChunkStore::new(&d.path().join("chunks"), &d.path().join("quarantine"));
+        let data = random(65536, 7);
+        let h = chunk_hash(&data);
+        s.insert(&h, &data).unwrap();
+        let p = s.path_of(&h);
+        flip(&p, 5000);
+        let e = s.read(&h, data.len()).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+        assert!(e.to_string().contains("quarantine"), "{e}");
+        assert!(!p.exists());
+        assert!(s.is_quarantined(&h));
+        assert_eq!(s.quarantined().unwrap().len(), 1);
+        // evidence kept byte for byte
+        let q = std::fs::read(d.path().join("quarantine").join(hex(&h))).unwrap();
+        assert_ne!(
+            s.read_no_quarantine(&h, data.len()).unwrap_err().kind(),
+            crate::ErrorKind::Corrupt
+        );
+        assert_eq!(q.len(), 65536 + 16);
+        let e = s.read(&h, data.len()).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotFound);
+        assert!(e.to_string().contains("quarantine"), "{e}");
+        assert!(!s.contains(&h));
+        // the next backup with this data stores it again: the name heals
+        assert!(matches!(s.insert(&h, &data).unwrap(), Insert::New(_)));
+        assert_eq!(s.read(&h, data.len()).unwrap(), data);
+        // damaged again, found by a backup about to reuse it: healed in place,
+        // the second copy kept under another quarantine name
+        flip(&p, 100);
+        assert!(matches!(s.insert(&h, &data).unwrap(), Insert::Healed(_)));
+        assert_eq!(s.read(&h, data.len()).unwrap(), data);
+        assert_eq!(s.quarantined().unwrap().len(), 2);
+        assert_eq!(s.insert(&h, &data).unwrap(), Insert::Reused);
+    }
+
+    #[test]
+    fn quarantine_never_moves_a_healthy_chunk() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ChunkStore::new(&d.path().join("chunks"), &d.path().join("quarantine"));
+        let data = vec![b'x'; 70000];
+        let h = chunk_hash(&data);
+        s.insert(&h, &data).unwrap();
+        assert_eq!(s.quarantine_damaged(&h, data.len()).unwrap(), None);
+        assert!(s.path_of(&h).exists());
+        assert_eq!(s.quarantine_damaged(&[9u8; 32], 10).unwrap(), None);
+        // a compressed chunk with a damaged header is caught by the reuse check too
+        let p = s.path_of(&h);
+        flip(&p, 9);
+        assert!(matches!(s.insert(&h, &data).unwrap(), Insert::Healed(_)));
+        assert_eq!(s.read(&h, data.len()).unwrap(), data);
     }
 }

@@ -34,6 +34,9 @@ pub struct GenerationStats {
     pub chunks_reused: u64,
     /// Of those, all zeros (not stored).
     pub chunks_zero: u64,
+    /// Of the new ones, stored afresh over a damaged copy (which went to quarantine).
+    #[serde(default)]
+    pub chunks_healed: u64,
     /// Chunks taken from the parent's index unread.
     pub chunks_from_parent: u64,
     /// Wall time from begin to commit, ms.

@@ -9,6 +9,8 @@
 //! DIR/chunks/ab/<64 hex>         one chunk (see chunk_store)
 //! DIR/generations/<id>.idx       fixed index (see index)
 //! DIR/generations/<id>.json      metadata (see generation), written after the index
+//! DIR/quarantine/<64 hex>[.N]    damaged chunks moved out of the store (see chunk_store)
+//! DIR/pins/<id>.<8 hex>.json     generations unfinished live restores need (see pin)
 //! ```
 //!
 //! # Locking
@@ -16,6 +18,7 @@
 //! | operations | together? | why it is safe |
 //! |---|---|---|
 //! | backups (any disks), restores, verify, list | yes | they only add files (chunk renames are atomic, identical content under one name); readers see only generations with both files |
+//! | quarantining a chunk vs anything holding the shared lock | yes | the move happens under `DIR/quarantine/.lock` after reading the chunk again; only a damaged file is moved, and a name is only ever installed when free, so a healthy copy is never moved away |
 //! | prune vs backup/restore/verify | no | prune holds `LOCK_EX` on `DIR/lock` for its whole run, everyone else `LOCK_SH` for theirs, so a sweep never sees a running backup's new or reused chunks as garbage; prune waits for running backups and a backup started during prune waits for it |
 //!
 //! A shared lock for the whole backup, rather than only for the sweep, is the simple
@@ -26,6 +29,7 @@
 pub mod chunk_store;
 pub mod generation;
 pub mod index;
+pub mod pin;
 pub mod prune;
 pub mod target;
 pub mod verify;
@@ -35,7 +39,7 @@ pub use generation::{GenerationInfo, GenerationKind, GenerationStats};
 pub use index::FixedIndex;
 pub use prune::{prune, PruneReport};
 pub use target::{open_target, open_target_with, RepoTarget, RepoTargetParams};
-pub use verify::{verify, VerifyProblem, VerifyReport};
+pub use verify::{verify, verify_repair, RepairReport, VerifyProblem, VerifyReport};
 
 use crate::error::{IoContext, Result};
 use crate::fsutil;
@@ -107,7 +111,7 @@ impl Repo {
         }
         Ok(Repo {
             dir: dir.to_path_buf(),
-            store: ChunkStore::new(&dir.join("chunks")),
+            store: ChunkStore::new(&dir.join("chunks"), &dir.join("quarantine")),
             config,
         })
     }
@@ -297,4 +301,50 @@ impl Repo {
 /// Every complete generation in the repository at `dir`, oldest first.
 pub fn list(dir: &Path) -> Result<Vec<GenerationInfo>> {
     Repo::open(dir)?.list()
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::{FixedIndex, GenerationInfo, GenerationKind, GenerationStats, Repo};
+
+    /// Store `img` as a full generation `id` of disk "d".
+    pub(crate) fn make_gen(repo: &Repo, id: &str, img: &[u8]) -> GenerationInfo {
+        let cs = repo.chunk_size() as usize;
+        let hashes: Vec<[u8; 32]> = img
+            .chunks(cs)
+            .map(|c| {
+                let h = super::chunk_store::chunk_hash(c);
+                if h != super::ZERO_HASH {
+                    repo.store().insert(&h, c).unwrap();
+                }
+                h
+            })
+            .collect();
+        repo.store().sync_dirs().unwrap();
+        FixedIndex {
+            generation: id.into(),
+            chunk_size: cs as u32,
+            disk_size: img.len() as u64,
+            hashes,
+        }
+        .write(&repo.index_path(id))
+        .unwrap();
+        let g = GenerationInfo {
+            id: id.into(),
+            disk: "d".into(),
+            disk_size: img.len() as u64,
+            chunk_size: cs as u32,
+            created_unix: 0,
+            created: String::new(),
+            kind: GenerationKind::Full,
+            parent: None,
+            lineage: "l".into(),
+            seq_next: 0,
+            seq_lowest_unacked: 0,
+            stats: GenerationStats::default(),
+            notes: Vec::new(),
+        };
+        g.write(&repo.meta_path(id)).unwrap();
+        g
+    }
 }

@@ -8,9 +8,14 @@
 //! cannot be read aborts the prune, since its chunks cannot be known. Metadata is
 //! removed before the index, so a crash mid-prune leaves an incomplete generation
 //! (ignored, cleaned up by the next prune), never a listed one with no index.
+//!
+//! Pinned generations (an unfinished live restore needs them, see `pin`) are kept
+//! whatever `keep` says, and reported with who pins them; pins that provably pin
+//! nothing any more are removed first and reported. The quarantine (damaged chunks
+//! kept as evidence) is never touched; its size is reported.
 
 use super::generation::valid_id;
-use super::Repo;
+use super::{pin, Repo};
 use crate::error::{IoContext, Result};
 use crate::fsutil;
 use serde::Serialize;
@@ -32,6 +37,23 @@ pub struct PruneReport {
     pub bytes_freed: u64,
     /// Chunks still referenced.
     pub chunks_kept: u64,
+    /// Generations kept only because a live restore pins them.
+    pub pinned: Vec<KeptPinned>,
+    /// Pins removed because they pin nothing any more, with the reason.
+    pub stale_pins_removed: Vec<String>,
+    /// Files in the quarantine (damaged chunks kept as evidence).
+    pub quarantined_files: u64,
+}
+
+/// A generation prune kept because a live restore pins it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptPinned {
+    /// Generation id.
+    pub generation: String,
+    /// "live restore of NAME to PATH (started ...)".
+    pub pinned_by: String,
+    /// The pin file.
+    pub pin: String,
 }
 
 /// Keep the newest `keep` generations per disk and collect unreferenced chunks.
@@ -39,6 +61,17 @@ pub fn prune(dir: &Path, keep: usize) -> Result<PruneReport> {
     let repo = Repo::open(dir)?;
     let _lock = repo.lock(true)?;
     let mut rep = PruneReport::default();
+    let mut pins = Vec::new();
+    for p in pin::list(&repo)? {
+        match pin::stale_reason(&p) {
+            Some(why) => {
+                pin::remove(&p.path)?;
+                rep.stale_pins_removed
+                    .push(format!("{} ({why})", p.path.display()));
+            }
+            None => pins.push(p),
+        }
+    }
     let all = repo.list()?;
     let mut by_disk: BTreeMap<&str, Vec<&super::GenerationInfo>> = BTreeMap::new();
     for g in &all {
@@ -48,6 +81,18 @@ pub fn prune(dir: &Path, keep: usize) -> Result<PruneReport> {
     for gens in by_disk.values() {
         let cut = gens.len().saturating_sub(keep);
         for g in &gens[..cut] {
+            let by: Vec<&pin::PinFile> = pins.iter().filter(|p| p.generation == g.id).collect();
+            if !by.is_empty() {
+                for p in by {
+                    rep.pinned.push(KeptPinned {
+                        generation: g.id.clone(),
+                        pinned_by: p.describe(),
+                        pin: p.path.display().to_string(),
+                    });
+                }
+                kept.push(*g);
+                continue;
+            }
             remove_if_exists(&repo.meta_path(&g.id))?;
             remove_if_exists(&repo.index_path(&g.id))?;
             rep.removed_generations.push(g.id.clone());
@@ -109,6 +154,8 @@ pub fn prune(dir: &Path, keep: usize) -> Result<PruneReport> {
     for d in dirs {
         fsutil::fsync_dir(&d)?;
     }
+    rep.quarantined_files = repo.store().quarantined()?.len() as u64;
+    rep.kept_generations.sort();
     Ok(rep)
 }
 

@@ -18,6 +18,12 @@
 //!   longer be widened there).
 //! - Chunks out of scope keep the parent's hash; in a full backup chunks never written
 //!   (free space the drainer skipped) are zeros.
+//!   A parent chunk in the quarantine (damaged) makes the backup read everything, so
+//!   the data is stored afresh (one readdir at the instant); `commit` refuses to
+//!   publish a generation that would take a missing chunk from its parent.
+//! - Reusing a stored chunk reads it back and compares it (see `chunk_store`); a
+//!   damaged one is quarantined and written afresh, which heals every generation
+//!   referencing it, and the generation's notes say how many.
 //! - `commit`: fsync the touched chunk directories, publish the index, then the
 //!   metadata. `abort` or drop: nothing is published; chunks already stored stay
 //!   unreferenced until a prune.
@@ -60,6 +66,7 @@ struct Shared {
     chunks_new: u64,
     chunks_reused: u64,
     chunks_zero: u64,
+    chunks_healed: u64,
     bytes_stored_new: u64,
     error: Option<crate::Error>,
 }
@@ -128,6 +135,11 @@ fn store_job(repo: &Repo, shared: &Mutex<Shared>, job: Job) {
         None => s.chunks_zero += 1,
         Some(Ok(Insert::New(n))) => {
             s.chunks_new += 1;
+            s.bytes_stored_new += n;
+        }
+        Some(Ok(Insert::Healed(n))) => {
+            s.chunks_new += 1;
+            s.chunks_healed += 1;
             s.bytes_stored_new += n;
         }
         Some(Ok(Insert::Reused)) => s.chunks_reused += 1,
@@ -271,6 +283,32 @@ impl RepoTarget {
             .repo
             .load_index(&parent)
             .map_err(|e| format!("parent unusable: {e}"))?;
+        // Unchanged chunks take the parent's hashes unread: only sound if the parent's
+        // chunks are there. A quarantined (damaged) one must be read from the disk and
+        // stored afresh, so read everything (dedup keeps it cheap). This runs while
+        // writes are paused, so it is one readdir of the quarantine; chunks missing for
+        // any other reason are caught at commit.
+        let q = self
+            .repo
+            .store()
+            .quarantined_hashes()
+            .map_err(|e| format!("unable to list the quarantine: {e}"))?;
+        let damaged = if q.is_empty() {
+            0
+        } else {
+            idx.hashes
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .into_iter()
+                .filter(|h| q.contains(*h) && !self.repo.store().contains(h))
+                .count()
+        };
+        if damaged > 0 {
+            return Err(format!(
+                "the parent generation {} references {damaged} damaged or missing chunk(s); reading everything stores them afresh",
+                parent.id
+            ));
+        }
         if parent.lineage != cut.lineage {
             self.notes.push(format!(
                 "incremental relative to generation {} (this disk was restored from it)",
@@ -425,9 +463,32 @@ impl Target for RepoTarget {
             self.stats.chunks_new = sh.chunks_new;
             self.stats.chunks_reused = sh.chunks_reused;
             self.stats.chunks_zero = sh.chunks_zero;
+            self.stats.chunks_healed = sh.chunks_healed;
             self.stats.bytes_stored_new = sh.bytes_stored_new;
             std::mem::take(&mut sh.hashes)
         };
+        // Chunks taken from the parent unread must exist, or this generation could not
+        // be restored: refuse to publish it.
+        if let Some((p, _)) = &self.parent {
+            let mut checked = std::collections::HashSet::new();
+            let cs = self.repo.chunk_size() as u64;
+            let missing: Vec<u64> = hashes
+                .iter()
+                .enumerate()
+                .filter(|(i, h)| {
+                    !self.written[*i] && checked.insert(**h) && !self.repo.store().contains(h)
+                })
+                .map(|(i, _)| i as u64 * cs)
+                .collect();
+            if let Some(first) = missing.first() {
+                return Err(crate::err!(
+                    Corrupt,
+                    "unable to commit the incremental backup: its parent generation {} lacks {} chunk(s) this backup would reuse (first at offset {first}); run cowsnapctl verify --repair, or a full backup",
+                    p.id,
+                    missing.len()
+                ));
+            }
+        }
         self.repo.store().sync_dirs()?;
         let idx = FixedIndex {
             generation: self.id.clone(),
@@ -443,6 +504,12 @@ impl Target for RepoTarget {
             None => 0,
         };
         self.stats.duration_ms = self.started.elapsed().as_millis() as u64;
+        if self.stats.chunks_healed > 0 {
+            self.notes.push(format!(
+                "{} damaged chunk(s) found in the repository were quarantined and stored afresh (older generations referencing them are whole again)",
+                self.stats.chunks_healed
+            ));
+        }
         let g = GenerationInfo {
             id: self.id.clone(),
             disk: self.params.disk_name.clone(),

@@ -27,10 +27,20 @@
 //!   and later writes are safe; the rest are fetched again. A missing state file means a
 //!   fresh destination. When every bit is set the header says "complete", the
 //!   repository lock is released and the device is plain pass-through.
+//! - Pin: before a fresh fill's state file exists, a pin naming the generation, disk
+//!   and destination is written into the repository (`repo::pin`), and its path into
+//!   `fill.pin` beside the state file; prune keeps a pinned generation even while no
+//!   daemon runs. The pin is removed after "complete" is durable (or again at the next
+//!   open, if the daemon died in between), or by [`abandon`]. A resumed fill whose pin
+//!   is gone pins again.
+//! - Abandon: [`abandon`] sets the "abandoned" flag and removes the pin. An abandoned
+//!   fill is never resumed nor served as a plain disk (the destination holds partial
+//!   data); a new live restore under the name starts afresh.
 
 use crate::blockio::{check_range, BlockIo};
 use crate::error::{IoContext, Result};
 use crate::fsutil::hex;
+use crate::repo::pin::{self, Pin};
 use crate::repo::{FixedIndex, Repo, ZERO_HASH};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -44,6 +54,7 @@ const MAGIC: [u8; 8] = *b"CSNPFL01";
 const HEADER: u64 = 4096;
 const BLOCK: u64 = 4096;
 const FLAG_COMPLETE: u32 = 1;
+const FLAG_ABANDONED: u32 = 2;
 /// Chunks fetched per durable step of the background fill.
 const FILL_BATCH: usize = 16;
 
@@ -122,8 +133,146 @@ impl FillHeader {
     }
 }
 
-/// What a fill state file says: the generation and whether the fill completed.
-/// `Ok(None)` when there is no state file; an unreadable one is an error.
+/// Who a fill's pin names: the disk being restored and its destination.
+#[derive(Debug, Clone, Default)]
+pub struct PinOwner {
+    /// Disk name.
+    pub disk: String,
+    /// Destination path.
+    pub destination: String,
+}
+
+/// The file beside the state file that names the fill's pin.
+fn pin_note_path(state_path: &Path) -> PathBuf {
+    state_path.with_extension("pin")
+}
+
+/// Remove the fill's pin (named in `fill.pin`) and the note.
+fn unpin(state_path: &Path) -> Result<Option<PathBuf>> {
+    let note = pin_note_path(state_path);
+    let target = match std::fs::read_to_string(&note) {
+        Ok(s) => PathBuf::from(s.trim()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(crate::Error::io(
+                format!("unable to read {}", note.display()),
+                e,
+            ))
+        }
+    };
+    pin::remove(&target)?;
+    std::fs::remove_file(&note).ctx(|| format!("unable to remove {}", note.display()))?;
+    Ok(Some(target))
+}
+
+/// Pin generation `g` for the fill tracked in `state_path` (the caller holds the
+/// repository lock), and note the pin beside the state file.
+fn pin_for(repo: &Repo, g: &str, state_path: &Path, owner: &PinOwner) -> Result<PathBuf> {
+    let state = std::path::absolute(state_path).unwrap_or_else(|_| state_path.to_path_buf());
+    let p = pin::create(
+        repo,
+        &Pin {
+            generation: g.to_string(),
+            disk: owner.disk.clone(),
+            destination: owner.destination.clone(),
+            state: state.display().to_string(),
+            host: pin::host_name(),
+            created: crate::fsutil::format_utc(crate::fsutil::now_unix_ms()),
+        },
+    )?;
+    let abs = std::path::absolute(&p).unwrap_or(p);
+    crate::fsutil::write_atomic(
+        &pin_note_path(state_path),
+        abs.display().to_string().as_bytes(),
+    )?;
+    Ok(abs)
+}
+
+/// What [`abandon`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Abandoned {
+    /// The generation the fill came from.
+    pub generation: String,
+    /// Chunks that had been restored, of the total.
+    pub done: u64,
+    /// Chunks in the generation.
+    pub total: u64,
+    /// The pin removed, if there was one.
+    pub pin_removed: Option<String>,
+}
+
+/// Abandon the unfinished live restore tracked in `state_path` (its daemon must not
+/// be running): mark it abandoned and remove its pin, so prune may delete the
+/// generation. Refused when there is no fill state or the fill completed.
+pub fn abandon(state_path: &Path) -> Result<Abandoned> {
+    let sp = state_path.display();
+    let b = match std::fs::read(state_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(crate::err!(
+                NotFound,
+                "unable to abandon the live restore: there is no fill state {sp}"
+            ))
+        }
+        Err(e) => {
+            return Err(crate::Error::io(
+                format!("unable to read fill state {sp}"),
+                e,
+            ))
+        }
+    };
+    let mut h = FillHeader::decode(&b).ok_or_else(|| {
+        crate::err!(
+            Corrupt,
+            "unable to abandon the live restore: fill state {sp} is unreadable"
+        )
+    })?;
+    let generation = String::from_utf8_lossy(&h.generation)
+        .trim_end_matches('\0')
+        .to_string();
+    if h.flags & FLAG_COMPLETE != 0 {
+        let _ = unpin(state_path);
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to abandon the live restore of generation {generation}: it completed"
+        ));
+    }
+    let words = h.nchunks.div_ceil(64) as usize;
+    let mut done = 0u64;
+    for i in 0..words {
+        let o = HEADER as usize + i * 8;
+        if let Some(w) = b.get(o..o + 8) {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(w);
+            let mut v = u64::from_le_bytes(x);
+            if i == words - 1 && h.nchunks % 64 != 0 {
+                v &= (1u64 << (h.nchunks % 64)) - 1;
+            }
+            done += v.count_ones() as u64;
+        }
+    }
+    if h.flags & FLAG_ABANDONED == 0 {
+        h.flags |= FLAG_ABANDONED;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(state_path)
+            .ctx(|| format!("unable to open fill state {sp}"))?;
+        file.write_all_at(&h.encode(), 0)
+            .and_then(|_| file.sync_data())
+            .ctx(|| format!("unable to write fill state {sp}"))?;
+    }
+    let pin_removed = unpin(state_path)?.map(|p| p.display().to_string());
+    Ok(Abandoned {
+        generation,
+        done,
+        total: h.nchunks,
+        pin_removed,
+    })
+}
+
+/// What a fill state file says: the generation and whether the fill is finished
+/// (completed, or abandoned: either way nothing is left to resume). `Ok(None)` when
+/// there is no state file; an unreadable one is an error.
 pub fn read_fill_state(state_path: &Path) -> Result<Option<(String, bool)>> {
     let sp = state_path.display();
     let b = match std::fs::read(state_path) {
@@ -141,7 +290,10 @@ pub fn read_fill_state(state_path: &Path) -> Result<Option<(String, bool)>> {
     let generation = String::from_utf8_lossy(&h.generation)
         .trim_end_matches('\0')
         .to_string();
-    Ok(Some((generation, h.flags & FLAG_COMPLETE != 0)))
+    Ok(Some((
+        generation,
+        h.flags & (FLAG_COMPLETE | FLAG_ABANDONED) != 0,
+    )))
 }
 
 /// A destination being filled from a generation, as a [`BlockIo`].
@@ -188,11 +340,33 @@ impl FillingIo {
     /// `repo_dir`, tracking progress in `state_path`. A missing state file starts a
     /// fresh fill (`dest` is assumed to hold nothing of value); an existing one resumes,
     /// and must belong to the same generation.
+    ///
+    /// The pin names the state directory's name as the disk and an unknown destination;
+    /// see [`FillingIo::open_pinned`].
     pub fn open(
         dest: Arc<dyn BlockIo>,
         repo_dir: &Path,
         generation: Option<&str>,
         state_path: &Path,
+    ) -> Result<Arc<FillingIo>> {
+        let owner = PinOwner {
+            disk: state_path
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            destination: "(unknown)".into(),
+        };
+        Self::open_pinned(dest, repo_dir, generation, state_path, &owner)
+    }
+
+    /// [`FillingIo::open`], naming `owner` in the generation's pin.
+    pub fn open_pinned(
+        dest: Arc<dyn BlockIo>,
+        repo_dir: &Path,
+        generation: Option<&str>,
+        state_path: &Path,
+        owner: &PinOwner,
     ) -> Result<Arc<FillingIo>> {
         let sp = state_path.display();
         let existing = match std::fs::read(state_path) {
@@ -219,8 +393,22 @@ impl FillingIo {
                 .trim_end_matches('\0')
                 .to_string()
         };
+        if let Some(h) = header
+            .as_ref()
+            .filter(|h| h.flags & FLAG_ABANDONED != 0 && h.flags & FLAG_COMPLETE == 0)
+        {
+            return Err(crate::err!(
+                InvalidInput,
+                "the live restore of generation {} onto this destination was abandoned (cowsnapctl abandon), so it holds partial data: restore it again (cowsnapctl restore --live) or attach another disk",
+                hgen(h)
+            ));
+        }
         if let Some(h) = header.as_ref().filter(|h| h.flags & FLAG_COMPLETE != 0) {
-            // Done earlier: a plain disk, the repository is not needed any more.
+            // Done earlier: a plain disk, the repository is not needed any more (a pin
+            // left by a daemon that died right after completing goes now).
+            if let Err(e) = unpin(state_path) {
+                log::warn!("{e}");
+            }
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -294,8 +482,17 @@ impl FillingIo {
                     x.copy_from_slice(&b[o..o + 8]);
                     *w = u64::from_le_bytes(x);
                 }
+                // A fill from before pins existed, or whose pin was removed: pin again.
+                let pinned = std::fs::read_to_string(pin_note_path(state_path))
+                    .is_ok_and(|p| Path::new(p.trim()).exists());
+                if !pinned {
+                    pin_for(&repo, &g.id, state_path, owner)?;
+                }
             }
             _ => {
+                // Pin first: from the moment a state file exists, the generation is
+                // needed until the fill completes or is abandoned.
+                pin_for(&repo, &g.id, state_path, owner)?;
                 let mut generation = [0u8; 64];
                 let gb = g.id.as_bytes();
                 generation[..gb.len().min(64)].copy_from_slice(&gb[..gb.len().min(64)]);
@@ -487,6 +684,10 @@ impl FillingIo {
                         })?;
                 }
             }
+        }
+        // "complete" is durable: the generation is not needed any more.
+        if let Err(e) = unpin(&self.state_path) {
+            log::warn!("{e}; prune will remove the pin");
         }
         self.complete.store(true, Ordering::SeqCst);
         self.repo_lock

@@ -1,0 +1,187 @@
+//! Pins: generations that an unfinished live restore still needs.
+//!
+//! A live restore fills its destination from one generation, possibly over days and
+//! across daemon restarts; the half-filled destination already holds acknowledged
+//! writes, so it can only ever complete from that generation. The repository lock a
+//! running fill holds is not enough (a killed daemon holds nothing), so the fill
+//! records a pin in the repository itself:
+//!
+//! ```text
+//! DIR/pins/<generation>.<8 hex>.json   {"generation","disk","destination","state","host","created"}
+//! ```
+//!
+//! written atomically (temp → fsync → rename → fsync dir) under the shared repository
+//! lock before the fill's state file exists, and removed once the fill state says
+//! "complete" (or when the restore is abandoned). Prune keeps every pinned generation
+//! and says so. A pin whose fill state is on this host and is gone, complete, abandoned
+//! or of another generation pins nothing any more: prune removes it and says so. A
+//! pin file that cannot be parsed still pins the generation its name starts with.
+
+use super::generation::valid_id;
+use super::Repo;
+use crate::error::{IoContext, Result};
+use crate::fsutil;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Who holds a pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// The pinned generation.
+    pub generation: String,
+    /// Name of the disk being restored.
+    pub disk: String,
+    /// The destination being filled.
+    pub destination: String,
+    /// The fill state file (`STATE/NAME/fill.state`).
+    pub state: String,
+    /// Host of the restoring daemon.
+    pub host: String,
+    /// When the restore started, RFC 3339 UTC.
+    pub created: String,
+}
+
+/// A pin found in the repository.
+#[derive(Debug, Clone)]
+pub struct PinFile {
+    /// `DIR/pins/<generation>.<hex>.json`.
+    pub path: PathBuf,
+    /// The pinned generation (from the file name).
+    pub generation: String,
+    /// Its content; `None` when it cannot be read (it still pins).
+    pub pin: Option<Pin>,
+}
+
+impl PinFile {
+    /// "live restore of NAME to PATH", for messages.
+    pub fn describe(&self) -> String {
+        match &self.pin {
+            Some(p) => format!(
+                "live restore of {} to {} (started {}{})",
+                p.disk,
+                p.destination,
+                p.created,
+                if p.host.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on {}", p.host)
+                }
+            ),
+            None => format!("unreadable pin {}", self.path.display()),
+        }
+    }
+}
+
+/// This host's name ("" if unknown).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn pins_dir(repo: &Repo) -> PathBuf {
+    repo.dir().join("pins")
+}
+
+/// Record `pin` in the repository (the caller holds the repository lock). Returns the
+/// pin file's path.
+pub fn create(repo: &Repo, pin: &Pin) -> Result<PathBuf> {
+    if !valid_id(&pin.generation) {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to pin generation {:?}: not a generation id",
+            pin.generation
+        ));
+    }
+    let dir = pins_dir(repo);
+    std::fs::create_dir_all(&dir).ctx(|| format!("unable to create {}", dir.display()))?;
+    let path = dir.join(format!(
+        "{}.{}.json",
+        pin.generation,
+        fsutil::random_hex(4)?
+    ));
+    let json = serde_json::to_vec_pretty(pin)
+        .map_err(|e| crate::err!(InvalidInput, "unable to encode pin: {e}"))?;
+    fsutil::write_atomic(&path, &json)?;
+    fsutil::fsync_dir(repo.dir())?;
+    Ok(path)
+}
+
+/// Remove a pin file (a missing one is fine).
+pub fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(crate::Error::io(
+                format!("unable to remove pin {}", path.display()),
+                e,
+            ))
+        }
+    }
+    if let Some(d) = path.parent() {
+        fsutil::fsync_dir(d)?;
+    }
+    Ok(())
+}
+
+/// Every pin in the repository.
+pub fn list(repo: &Repo) -> Result<Vec<PinFile>> {
+    let dir = pins_dir(repo);
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(crate::Error::io(
+                format!("unable to list {}", dir.display()),
+                e,
+            ))
+        }
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.ctx(|| format!("unable to list {}", dir.display()))?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let Some(generation) = name
+            .strip_suffix(".json")
+            .and_then(|s| s.rsplit_once('.'))
+            .map(|(g, _)| g.to_string())
+            .filter(|g| valid_id(g) && !name.starts_with('.'))
+        else {
+            continue;
+        };
+        let pin = std::fs::read(ent.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Pin>(&b).ok())
+            .filter(|p| p.generation == generation);
+        out.push(PinFile {
+            path: ent.path(),
+            generation,
+            pin,
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Why a pin no longer pins anything, if that can be known from here: its fill state
+/// is on this host and is gone, finished (complete or abandoned) or of another
+/// generation.
+pub fn stale_reason(p: &PinFile) -> Option<String> {
+    let pin = p.pin.as_ref()?;
+    if pin.host != host_name() || pin.state.is_empty() {
+        return None;
+    }
+    match crate::restore::live::read_fill_state(Path::new(&pin.state)) {
+        Ok(None) => Some(format!("its fill state {} is gone", pin.state)),
+        Ok(Some((g, _))) if g != pin.generation => Some(format!(
+            "its fill state {} now belongs to generation {g}",
+            pin.state
+        )),
+        Ok(Some((_, true))) => Some(format!(
+            "its fill state {} says the restore finished",
+            pin.state
+        )),
+        _ => None,
+    }
+}
