@@ -12,3 +12,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || [ -x "$HOME/.cargo/bin/cargo" ] || { echo "setup: cargo not found (install a Rust toolchain)"; exit 1; }
+# Fuzzing (tests/55-fuzz.sh) needs cargo-fuzz, built with Rust nightly; without nightly
+# the fuzz test skips.
+export PATH=$HOME/.cargo/bin:$PATH
+if cargo +nightly --version >/dev/null 2>&1 && ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo +nightly install cargo-fuzz --locked || echo "setup: unable to install cargo-fuzz; the fuzz test will skip"
+fi

@@ -3,7 +3,8 @@
 # trusted only when the origin seal (written at a clean detach) proves the origin is the
 # same file, unchanged. Each case: attach again, write through NBD, --incremental, then
 # restore that generation and compare it by hash with the disk's content.
-#   control: clean detach + attach, nothing else → trusted, reads only the changes
+#   control: clean detach + attach, nothing else → trusted, reads only the changes (also
+#     after an attach that was refused before serving)
 #   rollback: offline `restore …@OLD --to ORIGIN` while detached → full read, says why
 #   another file of the same size attached under the same name → full read, says why
 #   the origin written while detached (dd conv=notrunc) → full read, says why (also
@@ -67,6 +68,8 @@ OLD=$(json_field "$(ctl list "repo:$REPO" --json)" '.[-1].id')
 log "control: clean detach, attach, writes → trusted and small"
 nbdw "$uri" 1 8 || fail "writes"
 ctl detach d51 || fail "detach"
+log "an attach refused before serving (unusable --listen) wrote nothing: tracking stays trusted"
+ctl attach "$IMG" --name d51 --via none --listen tcp:192.0.2.1:10809 >/dev/null 2>&1 && fail "attach with an unusable --listen succeeded"
 uri=$(attach "$IMG")
 nbdw "$uri" 2 8 || fail "writes"
 incr "$uri" trusted

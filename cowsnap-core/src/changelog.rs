@@ -289,6 +289,15 @@ fn bytes_to_words(b: &[u8], nwords: usize) -> Vec<u64> {
         .collect()
 }
 
+/// Clear the bits past `nbits` in the last word: they stand for no chunk (a damaged
+/// file may have them set).
+fn clear_padding(words: &mut [u64], nbits: u64) {
+    let tail = nbits % 64;
+    if let (Some(last), true) = (words.last_mut(), tail != 0) {
+        *last &= (1u64 << tail) - 1;
+    }
+}
+
 impl ChangeLog {
     /// Open (or create) the change log of a disk at `path`. The lineage comes from the
     /// identity (`identity.json`) in the same directory, created if missing.
@@ -370,6 +379,7 @@ impl ChangeLog {
                     *w |= p;
                 }
             }
+            clear_padding(&mut words, nbits);
             if h.flags & FLAG_TRUSTED != 0 {
                 let r = get_str(&h.relative_to);
                 relative_to = (!r.is_empty()).then_some(r);
@@ -770,6 +780,22 @@ mod tests {
 
     fn ones(c: &Cut) -> Vec<usize> {
         c.changed.iter_ones().collect()
+    }
+
+    #[test]
+    fn bits_past_the_last_chunk_are_ignored() {
+        // Found by fuzzing (fuzz/fuzz_targets/changelog.rs): set padding bits in the
+        // last bitmap word were counted as changed chunks (64 of 34).
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CHANGELOG_FILE);
+        let size = 34 * CS as u64;
+        drop(ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap());
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff; 8], HEADER_SIZE as u64).unwrap();
+        drop(f);
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(cl.status().changed_chunks, 34);
+        assert_eq!(cl.begin_generation().unwrap().changed.count_ones(), 34);
     }
 
     #[test]

@@ -11,9 +11,10 @@
 //! did not change since the last daemon stopped.
 //!
 //! Lifecycle:
-//! - At start, before the origin is served (before the first write can happen), the
-//!   daemon reads the seal, removes it (and fsyncs the directory), observes the origin
-//!   and compares. A missing seal (unclean stop: kill -9, crash, power loss; or state
+//! - At start the daemon reads the seal, observes the origin and compares; it removes
+//!   the seal (and fsyncs the directory) just before anything can write to the origin
+//!   (a live restore's fill, NBD clients), so a start that fails earlier keeps a seal
+//!   that is still true. A missing seal (unclean stop: kill -9, crash, power loss; or state
 //!   from before seals existed), an unreadable one, an invalidated one, another origin,
 //!   or any evidence of change makes the change log untrusted with the reason
 //!   (`ChangeLog::distrust`); the next incremental reads everything (deduplicated

@@ -594,6 +594,12 @@ pub fn run(args: Args) -> Result<()> {
         changelog,
         filling: filling.clone(),
     });
+    // The origin seal goes before anything can write to the origin (the fill, NBD
+    // clients): from here on a crash leaves none. A start that failed before this
+    // point wrote nothing, so its seal stays valid.
+    if !args.read_only {
+        origin_seal::remove_seal(&paths.disk_state_dir()).map_err(|e| anyhow!("{e}"))?;
+    }
     if let Some(f) = &filling {
         // Hidden knob for tests and demos: limit the background fill (bytes/s).
         if let Some(rate) = std::env::var("COWSNAP_FILL_RATE")
@@ -728,8 +734,9 @@ fn open_origin_state(
     }
     make_dir(&args.state_dir, 0o700)?;
     let sdir = paths.disk_state_dir();
-    // Before anything can write to the origin: take the seal (whatever it proves).
-    let unproven = take_origin_seal(&args.origin, &sdir)?;
+    // Whether the seal proves the origin unchanged (it is removed later, in `run`,
+    // before the origin is served).
+    let unproven = check_origin_seal(&args.origin, &sdir);
     let mut fresh_restore = false;
     let fill_state = paths.fill_state();
     let mut filling = None;
@@ -820,17 +827,14 @@ fn open_origin_state(
     Ok((origin, filling, Some(Arc::new(cl))))
 }
 
-/// Take the origin seal of the state directory `sdir` (it is removed, durably, before
-/// the origin is served, so a crash from now on leaves none) and check it against the
-/// origin as it is now. `None`: the origin is proven to be the one tracked, unchanged
-/// since the last clean stop; else why not.
-fn take_origin_seal(origin: &Path, sdir: &Path) -> Result<Option<String>> {
+/// Check the origin seal of the state directory `sdir` against the origin as it is
+/// now. `None`: the origin is proven to be the one tracked, unchanged since the last
+/// clean stop; else why not.
+fn check_origin_seal(origin: &Path, sdir: &Path) -> Option<String> {
     if !sdir.exists() {
-        return Ok(Some("the disk has no state yet".into()));
+        return Some("the disk has no state yet".into());
     }
-    let seal = origin_seal::read_seal(sdir);
-    origin_seal::remove_seal(sdir).map_err(|e| anyhow!("{e}"))?;
-    Ok(match seal {
+    match origin_seal::read_seal(sdir) {
         Err(e) => Some(format!("the origin seal is unreadable ({e})")),
         Ok(None) => Some(
             "no origin seal: the disk was not detached cleanly (or its state predates origin \
@@ -841,7 +845,7 @@ fn take_origin_seal(origin: &Path, sdir: &Path) -> Result<Option<String>> {
             Err(e) => Some(format!("unable to examine the origin: {e}")),
             Ok(now) => s.check(&now).err(),
         },
-    })
+    }
 }
 
 /// At a clean shutdown: record the origin seal, but only when nothing can write to the
@@ -1022,36 +1026,34 @@ mod tests {
     }
 
     #[test]
-    fn origin_seal_is_taken_and_checked() {
+    fn origin_seal_is_checked() {
         let dir = tempfile::tempdir().unwrap();
         let origin = dir.path().join("disk.img");
         std::fs::write(&origin, vec![0u8; 1 << 16]).unwrap();
         let sdir = dir.path().join("state");
-        assert!(take_origin_seal(&origin, &sdir).unwrap().is_some());
+        assert!(check_origin_seal(&origin, &sdir).is_some());
         std::fs::create_dir_all(&sdir).unwrap();
-        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        let why = check_origin_seal(&origin, &sdir).unwrap();
         assert!(why.contains("no origin seal"), "{why}");
         let seal = |p: &Path| {
             origin_seal::write_seal(&sdir, p, origin_seal::observe_for_seal(p).unwrap()).unwrap()
         };
         seal(&origin);
-        assert_eq!(take_origin_seal(&origin, &sdir).unwrap(), None);
-        assert!(!origin_seal::seal_path(&sdir).exists(), "the seal is taken");
-        // taken once: a second start (after a crash) has none
-        assert!(take_origin_seal(&origin, &sdir).unwrap().is_some());
+        assert_eq!(check_origin_seal(&origin, &sdir), None);
+        origin_seal::remove_seal(&sdir).unwrap();
+        assert!(check_origin_seal(&origin, &sdir).is_some());
         seal(&origin);
         std::fs::write(&origin, vec![1u8; 1 << 16]).unwrap();
-        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        let why = check_origin_seal(&origin, &sdir).unwrap();
         assert!(why.contains("modified while detached"), "{why}");
         let other = dir.path().join("other.img");
         std::fs::write(&other, vec![0u8; 1 << 16]).unwrap();
         seal(&origin);
-        let why = take_origin_seal(&other, &sdir).unwrap().unwrap();
+        let why = check_origin_seal(&other, &sdir).unwrap();
         assert!(why.contains("another file"), "{why}");
         std::fs::write(origin_seal::seal_path(&sdir), b"{").unwrap();
-        let why = take_origin_seal(&origin, &sdir).unwrap().unwrap();
+        let why = check_origin_seal(&origin, &sdir).unwrap();
         assert!(why.contains("unreadable"), "{why}");
-        assert!(!origin_seal::seal_path(&sdir).exists());
     }
 
     #[test]
