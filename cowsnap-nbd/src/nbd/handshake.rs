@@ -69,8 +69,34 @@ fn lookup(server: &Server, name: &[u8]) -> Option<(String, ExportEntry)> {
     server.export(name).map(|e| (name.to_string(), e))
 }
 
+/// Run the handshake on a fresh connection: client bytes from `rd`, replies to `wr`.
+pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut impl Write) -> Result<Session, End> {
+    negotiate_io(server, &mut Both { rd, wr })
+}
+
+/// A reader and a writer as one stream.
+struct Both<'a, R, W> {
+    rd: &'a mut R,
+    wr: &'a mut W,
+}
+
+impl<R: Read, W> Read for Both<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.rd.read(buf)
+    }
+}
+
+impl<R, W: Write> Write for Both<'_, R, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.wr.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.wr.flush()
+    }
+}
+
 /// Run the handshake on a fresh connection (`io`: the socket, buffered for reading).
-pub fn negotiate(server: &Server, io: &mut (impl Read + Write)) -> Result<Session, End> {
+pub(crate) fn negotiate_io(server: &Server, io: &mut (impl Read + Write)) -> Result<Session, End> {
     io.write_all(&greeting())?;
     let mut cf = [0u8; 4];
     io.read_exact(&mut cf)?;

@@ -364,7 +364,7 @@ impl Server {
                 wr: &mut writer,
                 until,
             };
-            handshake::negotiate(self, &mut d)
+            handshake::negotiate_io(self, &mut d)
         };
         let session = match negotiated {
             Ok(s) => s,
