@@ -37,6 +37,7 @@ pub mod blockio;
 pub mod changelog;
 pub mod chunk_map;
 pub mod container;
+pub mod dest_guard;
 pub mod drain;
 pub mod engine;
 pub mod error;

@@ -434,3 +434,41 @@ fn restore_onto_a_block_device_zeroes_zero_chunks() {
     let e = restore_to(&repo, Some(&g), Path::new(&dev2), &|_, _| {}).unwrap_err();
     assert!(e.to_string().contains("holds"), "{e}");
 }
+
+#[test]
+fn an_interrupted_offline_restore_leaves_its_destination_marked_incomplete() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(4 * MIB, 9);
+    let g = backup(&repo, "m", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let dest = d.path().join("r.img");
+    let marker = d.path().join("r.img.incomplete");
+    restore_to(&repo, Some(&g), &dest, &|_, _| {}).unwrap();
+    assert!(!marker.exists(), "a complete restore keeps no marker");
+    assert_eq!(std::fs::read(&dest).unwrap(), disk);
+
+    // Damage the last data chunk: the restore fails half-way.
+    let r = Repo::open(&repo).unwrap();
+    let idx = r.load_index(&r.resolve(Some(&g)).unwrap()).unwrap();
+    let i = (0..idx.hashes.len())
+        .rev()
+        .find(|&i| idx.hashes[i] != repo::ZERO_HASH)
+        .unwrap();
+    let p = r.store().path_of(&idx.hashes[i]);
+    let mut b = std::fs::read(&p).unwrap();
+    let n = b.len() - 1;
+    b[n] ^= 0xff;
+    std::fs::write(&p, b).unwrap();
+    let e = restore_to(&repo, Some(&g), &dest, &|_, _| {}).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&dest.display().to_string()), "{msg}");
+    assert!(msg.contains(&marker.display().to_string()), "{msg}");
+    let why = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        why.contains("not complete") && why.contains("failed"),
+        "{why}"
+    );
+}

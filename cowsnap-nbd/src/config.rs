@@ -9,6 +9,7 @@
 //! | `RUN_DIR/NAME.pid` | daemon pid |
 //! | `RUN_DIR/NAME.lock` | held (flock) by the daemon for its life; see [`crate::name_lock`] |
 //! | `RUN_DIR/NAME.attach.json` | how `cowsnapctl attach` exposed the disk |
+//! | `RUN_DIR/NAME.origin.json` | the daemon's origin and its identity (`attached::OriginRecord`) |
 //! | `RUN_DIR/NAME.fuse/` | nbdfuse mount point (`--via fuse`) |
 //! | `STATE_DIR/NAME.changelog` | persistent changed-chunk log |
 //! | `STATE_DIR/NAME.log` | daemon log when started by `cowsnapctl` |

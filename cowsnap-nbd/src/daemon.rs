@@ -260,6 +260,18 @@ impl Daemon {
                     return (fail(&e), false);
                 }
                 log::info!("backup requested to {}", params.to);
+                // Nothing is opened before the target and the container are checked.
+                let own = cowsnap_nbd::attached::OwnDisk {
+                    name: &self.args.name,
+                    origin: Some(&self.args.origin),
+                    default_container: self.args.container.as_deref(),
+                };
+                if let Err(e) =
+                    cowsnap_nbd::attached::check_backup(&self.args.run_dir, &own, &params)
+                {
+                    log::warn!("{e}");
+                    return (fail(&e), false);
+                }
                 match self.engine.start_backup(params) {
                     Ok(id) => (control::ok_reply(&serde_json::json!({ "id": id })), false),
                     Err(e) => (fail(&e), false),
@@ -529,6 +541,17 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
+    if let Some(r) = &args.restore_from {
+        // A live restore overwrites the origin: never another disk's origin or a mount.
+        let action = format!("restore {r} onto {}", args.origin.display());
+        cowsnap_nbd::attached::check_destination(
+            &args.run_dir,
+            Some(&args.name),
+            &args.origin,
+            &action,
+        )
+        .map_err(|e| anyhow!(e))?;
+    }
     let _origin_lock = lock_origin(&args.origin)?;
     let spec = OpenSpec {
         path: args.origin.clone(),
@@ -541,6 +564,9 @@ pub fn run(args: Args) -> Result<()> {
     let size = dest.size();
     cowsnap_nbd::config::check_disk_size(size)
         .map_err(|why| anyhow!("unable to serve {}: {why}", args.origin.display()))?;
+    // What other commands check their destinations against, even if we do not answer.
+    // Removed when `run` returns, on failure and after shutdown alike.
+    let _origin_record = cowsnap_nbd::attached::OriginRecordFile::write(&paths, &args.origin)?;
     let (origin, filling, changelog) = open_origin_state(&args, &paths, dest)?;
     // `..Default::default()`: the engine's config grows (name, container, throttle);
     // the default container is applied per request in `Daemon::handle`.
@@ -1023,6 +1049,37 @@ mod tests {
         let (r, _) = d.handle_line(r#"{"v":1,"cmd":"backup_status"}"#);
         let m = control::decode_reply(&r).unwrap();
         assert!(m.contains_key("backup"));
+    }
+
+    #[test]
+    fn backup_onto_its_own_origin_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = test_daemon(dir.path());
+        let origin = dir.path().join("disk.img");
+        std::fs::write(&origin, vec![7u8; 4 << 20]).unwrap();
+        let link = dir.path().join("link.img");
+        std::fs::hard_link(&origin, &link).unwrap();
+        for req in [
+            format!(
+                r#"{{"v":1,"cmd":"backup","params":{{"to":"file:{}"}}}}"#,
+                link.display()
+            ),
+            format!(
+                r#"{{"v":1,"cmd":"backup","params":{{"to":"file:{}/x.img","container":"dev:{}"}}}}"#,
+                dir.path().display(),
+                origin.display()
+            ),
+        ] {
+            let (r, _) = d.handle_line(&req);
+            match control::decode_reply(&r) {
+                Err(control::ControlError::Daemon(m)) => {
+                    assert!(m.contains("is the origin of attached disk \"t1\""), "{m}")
+                }
+                other => panic!("{req} → {other:?}"),
+            }
+        }
+        assert_eq!(std::fs::read(&origin).unwrap(), vec![7u8; 4 << 20]);
+        assert!(!dir.path().join("x.img").exists());
     }
 
     #[test]

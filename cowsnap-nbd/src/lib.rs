@@ -2,6 +2,7 @@
 //! kernel attach paths (netlink `nbd` family; nbdfuse + losetup where nbd.ko is absent).
 
 pub mod attach;
+pub mod attached;
 pub mod config;
 pub mod control;
 pub mod name_lock;

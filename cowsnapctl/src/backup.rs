@@ -163,6 +163,16 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
         quiesce_idle_ms: idle.as_millis() as u64,
         quiesce_timeout_ms: timeout.as_millis() as u64,
     };
+    // Early, for a clear error before any freeze; the daemon checks again before it
+    // opens anything (it also knows the disk's default container).
+    let own = cowsnap_nbd::attached::OwnDisk {
+        name: &a.name,
+        origin: None,
+        default_container: None,
+    };
+    if let Err(e) = cowsnap_nbd::attached::check_backup(&dirs.run_dir, &own, &params) {
+        bail!("{e}");
+    }
     let (started, frozen) = match &mountpoint {
         Some(mp) => {
             let wd = freeze::freeze(mp, freeze_bound)?;

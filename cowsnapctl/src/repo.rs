@@ -331,16 +331,27 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     let repo = Repo::open(&dir).map_err(|e| anyhow!("{e}"))?;
     let g = repo.resolve(gen.as_deref()).map_err(|e| anyhow!("{e}"))?;
     drop(repo);
-    if is_mounted_dev(&a.to) {
-        bail!("unable to restore onto {}: it is mounted", a.to.display());
-    }
+    let action = format!("restore generation {} onto {}", g.id, a.to.display());
     if a.live {
+        // Everything is validated before the destination is created or truncated.
         let name = match &a.name {
             Some(n) => n.clone(),
             None => cowsnap_nbd::config::derive_name(
                 &std::fs::canonicalize(&a.to).unwrap_or_else(|_| a.to.clone()),
             ),
         };
+        cowsnap_nbd::config::validate_name(&name)
+            .map_err(|e| anyhow!("unable to {action}: invalid --name: {e}"))?;
+        if let Some(s) = attach::daemon_status(&dirs.paths(&name)) {
+            bail!(
+                "unable to {action}: a disk named {name:?} is already attached (origin {}, \
+                 daemon pid {}); detach it first or choose another --name",
+                s.origin,
+                s.pid
+            );
+        }
+        cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)
+            .map_err(|e| anyhow!(e))?;
         let pending = restore::live::read_fill_state(&dirs.paths(&name).fill_state())
             .map_err(|e| anyhow!("{e}"))?
             .filter(|(_, complete)| !complete);
@@ -406,6 +417,8 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
             b.set_position(done);
         }
     };
+    cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)
+        .map_err(|e| anyhow!(e))?;
     reset_tracking_of_origin(dirs, &a.to, &g.id, "an offline restore")?;
     let rep =
         restore::restore_to(&dir, Some(&g.id), &a.to, &progress).map_err(|e| anyhow!("{e}"))?;
@@ -449,25 +462,6 @@ fn reset_tracking_of_origin(dirs: &Dirs, dest: &Path, gen: &str, what: &str) -> 
         );
     }
     Ok(())
-}
-
-/// Whether `p` is a block device with a mounted filesystem on it.
-fn is_mounted_dev(p: &Path) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let Ok(m) = std::fs::metadata(p) else {
-        return false;
-    };
-    if !m.file_type().is_block_device() {
-        return false;
-    }
-    let rdev = m.rdev();
-    let (maj, min) = (libc::major(rdev), libc::minor(rdev));
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.split_whitespace().nth(2) == Some(&format!("{maj}:{min}")))
-        })
-        .unwrap_or(false)
 }
 
 /// Whether `pid` is a live (not zombie) cowsnap-nbd process.

@@ -103,9 +103,32 @@ fn restore_chunk(
     Ok(Some(len))
 }
 
+fn parent_dir(p: &Path) -> &Path {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Create (or replace) the marker saying `dest` is not a complete restore.
+fn write_marker(marker: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut m = std::fs::File::create(marker)
+        .ctx(|| format!("unable to create marker {}", marker.display()))?;
+    m.write_all(text.as_bytes())
+        .and_then(|_| m.sync_all())
+        .ctx(|| format!("unable to write marker {}", marker.display()))?;
+    crate::fsutil::fsync_dir(parent_dir(marker))
+}
+
 /// Restore generation `gen` (an id, a unique prefix or a disk name; `None` = the newest
 /// when the repository holds one disk) of the repository at `repo_dir` onto `dest`.
 /// `progress(done_bytes, total_bytes)` is called as chunks land.
+///
+/// An interrupted restore never leaves a destination that looks whole: a file gets
+/// the marker `DEST.incomplete` (as `file:` backup targets do) before it is created or
+/// truncated, removed only after the data is fsynced, and kept with the reason on
+/// failure; a block device has its first chunk zeroed first and written last.
 pub fn restore_to(
     repo_dir: &Path,
     gen: Option<&str>,
@@ -117,9 +140,70 @@ pub fn restore_to(
     let _lock = repo.lock(false)?;
     let g = repo.resolve(gen)?;
     let idx = repo.load_index(&g)?;
+    let is_blk = std::fs::metadata(dest)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let marker = (!is_blk).then(|| crate::target::raw::incomplete_marker(dest));
+    if let Some(m) = &marker {
+        write_marker(
+            m,
+            &format!(
+                "cowsnap: restore of generation {} in progress; {} is not complete\n",
+                g.id,
+                dest.display()
+            ),
+        )?;
+    }
+    match restore_body(&repo, &g, &idx, dest, is_blk, progress, started) {
+        Ok(rep) => {
+            if let Some(m) = &marker {
+                std::fs::remove_file(m).ctx(|| format!("unable to remove {}", m.display()))?;
+                crate::fsutil::fsync_dir(parent_dir(m))?;
+            }
+            Ok(rep)
+        }
+        Err(e) => {
+            let left = match &marker {
+                Some(m) => {
+                    let _ = write_marker(
+                        m,
+                        &format!(
+                            "cowsnap: restore of generation {} onto {} failed; it is not complete: {e}\n",
+                            g.id,
+                            dest.display()
+                        ),
+                    );
+                    format!("; {} marks it incomplete", m.display())
+                }
+                None => "; its first chunk is left zeroed".to_string(),
+            };
+            Err(e.with_context(format!(
+                "unable to restore generation {} onto {}{left}",
+                g.id,
+                dest.display()
+            )))
+        }
+    }
+}
+
+fn restore_body(
+    repo: &Repo,
+    g: &crate::repo::GenerationInfo,
+    idx: &FixedIndex,
+    dest: &Path,
+    is_blk: bool,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    started: Instant,
+) -> Result<RestoreReport> {
     let (io, reads_zero) = open_destination(dest, g.disk_size)?;
     let n = idx.hashes.len() as u64;
-    let next = AtomicU64::new(0);
+    // A device: chunk 0 (partition table, superblocks) is zeroed now and written last.
+    let first = u64::from(is_blk && n > 0);
+    if first == 1 {
+        io.write_zeroes(0, idx.chunk_len(0) as u64, false)?;
+        io.flush()?;
+    }
+    let next = AtomicU64::new(first);
     let done_bytes = AtomicU64::new(0);
     let data_chunks = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -138,7 +222,7 @@ pub fn restore_to(
                 if i >= n {
                     return;
                 }
-                match restore_chunk(&repo, &idx, i, &*io, reads_zero) {
+                match restore_chunk(repo, idx, i, &*io, reads_zero) {
                     Ok(d) => {
                         if d.is_some() {
                             data_chunks.fetch_add(1, Ordering::Relaxed);
@@ -165,7 +249,15 @@ pub fn restore_to(
     }
     io.flush()
         .map_err(|e| e.with_context(format!("unable to flush {}", dest.display())))?;
-    let data_chunks = data_chunks.into_inner();
+    let mut data_chunks = data_chunks.into_inner();
+    if first == 1 {
+        if restore_chunk(repo, idx, 0, &*io, false)?.is_some() {
+            data_chunks += 1;
+        }
+        io.flush()
+            .map_err(|e| e.with_context(format!("unable to flush {}", dest.display())))?;
+        progress(g.disk_size, g.disk_size);
+    }
     let bytes_written = (0..n)
         .filter(|&i| idx.hashes[i as usize] != ZERO_HASH)
         .map(|i| idx.chunk_len(i) as u64)
