@@ -118,15 +118,19 @@ nbdw "$luri" 33 4
 /usr/bin/python3 -c '
 import random, sys
 f = open(sys.argv[1], "r+b"); f.seek(33 << 20); f.write(random.Random(4).randbytes(1 << 20))' "$T/expl.img"
+nbdw "$suri" 1 5; gq=$(bk s52 --to "repo:$P" --incremental)
+log "prune while the fill runs: it does not wait for the fill, and keeps the generation"
+timeout 20 "$CTL" prune "repo:$P" --keep 1 >"$T/p.out" 2>"$T/p.err" || fail "prune during the fill: $(cat "$T/p.err")"
+cat "$T/p.out"
+grep -q "kept $gp: pinned by live restore of l52 to $T/l.img" "$T/p.out" || fail "prune does not say it kept $gp for l52"
 st=$(ctl status l52 --json); pid=$(json_field "$st" .daemon.pid)
 [ "$(json_field "$st" .daemon.fill.complete)" = false ] || fail "fill complete too early: $st"
 kill -9 "$pid"; wait_gone "$pid" 10 || fail "daemon $pid survived kill -9"
 log "killed the filling daemon at $(json_field "$st" .daemon.fill.done)/$(json_field "$st" .daemon.fill.total)"
-nbdw "$suri" 1 5; gq=$(bk s52 --to "repo:$P" --incremental)
 nbdw "$suri" 2 6; gr=$(bk s52 --to "repo:$P" --incremental)
 ctl prune "repo:$P" --keep 1 >"$T/p.out" 2>"$T/p.err" || fail "prune: $(cat "$T/p.err")"
 cat "$T/p.out"
-grep -q "kept $gp: pinned by live restore of l52 to $T/l.img" "$T/p.out" || fail "prune does not say it kept $gp for l52"
+grep -q "kept $gp: pinned by live restore of l52 to $T/l.img" "$T/p.out" || fail "prune after the kill does not say it kept $gp for l52"
 L=$(ctl list "repo:$P" --json)
 [ "$(json_field "$L" '[.[].id] | join(" ")')" = "$gp $gr" ] || fail "after prune: $(json_field "$L" '[.[].id] | join(" ")'), expected $gp $gr"
 ctl verify "repo:$P" >/dev/null || fail "verify after prune"

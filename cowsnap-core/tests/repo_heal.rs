@@ -164,6 +164,15 @@ fn an_unfinished_live_restore_pins_its_generation_until_it_completes_or_is_aband
     .unwrap();
     let mut b = vec![0u8; 4096];
     f.read_at(&mut b, 0).unwrap(); // one chunk fetched
+                                   // a prune while the fill is open does not wait for it (the pin protects it)
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r2 = repo.clone();
+    std::thread::spawn(move || tx.send(repo::prune(&r2, 1).map(|r| r.kept_generations)));
+    let kept = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("prune waited for the open fill")
+        .unwrap();
+    assert_eq!(kept, vec![g1.clone()]);
     drop(f); // the daemon dies mid-fill
     let pins = pin::list(&Repo::open(&repo).unwrap()).unwrap();
     assert_eq!(pins.len(), 1);

@@ -19,6 +19,7 @@
 //! |---|---|---|
 //! | backups (any disks), restores, verify, list | yes | they only add files (chunk renames are atomic, identical content under one name); readers see only generations with both files |
 //! | quarantining a chunk vs anything holding the shared lock | yes | the move happens under `DIR/quarantine/.lock` after reading the chunk again; only a damaged file is moved, and a name is only ever installed when free, so a healthy copy is never moved away |
+//! | prune vs a live restore's fill | yes | the fill's generation is pinned (`DIR/pins`) before the fill starts; prune keeps it and so every chunk the fill reads; the fill holds the lock only while it sets up |
 //! | prune vs backup/restore/verify | no | prune holds `LOCK_EX` on `DIR/lock` for its whole run, everyone else `LOCK_SH` for theirs, so a sweep never sees a running backup's new or reused chunks as garbage; prune waits for running backups and a backup started during prune waits for it |
 //!
 //! A shared lock for the whole backup, rather than only for the sweep, is the simple

@@ -150,10 +150,14 @@ pub fn list(repo: &Repo) -> Result<Vec<PinFile>> {
         else {
             continue;
         };
-        let pin = std::fs::read(ent.path())
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Pin>(&b).ok())
-            .filter(|p| p.generation == generation);
+        let pin = match std::fs::read(ent.path()) {
+            // Removed meanwhile (a fill completed): it pins nothing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            r => r
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Pin>(&b).ok())
+                .filter(|p| p.generation == generation),
+        };
         out.push(PinFile {
             path: ent.path(),
             generation,

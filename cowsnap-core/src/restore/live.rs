@@ -25,12 +25,13 @@
 //!   over an acknowledged write.
 //! - Restart (daemon killed): the state file's bits are exactly the chunks whose data
 //!   and later writes are safe; the rest are fetched again. A missing state file means a
-//!   fresh destination. When every bit is set the header says "complete", the
-//!   repository lock is released and the device is plain pass-through.
+//!   fresh destination. When every bit is set the header says "complete" and the
+//!   device is plain pass-through.
 //! - Pin: before a fresh fill's state file exists, a pin naming the generation, disk
 //!   and destination is written into the repository (`repo::pin`), and its path into
-//!   `fill.pin` beside the state file; prune keeps a pinned generation even while no
-//!   daemon runs. The pin is removed after "complete" is durable (or again at the next
+//!   `fill.pin` beside the state file; prune keeps a pinned generation whether or not
+//!   a daemon runs. The repository lock is held only while opening (until the pin is
+//!   durable), not for the fill. The pin is removed after "complete" is durable (or again at the next
 //!   open, if the daemon died in between), or by [`abandon`]. A resumed fill whose pin
 //!   is gone pins again.
 //! - Abandon: [`abandon`] sets the "abandoned" flag and removes the pin. An abandoned
@@ -313,7 +314,6 @@ pub struct FillingIo {
     stop: AtomicBool,
     fill_running: AtomicBool,
     error: Mutex<Option<String>>,
-    repo_lock: Mutex<Option<File>>,
     fill_rate: AtomicU64,
 }
 
@@ -435,7 +435,6 @@ impl FillingIo {
                 stop: AtomicBool::new(false),
                 fill_running: AtomicBool::new(false),
                 error: Mutex::new(None),
-                repo_lock: Mutex::new(None),
                 fill_rate: AtomicU64::new(0),
             }));
         }
@@ -525,6 +524,10 @@ impl FillingIo {
         }
         let done: u64 =
             bits.iter().map(|w| w.count_ones() as u64).sum::<u64>() - (words as u64 * 64 - nchunks);
+        // The pin now keeps the generation (and so its chunks) from prune: the shared
+        // repository lock taken for the set-up is not held for the fill, so a prune
+        // neither waits for a fill that may take hours nor depends on this process.
+        drop(lock);
         let fio = Arc::new(FillingIo {
             dest,
             repo: Some(repo),
@@ -541,7 +544,6 @@ impl FillingIo {
             stop: AtomicBool::new(false),
             fill_running: AtomicBool::new(false),
             error: Mutex::new(None),
-            repo_lock: Mutex::new(Some(lock)),
             fill_rate: AtomicU64::new(0),
         });
         if done == nchunks {
@@ -690,10 +692,6 @@ impl FillingIo {
             log::warn!("{e}; prune will remove the pin");
         }
         self.complete.store(true, Ordering::SeqCst);
-        self.repo_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
         Ok(())
     }
 
