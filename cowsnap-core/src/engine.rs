@@ -45,6 +45,26 @@ pub struct EngineConfig {
     pub throttle: ThrottleConfig,
 }
 
+/// Smallest tracking chunk.
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+/// Largest tracking chunk: the repository chunk (a repository granule is a whole number
+/// of tracking chunks).
+pub const MAX_CHUNK_SIZE: u32 = crate::repo::DEFAULT_CHUNK_SIZE;
+
+/// Check a tracking chunk size: a power of two from [`MIN_CHUNK_SIZE`] to
+/// [`MAX_CHUNK_SIZE`].
+pub fn check_chunk_size(cs: u64) -> Result<u32> {
+    if !cs.is_power_of_two() || cs < u64::from(MIN_CHUNK_SIZE) || cs > u64::from(MAX_CHUNK_SIZE) {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to use chunk size {cs}: expected a power of two from {} to {} (4K to 1M)",
+            MIN_CHUNK_SIZE,
+            MAX_CHUNK_SIZE
+        ));
+    }
+    Ok(cs as u32)
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -112,13 +132,7 @@ impl Engine {
         cfg: EngineConfig,
         changelog: Option<Arc<ChangeLog>>,
     ) -> Result<Arc<Self>> {
-        if !cfg.chunk_size.is_power_of_two() || cfg.chunk_size < 4096 {
-            return Err(crate::err!(
-                InvalidInput,
-                "chunk size {} is not a power of two >= 4096",
-                cfg.chunk_size
-            ));
-        }
+        check_chunk_size(u64::from(cfg.chunk_size))?;
         Ok(Arc::new(Engine {
             origin,
             cfg,

@@ -34,6 +34,7 @@ use cowsnap_core::restore::{self, live::FillingIo};
 use cowsnap_nbd::config::DiskPaths;
 use cowsnap_nbd::control::{self, FillInfo, IoCounters, Request, StatusInfo};
 use cowsnap_nbd::name_lock::{self, NameLock};
+use cowsnap_nbd::nbd::limits::Limits;
 use cowsnap_nbd::nbd::server::Server;
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -87,6 +88,13 @@ pub struct Args {
     /// from the disk's state directory without this flag.
     #[arg(long, value_name = "repo:DIR@GEN")]
     pub restore_from: Option<String>,
+    /// NBD connections open at once; further ones are closed at once (and logged).
+    #[arg(long, default_value_t = cowsnap_nbd::nbd::limits::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Memory for NBD request payloads across all connections (e.g. 128M, at least 32M);
+    /// a connection uses at most 64M of it.
+    #[arg(long, default_value = "128M")]
+    pub request_memory: String,
     /// An open descriptor of `RUN_DIR/NAME.lock` that the starting process has already
     /// locked (`cowsnapctl attach`); the daemon keeps it for its life.
     #[arg(long, hide = true)]
@@ -462,12 +470,49 @@ fn lock_origin(path: &Path) -> Result<Option<std::fs::File>> {
     Ok(Some(f))
 }
 
+/// Check the flags that every later backup depends on, before anything is touched.
+fn check_args(args: &Args) -> Result<()> {
+    cowsnap_core::engine::check_chunk_size(u64::from(args.chunk_size))
+        .map_err(|e| anyhow!("{e}"))?;
+    if let Some(c) = &args.container {
+        cowsnap_core::container::check_default(c, args.chunk_size).map_err(|e| anyhow!("{e}"))?;
+    }
+    Ok(())
+}
+
+/// The NBD server's limits from the flags.
+fn nbd_limits(args: &Args) -> Result<Limits> {
+    let d = Limits::default();
+    if args.max_connections == 0 {
+        bail!("invalid --max-connections 0: at least one connection is needed");
+    }
+    let mem = cowsnap_core::container::parse_size(&args.request_memory)
+        .map_err(|e| anyhow!("invalid --request-memory: {e}"))?;
+    let min = cowsnap_nbd::nbd::proto::MAX_PAYLOAD as u64;
+    if mem < min {
+        bail!(
+            "invalid --request-memory {}: at least {} MiB (one request of the largest size)",
+            args.request_memory,
+            min >> 20
+        );
+    }
+    let mem = usize::try_from(mem).unwrap_or(usize::MAX);
+    Ok(Limits {
+        max_connections: args.max_connections,
+        memory: mem,
+        connection_memory: d.connection_memory.min(mem),
+        ..d
+    })
+}
+
 /// Run the daemon until a stop event; returns after cleaning up.
 pub fn run(args: Args) -> Result<()> {
     let args = absolute_args(args)?;
     std::env::set_current_dir("/").context("unable to change the working directory to /")?;
     init_logging(args.log_file.as_deref())?;
     cowsnap_nbd::config::validate_name(&args.name).map_err(|e| anyhow!("invalid --name: {e}"))?;
+    check_args(&args)?;
+    let limits = nbd_limits(&args)?;
     let paths = DiskPaths::new(&args.name, &args.run_dir, &args.state_dir);
     let listen: Vec<std::net::SocketAddr> = args
         .listen
@@ -558,7 +603,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
 
-    let server = Server::new();
+    let server = Server::with_limits(limits);
     let export: Arc<dyn Export> = engine.clone();
     let desc = format!("cowsnap disk {} ({})", args.name, args.origin.display());
     server.set_export(&args.name, export.clone(), &desc);

@@ -50,6 +50,9 @@ pub struct AttachArgs {
     /// Tracking chunk size (power of two, e.g. 64K).
     #[arg(long)]
     pub chunk_size: Option<String>,
+    /// NBD connections the daemon accepts at once (default 64).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// Print {name, device, uri, pid, via} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -230,6 +233,9 @@ fn start_daemon(
     }
     if let Some(r) = &a.restore_from {
         cmd.arg("--restore-from").arg(r);
+    }
+    if let Some(n) = a.max_connections {
+        cmd.arg("--max-connections").arg(n.to_string());
     }
     if let Some(c) = &a.chunk_size {
         cmd.arg("--chunk-size")
@@ -423,6 +429,18 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
         {
             bail!("invalid --listen {l:?}: expected tcp:ADDR:PORT");
         }
+    }
+    // Every later backup depends on these: refuse bad values now, before the daemon.
+    let chunk_size = match &a.chunk_size {
+        Some(c) => cowsnap_core::engine::check_chunk_size(crate::parse::parse_size(c)?)
+            .map_err(|e| anyhow!("{e}"))?,
+        None => cowsnap_core::engine::EngineConfig::default().chunk_size,
+    };
+    if let Some(c) = &a.container {
+        cowsnap_core::container::check_default(c, chunk_size).map_err(|e| anyhow!("{e}"))?;
+    }
+    if a.max_connections == Some(0) {
+        bail!("invalid --max-connections 0: at least one connection is needed");
     }
     let via = match a.via.as_str() {
         "nbd" => Via::Nbd,

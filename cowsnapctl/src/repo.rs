@@ -392,6 +392,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
                 io_engine: "auto".into(),
                 container: None,
                 chunk_size: None,
+                max_connections: None,
                 json: a.json,
                 restore_from: Some(format!("repo:{}@{}", dir.display(), g.id)),
             },

@@ -12,6 +12,13 @@
 //!   on an existing block device or file, opened exclusively, never removed).
 //!   SIZE accepts K/M/G/T suffixes (binary multiples). Capacity in slots is
 //!   `SIZE / chunk_size`; at least one slot is required.
+//! - [`check`] validates a spec against what the machine has before anything is
+//!   created, and [`open`] runs it first: `ram:` must fit in MemAvailable, `file:` in
+//!   the free space of its filesystem (and must not exist yet), `dev:` must exist and
+//!   hold one slot. Every kind also needs memory for its slot bookkeeping (a preserved
+//!   map entry and a table entry per slot, [`SLOT_BOOKKEEPING`] bytes each), which
+//!   must fit in MemAvailable too. So a too-large spec is one error, never an
+//!   allocation failure that ends the daemon.
 //! - The default container when neither the backup nor the disk names one is
 //!   [`DEFAULT_CONTAINER`] (`ram:64M`: 1024 slots of 64 KiB).
 //! - Every backend runs the `conformance::run` checks in its tests.
@@ -83,42 +90,240 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .ok_or_else(|| crate::err!(InvalidInput, "unable to parse size {s:?}: too large"))
 }
 
-/// Open a container from its spec for slots of `chunk_size` bytes.
-pub fn open(spec: &str, chunk_size: u32) -> Result<Box<dyn Container>> {
+/// Memory the engine needs per container slot whatever the container's kind: an entry
+/// of the preserved map (chunk → slot), of the free-slot list and, for `ram:`, of the
+/// slot table. A generous round figure; [`check`] requires `slots ×` this to fit in
+/// MemAvailable.
+pub const SLOT_BOOKKEEPING: u64 = 96;
+
+/// A parsed container spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// `ram:SIZE`
+    Ram {
+        /// Bytes.
+        size: u64,
+    },
+    /// `file:PATH:SIZE`
+    File {
+        /// The file to create.
+        path: std::path::PathBuf,
+        /// Bytes.
+        size: u64,
+    },
+    /// `dev:PATH`
+    Dev {
+        /// The device (or existing file).
+        path: std::path::PathBuf,
+    },
+}
+
+/// Parse `ram:SIZE`, `file:PATH:SIZE` or `dev:PATH` (syntax only).
+pub fn parse_spec(spec: &str) -> Result<Spec> {
     let bad = |why: &str| {
         crate::err!(
             InvalidInput,
-            "unable to open container {spec:?}: {why} (expected ram:SIZE, file:PATH:SIZE or dev:PATH)"
+            "unable to use container {spec:?}: {why} (expected ram:SIZE, file:PATH:SIZE or dev:PATH)"
         )
     };
     let (kind, rest) = spec.split_once(':').ok_or_else(|| bad("no kind"))?;
+    let size_of = |s: &str| {
+        parse_size(s).map_err(|e| {
+            crate::err!(
+                InvalidInput,
+                "unable to use container {spec:?}: {}",
+                e.context()
+                    .strip_prefix("unable to parse ")
+                    .unwrap_or(e.context())
+            )
+        })
+    };
     match kind {
-        "ram" => {
-            let size = parse_size(rest).map_err(|e| e.with_context("unable to open container"))?;
-            Ok(Box::new(ram::RamContainer::new(size, chunk_size)?))
-        }
+        "ram" => Ok(Spec::Ram {
+            size: size_of(rest)?,
+        }),
         "file" => {
             let (path, size) = rest.rsplit_once(':').ok_or_else(|| bad("no size"))?;
             if path.is_empty() {
                 return Err(bad("empty path"));
             }
-            let size = parse_size(size).map_err(|e| e.with_context("unable to open container"))?;
-            Ok(Box::new(file::FileContainer::create(
-                path.as_ref(),
-                size,
-                chunk_size,
-            )?))
+            Ok(Spec::File {
+                path: path.into(),
+                size: size_of(size)?,
+            })
         }
         "dev" => {
             if rest.is_empty() {
                 return Err(bad("empty path"));
             }
-            Ok(Box::new(file::FileContainer::open_device(
-                rest.as_ref(),
-                chunk_size,
-            )?))
+            Ok(Spec::Dev { path: rest.into() })
         }
         _ => Err(bad("unknown kind")),
+    }
+}
+
+/// Bytes of memory available for new allocations (MemAvailable), if known.
+pub fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// A byte count for messages: "4 TiB", "21.3 GiB", "512 KiB", "100 bytes".
+pub fn human(n: u64) -> String {
+    const U: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if v.fract() == 0.0 {
+        format!("{v:.0} {}", U[i])
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// Size of an existing block device or regular file.
+fn size_of_path(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut f = std::fs::File::open(path)?;
+    f.seek(std::io::SeekFrom::End(0))
+}
+
+/// Free bytes on the filesystem holding `dir` (f_bavail: the blocks reserved for root
+/// are left to the system).
+fn free_space(dir: &std::path::Path) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
+/// Check a container spec for slots of `chunk_size` bytes against what the machine has,
+/// creating and opening nothing: the size holds at least one slot, `ram:` fits in
+/// MemAvailable, `file:` does not exist yet and fits in its filesystem's free space,
+/// `dev:` exists, and the slot bookkeeping fits in MemAvailable. Returns the capacity
+/// in slots.
+pub fn check(spec: &str, chunk_size: u32) -> Result<u64> {
+    check_inner(spec, chunk_size, true)
+}
+
+/// [`check`] for a disk's default container at attach: the same, except that a
+/// `file:` container left behind by a crashed daemon does not stop the disk from being
+/// attached again (the backup that would create it says so).
+pub fn check_default(spec: &str, chunk_size: u32) -> Result<u64> {
+    check_inner(spec, chunk_size, false)
+}
+
+fn check_inner(spec: &str, chunk_size: u32, fresh: bool) -> Result<u64> {
+    let parsed = parse_spec(spec)?;
+    let cs = u64::from(chunk_size.max(1));
+    let fail = |why: String| crate::err!(InvalidInput, "unable to use container {spec}: {why}");
+    let size = match &parsed {
+        Spec::Ram { size } | Spec::File { size, .. } => *size,
+        Spec::Dev { path } => {
+            let m = std::fs::metadata(path).map_err(|e| {
+                crate::error::Error::io(format!("unable to use container {spec}"), e)
+            })?;
+            use std::os::unix::fs::FileTypeExt;
+            if !(m.file_type().is_block_device() || m.is_file()) {
+                return Err(fail("not a block device or a regular file".into()));
+            }
+            size_of_path(path).map_err(|e| {
+                crate::error::Error::io(format!("unable to use container {spec}"), e)
+            })?
+        }
+    };
+    let slots = size / cs;
+    if slots == 0 {
+        return Err(fail(format!(
+            "{} is smaller than one {}-byte slot (the chunk size)",
+            human(size),
+            chunk_size
+        )));
+    }
+    let avail = mem_available();
+    let bookkeeping = slots.saturating_mul(SLOT_BOOKKEEPING);
+    match &parsed {
+        Spec::Ram { .. } => {
+            if let Some(a) = avail {
+                let need = size.saturating_add(bookkeeping);
+                if need > a {
+                    return Err(fail(format!(
+                        "{} (with {} of slot bookkeeping) is more than the {} of memory available (MemAvailable)",
+                        human(size),
+                        human(bookkeeping),
+                        human(a)
+                    )));
+                }
+            }
+        }
+        Spec::File { path, .. } => {
+            if fresh && std::fs::symlink_metadata(path).is_ok() {
+                return Err(fail(format!(
+                    "{} already exists (a file container is created new)",
+                    path.display()
+                )));
+            }
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            if !dir.is_dir() {
+                return Err(fail(format!("{} is not a directory", dir.display())));
+            }
+            let free = free_space(&dir).map_err(|e| {
+                crate::error::Error::io(format!("unable to use container {spec}"), e)
+            })?;
+            let len = slots * cs;
+            if len > free {
+                return Err(fail(format!(
+                    "{} is more than the {} free on the filesystem of {}",
+                    human(len),
+                    human(free),
+                    dir.display()
+                )));
+            }
+        }
+        Spec::Dev { .. } => {}
+    }
+    if !matches!(parsed, Spec::Ram { .. }) {
+        if let Some(a) = avail {
+            if bookkeeping > a {
+                return Err(fail(format!(
+                    "{slots} slots need {} of memory for their bookkeeping, more than the {} available (use a larger chunk size or a smaller container)",
+                    human(bookkeeping),
+                    human(a)
+                )));
+            }
+        }
+    }
+    Ok(slots)
+}
+
+/// Open a container from its spec for slots of `chunk_size` bytes, after [`check`].
+pub fn open(spec: &str, chunk_size: u32) -> Result<Box<dyn Container>> {
+    match parse_spec(spec)? {
+        Spec::Ram { size } => {
+            check(spec, chunk_size)?;
+            Ok(Box::new(ram::RamContainer::new(size, chunk_size)?))
+        }
+        Spec::File { path, size } => {
+            check(spec, chunk_size)?;
+            Ok(Box::new(file::FileContainer::create(
+                &path, size, chunk_size,
+            )?))
+        }
+        Spec::Dev { path } => {
+            check(spec, chunk_size)?;
+            Ok(Box::new(file::FileContainer::open_device(
+                &path, chunk_size,
+            )?))
+        }
     }
 }
 
@@ -208,6 +413,49 @@ pub(crate) mod conformance {
         assert!(open("tape:1M", 65536).is_err());
         assert!(open("file:/nonexistent-dir/x", 65536).is_err());
         let e = open("nonsense", 65536).err().unwrap();
-        assert!(e.to_string().contains("unable to open container"), "{e}");
+        assert!(e.to_string().contains("unable to use container"), "{e}");
+    }
+
+    #[test]
+    fn checks_against_the_machine() {
+        // far more than any machine has: refused before anything is allocated
+        let e = check("ram:100T", 65536).unwrap_err().to_string();
+        assert!(e.contains("more than") && e.contains("MemAvailable"), "{e}");
+        assert!(open("ram:100T", 65536).is_err());
+        assert!(check("ram:1M", 65536).is_ok());
+        assert!(check("ram:", 65536).is_err());
+        assert!(check("ram:12Q", 65536).is_err());
+        assert!(check("ram:4K", 65536)
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than one"));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c");
+        let e = check(&format!("file:{}:1000T", p.display()), 65536)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("free on the filesystem"), "{e}");
+        assert!(!p.exists(), "a refused file container is never created");
+        assert_eq!(
+            check(&format!("file:{}:1M", p.display()), 65536).unwrap(),
+            16
+        );
+        std::fs::write(&p, b"x").unwrap();
+        assert!(check(&format!("file:{}:1M", p.display()), 65536)
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
+        assert!(check_default(&format!("file:{}:1M", p.display()), 65536).is_ok());
+        assert!(check(&format!("file:{}/nodir/x:1M", p.display()), 65536).is_err());
+        assert!(check(&format!("dev:{}", dir.path().join("none").display()), 65536).is_err());
+        assert!(check(&format!("dev:{}", dir.path().display()), 65536).is_err());
+        assert!(check(&format!("dev:{}", p.display()), 65536)
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than one"));
+        std::fs::write(&p, vec![0u8; 3 * 65536]).unwrap();
+        assert_eq!(check(&format!("dev:{}", p.display()), 65536).unwrap(), 3);
+        assert_eq!(human(4 << 40), "4 TiB");
+        assert_eq!(human(1536), "1.5 KiB");
     }
 }

@@ -15,7 +15,6 @@
 
 use super::proto::{self, *};
 use super::server::{ExportEntry, Server};
-use super::stream::Stream;
 use std::io::{self, Read, Write};
 
 /// What the negotiation agreed on.
@@ -51,7 +50,7 @@ impl From<io::Error> for End {
     }
 }
 
-fn reply(w: &mut Stream, opt: u32, rtype: u32, data: &[u8]) -> io::Result<()> {
+fn reply(w: &mut impl Write, opt: u32, rtype: u32, data: &[u8]) -> io::Result<()> {
     w.write_all(&encode_option_reply(opt, rtype, data))
 }
 
@@ -70,11 +69,37 @@ fn lookup(server: &Server, name: &[u8]) -> Option<(String, ExportEntry)> {
     server.export(name).map(|e| (name.to_string(), e))
 }
 
-/// Run the handshake on a fresh connection.
-pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result<Session, End> {
-    wr.write_all(&greeting())?;
+/// Run the handshake on a fresh connection: client bytes from `rd`, replies to `wr`.
+pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut impl Write) -> Result<Session, End> {
+    negotiate_io(server, &mut Both { rd, wr })
+}
+
+/// A reader and a writer as one stream.
+struct Both<'a, R, W> {
+    rd: &'a mut R,
+    wr: &'a mut W,
+}
+
+impl<R: Read, W> Read for Both<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.rd.read(buf)
+    }
+}
+
+impl<R, W: Write> Write for Both<'_, R, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.wr.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.wr.flush()
+    }
+}
+
+/// Run the handshake on a fresh connection (`io`: the socket, buffered for reading).
+pub(crate) fn negotiate_io(server: &Server, io: &mut (impl Read + Write)) -> Result<Session, End> {
+    io.write_all(&greeting())?;
     let mut cf = [0u8; 4];
-    rd.read_exact(&mut cf)?;
+    io.read_exact(&mut cf)?;
     let cflags = u32::from_be_bytes(cf);
     if cflags & !CLIENT_KNOWN != 0 {
         return Err(End::Closed(format!("unknown client flags {cflags:#x}")));
@@ -84,7 +109,7 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
     let mut base_allocation = false;
     loop {
         let mut hb = [0u8; OPTION_HEADER_LEN];
-        rd.read_exact(&mut hb)?;
+        io.read_exact(&mut hb)?;
         let h = parse_option_header(&hb).map_err(|e| End::Closed(format!("option: {e}")))?;
         if h.len > MAX_OPTION_LEN {
             if h.len > MAX_OPTION_DISCARD || h.option == OPT_EXPORT_NAME {
@@ -93,12 +118,12 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
                     h.option, h.len
                 )));
             }
-            discard(rd, h.len as u64)?;
-            reply(wr, h.option, REP_ERR_TOO_BIG, b"option payload too large")?;
+            discard(io, h.len as u64)?;
+            reply(io, h.option, REP_ERR_TOO_BIG, b"option payload too large")?;
             continue;
         }
         let mut data = vec![0u8; h.len as usize];
-        rd.read_exact(&mut data)?;
+        io.read_exact(&mut data)?;
         match h.option {
             OPT_EXPORT_NAME => {
                 let Some((name, entry)) = lookup(server, &data) else {
@@ -108,7 +133,7 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
                     )));
                 };
                 let tflags = transmission_flags(&entry.export.caps(), structured);
-                wr.write_all(&export_name_reply(entry.export.size(), tflags, no_zeroes))?;
+                io.write_all(&export_name_reply(entry.export.size(), tflags, no_zeroes))?;
                 return Ok(Session {
                     entry,
                     name,
@@ -119,35 +144,35 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
             }
             OPT_ABORT => {
                 // The client may already have closed; a failed ACK does not matter.
-                let _ = reply(wr, h.option, REP_ACK, &[]);
+                let _ = reply(io, h.option, REP_ACK, &[]);
                 return Err(End::Closed("client sent NBD_OPT_ABORT".into()));
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    reply(wr, h.option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                    reply(io, h.option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
                     continue;
                 }
                 for (name, e) in server.export_list() {
                     reply(
-                        wr,
+                        io,
                         h.option,
                         REP_SERVER,
                         &rep_server(name.as_bytes(), e.description.as_bytes()),
                     )?;
                 }
-                reply(wr, h.option, REP_ACK, &[])?;
+                reply(io, h.option, REP_ACK, &[])?;
             }
             OPT_STARTTLS => {
                 if !data.is_empty() {
                     reply(
-                        wr,
+                        io,
                         h.option,
                         REP_ERR_INVALID,
                         b"NBD_OPT_STARTTLS takes no data",
                     )?;
                 } else {
                     reply(
-                        wr,
+                        io,
                         h.option,
                         REP_ERR_POLICY,
                         b"TLS is not configured on this server",
@@ -157,38 +182,38 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     reply(
-                        wr,
+                        io,
                         h.option,
                         REP_ERR_INVALID,
                         b"NBD_OPT_STRUCTURED_REPLY takes no data",
                     )?;
                 } else {
                     structured = true;
-                    reply(wr, h.option, REP_ACK, &[])?;
+                    reply(io, h.option, REP_ACK, &[])?;
                 }
             }
             OPT_INFO | OPT_GO => {
                 let req = match parse_info_request(&data) {
                     Ok(r) => r,
                     Err(InvalidOption(why)) => {
-                        reply(wr, h.option, REP_ERR_INVALID, why.as_bytes())?;
+                        reply(io, h.option, REP_ERR_INVALID, why.as_bytes())?;
                         continue;
                     }
                 };
                 let Some((name, entry)) = lookup(server, &req.name) else {
-                    reply(wr, h.option, REP_ERR_UNKNOWN, b"no such export")?;
+                    reply(io, h.option, REP_ERR_UNKNOWN, b"no such export")?;
                     continue;
                 };
                 let tflags = transmission_flags(&entry.export.caps(), structured);
                 reply(
-                    wr,
+                    io,
                     h.option,
                     REP_INFO,
                     &info_export(entry.export.size(), tflags),
                 )?;
                 if req.infos.contains(&INFO_NAME) {
                     reply(
-                        wr,
+                        io,
                         h.option,
                         REP_INFO,
                         &info_string(INFO_NAME, name.as_bytes()),
@@ -196,19 +221,19 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
                 }
                 if req.infos.contains(&INFO_DESCRIPTION) && !entry.description.is_empty() {
                     reply(
-                        wr,
+                        io,
                         h.option,
                         REP_INFO,
                         &info_string(INFO_DESCRIPTION, entry.description.as_bytes()),
                     )?;
                 }
                 reply(
-                    wr,
+                    io,
                     h.option,
                     REP_INFO,
                     &info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD),
                 )?;
-                reply(wr, h.option, REP_ACK, &[])?;
+                reply(io, h.option, REP_ACK, &[])?;
                 if h.option == OPT_GO {
                     return Ok(Session {
                         entry,
@@ -223,7 +248,7 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
                 let list = h.option == OPT_LIST_META_CONTEXT;
                 if !structured {
                     reply(
-                        wr,
+                        io,
                         h.option,
                         REP_ERR_INVALID,
                         b"meta contexts need structured replies first",
@@ -233,18 +258,18 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
                 let req = match parse_meta_request(&data) {
                     Ok(r) => r,
                     Err(InvalidOption(why)) => {
-                        reply(wr, h.option, REP_ERR_INVALID, why.as_bytes())?;
+                        reply(io, h.option, REP_ERR_INVALID, why.as_bytes())?;
                         continue;
                     }
                 };
                 if lookup(server, &req.name).is_none() {
-                    reply(wr, h.option, REP_ERR_UNKNOWN, b"no such export")?;
+                    reply(io, h.option, REP_ERR_UNKNOWN, b"no such export")?;
                     continue;
                 }
                 let hit = match_meta_queries(&req.queries, list);
                 if hit {
                     reply(
-                        wr,
+                        io,
                         h.option,
                         REP_META_CONTEXT,
                         &rep_meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION),
@@ -253,7 +278,7 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
                 if !list {
                     base_allocation = hit;
                 }
-                reply(wr, h.option, REP_ACK, &[])?;
+                reply(io, h.option, REP_ACK, &[])?;
             }
             other => {
                 let msg = if other == proto::OPT_EXTENDED_HEADERS {
@@ -261,7 +286,7 @@ pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut Stream) -> Result
                 } else {
                     format!("option {other} is not supported")
                 };
-                reply(wr, other, REP_ERR_UNSUP, msg.as_bytes())?;
+                reply(io, other, REP_ERR_UNSUP, msg.as_bytes())?;
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The NBD protocol: wire format, handshake, transmission.
 pub mod handshake;
+pub mod limits;
 pub mod proto;
 pub mod server;
 pub mod stream;

@@ -4,34 +4,107 @@
 //! - One accept thread per listener; it polls the listener with a short timeout so
 //!   [`Server::shutdown`] stops it promptly.
 //! - One thread per connection runs the handshake ([`super::handshake`]), then becomes
-//!   one of the connection's workers ([`super::transmission`]).
+//!   the connection's first worker ([`super::transmission`]).
+//! - At most [`Limits::max_connections`] connections are open; the accept loop closes
+//!   any further one at once (logged, rate-limited). The whole handshake must finish
+//!   within [`Limits::handshake_timeout`]: every read and write of the handshake gets the
+//!   time left as its socket timeout.
 //! - Shutdown stops accepting and shuts the read side of every open connection: no
 //!   new request is read, requests in flight finish and are answered, then the
 //!   connection closes. [`Server::connections`] drops to zero when all are gone.
 
 use super::handshake::{self, End};
+use super::limits::{Budget, Limits, Workers, REFUSAL_LOG_EVERY};
 use super::stream::Stream;
 use super::transmission::{self, READ_BUF};
 use cowsnap_core::export::Export;
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufReader;
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A client must finish the handshake within this time (a connection that never
-/// speaks would otherwise hold a thread forever).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+pub use super::limits::DEFAULT_THREADS_PER_CONNECTION;
 
 /// Socket send buffer asked for in transmission (capped by the kernel's wmem_max).
 pub const SEND_BUFFER: usize = 4 << 20;
 
-/// Worker threads per connection unless set otherwise.
-pub const DEFAULT_THREADS_PER_CONNECTION: usize = 16;
+/// What every connection of a server shares: its limits, the request memory budget,
+/// the count of extra workers.
+pub(crate) struct Shared {
+    pub(crate) limits: Limits,
+    pub(crate) budget: Budget,
+    pub(crate) workers: Workers,
+    shutdown: AtomicBool,
+}
+
+impl Shared {
+    fn new(limits: Limits) -> Arc<Self> {
+        let limits = limits.sane();
+        Arc::new(Shared {
+            budget: Budget::new(limits.memory, limits.max_connections),
+            workers: Workers::new(limits.max_workers),
+            limits,
+            shutdown: AtomicBool::new(false),
+        })
+    }
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+}
+
+/// The handshake's socket with one deadline for the whole handshake: every read and
+/// write gets the time left as its timeout, and fails with TimedOut once it is past.
+struct Deadline<'a> {
+    rd: &'a mut BufReader<Stream>,
+    wr: &'a mut Stream,
+    until: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake took too long",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.rd.buffer().is_empty() {
+            let left = self.left()?;
+            self.rd.get_ref().set_read_timeout(Some(left))?;
+        }
+        self.rd.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.wr.set_write_timeout(Some(left))?;
+        self.wr.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connections refused for the connection limit, for rate-limited logging.
+#[derive(Default)]
+struct Refusals {
+    since_log: u64,
+    last_log: Option<Instant>,
+}
 
 /// One named export.
 #[derive(Clone)]
@@ -45,24 +118,57 @@ pub struct ExportEntry {
 /// A server with a table of exports; the export named "" is the default.
 pub struct Server {
     exports: RwLock<BTreeMap<String, ExportEntry>>,
-    shutdown: AtomicBool,
-    threads: AtomicUsize,
+    shared: RwLock<Arc<Shared>>,
     next_id: AtomicU64,
     open: Mutex<HashMap<u64, Stream>>,
     total: AtomicU64,
+    refused: AtomicU64,
+    refusals: Mutex<Refusals>,
 }
 
 impl Server {
-    /// An empty server.
+    /// An empty server with the default [`Limits`].
     pub fn new() -> Arc<Self> {
+        Self::with_limits(Limits::default())
+    }
+    /// An empty server with these limits.
+    pub fn with_limits(limits: Limits) -> Arc<Self> {
         Arc::new(Server {
             exports: RwLock::new(BTreeMap::new()),
-            shutdown: AtomicBool::new(false),
-            threads: AtomicUsize::new(DEFAULT_THREADS_PER_CONNECTION),
+            shared: RwLock::new(Shared::new(limits)),
             next_id: AtomicU64::new(1),
             open: Mutex::new(HashMap::new()),
             total: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            refusals: Mutex::new(Refusals::default()),
         })
+    }
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        match self.shared.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.shared().limits.clone()
+    }
+    /// Replace the limits (for connections accepted from now on; call before serving).
+    pub fn set_limits(&self, limits: Limits) {
+        let shut = self.shared().is_shutting_down();
+        let n = Shared::new(limits);
+        n.shutdown.store(shut, Ordering::SeqCst);
+        if let Ok(mut s) = self.shared.write() {
+            *s = n;
+        }
+    }
+    /// Bytes of request buffers the server holds now (leased or pooled).
+    pub fn request_memory(&self) -> usize {
+        self.shared().budget.used()
+    }
+    /// Connections refused since start because the connection limit was reached.
+    pub fn connections_refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
     /// Add or replace an export.
     pub fn set_export(&self, name: &str, export: Arc<dyn Export>, description: &str) {
@@ -95,7 +201,9 @@ impl Server {
     }
     /// Worker threads (requests in flight) per connection for new connections (>= 1).
     pub fn set_threads_per_connection(&self, n: usize) {
-        self.threads.store(n.max(1), Ordering::Relaxed);
+        let mut l = self.limits();
+        l.threads_per_connection = n.max(1);
+        self.set_limits(l);
     }
     /// Accept connections on a unix socket in a background thread.
     pub fn spawn_unix(self: &Arc<Self>, listener: UnixListener) -> JoinHandle<()> {
@@ -145,7 +253,7 @@ impl Server {
     }
     /// Stop accepting; connections finish their in-flight requests and close.
     pub fn shutdown(&self) {
-        self.shutdown.store(true, Ordering::SeqCst);
+        self.shared().shutdown.store(true, Ordering::SeqCst);
         if let Ok(m) = self.open.lock() {
             for s in m.values() {
                 let _ = s.shutdown(Shutdown::Read);
@@ -158,7 +266,7 @@ impl Server {
         fd: std::os::fd::RawFd,
         mut accept: impl FnMut() -> std::io::Result<Stream>,
     ) {
-        while !self.shutdown.load(Ordering::SeqCst) {
+        while !self.shared().is_shutting_down() {
             let mut pfd = libc::pollfd {
                 fd,
                 events: libc::POLLIN,
@@ -184,11 +292,33 @@ impl Server {
     fn start_connection(self: &Arc<Self>, s: Stream) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.total.fetch_add(1, Ordering::Relaxed);
+        let shared = self.shared();
+        {
+            let Ok(mut m) = self.open.lock() else { return };
+            if shared.is_shutting_down() {
+                return;
+            }
+            if m.len() >= shared.limits.max_connections {
+                drop(m);
+                let _ = s.shutdown(Shutdown::Both);
+                self.refuse(shared.limits.max_connections);
+                return;
+            }
+            match s.try_clone() {
+                Ok(c) => {
+                    m.insert(id, c);
+                }
+                Err(e) => {
+                    log::warn!("unable to serve an NBD connection: {e}");
+                    return;
+                }
+            }
+        }
         let me = self.clone();
         let r = std::thread::Builder::new()
             .name(format!("nbd{id}"))
             .spawn(move || {
-                if let Err(e) = me.run_connection(id, s) {
+                if let Err(e) = me.run_connection(id, s, shared) {
                     log::debug!("nbd connection {id}: {e}");
                 }
                 if let Ok(mut m) = me.open.lock() {
@@ -197,25 +327,46 @@ impl Server {
             });
         if let Err(e) = r {
             log::warn!("unable to start a thread for an NBD connection: {e}");
+            if let Ok(mut m) = self.open.lock() {
+                m.remove(&id);
+            }
         }
     }
 
-    fn run_connection(&self, id: u64, s: Stream) -> std::io::Result<()> {
-        s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        {
-            let mut m = self
-                .open
-                .lock()
-                .map_err(|_| std::io::Error::other("connection table lock poisoned"))?;
-            if self.shutdown.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            m.insert(id, s.try_clone()?);
+    /// Log a refused connection, at most once per [`REFUSAL_LOG_EVERY`].
+    fn refuse(&self, max: usize) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut r) = self.refusals.lock() else {
+            return;
+        };
+        r.since_log += 1;
+        if r.last_log.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+            log::warn!(
+                "refused {} NBD connection(s): {max} connections are open (the limit, --max-connections)",
+                r.since_log
+            );
+            r.since_log = 0;
+            r.last_log = Some(Instant::now());
         }
+    }
+
+    fn run_connection(&self, id: u64, s: Stream, shared: Arc<Shared>) -> std::io::Result<()> {
+        s.set_nonblocking(false)?;
+        let limit = shared.limits.handshake_timeout;
+        let until = Instant::now() + limit;
+        s.set_read_timeout(Some(limit))?;
+        s.set_write_timeout(Some(limit))?;
         let mut writer = s.try_clone()?;
         let mut reader = BufReader::with_capacity(READ_BUF, s);
-        let session = match handshake::negotiate(self, &mut reader, &mut writer) {
+        let negotiated = {
+            let mut d = Deadline {
+                rd: &mut reader,
+                wr: &mut writer,
+                until,
+            };
+            handshake::negotiate_io(self, &mut d)
+        };
+        let session = match negotiated {
             Ok(s) => s,
             Err(End::Closed(why)) => {
                 log::debug!("nbd connection {id}: {why}");
@@ -223,6 +374,12 @@ impl Server {
                 return Ok(());
             }
             Err(End::Io(e)) => {
+                // debug, not info: a client must not be able to fill the log
+                if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock {
+                    log::debug!(
+                        "nbd connection {id}: dropped: the handshake did not finish within {limit:?}"
+                    );
+                }
                 let _ = writer.shutdown(Shutdown::Both);
                 return Err(e);
             }
@@ -232,10 +389,10 @@ impl Server {
             session.name,
             session.structured
         );
-        // Idle connections are normal in transmission (a mounted, quiet disk).
-        writer.set_read_timeout(None)?;
+        // Idle connections are normal in transmission (a mounted, quiet disk): no write
+        // timeout, and the read timeout only tells idle workers to leave (transmission).
+        writer.set_write_timeout(None)?;
         writer.set_send_buffer(SEND_BUFFER);
-        let threads = self.threads.load(Ordering::Relaxed);
-        transmission::serve(id, session, reader, writer, threads)
+        transmission::serve(id, session, reader, writer, shared)
     }
 }

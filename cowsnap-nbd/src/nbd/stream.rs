@@ -46,6 +46,14 @@ impl Stream {
         }
     }
 
+    /// Write timeout (applies to every handle on the socket).
+    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// Ask for a larger send buffer (a 1 MiB read reply then leaves in fewer
     /// round trips with the client). Best effort: the kernel caps it at wmem_max.
     pub fn set_send_buffer(&self, bytes: usize) {

@@ -684,3 +684,179 @@ mod fuzz {
         }
     }
 }
+
+fn limited_server(
+    export: Arc<dyn Export>,
+    f: impl FnOnce(&mut super::limits::Limits),
+) -> Arc<Server> {
+    let mut l = super::limits::Limits::default();
+    f(&mut l);
+    let s = Server::with_limits(l);
+    s.set_export("disk", export.clone(), "a test disk");
+    s.set_export("", export, "");
+    s
+}
+
+#[test]
+fn connections_over_the_limit_are_closed_at_once() {
+    let srv = limited_server(Mem::new(1 << 20, false), |l| l.max_connections = 2);
+    let mut a = Client::connect(&srv);
+    let mut b = Client::connect(&srv);
+    a.go(false);
+    b.go(false);
+    let (x, y) = UnixStream::pair().unwrap();
+    srv.serve_stream(Stream::Unix(x));
+    y.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut c = Client { s: y };
+    assert!(c.closed(), "a third connection is refused");
+    assert_eq!(srv.connections_refused(), 1);
+    // the open ones still work, and a slot frees up when one closes
+    a.req(CMD_FLUSH, 0, 1, 0, 0);
+    assert_eq!(a.simple(), (0, 1));
+    b.req(CMD_DISC, 0, 2, 0, 0);
+    assert!(b.closed());
+    for _ in 0..200 {
+        if srv.connections() == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut d = Client::connect(&srv);
+    d.go(false);
+    d.req(CMD_FLUSH, 0, 3, 0, 0);
+    assert_eq!(d.simple(), (0, 3));
+}
+
+#[test]
+fn the_handshake_deadline_is_a_total() {
+    let srv = limited_server(Mem::new(1 << 20, false), |l| {
+        l.handshake_timeout = Duration::from_millis(800)
+    });
+    let mut c = Client::connect(&srv);
+    let t0 = std::time::Instant::now();
+    // one byte every 200 ms: each read is quick, the whole never finishes
+    let flags = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes();
+    let mut closed = false;
+    for i in 0..40 {
+        if c.s.write_all(&flags[i % 4..i % 4 + 1]).is_err() {
+            closed = true;
+            break;
+        }
+        c.s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        match c.s.read(&mut b) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => panic!("the server answered a partial handshake"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "the slow handshake was never dropped");
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn unread_replies_hold_bounded_memory() {
+    // The smallest budget: one 32 MiB request at a time per connection and server.
+    let srv = limited_server(Mem::new(64 << 20, false), |l| {
+        l.memory = 32 << 20;
+        l.connection_memory = 32 << 20;
+    });
+    let mut c = Client::connect(&srv);
+    c.go(false);
+    for i in 0..8u64 {
+        c.req(CMD_READ, 0, i, (i % 2) * (32 << 20), 32 << 20);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let used = srv.request_memory();
+    assert!(used <= (32 << 20) + super::limits::OVERDRAFT, "{used}");
+    // a second connection with small requests is still served meanwhile
+    let mut d = Client::connect(&srv);
+    d.go(false);
+    d.req(CMD_READ, 0, 99, 4096, 4096);
+    assert_eq!(d.simple(), (0, 99));
+    assert_eq!(d.rx(4096), vec![0u8; 4096]);
+    // every reply of the first arrives once it reads them
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let (err, cookie) = c.simple();
+        assert_eq!(err, 0);
+        assert_eq!(c.rx(32 << 20).len(), 32 << 20);
+        seen.push(cookie);
+    }
+    seen.sort();
+    assert_eq!(seen, (0..8).collect::<Vec<_>>());
+    assert!(srv.request_memory() <= 32 << 20);
+}
+
+#[test]
+fn workers_start_on_demand_and_stay_bounded() {
+    let mut m = Mem::new(1 << 20, false);
+    Arc::get_mut(&mut m).unwrap().slow_zero = Duration::from_millis(300);
+    let srv = limited_server(m, |l| {
+        l.threads_per_connection = 4;
+        l.max_workers = 2;
+    });
+    let mut c = Client::connect(&srv);
+    c.go(false);
+    // 6 slow reads: at most 1 + 2 run at once (the server-wide cap), all are answered
+    for i in 0..6u64 {
+        c.req(CMD_READ, 0, i, 0, 512);
+    }
+    let t0 = std::time::Instant::now();
+    for _ in 0..6 {
+        assert_eq!(c.simple().0, 0);
+        c.rx(512);
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(550),
+        "more than 3 ran at once: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1700),
+        "requests ran one by one: {took:?}"
+    );
+    assert!(srv.shared().workers.running() <= 2);
+}
+
+#[test]
+fn idle_extra_workers_leave() {
+    let mut m = Mem::new(1 << 20, false);
+    Arc::get_mut(&mut m).unwrap().slow_zero = Duration::from_millis(200);
+    let srv = limited_server(m, |l| l.threads_per_connection = 4);
+    let mut c = Client::connect(&srv);
+    c.go(false);
+    for i in 0..4u64 {
+        c.req(CMD_READ, 0, i, 0, 512);
+    }
+    for _ in 0..4 {
+        assert_eq!(c.simple().0, 0);
+        c.rx(512);
+    }
+    assert!(
+        srv.shared().workers.running() >= 1,
+        "extra workers were started"
+    );
+    // idle: every extra worker leaves within a few idle periods
+    let t0 = std::time::Instant::now();
+    while srv.shared().workers.running() > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(15), "idle workers stay");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // and the connection still serves
+    c.req(CMD_READ, 0, 9, 4096, 512);
+    assert_eq!(c.simple(), (0, 9));
+    c.rx(512);
+}
