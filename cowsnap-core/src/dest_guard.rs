@@ -472,8 +472,8 @@ pub fn container_path(spec: &str) -> Option<PathBuf> {
     }
 }
 
-/// Decode the octal escapes of /proc files (`\040` = space).
-fn unescape_octal(s: &str) -> String {
+/// Decode the octal escapes of /proc files (`\040` = space): mountinfo, swaps.
+pub fn unescape_octal(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -119,27 +119,7 @@ impl AttachRecord {
 }
 
 /// Decode the octal escapes of /proc/self/mountinfo (`\040` = space).
-pub fn unescape_mount_path(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let oct = &b[i + 1..i + 4];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                let v = oct.iter().fold(0u32, |a, &c| a * 8 + u32::from(c - b'0'));
-                if let Ok(v) = u8::try_from(v) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use cowsnap_core::dest_guard::unescape_octal as unescape_mount_path;
 
 /// Mount points in `mountinfo` text whose device is one of `devs` ("major:minor").
 pub fn mounts_of(mountinfo: &str, devs: &[String]) -> Vec<(String, String)> {
