@@ -108,6 +108,11 @@ fn decode_header<'a>(hash: &[u8; 32], raw: &'a [u8]) -> Result<Decoded<'a>> {
         return Err(corrupt(hash, "bad header"));
     }
     let raw_len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
+    // Decompression allocates raw_len bytes: a damaged header must not ask for more
+    // than any repository chunk holds.
+    if raw_len > super::MAX_CHUNK_SIZE as usize {
+        return Err(corrupt(hash, &format!("implausible length {raw_len}")));
+    }
     let stored_len = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]) as usize;
     if stored_len != raw.len() - HDR {
         return Err(corrupt(hash, "truncated"));
@@ -583,5 +588,25 @@ mod tests {
         flip(&p, 9);
         assert!(matches!(s.insert(&h, &data).unwrap(), Insert::Healed(_)));
         assert_eq!(s.read(&h, data.len()).unwrap(), data);
+    }
+
+    /// Found by fuzzing: a chunk header claiming a 4 GiB length made the reader
+    /// allocate it before decompressing. It is damage, caught from the header alone.
+    #[test]
+    fn an_implausible_length_is_damage_without_allocating_it() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ChunkStore::new(&d.path().join("chunks"), &d.path().join("quarantine"));
+        let data = vec![b'y'; 50_000];
+        let h = chunk_hash(&data);
+        s.insert(&h, &data).unwrap();
+        let p = s.path_of(&h);
+        let mut raw = std::fs::read(&p).unwrap();
+        assert_eq!(raw[5], 1, "compressed");
+        raw[8..12].copy_from_slice(&0xffff_ff00u32.to_le_bytes());
+        std::fs::write(&p, &raw).unwrap();
+        let e = s.read(&h, data.len()).unwrap_err();
+        assert!(is_damage(&e), "{e}");
+        assert!(e.to_string().contains("implausible length"), "{e}");
+        assert!(s.is_quarantined(&h));
     }
 }

@@ -50,6 +50,14 @@ use std::path::{Path, PathBuf};
 
 /// Default repository chunk size: 1 MiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+/// The largest repository chunk size (a power of two): every chunk read allocates up to
+/// this much, so a damaged or hostile repository configuration cannot ask for more.
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+
+/// Whether `chunk_size` is a repository chunk size: a power of two in 4 KiB ..= 64 MiB.
+fn valid_chunk_size(chunk_size: u32) -> bool {
+    chunk_size.is_power_of_two() && (4096..=MAX_CHUNK_SIZE).contains(&chunk_size)
+}
 const CONFIG_FILE: &str = "cowsnap-repo.json";
 const FORMAT: &str = "cowsnap-repo";
 
@@ -102,7 +110,7 @@ impl Repo {
                 config.version
             ));
         }
-        if !config.chunk_size.is_power_of_two() || config.chunk_size < 4096 {
+        if !valid_chunk_size(config.chunk_size) {
             return Err(crate::err!(
                 Corrupt,
                 "unable to open repository {}: bad chunk size {}",
@@ -120,10 +128,10 @@ impl Repo {
     /// Open the repository, creating it (with `chunk_size`) if `dir` holds none.
     pub fn open_or_create(dir: &Path, chunk_size: u32) -> Result<Repo> {
         if !dir.join(CONFIG_FILE).exists() {
-            if !chunk_size.is_power_of_two() || chunk_size < 4096 {
+            if !valid_chunk_size(chunk_size) {
                 return Err(crate::err!(
                     InvalidInput,
-                    "unable to create repository {}: chunk size {chunk_size} is not a power of two >= 4096",
+                    "unable to create repository {}: chunk size {chunk_size} is not a power of two from 4096 to {MAX_CHUNK_SIZE}",
                     dir.display()
                 ));
             }
