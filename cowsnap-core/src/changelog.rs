@@ -50,7 +50,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// File name of the change log inside a state directory.
@@ -258,6 +258,9 @@ pub struct ChangeLog {
     queue_cv: Condvar,
     seq_next: AtomicU64,
     inflight: Mutex<BTreeSet<u64>>,
+    /// The header says "closed cleanly" ([`ChangeLog::close`]); the next bitmap write
+    /// marks it dirty again first.
+    closed: AtomicBool,
 }
 
 fn words_for(nbits: u64) -> usize {
@@ -420,6 +423,7 @@ impl ChangeLog {
             queue_cv: Condvar::new(),
             seq_next: AtomicU64::new(seq_next),
             inflight: Mutex::new(BTreeSet::new()),
+            closed: AtomicBool::new(false),
         };
         cl.file
             .set_len(HEADER_SIZE as u64 + 2 * region_len)
@@ -489,7 +493,10 @@ impl ChangeLog {
         self.file
             .write_all_at(&h.encode(), 0)
             .ctx(|| format!("unable to write change log {}", self.path.display()))?;
-        self.sync()
+        self.sync()?;
+        self.closed
+            .store(extra_flags & FLAG_DIRTY == 0, Ordering::SeqCst);
+        Ok(())
     }
 
     fn lowest_unacked(&self, seq_next: u64) -> u64 {
@@ -567,6 +574,14 @@ impl ChangeLog {
     }
 
     fn persist_bits(&self, off: u64, len: u64) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            // a change after close: the header says "not closed cleanly" again before
+            // a sequence number is handed out or a bit persisted
+            let inner = self.lock_inner();
+            if self.closed.load(Ordering::SeqCst) {
+                self.write_header(&inner, FLAG_DIRTY)?;
+            }
+        }
         if len == 0 || self.nbits == 0 {
             return Ok(());
         }
@@ -762,10 +777,21 @@ impl ChangeLog {
     }
 }
 
+impl ChangeLog {
+    /// Record a clean stop: the header loses its dirty flag, so the next open does not
+    /// treat the sequence numbers as possibly reused. For owners that cannot rely on
+    /// `Drop` (the log is shared by threads that outlive the shutdown). Call it once
+    /// nothing writes to the disk any more; a change recorded afterwards marks the
+    /// header dirty again before it is persisted. Dropping the log does the same.
+    pub fn close(&self) -> Result<()> {
+        let inner = self.lock_inner();
+        self.write_header(&inner, 0)
+    }
+}
+
 impl Drop for ChangeLog {
     fn drop(&mut self) {
-        let inner = self.lock_inner();
-        if let Err(e) = self.write_header(&inner, 0) {
+        if let Err(e) = self.close() {
             let e: Error = e;
             log::warn!("{e}");
         }
@@ -870,6 +896,30 @@ mod tests {
         let cut = cl.begin_generation().unwrap();
         assert_eq!(ones(&cut), vec![7, 9, 11]);
         assert_eq!(cut.relative_to.as_deref(), Some("G1"));
+    }
+
+    #[test]
+    fn close_is_a_clean_stop_and_a_later_change_undoes_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CHANGELOG_FILE);
+        let size = 16 * CS as u64;
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        cl.mark(0, 1).unwrap();
+        cl.close().unwrap();
+        let seq = cl.status().seq_next;
+        // still shared (as in the daemon): no Drop, yet the stop counts as clean
+        let again = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(again.status().seq_next, seq, "no bump after close");
+        std::mem::forget(again);
+        // a change after close makes the header dirty again before it is persisted
+        cl.mark(CS as u64, 1).unwrap();
+        std::mem::forget(cl);
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert!(
+            cl.status().seq_next >= 1 << 32,
+            "bumped: not closed after the change"
+        );
+        assert_eq!(ones(&cl.begin_generation().unwrap()), vec![0, 1]);
     }
 
     #[test]
