@@ -38,6 +38,9 @@ use std::ops::Range;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+/// Default tracking chunk size (64 KiB); see `engine::check_chunk_size` for the range.
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+
 /// Disk size and chunking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {

@@ -6,7 +6,7 @@
 //!    (cycling through them in disk order). Chunks written since the snapshot are
 //!    exactly the preserved ones, so hot chunks are drained early and their slots
 //!    freed at once.
-//! 2. Priority ranges (`BackupParams::priority`, `Engine::backup_priority`), in the
+//! 2. Priority ranges (`BackupParams::priority`, `Backups::prioritize`), in the
 //!    order given.
 //! 3. The sequential walk over the in-scope chunks, wrapping around to pick up
 //!    granules skipped while a writer was preserving them.

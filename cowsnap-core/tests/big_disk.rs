@@ -1,7 +1,7 @@
 //! Starting a snapshot of a 16 TiB sparse disk costs the bitmap allocation only: no
 //! scan of the disk. Prints the figures for the benchmarks.
 
-use cowsnap_core::backup::BackupParams;
+use cowsnap_core::backup::{BackupParams, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
@@ -26,12 +26,13 @@ fn start_on(dir: &Path, size: u64) -> (Duration, u64, u64) {
     f.set_len(size).unwrap();
     drop(f);
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     let e = Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap();
+    let b = Backups::new(e.clone());
     let img = dir.join(format!("img-{size}"));
     let rss0 = rss_kib();
     let t0 = Instant::now();
-    e.start_backup(BackupParams {
+    b.start(BackupParams {
         to: format!("file:{}", img.display()),
         rate_limit: Some(1 << 20), // keeps the drainer from reading much
         ..Default::default()
@@ -42,12 +43,12 @@ fn start_on(dir: &Path, size: u64) -> (Duration, u64, u64) {
     // the disk works during the snapshot, also at its very end
     e.write(size - 1, &[7], false).unwrap();
     e.write((size / 2) & !65535, &[8; 4096], false).unwrap();
-    let st = e.backup_status().unwrap();
+    let st = b.status().unwrap();
     assert_eq!(st.state, "running");
     assert_eq!(st.chunks_preserved, 2, "{st:?}");
     let bitmap = st.bitmap_bytes;
-    e.cancel_backup().unwrap();
-    let st = e.wait_backup(Duration::from_secs(10)).unwrap();
+    b.cancel().unwrap();
+    let st = b.wait(Duration::from_secs(10)).unwrap();
     assert_eq!(st.state, "failed");
     assert!(incomplete_marker(&img).exists());
     let mut b = [0u8; 1];

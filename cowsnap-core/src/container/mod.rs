@@ -4,7 +4,7 @@
 //! Design notes
 //! - A container stores whole chunks in numbered slots (`SlotIdx`); it does not
 //!   allocate them. Slot allocation, usage, the high-water mark and the waiting of
-//!   writers when it is full live in `snapshot::SlotPool`, so every backend shares one
+//!   writers when it is full live in [`SlotPool`] (`pool.rs`), so every backend shares one
 //!   implementation of that logic and a new backend only moves bytes.
 //! - Specs: `ram:SIZE` ([`ram::RamContainer`], memory allocated per slot on first use),
 //!   `file:PATH:SIZE` ([`file::FileContainer`], created new and preallocated with
@@ -24,7 +24,10 @@
 //! - Every backend runs the `conformance::run` checks in its tests.
 
 pub mod file;
+mod pool;
 pub mod ram;
+
+pub use pool::SlotPool;
 
 use crate::error::Result;
 use std::fmt;

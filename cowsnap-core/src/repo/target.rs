@@ -186,17 +186,9 @@ pub struct RepoTarget {
 }
 
 /// Open a backup of `params.disk_name` into the repository at `dir` (created with the
-/// default chunk size if missing), for the engine's default 64 KiB tracking chunk.
-pub fn open_target(dir: &Path, params: RepoTargetParams) -> Result<Box<dyn Target>> {
-    open_target_with(
-        dir,
-        params,
-        crate::engine::EngineConfig::default().chunk_size,
-    )
-}
-
-/// Like [`open_target`] for a given tracking chunk size (checked again in `begin`).
-pub fn open_target_with(
+/// default chunk size if missing) for a disk tracked in `tracking_chunk`-byte chunks
+/// (checked again in `begin`).
+pub fn open_target(
     dir: &Path,
     params: RepoTargetParams,
     tracking_chunk: u32,
@@ -205,7 +197,7 @@ pub fn open_target_with(
 }
 
 impl RepoTarget {
-    /// Open the target (see [`open_target_with`]).
+    /// Open the target (see [`open_target`]).
     pub fn open(dir: &Path, params: RepoTargetParams, tracking_chunk: u32) -> Result<Self> {
         if params.disk_name.is_empty() {
             return Err(crate::err!(

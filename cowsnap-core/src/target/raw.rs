@@ -85,7 +85,7 @@ impl RawImage {
         drop(f);
         let mut spec = OpenSpec::origin(path);
         spec.exclusive = false;
-        spec.engine = blockio::Engine::Sync;
+        spec.engine = blockio::IoEngine::Sync;
         let io = blockio::open(&spec).map_err(|e| e.with_context("unable to open image"))?;
         Ok(RawImage {
             io,
@@ -103,7 +103,7 @@ impl RawImage {
     /// opened exclusively.
     pub fn open_device(path: &Path, disk_size: u64, chunk_size: u32) -> Result<Self> {
         let mut spec = OpenSpec::origin(path);
-        spec.engine = blockio::Engine::Sync;
+        spec.engine = blockio::IoEngine::Sync;
         let io =
             blockio::open(&spec).map_err(|e| e.with_context("unable to open target device"))?;
         if io.size() < disk_size {

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use cowsnap_core::changelog::{ChangeLog, Cut};
-use cowsnap_core::repo::{open_target_with, RepoTargetParams};
+use cowsnap_core::repo::{open_target, RepoTargetParams};
 use cowsnap_core::target::{Scope, SnapshotInfo, TargetSummary};
 use std::path::Path;
 
@@ -82,7 +82,7 @@ pub fn backup(
     lineage: &str,
     incremental: bool,
 ) -> Backup {
-    let mut t = open_target_with(
+    let mut t = open_target(
         repo,
         RepoTargetParams {
             disk_name: name.into(),
