@@ -43,6 +43,9 @@
 //!   `seq_lowest_unacked == seq_next`. `seq_next` is persisted on every header write;
 //!   after an unclean shutdown it is bumped by 2^32 so numbers never repeat.
 
+use crate::bitmap::{
+    from_le_bytes as bytes_to_words, to_le_bytes as words_to_bytes, words_for, AtomicBitmap,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::identity::Identity;
 use bitvec::prelude::*;
@@ -252,7 +255,7 @@ pub struct ChangeLog {
     nbits: u64,
     region_len: u64,
     /// Region C, bits that are durable on disk.
-    durable: Vec<AtomicU64>,
+    durable: AtomicBitmap,
     inner: Mutex<Inner>,
     queue: Mutex<MarkQueue>,
     queue_cv: Condvar,
@@ -263,33 +266,8 @@ pub struct ChangeLog {
     closed: AtomicBool,
 }
 
-fn words_for(nbits: u64) -> usize {
-    nbits.div_ceil(64) as usize
-}
-
 fn region_len_for(nbits: u64) -> u64 {
     (words_for(nbits) as u64 * 8).div_ceil(BLOCK).max(1) * BLOCK
-}
-
-fn words_to_bytes(words: &[u64], len: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len);
-    for w in words {
-        v.extend_from_slice(&w.to_le_bytes());
-    }
-    v.resize(len, 0);
-    v
-}
-
-fn bytes_to_words(b: &[u8], nwords: usize) -> Vec<u64> {
-    (0..nwords)
-        .map(|i| {
-            let mut w = [0u8; 8];
-            if let Some(s) = b.get(i * 8..i * 8 + 8) {
-                w.copy_from_slice(s);
-            }
-            u64::from_le_bytes(w)
-        })
-        .collect()
 }
 
 /// Clear the bits past `nbits` in the last word: they stand for no chunk (a damaged
@@ -413,7 +391,7 @@ impl ChangeLog {
             chunk_size,
             nbits,
             region_len,
-            durable: words.iter().map(|&w| AtomicU64::new(w)).collect(),
+            durable: AtomicBitmap::from_words(words.clone()),
             inner: Mutex::new(Inner {
                 relative_to,
                 pending: None,
@@ -505,10 +483,7 @@ impl ChangeLog {
     }
 
     fn current_words(&self) -> Vec<u64> {
-        self.durable
-            .iter()
-            .map(|w| w.load(Ordering::SeqCst))
-            .collect()
+        self.durable.to_words()
     }
 
     /// The disk's lineage id.
@@ -529,11 +504,7 @@ impl ChangeLog {
     /// State for status output.
     pub fn status(&self) -> ChangeLogStatus {
         let inner = self.lock_inner();
-        let mut changed: u64 = self
-            .durable
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
-            .sum();
+        let mut changed: u64 = self.durable.count_ones();
         if let Some(p) = &inner.pending {
             changed += p.iter().map(|w| w.count_ones() as u64).sum::<u64>();
         }
@@ -591,10 +562,8 @@ impl ChangeLog {
         if first > last {
             return Ok(());
         }
-        let is_set = |c: u64| {
-            self.durable[(c / 64) as usize].load(Ordering::Acquire) & (1u64 << (c % 64)) != 0
-        };
-        if (first..=last).all(is_set) {
+        let is_set = |c: u64| self.durable.get(c);
+        if self.durable.all(first..last + 1) {
             return Ok(());
         }
         // Group commit: queue the bits under a ticket; one thread at a time (the
@@ -655,11 +624,8 @@ impl ChangeLog {
         blocks.dedup();
         for b in blocks {
             let start = b * words_per_block;
-            let end = (start + words_per_block).min(self.durable.len());
-            let mut block: Vec<u64> = self.durable[start..end]
-                .iter()
-                .map(|w| w.load(Ordering::Relaxed))
-                .collect();
+            let end = (start + words_per_block).min(self.durable.nwords());
+            let mut block: Vec<u64> = (start..end).map(|w| self.durable.word(w)).collect();
             for (i, m) in batch.range(start..end) {
                 block[i - start] |= m;
             }
@@ -670,7 +636,7 @@ impl ChangeLog {
         }
         self.sync()?;
         for (i, m) in batch {
-            self.durable[*i].fetch_or(*m, Ordering::Release);
+            self.durable.or_word(*i, *m);
         }
         Ok(())
     }
@@ -690,11 +656,9 @@ impl ChangeLog {
         self.sync()?;
         inner.pending = Some(cut_words.clone());
         self.write_header(&inner, FLAG_DIRTY)?;
-        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.len()])?;
+        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.nwords()])?;
         self.sync()?;
-        for w in &self.durable {
-            w.store(0, Ordering::SeqCst);
-        }
+        self.durable.clear();
         let seq_next = self.seq_next.load(Ordering::SeqCst);
         let mut changed: BitVec<u64, Lsb0> = BitVec::from_vec(cut_words);
         changed.truncate(self.nbits as usize);
@@ -740,9 +704,7 @@ impl ChangeLog {
         }
         self.write_region(HEADER_SIZE as u64, &words)?;
         self.sync()?;
-        for (a, w) in self.durable.iter().zip(&words) {
-            a.store(*w, Ordering::SeqCst);
-        }
+        self.durable.store_words(&words);
         inner.pending = None;
         self.write_header(&inner, FLAG_DIRTY)
     }
@@ -767,11 +729,9 @@ impl ChangeLog {
         let mut inner = self.lock_inner();
         inner.pending = None;
         inner.relative_to = Some(gen.to_string());
-        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.len()])?;
+        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.nwords()])?;
         self.sync()?;
-        for w in &self.durable {
-            w.store(0, Ordering::SeqCst);
-        }
+        self.durable.clear();
         inner.reset_reason = None;
         self.write_header(&inner, FLAG_DIRTY)
     }

@@ -33,7 +33,9 @@
 
 pub mod aligned;
 pub mod backup;
+pub mod bitmap;
 pub mod blockio;
+pub mod bytes;
 pub mod changelog;
 pub mod chunk_map;
 pub mod container;

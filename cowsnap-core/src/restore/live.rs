@@ -38,6 +38,7 @@
 //!   fill is never resumed nor served as a plain disk (the destination holds partial
 //!   data); a new live restore under the name starts afresh.
 
+use crate::bitmap::{self, AtomicBitmap};
 use crate::blockio::{check_range, BlockIo};
 use crate::error::{IoContext, Result};
 use crate::fsutil::hex;
@@ -306,7 +307,7 @@ pub struct FillingIo {
     nchunks: u64,
     state_path: PathBuf,
     state: Mutex<File>,
-    restored: Vec<AtomicU64>,
+    restored: AtomicBitmap,
     done: AtomicU64,
     complete: AtomicBool,
     busy: Mutex<HashSet<u64>>,
@@ -427,7 +428,7 @@ impl FillingIo {
                 nchunks: h.nchunks,
                 state_path: state_path.to_path_buf(),
                 state: Mutex::new(file),
-                restored: Vec::new(),
+                restored: AtomicBitmap::from_words(Vec::new()),
                 done: AtomicU64::new(h.nchunks),
                 complete: AtomicBool::new(true),
                 busy: Mutex::new(HashSet::new()),
@@ -475,12 +476,7 @@ impl FillingIo {
                         "unable to resume the restore: fill state {sp} is truncated"
                     ));
                 }
-                for (i, w) in bits.iter_mut().enumerate() {
-                    let o = HEADER as usize + i * 8;
-                    let mut x = [0u8; 8];
-                    x.copy_from_slice(&b[o..o + 8]);
-                    *w = u64::from_le_bytes(x);
-                }
+                bits = bitmap::from_le_bytes(&b[HEADER as usize..], words);
                 // A fill from before pins existed, or whose pin was removed: pin again.
                 let pinned = std::fs::read_to_string(pin_note_path(state_path))
                     .is_ok_and(|p| Path::new(p.trim()).exists());
@@ -536,7 +532,7 @@ impl FillingIo {
             nchunks,
             state_path: state_path.to_path_buf(),
             state: Mutex::new(file),
-            restored: bits.into_iter().map(AtomicU64::new).collect(),
+            restored: AtomicBitmap::from_words(bits),
             done: AtomicU64::new(done),
             complete: AtomicBool::new(false),
             busy: Mutex::new(HashSet::new()),
@@ -573,7 +569,7 @@ impl FillingIo {
     }
 
     fn is_restored(&self, c: u64) -> bool {
-        self.restored[(c / 64) as usize].load(Ordering::Acquire) & (1 << (c % 64)) != 0
+        self.restored.get(c)
     }
 
     fn chunk_range(&self, off: u64, len: u64) -> std::ops::Range<u64> {
@@ -630,11 +626,7 @@ impl FillingIo {
             return Ok(());
         }
         let file = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut words: Vec<u64> = self
-            .restored
-            .iter()
-            .map(|w| w.load(Ordering::Acquire))
-            .collect();
+        let mut words: Vec<u64> = self.restored.to_words();
         let mut blocks = Vec::new();
         for &c in chunks {
             words[(c / 64) as usize] |= 1 << (c % 64);
@@ -645,10 +637,7 @@ impl FillingIo {
         for b in blocks {
             let w0 = (b * BLOCK / 8) as usize;
             let w1 = (w0 + (BLOCK / 8) as usize).min(words.len());
-            let mut bytes = Vec::with_capacity((w1 - w0) * 8);
-            for w in &words[w0..w1] {
-                bytes.extend_from_slice(&w.to_le_bytes());
-            }
+            let bytes = bitmap::to_le_bytes(&words[w0..w1], (w1 - w0) * 8);
             file.write_all_at(&bytes, HEADER + b * BLOCK)
                 .ctx(|| format!("unable to write fill state {}", self.state_path.display()))?;
         }
@@ -656,8 +645,7 @@ impl FillingIo {
             .ctx(|| format!("unable to sync fill state {}", self.state_path.display()))?;
         let mut newly = 0;
         for &c in chunks {
-            let prev = self.restored[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::AcqRel);
-            if prev & (1 << (c % 64)) == 0 {
+            if !self.restored.set(c) {
                 newly += 1;
             }
         }

@@ -23,6 +23,7 @@
 
 use super::{Scope, SnapshotInfo, Target, TargetSummary};
 use crate::blockio::{self, BlockIo, OpenSpec};
+use crate::bytes::is_zero;
 use crate::changelog::Cut;
 use crate::error::{IoContext, Result};
 use std::fs::OpenOptions;
@@ -133,16 +134,6 @@ impl RawImage {
     fn ctx(&self, what: &str) -> String {
         format!("unable to {what} target {}", self.path.display())
     }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    // word-wise: the compiler vectorises this well in release builds
-    let (head, mid, tail) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the
-        // aligned middle of the byte slice, which stays borrowed immutably.
-        unsafe { b.align_to::<u64>() }
-    };
-    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
 impl Target for RawImage {
