@@ -37,9 +37,9 @@
 //!   empty) until a generation is committed, so a restart before the next backup does
 //!   not lose it.
 //! - Sequence numbers: `mark`/`mark_seq` hand out increasing numbers. `mark_seq` also
-//!   records the write as in flight until `done(seq)`; the lowest unacknowledged number
+//!   records the write as in flight until `ack(seq)`; the lowest unacknowledged number
 //!   is the lowest in flight, or `seq_next` when nothing is. Callers that use `mark`
-//!   (no `done`) are treated as acknowledged at once: at a quiesced snapshot instant
+//!   (no `ack`) are treated as acknowledged at once: at a quiesced snapshot instant
 //!   `seq_lowest_unacked == seq_next`. `seq_next` is persisted on every header write;
 //!   after an unclean shutdown it is bumped by 2^32 so numbers never repeat.
 
@@ -226,7 +226,7 @@ pub struct ChangeLogStatus {
 struct Inner {
     relative_to: Option<String>,
     /// Bits of the outstanding cut (also on disk in region P).
-    pending: Option<Vec<u64>>,
+    cut_bits: Option<Vec<u64>>,
     reset_reason: Option<String>,
 }
 
@@ -394,7 +394,7 @@ impl ChangeLog {
             durable: AtomicBitmap::from_words(words.clone()),
             inner: Mutex::new(Inner {
                 relative_to,
-                pending: None,
+                cut_bits: None,
                 reset_reason,
             }),
             queue: Mutex::new(MarkQueue::default()),
@@ -445,7 +445,7 @@ impl ChangeLog {
         if inner.relative_to.is_some() {
             flags |= FLAG_TRUSTED;
         }
-        if inner.pending.is_some() {
+        if inner.cut_bits.is_some() {
             flags |= FLAG_IN_GENERATION;
         }
         let seq_next = self.seq_next.load(Ordering::SeqCst);
@@ -505,7 +505,7 @@ impl ChangeLog {
     pub fn status(&self) -> ChangeLogStatus {
         let inner = self.lock_inner();
         let mut changed: u64 = self.durable.count_ones();
-        if let Some(p) = &inner.pending {
+        if let Some(p) = &inner.cut_bits {
             changed += p.iter().map(|w| w.count_ones() as u64).sum::<u64>();
         }
         ChangeLogStatus {
@@ -513,7 +513,7 @@ impl ChangeLog {
             relative_to: inner.relative_to.clone(),
             changed_chunks: changed,
             chunk_size: self.chunk_size,
-            in_generation: inner.pending.is_some(),
+            in_generation: inner.cut_bits.is_some(),
             reset_reason: inner.reset_reason.clone(),
             seq_next: self.seq_next.load(Ordering::Relaxed),
         }
@@ -527,7 +527,7 @@ impl ChangeLog {
     }
 
     /// Like [`ChangeLog::mark`], and returns the write's sequence number, which stays
-    /// unacknowledged until [`ChangeLog::done`] is called with it.
+    /// unacknowledged until [`ChangeLog::ack`] is called with it.
     pub fn mark_seq(&self, off: u64, len: u64) -> Result<u64> {
         self.persist_bits(off, len)?;
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -537,7 +537,7 @@ impl ChangeLog {
     }
 
     /// The write numbered `seq` (from [`ChangeLog::mark_seq`]) is finished.
-    pub fn done(&self, seq: u64) {
+    pub fn ack(&self, seq: u64) {
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -646,7 +646,7 @@ impl ChangeLog {
     pub fn begin_generation(&self) -> Result<Cut> {
         let mut inner = self.lock_inner();
         let mut cut_words = self.current_words();
-        if let Some(prev) = &inner.pending {
+        if let Some(prev) = &inner.cut_bits {
             // A previous cut was neither committed nor aborted: keep its bits too.
             for (w, p) in cut_words.iter_mut().zip(prev) {
                 *w |= p;
@@ -654,7 +654,7 @@ impl ChangeLog {
         }
         self.write_region(HEADER_SIZE as u64 + self.region_len, &cut_words)?;
         self.sync()?;
-        inner.pending = Some(cut_words.clone());
+        inner.cut_bits = Some(cut_words.clone());
         self.write_header(&inner, FLAG_DIRTY)?;
         self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.nwords()])?;
         self.sync()?;
@@ -675,17 +675,17 @@ impl ChangeLog {
     /// The backup of `cut` is committed as generation `gen`: forget its bits.
     pub fn commit_generation(&self, _cut: &Cut, gen: &str) -> Result<()> {
         let mut inner = self.lock_inner();
-        if inner.pending.is_none() {
+        if inner.cut_bits.is_none() {
             return Err(crate::err!(
                 InvalidInput,
                 "unable to commit generation {gen} to the change log: no backup is running"
             ));
         }
-        let old = (inner.relative_to.take(), inner.pending.take());
+        let old = (inner.relative_to.take(), inner.cut_bits.take());
         inner.relative_to = Some(gen.to_string());
         if let Err(e) = self.write_header(&inner, FLAG_DIRTY) {
             inner.relative_to = old.0;
-            inner.pending = old.1;
+            inner.cut_bits = old.1;
             return Err(e);
         }
         inner.reset_reason = None;
@@ -695,17 +695,17 @@ impl ChangeLog {
     /// The backup of `cut` failed: keep its bits for the next one.
     pub fn abort_generation(&self, _cut: &Cut) -> Result<()> {
         let mut inner = self.lock_inner();
-        let Some(pending) = inner.pending.clone() else {
+        let Some(cut_bits) = inner.cut_bits.clone() else {
             return Ok(());
         };
         let mut words = self.current_words();
-        for (w, p) in words.iter_mut().zip(&pending) {
+        for (w, p) in words.iter_mut().zip(&cut_bits) {
             *w |= p;
         }
         self.write_region(HEADER_SIZE as u64, &words)?;
         self.sync()?;
         self.durable.store_words(&words);
-        inner.pending = None;
+        inner.cut_bits = None;
         self.write_header(&inner, FLAG_DIRTY)
     }
 
@@ -727,7 +727,7 @@ impl ChangeLog {
     /// restored from `gen`: its content is exactly that generation's).
     pub fn reset_relative_to(&self, gen: &str) -> Result<()> {
         let mut inner = self.lock_inner();
-        inner.pending = None;
+        inner.cut_bits = None;
         inner.relative_to = Some(gen.to_string());
         self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.nwords()])?;
         self.sync()?;
@@ -971,11 +971,11 @@ mod tests {
         let a = cl.mark_seq(0, 10).unwrap();
         let b = cl.mark_seq(0, 10).unwrap();
         assert_eq!(b, a + 1);
-        cl.done(b);
+        cl.ack(b);
         let cut = cl.begin_generation().unwrap();
         assert_eq!(cut.seq_next, b + 1);
         assert_eq!(cut.seq_lowest_unacked, a);
-        cl.done(a);
+        cl.ack(a);
         cl.abort_generation(&cut).unwrap();
         let cut = cl.begin_generation().unwrap();
         assert_eq!(cut.seq_lowest_unacked, cut.seq_next);

@@ -205,12 +205,12 @@ impl<'a> Drainer<'a> {
             self.snap.map.abandon(claim);
             return Err(e);
         }
-        self.snap.map.copied(claim);
+        self.snap.map.mark_copied(claim);
         self.target
             .write(off, &self.buf[..len])
             .map_err(|e| e.with_context("unable to write the backup target"))?;
         for &(c, _) in &claim.preserved {
-            if let Some(s) = self.snap.map.drained(c) {
+            if let Some(s) = self.snap.map.mark_drained(c) {
                 self.snap.slots.free(s);
             }
         }

@@ -247,7 +247,7 @@ impl Engine {
             Some(cl) => {
                 let seq = cl.mark_seq(off, len)?;
                 let r = op();
-                cl.done(seq);
+                cl.ack(seq);
                 r
             }
             None => op(),

@@ -14,8 +14,10 @@
 //!      chunk preserved (which releases the busy mark and wakes waiters).
 //! - Only after every chunk is handled does the caller write the origin and reply:
 //!   container write → origin write, always.
-//! - A writer holds at most one busy mark, and only across I/O: no waiting while
-//!   holding a mark, hence no deadlock with other writers or the drainer.
+//! - A writer holds at most one busy mark, and only across I/O: it never waits for
+//!   another mark or a slot while holding one, hence no deadlock with other writers or
+//!   the drainer. (During a live restore that I/O may wait for the live restore's fill
+//!   marks; see the crate's locking table for why that order is safe.)
 //! - Failures: if reading the original or writing the container fails, the snapshot is
 //!   failed (`fail`), never the user's write: the mark is released, every waiter is
 //!   woken and passes through, and the write goes on to the origin.
@@ -235,7 +237,7 @@ impl Snapshot {
                         });
                         match r {
                             Ok(()) => {
-                                self.map.preserved(c, s);
+                                self.map.mark_preserved(c, s);
                                 self.stats.preserved.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(e) => {

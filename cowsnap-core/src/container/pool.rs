@@ -125,6 +125,7 @@ impl SlotPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::wait_for;
     use std::sync::Arc;
 
     #[test]
@@ -135,12 +136,13 @@ mod tests {
         assert_eq!(p.used(), 2);
         let p2 = p.clone();
         let t = std::thread::spawn(move || p2.alloc_wait());
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(p.waiters(), 1);
+        wait_for(|| p.waiters() == 1);
+        assert!(!t.is_finished(), "a full pool must hold the writer");
         p.free(a);
         let (s, waited) = t.join().unwrap().unwrap();
         assert_eq!(s, a);
-        assert!(waited >= Duration::from_millis(40));
+        assert!(!waited.is_zero(), "the wait is reported");
+        assert_eq!(p.waiters(), 0);
         assert_eq!(p.high_water(), 2);
     }
 
@@ -150,7 +152,7 @@ mod tests {
         p.alloc_wait().unwrap();
         let p2 = p.clone();
         let t = std::thread::spawn(move || p2.alloc_wait());
-        std::thread::sleep(Duration::from_millis(20));
+        wait_for(|| p.waiters() == 1);
         p.drop_all();
         assert!(t.join().unwrap().is_none());
     }

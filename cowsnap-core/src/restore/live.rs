@@ -308,7 +308,8 @@ pub struct FillingIo {
     state_path: PathBuf,
     state: Mutex<File>,
     restored: AtomicBitmap,
-    done: AtomicU64,
+    /// Chunks whose bit is set (restored).
+    restored_count: AtomicU64,
     complete: AtomicBool,
     busy: Mutex<HashSet<u64>>,
     busy_cv: Condvar,
@@ -429,7 +430,7 @@ impl FillingIo {
                 state_path: state_path.to_path_buf(),
                 state: Mutex::new(file),
                 restored: AtomicBitmap::from_words(Vec::new()),
-                done: AtomicU64::new(h.nchunks),
+                restored_count: AtomicU64::new(h.nchunks),
                 complete: AtomicBool::new(true),
                 busy: Mutex::new(HashSet::new()),
                 busy_cv: Condvar::new(),
@@ -533,7 +534,7 @@ impl FillingIo {
             state_path: state_path.to_path_buf(),
             state: Mutex::new(file),
             restored: AtomicBitmap::from_words(bits),
-            done: AtomicU64::new(done),
+            restored_count: AtomicU64::new(done),
             complete: AtomicBool::new(false),
             busy: Mutex::new(HashSet::new()),
             busy_cv: Condvar::new(),
@@ -561,7 +562,7 @@ impl FillingIo {
     /// Progress of the fill.
     pub fn fill_status(&self) -> FillStatus {
         FillStatus {
-            done: self.done.load(Ordering::SeqCst),
+            done: self.restored_count.load(Ordering::SeqCst),
             total: self.nchunks,
             complete: self.complete.load(Ordering::SeqCst),
             error: self.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
@@ -649,7 +650,7 @@ impl FillingIo {
                 newly += 1;
             }
         }
-        let done = self.done.fetch_add(newly, Ordering::SeqCst) + newly;
+        let done = self.restored_count.fetch_add(newly, Ordering::SeqCst) + newly;
         drop(file);
         if done == self.nchunks {
             self.finish()?;
@@ -839,7 +840,7 @@ fn fill_loop(weak: Weak<FillingIo>) {
         match io.fill_batch(&mut from) {
             Ok(Some(n)) => bytes += n,
             Ok(None) => {
-                if io.done.load(Ordering::SeqCst) < io.nchunks {
+                if io.restored_count.load(Ordering::SeqCst) < io.nchunks {
                     log::error!("restore fill passed the end with chunks missing");
                 }
                 io.fill_running.store(false, Ordering::SeqCst);
