@@ -264,6 +264,9 @@ pub struct ChangeLog {
     /// The header says "closed cleanly" ([`ChangeLog::close`]); the next bitmap write
     /// marks it dirty again first.
     closed: AtomicBool,
+    /// Tests: every sync fails (an fsync error of the change-log file).
+    #[cfg(test)]
+    pub(crate) fail_syncs: AtomicBool,
 }
 
 fn region_len_for(nbits: u64) -> u64 {
@@ -402,6 +405,8 @@ impl ChangeLog {
             seq_next: AtomicU64::new(seq_next),
             inflight: Mutex::new(BTreeSet::new()),
             closed: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_syncs: AtomicBool::new(false),
         };
         cl.file
             .set_len(HEADER_SIZE as u64 + 2 * region_len)
@@ -428,6 +433,13 @@ impl ChangeLog {
     }
 
     fn sync(&self) -> Result<()> {
+        #[cfg(test)]
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                format!("unable to sync change log {}", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.file
             .sync_data()
             .ctx(|| format!("unable to sync change log {}", self.path.display()))

@@ -403,3 +403,44 @@ impl Export for Engine {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockio::{self, IoEngine, OpenSpec};
+
+    #[test]
+    fn a_failing_change_log_sync_fails_the_write_before_the_origin_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let origin = d.path().join("disk");
+        std::fs::write(&origin, vec![1u8; 1 << 20]).unwrap();
+        let mut spec = OpenSpec::origin(&origin);
+        spec.engine = IoEngine::Sync;
+        let cl = Arc::new(
+            ChangeLog::open_with_lineage(&d.path().join("changelog.bin"), 1 << 20, 65536, "l")
+                .unwrap(),
+        );
+        let e = Engine::new(
+            blockio::open(&spec).unwrap(),
+            EngineConfig::default(),
+            Some(cl.clone()),
+        )
+        .unwrap();
+        cl.fail_syncs.store(true, Ordering::SeqCst);
+        let err = e.write(65536, &[9u8; 4096], false).unwrap_err();
+        assert!(err.to_string().contains("change log"), "{err}");
+        assert_eq!(e.stats().errors, 1);
+        let mut b = vec![0u8; 4096];
+        e.read(65536, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 1), "the origin was not written");
+        // the same holds for trim and write-zeroes, which change data too
+        assert!(e.trim(65536, 4096, false).is_err());
+        assert!(e.zero(65536, 4096, ZeroFlags::default()).is_err());
+        // once the change log is healthy again the write goes through, tracked
+        cl.fail_syncs.store(false, Ordering::SeqCst);
+        e.write(65536, &[9u8; 4096], false).unwrap();
+        e.read(65536, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 9));
+        assert_eq!(cl.status().changed_chunks, 1);
+    }
+}

@@ -50,6 +50,19 @@ fn mem_engine(size: usize, seed: u64) -> MemEngine {
 
 #[test]
 fn file_backup_of_a_file_origin_matches() {
+    file_backup_matches(blockio::IoEngine::Sync);
+}
+
+#[test]
+fn file_backup_of_a_file_origin_matches_on_io_uring() {
+    if !blockio::uring::probe() {
+        eprintln!("SKIP: io_uring is not available here");
+        return;
+    }
+    file_backup_matches(blockio::IoEngine::Uring);
+}
+
+fn file_backup_matches(io_engine: blockio::IoEngine) {
     let dir = tempfile::tempdir().unwrap();
     let origin = dir.path().join("disk");
     let size = 5 * CSU + 12345; // short last chunk
@@ -57,9 +70,17 @@ fn file_backup_of_a_file_origin_matches() {
     data[CSU as usize..2 * CSU as usize].fill(0); // a zero chunk -> hole in the image
     std::fs::write(&origin, &data).unwrap();
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::IoEngine::Sync;
+    spec.engine = io_engine;
     let io = blockio::open(&spec).unwrap();
     let e = Engine::new(io, EngineConfig::default(), None).unwrap();
+    assert_eq!(
+        e.origin().engine_name(),
+        if io_engine == blockio::IoEngine::Sync {
+            "sync"
+        } else {
+            "uring"
+        }
+    );
     let b = Backups::new(e.clone());
     let img = dir.path().join("img");
     let id = b.start(params(&format!("file:{}", img.display()))).unwrap();

@@ -90,8 +90,25 @@ impl RangeLock {
     }
 }
 
+/// Both I/O engines (io_uring only when the kernel allows it).
+fn engines() -> Vec<blockio::IoEngine> {
+    let mut v = vec![blockio::IoEngine::Sync];
+    if blockio::uring::probe() {
+        v.push(blockio::IoEngine::Uring);
+    } else {
+        eprintln!("SKIP (io_uring part): io_uring is not available here");
+    }
+    v
+}
+
 #[test]
 fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
+    for engine in engines() {
+        image_at_the_instant(engine);
+    }
+}
+
+fn image_at_the_instant(io_engine: blockio::IoEngine) {
     let dir = tempfile::tempdir().unwrap();
     let chunk: u64 = 65536;
     let size: u64 = 24 * (1 << 20) + 5 * SECTOR as u64; // not a multiple of the chunk
@@ -105,7 +122,7 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
         std::fs::write(&origin, &all).unwrap();
     }
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::IoEngine::Sync;
+    spec.engine = io_engine;
     let io = blockio::open(&spec).unwrap();
     let engine = Engine::new(
         io,
@@ -287,6 +304,12 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
 /// the image equals its state after some prefix of its writes.
 #[test]
 fn the_instant_never_splits_a_request() {
+    for engine in engines() {
+        instant_never_splits(engine);
+    }
+}
+
+fn instant_never_splits(io_engine: blockio::IoEngine) {
     let dir = tempfile::tempdir().unwrap();
     let region_sec: usize = 512; // 2 MiB per writer
     let writers = 4usize;
@@ -301,7 +324,7 @@ fn the_instant_never_splits_a_request() {
         std::fs::write(&origin, &all).unwrap();
     }
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::IoEngine::Sync;
+    spec.engine = io_engine;
     let engine = Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap();
     let backups = Backups::new(engine.clone());
     let seq = Arc::new(AtomicU64::new(1));
