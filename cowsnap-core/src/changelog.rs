@@ -48,6 +48,7 @@ use crate::bitmap::{
 };
 use crate::error::{Error, IoContext, Result};
 use crate::identity::Identity;
+use crate::ondisk::{Decoder, Encoder};
 use bitvec::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -67,7 +68,8 @@ const FLAG_DIRTY: u32 = 1;
 const FLAG_IN_GENERATION: u32 = 2;
 const FLAG_TRUSTED: u32 = 4;
 
-/// The on-disk header of the change log (little endian, padded to 4096 bytes).
+/// The on-disk header of the change log: its fields in order, little endian
+/// ([`crate::ondisk`]), padded to 4096 bytes.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct ChangeLogHeader {
@@ -90,7 +92,9 @@ struct ChangeLogHeader {
 }
 
 const REASON_LEN: usize = 256;
-const REASON_AT: usize = 280;
+/// Where the reason starts: after the fields before it.
+const REASON_AT: usize = 8 + 4 + 4 + 8 + 4 + 4 + 8 + 8 + 8 + 64 + 128 + 32;
+const _: () = assert!(REASON_AT == 280, "the reason is at bytes 280..536");
 
 /// `s` cut to at most `n` bytes on a character boundary.
 fn truncate_utf8(s: &str, n: usize) -> &str {
@@ -129,55 +133,59 @@ fn get_str(b: &[u8]) -> String {
 }
 
 impl ChangeLogHeader {
+    /// The fields before the checksum, in order (what the checksum covers).
+    fn encode_body(&self, e: &mut Encoder) {
+        e.bytes(&self.magic)
+            .u32(self.version)
+            .u32(self.flags)
+            .u64(self.disk_size)
+            .u32(self.chunk_size)
+            .u32(self._pad)
+            .u64(self.nbits)
+            .u64(self.seq_next)
+            .u64(self.seq_lowest_unacked)
+            .bytes(&self.lineage)
+            .bytes(&self.relative_to);
+    }
+
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(HEADER_SIZE);
-        v.extend_from_slice(&self.magic);
-        v.extend_from_slice(&self.version.to_le_bytes());
-        v.extend_from_slice(&self.flags.to_le_bytes());
-        v.extend_from_slice(&self.disk_size.to_le_bytes());
-        v.extend_from_slice(&self.chunk_size.to_le_bytes());
-        v.extend_from_slice(&self._pad.to_le_bytes());
-        v.extend_from_slice(&self.nbits.to_le_bytes());
-        v.extend_from_slice(&self.seq_next.to_le_bytes());
-        v.extend_from_slice(&self.seq_lowest_unacked.to_le_bytes());
-        v.extend_from_slice(&self.lineage);
-        v.extend_from_slice(&self.relative_to);
-        let sum = header_sum(&v, &self.reason);
-        v.extend_from_slice(sum.as_bytes());
-        v.extend_from_slice(&self.reason);
-        v.resize(HEADER_SIZE, 0);
-        v
+        let mut e = Encoder::new(HEADER_SIZE);
+        self.encode_body(&mut e);
+        let sum = header_sum(e.written(), &self.reason);
+        e.bytes(sum.as_bytes()).bytes(&self.reason);
+        e.finish(HEADER_SIZE)
     }
 
     fn decode(b: &[u8]) -> Option<ChangeLogHeader> {
-        if b.len() < HEADER_SIZE || b[..8] != MAGIC {
+        if b.len() < HEADER_SIZE {
             return None;
         }
-        let body = 8 + 4 + 4 + 8 + 4 + 4 + 8 + 8 + 8 + 64 + 128;
-        let reason_bytes = &b[REASON_AT..REASON_AT + REASON_LEN];
-        if header_sum(&b[..body], reason_bytes).as_bytes()[..] != b[body..body + 32] {
+        let mut d = Decoder::new(b);
+        let magic = d.array()?;
+        if magic != MAGIC {
             return None;
         }
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
-        let mut lineage = [0u8; 64];
-        lineage.copy_from_slice(&b[56..120]);
-        let mut relative_to = [0u8; 128];
-        relative_to.copy_from_slice(&b[120..248]);
-        let mut checksum = [0u8; 32];
-        checksum.copy_from_slice(&b[248..280]);
-        let mut reason = [0u8; REASON_LEN];
-        reason.copy_from_slice(reason_bytes);
+        let (version, flags, disk_size, chunk_size, _pad) =
+            (d.u32()?, d.u32()?, d.u64()?, d.u32()?, d.u32()?);
+        let (nbits, seq_next, seq_lowest_unacked) = (d.u64()?, d.u64()?, d.u64()?);
+        let lineage = d.array()?;
+        let relative_to = d.array()?;
+        let body = d.read();
+        let checksum: [u8; 32] = d.array()?;
+        let reason: [u8; REASON_LEN] = d.array()?;
+        if header_sum(body, &reason).as_bytes()[..] != checksum {
+            return None;
+        }
         Some(ChangeLogHeader {
-            magic: MAGIC,
-            version: u32_at(8),
-            flags: u32_at(12),
-            disk_size: u64_at(16),
-            chunk_size: u32_at(24),
+            magic,
+            version,
+            flags,
+            disk_size,
+            chunk_size,
             _pad: 0,
-            nbits: u64_at(32),
-            seq_next: u64_at(40),
-            seq_lowest_unacked: u64_at(48),
+            nbits,
+            seq_next,
+            seq_lowest_unacked,
             lineage,
             relative_to,
             checksum,

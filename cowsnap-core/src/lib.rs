@@ -78,6 +78,7 @@ pub mod error;
 pub mod export;
 pub mod fsutil;
 pub mod identity;
+mod ondisk;
 pub mod origin_seal;
 pub mod repo;
 pub mod restore;

@@ -42,6 +42,7 @@ use crate::bitmap::{self, AtomicBitmap};
 use crate::blockio::{check_range, BlockIo};
 use crate::error::{IoContext, Result};
 use crate::fsutil::hex;
+use crate::ondisk::{Decoder, Encoder};
 use crate::repo::pin::{self, Pin};
 use crate::repo::{FixedIndex, Repo, ZERO_HASH};
 use serde::Serialize;
@@ -73,7 +74,8 @@ pub struct FillStatus {
     pub error: Option<String>,
 }
 
-/// The state file header (little endian; 4096 bytes on disk).
+/// The state file header: its fields in order, little endian ([`crate::ondisk`]);
+/// 4096 bytes on disk.
 #[repr(C)]
 struct FillHeader {
     magic: [u8; 8],
@@ -91,44 +93,43 @@ const _: () = assert!(std::mem::size_of::<FillHeader>() == 136);
 
 impl FillHeader {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(HEADER as usize);
-        v.extend_from_slice(&self.magic);
-        v.extend_from_slice(&self.version.to_le_bytes());
-        v.extend_from_slice(&self.flags.to_le_bytes());
-        v.extend_from_slice(&self.disk_size.to_le_bytes());
-        v.extend_from_slice(&self.chunk_size.to_le_bytes());
-        v.extend_from_slice(&self._pad.to_le_bytes());
-        v.extend_from_slice(&self.nchunks.to_le_bytes());
-        v.extend_from_slice(&self.generation);
-        let sum = blake3::hash(&v);
-        v.extend_from_slice(sum.as_bytes());
-        v.resize(HEADER as usize, 0);
-        v
+        let mut e = Encoder::new(HEADER as usize);
+        e.bytes(&self.magic)
+            .u32(self.version)
+            .u32(self.flags)
+            .u64(self.disk_size)
+            .u32(self.chunk_size)
+            .u32(self._pad)
+            .u64(self.nchunks)
+            .bytes(&self.generation);
+        let sum = blake3::hash(e.written());
+        e.bytes(sum.as_bytes());
+        e.finish(HEADER as usize)
     }
 
     fn decode(b: &[u8]) -> Option<FillHeader> {
-        if b.len() < 136 || b[..8] != MAGIC || blake3::hash(&b[..104]).as_bytes()[..] != b[104..136]
-        {
+        let mut d = Decoder::new(b);
+        let magic = d.array()?;
+        if magic != MAGIC {
             return None;
         }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(w)
-        };
-        let mut generation = [0u8; 64];
-        generation.copy_from_slice(&b[40..104]);
-        let mut checksum = [0u8; 32];
-        checksum.copy_from_slice(&b[104..136]);
+        let (version, flags, disk_size, chunk_size, _pad) =
+            (d.u32()?, d.u32()?, d.u64()?, d.u32()?, d.u32()?);
+        let nchunks = d.u64()?;
+        let generation = d.array()?;
+        let body = d.read();
+        let checksum: [u8; 32] = d.array()?;
+        if blake3::hash(body).as_bytes()[..] != checksum {
+            return None;
+        }
         Some(FillHeader {
-            magic: MAGIC,
-            version: u32_at(8),
-            flags: u32_at(12),
-            disk_size: u64_at(16),
-            chunk_size: u32_at(24),
+            magic,
+            version,
+            flags,
+            disk_size,
+            chunk_size,
             _pad: 0,
-            nchunks: u64_at(32),
+            nchunks,
             generation,
             checksum,
         })
@@ -890,5 +891,47 @@ impl BlockIo for FillingIo {
     }
     fn engine_name(&self) -> &'static str {
         self.dest.engine_name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_header_is_pinned() {
+        let mut generation = [0u8; 64];
+        generation[..4].copy_from_slice(b"G123");
+        let h = FillHeader {
+            magic: MAGIC,
+            version: 1,
+            flags: FLAG_COMPLETE,
+            disk_size: 0x0102_0304_0506_0708,
+            chunk_size: 1 << 20,
+            _pad: 0,
+            nchunks: 7,
+            generation,
+            checksum: [0; 32],
+        };
+        let b = h.encode();
+        assert_eq!(b.len(), HEADER as usize);
+        assert_eq!(&b[..8], b"CSNPFL01");
+        assert_eq!(&b[8..12], &[1, 0, 0, 0]);
+        assert_eq!(&b[12..16], &[1, 0, 0, 0]);
+        assert_eq!(&b[16..24], &[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(&b[24..28], &[0, 0, 0x10, 0]);
+        assert_eq!(&b[28..32], &[0; 4]);
+        assert_eq!(&b[32..40], &[7, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[40..44], b"G123");
+        assert!(b[44..104].iter().all(|&x| x == 0));
+        assert_eq!(&b[104..136], blake3::hash(&b[..104]).as_bytes());
+        assert!(b[136..].iter().all(|&x| x == 0));
+        let d = FillHeader::decode(&b).unwrap();
+        assert_eq!((d.flags, d.disk_size, d.nchunks), (1, h.disk_size, 7));
+        assert_eq!(d.generation, generation);
+        let mut torn = b.clone();
+        torn[20] ^= 1;
+        assert!(FillHeader::decode(&torn).is_none());
+        assert!(FillHeader::decode(&b[..135]).is_none());
     }
 }
