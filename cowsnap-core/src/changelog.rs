@@ -37,20 +37,24 @@
 //!   empty) until a generation is committed, so a restart before the next backup does
 //!   not lose it.
 //! - Sequence numbers: `mark`/`mark_seq` hand out increasing numbers. `mark_seq` also
-//!   records the write as in flight until `done(seq)`; the lowest unacknowledged number
+//!   records the write as in flight until `ack(seq)`; the lowest unacknowledged number
 //!   is the lowest in flight, or `seq_next` when nothing is. Callers that use `mark`
-//!   (no `done`) are treated as acknowledged at once: at a quiesced snapshot instant
+//!   (no `ack`) are treated as acknowledged at once: at a quiesced snapshot instant
 //!   `seq_lowest_unacked == seq_next`. `seq_next` is persisted on every header write;
 //!   after an unclean shutdown it is bumped by 2^32 so numbers never repeat.
 
+use crate::bitmap::{
+    from_le_bytes as bytes_to_words, to_le_bytes as words_to_bytes, words_for, AtomicBitmap,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::identity::Identity;
+use crate::ondisk::{Decoder, Encoder};
 use bitvec::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// File name of the change log inside a state directory.
@@ -64,7 +68,8 @@ const FLAG_DIRTY: u32 = 1;
 const FLAG_IN_GENERATION: u32 = 2;
 const FLAG_TRUSTED: u32 = 4;
 
-/// The on-disk header of the change log (little endian, padded to 4096 bytes).
+/// The on-disk header of the change log: its fields in order, little endian
+/// ([`crate::ondisk`]), padded to 4096 bytes.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct ChangeLogHeader {
@@ -87,7 +92,9 @@ struct ChangeLogHeader {
 }
 
 const REASON_LEN: usize = 256;
-const REASON_AT: usize = 280;
+/// Where the reason starts: after the fields before it.
+const REASON_AT: usize = 8 + 4 + 4 + 8 + 4 + 4 + 8 + 8 + 8 + 64 + 128 + 32;
+const _: () = assert!(REASON_AT == 280, "the reason is at bytes 280..536");
 
 /// `s` cut to at most `n` bytes on a character boundary.
 fn truncate_utf8(s: &str, n: usize) -> &str {
@@ -126,55 +133,59 @@ fn get_str(b: &[u8]) -> String {
 }
 
 impl ChangeLogHeader {
+    /// The fields before the checksum, in order (what the checksum covers).
+    fn encode_body(&self, e: &mut Encoder) {
+        e.bytes(&self.magic)
+            .u32(self.version)
+            .u32(self.flags)
+            .u64(self.disk_size)
+            .u32(self.chunk_size)
+            .u32(self._pad)
+            .u64(self.nbits)
+            .u64(self.seq_next)
+            .u64(self.seq_lowest_unacked)
+            .bytes(&self.lineage)
+            .bytes(&self.relative_to);
+    }
+
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(HEADER_SIZE);
-        v.extend_from_slice(&self.magic);
-        v.extend_from_slice(&self.version.to_le_bytes());
-        v.extend_from_slice(&self.flags.to_le_bytes());
-        v.extend_from_slice(&self.disk_size.to_le_bytes());
-        v.extend_from_slice(&self.chunk_size.to_le_bytes());
-        v.extend_from_slice(&self._pad.to_le_bytes());
-        v.extend_from_slice(&self.nbits.to_le_bytes());
-        v.extend_from_slice(&self.seq_next.to_le_bytes());
-        v.extend_from_slice(&self.seq_lowest_unacked.to_le_bytes());
-        v.extend_from_slice(&self.lineage);
-        v.extend_from_slice(&self.relative_to);
-        let sum = header_sum(&v, &self.reason);
-        v.extend_from_slice(sum.as_bytes());
-        v.extend_from_slice(&self.reason);
-        v.resize(HEADER_SIZE, 0);
-        v
+        let mut e = Encoder::new(HEADER_SIZE);
+        self.encode_body(&mut e);
+        let sum = header_sum(e.written(), &self.reason);
+        e.bytes(sum.as_bytes()).bytes(&self.reason);
+        e.finish(HEADER_SIZE)
     }
 
     fn decode(b: &[u8]) -> Option<ChangeLogHeader> {
-        if b.len() < HEADER_SIZE || b[..8] != MAGIC {
+        if b.len() < HEADER_SIZE {
             return None;
         }
-        let body = 8 + 4 + 4 + 8 + 4 + 4 + 8 + 8 + 8 + 64 + 128;
-        let reason_bytes = &b[REASON_AT..REASON_AT + REASON_LEN];
-        if header_sum(&b[..body], reason_bytes).as_bytes()[..] != b[body..body + 32] {
+        let mut d = Decoder::new(b);
+        let magic = d.array()?;
+        if magic != MAGIC {
             return None;
         }
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
-        let mut lineage = [0u8; 64];
-        lineage.copy_from_slice(&b[56..120]);
-        let mut relative_to = [0u8; 128];
-        relative_to.copy_from_slice(&b[120..248]);
-        let mut checksum = [0u8; 32];
-        checksum.copy_from_slice(&b[248..280]);
-        let mut reason = [0u8; REASON_LEN];
-        reason.copy_from_slice(reason_bytes);
+        let (version, flags, disk_size, chunk_size, _pad) =
+            (d.u32()?, d.u32()?, d.u64()?, d.u32()?, d.u32()?);
+        let (nbits, seq_next, seq_lowest_unacked) = (d.u64()?, d.u64()?, d.u64()?);
+        let lineage = d.array()?;
+        let relative_to = d.array()?;
+        let body = d.read();
+        let checksum: [u8; 32] = d.array()?;
+        let reason: [u8; REASON_LEN] = d.array()?;
+        if header_sum(body, &reason).as_bytes()[..] != checksum {
+            return None;
+        }
         Some(ChangeLogHeader {
-            magic: MAGIC,
-            version: u32_at(8),
-            flags: u32_at(12),
-            disk_size: u64_at(16),
-            chunk_size: u32_at(24),
+            magic,
+            version,
+            flags,
+            disk_size,
+            chunk_size,
             _pad: 0,
-            nbits: u64_at(32),
-            seq_next: u64_at(40),
-            seq_lowest_unacked: u64_at(48),
+            nbits,
+            seq_next,
+            seq_lowest_unacked,
             lineage,
             relative_to,
             checksum,
@@ -223,7 +234,7 @@ pub struct ChangeLogStatus {
 struct Inner {
     relative_to: Option<String>,
     /// Bits of the outstanding cut (also on disk in region P).
-    pending: Option<Vec<u64>>,
+    cut_bits: Option<Vec<u64>>,
     reset_reason: Option<String>,
 }
 
@@ -252,41 +263,22 @@ pub struct ChangeLog {
     nbits: u64,
     region_len: u64,
     /// Region C, bits that are durable on disk.
-    durable: Vec<AtomicU64>,
+    durable: AtomicBitmap,
     inner: Mutex<Inner>,
     queue: Mutex<MarkQueue>,
     queue_cv: Condvar,
     seq_next: AtomicU64,
     inflight: Mutex<BTreeSet<u64>>,
-}
-
-fn words_for(nbits: u64) -> usize {
-    nbits.div_ceil(64) as usize
+    /// The header says "closed cleanly" ([`ChangeLog::close`]); the next bitmap write
+    /// marks it dirty again first.
+    closed: AtomicBool,
+    /// Tests: every sync fails (an fsync error of the change-log file).
+    #[cfg(test)]
+    pub(crate) fail_syncs: AtomicBool,
 }
 
 fn region_len_for(nbits: u64) -> u64 {
     (words_for(nbits) as u64 * 8).div_ceil(BLOCK).max(1) * BLOCK
-}
-
-fn words_to_bytes(words: &[u64], len: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len);
-    for w in words {
-        v.extend_from_slice(&w.to_le_bytes());
-    }
-    v.resize(len, 0);
-    v
-}
-
-fn bytes_to_words(b: &[u8], nwords: usize) -> Vec<u64> {
-    (0..nwords)
-        .map(|i| {
-            let mut w = [0u8; 8];
-            if let Some(s) = b.get(i * 8..i * 8 + 8) {
-                w.copy_from_slice(s);
-            }
-            u64::from_le_bytes(w)
-        })
-        .collect()
 }
 
 /// Clear the bits past `nbits` in the last word: they stand for no chunk (a damaged
@@ -410,16 +402,19 @@ impl ChangeLog {
             chunk_size,
             nbits,
             region_len,
-            durable: words.iter().map(|&w| AtomicU64::new(w)).collect(),
+            durable: AtomicBitmap::from_words(words.clone()),
             inner: Mutex::new(Inner {
                 relative_to,
-                pending: None,
+                cut_bits: None,
                 reset_reason,
             }),
             queue: Mutex::new(MarkQueue::default()),
             queue_cv: Condvar::new(),
             seq_next: AtomicU64::new(seq_next),
             inflight: Mutex::new(BTreeSet::new()),
+            closed: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_syncs: AtomicBool::new(false),
         };
         cl.file
             .set_len(HEADER_SIZE as u64 + 2 * region_len)
@@ -446,6 +441,13 @@ impl ChangeLog {
     }
 
     fn sync(&self) -> Result<()> {
+        #[cfg(test)]
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                format!("unable to sync change log {}", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.file
             .sync_data()
             .ctx(|| format!("unable to sync change log {}", self.path.display()))
@@ -463,7 +465,7 @@ impl ChangeLog {
         if inner.relative_to.is_some() {
             flags |= FLAG_TRUSTED;
         }
-        if inner.pending.is_some() {
+        if inner.cut_bits.is_some() {
             flags |= FLAG_IN_GENERATION;
         }
         let seq_next = self.seq_next.load(Ordering::SeqCst);
@@ -489,7 +491,10 @@ impl ChangeLog {
         self.file
             .write_all_at(&h.encode(), 0)
             .ctx(|| format!("unable to write change log {}", self.path.display()))?;
-        self.sync()
+        self.sync()?;
+        self.closed
+            .store(extra_flags & FLAG_DIRTY == 0, Ordering::SeqCst);
+        Ok(())
     }
 
     fn lowest_unacked(&self, seq_next: u64) -> u64 {
@@ -498,10 +503,7 @@ impl ChangeLog {
     }
 
     fn current_words(&self) -> Vec<u64> {
-        self.durable
-            .iter()
-            .map(|w| w.load(Ordering::SeqCst))
-            .collect()
+        self.durable.to_words()
     }
 
     /// The disk's lineage id.
@@ -522,12 +524,8 @@ impl ChangeLog {
     /// State for status output.
     pub fn status(&self) -> ChangeLogStatus {
         let inner = self.lock_inner();
-        let mut changed: u64 = self
-            .durable
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
-            .sum();
-        if let Some(p) = &inner.pending {
+        let mut changed: u64 = self.durable.count_ones();
+        if let Some(p) = &inner.cut_bits {
             changed += p.iter().map(|w| w.count_ones() as u64).sum::<u64>();
         }
         ChangeLogStatus {
@@ -535,7 +533,7 @@ impl ChangeLog {
             relative_to: inner.relative_to.clone(),
             changed_chunks: changed,
             chunk_size: self.chunk_size,
-            in_generation: inner.pending.is_some(),
+            in_generation: inner.cut_bits.is_some(),
             reset_reason: inner.reset_reason.clone(),
             seq_next: self.seq_next.load(Ordering::Relaxed),
         }
@@ -549,7 +547,7 @@ impl ChangeLog {
     }
 
     /// Like [`ChangeLog::mark`], and returns the write's sequence number, which stays
-    /// unacknowledged until [`ChangeLog::done`] is called with it.
+    /// unacknowledged until [`ChangeLog::ack`] is called with it.
     pub fn mark_seq(&self, off: u64, len: u64) -> Result<u64> {
         self.persist_bits(off, len)?;
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -559,7 +557,7 @@ impl ChangeLog {
     }
 
     /// The write numbered `seq` (from [`ChangeLog::mark_seq`]) is finished.
-    pub fn done(&self, seq: u64) {
+    pub fn ack(&self, seq: u64) {
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -567,6 +565,14 @@ impl ChangeLog {
     }
 
     fn persist_bits(&self, off: u64, len: u64) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            // a change after close: the header says "not closed cleanly" again before
+            // a sequence number is handed out or a bit persisted
+            let inner = self.lock_inner();
+            if self.closed.load(Ordering::SeqCst) {
+                self.write_header(&inner, FLAG_DIRTY)?;
+            }
+        }
         if len == 0 || self.nbits == 0 {
             return Ok(());
         }
@@ -576,10 +582,8 @@ impl ChangeLog {
         if first > last {
             return Ok(());
         }
-        let is_set = |c: u64| {
-            self.durable[(c / 64) as usize].load(Ordering::Acquire) & (1u64 << (c % 64)) != 0
-        };
-        if (first..=last).all(is_set) {
+        let is_set = |c: u64| self.durable.get(c);
+        if self.durable.all(first..last + 1) {
             return Ok(());
         }
         // Group commit: queue the bits under a ticket; one thread at a time (the
@@ -640,11 +644,8 @@ impl ChangeLog {
         blocks.dedup();
         for b in blocks {
             let start = b * words_per_block;
-            let end = (start + words_per_block).min(self.durable.len());
-            let mut block: Vec<u64> = self.durable[start..end]
-                .iter()
-                .map(|w| w.load(Ordering::Relaxed))
-                .collect();
+            let end = (start + words_per_block).min(self.durable.nwords());
+            let mut block: Vec<u64> = (start..end).map(|w| self.durable.word(w)).collect();
             for (i, m) in batch.range(start..end) {
                 block[i - start] |= m;
             }
@@ -655,7 +656,7 @@ impl ChangeLog {
         }
         self.sync()?;
         for (i, m) in batch {
-            self.durable[*i].fetch_or(*m, Ordering::Release);
+            self.durable.or_word(*i, *m);
         }
         Ok(())
     }
@@ -665,7 +666,7 @@ impl ChangeLog {
     pub fn begin_generation(&self) -> Result<Cut> {
         let mut inner = self.lock_inner();
         let mut cut_words = self.current_words();
-        if let Some(prev) = &inner.pending {
+        if let Some(prev) = &inner.cut_bits {
             // A previous cut was neither committed nor aborted: keep its bits too.
             for (w, p) in cut_words.iter_mut().zip(prev) {
                 *w |= p;
@@ -673,13 +674,11 @@ impl ChangeLog {
         }
         self.write_region(HEADER_SIZE as u64 + self.region_len, &cut_words)?;
         self.sync()?;
-        inner.pending = Some(cut_words.clone());
+        inner.cut_bits = Some(cut_words.clone());
         self.write_header(&inner, FLAG_DIRTY)?;
-        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.len()])?;
+        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.nwords()])?;
         self.sync()?;
-        for w in &self.durable {
-            w.store(0, Ordering::SeqCst);
-        }
+        self.durable.clear();
         let seq_next = self.seq_next.load(Ordering::SeqCst);
         let mut changed: BitVec<u64, Lsb0> = BitVec::from_vec(cut_words);
         changed.truncate(self.nbits as usize);
@@ -696,17 +695,17 @@ impl ChangeLog {
     /// The backup of `cut` is committed as generation `gen`: forget its bits.
     pub fn commit_generation(&self, _cut: &Cut, gen: &str) -> Result<()> {
         let mut inner = self.lock_inner();
-        if inner.pending.is_none() {
+        if inner.cut_bits.is_none() {
             return Err(crate::err!(
                 InvalidInput,
                 "unable to commit generation {gen} to the change log: no backup is running"
             ));
         }
-        let old = (inner.relative_to.take(), inner.pending.take());
+        let old = (inner.relative_to.take(), inner.cut_bits.take());
         inner.relative_to = Some(gen.to_string());
         if let Err(e) = self.write_header(&inner, FLAG_DIRTY) {
             inner.relative_to = old.0;
-            inner.pending = old.1;
+            inner.cut_bits = old.1;
             return Err(e);
         }
         inner.reset_reason = None;
@@ -716,19 +715,17 @@ impl ChangeLog {
     /// The backup of `cut` failed: keep its bits for the next one.
     pub fn abort_generation(&self, _cut: &Cut) -> Result<()> {
         let mut inner = self.lock_inner();
-        let Some(pending) = inner.pending.clone() else {
+        let Some(cut_bits) = inner.cut_bits.clone() else {
             return Ok(());
         };
         let mut words = self.current_words();
-        for (w, p) in words.iter_mut().zip(&pending) {
+        for (w, p) in words.iter_mut().zip(&cut_bits) {
             *w |= p;
         }
         self.write_region(HEADER_SIZE as u64, &words)?;
         self.sync()?;
-        for (a, w) in self.durable.iter().zip(&words) {
-            a.store(*w, Ordering::SeqCst);
-        }
-        inner.pending = None;
+        self.durable.store_words(&words);
+        inner.cut_bits = None;
         self.write_header(&inner, FLAG_DIRTY)
     }
 
@@ -750,22 +747,31 @@ impl ChangeLog {
     /// restored from `gen`: its content is exactly that generation's).
     pub fn reset_relative_to(&self, gen: &str) -> Result<()> {
         let mut inner = self.lock_inner();
-        inner.pending = None;
+        inner.cut_bits = None;
         inner.relative_to = Some(gen.to_string());
-        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.len()])?;
+        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.nwords()])?;
         self.sync()?;
-        for w in &self.durable {
-            w.store(0, Ordering::SeqCst);
-        }
+        self.durable.clear();
         inner.reset_reason = None;
         self.write_header(&inner, FLAG_DIRTY)
     }
 }
 
+impl ChangeLog {
+    /// Record a clean stop: the header loses its dirty flag, so the next open does not
+    /// treat the sequence numbers as possibly reused. For owners that cannot rely on
+    /// `Drop` (the log is shared by threads that outlive the shutdown). Call it once
+    /// nothing writes to the disk any more; a change recorded afterwards marks the
+    /// header dirty again before it is persisted. Dropping the log does the same.
+    pub fn close(&self) -> Result<()> {
+        let inner = self.lock_inner();
+        self.write_header(&inner, 0)
+    }
+}
+
 impl Drop for ChangeLog {
     fn drop(&mut self) {
-        let inner = self.lock_inner();
-        if let Err(e) = self.write_header(&inner, 0) {
+        if let Err(e) = self.close() {
             let e: Error = e;
             log::warn!("{e}");
         }
@@ -873,6 +879,30 @@ mod tests {
     }
 
     #[test]
+    fn close_is_a_clean_stop_and_a_later_change_undoes_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CHANGELOG_FILE);
+        let size = 16 * CS as u64;
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        cl.mark(0, 1).unwrap();
+        cl.close().unwrap();
+        let seq = cl.status().seq_next;
+        // still shared (as in the daemon): no Drop, yet the stop counts as clean
+        let again = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(again.status().seq_next, seq, "no bump after close");
+        std::mem::forget(again);
+        // a change after close makes the header dirty again before it is persisted
+        cl.mark(CS as u64, 1).unwrap();
+        std::mem::forget(cl);
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert!(
+            cl.status().seq_next >= 1 << 32,
+            "bumped: not closed after the change"
+        );
+        assert_eq!(ones(&cl.begin_generation().unwrap()), vec![0, 1]);
+    }
+
+    #[test]
     fn mismatch_resets_to_untrusted() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(CHANGELOG_FILE);
@@ -961,11 +991,11 @@ mod tests {
         let a = cl.mark_seq(0, 10).unwrap();
         let b = cl.mark_seq(0, 10).unwrap();
         assert_eq!(b, a + 1);
-        cl.done(b);
+        cl.ack(b);
         let cut = cl.begin_generation().unwrap();
         assert_eq!(cut.seq_next, b + 1);
         assert_eq!(cut.seq_lowest_unacked, a);
-        cl.done(a);
+        cl.ack(a);
         cl.abort_generation(&cut).unwrap();
         let cut = cl.begin_generation().unwrap();
         assert_eq!(cut.seq_lowest_unacked, cut.seq_next);

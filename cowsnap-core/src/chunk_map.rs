@@ -20,13 +20,15 @@
 //!   change-log cut widened to whole target granules). Nothing is read from the disk:
 //!   the cost is the allocation, independent of what is on the disk.
 //! - Transitions, all under the one mutex and never across I/O:
-//!   pending → busy(writer) → preserved (`preserved`) or back to pending (`release`);
-//!   pending → busy(drainer) → done (`copied`); preserved → done (`drained`, after the
+//!   pending → busy(writer) → preserved (`mark_preserved`) or back to pending (`release`);
+//!   pending → busy(drainer) → done (`mark_copied`); preserved → done (`mark_drained`, after the
 //!   target write). `pending` only ever goes from 1 to 0, so a chunk seen not-pending
 //!   never needs preserving again.
 //! - Writers wait (condvar) only for a busy chunk; busy holders only do I/O and never
-//!   wait on anything while holding a mark, so there is no lock-order cycle. The
-//!   drainer never waits for a busy chunk: it skips the granule and comes back.
+//!   wait for another busy mark or a slot while holding one, so there is no
+//!   lock-order cycle (the one wait inside that I/O, a live restore's fill marks, is
+//!   ordered after busy marks: see the crate's locking table). The drainer never
+//!   waits for a busy chunk: it skips the granule and comes back.
 //! - `drop_snapshot` releases every waiter; from then on every chunk reads as
 //!   "pass through" for writers.
 
@@ -37,6 +39,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+/// Default tracking chunk size (64 KiB); see `engine::check_chunk_size` for the range.
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 
 /// Disk size and chunking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +136,7 @@ pub enum WriteClaim {
         waited: bool,
     },
     /// The caller now holds the busy mark and must preserve the chunk, then call
-    /// [`ChunkMap::preserved`] or [`ChunkMap::release`].
+    /// [`ChunkMap::mark_preserved`] or [`ChunkMap::release`].
     Preserve {
         /// The writer waited for a busy mark first.
         waited: bool,
@@ -168,6 +173,8 @@ struct State {
     busy: HashSet<u64>,
     pending_count: u64,
     dropped: bool,
+    /// Writers waiting in `claim_for_write` for a busy mark.
+    waiting: u64,
 }
 
 /// Chunk states of one snapshot.
@@ -218,6 +225,7 @@ impl ChunkMap {
                 busy: HashSet::new(),
                 pending_count,
                 dropped: false,
+                waiting: 0,
             }),
             cv: Condvar::new(),
         }
@@ -295,7 +303,9 @@ impl ChunkMap {
             }
             if st.busy.contains(&c) {
                 waited = true;
+                st.waiting += 1;
                 st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                st.waiting -= 1;
                 continue;
             }
             if st.pending[c as usize] {
@@ -307,7 +317,7 @@ impl ChunkMap {
     }
 
     /// The writer holding `c` stored its original in `slot`.
-    pub fn preserved(&self, c: u64, slot: SlotIdx) {
+    pub fn mark_preserved(&self, c: u64, slot: SlotIdx) {
         let mut st = self.lock();
         st.busy.remove(&c);
         if st.pending[c as usize] {
@@ -325,6 +335,11 @@ impl ChunkMap {
         st.busy.remove(&c);
         drop(st);
         self.cv.notify_all();
+    }
+
+    /// Writers waiting for a busy mark right now.
+    pub fn writers_waiting(&self) -> u64 {
+        self.lock().waiting
     }
 
     /// Drop the snapshot: every waiter and every later writer passes through.
@@ -435,8 +450,8 @@ impl ChunkMap {
     }
 
     /// The drainer has read the pending chunks of `claim` (into memory): they are done
-    /// and their busy marks released. The preserved ones stay until [`Self::drained`].
-    pub fn copied(&self, claim: &Claim) {
+    /// and their busy marks released. The preserved ones stay until [`Self::mark_drained`].
+    pub fn mark_copied(&self, claim: &Claim) {
         let mut st = self.lock();
         for c in claim.first..claim.end {
             if st.pending[c as usize] {
@@ -461,7 +476,7 @@ impl ChunkMap {
     }
 
     /// The preserved chunk `c` reached the target; returns its slot to free.
-    pub fn drained(&self, c: u64) -> Option<SlotIdx> {
+    pub fn mark_drained(&self, c: u64) -> Option<SlotIdx> {
         let mut st = self.lock();
         let s = st.preserved.remove(&c);
         if s.is_some() {
@@ -492,6 +507,7 @@ impl ChunkMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::wait_for;
     use std::sync::Arc;
 
     fn geo(size: u64) -> Geometry {
@@ -517,7 +533,7 @@ mod tests {
         assert_eq!(m.in_scope(), 4);
         assert_eq!(m.state(1), ChunkState::Pending);
         assert_eq!(m.claim_for_write(1), WriteClaim::Preserve { waited: false });
-        m.preserved(1, SlotIdx(7));
+        m.mark_preserved(1, SlotIdx(7));
         assert_eq!(m.state(1), ChunkState::Preserved(SlotIdx(7)));
         assert_eq!(
             m.claim_for_write(1),
@@ -562,18 +578,18 @@ mod tests {
         match m.try_claim(0, 4, u64::MAX, false).unwrap() {
             ClaimResult::Claimed(c) => {
                 assert_eq!((c.first, c.end), (0, 2));
-                m.copied(&c);
+                m.mark_copied(&c);
             }
             other => panic!("{other:?}"),
         }
         assert_eq!(m.state(0), ChunkState::Done);
-        m.preserved(3, SlotIdx(0));
+        m.mark_preserved(3, SlotIdx(0));
         match m.try_claim(1, 4, 3, false).unwrap() {
             ClaimResult::Claimed(c) => {
                 assert_eq!((c.first, c.end), (2, 6));
                 assert_eq!(c.preserved, vec![(3, SlotIdx(0))]);
-                m.copied(&c);
-                assert_eq!(m.drained(3), Some(SlotIdx(0)));
+                m.mark_copied(&c);
+                assert_eq!(m.mark_drained(3), Some(SlotIdx(0)));
             }
             other => panic!("{other:?}"),
         }
@@ -595,9 +611,9 @@ mod tests {
         };
         let m2 = m.clone();
         let t = std::thread::spawn(move || m2.claim_for_write(0));
-        std::thread::sleep(Duration::from_millis(50));
+        wait_for(|| m.writers_waiting() == 1);
         assert!(!t.is_finished(), "writer must wait for the drainer's copy");
-        m.copied(&c);
+        m.mark_copied(&c);
         assert_eq!(t.join().unwrap(), WriteClaim::PassThrough { waited: true });
     }
 
@@ -607,7 +623,7 @@ mod tests {
         assert_eq!(m.claim_for_write(0), WriteClaim::Preserve { waited: false });
         let m2 = m.clone();
         let t = std::thread::spawn(move || m2.claim_for_write(0));
-        std::thread::sleep(Duration::from_millis(30));
+        wait_for(|| m.writers_waiting() == 1);
         m.drop_snapshot();
         assert_eq!(t.join().unwrap(), WriteClaim::PassThrough { waited: true });
         assert!(!m.needs_preserve(1));

@@ -6,7 +6,7 @@
 //!    (cycling through them in disk order). Chunks written since the snapshot are
 //!    exactly the preserved ones, so hot chunks are drained early and their slots
 //!    freed at once.
-//! 2. Priority ranges (`BackupParams::priority`, `Engine::backup_priority`), in the
+//! 2. Priority ranges (`BackupParams::priority`, `Backups::prioritize`), in the
 //!    order given.
 //! 3. The sequential walk over the in-scope chunks, wrapping around to pick up
 //!    granules skipped while a writer was preserving them.
@@ -205,12 +205,12 @@ impl<'a> Drainer<'a> {
             self.snap.map.abandon(claim);
             return Err(e);
         }
-        self.snap.map.copied(claim);
+        self.snap.map.mark_copied(claim);
         self.target
             .write(off, &self.buf[..len])
             .map_err(|e| e.with_context("unable to write the backup target"))?;
         for &(c, _) in &claim.preserved {
-            if let Some(s) = self.snap.map.drained(c) {
+            if let Some(s) = self.snap.map.mark_drained(c) {
                 self.snap.slots.free(s);
             }
         }
@@ -276,5 +276,209 @@ impl<'a> Drainer<'a> {
             c = run_end;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockio::{self, IoEngine, OpenSpec};
+    use crate::changelog::Cut;
+    use crate::chunk_map::{ChunkMap, Geometry, WriteClaim};
+    use crate::container::ram::RamContainer;
+    use crate::target::{Scope, SnapshotInfo, TargetSummary};
+    use crate::test_util::wait_for;
+    use crate::throttle::ThrottleConfig;
+    use std::sync::{Arc, Mutex};
+
+    const CS: u32 = 4096;
+    const CSU: u64 = CS as u64;
+
+    /// What the target received: (offset, bytes) per write.
+    type Writes = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+    /// Records every write (offset, bytes); fails every write when `fail` is set.
+    struct Rec {
+        granule: u32,
+        writes: Writes,
+        fail: bool,
+    }
+
+    impl Target for Rec {
+        fn granule_chunks(&self) -> u32 {
+            self.granule
+        }
+        fn scope(&mut self, _cut: Option<&Cut>) -> Result<Scope> {
+            Ok(Scope::All)
+        }
+        fn begin(&mut self, _info: &SnapshotInfo) -> Result<()> {
+            Ok(())
+        }
+        fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+            if self.fail {
+                return Err(crate::err!(Io, "target full"));
+            }
+            self.writes.lock().unwrap().push((off, data.to_vec()));
+            Ok(())
+        }
+        fn commit(self: Box<Self>) -> Result<TargetSummary> {
+            Ok(TargetSummary::default())
+        }
+        fn abort(self: Box<Self>, _why: &str) {}
+    }
+
+    struct Setup {
+        _file: tempfile::NamedTempFile,
+        origin: Arc<dyn BlockIo>,
+        data: Vec<u8>,
+        snap: Snapshot,
+        writes: Writes,
+    }
+
+    fn setup(size: u64, granule: u32, slots: u64) -> Setup {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i / 512 % 251) as u8 + 1).collect();
+        std::fs::write(file.path(), &data).unwrap();
+        let mut spec = OpenSpec::origin(file.path());
+        spec.engine = IoEngine::Sync;
+        let origin = blockio::open(&spec).unwrap();
+        let geo = Geometry::new(size, CS).unwrap();
+        let snap = Snapshot::new(
+            ChunkMap::new(geo, u64::from(granule), None),
+            Box::new(RamContainer::new(slots * CSU, CS).unwrap()),
+            ThrottleConfig::default(),
+        );
+        Setup {
+            _file: file,
+            origin,
+            data,
+            snap,
+            writes: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn rec(s: &Setup, granule: u32) -> Rec {
+        Rec {
+            granule,
+            writes: s.writes.clone(),
+            fail: false,
+        }
+    }
+
+    /// The image the target received.
+    fn image(s: &Setup) -> Vec<u8> {
+        let mut img = vec![0u8; s.data.len()];
+        for (off, d) in s.writes.lock().unwrap().iter() {
+            img[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+        }
+        img
+    }
+
+    #[test]
+    fn copies_every_chunk_once_in_whole_granules() {
+        // 37 chunks and a short last one; granules of 4 chunks
+        let size = 37 * CSU + 100;
+        let s = setup(size, 4, 4);
+        let mut t = rec(&s, 4);
+        Drainer::new(&*s.origin, &s.snap, &mut t, None)
+            .run()
+            .unwrap();
+        assert_eq!(image(&s), s.data);
+        let w = s.writes.lock().unwrap();
+        let total: usize = w.iter().map(|(_, d)| d.len()).sum();
+        assert_eq!(total as u64, size, "each byte handed over once");
+        for (off, d) in w.iter() {
+            assert_eq!(off % (4 * CSU), 0, "batches start on a granule");
+            assert!((d.len() as u64).is_multiple_of(4 * CSU) || off + d.len() as u64 == size);
+        }
+        assert_eq!(s.snap.stats.copied.load(Ordering::Relaxed), 38);
+        assert_eq!(s.snap.map.remaining(), 0);
+    }
+
+    #[test]
+    fn preserved_chunks_come_from_the_container_first() {
+        let size = 64 * CSU;
+        let s = setup(size, 1, 2);
+        // a writer preserves chunk 60, then changes the origin
+        s.snap.preserve(&*s.origin, 60 * CSU, 10);
+        s.origin.write_at(&[0xEE; 10], 60 * CSU).unwrap();
+        assert_eq!(s.snap.slots.used(), 1, "half full: above the low watermark");
+        let mut t = rec(&s, 1);
+        Drainer::new(&*s.origin, &s.snap, &mut t, None)
+            .run()
+            .unwrap();
+        let w = s.writes.lock().unwrap();
+        assert_eq!(w[0].0, 60 * CSU, "the container is drained first");
+        drop(w);
+        assert_eq!(image(&s), s.data, "the original, not the new write");
+        assert_eq!(s.snap.slots.used(), 0, "its slot was freed");
+    }
+
+    #[test]
+    fn priority_ranges_go_before_the_walk() {
+        let size = 64 * CSU;
+        let s = setup(size, 1, 4);
+        s.snap.add_priority(&[(48 * CSU, 2 * CSU)]);
+        let mut t = rec(&s, 1);
+        Drainer::new(&*s.origin, &s.snap, &mut t, None)
+            .run()
+            .unwrap();
+        let w = s.writes.lock().unwrap();
+        assert_eq!((w[0].0, w[0].1.len() as u64), (48 * CSU, 2 * CSU));
+        drop(w);
+        assert_eq!(image(&s), s.data);
+    }
+
+    #[test]
+    fn a_busy_granule_is_skipped_and_revisited() {
+        let size = 16 * CSU;
+        let s = Arc::new(setup(size, 1, 4));
+        // a writer holds chunk 0 while it preserves it
+        assert_eq!(
+            s.snap.map.claim_for_write(0),
+            WriteClaim::Preserve { waited: false }
+        );
+        let s2 = s.clone();
+        let drain = std::thread::spawn(move || {
+            let mut t = rec(&s2, 1);
+            Drainer::new(&*s2.origin, &s2.snap, &mut t, None).run()
+        });
+        // everything but chunk 0 is copied while the mark is held
+        wait_for(|| s.snap.map.remaining() == 1);
+        assert!(!drain.is_finished());
+        s.snap.map.release(0);
+        drain.join().unwrap().unwrap();
+        let w = s.writes.lock().unwrap();
+        assert_ne!(w[0].0, 0);
+        assert_eq!(w.last().unwrap().0, 0, "chunk 0 comes last");
+        drop(w);
+        assert_eq!(image(&s), s.data);
+    }
+
+    #[test]
+    fn a_target_error_fails_the_snapshot() {
+        let s = setup(8 * CSU, 1, 4);
+        let mut t = Rec {
+            fail: true,
+            ..rec(&s, 1)
+        };
+        let e = Drainer::new(&*s.origin, &s.snap, &mut t, None)
+            .run()
+            .unwrap_err();
+        assert!(e.to_string().contains("target full"), "{e}");
+        assert!(s.snap.is_failed(), "writers are released");
+        assert!(s.snap.failure().unwrap().contains("target full"));
+    }
+
+    #[test]
+    fn a_failed_snapshot_stops_the_drain() {
+        let s = setup(8 * CSU, 1, 4);
+        s.snap.fail("backup canceled");
+        let mut t = rec(&s, 1);
+        let e = Drainer::new(&*s.origin, &s.snap, &mut t, None)
+            .run()
+            .unwrap_err();
+        assert!(e.to_string().contains("backup canceled"), "{e}");
+        assert!(s.writes.lock().unwrap().is_empty());
     }
 }

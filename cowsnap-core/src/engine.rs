@@ -3,6 +3,11 @@
 //! has not copied yet is held until the chunk's original is preserved in the container
 //! (see [`crate::snapshot`] for the per-chunk rules).
 //!
+//! The engine owns the instant gate and the installed snapshot, nothing else: a backup
+//! job ([`crate::backup`]) takes the gate exclusively ([`Engine::pause_writes`]),
+//! installs its snapshot ([`ExclusiveGate::install`]) and uninstalls it at the end
+//! ([`Engine::uninstall`]). The engine knows nothing of jobs, targets or drainers.
+//!
 //! Design notes
 //! - The instant gate: `active` is an `RwLock<Option<Arc<Snapshot>>>`. Every
 //!   data-changing request (write, trim, write-zeroes — there is no other; the
@@ -11,13 +16,14 @@
 //!   snapshot takes it exclusively: in-flight writes finish first, new ones wait, so
 //!   the image is exactly the disk at one point in time. Clearing the snapshot at the
 //!   end of a backup takes it exclusively too (after every waiter was released).
+//! - Quiesce support: the engine keeps the time of the last data-changing request and
+//!   how many are in flight ([`Engine::idle_for`]), for a job's idle-window wait.
 //! - Reads and flushes do not take the gate: reads never wait on the drainer.
 //! - Change-log marks happen inside the gate, before the origin write, so the cut taken
 //!   at the instant matches the image.
 //! - `block_status` reports holes/zeros only where the origin says so (SEEK_HOLE on a
 //!   regular file); otherwise one data extent. It never reports zero over data.
 
-use crate::backup::JobSlot;
 use crate::blockio::BlockIo;
 use crate::changelog::ChangeLog;
 use crate::error::Result;
@@ -28,6 +34,18 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
+
+/// The instant gate held exclusively: while it lives no data-changing request is in
+/// flight and new ones wait. Dropping it lets writers run again.
+pub struct ExclusiveGate<'a>(RwLockWriteGuard<'a, Option<Arc<Snapshot>>>);
+
+impl ExclusiveGate<'_> {
+    /// Install `snap` as the engine's snapshot and let writers run again: from now on
+    /// every data-changing request preserves the pending chunks it touches first.
+    pub fn install(mut self, snap: Arc<Snapshot>) {
+        *self.0 = Some(snap);
+    }
+}
 
 /// Engine settings fixed at attach time.
 #[derive(Debug, Clone)]
@@ -68,7 +86,7 @@ pub fn check_chunk_size(cs: u64) -> Result<u32> {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            chunk_size: 64 * 1024,
+            chunk_size: crate::chunk_map::DEFAULT_CHUNK_SIZE,
             read_only: false,
             name: String::new(),
             default_container: None,
@@ -114,10 +132,9 @@ struct Counters {
 pub struct Engine {
     origin: Arc<dyn BlockIo>,
     cfg: EngineConfig,
-    pub(crate) changelog: Option<Arc<ChangeLog>>,
+    changelog: Option<Arc<ChangeLog>>,
     counters: Counters,
     active: RwLock<Option<Arc<Snapshot>>>,
-    pub(crate) jobs: JobSlot,
     epoch: Instant,
     /// ns since `epoch` of the last data-changing request's start or end.
     last_change_ns: AtomicU64,
@@ -139,7 +156,6 @@ impl Engine {
             changelog,
             counters: Counters::default(),
             active: RwLock::new(None),
-            jobs: JobSlot::default(),
             epoch: Instant::now(),
             last_change_ns: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
@@ -154,6 +170,11 @@ impl Engine {
     /// The configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// The disk's change log, if it has one.
+    pub fn changelog(&self) -> Option<&Arc<ChangeLog>> {
+        self.changelog.as_ref()
     }
 
     /// Snapshot of the I/O counters.
@@ -176,19 +197,29 @@ impl Engine {
         self.gate_shared().clone()
     }
 
-    pub(crate) fn gate_shared(&self) -> RwLockReadGuard<'_, Option<Arc<Snapshot>>> {
+    fn gate_shared(&self) -> RwLockReadGuard<'_, Option<Arc<Snapshot>>> {
         self.active.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Take the instant gate exclusively: no data-changing request is in flight while
-    /// the guard lives.
-    pub(crate) fn gate_exclusive(&self) -> RwLockWriteGuard<'_, Option<Arc<Snapshot>>> {
-        self.active.write().unwrap_or_else(PoisonError::into_inner)
+    /// Take the instant gate exclusively: data-changing requests in flight finish
+    /// first, new ones wait until the returned gate is dropped or installs a snapshot.
+    pub fn pause_writes(&self) -> ExclusiveGate<'_> {
+        ExclusiveGate(self.active.write().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Remove `snap` if it is the installed snapshot (under the exclusive gate, so no
+    /// writer is inside it). Its waiters must have been released first (failed) or
+    /// have nothing left to wait for (complete).
+    pub fn uninstall(&self, snap: &Arc<Snapshot>) {
+        let mut g = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        if g.as_ref().is_some_and(|s| Arc::ptr_eq(s, snap)) {
+            *g = None;
+        }
     }
 
     /// Time since the last data-changing request started or ended, and how many are
     /// in flight (for quiesce-idle waiting).
-    pub(crate) fn idle_for(&self) -> (std::time::Duration, u64) {
+    pub fn idle_for(&self) -> (std::time::Duration, u64) {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let last = self.last_change_ns.load(Ordering::SeqCst);
         (
@@ -216,7 +247,7 @@ impl Engine {
             Some(cl) => {
                 let seq = cl.mark_seq(off, len)?;
                 let r = op();
-                cl.done(seq);
+                cl.ack(seq);
                 r
             }
             None => op(),
@@ -370,5 +401,46 @@ impl Export for Engine {
                 zero: false,
             }]
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockio::{self, IoEngine, OpenSpec};
+
+    #[test]
+    fn a_failing_change_log_sync_fails_the_write_before_the_origin_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let origin = d.path().join("disk");
+        std::fs::write(&origin, vec![1u8; 1 << 20]).unwrap();
+        let mut spec = OpenSpec::origin(&origin);
+        spec.engine = IoEngine::Sync;
+        let cl = Arc::new(
+            ChangeLog::open_with_lineage(&d.path().join("changelog.bin"), 1 << 20, 65536, "l")
+                .unwrap(),
+        );
+        let e = Engine::new(
+            blockio::open(&spec).unwrap(),
+            EngineConfig::default(),
+            Some(cl.clone()),
+        )
+        .unwrap();
+        cl.fail_syncs.store(true, Ordering::SeqCst);
+        let err = e.write(65536, &[9u8; 4096], false).unwrap_err();
+        assert!(err.to_string().contains("change log"), "{err}");
+        assert_eq!(e.stats().errors, 1);
+        let mut b = vec![0u8; 4096];
+        e.read(65536, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 1), "the origin was not written");
+        // the same holds for trim and write-zeroes, which change data too
+        assert!(e.trim(65536, 4096, false).is_err());
+        assert!(e.zero(65536, 4096, ZeroFlags::default()).is_err());
+        // once the change log is healthy again the write goes through, tracked
+        cl.fail_syncs.store(false, Ordering::SeqCst);
+        e.write(65536, &[9u8; 4096], false).unwrap();
+        e.read(65536, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 9));
+        assert_eq!(cl.status().changed_chunks, 1);
     }
 }

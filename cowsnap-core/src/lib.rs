@@ -4,21 +4,53 @@
 //!
 //! # Locking table
 //!
-//! Locks of one engine, outermost first. No lock is held across I/O except the instant
-//! gate (shared, by the request doing the I/O), and nothing waits while holding a
-//! busy mark.
+//! Every lock of one attached disk, outermost first: a thread holding a lock of a row
+//! only takes locks of later rows. "Across I/O" means the lock is held while the
+//! thread reads, writes or syncs a file or device.
 //!
-//! | lock | held by | protects |
-//! |---|---|---|
-//! | instant gate `Engine::active` (RwLock) | shared: each write / trim / write-zeroes for its whole duration; exclusive: `start_backup` for the instant, the drainer thread to uninstall the snapshot | the snapshot pointer; "no data-changing request in flight" |
-//! | `JobSlot` / `Job` mutexes | briefly, never across I/O | job state and figures |
-//! | `ChunkMap` mutex + condvar | briefly, never across I/O | pending/done planes, preserved map, busy marks |
-//! | `SlotPool` mutex + condvar | briefly, never across I/O | free slots, usage, waiters |
-//! | `RamContainer` per-slot mutex | for one memcpy | one slot's bytes |
+//! | # | lock | held by, and for how long | across I/O? | protects |
+//! |---|---|---|---|---|
+//! | 1 | `Backups` job slot mutex (`backup/mod.rs`) | `start`, `status`, `cancel`, `prioritize`: while looking at / replacing the current job | no | the current job, one at a time |
+//! | 2 | instant gate, exclusive (`Engine::pause_writes`) | the snapshot instant: `ChangeLog::begin_generation`, `Target::scope`, building the chunk map, installing; `Engine::uninstall` at the end of a backup | **yes**: begin_generation writes and fsyncs the change log, a repository target's `scope` reads the parent index | "no data-changing request in flight"; the snapshot pointer |
+//! | 2 | instant gate, shared (`Engine::change`) | every write / trim / write-zeroes, from the snapshot check until its origin I/O is done | **yes**: the whole request, including preserving originals, the change log's group commit and the origin write | that the request's preserve, change-log mark and origin write all belong to one side of the instant |
+//! | 3 | `Job` status, then `Job` snapshot mutex (`backup/job.rs`) | briefly | no | job state and figures |
+//! | 4 | `ChunkMap` mutex + condvar (`chunk_map.rs`) | briefly | no | pending/done planes, preserved map, busy marks |
+//! | 5 | chunk busy marks (`ChunkMap`, logical) | a writer: one mark while it reads the original and writes the slot; the drainer: a batch's pending chunks while it reads the origin | **yes** | one chunk's original against a concurrent change |
+//! | 6 | `SlotPool` mutex + condvar (`container/pool.rs`) | briefly; writers wait on the condvar holding no busy mark | no | free slots, usage, waiters |
+//! | 7 | `Snapshot` failure / priority mutexes | briefly | no | first failure cause; priority ranges |
+//! | 8 | `RamContainer` table RwLock, then one slot's mutex | one memcpy (the table is written only to grow it) | no | one slot's bytes |
+//! | 9 | live restore fill marks (`FillingIo`, logical; `restore/live.rs`) | a fetch or a write to unrestored chunks: from taking the marks until the chunks' data and bits are durable | **yes** | one repository chunk's fetch against a write to it |
+//! | 10 | live restore state-file mutex | writing and fsyncing the fill state's bitmap blocks or header | **yes** | the fill state file |
+//! | 11 | `ChangeLog` group commit (leader flag in the queue mutex, logical) | the leader: writing the queued bitmap blocks and one fdatasync; other first writers wait on the queue condvar | **yes** | one fdatasync per batch of first writes |
+//! | 12 | `ChangeLog` state mutex (`inner`) | cut, commit, abort, distrust, close (header and region writes, fsyncs); the group-commit leader while it writes bitmap blocks | **yes** | relative-to, the cut's bits, region C on disk |
+//! | 13 | `ChangeLog` queue mutex, in-flight sequence mutex | briefly (the queue is never held across the leader's I/O) | no | queued bits and tickets; unacknowledged sequence numbers |
+//!
+//! The repository's own locks (the `DIR/lock` flock, the quarantine lock) and the
+//! operations they order are in [`repo`]'s table; the NBD server's locks are in
+//! cowsnap-nbd.
+//!
+//! Waiting while holding something, and why it cannot deadlock:
+//! - A writer waiting for a chunk's busy mark or a container slot holds the gate shared
+//!   and nothing else. The exclusive gate is only taken when no snapshot is installed
+//!   (the instant) or after every waiter was released (`Snapshot::fail`) or has nothing
+//!   left to wait for (complete), so those waits always end.
+//! - A writer waits for a slot *before* it takes the chunk's busy mark, and the drainer
+//!   never waits for a busy chunk (it skips the granule), so busy marks and slots form
+//!   no cycle. Nothing else waits while holding a chunk busy mark — except during a
+//!   live restore: the origin is then a `FillingIo`, and a writer preserving a chunk
+//!   or the drainer reading a batch holds chunk busy marks (row 5) while `FillingIo`
+//!   takes fill marks (row 9) and may wait for them. The order is always chunk busy
+//!   mark → fill mark: `FillingIo` and its background fill never take a chunk-map
+//!   mark, so no cycle. Fill marks are taken in ascending chunk order by everyone, so
+//!   fill marks among themselves do not deadlock either.
+//! - The change log's group commit: first writers wait for the leader's fdatasync
+//!   holding the gate shared (and no busy mark: preserving is done before the change
+//!   log is marked). A cut (under the exclusive gate) takes the state mutex, which the
+//!   leader takes too, but never waits for the queue.
 //!
 //! | operations | may run together? | what makes it safe |
 //! |---|---|---|
-//! | reads vs anything | yes | reads take no engine lock and never wait on the drainer; a read racing a write sees old or new data, as on any disk |
+//! | reads vs anything | yes | reads take no engine lock and never wait on the drainer (a live restore's read may wait for a fill mark); a read racing a write sees old or new data, as on any disk |
 //! | writes to different chunks | yes | per-chunk busy marks; the gate is shared |
 //! | writes to the same pending chunk | serialised per chunk | busy mark: the second waits, then finds it preserved and passes through |
 //! | write vs drainer copying the same chunk | serialised per chunk | the drainer holds the busy mark while it reads the origin; the writer waits, then passes through (done) |
@@ -26,14 +58,16 @@
 //! | writes vs the snapshot instant | no | the gate: in-flight writes finish, new ones wait while the snapshot is installed (`Target::scope` and `ChangeLog::begin_generation` run in this window and must be quick) |
 //! | writes waiting for a container slot vs drainer | yes | the waiting writer holds no busy mark; the drainer frees slots (it drains the container first above the low watermark or when anyone waits) |
 //! | snapshot failure / cancel vs held writers | yes | `Snapshot::fail` wakes every chunk and slot waiter; they pass through |
-//! | two backups of one disk | no | `start_backup` returns `Busy` |
+//! | two backups of one disk | no | `Backups::start` returns `Busy` |
 //! | flush vs anything | yes | forwarded to the origin, no engine lock |
 
 #![warn(missing_docs)]
 
 pub mod aligned;
 pub mod backup;
+pub mod bitmap;
 pub mod blockio;
+pub mod bytes;
 pub mod changelog;
 pub mod chunk_map;
 pub mod container;
@@ -44,6 +78,7 @@ pub mod error;
 pub mod export;
 pub mod fsutil;
 pub mod identity;
+mod ondisk;
 pub mod origin_seal;
 pub mod repo;
 pub mod restore;
@@ -52,3 +87,21 @@ pub mod target;
 pub mod throttle;
 
 pub use error::{Error, ErrorKind, Result};
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::time::{Duration, Instant};
+
+    /// Wait until `cond` holds (another thread reached a wait), failing after 30 s:
+    /// tests wait for the state they assert, never for a fixed time.
+    pub(crate) fn wait_for(cond: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "condition never met"
+            );
+            std::thread::yield_now();
+        }
+    }
+}

@@ -14,8 +14,10 @@
 //!      chunk preserved (which releases the busy mark and wakes waiters).
 //! - Only after every chunk is handled does the caller write the origin and reply:
 //!   container write → origin write, always.
-//! - A writer holds at most one busy mark, and only across I/O: no waiting while
-//!   holding a mark, hence no deadlock with other writers or the drainer.
+//! - A writer holds at most one busy mark, and only across I/O: it never waits for
+//!   another mark or a slot while holding one, hence no deadlock with other writers or
+//!   the drainer. (During a live restore that I/O may wait for the live restore's fill
+//!   marks; see the crate's locking table for why that order is safe.)
 //! - Failures: if reading the original or writing the container fails, the snapshot is
 //!   failed (`fail`), never the user's write: the mark is released, every waiter is
 //!   woken and passes through, and the write goes on to the origin.
@@ -23,11 +25,11 @@
 use crate::aligned::AlignedBuf;
 use crate::blockio::BlockIo;
 use crate::chunk_map::{ChunkMap, Geometry, WriteClaim};
-use crate::container::{Container, SlotIdx};
+use crate::container::{Container, SlotPool};
 use crate::throttle::ThrottleConfig;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 thread_local! {
@@ -38,112 +40,6 @@ thread_local! {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-struct PoolState {
-    fresh: u64,
-    returned: Vec<SlotIdx>,
-    used: u64,
-    high: u64,
-    waiters: u64,
-    dropped: bool,
-}
-
-/// Slot allocation over a container: usage, high-water mark, and waiting while full.
-pub struct SlotPool {
-    total: u64,
-    st: Mutex<PoolState>,
-    cv: Condvar,
-}
-
-impl SlotPool {
-    /// A pool of `total` slots, all free.
-    pub fn new(total: u64) -> Self {
-        SlotPool {
-            total,
-            st: Mutex::new(PoolState {
-                fresh: 0,
-                returned: Vec::new(),
-                used: 0,
-                high: 0,
-                waiters: 0,
-                dropped: false,
-            }),
-            cv: Condvar::new(),
-        }
-    }
-
-    /// Capacity.
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
-    /// Slots in use.
-    pub fn used(&self) -> u64 {
-        lock(&self.st).used
-    }
-
-    /// Most slots in use at once.
-    pub fn high_water(&self) -> u64 {
-        lock(&self.st).high
-    }
-
-    /// Writers waiting for a free slot.
-    pub fn waiters(&self) -> u64 {
-        lock(&self.st).waiters
-    }
-
-    /// Take a slot, waiting while none is free. `None` once the pool is dropped.
-    /// Also returns how long it waited.
-    pub fn alloc_wait(&self) -> Option<(SlotIdx, Duration)> {
-        let mut st = lock(&self.st);
-        let t0 = Instant::now();
-        let mut waited = false;
-        loop {
-            if st.dropped {
-                if waited {
-                    st.waiters -= 1;
-                }
-                return None;
-            }
-            let slot = if let Some(s) = st.returned.pop() {
-                Some(s)
-            } else if st.fresh < self.total {
-                st.fresh += 1;
-                Some(SlotIdx(st.fresh - 1))
-            } else {
-                None
-            };
-            if let Some(s) = slot {
-                if waited {
-                    st.waiters -= 1;
-                }
-                st.used += 1;
-                st.high = st.high.max(st.used);
-                return Some((s, if waited { t0.elapsed() } else { Duration::ZERO }));
-            }
-            if !waited {
-                waited = true;
-                st.waiters += 1;
-            }
-            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-
-    /// Give a slot back.
-    pub fn free(&self, s: SlotIdx) {
-        let mut st = lock(&self.st);
-        st.returned.push(s);
-        st.used -= 1;
-        drop(st);
-        self.cv.notify_one();
-    }
-
-    /// Wake every waiter; no allocation succeeds afterwards.
-    pub fn drop_all(&self) {
-        lock(&self.st).dropped = true;
-        self.cv.notify_all();
-    }
 }
 
 /// Figures of a snapshot, updated lock-free.
@@ -341,7 +237,7 @@ impl Snapshot {
                         });
                         match r {
                             Ok(()) => {
-                                self.map.preserved(c, s);
+                                self.map.mark_preserved(c, s);
                                 self.stats.preserved.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(e) => {
@@ -376,35 +272,6 @@ impl Snapshot {
 mod tests {
     use super::*;
     use crate::container::ram::RamContainer;
-    use std::sync::Arc;
-
-    #[test]
-    fn pool_waits_when_full_and_wakes_on_free() {
-        let p = Arc::new(SlotPool::new(2));
-        let a = p.alloc_wait().unwrap().0;
-        let _b = p.alloc_wait().unwrap().0;
-        assert_eq!(p.used(), 2);
-        let p2 = p.clone();
-        let t = std::thread::spawn(move || p2.alloc_wait());
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(p.waiters(), 1);
-        p.free(a);
-        let (s, waited) = t.join().unwrap().unwrap();
-        assert_eq!(s, a);
-        assert!(waited >= Duration::from_millis(40));
-        assert_eq!(p.high_water(), 2);
-    }
-
-    #[test]
-    fn pool_drop_releases_waiters() {
-        let p = Arc::new(SlotPool::new(1));
-        p.alloc_wait().unwrap();
-        let p2 = p.clone();
-        let t = std::thread::spawn(move || p2.alloc_wait());
-        std::thread::sleep(Duration::from_millis(20));
-        p.drop_all();
-        assert!(t.join().unwrap().is_none());
-    }
 
     #[test]
     fn preserve_stores_originals_once() {
@@ -413,7 +280,7 @@ mod tests {
         let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
         std::fs::write(f.path(), &data).unwrap();
         let mut spec = crate::blockio::OpenSpec::origin(f.path());
-        spec.engine = crate::blockio::Engine::Sync;
+        spec.engine = crate::blockio::IoEngine::Sync;
         let origin = crate::blockio::open(&spec).unwrap();
         let geo = Geometry::new(size as u64, 65536).unwrap();
         let snap = Snapshot::new(

@@ -8,7 +8,7 @@
 //!   allocation, up to `max_delay_ms` (default 50 ms) when that allocation fills the
 //!   container: with 75 % / 50 ms, a write that takes the container to 99 % sleeps
 //!   about 48 ms. A full container makes the writer wait for a free slot instead
-//!   (see `snapshot::SlotPool`); the backup never fails because the container filled.
+//!   (see `container::SlotPool`); the backup never fails because the container filled.
 //! - The rate limiter is a plain "bytes since start / rate" pacer: before a read the
 //!   drainer sleeps until the bytes read so far, this read included, are due. The
 //!   drainer also caps its batches at a quarter second's worth of the rate.

@@ -1,13 +1,55 @@
 //! Starting a snapshot of a 16 TiB sparse disk costs the bitmap allocation only: no
 //! scan of the disk. Prints the figures for the benchmarks.
 
-use cowsnap_core::backup::BackupParams;
+use cowsnap_core::backup::{BackupParams, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
+use cowsnap_core::changelog::Cut;
+use cowsnap_core::chunk_map::Geometry;
 use cowsnap_core::engine::{Engine, EngineConfig};
+use cowsnap_core::error::Result;
 use cowsnap_core::export::Export;
 use cowsnap_core::target::raw::incomplete_marker;
+use cowsnap_core::target::{self, Scope, SnapshotInfo, Target, TargetSummary};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// The real target, whose first `write` waits until the test opens the gate: the
+/// drainer stays inside its first batch, so every chunk past it stays pending.
+struct Held {
+    inner: Box<dyn Target>,
+    open: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Target for Held {
+    fn granule_chunks(&self) -> u32 {
+        self.inner.granule_chunks()
+    }
+    fn uses_change_log(&self) -> bool {
+        self.inner.uses_change_log()
+    }
+    fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope> {
+        self.inner.scope(cut)
+    }
+    fn begin(&mut self, info: &SnapshotInfo) -> Result<()> {
+        self.inner.begin(info)
+    }
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        let (m, cv) = &*self.open;
+        let mut g = m.lock().unwrap();
+        while !*g {
+            g = cv.wait(g).unwrap();
+        }
+        drop(g);
+        self.inner.write(off, data)
+    }
+    fn commit(self: Box<Self>) -> Result<TargetSummary> {
+        self.inner.commit()
+    }
+    fn abort(self: Box<Self>, why: &str) {
+        self.inner.abort(why)
+    }
+}
 
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -26,33 +68,46 @@ fn start_on(dir: &Path, size: u64) -> (Duration, u64, u64) {
     f.set_len(size).unwrap();
     drop(f);
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     let e = Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap();
+    let b = Backups::new(e.clone());
     let img = dir.join(format!("img-{size}"));
     let rss0 = rss_kib();
+    let to = format!("file:{}", img.display());
+    let open = Arc::new((Mutex::new(false), Condvar::new()));
     let t0 = Instant::now();
-    e.start_backup(BackupParams {
-        to: format!("file:{}", img.display()),
-        rate_limit: Some(1 << 20), // keeps the drainer from reading much
-        ..Default::default()
-    })
+    let geo = Geometry::new(size, EngineConfig::default().chunk_size).unwrap();
+    let held = Held {
+        inner: target::open(&to, &geo, "", false).unwrap(),
+        open: open.clone(),
+    };
+    b.start_with(
+        BackupParams {
+            to,
+            ..Default::default()
+        },
+        Some(Box::new(held)),
+        None,
+    )
     .unwrap();
     let took = t0.elapsed();
     let rss = rss_kib().saturating_sub(rss0);
     // the disk works during the snapshot, also at its very end
     e.write(size - 1, &[7], false).unwrap();
     e.write((size / 2) & !65535, &[8; 4096], false).unwrap();
-    let st = e.backup_status().unwrap();
+    let st = b.status().unwrap();
     assert_eq!(st.state, "running");
     assert_eq!(st.chunks_preserved, 2, "{st:?}");
     let bitmap = st.bitmap_bytes;
-    e.cancel_backup().unwrap();
-    let st = e.wait_backup(Duration::from_secs(10)).unwrap();
+    b.cancel().unwrap();
+    *open.0.lock().unwrap() = true;
+    open.1.notify_all();
+    let st = b.wait(Duration::from_secs(10)).unwrap();
     assert_eq!(st.state, "failed");
     assert!(incomplete_marker(&img).exists());
-    let mut b = [0u8; 1];
-    e.read(size - 1, &mut b).unwrap();
-    assert_eq!(b[0], 7);
+    let mut byte = [0u8; 1];
+    e.read(size - 1, &mut byte).unwrap();
+    assert_eq!(byte[0], 7);
     std::fs::remove_file(&img).unwrap();
     std::fs::remove_file(&origin).unwrap();
     (took, bitmap, rss)

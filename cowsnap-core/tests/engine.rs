@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use cowsnap_core::backup::BackupParams;
+use cowsnap_core::backup::{BackupParams, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::error::ErrorKind;
@@ -28,8 +28,8 @@ fn params(to: &str) -> BackupParams {
     }
 }
 
-fn wait_done(e: &Engine) -> cowsnap_core::backup::BackupStatus {
-    let st = e.wait_backup(Duration::from_secs(30)).unwrap();
+fn wait_done(b: &Backups) -> cowsnap_core::backup::BackupStatus {
+    let st = b.wait(Duration::from_secs(30)).unwrap();
     assert!(
         st.state == "complete" || st.state == "failed",
         "backup did not finish: {st:?}"
@@ -37,16 +37,32 @@ fn wait_done(e: &Engine) -> cowsnap_core::backup::BackupStatus {
     st
 }
 
-fn mem_engine(size: usize, seed: u64) -> (Arc<Engine>, Arc<MemDisk>, Log, Vec<u8>) {
+type MemEngine = (Arc<Engine>, Arc<Backups>, Arc<MemDisk>, Log, Vec<u8>);
+
+fn mem_engine(size: usize, seed: u64) -> MemEngine {
     let log: Log = Arc::new(Mutex::new(Vec::new()));
     let data = pattern(size, seed);
     let disk = MemDisk::new(data.clone(), log.clone());
     let e = Engine::new(disk.clone(), EngineConfig::default(), None).unwrap();
-    (e, disk, log, data)
+    let b = Arc::new(Backups::new(e.clone()));
+    (e, b, disk, log, data)
 }
 
 #[test]
 fn file_backup_of_a_file_origin_matches() {
+    file_backup_matches(blockio::IoEngine::Sync);
+}
+
+#[test]
+fn file_backup_of_a_file_origin_matches_on_io_uring() {
+    if !blockio::uring::probe() {
+        eprintln!("SKIP: io_uring is not available here");
+        return;
+    }
+    file_backup_matches(blockio::IoEngine::Uring);
+}
+
+fn file_backup_matches(io_engine: blockio::IoEngine) {
     let dir = tempfile::tempdir().unwrap();
     let origin = dir.path().join("disk");
     let size = 5 * CSU + 12345; // short last chunk
@@ -54,15 +70,22 @@ fn file_backup_of_a_file_origin_matches() {
     data[CSU as usize..2 * CSU as usize].fill(0); // a zero chunk -> hole in the image
     std::fs::write(&origin, &data).unwrap();
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = io_engine;
     let io = blockio::open(&spec).unwrap();
     let e = Engine::new(io, EngineConfig::default(), None).unwrap();
+    assert_eq!(
+        e.origin().engine_name(),
+        if io_engine == blockio::IoEngine::Sync {
+            "sync"
+        } else {
+            "uring"
+        }
+    );
+    let b = Backups::new(e.clone());
     let img = dir.path().join("img");
-    let id = e
-        .start_backup(params(&format!("file:{}", img.display())))
-        .unwrap();
+    let id = b.start(params(&format!("file:{}", img.display()))).unwrap();
     assert_eq!(id, 1);
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "complete", "{st:?}");
     assert_eq!(st.chunks_in_scope, 6);
     assert_eq!(st.chunks_copied, 6);
@@ -72,22 +95,20 @@ fn file_backup_of_a_file_origin_matches() {
     assert_eq!(std::fs::read(&img).unwrap(), data);
     assert!(!incomplete_marker(&img).exists());
     // a second backup may start now
-    let id2 = e
-        .start_backup(params(&format!("file:{}", img.display())))
-        .unwrap();
+    let id2 = b.start(params(&format!("file:{}", img.display()))).unwrap();
     assert_eq!(id2, 2);
-    assert_eq!(wait_done(&e).state, "complete");
+    assert_eq!(wait_done(&b).state, "complete");
 }
 
 #[test]
 fn container_write_comes_before_origin_write() {
-    let (e, disk, log, orig) = mem_engine(N as usize * CS as usize, 2);
+    let (e, b, disk, log, orig) = mem_engine(N as usize * CS as usize, 2);
     let (t, ts) = MemTarget::new(N * CSU, CS, 1);
     // the drainer blocks in its first target write (chunks 0..63); the upper half of
     // the disk stays pending until resumed
     ts.pause();
     let c = RecContainer::new(16, CS, log.clone());
-    e.start_backup_with(params("test:"), Some(t), Some(Box::new(c)))
+    b.start_with(params("test:"), Some(t), Some(Box::new(c)))
         .unwrap();
     log.lock().unwrap().clear();
     // across chunk 130 / 131
@@ -116,12 +137,12 @@ fn container_write_comes_before_origin_write() {
             },
         ]
     );
-    let st = e.backup_status().unwrap();
+    let st = b.status().unwrap();
     assert_eq!(st.state, "running");
     assert_eq!(st.chunks_preserved, 2);
     assert_eq!(st.holds, 1);
     ts.resume();
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "complete", "{st:?}");
     assert_eq!(
         *ts.image.lock().unwrap(),
@@ -140,10 +161,10 @@ fn container_write_comes_before_origin_write() {
 
 #[test]
 fn done_chunks_pass_through_without_reads() {
-    let (e, disk, log, orig) = mem_engine(4 * CS as usize, 3);
+    let (e, b, disk, log, orig) = mem_engine(4 * CS as usize, 3);
     let (t, ts) = MemTarget::new(4 * CSU, CS, 1);
-    e.start_backup_with(params("test:"), Some(t), None).unwrap();
-    assert_eq!(wait_done(&e).state, "complete");
+    b.start_with(params("test:"), Some(t), None).unwrap();
+    assert_eq!(wait_done(&b).state, "complete");
     assert_eq!(*ts.image.lock().unwrap(), orig);
     disk.record_reads.store(true, Ordering::SeqCst);
     log.lock().unwrap().clear();
@@ -157,17 +178,17 @@ fn done_chunks_pass_through_without_reads() {
 #[test]
 fn trim_and_write_zeroes_preserve_too() {
     let size = N * CSU + 300;
-    let (e, disk, _log, orig) = mem_engine(size as usize, 4);
+    let (e, b, disk, _log, orig) = mem_engine(size as usize, 4);
     let (t, ts) = MemTarget::new(size, CS, 2);
     ts.pause();
-    e.start_backup_with(params("test:"), Some(t), None).unwrap();
+    b.start_with(params("test:"), Some(t), None).unwrap();
     e.trim(B + CSU / 2, 2 * CSU, false).unwrap();
     e.zero(B + 4 * CSU, 2 * CSU + 300, ZeroFlags::default())
         .unwrap();
     // the disk's last byte
     e.write(size - 1, &[0x11], true).unwrap();
     ts.resume();
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "complete", "{st:?}");
     assert_eq!(*ts.image.lock().unwrap(), orig);
     let now = disk.snapshot();
@@ -179,12 +200,12 @@ fn trim_and_write_zeroes_preserve_too() {
 
 #[test]
 fn target_enospc_fails_backup_and_keeps_every_write() {
-    let (e, disk, log, _orig) = mem_engine(N as usize * CS as usize, 5);
+    let (e, b, disk, log, _orig) = mem_engine(N as usize * CS as usize, 5);
     let (t, ts) = MemTarget::new(N * CSU, CS, 1);
     // the first batch succeeds, the second hits ENOSPC
     *ts.fail_after.lock().unwrap() = Some((1, libc::ENOSPC));
     ts.pause();
-    e.start_backup_with(
+    b.start_with(
         params("test:"),
         Some(t),
         Some(Box::new(RecContainer::new(4, CS, log))),
@@ -197,13 +218,13 @@ fn target_enospc_fails_backup_and_keeps_every_write() {
         e.write(off, &d, false).unwrap();
         expect[off as usize..off as usize + 5000].copy_from_slice(&d);
     }
-    assert_eq!(e.backup_status().unwrap().chunks_preserved, 3);
+    assert_eq!(b.status().unwrap().chunks_preserved, 3);
     ts.resume();
     // writes keep coming while it fails
     let mut i = 0u64;
     let t0 = Instant::now();
     loop {
-        let st = e.backup_status().unwrap();
+        let st = b.status().unwrap();
         if st.state == "failed" {
             break;
         }
@@ -214,7 +235,7 @@ fn target_enospc_fails_backup_and_keeps_every_write() {
         expect[off as usize..off as usize + 8192].copy_from_slice(&d);
         i += 1;
     }
-    let st = e.backup_status().unwrap();
+    let st = b.status().unwrap();
     let err = st.error.clone().unwrap();
     assert!(err.contains("No space left on device"), "{err}");
     assert!(err.contains("unable to write the backup target"), "{err}");
@@ -230,26 +251,25 @@ fn target_enospc_fails_backup_and_keeps_every_write() {
     assert!(disk.snapshot() == expect, "acknowledged writes lost");
     // and a new backup can start
     let (t2, _ts2) = MemTarget::new(N * CSU, CS, 1);
-    e.start_backup_with(params("test:"), Some(t2), None)
-        .unwrap();
-    assert_eq!(wait_done(&e).state, "complete");
+    b.start_with(params("test:"), Some(t2), None).unwrap();
+    assert_eq!(wait_done(&b).state, "complete");
 }
 
 #[test]
 fn container_eio_fails_backup_not_the_write() {
-    let (e, disk, log, _orig) = mem_engine(N as usize * CS as usize, 6);
+    let (e, b, disk, log, _orig) = mem_engine(N as usize * CS as usize, 6);
     let (t, ts) = MemTarget::new(N * CSU, CS, 1);
     ts.pause();
     let c = RecContainer::new(8, CS, log);
     let fail = c.fail_writes.clone();
-    e.start_backup_with(params("test:"), Some(t), Some(Box::new(c)))
+    b.start_with(params("test:"), Some(t), Some(Box::new(c)))
         .unwrap();
     e.write(B, &[1; 100], false).unwrap();
     fail.store(true, Ordering::SeqCst);
     e.write(B + 5 * CSU, &[2; 100], false).unwrap(); // needs preservation: container EIO
     e.write(B + 9 * CSU, &[3; 100], false).unwrap(); // snapshot dropped: pass-through
     ts.resume();
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "failed");
     let err = st.error.unwrap();
     assert!(
@@ -266,17 +286,17 @@ fn container_eio_fails_backup_not_the_write() {
 
 #[test]
 fn container_read_eio_fails_backup() {
-    let (e, _disk, log, _orig) = mem_engine(N as usize * CS as usize, 7);
+    let (e, b, _disk, log, _orig) = mem_engine(N as usize * CS as usize, 7);
     let (t, ts) = MemTarget::new(N * CSU, CS, 1);
     ts.pause();
     let c = RecContainer::new(8, CS, log);
     let fail = c.fail_reads.clone();
-    e.start_backup_with(params("test:"), Some(t), Some(Box::new(c)))
+    b.start_with(params("test:"), Some(t), Some(Box::new(c)))
         .unwrap();
     e.write(B + 3 * CSU, &[1; 100], false).unwrap();
     fail.store(true, Ordering::SeqCst);
     ts.resume();
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "failed");
     assert!(
         st.error
@@ -289,10 +309,10 @@ fn container_read_eio_fails_backup() {
 
 #[test]
 fn full_container_holds_writers_until_drained_or_dropped() {
-    let (e, disk, log, orig) = mem_engine(N as usize * CS as usize, 8);
+    let (e, b, disk, log, orig) = mem_engine(N as usize * CS as usize, 8);
     let (t, ts) = MemTarget::new(N * CSU, CS, 1);
     ts.pause();
-    e.start_backup_with(
+    b.start_with(
         params("test:"),
         Some(t),
         Some(Box::new(RecContainer::new(2, CS, log))),
@@ -305,13 +325,13 @@ fn full_container_holds_writers_until_drained_or_dropped() {
     std::thread::sleep(Duration::from_millis(150));
     assert!(!w.is_finished(), "a full container must hold the writer");
     // reads never wait
-    let mut b = [0u8; 10];
+    let mut buf = [0u8; 10];
     let r = (B + 12 * CSU) as usize;
-    e.read(B + 12 * CSU, &mut b).unwrap();
-    assert_eq!(b[..], orig[r..r + 10]);
+    e.read(B + 12 * CSU, &mut buf).unwrap();
+    assert_eq!(buf[..], orig[r..r + 10]);
     ts.resume(); // the drainer frees slots
     w.join().unwrap().unwrap();
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "complete", "{st:?}");
     assert_eq!(*ts.image.lock().unwrap(), orig);
     assert_eq!(st.container_high_water, 2);
@@ -322,10 +342,10 @@ fn full_container_holds_writers_until_drained_or_dropped() {
 
 #[test]
 fn cancel_releases_held_writers() {
-    let (e, disk, log, _orig) = mem_engine(N as usize * CS as usize, 9);
+    let (e, b, disk, log, _orig) = mem_engine(N as usize * CS as usize, 9);
     let (t, ts) = MemTarget::new(N * CSU, CS, 1);
     ts.pause();
-    e.start_backup_with(
+    b.start_with(
         params("test:"),
         Some(t),
         Some(Box::new(RecContainer::new(1, CS, log))),
@@ -336,58 +356,56 @@ fn cancel_releases_held_writers() {
     let w = std::thread::spawn(move || e2.write(B + 12 * CSU, &[3; 10], false));
     std::thread::sleep(Duration::from_millis(100));
     assert!(!w.is_finished());
-    e.cancel_backup().unwrap();
+    b.cancel().unwrap();
     w.join().unwrap().unwrap();
     assert_eq!(disk.snapshot()[(B + 12 * CSU) as usize], 3);
     ts.resume();
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "failed");
     assert!(st.error.unwrap().contains("canceled"));
-    assert!(e.cancel_backup().is_err(), "nothing left to cancel");
-    assert!(e.backup_priority(&[(0, 1)]).is_err());
+    assert!(b.cancel().is_err(), "nothing left to cancel");
+    assert!(b.prioritize(&[(0, 1)]).is_err());
 }
 
 #[test]
 fn one_backup_at_a_time_and_bad_specs() {
-    let (e, _disk, _log, _orig) = mem_engine(8 * CS as usize, 10);
+    let (_e, b, _disk, _log, _orig) = mem_engine(8 * CS as usize, 10);
     let (t, ts) = MemTarget::new(8 * CSU, CS, 1);
     ts.pause();
-    e.start_backup_with(params("test:"), Some(t), None).unwrap();
+    b.start_with(params("test:"), Some(t), None).unwrap();
     let (t2, _) = MemTarget::new(8 * CSU, CS, 1);
-    let err = e
-        .start_backup_with(params("test:"), Some(t2), None)
-        .unwrap_err();
+    let err = b.start_with(params("test:"), Some(t2), None).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy);
     assert!(err.to_string().contains("still running"), "{err}");
     ts.resume();
-    wait_done(&e);
+    wait_done(&b);
     let mut inc = params("file:/tmp/never-written.img");
     inc.incremental = true;
-    let err = e.start_backup(inc).unwrap_err();
+    let err = b.start(inc).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(
         err.to_string().contains("--incremental needs a repository"),
         "{err}"
     );
     assert!(!std::path::Path::new("/tmp/never-written.img").exists());
-    assert_eq!(e.backup_status().unwrap().state, "failed");
-    let err = e.start_backup(params("ftp:x")).unwrap_err();
+    assert_eq!(b.status().unwrap().state, "failed");
+    let err = b.start(params("ftp:x")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     let mut p = params("file:/nonexistent-dir/img");
     p.container = Some("ram:1K".into());
-    assert!(e.start_backup(p).is_err());
+    assert!(b.start(p).is_err());
 }
 
 #[test]
 fn priority_ranges_go_first() {
-    let (e, _disk, _log, orig) = mem_engine(256 * CS as usize, 11);
+    let (_e, b, _disk, _log, orig) = mem_engine(256 * CS as usize, 11);
     let (t, ts) = MemTarget::new(256 * CSU, CS, 1);
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut p = params("test:");
     p.priority = vec![(200 * CSU, 3 * CSU)];
-    e.start_backup_with(p, Some(Box::new(Spy(t, order.clone()))), None)
+    b.start_with(p, Some(Box::new(Spy(t, order.clone()))), None)
         .unwrap();
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "complete", "{st:?}");
     assert_eq!(*ts.image.lock().unwrap(), orig);
     let o = order.lock().unwrap();
@@ -398,7 +416,7 @@ fn priority_ranges_go_first() {
 
 #[test]
 fn quiesce_waits_for_idle_or_fails_cleanly() {
-    let (e, _disk, _log, _orig) = mem_engine(8 * CS as usize, 12);
+    let (e, b, _disk, _log, _orig) = mem_engine(8 * CS as usize, 12);
     // a busy disk: writes every 5 ms
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -420,23 +438,23 @@ fn quiesce_waits_for_idle_or_fails_cleanly() {
     p.quiesce_idle_ms = 300;
     p.quiesce_timeout_ms = 600;
     let t0 = Instant::now();
-    let err = e.start_backup_with(p.clone(), Some(t), None).unwrap_err();
+    let err = b.start_with(p.clone(), Some(t), None).unwrap_err();
     assert!(t0.elapsed() >= Duration::from_millis(600));
     assert_eq!(err.kind(), ErrorKind::Busy);
     assert!(err.to_string().contains("never idle for 300 ms"), "{err}");
     assert!(ts.aborted.lock().unwrap().is_some());
     assert!(!ts.began.load(Ordering::SeqCst));
-    assert_eq!(e.backup_status().unwrap().state, "failed");
+    assert_eq!(b.status().unwrap().state, "failed");
     stop.store(true, Ordering::SeqCst);
     w.join().unwrap();
     let (t, _ts) = MemTarget::new(8 * CSU, CS, 1);
-    e.start_backup_with(p, Some(t), None).unwrap();
+    b.start_with(p, Some(t), None).unwrap();
     let quiet = last.lock().unwrap().elapsed();
     assert!(
         quiet >= Duration::from_millis(300),
         "snapshot after only {quiet:?} of quiet"
     );
-    assert_eq!(wait_done(&e).state, "complete");
+    assert_eq!(wait_done(&b).state, "complete");
 }
 
 #[test]
@@ -445,9 +463,9 @@ fn file_target_enospc_like_failure_leaves_marker() {
     let dir = tempfile::tempdir().unwrap();
     let dev = dir.path().join("dev");
     std::fs::write(&dev, vec![0u8; 4 * CS as usize]).unwrap();
-    let (e, _disk, _log, _orig) = mem_engine(8 * CS as usize, 13);
-    let err = e
-        .start_backup(params(&format!("dev:{}", dev.display())))
+    let (_e, b, _disk, _log, _orig) = mem_engine(8 * CS as usize, 13);
+    let err = b
+        .start(params(&format!("dev:{}", dev.display())))
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NoSpace);
     // a file target whose drain fails keeps its .incomplete marker (the rate limit
@@ -455,11 +473,11 @@ fn file_target_enospc_like_failure_leaves_marker() {
     let img = dir.path().join("img");
     let mut p = params(&format!("file:{}", img.display()));
     p.rate_limit = Some(100 * 1024);
-    let id = e.start_backup(p).unwrap();
+    let id = b.start(p).unwrap();
     assert!(incomplete_marker(&img).exists());
     std::thread::sleep(Duration::from_millis(100));
-    e.cancel_backup().unwrap();
-    let st = wait_done(&e);
+    b.cancel().unwrap();
+    let st = wait_done(&b);
     assert_eq!(st.id, id);
     assert_eq!(st.state, "failed");
     let m = std::fs::read_to_string(incomplete_marker(&img)).unwrap();
@@ -476,7 +494,7 @@ fn block_status_reports_holes_only_where_there_are_holes() {
     f.write_all_at(&[5u8; 65536], 4 << 20).unwrap();
     drop(f);
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     let io = blockio::open(&spec).unwrap();
     if io.data_ranges(0, 1).unwrap().is_none() {
         eprintln!("SKIP: file system without SEEK_DATA");
@@ -501,7 +519,7 @@ fn block_status_reports_holes_only_where_there_are_holes() {
 
 #[test]
 fn the_instant_waits_for_writes_in_flight() {
-    let (e, disk, _log, orig) = mem_engine(N as usize * CS as usize, 14);
+    let (e, b, disk, _log, orig) = mem_engine(N as usize * CS as usize, 14);
     disk.set_block_writes(true);
     let e1 = e.clone();
     // spans two chunks; stuck inside the origin write
@@ -510,17 +528,17 @@ fn the_instant_waits_for_writes_in_flight() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let (t, ts) = MemTarget::new(N * CSU, CS, 1);
-    let e2 = e.clone();
-    let b = std::thread::spawn(move || e2.start_backup_with(params("test:"), Some(t), None));
+    let b2 = b.clone();
+    let start = std::thread::spawn(move || b2.start_with(params("test:"), Some(t), None));
     std::thread::sleep(Duration::from_millis(150));
     assert!(
-        !b.is_finished(),
+        !start.is_finished(),
         "the snapshot must wait for the write in flight"
     );
     disk.set_block_writes(false);
     w.join().unwrap().unwrap();
-    b.join().unwrap().unwrap();
-    assert_eq!(wait_done(&e).state, "complete");
+    start.join().unwrap().unwrap();
+    assert_eq!(wait_done(&b).state, "complete");
     // the write happened before the instant: the image has all of it
     let mut expect = orig;
     expect[(B + CSU - 100) as usize..(B + CSU + 100) as usize].fill(0xAB);
@@ -529,11 +547,11 @@ fn the_instant_waits_for_writes_in_flight() {
 
 #[test]
 fn container_above_low_watermark_is_drained_first() {
-    let (e, _disk, log, orig) = mem_engine(N as usize * CS as usize, 15);
+    let (e, b, _disk, log, orig) = mem_engine(N as usize * CS as usize, 15);
     let (t, ts) = MemTarget::new(N * CSU, CS, 1);
     let order = Arc::new(Mutex::new(Vec::new()));
     ts.pause(); // blocks in the first batch (chunks 0..63)
-    e.start_backup_with(
+    b.start_with(
         params("test:"),
         Some(Box::new(Spy(t, order.clone()))),
         Some(Box::new(RecContainer::new(8, CS, log))),
@@ -546,7 +564,7 @@ fn container_above_low_watermark_is_drained_first() {
         e.write(c * CSU + 10, &[1; 10], false).unwrap();
     }
     ts.resume();
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "complete", "{st:?}");
     assert_eq!(*ts.image.lock().unwrap(), orig);
     let o = order.lock().unwrap();
@@ -576,17 +594,18 @@ fn sparse_origin_holes_are_zeros_in_the_image() {
     drop(f);
     let before = std::fs::read(&origin).unwrap();
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     let e = Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap();
+    let b = Backups::new(e.clone());
     let img = dir.path().join("img");
     let mut p = params(&format!("file:{}", img.display()));
     p.rate_limit = Some(32 << 20);
-    e.start_backup(p).unwrap();
+    b.start(p).unwrap();
     // writes into holes and over data during the backup
     for i in 0..16u64 {
         e.write(i * 4 * CSU + 777, &[0x5A; 9000], false).unwrap();
     }
-    let st = wait_done(&e);
+    let st = wait_done(&b);
     assert_eq!(st.state, "complete", "{st:?}");
     assert!(
         std::fs::read(&img).unwrap() == before,

@@ -1,9 +1,9 @@
 //! The engine, the change log and the repository together: full and incremental
-//! backups of a file disk taken through `Engine::start_backup` while writers run,
+//! backups of a file disk taken through `Backups::start` while writers run,
 //! each generation restored and compared with the disk at its snapshot instant.
 
-use cowsnap_core::backup::BackupParams;
-use cowsnap_core::blockio::{open, Engine as IoEngine, OpenSpec};
+use cowsnap_core::backup::{BackupParams, Backups};
+use cowsnap_core::blockio::{open, IoEngine, OpenSpec};
 use cowsnap_core::changelog::ChangeLog;
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
@@ -15,16 +15,16 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-fn backup(engine: &Arc<Engine>, to: &str, incremental: bool) -> cowsnap_core::backup::BackupStatus {
-    engine
-        .start_backup(BackupParams {
+fn backup(backups: &Backups, to: &str, incremental: bool) -> cowsnap_core::backup::BackupStatus {
+    backups
+        .start(BackupParams {
             to: to.into(),
             container: Some("ram:1M".into()),
             incremental,
             ..Default::default()
         })
         .unwrap();
-    let st = engine.wait_backup(Duration::from_secs(60)).unwrap();
+    let st = backups.wait(Duration::from_secs(60)).unwrap();
     assert_eq!(st.state, "complete", "{st:?}");
     st
 }
@@ -59,21 +59,22 @@ fn full_then_incremental_through_the_engine_restore_exactly() {
         ..Default::default()
     };
     let engine = Engine::new(origin, cfg, Some(cl)).unwrap();
+    let backups = Backups::new(engine.clone());
     let repo_dir = dir.path().join("repo");
     let to = format!("repo:{}", repo_dir.display());
 
     // Generation 1: full. The disk at its instant is `init`.
-    let st1 = backup(&engine, &to, false);
+    let st1 = backup(&backups, &to, false);
     let img1 = init.clone();
     // Generation 2: incremental after a few scattered writes.
     write_random(&engine, &mut rng, 6, size);
     let img2 = std::fs::read(&disk).unwrap();
-    let st2 = backup(&engine, &to, true);
+    let st2 = backup(&backups, &to, true);
     // Generation 3: incremental after writes at the first and last byte.
     engine.write(0, &[0xAA; 100], false).unwrap();
     engine.write(size - 7, &[0xBB; 7], false).unwrap();
     let img3 = std::fs::read(&disk).unwrap();
-    let st3 = backup(&engine, &to, true);
+    let st3 = backup(&backups, &to, true);
 
     let gens = repo::list(&repo_dir).unwrap();
     assert_eq!(gens.len(), 3);

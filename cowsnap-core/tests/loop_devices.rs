@@ -1,7 +1,7 @@
 //! `dev:` container and `dev:` target on real block devices (loop devices). Skips
 //! when loop devices cannot be set up (not root, no losetup, no loop module).
 
-use cowsnap_core::backup::BackupParams;
+use cowsnap_core::backup::{BackupParams, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
@@ -48,13 +48,14 @@ fn dev_container_and_dev_target_on_loop_devices() {
         return;
     };
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     let e = Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap();
+    let b = Backups::new(e.clone());
     // a chunk of zeros on the disk must come out as zeros on the device (which held 0xEE)
     e.zero(3 << 16, 1 << 16, Default::default()).unwrap();
     let mut expect = data.clone();
     expect[3 << 16..4 << 16].fill(0);
-    e.start_backup(BackupParams {
+    b.start(BackupParams {
         to: format!("dev:{}", tdev.0.display()),
         container: Some(format!("dev:{}", cdev.0.display())),
         rate_limit: Some(4 << 20),
@@ -65,7 +66,7 @@ fn dev_container_and_dev_target_on_loop_devices() {
     for i in 0..20u64 {
         e.write(i * 7 * 4096 + 100, &[0x42; 5000], false).unwrap();
     }
-    let st = e.wait_backup(Duration::from_secs(60)).unwrap();
+    let st = b.wait(Duration::from_secs(60)).unwrap();
     assert_eq!(st.state, "complete", "{st:?}");
     assert!(st.chunks_preserved > 0, "{st:?}");
     assert_eq!(st.container_slots, 4);
@@ -91,11 +92,12 @@ fn direct_io_origin_on_a_loop_device() {
         return;
     };
     let mut spec = OpenSpec::origin(&odev.0);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     spec.direct = true;
     let e = Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap();
+    let b = Backups::new(e.clone());
     let img = dir.path().join("img");
-    e.start_backup(BackupParams {
+    b.start(BackupParams {
         to: format!("file:{}", img.display()),
         container: Some("ram:128K".into()),
         rate_limit: Some(8 << 20),
@@ -108,7 +110,7 @@ fn direct_io_origin_on_a_loop_device() {
     for i in 0..16u64 {
         e.write(i * 4 * 65536 + 4096, &buf, false).unwrap();
     }
-    let st = e.wait_backup(Duration::from_secs(60)).unwrap();
+    let st = b.wait(Duration::from_secs(60)).unwrap();
     assert_eq!(st.state, "complete", "{st:?}");
     assert!(st.chunks_preserved > 0, "{st:?}");
     assert!(std::fs::read(&img).unwrap() == data, "image differs");

@@ -287,13 +287,13 @@ fn two_concurrent_backups_into_one_repository() {
 
 #[test]
 fn prune_waits_for_a_running_backup() {
-    use cowsnap_core::repo::{open_target_with, RepoTargetParams};
+    use cowsnap_core::repo::{open_target, RepoTargetParams};
     let d = tempfile::tempdir().unwrap();
     let repo = d.path().join("repo");
     let old = synth_disk(4 * MIB, 61);
     backup(&repo, "w", &old, None, "l", false);
     let disk = synth_disk(4 * MIB, 62);
-    let mut t = open_target_with(
+    let mut t = open_target(
         &repo,
         RepoTargetParams {
             disk_name: "w".into(),
@@ -360,7 +360,7 @@ fn untrusted_tracking_falls_back_to_a_full_read() {
     assert!(!b.scope_changed);
     // relative to the parent, but the snapshot's lineage differs: refused at begin
     cut.relative_to = Some(repo::list(&repo).unwrap().last().unwrap().id.clone());
-    let mut t = cowsnap_core::repo::open_target_with(
+    let mut t = cowsnap_core::repo::open_target(
         &repo,
         cowsnap_core::repo::RepoTargetParams {
             disk_name: "u".into(),
@@ -382,7 +382,7 @@ fn abort_and_drop_publish_nothing() {
     let repo = d.path().join("repo");
     let disk = synth_disk(3 * MIB, 81);
     for abort in [true, false] {
-        let mut t = cowsnap_core::repo::open_target_with(
+        let mut t = cowsnap_core::repo::open_target(
             &repo,
             cowsnap_core::repo::RepoTargetParams {
                 disk_name: "x".into(),
@@ -407,7 +407,7 @@ fn abort_and_drop_publish_nothing() {
         .collect();
     assert!(names.is_empty(), "{names:?}");
     // unaligned and oversize writes are refused
-    let mut t = cowsnap_core::repo::open_target_with(
+    let mut t = cowsnap_core::repo::open_target(
         &repo,
         cowsnap_core::repo::RepoTargetParams {
             disk_name: "x".into(),
@@ -428,7 +428,7 @@ fn a_chunk_handed_over_twice_keeps_the_last_data() {
     let d = tempfile::tempdir().unwrap();
     let repo = d.path().join("repo");
     let disk = synth_disk(4 * MIB, 91);
-    let mut t = cowsnap_core::repo::open_target_with(
+    let mut t = cowsnap_core::repo::open_target(
         &repo,
         cowsnap_core::repo::RepoTargetParams {
             disk_name: "t".into(),

@@ -133,7 +133,7 @@ fn dest_file(path: &Path, size: u64) -> Arc<dyn BlockIo> {
     f.set_len(size).unwrap();
     drop(f);
     let mut spec = OpenSpec::origin(path);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     blockio::open(&spec).unwrap()
 }
 
@@ -284,13 +284,13 @@ fn prune_drops_pins_that_pin_nothing_and_keeps_unreadable_ones() {
 
 fn reopen(path: &Path) -> Arc<dyn BlockIo> {
     let mut spec = OpenSpec::origin(path);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     blockio::open(&spec).unwrap()
 }
 
 #[test]
 fn an_incremental_refuses_to_publish_a_generation_taking_a_missing_chunk_from_its_parent() {
-    use cowsnap_core::repo::{open_target_with, RepoTargetParams};
+    use cowsnap_core::repo::{open_target, RepoTargetParams};
     let d = tempfile::tempdir().unwrap();
     let repo = d.path().join("repo");
     let mut disk = random_disk(4 * MIB, 11);
@@ -305,7 +305,7 @@ fn an_incremental_refuses_to_publish_a_generation_taking_a_missing_chunk_from_it
     std::fs::remove_file(r.store().path_of(&idx.hashes[3])).unwrap();
     scribble(&mut disk, Some(&cl), 0, 4096, 12);
     let cut = cl.begin_generation().unwrap();
-    let mut t = open_target_with(
+    let mut t = open_target(
         &repo,
         RepoTargetParams {
             disk_name: "m".into(),

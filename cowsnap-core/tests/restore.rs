@@ -24,7 +24,7 @@ fn dest_file(path: &Path, size: u64) -> Arc<dyn BlockIo> {
 
 fn reopen(path: &Path) -> Arc<dyn BlockIo> {
     let mut spec = OpenSpec::origin(path);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     blockio::open(&spec).unwrap()
 }
 

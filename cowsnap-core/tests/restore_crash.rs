@@ -18,7 +18,7 @@ const ENV: &str = "COWSNAP_TEST_FILL_CHILD";
 
 fn open_io(path: &Path) -> Arc<dyn BlockIo> {
     let mut spec = OpenSpec::origin(path);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     blockio::open(&spec).unwrap()
 }
 

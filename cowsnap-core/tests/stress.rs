@@ -7,9 +7,9 @@
 //! checksum), so a wrong or torn sector in the image or on the disk is found and
 //! explained. The reference is taken at the instant: writers hold a test-side
 //! RwLock shared around each request and the main thread takes it exclusively around
-//! `start_backup`, copying the per-sector model first.
+//! `Backups::start`, copying the per-sector model first.
 
-use cowsnap_core::backup::BackupParams;
+use cowsnap_core::backup::{BackupParams, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::{Export, ZeroFlags};
@@ -90,8 +90,25 @@ impl RangeLock {
     }
 }
 
+/// Both I/O engines (io_uring only when the kernel allows it).
+fn engines() -> Vec<blockio::IoEngine> {
+    let mut v = vec![blockio::IoEngine::Sync];
+    if blockio::uring::probe() {
+        v.push(blockio::IoEngine::Uring);
+    } else {
+        eprintln!("SKIP (io_uring part): io_uring is not available here");
+    }
+    v
+}
+
 #[test]
 fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
+    for engine in engines() {
+        image_at_the_instant(engine);
+    }
+}
+
+fn image_at_the_instant(io_engine: blockio::IoEngine) {
     let dir = tempfile::tempdir().unwrap();
     let chunk: u64 = 65536;
     let size: u64 = 24 * (1 << 20) + 5 * SECTOR as u64; // not a multiple of the chunk
@@ -105,7 +122,7 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
         std::fs::write(&origin, &all).unwrap();
     }
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = io_engine;
     let io = blockio::open(&spec).unwrap();
     let engine = Engine::new(
         io,
@@ -116,6 +133,7 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
         None,
     )
     .unwrap();
+    let backups = Backups::new(engine.clone());
 
     let model: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(vec![0; nsec]));
     let instant = Arc::new(RwLock::new(()));
@@ -187,8 +205,8 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
     {
         let _all = instant.write().unwrap();
         at_instant = model.lock().unwrap().clone();
-        engine
-            .start_backup(BackupParams {
+        backups
+            .start(BackupParams {
                 to: format!("file:{}", img.display()),
                 container: Some(format!("file:{}:256K", cont.display())), // 4 slots
                 rate_limit: Some(12 << 20),
@@ -201,7 +219,7 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
     assert!(cont.exists());
     let t0 = Instant::now();
     let st = loop {
-        let st = engine.backup_status().unwrap();
+        let st = backups.status().unwrap();
         if st.state != "running" {
             break st;
         }
@@ -286,6 +304,12 @@ fn image_is_the_disk_at_the_instant_under_concurrent_writers() {
 /// the image equals its state after some prefix of its writes.
 #[test]
 fn the_instant_never_splits_a_request() {
+    for engine in engines() {
+        instant_never_splits(engine);
+    }
+}
+
+fn instant_never_splits(io_engine: blockio::IoEngine) {
     let dir = tempfile::tempdir().unwrap();
     let region_sec: usize = 512; // 2 MiB per writer
     let writers = 4usize;
@@ -300,8 +324,9 @@ fn the_instant_never_splits_a_request() {
         std::fs::write(&origin, &all).unwrap();
     }
     let mut spec = OpenSpec::origin(&origin);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = io_engine;
     let engine = Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap();
+    let backups = Backups::new(engine.clone());
     let seq = Arc::new(AtomicU64::new(1));
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
@@ -332,14 +357,14 @@ fn the_instant_never_splits_a_request() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let img = dir.path().join("img");
-    engine
-        .start_backup(BackupParams {
+    backups
+        .start(BackupParams {
             to: format!("file:{}", img.display()),
             container: Some("ram:512K".into()),
             ..Default::default()
         })
         .unwrap();
-    let st = engine.wait_backup(Duration::from_secs(60)).unwrap();
+    let st = backups.wait(Duration::from_secs(60)).unwrap();
     stop.store(true, Ordering::Relaxed);
     let histories: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(st.state, "complete", "{st:?}");

@@ -3,7 +3,7 @@
 //! random-write IOPS during a backup vs pass-through. Files live in the page cache, so
 //! these are CPU/locking costs, not disk speed.
 
-use cowsnap_core::backup::BackupParams;
+use cowsnap_core::backup::{BackupParams, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
@@ -28,7 +28,7 @@ fn make_disk(path: &std::path::Path) {
 
 fn engine(path: &std::path::Path) -> Arc<Engine> {
     let mut spec = OpenSpec::origin(path);
-    spec.engine = blockio::Engine::Sync;
+    spec.engine = blockio::IoEngine::Sync;
     Engine::new(blockio::open(&spec).unwrap(), EngineConfig::default(), None).unwrap()
 }
 
@@ -90,14 +90,15 @@ fn throughput_figures() {
     std::fs::remove_file(dir.path().join("copy")).unwrap();
 
     let e = engine(&disk);
+    let b = Arc::new(Backups::new(e.clone()));
     let img = dir.path().join("img");
     let t0 = Instant::now();
-    e.start_backup(BackupParams {
+    b.start(BackupParams {
         to: format!("file:{}", img.display()),
         ..Default::default()
     })
     .unwrap();
-    let st = e.wait_backup(Duration::from_secs(300)).unwrap();
+    let st = b.wait(Duration::from_secs(300)).unwrap();
     let backup_t = t0.elapsed();
     assert_eq!(st.state, "complete");
     std::fs::remove_file(&img).unwrap();
@@ -112,17 +113,17 @@ fn throughput_figures() {
 
     let pass = randwrite(&e, 3.0, 2, None);
     let done = Arc::new(AtomicBool::new(false));
-    e.start_backup(BackupParams {
+    b.start(BackupParams {
         to: format!("file:{}", img.display()),
         container: Some("ram:8M".into()),
         rate_limit: Some(128 << 20),
         ..Default::default()
     })
     .unwrap();
-    let e2 = e.clone();
+    let b2 = b.clone();
     let d2 = done.clone();
     let watcher = std::thread::spawn(move || {
-        let st = e2.wait_backup(Duration::from_secs(300)).unwrap();
+        let st = b2.wait(Duration::from_secs(300)).unwrap();
         d2.store(true, Ordering::Relaxed);
         st
     });

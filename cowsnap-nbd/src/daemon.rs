@@ -23,6 +23,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
+use cowsnap_core::backup::Backups;
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::changelog::ChangeLog;
 use cowsnap_core::engine::{Engine, EngineConfig};
@@ -212,6 +213,7 @@ pub struct Daemon {
     args: Args,
     paths: DiskPaths,
     engine: Arc<Engine>,
+    backups: Backups,
     server: Arc<Server>,
     started: Instant,
     stop_tx: Sender<Stop>,
@@ -272,20 +274,20 @@ impl Daemon {
                     log::warn!("{e}");
                     return (fail(&e), false);
                 }
-                match self.engine.start_backup(params) {
+                match self.backups.start(params) {
                     Ok(id) => (control::ok_reply(&serde_json::json!({ "id": id })), false),
                     Err(e) => (fail(&e), false),
                 }
             }
             Request::BackupStatus => (
-                control::ok_reply(&serde_json::json!({ "backup": self.engine.backup_status() })),
+                control::ok_reply(&serde_json::json!({ "backup": self.backups.status() })),
                 false,
             ),
-            Request::Priority { ranges } => match self.engine.backup_priority(&ranges) {
+            Request::Priority { ranges } => match self.backups.prioritize(&ranges) {
                 Ok(()) => (control::ok_reply(&()), false),
                 Err(e) => (fail(&e), false),
             },
-            Request::Cancel => match self.engine.cancel_backup() {
+            Request::Cancel => match self.backups.cancel() {
                 Ok(()) => (control::ok_reply(&()), false),
                 Err(e) => (fail(&e), false),
             },
@@ -308,7 +310,7 @@ impl Daemon {
             connections: self.server.connections() as u64,
             stats: IoCounters::from(self.engine.stats()),
             container: self.args.container.clone(),
-            backup: self.engine.backup_status(),
+            backup: self.backups.status(),
             lineage: self.changelog.as_ref().map(|c| c.lineage().to_string()),
             tracking: self
                 .changelog
@@ -519,7 +521,7 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|s| parse_listen(s))
         .collect::<Result<_>>()?;
-    let engine_kind: blockio::Engine = args
+    let engine_kind: blockio::IoEngine = args
         .io_engine
         .parse()
         .map_err(|e| anyhow!("invalid --io-engine: {e}"))?;
@@ -614,6 +616,7 @@ pub fn run(args: Args) -> Result<()> {
         args: args.clone(),
         paths: paths.clone(),
         engine: engine.clone(),
+        backups: Backups::new(engine.clone()),
         server: server.clone(),
         started: Instant::now(),
         stop_tx: stop_tx.clone(),
@@ -893,8 +896,8 @@ fn seal_origin(d: &Daemon, flushed: bool) {
             return skip("the live restore's fill is still running");
         }
         let backup_running = d
-            .engine
-            .backup_status()
+            .backups
+            .status()
             .is_some_and(|b| b.state == "running" || b.state == "quiescing");
         if !f.fill_status().complete && backup_running {
             return skip("a backup is still reading through the live restore");
@@ -981,7 +984,7 @@ mod tests {
             path: origin.clone(),
             read_only: false,
             exclusive: true,
-            engine: blockio::Engine::Sync,
+            engine: blockio::IoEngine::Sync,
             direct: false,
         })
         .unwrap();
@@ -990,6 +993,7 @@ mod tests {
         Daemon {
             paths: DiskPaths::new("t1", dir, dir),
             args,
+            backups: Backups::new(engine.clone()),
             engine,
             server: Server::new(),
             started: Instant::now(),

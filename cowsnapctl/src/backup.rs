@@ -326,7 +326,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                 if let Some(pb) = &bar {
                     pb.finish_and_clear();
                 }
-                let msg = b.error.clone().unwrap_or_else(|| b.state.clone());
+                let msg = b.error.clone().unwrap_or_else(|| b.state.to_string());
                 if json {
                     event("failed", Some(&b), serde_json::json!({}));
                 }

@@ -5,7 +5,7 @@
 //! - `BlockIo` is small and capability-based: read, write, flush, discard, zero. Every
 //!   call is a whole operation: `read_at` fills the buffer or fails, never returns short.
 //! - Two engines implement it: [`sync::SyncIo`] (pread/pwrite, always available) and
-//!   [`uring::UringIo`] (io_uring, probed at start). [`open`] picks one by [`Engine`].
+//!   [`uring::UringIo`] (io_uring, probed at start). [`open`] picks one by [`IoEngine`].
 //! - Discard is a hole punch on files and BLKDISCARD on devices; write-zeroes is a
 //!   zero-range fallocate on files and BLKZEROOUT on devices, with a plain write of
 //!   zeros as fallback.
@@ -54,7 +54,7 @@ pub trait BlockIo: Send + Sync {
 
 /// Which I/O engine to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
+pub enum IoEngine {
     /// io_uring if the probe succeeds, otherwise pread/pwrite.
     Auto,
     /// io_uring only; opening fails if unsupported.
@@ -63,13 +63,13 @@ pub enum Engine {
     Sync,
 }
 
-impl std::str::FromStr for Engine {
+impl std::str::FromStr for IoEngine {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
-            "auto" => Ok(Engine::Auto),
-            "uring" | "io_uring" => Ok(Engine::Uring),
-            "sync" => Ok(Engine::Sync),
+            "auto" => Ok(IoEngine::Auto),
+            "uring" | "io_uring" => Ok(IoEngine::Uring),
+            "sync" => Ok(IoEngine::Sync),
             _ => Err(crate::err!(
                 InvalidInput,
                 "unknown I/O engine {s:?} (expected auto, uring or sync)"
@@ -88,7 +88,7 @@ pub struct OpenSpec {
     /// Open block devices with `O_EXCL` (the origin always is).
     pub exclusive: bool,
     /// I/O engine.
-    pub engine: Engine,
+    pub engine: IoEngine,
     /// Open with O_DIRECT (devices only; files use the page cache).
     pub direct: bool,
 }
@@ -100,7 +100,7 @@ impl OpenSpec {
             path: path.as_ref().to_path_buf(),
             read_only: false,
             exclusive: true,
-            engine: Engine::Auto,
+            engine: IoEngine::Auto,
             direct: false,
         }
     }
@@ -172,9 +172,9 @@ pub fn device_size(file: &File) -> std::io::Result<u64> {
 pub fn open(spec: &OpenSpec) -> Result<Arc<dyn BlockIo>> {
     let (file, size, is_blk) = open_file(spec)?;
     match spec.engine {
-        Engine::Sync => Ok(Arc::new(sync::SyncIo::new(file, size, is_blk))),
-        Engine::Uring => Ok(Arc::new(uring::UringIo::new(file, size, is_blk)?)),
-        Engine::Auto => {
+        IoEngine::Sync => Ok(Arc::new(sync::SyncIo::new(file, size, is_blk))),
+        IoEngine::Uring => Ok(Arc::new(uring::UringIo::new(file, size, is_blk)?)),
+        IoEngine::Auto => {
             if uring::probe() {
                 Ok(Arc::new(uring::UringIo::new(file, size, is_blk)?))
             } else {

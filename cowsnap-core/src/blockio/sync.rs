@@ -201,14 +201,14 @@ pub(crate) fn data_ranges_fd(
 #[cfg(test)]
 mod tests {
     use super::data_ranges_fd;
-    use crate::blockio::{open, Engine, OpenSpec};
+    use crate::blockio::{open, IoEngine, OpenSpec};
 
     #[test]
     fn conformance_sync() {
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(4 << 20).unwrap();
         let mut spec = OpenSpec::origin(f.path());
-        spec.engine = Engine::Sync;
+        spec.engine = IoEngine::Sync;
         let io = open(&spec).unwrap();
         assert_eq!(io.engine_name(), "sync");
         crate::blockio::conformance::run(&*io);
@@ -226,7 +226,7 @@ mod tests {
         assert!(r[0].0 <= 2 << 20 && r[0].1 >= (2 << 20) + 65536, "{r:?}");
         assert!(r[0].1 - r[0].0 < 1 << 20, "{r:?}");
         let mut spec = OpenSpec::origin(f.path());
-        spec.engine = Engine::Sync;
+        spec.engine = IoEngine::Sync;
         let io = open(&spec).unwrap();
         assert_eq!(io.data_ranges(0, 1 << 20).unwrap(), Some(vec![]));
     }

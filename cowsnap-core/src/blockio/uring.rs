@@ -312,7 +312,7 @@ impl BlockIo for UringIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blockio::{open, Engine, OpenSpec};
+    use crate::blockio::{open, IoEngine, OpenSpec};
     use std::sync::Arc;
 
     #[test]
@@ -324,7 +324,7 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(4 << 20).unwrap();
         let mut spec = OpenSpec::origin(f.path());
-        spec.engine = Engine::Uring;
+        spec.engine = IoEngine::Uring;
         let io = open(&spec).unwrap();
         assert_eq!(io.engine_name(), "uring");
         crate::blockio::conformance::run(&*io);
@@ -332,7 +332,7 @@ mod tests {
         let g = tempfile::NamedTempFile::new().unwrap();
         g.as_file().set_len(4 << 20).unwrap();
         let mut spec = OpenSpec::origin(g.path());
-        spec.engine = Engine::Uring;
+        spec.engine = IoEngine::Uring;
         let io = open(&spec).unwrap();
         io.write_at(&[7u8; 4096], 1 << 20).unwrap();
         let r = io.data_ranges(0, 4 << 20).unwrap().unwrap();
@@ -372,7 +372,7 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(8 << 20).unwrap();
         let mut spec = OpenSpec::origin(f.path());
-        spec.engine = Engine::Uring;
+        spec.engine = IoEngine::Uring;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

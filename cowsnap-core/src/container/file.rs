@@ -60,7 +60,7 @@ impl FileContainer {
         drop(f);
         let mut spec = OpenSpec::origin(path);
         spec.exclusive = false;
-        spec.engine = blockio::Engine::Sync;
+        spec.engine = blockio::IoEngine::Sync;
         let io = match blockio::open(&spec) {
             Ok(io) => io,
             Err(e) => {
@@ -81,7 +81,7 @@ impl FileContainer {
     /// Use an existing block device (or file) as the container; never removed.
     pub fn open_device(path: &Path, slot_size: u32) -> Result<Self> {
         let mut spec = OpenSpec::origin(path);
-        spec.engine = blockio::Engine::Sync;
+        spec.engine = blockio::IoEngine::Sync;
         let io = blockio::open(&spec).map_err(|e| e.with_context("unable to open container"))?;
         let slots = io.size() / u64::from(slot_size.max(1));
         if slots == 0 {

@@ -4,7 +4,7 @@
 //! Design notes
 //! - A container stores whole chunks in numbered slots (`SlotIdx`); it does not
 //!   allocate them. Slot allocation, usage, the high-water mark and the waiting of
-//!   writers when it is full live in `snapshot::SlotPool`, so every backend shares one
+//!   writers when it is full live in [`SlotPool`] (`pool.rs`), so every backend shares one
 //!   implementation of that logic and a new backend only moves bytes.
 //! - Specs: `ram:SIZE` ([`ram::RamContainer`], memory allocated per slot on first use),
 //!   `file:PATH:SIZE` ([`file::FileContainer`], created new and preallocated with
@@ -24,7 +24,10 @@
 //! - Every backend runs the `conformance::run` checks in its tests.
 
 pub mod file;
+mod pool;
 pub mod ram;
+
+pub use pool::SlotPool;
 
 use crate::error::Result;
 use std::fmt;
@@ -64,25 +67,33 @@ pub trait Container: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Parse a size with an optional binary suffix: `4096`, `64K`, `64M`, `2G`, `1T`
-/// (also `KiB`/`MiB`/... and lower case).
+/// Parse a size: a number with an optional binary suffix K, M, G, T or P (also `KB`,
+/// `KiB`, ..., any case); a bare number (or `B`) is bytes. `64M` = 64 MiB, `1P` = 1 PiB.
+/// The one size parser of the project (the command line uses it too).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
+    if num.is_empty() {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to parse size {s:?}: expected a number with an optional K, M, G, T or P suffix"
+        ));
+    }
     let n: u64 = num
         .parse()
-        .map_err(|_| crate::err!(InvalidInput, "unable to parse size {s:?}: not a number"))?;
+        .map_err(|_| crate::err!(InvalidInput, "unable to parse size {s:?}: number too large"))?;
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
+        "P" | "PB" | "PIB" => 50,
         other => {
             return Err(crate::err!(
                 InvalidInput,
-                "unable to parse size {s:?}: unknown suffix {other:?} (use K, M, G or T)"
+                "unable to parse size {s:?}: unknown suffix {other:?} (use K, M, G, T or P)"
             ))
         }
     };
@@ -400,6 +411,8 @@ pub(crate) mod conformance {
         assert_eq!(parse_size("64M").unwrap(), 64 << 20);
         assert_eq!(parse_size("2g").unwrap(), 2 << 30);
         assert_eq!(parse_size("1TiB").unwrap(), 1 << 40);
+        assert_eq!(parse_size("1P").unwrap(), 1 << 50, "P is a pebibyte");
+        assert!(parse_size("M").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("12X").is_err());
         assert!(parse_size("99999999999T").is_err());

@@ -33,6 +33,7 @@
 //! replaces a file that is there: it renames only over a missing name (or over an
 //! identical copy a concurrent writer installed).
 
+use crate::bytes::is_zero;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, hex};
 use std::collections::BTreeSet;
@@ -48,16 +49,6 @@ const MAGIC: [u8; 4] = *b"CSCK";
 const HDR: usize = 16;
 /// Marks "a subdirectory was created" in the touched set: the parent needs a sync.
 const PARENT: u16 = 256;
-
-/// Whether every byte is zero.
-pub fn is_zero(data: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the
-        // aligned middle of the byte slice, which stays borrowed from `data`.
-        unsafe { data.align_to::<u64>() }
-    };
-    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
-}
 
 /// The hash an index records for `data` (the zero hash for zeros).
 pub fn chunk_hash(data: &[u8]) -> [u8; 32] {

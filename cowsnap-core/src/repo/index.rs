@@ -1,7 +1,7 @@
 //! The fixed index of one generation: which chunk holds each repository-chunk-sized
 //! piece of the disk.
 //!
-//! Layout: a 4096-byte header ([`IndexHeader`], `#[repr(C)]`, little endian), then
+//! Layout: a 4096-byte header ([`IndexHeader`]: its fields in order, little endian), then
 //! `chunk_count` entries of 32 bytes: the blake3 hash of the uncompressed chunk, or
 //! [`ZERO_HASH`](super::chunk_store::ZERO_HASH) for a chunk of zeros. The header
 //! carries the blake3 checksum of all entries and of itself, and the generation id, so
@@ -10,6 +10,7 @@
 
 use crate::error::{IoContext, Result};
 use crate::fsutil::AtomicFile;
+use crate::ondisk::{Decoder, Encoder};
 use std::path::Path;
 
 /// Versioned magic of the index format.
@@ -19,7 +20,7 @@ pub const INDEX_VERSION: u32 = 1;
 /// Header size in bytes.
 pub const INDEX_HEADER_SIZE: usize = 4096;
 
-/// The on-disk header (little endian).
+/// The on-disk header: its fields in order, little endian ([`crate::ondisk`]).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct IndexHeader {
@@ -48,18 +49,53 @@ const _: () = assert!(std::mem::size_of::<IndexHeader>() == INDEX_HEADER_SIZE);
 impl IndexHeader {
     /// Encode, computing the header checksum.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(INDEX_HEADER_SIZE);
-        v.extend_from_slice(&self.magic);
-        v.extend_from_slice(&self.version.to_le_bytes());
-        v.extend_from_slice(&self.chunk_size.to_le_bytes());
-        v.extend_from_slice(&self.disk_size.to_le_bytes());
-        v.extend_from_slice(&self.chunk_count.to_le_bytes());
-        v.extend_from_slice(&self.entries_checksum);
-        v.extend_from_slice(&self.generation);
-        let sum = blake3::hash(&v);
-        v.extend_from_slice(sum.as_bytes());
-        v.resize(INDEX_HEADER_SIZE, 0);
-        v
+        let mut e = Encoder::new(INDEX_HEADER_SIZE);
+        e.bytes(&self.magic)
+            .u32(self.version)
+            .u32(self.chunk_size)
+            .u64(self.disk_size)
+            .u64(self.chunk_count)
+            .bytes(&self.entries_checksum)
+            .bytes(&self.generation);
+        let sum = blake3::hash(e.written());
+        e.bytes(sum.as_bytes());
+        e.finish(INDEX_HEADER_SIZE)
+    }
+
+    /// Decode the fields; `Err` names what is wrong (magic, header checksum). The
+    /// caller checks the rest against the entries.
+    fn decode(b: &[u8]) -> std::result::Result<IndexHeader, &'static str> {
+        let short = "shorter than its header";
+        if b.len() < INDEX_HEADER_SIZE {
+            return Err(short);
+        }
+        let mut d = Decoder::new(b);
+        let magic = d.array().ok_or(short)?;
+        if magic != INDEX_MAGIC {
+            return Err("bad magic");
+        }
+        let version = d.u32().ok_or(short)?;
+        let chunk_size = d.u32().ok_or(short)?;
+        let disk_size = d.u64().ok_or(short)?;
+        let chunk_count = d.u64().ok_or(short)?;
+        let entries_checksum = d.array().ok_or(short)?;
+        let generation = d.array().ok_or(short)?;
+        let body = d.read();
+        let header_checksum: [u8; 32] = d.array().ok_or(short)?;
+        if blake3::hash(body).as_bytes()[..] != header_checksum {
+            return Err("header checksum mismatch");
+        }
+        Ok(IndexHeader {
+            magic,
+            version,
+            chunk_size,
+            disk_size,
+            chunk_count,
+            entries_checksum,
+            generation,
+            header_checksum,
+            reserved: [0; INDEX_HEADER_SIZE - 160],
+        })
     }
 }
 
@@ -128,28 +164,12 @@ impl FixedIndex {
     /// Parse and check an encoded index.
     pub fn decode(b: &[u8], what: &str) -> Result<FixedIndex> {
         let bad = |why: &str| crate::err!(Corrupt, "index {what} is corrupt: {why}");
-        if b.len() < INDEX_HEADER_SIZE {
-            return Err(bad("shorter than its header"));
-        }
-        if b[..8] != INDEX_MAGIC {
-            return Err(bad("bad magic"));
-        }
-        if blake3::hash(&b[..128]).as_bytes()[..] != b[128..160] {
-            return Err(bad("header checksum mismatch"));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(w)
-        };
-        let version = u32_at(8);
+        let h = IndexHeader::decode(b).map_err(bad)?;
+        let version = h.version;
         if version != INDEX_VERSION {
             return Err(bad(&format!("unsupported version {version}")));
         }
-        let chunk_size = u32_at(12);
-        let disk_size = u64_at(16);
-        let count = u64_at(24);
+        let (chunk_size, disk_size, count) = (h.chunk_size, h.disk_size, h.chunk_count);
         if chunk_size == 0 || count != chunk_count(disk_size, chunk_size) {
             return Err(bad("chunk count does not match the disk size"));
         }
@@ -167,14 +187,14 @@ impl FixedIndex {
                 h
             })
             .collect();
-        let gen_end = b[64..128].iter().position(|&c| c == 0).unwrap_or(64);
+        let gen_end = h.generation.iter().position(|&c| c == 0).unwrap_or(64);
         let idx = FixedIndex {
-            generation: String::from_utf8_lossy(&b[64..64 + gen_end]).into_owned(),
+            generation: String::from_utf8_lossy(&h.generation[..gen_end]).into_owned(),
             chunk_size,
             disk_size,
             hashes,
         };
-        if idx.entries_checksum()[..] != b[32..64] {
+        if idx.entries_checksum() != h.entries_checksum {
             return Err(bad("entries checksum mismatch"));
         }
         Ok(idx)

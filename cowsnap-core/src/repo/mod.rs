@@ -39,7 +39,7 @@ pub use chunk_store::{ChunkStore, ZERO_HASH};
 pub use generation::{GenerationInfo, GenerationKind, GenerationStats};
 pub use index::FixedIndex;
 pub use prune::{prune, PruneReport};
-pub use target::{open_target, open_target_with, RepoTarget, RepoTargetParams};
+pub use target::{open_target, RepoTarget, RepoTargetParams};
 pub use verify::{verify, verify_repair, RepairReport, VerifyProblem, VerifyReport};
 
 use crate::error::{IoContext, Result};

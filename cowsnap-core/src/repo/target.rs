@@ -49,8 +49,8 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 /// One repository chunk for the workers.
-struct Job {
-    /// Orders jobs for the same chunk: the last handed over wins.
+struct ChunkWork {
+    /// Orders work on the same chunk: the last handed over wins.
     seq: u64,
     index: usize,
     off: u64,
@@ -61,7 +61,7 @@ struct Job {
 #[derive(Default)]
 struct Shared {
     hashes: Vec<[u8; 32]>,
-    /// Seq of the job whose hash `hashes[i]` holds (0: none yet).
+    /// Seq of the work whose hash `hashes[i]` holds (0: none yet).
     latest: Vec<u64>,
     chunks_new: u64,
     chunks_reused: u64,
@@ -72,7 +72,7 @@ struct Shared {
 }
 
 struct Pool {
-    tx: Option<Sender<Job>>,
+    tx: Option<Sender<ChunkWork>>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -84,7 +84,7 @@ impl Pool {
             .map(|p| p.get() * 2)
             .unwrap_or(4)
             .clamp(4, 16);
-        let (tx, rx) = bounded::<Job>(2 * n);
+        let (tx, rx) = bounded::<ChunkWork>(2 * n);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let rx = rx.clone();
@@ -93,8 +93,8 @@ impl Pool {
             let h = std::thread::Builder::new()
                 .name(format!("cowsnap-repo-{i}"))
                 .spawn(move || {
-                    for job in rx.iter() {
-                        store_job(&repo, &shared, job);
+                    for work in rx.iter() {
+                        store_chunk(&repo, &shared, work);
                     }
                 })
                 .map_err(|e| crate::Error::io("unable to start a repository worker", e))?;
@@ -118,16 +118,16 @@ fn lock_shared(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn store_job(repo: &Repo, shared: &Mutex<Shared>, job: Job) {
+fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, work: ChunkWork) {
     if lock_shared(shared).error.is_some() {
         return;
     }
-    let h = chunk_hash(&job.data);
+    let h = chunk_hash(&work.data);
     let r = if h == ZERO_HASH {
         None
     } else {
-        Some(repo.store().insert(&h, &job.data).map_err(|e| {
-            e.with_context(format!("unable to store the chunk at offset {}", job.off))
+        Some(repo.store().insert(&h, &work.data).map_err(|e| {
+            e.with_context(format!("unable to store the chunk at offset {}", work.off))
         }))
     };
     let mut s = lock_shared(shared);
@@ -150,9 +150,9 @@ fn store_job(repo: &Repo, shared: &Mutex<Shared>, job: Job) {
             return;
         }
     }
-    if job.seq > s.latest[job.index] {
-        s.latest[job.index] = job.seq;
-        s.hashes[job.index] = h;
+    if work.seq > s.latest[work.index] {
+        s.latest[work.index] = work.seq;
+        s.hashes[work.index] = h;
     }
 }
 
@@ -179,24 +179,16 @@ pub struct RepoTarget {
     id: String,
     shared: Arc<Mutex<Shared>>,
     pool: Option<Pool>,
-    job_seq: u64,
+    work_seq: u64,
     written: Vec<bool>,
     stats: GenerationStats,
     started: Instant,
 }
 
 /// Open a backup of `params.disk_name` into the repository at `dir` (created with the
-/// default chunk size if missing), for the engine's default 64 KiB tracking chunk.
-pub fn open_target(dir: &Path, params: RepoTargetParams) -> Result<Box<dyn Target>> {
-    open_target_with(
-        dir,
-        params,
-        crate::engine::EngineConfig::default().chunk_size,
-    )
-}
-
-/// Like [`open_target`] for a given tracking chunk size (checked again in `begin`).
-pub fn open_target_with(
+/// default chunk size if missing) for a disk tracked in `tracking_chunk`-byte chunks
+/// (checked again in `begin`).
+pub fn open_target(
     dir: &Path,
     params: RepoTargetParams,
     tracking_chunk: u32,
@@ -205,7 +197,7 @@ pub fn open_target_with(
 }
 
 impl RepoTarget {
-    /// Open the target (see [`open_target_with`]).
+    /// Open the target (see [`open_target`]).
     pub fn open(dir: &Path, params: RepoTargetParams, tracking_chunk: u32) -> Result<Self> {
         if params.disk_name.is_empty() {
             return Err(crate::err!(
@@ -234,7 +226,7 @@ impl RepoTarget {
             id: String::new(),
             shared: Arc::new(Mutex::new(Shared::default())),
             pool: None,
-            job_seq: 0,
+            work_seq: 0,
             written: Vec::new(),
             stats: GenerationStats::default(),
             started: Instant::now(),
@@ -420,7 +412,7 @@ impl Target for RepoTarget {
             if let Some(e) = &lock_shared(&self.shared).error {
                 return Err(crate::Error::new(e.kind(), e.to_string()));
             }
-            self.job_seq += 1;
+            self.work_seq += 1;
             let tx = self
                 .pool
                 .as_ref()
@@ -428,8 +420,8 @@ impl Target for RepoTarget {
                 .ok_or_else(|| {
                     crate::err!(InvalidInput, "unable to store data: backup not begun")
                 })?;
-            tx.send(Job {
-                seq: self.job_seq,
+            tx.send(ChunkWork {
+                seq: self.work_seq,
                 index: i,
                 off: coff,
                 data: piece.to_vec(),

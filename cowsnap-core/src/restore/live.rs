@@ -38,9 +38,11 @@
 //!   fill is never resumed nor served as a plain disk (the destination holds partial
 //!   data); a new live restore under the name starts afresh.
 
+use crate::bitmap::{self, AtomicBitmap};
 use crate::blockio::{check_range, BlockIo};
 use crate::error::{IoContext, Result};
 use crate::fsutil::hex;
+use crate::ondisk::{Decoder, Encoder};
 use crate::repo::pin::{self, Pin};
 use crate::repo::{FixedIndex, Repo, ZERO_HASH};
 use serde::Serialize;
@@ -72,7 +74,8 @@ pub struct FillStatus {
     pub error: Option<String>,
 }
 
-/// The state file header (little endian; 4096 bytes on disk).
+/// The state file header: its fields in order, little endian ([`crate::ondisk`]);
+/// 4096 bytes on disk.
 #[repr(C)]
 struct FillHeader {
     magic: [u8; 8],
@@ -90,44 +93,43 @@ const _: () = assert!(std::mem::size_of::<FillHeader>() == 136);
 
 impl FillHeader {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(HEADER as usize);
-        v.extend_from_slice(&self.magic);
-        v.extend_from_slice(&self.version.to_le_bytes());
-        v.extend_from_slice(&self.flags.to_le_bytes());
-        v.extend_from_slice(&self.disk_size.to_le_bytes());
-        v.extend_from_slice(&self.chunk_size.to_le_bytes());
-        v.extend_from_slice(&self._pad.to_le_bytes());
-        v.extend_from_slice(&self.nchunks.to_le_bytes());
-        v.extend_from_slice(&self.generation);
-        let sum = blake3::hash(&v);
-        v.extend_from_slice(sum.as_bytes());
-        v.resize(HEADER as usize, 0);
-        v
+        let mut e = Encoder::new(HEADER as usize);
+        e.bytes(&self.magic)
+            .u32(self.version)
+            .u32(self.flags)
+            .u64(self.disk_size)
+            .u32(self.chunk_size)
+            .u32(self._pad)
+            .u64(self.nchunks)
+            .bytes(&self.generation);
+        let sum = blake3::hash(e.written());
+        e.bytes(sum.as_bytes());
+        e.finish(HEADER as usize)
     }
 
     fn decode(b: &[u8]) -> Option<FillHeader> {
-        if b.len() < 136 || b[..8] != MAGIC || blake3::hash(&b[..104]).as_bytes()[..] != b[104..136]
-        {
+        let mut d = Decoder::new(b);
+        let magic = d.array()?;
+        if magic != MAGIC {
             return None;
         }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(w)
-        };
-        let mut generation = [0u8; 64];
-        generation.copy_from_slice(&b[40..104]);
-        let mut checksum = [0u8; 32];
-        checksum.copy_from_slice(&b[104..136]);
+        let (version, flags, disk_size, chunk_size, _pad) =
+            (d.u32()?, d.u32()?, d.u64()?, d.u32()?, d.u32()?);
+        let nchunks = d.u64()?;
+        let generation = d.array()?;
+        let body = d.read();
+        let checksum: [u8; 32] = d.array()?;
+        if blake3::hash(body).as_bytes()[..] != checksum {
+            return None;
+        }
         Some(FillHeader {
-            magic: MAGIC,
-            version: u32_at(8),
-            flags: u32_at(12),
-            disk_size: u64_at(16),
-            chunk_size: u32_at(24),
+            magic,
+            version,
+            flags,
+            disk_size,
+            chunk_size,
             _pad: 0,
-            nchunks: u64_at(32),
+            nchunks,
             generation,
             checksum,
         })
@@ -306,8 +308,9 @@ pub struct FillingIo {
     nchunks: u64,
     state_path: PathBuf,
     state: Mutex<File>,
-    restored: Vec<AtomicU64>,
-    done: AtomicU64,
+    restored: AtomicBitmap,
+    /// Chunks whose bit is set (restored).
+    restored_count: AtomicU64,
     complete: AtomicBool,
     busy: Mutex<HashSet<u64>>,
     busy_cv: Condvar,
@@ -427,8 +430,8 @@ impl FillingIo {
                 nchunks: h.nchunks,
                 state_path: state_path.to_path_buf(),
                 state: Mutex::new(file),
-                restored: Vec::new(),
-                done: AtomicU64::new(h.nchunks),
+                restored: AtomicBitmap::from_words(Vec::new()),
+                restored_count: AtomicU64::new(h.nchunks),
                 complete: AtomicBool::new(true),
                 busy: Mutex::new(HashSet::new()),
                 busy_cv: Condvar::new(),
@@ -475,12 +478,7 @@ impl FillingIo {
                         "unable to resume the restore: fill state {sp} is truncated"
                     ));
                 }
-                for (i, w) in bits.iter_mut().enumerate() {
-                    let o = HEADER as usize + i * 8;
-                    let mut x = [0u8; 8];
-                    x.copy_from_slice(&b[o..o + 8]);
-                    *w = u64::from_le_bytes(x);
-                }
+                bits = bitmap::from_le_bytes(&b[HEADER as usize..], words);
                 // A fill from before pins existed, or whose pin was removed: pin again.
                 let pinned = std::fs::read_to_string(pin_note_path(state_path))
                     .is_ok_and(|p| Path::new(p.trim()).exists());
@@ -536,8 +534,8 @@ impl FillingIo {
             nchunks,
             state_path: state_path.to_path_buf(),
             state: Mutex::new(file),
-            restored: bits.into_iter().map(AtomicU64::new).collect(),
-            done: AtomicU64::new(done),
+            restored: AtomicBitmap::from_words(bits),
+            restored_count: AtomicU64::new(done),
             complete: AtomicBool::new(false),
             busy: Mutex::new(HashSet::new()),
             busy_cv: Condvar::new(),
@@ -565,7 +563,7 @@ impl FillingIo {
     /// Progress of the fill.
     pub fn fill_status(&self) -> FillStatus {
         FillStatus {
-            done: self.done.load(Ordering::SeqCst),
+            done: self.restored_count.load(Ordering::SeqCst),
             total: self.nchunks,
             complete: self.complete.load(Ordering::SeqCst),
             error: self.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
@@ -573,7 +571,7 @@ impl FillingIo {
     }
 
     fn is_restored(&self, c: u64) -> bool {
-        self.restored[(c / 64) as usize].load(Ordering::Acquire) & (1 << (c % 64)) != 0
+        self.restored.get(c)
     }
 
     fn chunk_range(&self, off: u64, len: u64) -> std::ops::Range<u64> {
@@ -630,11 +628,7 @@ impl FillingIo {
             return Ok(());
         }
         let file = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut words: Vec<u64> = self
-            .restored
-            .iter()
-            .map(|w| w.load(Ordering::Acquire))
-            .collect();
+        let mut words: Vec<u64> = self.restored.to_words();
         let mut blocks = Vec::new();
         for &c in chunks {
             words[(c / 64) as usize] |= 1 << (c % 64);
@@ -645,10 +639,7 @@ impl FillingIo {
         for b in blocks {
             let w0 = (b * BLOCK / 8) as usize;
             let w1 = (w0 + (BLOCK / 8) as usize).min(words.len());
-            let mut bytes = Vec::with_capacity((w1 - w0) * 8);
-            for w in &words[w0..w1] {
-                bytes.extend_from_slice(&w.to_le_bytes());
-            }
+            let bytes = bitmap::to_le_bytes(&words[w0..w1], (w1 - w0) * 8);
             file.write_all_at(&bytes, HEADER + b * BLOCK)
                 .ctx(|| format!("unable to write fill state {}", self.state_path.display()))?;
         }
@@ -656,12 +647,11 @@ impl FillingIo {
             .ctx(|| format!("unable to sync fill state {}", self.state_path.display()))?;
         let mut newly = 0;
         for &c in chunks {
-            let prev = self.restored[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::AcqRel);
-            if prev & (1 << (c % 64)) == 0 {
+            if !self.restored.set(c) {
                 newly += 1;
             }
         }
-        let done = self.done.fetch_add(newly, Ordering::SeqCst) + newly;
+        let done = self.restored_count.fetch_add(newly, Ordering::SeqCst) + newly;
         drop(file);
         if done == self.nchunks {
             self.finish()?;
@@ -851,7 +841,7 @@ fn fill_loop(weak: Weak<FillingIo>) {
         match io.fill_batch(&mut from) {
             Ok(Some(n)) => bytes += n,
             Ok(None) => {
-                if io.done.load(Ordering::SeqCst) < io.nchunks {
+                if io.restored_count.load(Ordering::SeqCst) < io.nchunks {
                     log::error!("restore fill passed the end with chunks missing");
                 }
                 io.fill_running.store(false, Ordering::SeqCst);
@@ -901,5 +891,47 @@ impl BlockIo for FillingIo {
     }
     fn engine_name(&self) -> &'static str {
         self.dest.engine_name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_header_is_pinned() {
+        let mut generation = [0u8; 64];
+        generation[..4].copy_from_slice(b"G123");
+        let h = FillHeader {
+            magic: MAGIC,
+            version: 1,
+            flags: FLAG_COMPLETE,
+            disk_size: 0x0102_0304_0506_0708,
+            chunk_size: 1 << 20,
+            _pad: 0,
+            nchunks: 7,
+            generation,
+            checksum: [0; 32],
+        };
+        let b = h.encode();
+        assert_eq!(b.len(), HEADER as usize);
+        assert_eq!(&b[..8], b"CSNPFL01");
+        assert_eq!(&b[8..12], &[1, 0, 0, 0]);
+        assert_eq!(&b[12..16], &[1, 0, 0, 0]);
+        assert_eq!(&b[16..24], &[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(&b[24..28], &[0, 0, 0x10, 0]);
+        assert_eq!(&b[28..32], &[0; 4]);
+        assert_eq!(&b[32..40], &[7, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[40..44], b"G123");
+        assert!(b[44..104].iter().all(|&x| x == 0));
+        assert_eq!(&b[104..136], blake3::hash(&b[..104]).as_bytes());
+        assert!(b[136..].iter().all(|&x| x == 0));
+        let d = FillHeader::decode(&b).unwrap();
+        assert_eq!((d.flags, d.disk_size, d.nchunks), (1, h.disk_size, 7));
+        assert_eq!(d.generation, generation);
+        let mut torn = b.clone();
+        torn[20] ^= 1;
+        assert!(FillHeader::decode(&torn).is_none());
+        assert!(FillHeader::decode(&b[..135]).is_none());
     }
 }

@@ -62,7 +62,7 @@ pub fn open_destination(dest: &Path, size: u64) -> Result<(std::sync::Arc<dyn Bl
         path: dest.to_path_buf(),
         read_only: false,
         exclusive: true,
-        engine: blockio::Engine::Auto,
+        engine: blockio::IoEngine::Auto,
         direct: false,
     })?;
     if io.size() < size {

@@ -1,12 +1,67 @@
 //! Where a backup goes. The drainer hands a target whole granules (runs of tracking
 //! chunks of the target's granule size) in any order; the target commits only after
 //! its data is durable, and a target that is dropped or aborted says it is incomplete.
+//!
+//! Kinds and specs ([`open`]): `file:PATH` and `dev:PATH` ([`raw::RawImage`]), and
+//! `repo:DIR` ([`crate::repo::RepoTarget`]). The repository target stays in `repo/`:
+//! it is the repository's writer (chunk store, index, generation metadata, lock and
+//! pins), built from the repository's crate-private parts; this module is where every
+//! kind is named and opened.
 
 pub mod raw;
 
 use crate::changelog::Cut;
+use crate::chunk_map::Geometry;
 use crate::error::Result;
+use raw::RawImage;
 use serde::Serialize;
+
+/// Open a backup target from its spec for the disk `disk_name` of `geo`.
+/// `incremental` is only meaningful for repository targets.
+pub fn open(
+    spec: &str,
+    geo: &Geometry,
+    disk_name: &str,
+    incremental: bool,
+) -> Result<Box<dyn Target>> {
+    let bad = |why: &str| {
+        crate::err!(
+            InvalidInput,
+            "unable to open target {spec:?}: {why} (expected file:PATH, dev:PATH or repo:DIR)"
+        )
+    };
+    let (kind, rest) = spec.split_once(':').ok_or_else(|| bad("no kind"))?;
+    if rest.is_empty() {
+        return Err(bad("empty path"));
+    }
+    if incremental && kind != "repo" {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to open target {spec:?}: --incremental needs a repository target (repo:DIR)"
+        ));
+    }
+    match kind {
+        "file" => Ok(Box::new(RawImage::create_file(
+            rest.as_ref(),
+            geo.disk_size,
+            geo.chunk_size,
+        )?)),
+        "dev" => Ok(Box::new(RawImage::open_device(
+            rest.as_ref(),
+            geo.disk_size,
+            geo.chunk_size,
+        )?)),
+        "repo" => crate::repo::open_target(
+            rest.as_ref(),
+            crate::repo::RepoTargetParams {
+                disk_name: disk_name.to_string(),
+                incremental,
+            },
+            geo.chunk_size,
+        ),
+        _ => Err(bad("unknown kind")),
+    }
+}
 
 /// Facts about the snapshot a target stores.
 #[derive(Debug, Clone, Serialize)]

@@ -23,6 +23,7 @@
 
 use super::{Scope, SnapshotInfo, Target, TargetSummary};
 use crate::blockio::{self, BlockIo, OpenSpec};
+use crate::bytes::is_zero;
 use crate::changelog::Cut;
 use crate::error::{IoContext, Result};
 use std::fs::OpenOptions;
@@ -85,7 +86,7 @@ impl RawImage {
         drop(f);
         let mut spec = OpenSpec::origin(path);
         spec.exclusive = false;
-        spec.engine = blockio::Engine::Sync;
+        spec.engine = blockio::IoEngine::Sync;
         let io = blockio::open(&spec).map_err(|e| e.with_context("unable to open image"))?;
         Ok(RawImage {
             io,
@@ -103,7 +104,7 @@ impl RawImage {
     /// opened exclusively.
     pub fn open_device(path: &Path, disk_size: u64, chunk_size: u32) -> Result<Self> {
         let mut spec = OpenSpec::origin(path);
-        spec.engine = blockio::Engine::Sync;
+        spec.engine = blockio::IoEngine::Sync;
         let io =
             blockio::open(&spec).map_err(|e| e.with_context("unable to open target device"))?;
         if io.size() < disk_size {
@@ -133,16 +134,6 @@ impl RawImage {
     fn ctx(&self, what: &str) -> String {
         format!("unable to {what} target {}", self.path.display())
     }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    // word-wise: the compiler vectorises this well in release builds
-    let (head, mid, tail) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the
-        // aligned middle of the byte slice, which stays borrowed immutably.
-        unsafe { b.align_to::<u64>() }
-    };
-    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
 impl Target for RawImage {

@@ -1,11 +1,18 @@
-//! Shared helpers for the repository and restore tests: synthetic disks and a
-//! minimal drainer that drives a `Target` the way the engine does.
+//! Shared helpers for the repository and restore tests: synthetic disks, and backups
+//! of them through the real drainer (`cowsnap_core::drain::Drainer`).
 #![allow(dead_code)]
 
+use cowsnap_core::blockio::{self, IoEngine, OpenSpec};
 use cowsnap_core::changelog::{ChangeLog, Cut};
-use cowsnap_core::repo::{open_target_with, RepoTargetParams};
+use cowsnap_core::chunk_map::{ChunkMap, Geometry};
+use cowsnap_core::container::ram::RamContainer;
+use cowsnap_core::drain::Drainer;
+use cowsnap_core::repo::{open_target, RepoTargetParams};
+use cowsnap_core::snapshot::Snapshot;
 use cowsnap_core::target::{Scope, SnapshotInfo, TargetSummary};
+use cowsnap_core::throttle::ThrottleConfig;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 /// Tracking chunk size used by the tests.
 pub const TCS: u32 = 64 * 1024;
@@ -72,8 +79,10 @@ pub struct Backup {
     pub bytes_handed: u64,
 }
 
-/// Back `disk` up into `repo` the way the drainer does: granules in reverse order,
-/// skipping granules with no changed bit when the scope is `Changed`.
+/// Back `disk` up into `repo` through the real drainer, as a backup job does after its
+/// instant: the target's scope decides the chunk map (the cut widened to granules, or
+/// everything), and every granule is queued as a priority range, last first, so the
+/// target receives its writes out of disk order.
 pub fn backup(
     repo: &Path,
     name: &str,
@@ -82,7 +91,7 @@ pub fn backup(
     lineage: &str,
     incremental: bool,
 ) -> Backup {
-    let mut t = open_target_with(
+    let mut t = open_target(
         repo,
         RepoTargetParams {
             disk_name: name.into(),
@@ -91,26 +100,31 @@ pub fn backup(
         TCS,
     )
     .unwrap();
-    let g = t.granule_chunks() as usize;
+    let g = u64::from(t.granule_chunks());
     let scope = t.scope(cut).unwrap();
     t.begin(&info(disk, lineage, cut.map(|c| c.seq_next).unwrap_or(0)))
         .unwrap();
-    let gbytes = g * TCS as usize;
-    let ngran = disk.len().div_ceil(gbytes);
-    let mut handed = 0u64;
-    for gi in (0..ngran).rev() {
-        let off = gi * gbytes;
-        let end = (off + gbytes).min(disk.len());
-        if let (Scope::Changed, Some(cut)) = (&scope, cut) {
-            let c0 = off / TCS as usize;
-            let c1 = end.div_ceil(TCS as usize);
-            if !cut.changed[c0..c1].any() {
-                continue;
-            }
-        }
-        t.write(off as u64, &disk[off..end]).unwrap();
-        handed += (end - off) as u64;
-    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), disk).unwrap();
+    let mut spec = OpenSpec::origin(file.path());
+    spec.engine = IoEngine::Sync;
+    let origin = blockio::open(&spec).unwrap();
+    let geo = Geometry::new(disk.len() as u64, TCS).unwrap();
+    let bits = match (&scope, cut) {
+        (Scope::Changed, Some(c)) => Some(&c.changed[..]),
+        _ => None,
+    };
+    let snap = Snapshot::new(
+        ChunkMap::new(geo, g, bits),
+        Box::new(RamContainer::new(u64::from(TCS), TCS).unwrap()),
+        ThrottleConfig::default(),
+    );
+    let gbytes = g * u64::from(TCS);
+    let ngran = (disk.len() as u64).div_ceil(gbytes);
+    let ranges: Vec<(u64, u64)> = (0..ngran).rev().map(|gi| (gi * gbytes, gbytes)).collect();
+    snap.add_priority(&ranges);
+    Drainer::new(&*origin, &snap, &mut *t, None).run().unwrap();
+    let handed = snap.stats.bytes_copied.load(Ordering::Relaxed);
     let summary = t.commit().unwrap();
     Backup {
         summary,

@@ -267,7 +267,7 @@ mod tests {
             path: p,
             read_only: false,
             exclusive: true,
-            engine: blockio::Engine::Sync,
+            engine: blockio::IoEngine::Sync,
             direct: false,
         })
         .unwrap();

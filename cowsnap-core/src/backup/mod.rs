@@ -1,0 +1,317 @@
+//! Backup jobs: one disk's current or last backup, from the request to the published
+//! target. [`Backups`] is the only entry point (the daemon's control server calls it).
+//!
+//! Files
+//! - `mod.rs`: the request ([`BackupParams`]), the figures ([`BackupStatus`],
+//!   [`BackupState`]) and [`Backups`] (the job slot: one backup at a time per disk).
+//! - `job.rs`: one job's state and figures.
+//! - `quiesce.rs`: waiting for an idle window before the instant.
+//! - `run.rs`: the snapshot instant, the drainer thread, commit or abort.
+//!
+//! Design notes
+//! - One backup at a time per disk: a second `start` while one is quiescing or
+//!   running fails with `Busy`.
+//! - Order of `start`: open the target (`file:` writes its `.incomplete` marker
+//!   first, [`crate::target::open`]) and the container, so bad specs fail before
+//!   anything waits; quiesce (wait for `quiesce_idle_ms` without data-changing
+//!   requests, re-checked under the gate; fail cleanly after `quiesce_timeout_ms`,
+//!   default 80 s when 0); then the *instant*, under the exclusive gate
+//!   ([`crate::engine::Engine::pause_writes`]): `changelog.begin_generation()` (an error
+//!   means "no cut" plus a note; skipped for targets that do not use it,
+//!   `Target::uses_change_log`), `target.scope(cut)`, build the chunk map, install the
+//!   snapshot. Then `target.begin`, the priority ranges, and the drainer thread. It
+//!   returns right after the instant with the job id.
+//! - End: success → `target.commit()`; then, when the target reports a generation, the
+//!   change log's `commit_generation(cut, generation)`; a target without generations
+//!   keeps the change bits (`abort_generation`) so the next repository backup still
+//!   sees every change (raw images take no cut at all, see `Target::uses_change_log`).
+//!   Failure → the snapshot is failed (writers released), `abort_generation`,
+//!   `target.abort(why)`. Either way the snapshot is uninstalled and the container
+//!   released (a `file:` container is removed), and only then is the state published
+//!   as complete or failed, so a caller that sees it can start the next backup at once.
+
+mod job;
+mod quiesce;
+mod run;
+
+use crate::container::Container;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::export::Export;
+use crate::target::Target;
+use job::Job;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+pub use quiesce::DEFAULT_QUIESCE_TIMEOUT_MS;
+
+/// What `cowsnapctl backup` asks for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BackupParams {
+    /// `file:PATH`, `dev:PATH` or `repo:DIR`.
+    pub to: String,
+    /// Container spec (`ram:SIZE`, `file:PATH:SIZE`, `dev:PATH`); `None` = the disk's default.
+    pub container: Option<String>,
+    /// Incremental (repository targets only).
+    #[serde(default)]
+    pub incremental: bool,
+    /// Priority ranges (offset, length) in bytes.
+    #[serde(default)]
+    pub priority: Vec<(u64, u64)>,
+    /// Read-side rate limit in bytes per second.
+    pub rate_limit: Option<u64>,
+    /// Wait for this long without writes before the snapshot (0 = don't wait).
+    #[serde(default)]
+    pub quiesce_idle_ms: u64,
+    /// Give up waiting for an idle window after this long (0 = 80 s).
+    #[serde(default)]
+    pub quiesce_timeout_ms: u64,
+}
+
+/// Where a backup job is. On the wire (control protocol, `--json`) it is the lower-case
+/// name: `"quiescing"`, `"running"`, `"complete"`, `"failed"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupState {
+    /// Waiting for the idle window before the snapshot instant.
+    #[default]
+    Quiescing,
+    /// The snapshot is installed and the drainer copies.
+    Running,
+    /// The target is committed.
+    Complete,
+    /// The backup failed or was canceled (see `BackupStatus::error`).
+    Failed,
+}
+
+impl BackupState {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupState::Quiescing => "quiescing",
+            BackupState::Running => "running",
+            BackupState::Complete => "complete",
+            BackupState::Failed => "failed",
+        }
+    }
+
+    /// Complete or failed: nothing runs any more.
+    pub fn is_finished(self) -> bool {
+        matches!(self, BackupState::Complete | BackupState::Failed)
+    }
+}
+
+impl fmt::Display for BackupState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Compares with the wire form (`state == "running"`).
+impl PartialEq<&str> for BackupState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Figures of the running (or last) backup.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BackupStatus {
+    /// Job id, counting from 1 per daemon.
+    pub id: u64,
+    /// Where the job is.
+    pub state: BackupState,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The target spec.
+    pub target: String,
+    /// Disk size in bytes.
+    pub disk_size: u64,
+    /// Tracking chunk size in bytes.
+    pub chunk_size: u32,
+    /// Chunks the backup must copy.
+    pub chunks_in_scope: u64,
+    /// Chunks copied to the target.
+    pub chunks_copied: u64,
+    /// Chunks whose originals went through the container.
+    pub chunks_preserved: u64,
+    /// Bytes handed to the target.
+    pub bytes_copied: u64,
+    /// Container capacity in slots.
+    pub container_slots: u64,
+    /// Slots in use now.
+    pub container_used: u64,
+    /// Most slots in use at once.
+    pub container_high_water: u64,
+    /// Writes held while their chunk was preserved.
+    pub holds: u64,
+    /// Total time writes were held, ms.
+    pub hold_time_ms: u64,
+    /// Writes slowed by the throttle.
+    pub throttled_writes: u64,
+    /// Total throttle delay, ms.
+    pub throttle_delay_ms: u64,
+    /// Time since the snapshot instant, ms.
+    pub elapsed_ms: u64,
+    /// Generation id for repository targets.
+    pub generation: Option<String>,
+    /// Notes for the user.
+    pub notes: Vec<String>,
+    /// The container in use (`ram:67108864`, `file:/x:1073741824`, ...).
+    #[serde(default)]
+    pub container: String,
+    /// Memory held by the chunk map's bit planes, bytes.
+    #[serde(default)]
+    pub bitmap_bytes: u64,
+    /// Bytes the target reported as stored (after commit).
+    #[serde(default)]
+    pub bytes_stored: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The backups of one disk: the current or last job, one at a time.
+pub struct Backups {
+    engine: Arc<Engine>,
+    cur: Mutex<Option<Arc<Job>>>,
+    seq: AtomicU64,
+}
+
+impl Backups {
+    /// The backup jobs of the disk `engine` serves.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Backups {
+            engine,
+            cur: Mutex::new(None),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The engine the backups snapshot.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Start a backup: returns after the snapshot instant, with the job id.
+    pub fn start(&self, p: BackupParams) -> Result<u64> {
+        self.start_with(p, None, None)
+    }
+
+    /// [`Self::start`] with an already opened target and/or container instead of the
+    /// ones `p.to` / `p.container` name (`p.to` is then only shown in the status).
+    /// For targets built elsewhere (the repository) and for tests.
+    pub fn start_with(
+        &self,
+        p: BackupParams,
+        target: Option<Box<dyn Target>>,
+        container: Option<Box<dyn Container>>,
+    ) -> Result<u64> {
+        let job = {
+            let mut cur = lock(&self.cur);
+            if let Some(j) = cur.as_ref() {
+                if !j.state().is_finished() {
+                    return Err(crate::err!(
+                        Busy,
+                        "unable to start a backup of {:?}: backup {} is still running",
+                        self.engine.config().name,
+                        j.id()
+                    ));
+                }
+            }
+            let id = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+            let job = Arc::new(Job::new(BackupStatus {
+                id,
+                state: BackupState::Quiescing,
+                target: p.to.clone(),
+                disk_size: self.engine.size(),
+                chunk_size: self.engine.config().chunk_size,
+                ..Default::default()
+            }));
+            *cur = Some(job.clone());
+            job
+        };
+        match run::start(&self.engine, &job, p, target, container) {
+            Ok(()) => Ok(job.id()),
+            Err(e) => {
+                job.fail(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Job>> {
+        lock(&self.cur).clone()
+    }
+
+    /// The running or last backup.
+    pub fn status(&self) -> Option<BackupStatus> {
+        self.current().map(|j| j.status())
+    }
+
+    /// Copy these byte ranges next.
+    pub fn prioritize(&self, ranges: &[(u64, u64)]) -> Result<()> {
+        match self.current().and_then(|j| j.snapshot()) {
+            Some(s) if !s.is_failed() => {
+                s.add_priority(ranges);
+                Ok(())
+            }
+            _ => Err(crate::err!(
+                NotFound,
+                "unable to reorder the backup: no backup running"
+            )),
+        }
+    }
+
+    /// Stop the running backup; its target is left incomplete.
+    pub fn cancel(&self) -> Result<()> {
+        match self.current() {
+            Some(j) if !j.state().is_finished() => {
+                j.cancel();
+                Ok(())
+            }
+            _ => Err(crate::err!(
+                NotFound,
+                "unable to cancel the backup: no backup running"
+            )),
+        }
+    }
+
+    /// Wait until the current backup is complete or failed (or `timeout` passes) and
+    /// return its status.
+    pub fn wait(&self, timeout: Duration) -> Option<BackupStatus> {
+        let t0 = Instant::now();
+        loop {
+            let st = self.status()?;
+            if st.state.is_finished() || t0.elapsed() >= timeout {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_wire_form_is_the_lower_case_name() {
+        for s in [
+            BackupState::Quiescing,
+            BackupState::Running,
+            BackupState::Complete,
+            BackupState::Failed,
+        ] {
+            let j = serde_json::to_string(&s).unwrap();
+            assert_eq!(j, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<BackupState>(&j).unwrap(), s);
+        }
+        assert_eq!(BackupState::Running, "running");
+        assert!(BackupState::Failed.is_finished() && !BackupState::Running.is_finished());
+    }
+}

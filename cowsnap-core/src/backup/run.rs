@@ -1,0 +1,251 @@
+//! Running one backup: the snapshot instant, the drainer thread, and the end (commit or
+//! abort of the target and of the change-log cut, uninstalling the snapshot).
+
+use super::job::Job;
+use super::quiesce::quiesce;
+use super::BackupParams;
+use crate::changelog::Cut;
+use crate::chunk_map::{ChunkMap, Geometry};
+use crate::container::{self, Container, DEFAULT_CONTAINER};
+use crate::drain::Drainer;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::export::Export;
+use crate::snapshot::Snapshot;
+use crate::target::{self, Scope, SnapshotInfo, Target};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Open what `p` names (unless given), quiesce, take the snapshot instant and start the
+/// drainer thread. Returns right after the instant.
+pub(super) fn start(
+    engine: &Arc<Engine>,
+    job: &Arc<Job>,
+    p: BackupParams,
+    target: Option<Box<dyn Target>>,
+    container: Option<Box<dyn Container>>,
+) -> Result<()> {
+    let cfg = engine.config();
+    let geo = Geometry::new(engine.size(), cfg.chunk_size)?;
+    let container = match container {
+        Some(c) => c,
+        None => {
+            let cspec = p
+                .container
+                .clone()
+                .or_else(|| cfg.default_container.clone())
+                .unwrap_or_else(|| DEFAULT_CONTAINER.to_string());
+            container::open(&cspec, geo.chunk_size)?
+        }
+    };
+    if container.slot_size() != geo.chunk_size {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to use container {}: {}-byte slots for {}-byte chunks",
+            container.describe(),
+            container.slot_size(),
+            geo.chunk_size
+        ));
+    }
+    let mut target = match target {
+        Some(t) => t,
+        None => target::open(&p.to, &geo, &cfg.name, p.incremental)?,
+    };
+    let gate = match quiesce(engine, job, &p) {
+        Ok(g) => g,
+        Err(e) => {
+            target.abort(&e.to_string());
+            return Err(e);
+        }
+    };
+    // ---- the snapshot instant: no data-changing request is in flight ----
+    let changelog = engine.changelog();
+    let cut: Option<Cut> = match changelog {
+        Some(cl) if target.uses_change_log() => match cl.begin_generation() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                job.note(format!("change tracking unavailable ({e}): full backup"));
+                None
+            }
+        },
+        _ => None,
+    };
+    let scope = match target.scope(cut.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            drop(gate);
+            end_generation(engine, job, cut.as_ref(), None);
+            let e = e.with_context("unable to start the backup");
+            target.abort(&e.to_string());
+            return Err(e);
+        }
+    };
+    let granule = u64::from(target.granule_chunks().max(1));
+    if !granule.is_power_of_two() {
+        drop(gate);
+        end_generation(engine, job, cut.as_ref(), None);
+        let e = crate::err!(
+            InvalidInput,
+            "unable to start the backup: target granule {granule} is not a power of two"
+        );
+        target.abort(&e.to_string());
+        return Err(e);
+    }
+    let bits = match (&scope, &cut) {
+        (Scope::All, _) => None,
+        (Scope::Changed, Some(c)) => Some(&c.changed[..]),
+        (Scope::Changed, None) => {
+            job.note("no change set available: every chunk is read".into());
+            None
+        }
+    };
+    let map = ChunkMap::new(geo, granule, bits);
+    let snap = Arc::new(Snapshot::new(map, container, cfg.throttle));
+    let created_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    gate.install(snap.clone());
+    // ---- writers run again; pending chunks are now preserved before changing ----
+    job.run(snap.clone());
+    // a cancel that raced with the instant (it saw no snapshot yet)
+    if job.is_canceled() {
+        snap.fail("backup canceled");
+    }
+    // A repository target that falls back to a full read says why in its own note.
+    if p.incremental && matches!(scope, Scope::All) && !p.to.starts_with("repo:") {
+        job.note("this target takes full backups only: incremental ignored".into());
+    }
+    let info = SnapshotInfo {
+        disk: cfg.name.clone(),
+        disk_size: geo.disk_size,
+        chunk_size: geo.chunk_size,
+        created_unix,
+        lineage: changelog
+            .map(|c| c.lineage().to_string())
+            .unwrap_or_default(),
+        seq_next: cut.as_ref().map_or(0, |c| c.seq_next),
+        seq_lowest_unacked: cut.as_ref().map_or(0, |c| c.seq_lowest_unacked),
+    };
+    if let Err(e) = target.begin(&info) {
+        let e = e.with_context("unable to start the backup");
+        snap.fail(e.to_string());
+        finish(engine, job, &snap, Err(e.to_string()), target, cut);
+        return Err(e);
+    }
+    snap.add_priority(&p.priority);
+    let engine2 = engine.clone();
+    let job2 = job.clone();
+    let snap2 = snap.clone();
+    let rate = p.rate_limit;
+    let spawned = std::thread::Builder::new()
+        .name("cowsnap-drain".into())
+        .spawn(move || {
+            lower_thread_priority();
+            // a panic in the drainer must not leave writers held: it fails the
+            // snapshot like any other drain error
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Drainer::new(&**engine2.origin(), &snap2, &mut *target, rate).run()
+            }));
+            let res = match res {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("the drainer stopped unexpectedly (internal error)".into()),
+            };
+            finish(&engine2, &job2, &snap2, res, target, cut);
+        });
+    if let Err(e) = spawned {
+        let e = Error::io("unable to start the drainer thread", e);
+        snap.fail(e.to_string());
+        engine.uninstall(&snap);
+        job.settle(&snap);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The drainer is background work: give the CPU to the disk's users first (nice +10
+/// for this thread only). Failure is harmless and ignored.
+fn lower_thread_priority() {
+    let tid = nix::unistd::gettid();
+    // SAFETY: setpriority takes integers only and touches no memory of ours; on Linux
+    // PRIO_PROCESS with a thread id changes that thread's nice value.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid.as_raw() as libc::id_t, 10) };
+    if r != 0 {
+        log::debug!(
+            "unable to lower the drainer's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Commit the change-log cut as `generation`, or merge it back (`None`).
+fn end_generation(engine: &Engine, job: &Job, cut: Option<&Cut>, generation: Option<&str>) {
+    let (Some(cl), Some(cut)) = (engine.changelog(), cut) else {
+        return;
+    };
+    let r = match generation {
+        Some(g) => cl.commit_generation(cut, g),
+        None => cl.abort_generation(cut),
+    };
+    if let Err(e) = r {
+        job.note(format!("change log not updated: {e}"));
+    }
+}
+
+/// The end of a job: commit or abort the target and the cut, uninstall the snapshot,
+/// then publish the state.
+fn finish(
+    engine: &Engine,
+    job: &Job,
+    snap: &Arc<Snapshot>,
+    res: std::result::Result<(), String>,
+    target: Box<dyn Target>,
+    cut: Option<Cut>,
+) {
+    // the state is published last, after the snapshot is gone, so a caller that
+    // sees "complete"/"failed" can start the next backup at once
+    let outcome: std::result::Result<(), String> = match res {
+        Ok(()) => match target.commit() {
+            Ok(summary) => {
+                end_generation(engine, job, cut.as_ref(), summary.generation.as_deref());
+                job.update(|st| {
+                    st.generation = summary.generation;
+                    st.notes.extend(summary.notes);
+                    st.bytes_stored = summary.bytes_stored;
+                });
+                Ok(())
+            }
+            Err(e) => {
+                end_generation(engine, job, cut.as_ref(), None);
+                Err(e
+                    .with_context("unable to commit the backup target")
+                    .to_string())
+            }
+        },
+        Err(e) => {
+            // the drainer's error, or the first cause recorded by the snapshot
+            let why = snap.failure().unwrap_or(e);
+            snap.fail(why.clone());
+            end_generation(engine, job, cut.as_ref(), None);
+            target.abort(&why);
+            Err(why)
+        }
+    };
+    // every waiter was released (fail) or nothing is pending (complete)
+    engine.uninstall(snap);
+    job.settle(snap);
+    match outcome {
+        Ok(()) => job.complete(),
+        Err(why) => job.fail(why),
+    }
+    let st = job.status();
+    log::info!(
+        "backup {} {}: {} chunks copied, {} preserved, {} ms{}",
+        st.id,
+        st.state,
+        st.chunks_copied,
+        st.chunks_preserved,
+        st.elapsed_ms,
+        st.error.map(|e| format!(": {e}")).unwrap_or_default()
+    );
+}
