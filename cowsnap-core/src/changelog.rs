@@ -50,7 +50,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// File name of the change log inside a state directory.
@@ -258,6 +258,8 @@ pub struct ChangeLog {
     queue_cv: Condvar,
     seq_next: AtomicU64,
     inflight: Mutex<BTreeSet<u64>>,
+    /// [`ChangeLog::close`] recorded a clean stop; a later mark records "dirty" again.
+    closed: AtomicBool,
 }
 
 fn words_for(nbits: u64) -> usize {
@@ -420,6 +422,7 @@ impl ChangeLog {
             queue_cv: Condvar::new(),
             seq_next: AtomicU64::new(seq_next),
             inflight: Mutex::new(BTreeSet::new()),
+            closed: AtomicBool::new(false),
         };
         cl.file
             .set_len(HEADER_SIZE as u64 + 2 * region_len)
@@ -543,6 +546,7 @@ impl ChangeLog {
 
     /// Record that `off..off+len` is about to change; persisted before returning.
     pub fn mark(&self, off: u64, len: u64) -> Result<()> {
+        self.reopen_if_closed()?;
         self.persist_bits(off, len)?;
         self.seq_next.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -551,6 +555,7 @@ impl ChangeLog {
     /// Like [`ChangeLog::mark`], and returns the write's sequence number, which stays
     /// unacknowledged until [`ChangeLog::done`] is called with it.
     pub fn mark_seq(&self, off: u64, len: u64) -> Result<u64> {
+        self.reopen_if_closed()?;
         self.persist_bits(off, len)?;
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.seq_next.fetch_add(1, Ordering::SeqCst);
@@ -762,8 +767,36 @@ impl ChangeLog {
     }
 }
 
+impl ChangeLog {
+    /// Record a clean stop: the header is written without the dirty flag (so the next
+    /// open neither bumps the sequence numbers nor calls the stop unclean) and synced.
+    /// For owners that cannot rely on `Drop` (the daemon's threads hold `Arc`s until
+    /// the process exits); call it once nothing writes through the log any more. A mark
+    /// after it records "dirty" again first.
+    pub fn close(&self) -> Result<()> {
+        let inner = self.lock_inner();
+        self.write_header(&inner, 0)?;
+        self.sync()?;
+        self.closed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn reopen_if_closed(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            let inner = self.lock_inner();
+            if self.closed.swap(false, Ordering::SeqCst) {
+                self.write_header(&inner, FLAG_DIRTY)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for ChangeLog {
     fn drop(&mut self) {
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
         let inner = self.lock_inner();
         if let Err(e) = self.write_header(&inner, 0) {
             let e: Error = e;
@@ -870,6 +903,31 @@ mod tests {
         let cut = cl.begin_generation().unwrap();
         assert_eq!(ones(&cut), vec![7, 9, 11]);
         assert_eq!(cut.relative_to.as_deref(), Some("G1"));
+    }
+
+    #[test]
+    fn close_records_a_clean_stop() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CHANGELOG_FILE);
+        let cl = std::sync::Arc::new(ChangeLog::open(&p, 1 << 24, CS).unwrap());
+        cl.mark(0, 1).unwrap();
+        let before = cl.status().seq_next;
+        cl.close().unwrap();
+        // Another holder keeps the log alive past the close (as the daemon's threads do).
+        let held = cl.clone();
+        std::mem::forget(held);
+        drop(cl);
+        let cl = ChangeLog::open(&p, 1 << 24, CS).unwrap();
+        assert_eq!(cl.status().seq_next, before, "no bump after a clean close");
+        // A mark after close makes the log dirty again.
+        cl.close().unwrap();
+        cl.mark(CS as u64, 1).unwrap();
+        std::mem::forget(cl);
+        let cl = ChangeLog::open(&p, 1 << 24, CS).unwrap();
+        assert!(
+            cl.status().seq_next >= 1 << 32,
+            "a mark after close is unclean"
+        );
     }
 
     #[test]

@@ -16,8 +16,8 @@
 //! overwrites the disk just the same.
 
 use crate::attach::{pid_alive, pid_zombie, AttachRecord};
-use crate::config::DiskPaths;
 use crate::control::{Client, StatusInfo};
+use crate::paths::DiskPaths;
 use cowsnap_core::backup::BackupParams;
 use cowsnap_core::dest_guard::{container_path, target_path, DestGuard, Node};
 use serde::{Deserialize, Serialize};
@@ -125,7 +125,7 @@ pub fn names(run_dir: &Path) -> BTreeSet<String> {
         let f = e.file_name().to_string_lossy().into_owned();
         for suffix in [".pid", ".ctl", ".attach.json", ".origin.json", ".nbd"] {
             if let Some(n) = f.strip_suffix(suffix) {
-                if crate::config::validate_name(n).is_ok() {
+                if crate::paths::validate_name(n).is_ok() {
                     out.insert(n.to_string());
                 }
             }

@@ -12,18 +12,9 @@ use cowsnap_core::restore;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-/// `repo:DIR[@GEN]` → (DIR, GEN).
+/// `repo:DIR[@GEN]` → (DIR, GEN) ([`cowsnap_nbd::paths::parse_repo_spec`]).
 pub fn parse_repo_spec(spec: &str) -> Result<(PathBuf, Option<String>)> {
-    let rest = spec
-        .strip_prefix("repo:")
-        .ok_or_else(|| anyhow!("invalid repository {spec:?}: expected repo:DIR or repo:DIR@GEN"))?;
-    if rest.is_empty() {
-        bail!("invalid repository {spec:?}: empty directory");
-    }
-    Ok(match rest.rsplit_once('@') {
-        Some((d, g)) if !g.is_empty() && !d.is_empty() => (PathBuf::from(d), Some(g.to_string())),
-        _ => (PathBuf::from(rest), None),
-    })
+    cowsnap_nbd::paths::parse_repo_spec(spec).map_err(|e| anyhow!(e))
 }
 
 /// Arguments of `list`.
@@ -95,7 +86,7 @@ fn repair_source(dirs: &Dirs, v: &str) -> Result<PathBuf> {
     if p.exists() {
         return std::path::absolute(p).map_err(|e| anyhow!("unable to resolve {v}: {e}"));
     }
-    if cowsnap_nbd::config::validate_name(v).is_ok() {
+    if cowsnap_nbd::paths::validate_name(v).is_ok() {
         if let Some(st) = attach::daemon_status(&dirs.paths(v)) {
             return Ok(PathBuf::from(st.origin));
         }
@@ -266,7 +257,7 @@ pub struct AbandonArgs {
 /// refused by `attach` until a new `restore` overwrites it. Refused while the disk's
 /// daemon runs.
 pub fn abandon(dirs: &Dirs, a: AbandonArgs) -> Result<i32> {
-    cowsnap_nbd::config::validate_name(&a.name)
+    cowsnap_nbd::paths::validate_name(&a.name)
         .map_err(|e| anyhow!("unable to abandon the live restore of {:?}: {e}", a.name))?;
     let paths = dirs.paths(&a.name);
     let running = attach::daemon_status(&paths)
@@ -336,11 +327,11 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         // Everything is validated before the destination is created or truncated.
         let name = match &a.name {
             Some(n) => n.clone(),
-            None => cowsnap_nbd::config::derive_name(
+            None => cowsnap_nbd::paths::derive_name(
                 &std::fs::canonicalize(&a.to).unwrap_or_else(|_| a.to.clone()),
             ),
         };
-        cowsnap_nbd::config::validate_name(&name)
+        cowsnap_nbd::paths::validate_name(&name)
             .map_err(|e| anyhow!("unable to {action}: invalid --name: {e}"))?;
         if let Some(s) = attach::daemon_status(&dirs.paths(&name)) {
             bail!(

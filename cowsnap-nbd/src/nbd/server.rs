@@ -13,8 +13,8 @@
 //!   new request is read, requests in flight finish and are answered, then the
 //!   connection closes. [`Server::connections`] drops to zero when all are gone.
 
-use super::handshake::{self, End};
-use super::limits::{Budget, Limits, Workers, REFUSAL_LOG_EVERY};
+use super::handshake::{self, End, ExportLookup};
+use super::limits::{Limits, Shared, REFUSAL_LOG_EVERY};
 use super::stream::Stream;
 use super::transmission::{self, READ_BUF};
 use cowsnap_core::export::Export;
@@ -23,7 +23,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,27 +33,17 @@ pub use super::limits::DEFAULT_THREADS_PER_CONNECTION;
 /// Socket send buffer asked for in transmission (capped by the kernel's wmem_max).
 pub const SEND_BUFFER: usize = 4 << 20;
 
-/// What every connection of a server shares: its limits, the request memory budget,
-/// the count of extra workers.
-pub(crate) struct Shared {
-    pub(crate) limits: Limits,
-    pub(crate) budget: Budget,
-    pub(crate) workers: Workers,
-    shutdown: AtomicBool,
-}
-
-impl Shared {
-    fn new(limits: Limits) -> Arc<Self> {
-        let limits = limits.sane();
-        Arc::new(Shared {
-            budget: Budget::new(limits.memory, limits.max_connections),
-            workers: Workers::new(limits.max_workers),
-            limits,
-            shutdown: AtomicBool::new(false),
-        })
+impl ExportLookup for Server {
+    /// The export called `name`, if any.
+    fn export(&self, name: &str) -> Option<ExportEntry> {
+        self.exports.read().ok()?.get(name).cloned()
     }
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutdown.load(Ordering::SeqCst)
+    /// All exports, by name.
+    fn export_list(&self) -> Vec<(String, ExportEntry)> {
+        match self.exports.read() {
+            Ok(t) => t.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 
@@ -106,14 +96,7 @@ struct Refusals {
     last_log: Option<Instant>,
 }
 
-/// One named export.
-#[derive(Clone)]
-pub struct ExportEntry {
-    /// What it serves.
-    pub export: Arc<dyn Export>,
-    /// Shown by NBD_OPT_LIST / NBD_INFO_DESCRIPTION.
-    pub description: String,
-}
+pub use super::handshake::ExportEntry;
 
 /// A server with a table of exports; the export named "" is the default.
 pub struct Server {
@@ -186,17 +169,6 @@ impl Server {
     pub fn remove_export(&self, name: &str) {
         if let Ok(mut t) = self.exports.write() {
             t.remove(name);
-        }
-    }
-    /// The export called `name`, if any.
-    pub fn export(&self, name: &str) -> Option<ExportEntry> {
-        self.exports.read().ok()?.get(name).cloned()
-    }
-    /// All exports, by name.
-    pub fn export_list(&self) -> Vec<(String, ExportEntry)> {
-        match self.exports.read() {
-            Ok(t) => t.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(_) => Vec::new(),
         }
     }
     /// Worker threads (requests in flight) per connection for new connections (>= 1).

@@ -32,9 +32,8 @@
 //!   group commit); large ones go out directly, header and data in one writev.
 
 use super::handshake::Session;
-use super::limits::{class_of, ConnMemory, LeaseError, IDLE_WORKER};
+use super::limits::{class_of, ConnMemory, LeaseError, Shared, IDLE_WORKER};
 use super::proto::{self, *};
-use super::server::Shared;
 use super::stream::Stream;
 use cowsnap_core::export::{Export, ZeroFlags};
 use std::io::{self, BufReader, Read};
