@@ -111,10 +111,9 @@ pub fn parse_listen(spec: &str) -> Result<std::net::SocketAddr> {
 
 /// Check the flags that every later backup depends on, before anything is touched.
 pub fn check_args(args: &Args) -> Result<()> {
-    cowsnap_core::engine::check_chunk_size(u64::from(args.chunk_size))
-        .map_err(|e| anyhow!("{e}"))?;
+    cowsnap_core::engine::check_chunk_size(u64::from(args.chunk_size))?;
     if let Some(c) = &args.container {
-        cowsnap_core::container::check_default(c, args.chunk_size).map_err(|e| anyhow!("{e}"))?;
+        cowsnap_core::container::check_default(c, args.chunk_size)?;
     }
     Ok(())
 }

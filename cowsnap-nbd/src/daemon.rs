@@ -75,13 +75,13 @@ fn hold_name(args: &Args, paths: &DiskPaths) -> Result<NameHold> {
     if let Some(fd) = args.lock_fd {
         // SAFETY: the descriptor was handed to this process to own (`--lock-fd`) and
         // nothing else in it uses it.
-        let lock = unsafe { NameLock::adopt(fd, &path) }.map_err(|e| anyhow!("{e}"))?;
+        let lock = unsafe { NameLock::adopt(fd, &path) }?;
         return Ok(NameHold {
             lock: Some(lock),
             own: false,
         });
     }
-    match NameLock::try_acquire(&path).map_err(|e| anyhow!("{e}"))? {
+    match NameLock::try_acquire(&path)? {
         Some(lock) => Ok(NameHold {
             lock: Some(lock),
             own: true,

@@ -113,7 +113,7 @@ fn line(name: &str, rec: Option<&AttachRecord>, st: Option<&StatusInfo>) -> Stri
 pub fn run(dirs: &Dirs, a: StatusArgs) -> Result<i32> {
     let names = match &a.name {
         Some(n) => {
-            paths::validate_name(n).map_err(|e| anyhow!("{e}"))?;
+            paths::validate_name(n).map_err(|e| anyhow!(e))?;
             vec![n.clone()]
         }
         None => {

@@ -64,30 +64,38 @@ pub trait Container: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Parse a size with an optional binary suffix: `4096`, `64K`, `64M`, `2G`, `1T`
-/// (also `KiB`/`MiB`/... and lower case).
+/// Parse a size: a number with an optional binary suffix K, M, G, T, P (also `KiB`,
+/// `KB`, ... and lower case; P is a pebibyte, 2^50); a bare number is bytes. `64M` is
+/// 64 MiB. The one size parser of the workspace (flags, specs, the command line).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
+    if num.is_empty() {
+        return Err(crate::err!(
+            InvalidInput,
+            "invalid size {s:?}: expected a number with an optional K, M, G, T or P suffix"
+        ));
+    }
     let n: u64 = num
         .parse()
-        .map_err(|_| crate::err!(InvalidInput, "unable to parse size {s:?}: not a number"))?;
+        .map_err(|_| crate::err!(InvalidInput, "invalid size {s:?}: number too large"))?;
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
+        "P" | "PB" | "PIB" => 50,
         other => {
             return Err(crate::err!(
                 InvalidInput,
-                "unable to parse size {s:?}: unknown suffix {other:?} (use K, M, G or T)"
+                "invalid size {s:?}: unknown unit {other:?} (use K, M, G, T or P)"
             ))
         }
     };
     n.checked_mul(1u64 << shift)
-        .ok_or_else(|| crate::err!(InvalidInput, "unable to parse size {s:?}: too large"))
+        .ok_or_else(|| crate::err!(InvalidInput, "invalid size {s:?}: too large"))
 }
 
 /// Memory the engine needs per container slot whatever the container's kind: an entry
