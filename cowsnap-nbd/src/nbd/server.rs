@@ -18,10 +18,11 @@ use super::limits::{Limits, Shared, REFUSAL_LOG_EVERY};
 use super::stream::Stream;
 use super::transmission::{self, READ_BUF};
 use cowsnap_core::export::Export;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -181,7 +182,7 @@ impl Server {
     pub fn spawn_unix(self: &Arc<Self>, listener: UnixListener) -> JoinHandle<()> {
         let me = self.clone();
         std::thread::spawn(move || {
-            me.accept_loop(listener.as_raw_fd(), || {
+            me.accept_loop(listener.as_fd(), || {
                 listener.accept().map(|(s, _)| Stream::Unix(s))
             })
         })
@@ -190,7 +191,7 @@ impl Server {
     pub fn spawn_tcp(self: &Arc<Self>, listener: TcpListener) -> JoinHandle<()> {
         let me = self.clone();
         std::thread::spawn(move || {
-            me.accept_loop(listener.as_raw_fd(), || {
+            me.accept_loop(listener.as_fd(), || {
                 let (s, _) = listener.accept()?;
                 let _ = s.set_nodelay(true);
                 Ok(Stream::Tcp(s))
@@ -235,20 +236,15 @@ impl Server {
 
     fn accept_loop(
         self: &Arc<Self>,
-        fd: std::os::fd::RawFd,
+        fd: std::os::fd::BorrowedFd<'_>,
         mut accept: impl FnMut() -> std::io::Result<Stream>,
     ) {
         while !self.shared().is_shutting_down() {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a live, initialised pollfd and we pass a count of 1; the
-            // listener owning `fd` outlives this loop (it is owned by the closure's caller).
-            let r = unsafe { libc::poll(&mut pfd, 1, 200) };
-            if r <= 0 {
-                continue;
+            // Wake every 200 ms to see whether the server is shutting down.
+            let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+            match poll(&mut pfd, PollTimeout::from(200u16)) {
+                Ok(n) if n > 0 => {}
+                _ => continue,
             }
             match accept() {
                 Ok(s) => self.start_connection(s),
