@@ -1,6 +1,13 @@
 //! One error type for the library: a small kind, a context (what was being done, on
-//! which path / offset / chunk) and an optional source. Messages read
-//! `unable to <context>: <source>` so a user knows what to do next.
+//! which path / offset / chunk) and an optional OS error. Messages read
+//! `unable to <context>: <OS error>` so a user knows what to do next.
+//!
+//! The message is whole on its own: `Display` includes the OS error, and
+//! `std::error::Error::source` returns nothing, so a chain printer (anyhow's `{:#}`)
+//! shows it once. Every message the library makes is used as a plain string somewhere
+//! (logs, control replies, a backup's recorded cause), which is why the OS error is in
+//! `Display` rather than only in the chain. [`Error::os_error`] gives the OS error to
+//! code that needs it.
 
 use std::fmt;
 use std::io;
@@ -80,6 +87,11 @@ impl Error {
         &self.context
     }
 
+    /// The OS error behind this one, if any.
+    pub fn os_error(&self) -> Option<&io::Error> {
+        self.source.as_ref()
+    }
+
     /// The errno an NBD reply (or a C caller) should see for this error.
     pub fn errno(&self) -> i32 {
         if let Some(e) = self.source.as_ref().and_then(|s| s.raw_os_error()) {
@@ -113,13 +125,8 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
-    }
-}
+/// No `source()`: the OS error is part of the message already (see the module notes).
+impl std::error::Error for Error {}
 
 /// Shorthand: `Err(err!(Kind, "fmt", args))`.
 #[macro_export]
@@ -164,5 +171,11 @@ mod tests {
             e.to_string(),
             "unable to open container \"/x\": No such file or directory (os error 2)"
         );
+        assert_eq!(
+            e.os_error().and_then(|s| s.raw_os_error()),
+            Some(libc::ENOENT)
+        );
+        // A chain printer shows the OS error once.
+        assert!(std::error::Error::source(&e).is_none());
     }
 }

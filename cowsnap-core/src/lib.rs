@@ -72,6 +72,7 @@ pub mod changelog;
 pub mod chunk_map;
 pub mod container;
 pub mod dest_guard;
+pub mod disk_state;
 pub mod drain;
 pub mod engine;
 pub mod error;

@@ -16,8 +16,8 @@
 //! overwrites the disk just the same.
 
 use crate::attach::{pid_alive, pid_zombie, AttachRecord};
-use crate::config::DiskPaths;
 use crate::control::{Client, StatusInfo};
+use crate::paths::DiskPaths;
 use cowsnap_core::backup::BackupParams;
 use cowsnap_core::dest_guard::{container_path, target_path, DestGuard, Node};
 use serde::{Deserialize, Serialize};
@@ -125,7 +125,7 @@ pub fn names(run_dir: &Path) -> BTreeSet<String> {
         let f = e.file_name().to_string_lossy().into_owned();
         for suffix in [".pid", ".ctl", ".attach.json", ".origin.json", ".nbd"] {
             if let Some(n) = f.strip_suffix(suffix) {
-                if crate::config::validate_name(n).is_ok() {
+                if crate::paths::validate_name(n).is_ok() {
                     out.insert(n.to_string());
                 }
             }
@@ -208,11 +208,7 @@ fn protect_disk(g: &mut DestGuard, paths: &DiskPaths) {
                 format!("the container of attached disk {name:?}"),
             );
         }
-        if let Some(b) = st
-            .backup
-            .as_ref()
-            .filter(|b| b.state == "running" || b.state == "quiescing")
-        {
+        if let Some(b) = st.backup.as_ref().filter(|b| !b.state.is_finished()) {
             if let Some(p) = target_path(&b.target) {
                 g.protect(&p, format!("the target of the running backup of {name:?}"));
             }

@@ -3,7 +3,7 @@
 
 pub mod attach;
 pub mod attached;
-pub mod config;
 pub mod control;
 pub mod name_lock;
 pub mod nbd;
+pub mod paths;

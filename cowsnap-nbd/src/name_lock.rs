@@ -111,8 +111,11 @@ impl NameLock {
                 path.display()
             ));
         }
-        // SAFETY: fcntl(F_SETFD) on a valid fd owned by `file`: no child inherits it.
-        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        // No child inherits it.
+        let _ = nix::fcntl::fcntl(
+            file.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
         let lock = NameLock {
             file,
             path: path.to_path_buf(),

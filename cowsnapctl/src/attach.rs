@@ -10,9 +10,9 @@
 use crate::Dirs;
 use anyhow::{anyhow, bail, Context, Result};
 use cowsnap_nbd::attach::{self, client, fuse, netlink, AttachRecord, Via};
-use cowsnap_nbd::config::{self, DiskPaths};
 use cowsnap_nbd::control::{self, Request, StatusInfo};
 use cowsnap_nbd::name_lock::{self, NameLock};
+use cowsnap_nbd::paths::{self, DiskPaths};
 use std::io::{Read, Seek};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
@@ -227,7 +227,7 @@ fn start_daemon(
         cmd.arg("--listen").arg(l);
     }
     if let Some(c) = &a.container {
-        let c = config::absolute_container(c)
+        let c = paths::absolute_container(c)
             .with_context(|| format!("unable to resolve --container {c:?}"))?;
         cmd.arg("--container").arg(c);
     }
@@ -414,13 +414,13 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     let origin = std::fs::canonicalize(&origin)
         .with_context(|| format!("unable to resolve {}", origin.display()))?;
     let size = origin_size(&origin, &meta)?;
-    config::check_disk_size(size)
+    paths::check_disk_size(size)
         .map_err(|why| anyhow!("unable to attach {}: {why}", origin.display()))?;
     let name = match &a.name {
         Some(n) => n.clone(),
-        None => config::derive_name(&origin),
+        None => paths::derive_name(&origin),
     };
-    config::validate_name(&name).map_err(|e| anyhow!("invalid --name: {e}"))?;
+    paths::validate_name(&name).map_err(|e| anyhow!("invalid --name: {e}"))?;
     for l in &a.listen {
         if !l.starts_with("tcp:")
             || l.rsplit_once(':')

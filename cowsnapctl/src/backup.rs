@@ -103,13 +103,13 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
         .container
         .as_deref()
         .map(|c| {
-            cowsnap_nbd::config::absolute_container(c)
+            cowsnap_nbd::paths::absolute_container(c)
                 .map_err(|e| anyhow!("unable to resolve --container {c:?}: {e}"))
         })
         .transpose()?;
     let to = crate::parse::absolute_target(&a.to)?;
     let paths = dirs.paths(&a.name);
-    cowsnap_nbd::config::validate_name(&a.name).map_err(|e| anyhow!("{e}"))?;
+    cowsnap_nbd::paths::validate_name(&a.name).map_err(|e| anyhow!(e))?;
     let mut cl =
         Client::connect(&paths.ctl_socket(), timeout + Duration::from_secs(60)).map_err(|e| {
             match &e {
@@ -349,7 +349,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
 
 /// The mount point `--freeze` names, checked against the disk's exposed device.
 fn freeze_target(
-    paths: &cowsnap_nbd::config::DiskPaths,
+    paths: &cowsnap_nbd::paths::DiskPaths,
     cl: &mut Client,
     name: &str,
     m: &std::path::Path,
@@ -393,7 +393,7 @@ fn cancel_and_wait(cl: &mut Client, id: u64) {
             .ok()
             .and_then(|m| m.get("backup").cloned())
             .and_then(|b| serde_json::from_value::<BackupStatus>(b).ok())
-            .is_none_or(|b| b.id != id || b.state == "complete" || b.state == "failed");
+            .is_none_or(|b| b.id != id || b.state.is_finished());
         if ended {
             return;
         }

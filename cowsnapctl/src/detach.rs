@@ -7,9 +7,9 @@ use crate::attach::{daemon_status, read_pid, remove_leftovers, stop_daemon, undo
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
 use cowsnap_nbd::attach::{self, AttachRecord};
-use cowsnap_nbd::config::{self, DiskPaths};
 use cowsnap_nbd::control::{self, BackupStatus, Request};
 use cowsnap_nbd::name_lock::NameLock;
+use cowsnap_nbd::paths::{self, DiskPaths};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -86,7 +86,7 @@ fn cancel_backup(paths: &DiskPaths, b: &BackupStatus) -> Result<()> {
 }
 
 pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
-    config::validate_name(&a.name).map_err(|e| anyhow!("{e}"))?;
+    paths::validate_name(&a.name).map_err(|e| anyhow!("{e}"))?;
     let paths = dirs.paths(&a.name);
     let rec = match AttachRecord::load(&paths.attach_record()) {
         Ok(r) => r,

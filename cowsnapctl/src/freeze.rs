@@ -23,9 +23,17 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-// FIFREEZE = _IOWR('X', 119, int), FITHAW = _IOWR('X', 120, int)
-const FIFREEZE: libc::c_ulong = 0xC004_5877;
-const FITHAW: libc::c_ulong = 0xC004_5878;
+// FIFREEZE = _IOWR('X', 119, int), FITHAW = _IOWR('X', 120, int), numbered for this
+// architecture by nix.
+nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
+nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
+
+/// FIFREEZE or FITHAW.
+#[derive(Debug, Clone, Copy)]
+enum FsIoctl {
+    Freeze,
+    Thaw,
+}
 
 /// Longest freeze `--freeze-timeout` may ask for.
 pub const MAX_FREEZE: Duration = Duration::from_secs(10);
@@ -141,14 +149,17 @@ pub fn open_mountpoint(path: &Path, device: &Path) -> Result<Mountpoint> {
     Ok(Mountpoint { dir, path: canon })
 }
 
-fn ioctl_int(f: &File, req: libc::c_ulong) -> std::io::Result<()> {
+fn ioctl_int(f: &File, req: FsIoctl) -> std::io::Result<()> {
     let mut arg: libc::c_int = 0;
-    // SAFETY: the fd is valid while `f` lives; FIFREEZE/FITHAW ignore their int argument.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), req, &mut arg) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    // SAFETY: the fd is valid while `f` lives; `arg` is a live int for the call's
+    // duration (FIFREEZE/FITHAW ignore it).
+    let r = unsafe {
+        match req {
+            FsIoctl::Freeze => fifreeze(f.as_raw_fd(), &mut arg),
+            FsIoctl::Thaw => fithaw(f.as_raw_fd(), &mut arg),
+        }
+    };
+    r.map(|_| ()).map_err(std::io::Error::from)
 }
 
 /// How a bounded freeze ended.
@@ -296,7 +307,7 @@ impl Drop for Watchdog {
 
 /// Freeze the checked mount point, with a watchdog that thaws it after `bound`.
 pub fn freeze(mp: &Mountpoint, bound: Duration) -> Result<Watchdog> {
-    ioctl_int(&mp.dir, FIFREEZE).map_err(|e| {
+    ioctl_int(&mp.dir, FsIoctl::Freeze).map_err(|e| {
         anyhow!(
             "unable to freeze {}: {e}{}",
             mp.path.display(),
@@ -310,11 +321,11 @@ pub fn freeze(mp: &Mountpoint, bound: Duration) -> Result<Watchdog> {
     let dir = match mp.dir.try_clone() {
         Ok(d) => d,
         Err(e) => {
-            let _ = ioctl_int(&mp.dir, FITHAW);
+            let _ = ioctl_int(&mp.dir, FsIoctl::Thaw);
             bail!("unable to freeze {}: {e}", mp.path.display());
         }
     };
-    Watchdog::arm(bound, Box::new(move || ioctl_int(&dir, FITHAW)))
+    Watchdog::arm(bound, Box::new(move || ioctl_int(&dir, FsIoctl::Thaw)))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use cowsnap_nbd::config;
+use cowsnap_nbd::paths;
 use std::path::PathBuf;
 
 mod attach;
@@ -18,10 +18,10 @@ mod status;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Dirs {
     /// Directory of sockets, pid files and attach records.
-    #[arg(long, global = true, env = config::ENV_RUN_DIR, default_value = config::DEFAULT_RUN_DIR)]
+    #[arg(long, global = true, env = paths::ENV_RUN_DIR, default_value = paths::DEFAULT_RUN_DIR)]
     pub run_dir: PathBuf,
     /// Directory of change logs and daemon logs.
-    #[arg(long, global = true, env = config::ENV_STATE_DIR, default_value = config::DEFAULT_STATE_DIR)]
+    #[arg(long, global = true, env = paths::ENV_STATE_DIR, default_value = paths::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 }
 
@@ -39,8 +39,8 @@ impl Dirs {
     }
 
     /// The files of disk `name`.
-    pub fn paths(&self, name: &str) -> config::DiskPaths {
-        config::DiskPaths::new(name, &self.run_dir, &self.state_dir)
+    pub fn paths(&self, name: &str) -> paths::DiskPaths {
+        paths::DiskPaths::new(name, &self.run_dir, &self.state_dir)
     }
 }
 

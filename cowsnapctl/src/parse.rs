@@ -4,29 +4,9 @@
 use anyhow::{anyhow, bail, Result};
 use std::time::Duration;
 
-/// A size: a number with an optional binary suffix K, M, G, T, P (optionally followed
-/// by "iB" or "B"); a bare number is bytes. "64M" = 64 MiB.
+/// A size ("64M" = 64 MiB, P = 2^50): [`cowsnap_core::container::parse_size`].
 pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    if num.is_empty() {
-        bail!("invalid size {s:?}: expected a number with an optional K, M, G, T suffix");
-    }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow!("invalid size {s:?}: number too large"))?;
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        "P" | "PB" | "PIB" => 50,
-        _ => bail!("invalid size {s:?}: unknown unit {unit:?} (use K, M, G, T or P)"),
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| anyhow!("invalid size {s:?}: too large"))
+    Ok(cowsnap_core::container::parse_size(s)?)
 }
 
 /// A duration: a number with a unit ms, s, m or h; a bare number is seconds.
@@ -134,6 +114,8 @@ mod tests {
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_size("8K").unwrap(), 8192);
         assert_eq!(parse_size("16T").unwrap(), 16 << 40);
+        assert_eq!(parse_size("2P").unwrap(), 2 << 50);
+        assert_eq!(parse_size(" 3 MiB ").unwrap(), 3 << 20);
         for bad in [
             "",
             "M",

@@ -12,18 +12,9 @@ use cowsnap_core::restore;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-/// `repo:DIR[@GEN]` → (DIR, GEN).
+/// `repo:DIR[@GEN]` → (DIR, GEN) ([`cowsnap_nbd::paths::parse_repo_spec`]).
 pub fn parse_repo_spec(spec: &str) -> Result<(PathBuf, Option<String>)> {
-    let rest = spec
-        .strip_prefix("repo:")
-        .ok_or_else(|| anyhow!("invalid repository {spec:?}: expected repo:DIR or repo:DIR@GEN"))?;
-    if rest.is_empty() {
-        bail!("invalid repository {spec:?}: empty directory");
-    }
-    Ok(match rest.rsplit_once('@') {
-        Some((d, g)) if !g.is_empty() && !d.is_empty() => (PathBuf::from(d), Some(g.to_string())),
-        _ => (PathBuf::from(rest), None),
-    })
+    cowsnap_nbd::paths::parse_repo_spec(spec).map_err(|e| anyhow!(e))
 }
 
 /// Arguments of `list`.
@@ -42,7 +33,7 @@ pub fn list(a: ListArgs) -> Result<i32> {
     if gen.is_some() {
         bail!("list takes repo:DIR without @GEN");
     }
-    let gens = repo::list(&dir).map_err(|e| anyhow!("{e}"))?;
+    let gens = repo::list(&dir)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&gens)?);
         return Ok(0);
@@ -95,7 +86,7 @@ fn repair_source(dirs: &Dirs, v: &str) -> Result<PathBuf> {
     if p.exists() {
         return std::path::absolute(p).map_err(|e| anyhow!("unable to resolve {v}: {e}"));
     }
-    if cowsnap_nbd::config::validate_name(v).is_ok() {
+    if cowsnap_nbd::paths::validate_name(v).is_ok() {
         if let Some(st) = attach::daemon_status(&dirs.paths(v)) {
             return Ok(PathBuf::from(st.origin));
         }
@@ -118,8 +109,7 @@ pub fn verify(dirs: &Dirs, a: VerifyArgs) -> Result<i32> {
         repo::verify_repair(&dir, gen.as_deref(), &sources)
     } else {
         repo::verify(&dir, gen.as_deref())
-    }
-    .map_err(|e| anyhow!("{e}"))?;
+    }?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
         return Ok(if rep.ok { 0 } else { 1 });
@@ -223,7 +213,7 @@ pub fn prune(a: PruneArgs) -> Result<i32> {
     if a.keep == 0 {
         bail!("--keep must be at least 1 (prune never deletes every restore point of a disk)");
     }
-    let rep = repo::prune(&dir, a.keep).map_err(|e| anyhow!("{e}"))?;
+    let rep = repo::prune(&dir, a.keep)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -266,7 +256,7 @@ pub struct AbandonArgs {
 /// refused by `attach` until a new `restore` overwrites it. Refused while the disk's
 /// daemon runs.
 pub fn abandon(dirs: &Dirs, a: AbandonArgs) -> Result<i32> {
-    cowsnap_nbd::config::validate_name(&a.name)
+    cowsnap_nbd::paths::validate_name(&a.name)
         .map_err(|e| anyhow!("unable to abandon the live restore of {:?}: {e}", a.name))?;
     let paths = dirs.paths(&a.name);
     let running = attach::daemon_status(&paths)
@@ -279,7 +269,7 @@ pub fn abandon(dirs: &Dirs, a: AbandonArgs) -> Result<i32> {
             a.name
         );
     }
-    let r = restore::live::abandon(&paths.fill_state()).map_err(|e| anyhow!("{e}"))?;
+    let r = restore::live::abandon(&paths.fill_state())?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -328,19 +318,19 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     // Absolute: a live restore records it and resumes from it, in another directory.
     let dir = std::path::absolute(&dir)
         .map_err(|e| anyhow!("unable to resolve {}: {e}", dir.display()))?;
-    let repo = Repo::open(&dir).map_err(|e| anyhow!("{e}"))?;
-    let g = repo.resolve(gen.as_deref()).map_err(|e| anyhow!("{e}"))?;
+    let repo = Repo::open(&dir)?;
+    let g = repo.resolve(gen.as_deref())?;
     drop(repo);
     let action = format!("restore generation {} onto {}", g.id, a.to.display());
     if a.live {
         // Everything is validated before the destination is created or truncated.
         let name = match &a.name {
             Some(n) => n.clone(),
-            None => cowsnap_nbd::config::derive_name(
+            None => cowsnap_nbd::paths::derive_name(
                 &std::fs::canonicalize(&a.to).unwrap_or_else(|_| a.to.clone()),
             ),
         };
-        cowsnap_nbd::config::validate_name(&name)
+        cowsnap_nbd::paths::validate_name(&name)
             .map_err(|e| anyhow!("unable to {action}: invalid --name: {e}"))?;
         if let Some(s) = attach::daemon_status(&dirs.paths(&name)) {
             bail!(
@@ -352,8 +342,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         }
         cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)
             .map_err(|e| anyhow!(e))?;
-        let pending = restore::live::read_fill_state(&dirs.paths(&name).fill_state())
-            .map_err(|e| anyhow!("{e}"))?
+        let pending = restore::live::read_fill_state(&dirs.paths(&name).fill_state())?
             .filter(|(_, complete)| !complete);
         if let Some((pgen, _)) = pending {
             // A live restore under this name was interrupted: resume it, never
@@ -369,8 +358,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
             eprintln!("resuming the interrupted live restore of {name:?}");
         } else {
             reset_tracking_of_origin(dirs, &a.to, &g.id, "a live restore")?;
-            let (dest, _) =
-                restore::open_destination(&a.to, g.disk_size).map_err(|e| anyhow!("{e}"))?;
+            let (dest, _) = restore::open_destination(&a.to, g.disk_size)?;
             drop(dest);
         }
         eprintln!(
@@ -420,8 +408,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)
         .map_err(|e| anyhow!(e))?;
     reset_tracking_of_origin(dirs, &a.to, &g.id, "an offline restore")?;
-    let rep =
-        restore::restore_to(&dir, Some(&g.id), &a.to, &progress).map_err(|e| anyhow!("{e}"))?;
+    let rep = restore::restore_to(&dir, Some(&g.id), &a.to, &progress)?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

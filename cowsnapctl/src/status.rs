@@ -5,8 +5,8 @@ use crate::parse::{human_bytes, human_secs};
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
 use cowsnap_nbd::attach::AttachRecord;
-use cowsnap_nbd::config;
 use cowsnap_nbd::control::{BackupStatus, StatusInfo};
+use cowsnap_nbd::paths;
 use std::collections::BTreeSet;
 
 /// Arguments of `status`.
@@ -27,7 +27,7 @@ pub fn attached_names(dirs: &Dirs) -> Vec<String> {
             let f = e.file_name().to_string_lossy().into_owned();
             for suf in [".ctl", ".attach.json"] {
                 if let Some(n) = f.strip_suffix(suf) {
-                    if config::validate_name(n).is_ok() {
+                    if paths::validate_name(n).is_ok() {
                         out.insert(n.to_string());
                     }
                 }
@@ -113,7 +113,7 @@ fn line(name: &str, rec: Option<&AttachRecord>, st: Option<&StatusInfo>) -> Stri
 pub fn run(dirs: &Dirs, a: StatusArgs) -> Result<i32> {
     let names = match &a.name {
         Some(n) => {
-            config::validate_name(n).map_err(|e| anyhow!("{e}"))?;
+            paths::validate_name(n).map_err(|e| anyhow!(e))?;
             vec![n.clone()]
         }
         None => {

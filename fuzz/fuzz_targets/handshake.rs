@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     let server = server();
     let mut rd = Cursor::new(data);
     let mut wr = Sink(0);
-    match handshake::negotiate(server, &mut rd, &mut wr) {
+    match handshake::negotiate(server.as_ref(), &mut rd, &mut wr) {
         Ok(s) => {
             let e = server.export(&s.name).expect("session names an export");
             assert_eq!(e.export.size(), s.entry.export.size());

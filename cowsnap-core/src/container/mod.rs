@@ -77,12 +77,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
     if num.is_empty() {
         return Err(crate::err!(
             InvalidInput,
-            "unable to parse size {s:?}: expected a number with an optional K, M, G, T or P suffix"
+            "invalid size {s:?}: expected a number with an optional K, M, G, T or P suffix"
         ));
     }
     let n: u64 = num
         .parse()
-        .map_err(|_| crate::err!(InvalidInput, "unable to parse size {s:?}: number too large"))?;
+        .map_err(|_| crate::err!(InvalidInput, "invalid size {s:?}: number too large"))?;
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
@@ -93,12 +93,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
         other => {
             return Err(crate::err!(
                 InvalidInput,
-                "unable to parse size {s:?}: unknown suffix {other:?} (use K, M, G, T or P)"
+                "invalid size {s:?}: unknown unit {other:?} (use K, M, G, T or P)"
             ))
         }
     };
     n.checked_mul(1u64 << shift)
-        .ok_or_else(|| crate::err!(InvalidInput, "unable to parse size {s:?}: too large"))
+        .ok_or_else(|| crate::err!(InvalidInput, "invalid size {s:?}: too large"))
 }
 
 /// Memory the engine needs per container slot whatever the container's kind: an entry
@@ -144,8 +144,6 @@ pub fn parse_spec(spec: &str) -> Result<Spec> {
                 InvalidInput,
                 "unable to use container {spec:?}: {}",
                 e.context()
-                    .strip_prefix("unable to parse ")
-                    .unwrap_or(e.context())
             )
         })
     };

@@ -179,10 +179,7 @@ fn holds(hash: &[u8; 32], raw: &[u8], data: &[u8]) -> Result<()> {
 /// now"): bad content, or EIO from the medium.
 pub fn is_damage(e: &Error) -> bool {
     e.kind() == crate::ErrorKind::Corrupt
-        || std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-            .and_then(|s| s.raw_os_error())
-            == Some(libc::EIO)
+        || e.os_error().and_then(|s| s.raw_os_error()) == Some(libc::EIO)
 }
 
 impl ChunkStore {

@@ -7,28 +7,11 @@
 
 use std::io::{self, Read, Write};
 
-/// "NBDMAGIC".
-pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-/// "IHAVEOPT".
-pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-/// Option reply magic.
-pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-/// Server handshake flag: fixed newstyle.
-pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
-/// Server handshake flag: no zeroes.
-pub const FLAG_NO_ZEROES: u16 = 2;
-/// NBD_OPT_GO.
-pub const OPT_GO: u32 = 7;
-/// NBD_REP_ACK.
-pub const REP_ACK: u32 = 1;
-/// NBD_REP_INFO.
-pub const REP_INFO: u32 = 3;
-/// NBD_INFO_EXPORT.
-pub const INFO_EXPORT: u16 = 0;
-/// NBD_INFO_BLOCK_SIZE.
-pub const INFO_BLOCK_SIZE: u16 = 3;
-/// Transmission flag: read-only.
-pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+// The protocol's numbers are the server's: one copy, in `nbd::proto`.
+use crate::nbd::proto::{
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC, OPT_GO,
+    OPT_REPLY_MAGIC as REPLY_MAGIC, REP_ACK, REP_INFO,
+};
 
 /// What the server told about the export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,7 +269,7 @@ mod tests {
         let info = handshake(&mut c, "disk").unwrap();
         assert_eq!(info.size, 8 << 20);
         assert_ne!(info.flags & 1, 0, "NBD_FLAG_HAS_FLAGS");
-        assert_eq!(info.flags & TFLAG_READ_ONLY, 0);
+        assert_eq!(info.flags & crate::nbd::proto::TF_READ_ONLY, 0);
         // NBD_CMD_READ of 4096 bytes at 65536, simple reply expected
         let mut req = Vec::new();
         req.extend_from_slice(&0x2560_9513u32.to_be_bytes());

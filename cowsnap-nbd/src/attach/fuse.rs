@@ -100,10 +100,11 @@ pub fn attach(
     }
     {
         use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        // SAFETY: the hook runs in the forked child before exec, where only
+        // async-signal-safe calls are allowed: setsid is one, and it allocates nothing.
         unsafe {
             cmd.pre_exec(|| {
-                libc::setsid();
+                let _ = nix::unistd::setsid();
                 Ok(())
             });
         }

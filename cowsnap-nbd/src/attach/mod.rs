@@ -175,22 +175,21 @@ pub fn mounted_at(dev: &Path) -> Result<Vec<(String, String)>> {
 /// Write back everything cached for a block device (`blockdev --flushbufs`).
 pub fn flush_device(dev: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
+    // BLKFLSBUF = _IO(0x12, 97), numbered for this architecture by nix.
+    nix::ioctl_none!(blkflsbuf, 0x12, 97);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .open(dev)
         .ctx(|| format!("unable to open {}", dev.display()))?;
     f.sync_all()
         .ctx(|| format!("unable to flush {}", dev.display()))?;
-    // BLKFLSBUF = _IO(0x12, 97)
-    const BLKFLSBUF: libc::c_ulong = 0x1261;
-    // SAFETY: the fd is valid while `f` lives; BLKFLSBUF takes no argument pointer.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF, 0) };
-    if r < 0 {
-        return Err(Error::io(
+    // SAFETY: the fd is valid while `f` lives; BLKFLSBUF takes no argument.
+    unsafe { blkflsbuf(f.as_raw_fd()) }.map_err(|e| {
+        Error::io(
             format!("unable to flush the buffers of {}", dev.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
+            e.into(),
+        )
+    })?;
     Ok(())
 }
 
@@ -199,9 +198,11 @@ pub fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    // Signal 0 only checks for existence and permission.
+    matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Ok(()) | Err(nix::errno::Errno::EPERM)
+    )
 }
 
 /// Whether a process is a zombie (exited, not yet reaped) per /proc/PID/stat.

@@ -14,8 +14,27 @@
 //!   last NBD_OPT_SET_META_CONTEXT and needs structured replies.
 
 use super::proto::{self, *};
-use super::server::{ExportEntry, Server};
+use cowsnap_core::export::Export;
 use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+/// One named export.
+#[derive(Clone)]
+pub struct ExportEntry {
+    /// What it serves.
+    pub export: Arc<dyn Export>,
+    /// Shown by NBD_OPT_LIST / NBD_INFO_DESCRIPTION.
+    pub description: String,
+}
+
+/// What negotiation needs of a server: its exports, by name and all of them. Passed
+/// in, so that negotiation does not depend on the server that runs it.
+pub trait ExportLookup {
+    /// The export called `name`, if any.
+    fn export(&self, name: &str) -> Option<ExportEntry>;
+    /// All exports, by name.
+    fn export_list(&self) -> Vec<(String, ExportEntry)>;
+}
 
 /// What the negotiation agreed on.
 pub struct Session {
@@ -64,13 +83,17 @@ fn discard(r: &mut impl Read, mut n: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn lookup(server: &Server, name: &[u8]) -> Option<(String, ExportEntry)> {
+fn lookup(server: &dyn ExportLookup, name: &[u8]) -> Option<(String, ExportEntry)> {
     let name = std::str::from_utf8(name).ok()?;
     server.export(name).map(|e| (name.to_string(), e))
 }
 
 /// Run the handshake on a fresh connection: client bytes from `rd`, replies to `wr`.
-pub fn negotiate(server: &Server, rd: &mut impl Read, wr: &mut impl Write) -> Result<Session, End> {
+pub fn negotiate(
+    server: &dyn ExportLookup,
+    rd: &mut impl Read,
+    wr: &mut impl Write,
+) -> Result<Session, End> {
     negotiate_io(server, &mut Both { rd, wr })
 }
 
@@ -96,7 +119,10 @@ impl<R, W: Write> Write for Both<'_, R, W> {
 }
 
 /// Run the handshake on a fresh connection (`io`: the socket, buffered for reading).
-pub(crate) fn negotiate_io(server: &Server, io: &mut (impl Read + Write)) -> Result<Session, End> {
+pub(crate) fn negotiate_io(
+    server: &dyn ExportLookup,
+    io: &mut (impl Read + Write),
+) -> Result<Session, End> {
     io.write_all(&greeting())?;
     let mut cf = [0u8; 4];
     io.read_exact(&mut cf)?;

@@ -22,7 +22,8 @@
 //! - Worst-case memory held for clients is `memory + max_connections × (OVERDRAFT +
 //!   read buffer + reply queue)`, about 128 + 64 × 2.25 MiB = 272 MiB with the defaults.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -342,6 +343,30 @@ impl Workers {
     /// Extra workers running now.
     pub fn running(&self) -> usize {
         self.now.load(Ordering::Acquire)
+    }
+}
+
+/// What every connection of a server shares: its limits, the request memory budget,
+/// the count of extra workers.
+pub(crate) struct Shared {
+    pub(crate) limits: Limits,
+    pub(crate) budget: Budget,
+    pub(crate) workers: Workers,
+    pub(crate) shutdown: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(limits: Limits) -> Arc<Self> {
+        let limits = limits.sane();
+        Arc::new(Shared {
+            budget: Budget::new(limits.memory, limits.max_connections),
+            workers: Workers::new(limits.max_workers),
+            limits,
+            shutdown: AtomicBool::new(false),
+        })
+    }
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
     }
 }
 

@@ -495,8 +495,13 @@ pub fn offset_data_header(cookie: u64, offset: u64, len: u32) -> [u8; CHUNK_HEAD
 
 /// A complete NBD_REPLY_TYPE_ERROR chunk (flagged DONE) with a message.
 pub fn error_chunk(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
-    // The message length is 16-bit; keep it short anyway.
-    let msg = &msg.as_bytes()[..msg.len().min(1024)];
+    // The message length is 16-bit; keep it short anyway, cut at a character boundary
+    // (the message is UTF-8 on the wire).
+    let mut end = msg.len().min(1024);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &msg.as_bytes()[..end];
     let mut b = Vec::with_capacity(CHUNK_HEADER_LEN + 6 + msg.len());
     b.extend_from_slice(&chunk_header(
         REPLY_FLAG_DONE,
@@ -759,6 +764,16 @@ mod tests {
                 0, 0, 0, 2, 0
             ]
         );
+        // A long message is cut at a character boundary: still UTF-8.
+        let long = "é".repeat(600);
+        let cut = error_chunk(2, EIO, &long);
+        let text = &cut[CHUNK_HEADER_LEN + 6..];
+        assert_eq!(text.len(), 1024);
+        assert!(std::str::from_utf8(text).is_ok());
+        let long = format!("x{}", "é".repeat(600));
+        let cut = error_chunk(2, EIO, &long);
+        assert_eq!(cut.len() - CHUNK_HEADER_LEN - 6, 1023);
+        assert!(std::str::from_utf8(&cut[CHUNK_HEADER_LEN + 6..]).is_ok());
         let e = error_chunk(2, EINVAL, "no");
         assert_eq!(
             e,

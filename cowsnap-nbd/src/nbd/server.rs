@@ -13,17 +13,18 @@
 //!   new request is read, requests in flight finish and are answered, then the
 //!   connection closes. [`Server::connections`] drops to zero when all are gone.
 
-use super::handshake::{self, End};
-use super::limits::{Budget, Limits, Workers, REFUSAL_LOG_EVERY};
+use super::handshake::{self, End, ExportLookup};
+use super::limits::{Limits, Shared, REFUSAL_LOG_EVERY};
 use super::stream::Stream;
 use super::transmission::{self, READ_BUF};
 use cowsnap_core::export::Export;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,27 +34,17 @@ pub use super::limits::DEFAULT_THREADS_PER_CONNECTION;
 /// Socket send buffer asked for in transmission (capped by the kernel's wmem_max).
 pub const SEND_BUFFER: usize = 4 << 20;
 
-/// What every connection of a server shares: its limits, the request memory budget,
-/// the count of extra workers.
-pub(crate) struct Shared {
-    pub(crate) limits: Limits,
-    pub(crate) budget: Budget,
-    pub(crate) workers: Workers,
-    shutdown: AtomicBool,
-}
-
-impl Shared {
-    fn new(limits: Limits) -> Arc<Self> {
-        let limits = limits.sane();
-        Arc::new(Shared {
-            budget: Budget::new(limits.memory, limits.max_connections),
-            workers: Workers::new(limits.max_workers),
-            limits,
-            shutdown: AtomicBool::new(false),
-        })
+impl ExportLookup for Server {
+    /// The export called `name`, if any.
+    fn export(&self, name: &str) -> Option<ExportEntry> {
+        self.exports.read().ok()?.get(name).cloned()
     }
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutdown.load(Ordering::SeqCst)
+    /// All exports, by name.
+    fn export_list(&self) -> Vec<(String, ExportEntry)> {
+        match self.exports.read() {
+            Ok(t) => t.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 
@@ -106,14 +97,7 @@ struct Refusals {
     last_log: Option<Instant>,
 }
 
-/// One named export.
-#[derive(Clone)]
-pub struct ExportEntry {
-    /// What it serves.
-    pub export: Arc<dyn Export>,
-    /// Shown by NBD_OPT_LIST / NBD_INFO_DESCRIPTION.
-    pub description: String,
-}
+pub use super::handshake::ExportEntry;
 
 /// A server with a table of exports; the export named "" is the default.
 pub struct Server {
@@ -188,17 +172,6 @@ impl Server {
             t.remove(name);
         }
     }
-    /// The export called `name`, if any.
-    pub fn export(&self, name: &str) -> Option<ExportEntry> {
-        self.exports.read().ok()?.get(name).cloned()
-    }
-    /// All exports, by name.
-    pub fn export_list(&self) -> Vec<(String, ExportEntry)> {
-        match self.exports.read() {
-            Ok(t) => t.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(_) => Vec::new(),
-        }
-    }
     /// Worker threads (requests in flight) per connection for new connections (>= 1).
     pub fn set_threads_per_connection(&self, n: usize) {
         let mut l = self.limits();
@@ -209,7 +182,7 @@ impl Server {
     pub fn spawn_unix(self: &Arc<Self>, listener: UnixListener) -> JoinHandle<()> {
         let me = self.clone();
         std::thread::spawn(move || {
-            me.accept_loop(listener.as_raw_fd(), || {
+            me.accept_loop(listener.as_fd(), || {
                 listener.accept().map(|(s, _)| Stream::Unix(s))
             })
         })
@@ -218,7 +191,7 @@ impl Server {
     pub fn spawn_tcp(self: &Arc<Self>, listener: TcpListener) -> JoinHandle<()> {
         let me = self.clone();
         std::thread::spawn(move || {
-            me.accept_loop(listener.as_raw_fd(), || {
+            me.accept_loop(listener.as_fd(), || {
                 let (s, _) = listener.accept()?;
                 let _ = s.set_nodelay(true);
                 Ok(Stream::Tcp(s))
@@ -263,20 +236,15 @@ impl Server {
 
     fn accept_loop(
         self: &Arc<Self>,
-        fd: std::os::fd::RawFd,
+        fd: std::os::fd::BorrowedFd<'_>,
         mut accept: impl FnMut() -> std::io::Result<Stream>,
     ) {
         while !self.shared().is_shutting_down() {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a live, initialised pollfd and we pass a count of 1; the
-            // listener owning `fd` outlives this loop (it is owned by the closure's caller).
-            let r = unsafe { libc::poll(&mut pfd, 1, 200) };
-            if r <= 0 {
-                continue;
+            // Wake every 200 ms to see whether the server is shutting down.
+            let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+            match poll(&mut pfd, PollTimeout::from(200u16)) {
+                Ok(n) if n > 0 => {}
+                _ => continue,
             }
             match accept() {
                 Ok(s) => self.start_connection(s),

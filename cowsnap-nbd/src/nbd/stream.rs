@@ -57,22 +57,11 @@ impl Stream {
     /// Ask for a larger send buffer (a 1 MiB read reply then leaves in fewer
     /// round trips with the client). Best effort: the kernel caps it at wmem_max.
     pub fn set_send_buffer(&self, bytes: usize) {
-        use std::os::fd::AsRawFd;
-        let fd = match self {
-            Stream::Unix(s) => s.as_raw_fd(),
-            Stream::Tcp(s) => s.as_raw_fd(),
-        };
-        let v: libc::c_int = bytes.min(i32::MAX as usize) as libc::c_int;
-        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int; the fd
-        // is owned by `self` and open for the duration of the call.
-        let _ = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                &v as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
+        use nix::sys::socket::{setsockopt, sockopt::SndBuf};
+        let v = bytes.min(i32::MAX as usize);
+        let _ = match self {
+            Stream::Unix(s) => setsockopt(s, SndBuf, &v),
+            Stream::Tcp(s) => setsockopt(s, SndBuf, &v),
         };
     }
 

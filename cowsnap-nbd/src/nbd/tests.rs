@@ -13,8 +13,35 @@ use std::time::Duration;
 struct Mem {
     data: RwLock<Vec<u8>>,
     read_only: bool,
-    /// Reads at offset 0 sleep this long (to force out-of-order completion).
+    /// Reads at offset 0 sleep this long (to keep workers busy).
     slow_zero: Duration,
+    /// Reads at offset 0 wait until this gate is opened (to force out-of-order
+    /// completion without depending on timing).
+    gate: Option<Arc<Gate>>,
+    /// Reads at this offset fail with an error that names a host path.
+    fail_at: Option<u64>,
+    /// Set when a call reached the export outside its size (the server must have
+    /// refused it at the protocol edge).
+    out_of_range: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut o = self.open.lock().unwrap();
+        while !*o {
+            o = self.cv.wait(o).unwrap();
+        }
+    }
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
 }
 
 impl Mem {
@@ -23,7 +50,21 @@ impl Mem {
             data: RwLock::new(vec![0; size]),
             read_only,
             slow_zero: Duration::ZERO,
+            gate: None,
+            fail_at: None,
+            out_of_range: Default::default(),
         })
+    }
+
+    /// Record and refuse a call outside the export.
+    fn check_range(&self, off: u64, len: u64) -> cowsnap_core::Result<()> {
+        let size = self.data.read().unwrap().len() as u64;
+        if off.checked_add(len).is_none_or(|end| end > size) {
+            self.out_of_range
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(cowsnap_core::err!(OutOfRange, "{off}+{len} past {size}"));
+        }
+        Ok(())
     }
 }
 
@@ -41,8 +82,18 @@ impl Export for Mem {
         }
     }
     fn read(&self, off: u64, buf: &mut [u8]) -> cowsnap_core::Result<()> {
+        self.check_range(off, buf.len() as u64)?;
         if off == 0 {
             std::thread::sleep(self.slow_zero);
+            if let Some(g) = &self.gate {
+                g.wait();
+            }
+        }
+        if self.fail_at == Some(off) {
+            return Err(cowsnap_core::Error::io(
+                "unable to read container \"/secret/host/c.cow\"",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
         }
         let d = self.data.read().unwrap();
         buf.copy_from_slice(&d[off as usize..off as usize + buf.len()]);
@@ -50,6 +101,7 @@ impl Export for Mem {
     }
     fn write(&self, off: u64, data: &[u8], _fua: bool) -> cowsnap_core::Result<()> {
         assert!(!self.read_only, "write reached a read-only export");
+        self.check_range(off, data.len() as u64)?;
         let mut d = self.data.write().unwrap();
         d[off as usize..off as usize + data.len()].copy_from_slice(data);
         Ok(())
@@ -62,6 +114,7 @@ impl Export for Mem {
     }
     fn zero(&self, off: u64, len: u64, _f: ZeroFlags) -> cowsnap_core::Result<()> {
         assert!(!self.read_only, "zero reached a read-only export");
+        self.check_range(off, len)?;
         let mut d = self.data.write().unwrap();
         d[off as usize..(off + len) as usize].fill(0);
         Ok(())
@@ -455,21 +508,43 @@ fn structured_reads_block_status_and_errors() {
 
 #[test]
 fn replies_come_back_out_of_order() {
-    let m = Arc::new(Mem {
-        data: RwLock::new(vec![7; 1 << 20]),
-        read_only: false,
-        slow_zero: Duration::from_millis(300),
-    });
+    // The read at 0 waits at a gate the test opens only after the read at 4096 was
+    // answered: that answer can only come first if replies go out in completion order.
+    let gate = Arc::new(Gate::default());
+    let mut m = Mem::new(1 << 20, false);
+    Arc::get_mut(&mut m).unwrap().gate = Some(gate.clone());
+    m.data.write().unwrap().fill(7);
     let srv = server_with(m);
     let mut c = Client::connect(&srv);
     c.go(false);
     c.req(CMD_READ, 0, 1, 0, 16);
     c.req(CMD_READ, 0, 2, 4096, 16);
-    let first = c.simple();
-    assert_eq!(first, (0, 2), "the fast read should be answered first");
-    c.rx(16);
+    assert_eq!(c.simple(), (0, 2), "the fast read should be answered first");
+    assert_eq!(c.rx(16), vec![7; 16]);
+    gate.open();
     assert_eq!(c.simple(), (0, 1));
-    c.rx(16);
+    assert_eq!(c.rx(16), vec![7; 16]);
+}
+
+#[test]
+fn error_chunks_name_no_host_path() {
+    let mut m = Mem::new(1 << 20, false);
+    Arc::get_mut(&mut m).unwrap().fail_at = Some(8192);
+    let srv = server_with(m);
+    let mut c = Client::connect(&srv);
+    c.go(true);
+    c.req(CMD_READ, 0, 1, 8192, 16);
+    let (fl, ty, ck, p) = c.chunk();
+    assert_eq!((fl, ty, ck), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 1));
+    assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), EIO);
+    let len = u16::from_be_bytes(p[4..6].try_into().unwrap()) as usize;
+    let msg = std::str::from_utf8(&p[6..6 + len]).unwrap();
+    assert_eq!(msg, "read failed: Input/output error");
+    // Without structured replies the errno alone.
+    let mut c = Client::connect(&srv);
+    c.go(false);
+    c.req(CMD_READ, 0, 2, 8192, 16);
+    assert_eq!(c.simple(), (EIO, 2));
 }
 
 #[test]
@@ -669,6 +744,14 @@ mod fuzz {
             c2.req(CMD_READ, 0, 1, 0, 4);
             prop_assert_eq!(c2.simple(), (0, 1));
             c2.rx(4);
+            // Requests from the first connection may still be running: wait for them
+            // to finish before looking at what reached the export.
+            drop(c2);
+            prop_assert!(srv.wait_idle(Duration::from_secs(10)));
+            prop_assert!(
+                !m.out_of_range.load(std::sync::atomic::Ordering::SeqCst),
+                "a request outside the export reached it"
+            );
         }
 
         #[test]

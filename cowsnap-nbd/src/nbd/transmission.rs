@@ -32,9 +32,8 @@
 //!   group commit); large ones go out directly, header and data in one writev.
 
 use super::handshake::Session;
-use super::limits::{class_of, ConnMemory, LeaseError, IDLE_WORKER};
+use super::limits::{class_of, ConnMemory, LeaseError, Shared, IDLE_WORKER};
 use super::proto::{self, *};
-use super::server::Shared;
 use super::stream::Stream;
 use cowsnap_core::export::{Export, ZeroFlags};
 use std::io::{self, BufReader, Read};
@@ -576,7 +575,31 @@ fn execute(c: &Conn, r: &Request, lease: Option<Lease<'_>>) -> io::Result<()> {
             if code != ENOTSUP {
                 log::warn!("nbd connection {}: {err}", c.id);
             }
-            reply_error(c, r, code, &err.to_string())
+            // The client learns what failed and the errno, never the daemon's paths:
+            // the whole message is in the log above.
+            reply_error(c, r, code, &client_message(r.cmd, code))
         }
     }
+}
+
+/// The message of an ERROR chunk: the command and the errno's description, which say
+/// nothing about the host (no paths, no container or repository names).
+fn client_message(cmd: u16, nbd_errno: u32) -> String {
+    let what = match cmd {
+        CMD_READ => "read",
+        CMD_BLOCK_STATUS => "block status",
+        _ => "request",
+    };
+    let desc = match nbd_errno {
+        EPERM => "Operation not permitted",
+        EIO => "Input/output error",
+        ENOMEM => "Cannot allocate memory",
+        EINVAL => "Invalid argument",
+        ENOSPC => "No space left on device",
+        EOVERFLOW => "Value too large",
+        ENOTSUP => "Operation not supported",
+        ESHUTDOWN => "Server is shutting down",
+        _ => "error",
+    };
+    format!("{what} failed: {desc}")
 }

@@ -1,33 +1,11 @@
-//! The control protocol between `cowsnapctl` and a disk's daemon: JSON lines over the
-//! unix socket `RUN_DIR/NAME.ctl`.
-//!
-//! Every request is one line `{"v":1,"cmd":"<command>", ...}`; every reply is one line
-//! `{"v":1,"ok":true, ...}` or `{"v":1,"ok":false,"error":"..."}`. A client may send
-//! several requests on one connection; the daemon answers them in order. A line that
-//! is not JSON, has no or another version, names an unknown command or is longer than
-//! [`MAX_LINE`] gets an error reply; the daemon keeps serving.
-//!
-//! | cmd | fields | reply fields |
-//! |---|---|---|
-//! | `status` | | [`StatusInfo`] |
-//! | `flush` | | |
-//! | `shutdown` | | (the daemon exits after replying) |
-//! | `backup` | `params`: [`BackupParams`] | `id` |
-//! | `backup_status` | | `backup`: [`BackupStatus`] or null |
-//! | `priority` | `ranges`: `[[offset, length], ...]` | |
-//! | `cancel` | | |
-//!
-//! New fields may be added to requests and replies within version 1; readers ignore
-//! fields they do not know. An incompatible change bumps `v`.
+//! The wire form of the control protocol: request and reply types, and their
+//! encoding as one JSON object per line. The envelope (`v`, `ok`, `error`) is a struct
+//! with the payload flattened into it.
 
 pub use cowsnap_core::backup::{BackupParams, BackupStatus};
 use cowsnap_core::engine::IoStats;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::Duration;
 
 /// Protocol version spoken by this build.
 pub const VERSION: u64 = 1;
@@ -126,23 +104,35 @@ pub struct FillInfo {
     pub error: Option<String>,
 }
 
-/// Serialize a request as one line (without the newline): `{"v":1,"cmd":...}`.
-pub fn encode_request(req: &Request) -> String {
-    let body = serde_json::to_string(req).unwrap_or_else(|_| "{}".into());
-    prefix_fields(&format!("\"v\":{VERSION}"), &body)
+/// A request on the wire: the version, then the request's own fields (`cmd`, ...).
+#[derive(Serialize)]
+struct RequestLine<'a> {
+    v: u64,
+    #[serde(flatten)]
+    req: &'a Request,
 }
 
-/// `{PREFIX,<fields of obj>}` for a serialized JSON object `obj`.
-fn prefix_fields(prefix: &str, obj: &str) -> String {
-    let inner = obj
-        .strip_prefix('{')
-        .and_then(|r| r.strip_suffix('}'))
-        .unwrap_or("");
-    if inner.is_empty() {
-        format!("{{{prefix}}}")
-    } else {
-        format!("{{{prefix},{inner}}}")
-    }
+/// A successful reply on the wire: the version, `ok`, then the payload's fields.
+#[derive(Serialize)]
+struct OkLine {
+    v: u64,
+    ok: bool,
+    #[serde(flatten)]
+    fields: Map<String, Value>,
+}
+
+/// A failed reply on the wire.
+#[derive(Serialize)]
+struct ErrorLine<'a> {
+    v: u64,
+    ok: bool,
+    error: &'a str,
+}
+
+/// Serialize a request as one line (without the newline): `{"v":1,"cmd":...}`.
+pub fn encode_request(req: &Request) -> String {
+    serde_json::to_string(&RequestLine { v: VERSION, req })
+        .unwrap_or_else(|_| format!("{{\"v\":{VERSION}}}"))
 }
 
 /// Parse one request line; the error is the message for the error reply.
@@ -165,27 +155,36 @@ pub fn decode_request(line: &str) -> Result<Request, String> {
         Some(Value::String(_)) => {}
         _ => return Err("malformed request: missing \"cmd\"".into()),
     }
-    serde_json::from_value(v.clone()).map_err(|e| format!("bad request: {e}"))
+    serde_json::from_value(v).map_err(|e| format!("bad request: {e}"))
 }
 
 /// A successful reply carrying `data`'s fields (an object; `()` gives none; anything
 /// else is put under "data").
 pub fn ok_reply<T: Serialize>(data: &T) -> String {
-    let prefix = format!("\"v\":{VERSION},\"ok\":true");
-    match serde_json::to_value(data) {
-        Ok(Value::Object(m)) => prefix_fields(&prefix, &Value::Object(m).to_string()),
-        Ok(Value::Null) => prefix_fields(&prefix, "{}"),
-        Ok(other) => prefix_fields(&prefix, &serde_json::json!({ "data": other }).to_string()),
-        Err(e) => error_reply(&format!("unable to encode the reply: {e}")),
-    }
+    let fields = match serde_json::to_value(data) {
+        Ok(Value::Object(m)) => m,
+        Ok(Value::Null) => Map::new(),
+        Ok(other) => Map::from_iter([("data".to_string(), other)]),
+        Err(e) => return error_reply(&format!("unable to encode the reply: {e}")),
+    };
+    let line = OkLine {
+        v: VERSION,
+        ok: true,
+        fields,
+    };
+    serde_json::to_string(&line)
+        .unwrap_or_else(|e| error_reply(&format!("unable to encode the reply: {e}")))
 }
 
 /// An error reply.
 pub fn error_reply(msg: &str) -> String {
-    format!(
-        "{{\"v\":{VERSION},\"ok\":false,\"error\":{}}}",
-        Value::String(msg.to_string())
-    )
+    let line = ErrorLine {
+        v: VERSION,
+        ok: false,
+        error: msg,
+    };
+    // A struct of a number, a bool and a string always serializes.
+    serde_json::to_string(&line).unwrap_or_default()
 }
 
 /// What can go wrong talking to a daemon.
@@ -244,86 +243,6 @@ pub fn decode_reply(line: &str) -> Result<Map<String, Value>, ControlError> {
         )),
         None => Err(ControlError::Protocol("reply has no \"ok\"".into())),
     }
-}
-
-/// A connection to one daemon's control socket.
-pub struct Client {
-    path: String,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Client {
-    /// Connect; `timeout` bounds every later read and write.
-    pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ControlError> {
-        let p = path.display().to_string();
-        let s = UnixStream::connect(path).map_err(|source| ControlError::NotRunning {
-            path: p.clone(),
-            source,
-        })?;
-        let io = |source| ControlError::Io {
-            path: p.clone(),
-            source,
-        };
-        s.set_read_timeout(Some(timeout)).map_err(io)?;
-        s.set_write_timeout(Some(timeout)).map_err(io)?;
-        let w = s.try_clone().map_err(io)?;
-        Ok(Client {
-            path: p.clone(),
-            reader: BufReader::new(s),
-            writer: w,
-        })
-    }
-
-    /// Send a raw line and read the raw reply line (for tests and debugging).
-    pub fn raw(&mut self, line: &str) -> Result<String, ControlError> {
-        let io = |source| ControlError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let mut buf = line.as_bytes().to_vec();
-        buf.push(b'\n');
-        self.writer.write_all(&buf).map_err(io)?;
-        let mut reply = Vec::new();
-        let n = (&mut self.reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut reply)
-            .map_err(|source| ControlError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        if n == 0 {
-            return Err(ControlError::Io {
-                path: self.path.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the daemon closed the connection",
-                ),
-            });
-        }
-        String::from_utf8(reply).map_err(|e| ControlError::Protocol(e.to_string()))
-    }
-
-    /// Send a request; the reply's fields on success.
-    pub fn call(&mut self, req: &Request) -> Result<Map<String, Value>, ControlError> {
-        let line = self.raw(&encode_request(req))?;
-        decode_reply(&line)
-    }
-
-    /// `status`, typed.
-    pub fn status(&mut self) -> Result<StatusInfo, ControlError> {
-        let m = self.call(&Request::Status)?;
-        serde_json::from_value(Value::Object(m)).map_err(|e| ControlError::Protocol(e.to_string()))
-    }
-}
-
-/// One request on a fresh connection.
-pub fn call(
-    path: &Path,
-    req: &Request,
-    timeout: Duration,
-) -> Result<Map<String, Value>, ControlError> {
-    Client::connect(path, timeout)?.call(req)
 }
 
 #[cfg(test)]
@@ -407,6 +326,19 @@ mod tests {
             let e = decode_request(line).unwrap_err();
             assert!(e.contains(want), "{line:?} → {e:?}");
         }
+    }
+
+    #[test]
+    fn data_replies_and_escapes() {
+        assert_eq!(ok_reply(&5), r#"{"v":1,"ok":true,"data":5}"#);
+        assert_eq!(
+            error_reply("a \"b\"\n"),
+            r#"{"v":1,"ok":false,"error":"a \"b\"\n"}"#
+        );
+        assert_eq!(
+            encode_request(&Request::Cancel),
+            r#"{"v":1,"cmd":"cancel"}"#
+        );
     }
 
     #[test]

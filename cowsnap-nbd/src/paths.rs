@@ -11,7 +11,7 @@
 //! | `RUN_DIR/NAME.attach.json` | how `cowsnapctl attach` exposed the disk |
 //! | `RUN_DIR/NAME.origin.json` | the daemon's origin and its identity (`attached::OriginRecord`) |
 //! | `RUN_DIR/NAME.fuse/` | nbdfuse mount point (`--via fuse`) |
-//! | `STATE_DIR/NAME.changelog` | persistent changed-chunk log |
+//! | `STATE_DIR/NAME/` | the disk's state (`cowsnap_core::disk_state`): `identity.json`, `changelog.bin`, `origin.seal`, `fill.state`, `fill.origin` |
 //! | `STATE_DIR/NAME.log` | daemon log when started by `cowsnapctl` |
 //!
 //! RUN_DIR defaults to `/run/cowsnap` (`COWSNAP_RUN_DIR`), mode 0700; STATE_DIR to
@@ -89,7 +89,8 @@ impl DiskPaths {
     }
     /// Live-restore fill state.
     pub fn fill_state(&self) -> PathBuf {
-        self.disk_state_dir().join("fill.state")
+        self.disk_state_dir()
+            .join(cowsnap_core::disk_state::FILL_STATE_FILE)
     }
     /// Daemon log written when `cowsnapctl` starts the daemon.
     pub fn log_file(&self) -> PathBuf {
@@ -121,6 +122,22 @@ pub fn target_path(spec: &str) -> Option<&str> {
         ("file" | "dev" | "repo", p) if !p.is_empty() => Some(p),
         _ => None,
     }
+}
+
+/// A repository spec `repo:DIR` or `repo:DIR@GEN` → (DIR, GEN). The split is at the
+/// last `@` with something on both sides: `repo:X@` names the directory `X@` and no
+/// generation (the newest), as does `repo:@X` the directory `@X`.
+pub fn parse_repo_spec(spec: &str) -> Result<(PathBuf, Option<String>), String> {
+    let rest = spec
+        .strip_prefix("repo:")
+        .ok_or_else(|| format!("invalid repository {spec:?}: expected repo:DIR or repo:DIR@GEN"))?;
+    if rest.is_empty() {
+        return Err(format!("invalid repository {spec:?}: empty directory"));
+    }
+    Ok(match rest.rsplit_once('@') {
+        Some((d, g)) if !g.is_empty() && !d.is_empty() => (PathBuf::from(d), Some(g.to_string())),
+        _ => (PathBuf::from(rest), None),
+    })
 }
 
 /// A container spec with its path made absolute against this process's working
@@ -221,6 +238,21 @@ mod tests {
         );
         assert_eq!(absolute_container("dev:/dev/x").unwrap(), "dev:/dev/x");
         assert_eq!(absolute_container("ram:1G").unwrap(), "ram:1G");
+    }
+
+    #[test]
+    fn repo_specs() {
+        let p = |s: &str| parse_repo_spec(s).unwrap();
+        assert_eq!(p("repo:/r"), (PathBuf::from("/r"), None));
+        assert_eq!(p("repo:/r@G1"), (PathBuf::from("/r"), Some("G1".into())));
+        assert_eq!(p("repo:/a@b@G"), (PathBuf::from("/a@b"), Some("G".into())));
+        // Nothing after the `@`: a directory name, no generation.
+        assert_eq!(p("repo:X@"), (PathBuf::from("X@"), None));
+        assert_eq!(p("repo:@X"), (PathBuf::from("@X"), None));
+        assert!(parse_repo_spec("repo:").is_err());
+        assert!(parse_repo_spec("file:/x")
+            .unwrap_err()
+            .contains("expected repo:DIR"));
     }
 
     #[test]

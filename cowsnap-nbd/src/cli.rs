@@ -1,0 +1,183 @@
+//! The command line of `cowsnap-nbd` and the checks on it that need no file: every
+//! path made absolute, the chunk size, the default container, the NBD limits, the
+//! `--listen` addresses.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use cowsnap_nbd::nbd::limits::Limits;
+use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
+
+/// Command line of `cowsnap-nbd`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "cowsnap-nbd",
+    version,
+    about = "Serve one disk over NBD through the cowsnap engine (runs in the foreground)"
+)]
+pub struct Args {
+    /// Disk name: export name and socket file names.
+    #[arg(long)]
+    pub name: String,
+    /// Block device or regular file to serve.
+    #[arg(long)]
+    pub origin: PathBuf,
+    /// Directory for sockets and the pid file.
+    #[arg(long, env = cowsnap_nbd::paths::ENV_RUN_DIR, default_value = cowsnap_nbd::paths::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// Directory for the change log.
+    #[arg(long, env = cowsnap_nbd::paths::ENV_STATE_DIR, default_value = cowsnap_nbd::paths::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Refuse writes (no change log is kept).
+    #[arg(long)]
+    pub read_only: bool,
+    /// I/O engine for the origin.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
+    pub io_engine: String,
+    /// Also listen on TCP (e.g. tcp:127.0.0.1:10809). Repeatable.
+    #[arg(long = "listen", value_name = "tcp:ADDR:PORT")]
+    pub listen: Vec<String>,
+    /// Tracking chunk size in bytes (power of two, >= 4096).
+    #[arg(long, default_value_t = 65536)]
+    pub chunk_size: u32,
+    /// Default container for backups (ram:SIZE, file:PATH:SIZE, dev:PATH).
+    #[arg(long)]
+    pub container: Option<String>,
+    /// Also write the log to this file.
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Live restore: the origin is filled from this repository generation
+    /// (`repo:DIR@GENERATION`) while it is served. On a later start the fill resumes
+    /// from the disk's state directory without this flag.
+    #[arg(long, value_name = "repo:DIR@GEN")]
+    pub restore_from: Option<String>,
+    /// NBD connections open at once; further ones are closed at once (and logged).
+    #[arg(long, default_value_t = cowsnap_nbd::nbd::limits::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Memory for NBD request payloads across all connections (e.g. 128M, at least 32M);
+    /// a connection uses at most 64M of it.
+    #[arg(long, default_value = "128M")]
+    pub request_memory: String,
+    /// An open descriptor of `RUN_DIR/NAME.lock` that the starting process has already
+    /// locked (`cowsnapctl attach`); the daemon keeps it for its life.
+    #[arg(long, hide = true)]
+    pub lock_fd: Option<i32>,
+}
+
+/// Every path argument made absolute against the caller's working directory, before
+/// the daemon changes to `/`.
+pub fn absolute_args(mut a: Args) -> Result<Args> {
+    let abs = |p: &Path| {
+        std::path::absolute(p).with_context(|| format!("unable to resolve {}", p.display()))
+    };
+    a.origin = abs(&a.origin)?;
+    a.run_dir = abs(&a.run_dir)?;
+    a.state_dir = abs(&a.state_dir)?;
+    if let Some(l) = &a.log_file {
+        a.log_file = Some(abs(l)?);
+    }
+    if let Some(c) = &a.container {
+        a.container = Some(
+            cowsnap_nbd::paths::absolute_container(c)
+                .with_context(|| format!("unable to resolve --container {c:?}"))?,
+        );
+    }
+    if let Some(r) = &a.restore_from {
+        let (dir, gen) = restore_source(r)?;
+        let dir = abs(&dir)?;
+        a.restore_from = Some(match gen {
+            Some(g) => format!("repo:{}@{g}", dir.display()),
+            None => format!("repo:{}", dir.display()),
+        });
+    }
+    Ok(a)
+}
+
+/// `--restore-from repo:DIR[@GEN]` → (DIR, GEN).
+pub fn restore_source(spec: &str) -> Result<(PathBuf, Option<String>)> {
+    cowsnap_nbd::paths::parse_repo_spec(spec).map_err(|e| anyhow!("invalid --restore-from: {e}"))
+}
+
+/// Parse a `--listen` value: `tcp:HOST:PORT`.
+pub fn parse_listen(spec: &str) -> Result<std::net::SocketAddr> {
+    let rest = spec
+        .strip_prefix("tcp:")
+        .ok_or_else(|| anyhow!("invalid --listen {spec:?}: expected tcp:ADDR:PORT"))?;
+    rest.to_socket_addrs()
+        .with_context(|| format!("invalid --listen {spec:?}: expected tcp:ADDR:PORT"))?
+        .next()
+        .ok_or_else(|| anyhow!("invalid --listen {spec:?}: address resolves to nothing"))
+}
+
+/// Check the flags that every later backup depends on, before anything is touched.
+pub fn check_args(args: &Args) -> Result<()> {
+    cowsnap_core::engine::check_chunk_size(u64::from(args.chunk_size))?;
+    if let Some(c) = &args.container {
+        cowsnap_core::container::check_default(c, args.chunk_size)?;
+    }
+    Ok(())
+}
+
+/// The NBD server's limits from the flags.
+pub fn nbd_limits(args: &Args) -> Result<Limits> {
+    let d = Limits::default();
+    if args.max_connections == 0 {
+        bail!("invalid --max-connections 0: at least one connection is needed");
+    }
+    let mem = cowsnap_core::container::parse_size(&args.request_memory)
+        .map_err(|e| anyhow!("invalid --request-memory: {e}"))?;
+    let min = cowsnap_nbd::nbd::proto::MAX_PAYLOAD as u64;
+    if mem < min {
+        bail!(
+            "invalid --request-memory {}: at least {} MiB (one request of the largest size)",
+            args.request_memory,
+            min >> 20
+        );
+    }
+    let mem = usize::try_from(mem).unwrap_or(usize::MAX);
+    Ok(Limits {
+        max_connections: args.max_connections,
+        memory: mem,
+        connection_memory: d.connection_memory.min(mem),
+        ..d
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs() {
+        assert_eq!(
+            parse_listen("tcp:127.0.0.1:10809").unwrap().to_string(),
+            "127.0.0.1:10809"
+        );
+        assert_eq!(
+            parse_listen("tcp:[::1]:10").unwrap().to_string(),
+            "[::1]:10"
+        );
+        assert!(parse_listen("127.0.0.1:10809").is_err());
+        assert!(parse_listen("tcp:127.0.0.1").is_err());
+        assert!(parse_listen("unix:/x").is_err());
+    }
+    #[test]
+    fn restore_source_is_made_absolute() {
+        let a = Args::parse_from([
+            "cowsnap-nbd",
+            "--name",
+            "d",
+            "--origin",
+            "/x",
+            "--restore-from",
+            "repo:rel@G1",
+        ]);
+        let a = absolute_args(a).unwrap();
+        let want = std::path::absolute("rel").unwrap();
+        assert_eq!(
+            a.restore_from.unwrap(),
+            format!("repo:{}@G1", want.display())
+        );
+        assert!(restore_source("nope").is_err());
+    }
+}

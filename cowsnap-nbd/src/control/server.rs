@@ -1,0 +1,417 @@
+//! The daemon's side of the control socket: one thread per connection reads request
+//! lines (at most [`MAX_LINE`] bytes; the rest of a longer one is skipped after its
+//! error reply), answers each in order, and on `shutdown` replies, then calls the
+//! daemon's stop hook.
+//!
+//! Handlers only call `Engine` methods that are safe concurrently with I/O (stats,
+//! flush, start_backup, backup_status, backup_priority, cancel_backup). A backup
+//! request is checked before anything is opened: its paths must be absolute (the
+//! daemon works in `/`) and its target and container must not be somebody's live data
+//! ([`crate::attached::check_backup`]).
+
+use super::wire::{self, BackupParams, FillInfo, IoCounters, Request, StatusInfo, MAX_LINE};
+use crate::attached;
+use crate::nbd::server::Server;
+use crate::paths::{self, DiskPaths};
+use cowsnap_core::backup::Backups;
+use cowsnap_core::changelog::ChangeLog;
+use cowsnap_core::engine::Engine;
+use cowsnap_core::export::Export;
+use cowsnap_core::identity::RestoredFrom;
+use cowsnap_core::restore::live::FillingIo;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the control server answers about, and with what.
+pub struct ControlServer {
+    /// The disk's files (name, sockets, run directory).
+    pub paths: DiskPaths,
+    /// The origin path as served.
+    pub origin: PathBuf,
+    /// The export refuses writes.
+    pub read_only: bool,
+    /// `--listen` values, as given.
+    pub listen: Vec<String>,
+    /// The disk's default container for backups.
+    pub container: Option<String>,
+    /// The engine serving the disk.
+    pub engine: Arc<Engine>,
+    /// The disk's backup jobs.
+    pub backups: Arc<Backups>,
+    /// The NBD server (for its connection count).
+    pub server: Arc<Server>,
+    /// When the daemon started serving.
+    pub started: Instant,
+    /// The disk's change log (none for a read-only export).
+    pub changelog: Option<Arc<ChangeLog>>,
+    /// The live restore's filling layer, if any.
+    pub filling: Option<Arc<FillingIo>>,
+    /// The generation the disk was restored from, if any.
+    pub restored_from: Option<RestoredFrom>,
+    /// Called after the reply to `shutdown` is sent.
+    pub on_shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Paths in a backup request must be absolute: the daemon works in `/`, so a relative
+/// one would land there, not where the caller meant.
+fn check_request_paths(p: &BackupParams) -> Result<(), String> {
+    let to = paths::target_path(&p.to);
+    let c = p.container.as_deref().and_then(paths::container_path);
+    for path in to.into_iter().chain(c) {
+        if !Path::new(path).is_absolute() {
+            return Err(format!(
+                "unable to start the backup: the path {path:?} is relative \
+                 (the daemon works in /); give an absolute path"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl ControlServer {
+    /// Accept connections on `listener` in a thread of its own, one thread each.
+    pub fn spawn(self: Arc<Self>, listener: UnixListener) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(s) => {
+                            let me = self.clone();
+                            if let Err(e) = std::thread::Builder::new()
+                                .name("control-conn".into())
+                                .spawn(move || me.serve_conn(s))
+                            {
+                                log::warn!("control: unable to start a connection thread: {e}");
+                            }
+                        }
+                        Err(e) => log::warn!("control accept: {e}"),
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+
+    /// Answer one control line (never panics on bad input); the flag says "stop after
+    /// replying".
+    pub fn handle_line(&self, line: &str) -> (String, bool) {
+        match wire::decode_request(line) {
+            Err(e) => {
+                log::warn!("control: {e}");
+                (wire::error_reply(&e), false)
+            }
+            Ok(req) => self.handle(req),
+        }
+    }
+
+    /// Answer one request; the flag says "stop after replying".
+    pub fn handle(&self, req: Request) -> (String, bool) {
+        let fail = |e: &dyn std::fmt::Display| wire::error_reply(&e.to_string());
+        match req {
+            Request::Status => (wire::ok_reply(&self.status()), false),
+            Request::Flush => match self.engine.flush() {
+                Ok(()) => (wire::ok_reply(&()), false),
+                Err(e) => (fail(&format!("unable to flush the origin: {e}")), false),
+            },
+            Request::Shutdown => (wire::ok_reply(&()), true),
+            Request::Backup { mut params } => {
+                if params.container.is_none() {
+                    params.container = self.container.clone();
+                }
+                if let Err(e) = check_request_paths(&params) {
+                    return (fail(&e), false);
+                }
+                log::info!("backup requested to {}", params.to);
+                // Nothing is opened before the target and the container are checked.
+                let own = attached::OwnDisk {
+                    name: &self.paths.name,
+                    origin: Some(&self.origin),
+                    default_container: self.container.as_deref(),
+                };
+                if let Err(e) = attached::check_backup(&self.paths.run_dir, &own, &params) {
+                    log::warn!("{e}");
+                    return (fail(&e), false);
+                }
+                match self.backups.start(params) {
+                    Ok(id) => (wire::ok_reply(&serde_json::json!({ "id": id })), false),
+                    Err(e) => (fail(&e), false),
+                }
+            }
+            Request::BackupStatus => (
+                wire::ok_reply(&serde_json::json!({ "backup": self.backups.status() })),
+                false,
+            ),
+            Request::Priority { ranges } => match self.backups.prioritize(&ranges) {
+                Ok(()) => (wire::ok_reply(&()), false),
+                Err(e) => (fail(&e), false),
+            },
+            Request::Cancel => match self.backups.cancel() {
+                Ok(()) => (wire::ok_reply(&()), false),
+                Err(e) => (fail(&e), false),
+            },
+        }
+    }
+
+    /// The `status` reply. Reads only what the daemon holds: it creates no file.
+    pub fn status(&self) -> StatusInfo {
+        StatusInfo {
+            name: self.paths.name.clone(),
+            origin: self.origin.display().to_string(),
+            size: self.engine.size(),
+            read_only: self.read_only,
+            io_engine: self.engine.origin().engine_name().to_string(),
+            chunk_size: self.engine.config().chunk_size,
+            uri: self.paths.uri(),
+            listen: self.listen.clone(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            connections: self.server.connections() as u64,
+            stats: IoCounters::from(self.engine.stats()),
+            container: self.container.clone(),
+            backup: self.backups.status(),
+            lineage: self.changelog.as_ref().map(|c| c.lineage().to_string()),
+            tracking: self
+                .changelog
+                .as_ref()
+                .and_then(|c| serde_json::to_value(c.status()).ok()),
+            restored_from: self
+                .restored_from
+                .as_ref()
+                .and_then(|r| serde_json::to_value(r).ok()),
+            fill: self.filling.as_ref().map(|f| {
+                let st = f.fill_status();
+                FillInfo {
+                    done: st.done,
+                    total: st.total,
+                    complete: st.complete,
+                    error: st.error,
+                }
+            }),
+        }
+    }
+
+    /// Serve one connection until it closes (or `shutdown` was answered).
+    pub fn serve_conn(&self, stream: UnixStream) {
+        let Ok(mut writer) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut buf = Vec::new();
+            let n = match (&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    log::debug!("control connection: {e}");
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            let too_long = buf.len() > MAX_LINE;
+            let (reply, stop) = if too_long {
+                (
+                    wire::error_reply(&format!("request longer than {MAX_LINE} bytes")),
+                    false,
+                )
+            } else {
+                match std::str::from_utf8(&buf) {
+                    Ok(s) if s.trim().is_empty() => continue,
+                    Ok(s) => self.handle_line(s),
+                    Err(_) => (wire::error_reply("malformed request (not UTF-8)"), false),
+                }
+            };
+            let mut out = reply.into_bytes();
+            out.push(b'\n');
+            if writer.write_all(&out).and_then(|_| writer.flush()).is_err() {
+                return;
+            }
+            if stop {
+                (self.on_shutdown)();
+                return;
+            }
+            if too_long && !buf.ends_with(b"\n") && !skip_line(&mut reader) {
+                return;
+            }
+        }
+    }
+}
+
+/// Skip the rest of an oversized line; false when the connection should end (closed,
+/// broken, or more than 64 × [`MAX_LINE`] without a newline).
+fn skip_line(reader: &mut impl BufRead) -> bool {
+    let mut skipped = 0u64;
+    loop {
+        let mut chunk = Vec::new();
+        match reader.take(MAX_LINE as u64).read_until(b'\n', &mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => skipped += n as u64,
+        }
+        if chunk.ends_with(b"\n") {
+            return true;
+        }
+        if skipped > 64 * MAX_LINE as u64 {
+            return false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::ControlError;
+    use cowsnap_core::blockio::{self, OpenSpec};
+    use cowsnap_core::engine::EngineConfig;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn test_server(dir: &Path, stopped: Arc<AtomicBool>) -> ControlServer {
+        let origin = dir.join("disk.img");
+        let f = std::fs::File::create(&origin).unwrap();
+        f.set_len(4 << 20).unwrap();
+        let io = blockio::open(&OpenSpec {
+            path: origin.clone(),
+            read_only: false,
+            exclusive: true,
+            engine: blockio::IoEngine::Sync,
+            direct: false,
+        })
+        .unwrap();
+        let engine = Engine::new(io, EngineConfig::default(), None).unwrap();
+        ControlServer {
+            paths: DiskPaths::new("t1", dir, &dir.join("state")),
+            origin,
+            read_only: false,
+            listen: Vec::new(),
+            container: None,
+            backups: Arc::new(Backups::new(engine.clone())),
+            engine,
+            server: Server::new(),
+            started: Instant::now(),
+            changelog: None,
+            filling: None,
+            restored_from: None,
+            on_shutdown: Box::new(move || stopped.store(true, Ordering::SeqCst)),
+        }
+    }
+
+    fn daemon_error(r: &str) -> String {
+        match wire::decode_reply(r) {
+            Err(ControlError::Daemon(m)) => m,
+            other => panic!("{r} → {other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_lines_get_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = test_server(dir.path(), Arc::default());
+        let (r, stop) = d.handle_line(r#"{"v":1,"cmd":"status"}"#);
+        assert!(!stop);
+        let m = wire::decode_reply(&r).unwrap();
+        let st: StatusInfo = serde_json::from_value(serde_json::Value::Object(m)).unwrap();
+        assert_eq!(st.name, "t1");
+        assert_eq!(st.size, 4 << 20);
+        assert_eq!(st.io_engine, "sync");
+        assert!(st.uri.ends_with("t1.nbd"), "{}", st.uri);
+        // A status creates nothing: no state directory, no identity.
+        assert!(!dir.path().join("state").exists());
+
+        d.engine.write(0, &[1u8; 4096], false).unwrap();
+        let (r, _) = d.handle_line(r#"{"v":1,"cmd":"flush"}"#);
+        assert!(wire::decode_reply(&r).is_ok());
+        let (r, _) = d.handle_line(r#"{"v":1,"cmd":"status"}"#);
+        let m = wire::decode_reply(&r).unwrap();
+        assert_eq!(m["stats"]["writes"], 1);
+        assert_eq!(m["stats"]["flushes"], 1);
+
+        for (bad, want) in [
+            ("hello", "not JSON"),
+            ("{}", "missing protocol version"),
+            (r#"{"v":1,"cmd":"nope"}"#, "unknown variant"),
+            ("\u{0}\u{1}", "not JSON"),
+        ] {
+            let (r, stop) = d.handle_line(bad);
+            assert!(!stop);
+            let m = daemon_error(&r);
+            assert!(m.contains(want), "{bad:?} → {m}");
+        }
+        let (r, stop) = d.handle_line(r#"{"v":1,"cmd":"shutdown"}"#);
+        assert!(stop);
+        assert!(wire::decode_reply(&r).is_ok());
+    }
+
+    #[test]
+    fn connection_answers_in_order_and_stops_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let d = Arc::new(test_server(dir.path(), stopped.clone()));
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = {
+            let d = d.clone();
+            std::thread::spawn(move || d.serve_conn(b))
+        };
+        let mut w = a.try_clone().unwrap();
+        let mut long = vec![b' '; MAX_LINE + 10];
+        long.push(b'\n');
+        w.write_all(b"{\"v\":1,\"cmd\":\"flush\"}\n\n").unwrap();
+        w.write_all(&long).unwrap();
+        w.write_all(b"{\"v\":1,\"cmd\":\"shutdown\"}\n").unwrap();
+        let mut lines = BufReader::new(a).lines();
+        let mut next = || lines.next().unwrap().unwrap();
+        assert_eq!(next(), r#"{"v":1,"ok":true}"#);
+        assert!(daemon_error(&next()).contains("request longer than"));
+        assert_eq!(next(), r#"{"v":1,"ok":true}"#);
+        t.join().unwrap();
+        assert!(stopped.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn backup_errors_are_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = test_server(dir.path(), Arc::default());
+        // The target's directory does not exist: the backup fails, naming it.
+        let (r, _) =
+            d.handle_line(r#"{"v":1,"cmd":"backup","params":{"to":"file:/nonexistent/x"}}"#);
+        let m = daemon_error(&r);
+        assert!(m.contains("/nonexistent/x"), "{m}");
+        let (r, _) = d.handle_line(r#"{"v":1,"cmd":"backup","params":{"to":"file:rel.img"}}"#);
+        let m = daemon_error(&r);
+        assert!(m.contains("is relative"), "{m}");
+        let (r, _) = d.handle_line(r#"{"v":1,"cmd":"backup_status"}"#);
+        let m = wire::decode_reply(&r).unwrap();
+        assert!(m.contains_key("backup"));
+    }
+
+    #[test]
+    fn backup_onto_its_own_origin_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = test_server(dir.path(), Arc::default());
+        let origin = dir.path().join("disk.img");
+        std::fs::write(&origin, vec![7u8; 4 << 20]).unwrap();
+        let link = dir.path().join("link.img");
+        std::fs::hard_link(&origin, &link).unwrap();
+        for req in [
+            format!(
+                r#"{{"v":1,"cmd":"backup","params":{{"to":"file:{}"}}}}"#,
+                link.display()
+            ),
+            format!(
+                r#"{{"v":1,"cmd":"backup","params":{{"to":"file:{}/x.img","container":"dev:{}"}}}}"#,
+                dir.path().display(),
+                origin.display()
+            ),
+        ] {
+            let (r, _) = d.handle_line(&req);
+            let m = daemon_error(&r);
+            assert!(m.contains("is the origin of attached disk \"t1\""), "{m}");
+        }
+        assert_eq!(std::fs::read(&origin).unwrap(), vec![7u8; 4 << 20]);
+        assert!(!dir.path().join("x.img").exists());
+    }
+}
