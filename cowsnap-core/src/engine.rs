@@ -4,9 +4,9 @@
 //! (see [`crate::snapshot`] for the per-chunk rules).
 //!
 //! The engine owns the instant gate and the installed snapshot, nothing else: a backup
-//! job ([`crate::backup`]) takes the gate exclusively ([`Engine::pause_writes`]),
-//! installs its snapshot ([`ExclusiveGate::install`]) and uninstalls it at the end
-//! ([`Engine::uninstall`]). The engine knows nothing of jobs, targets or drainers.
+//! job ([`crate::backup`]) takes the gate exclusively (`Engine::pause_writes`),
+//! installs its snapshot (`ExclusiveGate::install`) and uninstalls it at the end
+//! (`Engine::uninstall`). The engine knows nothing of jobs, targets or drainers.
 //!
 //! Design notes
 //! - The instant gate: `active` is an `RwLock<Option<Arc<Snapshot>>>`. Every
@@ -17,7 +17,7 @@
 //!   the image is exactly the disk at one point in time. Clearing the snapshot at the
 //!   end of a backup takes it exclusively too (after every waiter was released).
 //! - Quiesce support: the engine keeps the time of the last data-changing request and
-//!   how many are in flight ([`Engine::idle_for`]), for a job's idle-window wait.
+//!   how many are in flight (`Engine::idle_for`), for a job's idle-window wait.
 //! - Reads and flushes do not take the gate: reads never wait on the drainer.
 //! - Change-log marks happen inside the gate, before the origin write, so the cut taken
 //!   at the instant matches the image.
