@@ -114,6 +114,12 @@ impl Geometry {
     }
 }
 
+/// Index of a target granule: granule `g` is chunks `g × granule .. (g + 1) × granule`
+/// (the last one may be short). Chunk indices are plain `u64`; the two meet in the
+/// drainer, and this type keeps them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GranuleIdx(pub u64);
+
 /// The state of one chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkState {
@@ -243,6 +249,30 @@ impl ChunkMap {
     /// Granule in chunks.
     pub fn granule(&self) -> u64 {
         self.granule
+    }
+
+    /// Number of granules (the last one may be short).
+    pub fn granule_count(&self) -> u64 {
+        self.geo.nchunks.div_ceil(self.granule)
+    }
+
+    /// The granule holding chunk `c`.
+    pub fn granule_of(&self, c: u64) -> GranuleIdx {
+        GranuleIdx(c / self.granule)
+    }
+
+    /// The granules before chunk `end`: the first granule not below it (a claim's
+    /// limit for chunks `..end`).
+    pub fn granules_before(&self, end: u64) -> GranuleIdx {
+        GranuleIdx(end.div_ceil(self.granule))
+    }
+
+    /// The chunks of granule `g`, clipped to the disk. Cannot overflow: `g` comes from
+    /// a chunk index of this disk, so `(g + 1) × granule` is at most the chunk count
+    /// rounded up to a granule.
+    pub fn granule_chunks(&self, g: GranuleIdx) -> Range<u64> {
+        let a = g.0 * self.granule;
+        a.min(self.geo.nchunks)..((g.0 + 1) * self.granule).min(self.geo.nchunks)
     }
 
     /// Chunks in scope at the snapshot instant.
@@ -383,13 +413,13 @@ impl ChunkMap {
     /// should not wait for origin reads).
     pub fn try_claim(
         &self,
-        g: u64,
+        g: GranuleIdx,
         max: u64,
-        limit: u64,
+        limit: GranuleIdx,
         preserved_only: bool,
     ) -> Result<ClaimResult> {
-        let ngran = self.geo.nchunks.div_ceil(self.granule);
-        let limit = limit.min(ngran);
+        let g = g.0;
+        let limit = limit.0.min(self.granule_count());
         let mut st = self.lock();
         if st.dropped {
             return Ok(ClaimResult::Nothing);
@@ -571,11 +601,15 @@ mod tests {
         assert_eq!(m.claim_for_write(3), WriteClaim::Preserve { waited: false });
         // granule 1 (chunks 2,3) is busy
         assert_eq!(
-            m.try_claim(1, 4, u64::MAX, false).unwrap(),
+            m.try_claim(GranuleIdx(1), 4, GranuleIdx(u64::MAX), false)
+                .unwrap(),
             ClaimResult::Busy
         );
         // from granule 0: stops before the busy granule
-        match m.try_claim(0, 4, u64::MAX, false).unwrap() {
+        match m
+            .try_claim(GranuleIdx(0), 4, GranuleIdx(u64::MAX), false)
+            .unwrap()
+        {
             ClaimResult::Claimed(c) => {
                 assert_eq!((c.first, c.end), (0, 2));
                 m.mark_copied(&c);
@@ -584,7 +618,7 @@ mod tests {
         }
         assert_eq!(m.state(0), ChunkState::Done);
         m.mark_preserved(3, SlotIdx(0));
-        match m.try_claim(1, 4, 3, false).unwrap() {
+        match m.try_claim(GranuleIdx(1), 4, GranuleIdx(3), false).unwrap() {
             ClaimResult::Claimed(c) => {
                 assert_eq!((c.first, c.end), (2, 6));
                 assert_eq!(c.preserved, vec![(3, SlotIdx(0))]);
@@ -595,7 +629,8 @@ mod tests {
         }
         assert_eq!(m.state(3), ChunkState::Done);
         assert_eq!(
-            m.try_claim(0, 4, u64::MAX, false).unwrap(),
+            m.try_claim(GranuleIdx(0), 4, GranuleIdx(u64::MAX), false)
+                .unwrap(),
             ClaimResult::Nothing
         );
         assert_eq!(m.remaining(), 2);
@@ -605,7 +640,10 @@ mod tests {
     #[test]
     fn writer_waits_for_drainer_busy_then_passes() {
         let m = Arc::new(ChunkMap::new(geo(2 * 65536), 1, None));
-        let c = match m.try_claim(0, 1, u64::MAX, false).unwrap() {
+        let c = match m
+            .try_claim(GranuleIdx(0), 1, GranuleIdx(u64::MAX), false)
+            .unwrap()
+        {
             ClaimResult::Claimed(c) => c,
             other => panic!("{other:?}"),
         };

@@ -27,7 +27,7 @@
 
 use crate::aligned::AlignedBuf;
 use crate::blockio::BlockIo;
-use crate::chunk_map::{Claim, ClaimResult};
+use crate::chunk_map::{Claim, ClaimResult, GranuleIdx};
 use crate::error::Result;
 use crate::snapshot::Snapshot;
 use crate::target::Target;
@@ -104,14 +104,12 @@ impl<'a> Drainer<'a> {
         }
     }
 
-    fn ngran(&self) -> u64 {
-        self.snap
-            .geometry()
-            .nchunks
-            .div_ceil(self.snap.map.granule())
-    }
-
-    fn claim_at(&self, g: u64, limit: u64, preserved_only: bool) -> Result<ClaimResult> {
+    fn claim_at(
+        &self,
+        g: GranuleIdx,
+        limit: GranuleIdx,
+        preserved_only: bool,
+    ) -> Result<ClaimResult> {
         self.snap
             .map
             .try_claim(g, self.max_granules, limit, preserved_only)
@@ -121,7 +119,7 @@ impl<'a> Drainer<'a> {
     }
 
     fn pick(&mut self) -> Result<Option<Claim>> {
-        let gran = self.snap.map.granule();
+        let map = &self.snap.map;
         // 1. container first
         if self.snap.slots.waiters() > 0
             || self
@@ -129,7 +127,6 @@ impl<'a> Drainer<'a> {
                 .throttle
                 .drain_container_first(self.snap.slots.used(), self.snap.slots.total())
         {
-            let map = &self.snap.map;
             if let Some(cl) = self.scan(self.pcursor, true, |f| map.next_preserved_from(f))? {
                 self.pcursor = cl.end;
                 return Ok(Some(cl));
@@ -143,20 +140,19 @@ impl<'a> Drainer<'a> {
             match self.snap.map.next_work_from(a).filter(|&c| c < b) {
                 None => self.snap.priority_advance(b),
                 Some(c) => {
-                    let g = c / gran;
-                    match self.claim_at(g, b.div_ceil(gran), false)? {
+                    let g = map.granule_of(c);
+                    match self.claim_at(g, map.granules_before(b), false)? {
                         ClaimResult::Claimed(cl) => {
                             self.snap.priority_advance(cl.end);
                             return Ok(Some(cl));
                         }
                         // busy: the sequential walk picks it up later
-                        _ => self.snap.priority_advance((g + 1) * gran),
+                        _ => self.snap.priority_advance(map.granule_chunks(g).end),
                     }
                 }
             }
         }
         // 3. sequential walk
-        let map = &self.snap.map;
         let cl = self.scan(self.cursor, false, |f| map.next_work_from(f))?;
         if let Some(cl) = &cl {
             self.cursor = cl.end;
@@ -173,16 +169,16 @@ impl<'a> Drainer<'a> {
         preserved_only: bool,
         next: impl Fn(u64) -> Option<u64>,
     ) -> Result<Option<Claim>> {
-        let gran = self.snap.map.granule();
-        let ngran = self.ngran();
+        let map = &self.snap.map;
+        let all = GranuleIdx(map.granule_count());
         let mut wrapped = false;
         for _ in 0..TRIES {
             match next(from) {
                 Some(c) => {
-                    let g = c / gran;
-                    match self.claim_at(g, ngran, preserved_only)? {
+                    let g = map.granule_of(c);
+                    match self.claim_at(g, all, preserved_only)? {
                         ClaimResult::Claimed(cl) => return Ok(Some(cl)),
-                        _ => from = (g + 1) * gran,
+                        _ => from = map.granule_chunks(g).end,
                     }
                 }
                 None if !wrapped && from > 0 => {

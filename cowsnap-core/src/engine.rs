@@ -4,9 +4,9 @@
 //! (see [`crate::snapshot`] for the per-chunk rules).
 //!
 //! The engine owns the instant gate and the installed snapshot, nothing else: a backup
-//! job ([`crate::backup`]) takes the gate exclusively ([`Engine::pause_writes`]),
-//! installs its snapshot ([`ExclusiveGate::install`]) and uninstalls it at the end
-//! ([`Engine::uninstall`]). The engine knows nothing of jobs, targets or drainers.
+//! job ([`crate::backup`]) takes the gate exclusively (`Engine::pause_writes`),
+//! installs its snapshot (`ExclusiveGate::install`) and uninstalls it at the end
+//! (`Engine::uninstall`). The engine knows nothing of jobs, targets or drainers.
 //!
 //! Design notes
 //! - The instant gate: `active` is an `RwLock<Option<Arc<Snapshot>>>`. Every
@@ -17,7 +17,7 @@
 //!   the image is exactly the disk at one point in time. Clearing the snapshot at the
 //!   end of a backup takes it exclusively too (after every waiter was released).
 //! - Quiesce support: the engine keeps the time of the last data-changing request and
-//!   how many are in flight ([`Engine::idle_for`]), for a job's idle-window wait.
+//!   how many are in flight (`Engine::idle_for`), for a job's idle-window wait.
 //! - Reads and flushes do not take the gate: reads never wait on the drainer.
 //! - Change-log marks happen inside the gate, before the origin write, so the cut taken
 //!   at the instant matches the image.
@@ -37,12 +37,12 @@ use std::time::Instant;
 
 /// The instant gate held exclusively: while it lives no data-changing request is in
 /// flight and new ones wait. Dropping it lets writers run again.
-pub struct ExclusiveGate<'a>(RwLockWriteGuard<'a, Option<Arc<Snapshot>>>);
+pub(crate) struct ExclusiveGate<'a>(RwLockWriteGuard<'a, Option<Arc<Snapshot>>>);
 
 impl ExclusiveGate<'_> {
     /// Install `snap` as the engine's snapshot and let writers run again: from now on
     /// every data-changing request preserves the pending chunks it touches first.
-    pub fn install(mut self, snap: Arc<Snapshot>) {
+    pub(crate) fn install(mut self, snap: Arc<Snapshot>) {
         *self.0 = Some(snap);
     }
 }
@@ -203,14 +203,14 @@ impl Engine {
 
     /// Take the instant gate exclusively: data-changing requests in flight finish
     /// first, new ones wait until the returned gate is dropped or installs a snapshot.
-    pub fn pause_writes(&self) -> ExclusiveGate<'_> {
+    pub(crate) fn pause_writes(&self) -> ExclusiveGate<'_> {
         ExclusiveGate(self.active.write().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Remove `snap` if it is the installed snapshot (under the exclusive gate, so no
     /// writer is inside it). Its waiters must have been released first (failed) or
     /// have nothing left to wait for (complete).
-    pub fn uninstall(&self, snap: &Arc<Snapshot>) {
+    pub(crate) fn uninstall(&self, snap: &Arc<Snapshot>) {
         let mut g = self.active.write().unwrap_or_else(PoisonError::into_inner);
         if g.as_ref().is_some_and(|s| Arc::ptr_eq(s, snap)) {
             *g = None;
@@ -219,7 +219,7 @@ impl Engine {
 
     /// Time since the last data-changing request started or ended, and how many are
     /// in flight (for quiesce-idle waiting).
-    pub fn idle_for(&self) -> (std::time::Duration, u64) {
+    pub(crate) fn idle_for(&self) -> (std::time::Duration, u64) {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let last = self.last_change_ns.load(Ordering::SeqCst);
         (

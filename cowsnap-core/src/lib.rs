@@ -2,6 +2,22 @@
 //! chunk state tracking, containers, the drainer, throttling, the backup repository,
 //! change tracking and restore. Everything here is testable in-process on files.
 //!
+//! # Where things live
+//!
+//! | concern | modules |
+//! |---|---|
+//! | origin I/O | [`blockio`] (`BlockIo`; `sync.rs`, `uring.rs`), [`aligned`] |
+//! | the write path and the instant gate | [`engine`] (`Engine`), [`export`] (the NBD-facing trait) |
+//! | backup jobs | [`backup`] (`Backups`: job slot, state, quiesce, instant, drainer thread) |
+//! | one snapshot | [`snapshot`] (`Snapshot::preserve`), [`chunk_map`] (chunk states, busy marks), [`throttle`] |
+//! | copying the image | [`drain`] (`Drainer`), [`target`] (`Target`, spec parsing, raw images) |
+//! | containers | [`container`] (`Container`, `SlotPool`, RAM and file backends) |
+//! | the repository | [`repo`] (chunk store, index, generations, `RepoTarget`, verify, prune, pins) |
+//! | change tracking | [`changelog`], [`identity`], [`origin_seal`] |
+//! | restore | [`restore`] (offline; `live.rs`: `FillingIo`) |
+//! | destinations that are live data | [`dest_guard`] |
+//! | shared primitives | [`bitmap`] (atomic bitmap), [`bytes`] (`is_zero`), `ondisk` (header codec), [`fsutil`], [`error`] |
+//!
 //! # Locking table
 //!
 //! Every lock of one attached disk, outermost first: a thread holding a lock of a row

@@ -16,7 +16,7 @@
 //!   anything waits; quiesce (wait for `quiesce_idle_ms` without data-changing
 //!   requests, re-checked under the gate; fail cleanly after `quiesce_timeout_ms`,
 //!   default 80 s when 0); then the *instant*, under the exclusive gate
-//!   ([`crate::engine::Engine::pause_writes`]): `changelog.begin_generation()` (an error
+//!   (`Engine::pause_writes`): `changelog.begin_generation()` (an error
 //!   means "no cut" plus a note; skipped for targets that do not use it,
 //!   `Target::uses_change_log`), `target.scope(cut)`, build the chunk map, install the
 //!   snapshot. Then `target.begin`, the priority ranges, and the drainer thread. It

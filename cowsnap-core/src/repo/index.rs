@@ -20,7 +20,7 @@ pub const INDEX_VERSION: u32 = 1;
 /// Header size in bytes.
 pub const INDEX_HEADER_SIZE: usize = 4096;
 
-/// The on-disk header: its fields in order, little endian ([`crate::ondisk`]).
+/// The on-disk header: its fields in order, little endian (the `ondisk` codec).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct IndexHeader {
