@@ -74,10 +74,11 @@ fs_round() { # fs_round NAME FS SIZE MKFS...
   local dev m out gen
   mk "$name" "$size"
   dev=$(ctl attach "$T/$name.img" --name "$name" --via nbd | tail -n 1) || fail "attach $name"
+  log "  . $fs: attached $dev"
   "$@" "$dev" >"$T/mkfs.out" 2>&1 || fail "$* $dev: $(tail -n 3 "$T/mkfs.out")"
   m=$T/m-$name; mnt "$dev" "$m"
   mkdir "$m/d"
-  for i in 1 2 3 4; do head -c 3M /dev/urandom >"$m/d/f$i"; done
+  for i in 1 2 3; do head -c 2M /dev/urandom >"$m/d/f$i"; done
   mkdir "$m/d/many"; for i in $(seq 50); do echo "$i" >"$m/d/many/$i"; done
   sync
   (cd "$m/d" && find . -type f -exec sha256sum {} + | sort -k2) >"$T/$name.sums"
@@ -87,20 +88,24 @@ fs_round() { # fs_round NAME FS SIZE MKFS...
   running "$(rec "$name" | jq -r .pid)" || fail "the refused detach stopped the daemon"
   [ -e "/sys/block/${dev#/dev/}/pid" ] || fail "the refused detach removed $dev"
   # application-consistent backup with --freeze while a writer is busy
-  ( for i in $(seq 200); do echo "$i" >>"$m/d/busy"; sleep 0.02; done ) &
+  log "  . $fs: files written, detach refused"
+  ( for i in $(seq 40); do echo "$i" >>"$m/d/busy"; sleep 0.05; done ) &
   local w=$!; EXTRA_PIDS+=("$w")
   ctl backup "$name" --to "repo:$T/repo" --freeze "$m" --json >"$T/bk.json" 2>"$T/bk.err" ||
     fail "backup --freeze of $fs: $(cat "$T/bk.err")"
   wait "$w"
   gen=$(tail -n 1 "$T/bk.json" | jq -r ".generation // .target_generation // empty")
   [ -n "$gen" ] && [ "$gen" != null ] || fail "backup gave no generation: $(tail -n 2 "$T/bk.json")"
+  log "  . $fs: backup done"
   umount "$m" || fail "umount $m"
   case $fs in
     ext4) e2fsck -fn "$dev" >"$T/fsck" 2>&1 || fail "e2fsck of $dev: $(tail -n 5 "$T/fsck")";;
     xfs) xfs_repair -n "$dev" >"$T/fsck" 2>&1 || fail "xfs_repair -n of $dev: $(tail -n 5 "$T/fsck")";;
   esac
   ctl detach "$name" || fail "detach $name after umount"
+  log "  . $fs: fsck done, detached"
   ctl restore "repo:$T/repo@$gen" --to "$T/$name.restored" >"$T/rs.out" 2>&1 || fail "restore: $(cat "$T/rs.out")"
+  log "  . $fs: restored"
   # the restored image, attached through the kernel path too; mounting it replays the
   # journal of the frozen instant (XFS leaves its log to be recovered after a freeze)
   local rdev
