@@ -8,6 +8,7 @@
 # an fsync'ed write survives kill -9), reconnect (kill -9 + attach, restart, upgrade,
 # no daemon coming back), pg (pgbench with a backup and a daemon restart).
 export TMPDIR=/dev/shm
+exec 2>&1  # one stream: the VM's console keeps them apart and interleaves them badly
 . "$(dirname "$0")/../lib.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 need mkfs.ext4 mkfs.xfs e2fsck xfs_repair blockdev losetup python3 sha256sum
@@ -17,6 +18,7 @@ PASSED=()
 part_done() { PASSED+=("$1"); log "part $1: ok"; }
 
 modprobe nbd nbds_max=16 2>/dev/null || fail "modprobe nbd failed: this kernel has no nbd module"
+modprobe loop 2>/dev/null  # for the flush part's origin; built in on some kernels
 [ -b /dev/nbd0 ] || fail "no /dev/nbd0 after modprobe nbd"
 # nbd devices in use by nobody else: this VM is ours
 st() { ctl status "$1" --json; }
@@ -152,7 +154,7 @@ fi
 
 if want stamp; then
   log "stamp: stamped sectors through /dev/nbdN during a backup"
-  head -c 128M /dev/urandom >"$T/st.img"; cp "$T/st.img" "$T/st.orig"
+  head -c 64M /dev/urandom >"$T/st.img"; cp "$T/st.img" "$T/st.orig"
   dev=$(ctl attach "$T/st.img" --name kst --via nbd --connections 2 | tail -n 1) || fail "attach kst"
   timeout 600 python3 "$HERE/stamp-dev.py" "$dev" "$CTL" kst "$T/st.orig" "$T/st.image" 2 2 1 ||
     fail "stamped-sector check through $dev"
@@ -252,7 +254,12 @@ if want reconnect; then
     fail "a read with no daemon for longer than the reconnect timeout succeeded"
   dt=$(echo "$(date +%s.%N) - $t0" | bc)
   log "  no daemon: a read failed after $(printf %.1f "$dt") s (--reconnect-timeout 3s): $(head -c 100 "$T/dd.err")"
-  ctl detach --force knc >/dev/null 2>&1 || fail "detach --force knc"
+  # the device is still configured: a later attach reconnects it, and I/O works again
+  [ -e "/sys/block/${dev#/dev/}/pid" ] || fail "$dev was released after the timeout"
+  ctl attach "$T/nc.img" --name knc --via nbd >/dev/null 2>"$T/ra.err" || fail "attach after the timeout: $(cat "$T/ra.err")"
+  dd if="$dev" of=/dev/null bs=4k count=1 skip=1000 iflag=direct status=none || fail "read after the late reconnect failed"
+  log "  attach after the timeout reconnected $dev; reads work again"
+  ctl detach knc || fail "detach knc"
   rm -f "$T/nc.img"
   part_done reconnect
 fi

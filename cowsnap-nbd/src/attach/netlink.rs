@@ -547,7 +547,7 @@ mod tests {
         let m = build_reconfigure(0x1a, 5, 2, Some(90), &[11, 12]);
         #[rustfmt::skip]
         let want: Vec<u8> = vec![
-            76, 0, 0, 0,          // 16 + 4 + 8 + 12 + 36
+            68, 0, 0, 0,          // 16 + 4 + 8 + 12 + 28
             0x1a, 0,              // family
             5, 0,                 // REQUEST | ACK
             5, 0, 0, 0,           // seq
