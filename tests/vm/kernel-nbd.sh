@@ -17,6 +17,7 @@ want() { [[ " $ONLY " == *" $1 "* ]]; }
 PASSED=()
 part_done() { PASSED+=("$1"); log "part $1: ok"; }
 
+log "kernel-nbd: running on $(uname -r), $(nproc) CPUs; parts: $ONLY"
 modprobe nbd nbds_max=16 2>/dev/null || fail "modprobe nbd failed: this kernel has no nbd module"
 modprobe loop 2>/dev/null  # for the flush part's origin; built in on some kernels
 [ -b /dev/nbd0 ] || fail "no /dev/nbd0 after modprobe nbd"
