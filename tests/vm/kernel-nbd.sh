@@ -280,13 +280,16 @@ if want pg; then
   mkdir -p "$m/data" "$T/pgsock"; chown postgres "$m/data" "$T/pgsock"; chmod 700 "$m/data"
   chmod 755 "$T"
   pg() { runuser -u postgres -- "$@"; }
-  pg "$PGBIN/initdb" -D "$m/data" -A trust >"$T/initdb.out" 2>&1 || fail "initdb: $(tail -n 3 "$T/initdb.out")"
-  pg "$PGBIN/pg_ctl" -D "$m/data" -l "$T/pg.log" -w -t 300 \
+  pg "$PGBIN/initdb" -N -D "$m/data" -A trust >"$T/initdb.out" 2>&1 || fail "initdb: $(tail -n 3 "$T/initdb.out")"
+  log "  . initdb done"
+  pg "$PGBIN/pg_ctl" -D "$m/data" -l "$T/pgsock/pg.log" -w -t 300 \
     -o "-p 5499 -k $T/pgsock -c listen_addresses= -c fsync=on -c shared_buffers=32MB" start >/dev/null ||
-    fail "postgres start: $(tail -n 5 "$T/pg.log")"
+    fail "postgres start: $(tail -n 5 "$T/pgsock/pg.log")"
   PGSTOP() { pg "$PGBIN/pg_ctl" -D "$m/data" -m fast stop >/dev/null 2>&1; }
-  pg "$PGBIN/pgbench" -h "$T/pgsock" -p 5499 -i -s 2 postgres >"$T/pgi.out" 2>&1 || { PGSTOP; fail "pgbench -i: $(tail -n 3 "$T/pgi.out")"; }
-  pg "$PGBIN/pgbench" -h "$T/pgsock" -p 5499 -c 2 -T "${KNBD_PG_SECS:-40}" postgres >"$T/pgb.out" 2>&1 &
+  log "  . postgres started"
+  pg "$PGBIN/pgbench" -h "$T/pgsock" -p 5499 -i -s 1 postgres >"$T/pgi.out" 2>&1 || { PGSTOP; fail "pgbench -i: $(tail -n 3 "$T/pgi.out")"; }
+  log "  . pgbench -i done"
+  pg "$PGBIN/pgbench" -h "$T/pgsock" -p 5499 -c 2 -T "${KNBD_PG_SECS:-30}" postgres >"$T/pgb.out" 2>&1 &
   PB=$!; EXTRA_PIDS+=("$PB")
   sleep 5
   ctl backup kpg --to "repo:$T/pgrepo" --quiesce-idle 0s --json >"$T/pgbk.json" 2>"$T/pgbk.err" ||
@@ -296,6 +299,7 @@ if want pg; then
   sleep 2
   ctl attach "$T/pg.img" --name kpg --via nbd >/dev/null 2>"$T/pga.err" || { PGSTOP; fail "attach after kill -9: $(cat "$T/pga.err")"; }
   log "  daemon killed and reattached while pgbench ran"
+  log "  . waiting for pgbench"
   wait "$PB"; prc=$?
   [ "$prc" = 0 ] || { PGSTOP; fail "pgbench failed across the daemon kill: $(tail -n 5 "$T/pgb.out")"; }
   log "  pgbench: $(grep -E 'number of transactions actually processed|^tps' "$T/pgb.out" | tr '\n' ' ')"
