@@ -38,7 +38,7 @@ fio_job() { # fio_job DEV NAME RW BS DEPTH JOBS -> "iops MiB/s"
 pgb() { # pgb DEV -> tps
   mkfs.ext4 -q -F "$1" && mkdir -p "$W/m" && mount "$1" "$W/m" || return 1
   PGD=$W/m/data; mkdir -p "$PGD" "$W/sock"; chown postgres "$PGD" "$W/sock"; chmod 700 "$PGD"; chmod 755 "$W"
-  runuser -u postgres -- "$PGBIN/initdb" -D "$PGD" -A trust >/dev/null 2>&1
+  runuser -u postgres -- "$PGBIN/initdb" -N -D "$PGD" -A trust >/dev/null 2>&1
   runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGD" -l "$W/pg.log" -w -t 300 \
     -o "-p 5498 -k $W/sock -c listen_addresses= -c shared_buffers=32MB" start >/dev/null
   runuser -u postgres -- "$PGBIN/pgbench" -h "$W/sock" -p 5498 -i -s 4 postgres >/dev/null 2>&1
