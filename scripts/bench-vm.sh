@@ -2,14 +2,16 @@
 # Kernel NBD with 1 and N connections next to nbdfuse + loop, in one VM (scripts/vm.sh):
 # fio on the raw device and pgbench on ext4, each path on the same kind of origin (a
 # file on tmpfs). The VM runs under TCG: compare the ratios, not the absolute numbers.
-#   scripts/bench-vm.sh [SECONDS]       fio runtime per job (default 20), results on stdout
+#   scripts/bench-vm.sh [SECONDS]       fio and pgbench runtime per job (default 20)
+#   BENCH_PATHS="nbd1 nbd2 nbd4 fuse"   which paths (default all four)
 # Builds nothing: run `cargo build --release --workspace --bins` first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 SECS=${1:-20}
 if [ "${COWSNAP_BENCH_INNER:-0}" != 1 ]; then
-  exec bash scripts/vm.sh --memory 3G -- env COWSNAP_BENCH_INNER=1 bash "$ROOT/scripts/bench-vm.sh" "$SECS"
+  exec bash scripts/vm.sh --memory 3G -- env COWSNAP_BENCH_INNER=1 BENCH_PATHS="${BENCH_PATHS:-}" \
+    bash "$ROOT/scripts/bench-vm.sh" "$SECS"
 fi
 
 # --- inside the VM
@@ -39,10 +41,10 @@ pgb() { # pgb DEV -> tps
   mkfs.ext4 -q -F "$1" && mkdir -p "$W/m" && mount "$1" "$W/m" || return 1
   PGD=$W/m/data; mkdir -p "$PGD" "$W/sock"; chown postgres "$PGD" "$W/sock"; chmod 700 "$PGD"; chmod 755 "$W"
   runuser -u postgres -- "$PGBIN/initdb" -N -D "$PGD" -A trust >/dev/null 2>&1
-  runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGD" -l "$W/pg.log" -w -t 300 \
+  runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGD" -l "$W/sock/pg.log" -w -t 300 \
     -o "-p 5498 -k $W/sock -c listen_addresses= -c shared_buffers=32MB" start >/dev/null
-  runuser -u postgres -- "$PGBIN/pgbench" -h "$W/sock" -p 5498 -i -s 4 postgres >/dev/null 2>&1
-  runuser -u postgres -- "$PGBIN/pgbench" -h "$W/sock" -p 5498 -c 4 -T "$SECS" postgres 2>/dev/null |
+  runuser -u postgres -- "$PGBIN/pgbench" -h "$W/sock" -p 5498 -i -s 1 postgres >/dev/null 2>&1
+  runuser -u postgres -- "$PGBIN/pgbench" -h "$W/sock" -p 5498 -c 2 -T "$SECS" postgres 2>/dev/null |
     awk '/^tps/ {printf "%d", $3}'
   runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGD" -m fast stop >/dev/null; PGD=""
   umount "$W/m"
@@ -54,7 +56,8 @@ run_path() { # run_path LABEL ATTACH_ARGS...
   truncate -s 512M "$W/disk.img"
   local dev
   dev=$("$CTL" attach "$W/disk.img" --name b "$@" 2>"$W/attach.err" | tail -n 1) || { echo "$label: attach failed: $(cat "$W/attach.err")"; return; }
-  dd if=/dev/zero of="$dev" bs=1M count=256 oflag=direct status=none  # allocate what fio reads
+  dd if=/dev/urandom of="$W/fill" bs=1M count=64 status=none
+  for i in 0 1 2 3; do dd if="$W/fill" of="$dev" bs=1M seek=$((i * 64)) oflag=direct status=none; done  # what fio reads
   local rr rw sr sw tps
   rr=$(fio_job "$dev" rr randread 4k 16 2)
   rw=$(fio_job "$dev" rw randwrite 4k 16 2)
@@ -66,7 +69,9 @@ run_path() { # run_path LABEL ATTACH_ARGS...
   "$CTL" detach b >/dev/null 2>&1 || "$CTL" detach --force b >/dev/null 2>&1
   rm -f "$W/disk.img"
 }
-run_path "nbd, 1 connection" --via nbd --connections 1
-run_path "nbd, 2 connections" --via nbd --connections 2
-run_path "nbd, 4 connections" --via nbd --connections 4
-run_path "fuse (nbdfuse+loop)" --via fuse
+for p in ${BENCH_PATHS:-nbd1 nbd2 nbd4 fuse}; do
+  case $p in
+    nbd[0-9]*) run_path "nbd, ${p#nbd} connection(s)" --via nbd --connections "${p#nbd}";;
+    fuse) run_path "fuse (nbdfuse+loop)" --via fuse;;
+  esac
+done
