@@ -29,6 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 modprobe nbd || { echo "no nbd module"; exit 1; }
+modprobe loop 2>/dev/null  # for --via fuse; built in on some kernels
 echo "kernel $(uname -r), $(nproc) vCPUs (TCG), fio $(fio --version), ${SECS}s per fio job"
 
 fio_job() { # fio_job DEV NAME RW BS DEPTH JOBS -> "iops MiB/s"
