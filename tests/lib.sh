@@ -20,7 +20,7 @@ BIN=${COWSNAP_BIN_DIR:-$ROOT/target/release}
 CTL=$BIN/cowsnapctl
 NBD=${COWSNAP_NBD_BIN:-$BIN/cowsnap-nbd}
 TEST_NAME=$(basename "$0" .sh)
-T=$(mktemp -d "/tmp/cowsnap-$TEST_NAME.XXXXXX")
+T=$(mktemp -d "${TMPDIR:-/tmp}/cowsnap-$TEST_NAME.XXXXXX")
 export COWSNAP_RUN_DIR=$T/run COWSNAP_STATE_DIR=$T/state
 export COWSNAP_ATTACH_TIMEOUT=${COWSNAP_ATTACH_TIMEOUT:-30}
 MOUNTS=()

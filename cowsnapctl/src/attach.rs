@@ -6,6 +6,14 @@
 //! to the daemon, which keeps it for its life: of two attaches of one name, the loser
 //! stops at the lock and touches nothing of the winner's. A daemon that fails to start
 //! reports one `cowsnap-nbd: error: ...` line, shown here as the reason.
+//!
+//! Kernel NBD (`--via nbd`) gets `--connections` sockets, each negotiated separately,
+//! and a dead connection timeout (`--reconnect-timeout`). When the daemon of such a
+//! disk is gone (killed, crashed) while the kernel still holds `/dev/nbdN` (mounted or
+//! not), `attach` of the same origin under the same name does not clean up: it starts
+//! a new daemon and hands the device new sockets (`NBD_CMD_RECONFIGURE`), so the
+//! filesystem on it sees delayed I/O instead of errors. `cowsnapctl restart` does the
+//! same for a running daemon after stopping it cleanly (an upgrade: the new binary).
 
 use crate::Dirs;
 use anyhow::{anyhow, bail, Context, Result};
@@ -53,6 +61,14 @@ pub struct AttachArgs {
     /// NBD connections the daemon accepts at once (default 64).
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Connections of the kernel NBD client (--via nbd; default: the number of CPUs,
+    /// at most 4; 1 to 16).
+    #[arg(long)]
+    pub connections: Option<u32>,
+    /// How long the kernel NBD device waits for a daemon that went away to come back
+    /// before failing I/O (--via nbd), e.g. 60s, 10m.
+    #[arg(long, default_value = DEFAULT_RECONNECT_TIMEOUT)]
+    pub reconnect_timeout: String,
     /// Print {name, device, uri, pid, via} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -60,6 +76,21 @@ pub struct AttachArgs {
     /// (set by `cowsnapctl restore --live`).
     #[arg(long, hide = true, value_name = "repo:DIR@GEN")]
     pub restore_from: Option<String>,
+}
+
+/// `--reconnect-timeout` when not given.
+pub const DEFAULT_RECONNECT_TIMEOUT: &str = "60s";
+
+/// The most kernel NBD connections `--connections` accepts.
+pub const MAX_NBD_CONNECTIONS: u32 = 16;
+
+/// Default kernel NBD connections: one per CPU, at most 4 (more rarely helps: each
+/// connection has its own kernel receive thread and daemon workers).
+pub fn default_connections() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+        .clamp(1, 4)
 }
 
 /// How long to wait for the daemon and nbdfuse (COWSNAP_ATTACH_TIMEOUT seconds).
@@ -191,11 +222,54 @@ fn nbd_index(dev: &Path) -> Result<u32> {
         .ok_or_else(|| anyhow!("invalid --nbd-device {s:?}: expected /dev/nbdN"))
 }
 
-/// Start the daemon in the background and wait until it answers `status`. The daemon
-/// inherits the name lock; `started` gets its pid as soon as it exists.
-fn start_daemon(
-    a: &AttachArgs,
-    origin: &Path,
+/// The daemon's arguments for `attach` (without `--lock-fd`): recorded, so that
+/// `restart` can start the same daemon again.
+fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<Vec<String>> {
+    let s = |p: &Path| p.display().to_string();
+    let mut v: Vec<String> = vec![
+        "--name".into(),
+        paths.name.clone(),
+        "--origin".into(),
+        s(origin),
+        "--run-dir".into(),
+        s(&paths.run_dir),
+        "--state-dir".into(),
+        s(&paths.state_dir),
+        "--io-engine".into(),
+        a.io_engine.clone(),
+    ];
+    if a.read_only {
+        v.push("--read-only".into());
+    }
+    for l in &a.listen {
+        v.extend(["--listen".into(), l.clone()]);
+    }
+    if let Some(c) = &a.container {
+        let c = paths::absolute_container(c)
+            .with_context(|| format!("unable to resolve --container {c:?}"))?;
+        v.extend(["--container".into(), c]);
+    }
+    if let Some(r) = &a.restore_from {
+        v.extend(["--restore-from".into(), r.clone()]);
+    }
+    if let Some(n) = a.max_connections {
+        v.extend(["--max-connections".into(), n.to_string()]);
+    }
+    if let Some(c) = &a.chunk_size {
+        v.extend([
+            "--chunk-size".into(),
+            crate::parse::parse_size(c)?.to_string(),
+        ]);
+    }
+    Ok(v)
+}
+
+/// Start the daemon (the current binary, see [`daemon_binary`]) with `args` in the
+/// background and wait until it answers `status`. The daemon inherits the name lock;
+/// `started` gets its pid as soon as it exists.
+pub fn start_daemon(
+    args: &[String],
+    what: &str,
     paths: &DiskPaths,
     lock: &NameLock,
     started: &std::cell::Cell<Option<u32>>,
@@ -207,40 +281,9 @@ fn start_daemon(
         .open(&log)
         .with_context(|| format!("unable to open the daemon log {}", log.display()))?;
     let log_start = logf.metadata().map(|m| m.len()).unwrap_or(0);
-    let what = format!("unable to attach {} as {:?}", origin.display(), paths.name);
     let bin = daemon_binary();
     let mut cmd = Command::new(&bin);
-    cmd.arg("--name")
-        .arg(&paths.name)
-        .arg("--origin")
-        .arg(origin)
-        .arg("--run-dir")
-        .arg(&paths.run_dir)
-        .arg("--state-dir")
-        .arg(&paths.state_dir)
-        .arg("--io-engine")
-        .arg(&a.io_engine);
-    if a.read_only {
-        cmd.arg("--read-only");
-    }
-    for l in &a.listen {
-        cmd.arg("--listen").arg(l);
-    }
-    if let Some(c) = &a.container {
-        let c = paths::absolute_container(c)
-            .with_context(|| format!("unable to resolve --container {c:?}"))?;
-        cmd.arg("--container").arg(c);
-    }
-    if let Some(r) = &a.restore_from {
-        cmd.arg("--restore-from").arg(r);
-    }
-    if let Some(n) = a.max_connections {
-        cmd.arg("--max-connections").arg(n.to_string());
-    }
-    if let Some(c) = &a.chunk_size {
-        cmd.arg("--chunk-size")
-            .arg(crate::parse::parse_size(c)?.to_string());
-    }
+    cmd.args(args);
     let lock_fd = lock.raw_fd();
     cmd.arg("--lock-fd").arg(lock_fd.to_string());
     cmd.stdin(Stdio::null())
@@ -326,12 +369,45 @@ pub fn remove_leftovers(paths: &DiskPaths, _lock: &NameLock) {
     }
 }
 
-/// Kernel nbd: handshake on a fresh socket, hand it to the kernel.
-fn attach_nbd(paths: &DiskPaths, index: Option<u32>) -> Result<(u32, String)> {
-    let mut s = std::os::unix::net::UnixStream::connect(paths.nbd_socket())
-        .with_context(|| format!("unable to connect to {}", paths.nbd_socket().display()))?;
-    let info = client::handshake(&mut s, &paths.name)
-        .with_context(|| format!("unable to negotiate export {:?}", paths.name))?;
+/// `n` sockets to the daemon, each through the handshake; the export's info.
+fn nbd_sockets(
+    paths: &DiskPaths,
+    n: u32,
+) -> Result<(Vec<std::os::unix::net::UnixStream>, client::ExportInfo)> {
+    let mut socks = Vec::new();
+    let mut first: Option<client::ExportInfo> = None;
+    for _ in 0..n.max(1) {
+        let mut s = std::os::unix::net::UnixStream::connect(paths.nbd_socket())
+            .with_context(|| format!("unable to connect to {}", paths.nbd_socket().display()))?;
+        let info = client::handshake(&mut s, &paths.name)
+            .with_context(|| format!("unable to negotiate export {:?}", paths.name))?;
+        if let Some(f) = &first {
+            if f.size != info.size || f.flags != info.flags {
+                bail!(
+                    "export {:?} changed between two connections ({} → {} bytes, flags {:#x} → {:#x})",
+                    paths.name,
+                    f.size,
+                    info.size,
+                    f.flags,
+                    info.flags
+                );
+            }
+        }
+        first.get_or_insert(info);
+        socks.push(s);
+    }
+    let info = first.ok_or_else(|| anyhow!("no connection to {:?}", paths.name))?;
+    Ok((socks, info))
+}
+
+/// Kernel nbd: `n` handshaken sockets, handed to the kernel in one `NBD_CMD_CONNECT`.
+fn attach_nbd(
+    paths: &DiskPaths,
+    index: Option<u32>,
+    n: u32,
+    dead_conn_timeout: u64,
+) -> Result<(u32, String)> {
+    let (socks, info) = nbd_sockets(paths, n)?;
     let block = match info.min_block {
         Some(b) if (512..=4096).contains(&b) && b.is_power_of_two() => b as u64,
         _ => 512,
@@ -342,17 +418,47 @@ fn attach_nbd(paths: &DiskPaths, index: Option<u32>) -> Result<(u32, String)> {
         block_size: block,
         server_flags: u64::from(info.flags),
         timeout: None,
-        dead_conn_timeout: 60,
-        fds: vec![s.as_raw_fd()],
+        dead_conn_timeout,
+        fds: socks.iter().map(|s| s.as_raw_fd()).collect(),
     })
     .map_err(|e| anyhow!("{e}"))?;
-    drop(s); // the kernel holds its own reference to the socket
+    drop(socks); // the kernel holds its own reference to each socket
     let dev = format!("/dev/nbd{idx}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !Path::new(&dev).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok((idx, dev))
+}
+
+/// Kernel nbd after a daemon (re)start: new handshaken sockets for the dead
+/// connections of `/dev/nbd<index>` (`NBD_CMD_RECONFIGURE`). `size` must be what the
+/// kernel device has: another size would not be seen by the kernel.
+pub fn reconnect_nbd(
+    paths: &DiskPaths,
+    index: u32,
+    n: u32,
+    dead_conn_timeout: Option<u64>,
+    size: u64,
+) -> Result<()> {
+    let (socks, info) = nbd_sockets(paths, n)?;
+    if info.size != size {
+        bail!(
+            "unable to reconnect /dev/nbd{index}: the disk now has {} bytes, the device {size}",
+            info.size
+        );
+    }
+    let fds: Vec<_> = socks.iter().map(|s| s.as_raw_fd()).collect();
+    netlink::reconfigure(index, dead_conn_timeout, &fds).map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Size in bytes of a block device (BLKGETSIZE64 via seek to the end).
+pub fn device_size(dev: &Path) -> Result<u64> {
+    let mut f =
+        std::fs::File::open(dev).with_context(|| format!("unable to open {}", dev.display()))?;
+    f.seek(std::io::SeekFrom::End(0))
+        .with_context(|| format!("unable to read the size of {}", dev.display()))
 }
 
 /// Undo a kernel/FUSE attach (not the daemon). `lazy`: unmount FUSE lazily.
@@ -401,6 +507,116 @@ fn clean_dead_attach(paths: &DiskPaths, rec: &AttachRecord, lock: &NameLock) -> 
     true
 }
 
+/// `--reconnect-timeout` in whole seconds (at least 1).
+fn reconnect_timeout_secs(s: &str) -> Result<u64> {
+    let d = crate::parse::parse_duration(s)
+        .with_context(|| format!("invalid --reconnect-timeout {s:?}"))?;
+    let secs = d.as_secs();
+    if secs == 0 || secs > 86_400 {
+        bail!("invalid --reconnect-timeout {s:?}: 1 s to 24 h");
+    }
+    Ok(secs)
+}
+
+/// Whether a dead daemon's attach can be resumed: a kernel NBD device that the kernel
+/// still holds (waiting for its connections to come back).
+fn resumable(rec: &AttachRecord) -> bool {
+    rec.via == Via::Nbd && rec.nbd_index.is_some_and(netlink::is_configured)
+}
+
+/// `attach` of a disk whose daemon died while the kernel kept `/dev/nbdN`: start a new
+/// daemon (with this attach's arguments) and reconnect the device. Refused when the
+/// origin or the mode differ from the recorded attach.
+fn resume_locked(
+    a: &AttachArgs,
+    origin: &Path,
+    paths: &DiskPaths,
+    mut rec: AttachRecord,
+    lock: &NameLock,
+    started: &std::cell::Cell<Option<u32>>,
+) -> Result<()> {
+    let name = &paths.name;
+    let dev = rec.device.clone().unwrap_or_default();
+    if rec.origin != origin.display().to_string() {
+        bail!(
+            "unable to attach {} as {name:?}: {dev} of that name still waits for its              daemon (origin {}); attach that origin again, or detach --force {name}",
+            origin.display(),
+            rec.origin
+        );
+    }
+    if rec.read_only != a.read_only {
+        bail!(
+            "unable to attach {} as {name:?}: {dev} was attached {}; attach it the same way",
+            origin.display(),
+            if rec.read_only {
+                "--read-only"
+            } else {
+                "read-write"
+            }
+        );
+    }
+    eprintln!(
+        "note: the daemon (pid {}) of {name:?} is gone and the kernel still holds {dev};          starting a new one and reconnecting",
+        rec.pid
+    );
+    let args = daemon_args(a, origin, paths)?;
+    let what = format!("unable to attach {} as {name:?}", origin.display());
+    resume_daemon(paths, &mut rec, args, &what, lock, started)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": name, "device": rec.device, "uri": rec.uri, "pid": rec.pid,
+                "via": rec.via, "read_only": rec.read_only, "resumed": true,
+            })
+        );
+    } else {
+        eprintln!(
+            "reconnected {dev} to {name:?}; daemon pid {}; {}",
+            rec.pid, rec.uri
+        );
+        println!("{dev}");
+    }
+    Ok(())
+}
+
+/// Start a daemon for `rec`'s disk with `args`, reconnect its kernel device (if it has
+/// one) and save the record with the new pid. On a failure the new daemon is stopped
+/// and the record left as it was (the kernel device goes on waiting).
+pub fn resume_daemon(
+    paths: &DiskPaths,
+    rec: &mut AttachRecord,
+    args: Vec<String>,
+    what: &str,
+    lock: &NameLock,
+    started: &std::cell::Cell<Option<u32>>,
+) -> Result<()> {
+    let (pid, st) = start_daemon(&args, what, paths, lock, started)?;
+    let r = (|| -> Result<()> {
+        if let (Via::Nbd, Some(idx)) = (rec.via, rec.nbd_index) {
+            let dev = Path::new(rec.device.as_deref().unwrap_or(""));
+            let size = device_size(dev)?;
+            let n = rec.nbd_connections.unwrap_or(1);
+            reconnect_nbd(paths, idx, n, rec.dead_conn_timeout, size)?;
+        }
+        let mut new = rec.clone();
+        new.pid = pid;
+        new.uri = st.uri.clone();
+        new.daemon_args = args.clone();
+        new.save(&paths.attach_record())
+            .map_err(|e| anyhow!("{e}"))?;
+        *rec = new;
+        Ok(())
+    })();
+    if let Err(e) = r {
+        if let Err(e2) = stop_daemon(paths, Some(pid as i32)) {
+            eprintln!("cowsnapctl: cleanup: {e2:#}");
+        }
+        return Err(e.context(what.to_string()));
+    }
+    Ok(())
+}
+
 pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     let origin = a.path.clone();
     let meta = std::fs::metadata(&origin)
@@ -442,12 +658,26 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     if a.max_connections == Some(0) {
         bail!("invalid --max-connections 0: at least one connection is needed");
     }
+    reconnect_timeout_secs(&a.reconnect_timeout)?;
     let via = match a.via.as_str() {
         "nbd" => Via::Nbd,
         "fuse" => Via::Fuse,
         "none" => Via::None,
         _ => attach::auto_via(),
     };
+    if let Some(n) = a.connections {
+        if via != Via::Nbd {
+            bail!("--connections {n} needs --via nbd (this attach uses {via})");
+        }
+        if !(1..=MAX_NBD_CONNECTIONS).contains(&n) {
+            bail!("invalid --connections {n}: 1 to {MAX_NBD_CONNECTIONS}");
+        }
+        if let Some(m) = a.max_connections {
+            if n as usize > m {
+                bail!("invalid --connections {n}: more than --max-connections {m}");
+            }
+        }
+    }
     let index = match &a.nbd_device {
         Some(d) if via != Via::Nbd => bail!(
             "--nbd-device {} needs --via nbd (this attach uses {via})",
@@ -521,6 +751,9 @@ fn attach_locked(
     }
     if let Ok(Some(rec)) = AttachRecord::load(&paths.attach_record()) {
         let alive = attach::pid_alive(rec.pid as i32) && !attach::pid_zombie(rec.pid as i32);
+        if !alive && resumable(&rec) {
+            return resume_locked(a, origin, &paths, rec, lock, started);
+        }
         if alive || !clean_dead_attach(&paths, &rec, lock) {
             bail!(
                 "a disk named {name:?} has a stale attach record ({}; daemon pid {} not answering); \
@@ -531,7 +764,9 @@ fn attach_locked(
         }
     }
 
-    let (pid, st) = start_daemon(a, origin, &paths, lock, started)?;
+    let args = daemon_args(a, origin, &paths)?;
+    let what = format!("unable to attach {} as {name:?}", origin.display());
+    let (pid, st) = start_daemon(&args, &what, &paths, lock, started)?;
     let mut rec = AttachRecord {
         name: name.clone(),
         origin: origin.display().to_string(),
@@ -545,6 +780,9 @@ fn attach_locked(
         loop_device: None,
         direct_io: None,
         read_only: a.read_only,
+        nbd_connections: None,
+        dead_conn_timeout: None,
+        daemon_args: args,
     };
     // Recorded at once, so that `detach --force` finds the daemon if this process dies.
     if let Err(e) = rec.save(&paths.attach_record()) {
@@ -558,9 +796,13 @@ fn attach_locked(
         match via {
             Via::None => {}
             Via::Nbd => {
-                let (idx, dev) = attach_nbd(&paths, index)?;
+                let n = a.connections.unwrap_or_else(default_connections);
+                let t = reconnect_timeout_secs(&a.reconnect_timeout)?;
+                let (idx, dev) = attach_nbd(&paths, index, n, t)?;
                 rec.nbd_index = Some(idx);
                 rec.device = Some(dev);
+                rec.nbd_connections = Some(n);
+                rec.dead_conn_timeout = Some(t);
             }
             Via::Fuse => {
                 let fa = fuse::attach(

@@ -145,7 +145,28 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
     if let Some(b) = &backup {
         cancel_backup(&paths, b)?;
     }
-    if let Some(dev) = &dev {
+    // A kernel NBD device whose daemon is gone cannot be flushed: the flush would wait
+    // for a reconnect (the dead connection timeout) and then fail.
+    let daemon_gone = status.is_none() && !pid.is_some_and(attach::pid_alive);
+    if let (Some(dev), true) = (&dev, daemon_gone) {
+        let held = rec.as_ref().is_some_and(|r| {
+            r.via == attach::Via::Nbd
+                && r.nbd_index
+                    .is_some_and(cowsnap_nbd::attach::netlink::is_configured)
+        });
+        if held && !a.force {
+            bail!(
+                "unable to detach {}: its daemon is gone and {dev} waits for it; attach {} \
+                 --name {} again to reconnect it (what the device has not written yet is \
+                 kept), or detach --force (that is lost)",
+                a.name,
+                rec.as_ref().map(|r| r.origin.as_str()).unwrap_or("PATH"),
+                a.name
+            );
+        }
+        eprintln!("note: the daemon of {} is gone; not flushing {dev}", a.name);
+    }
+    if let (Some(dev), false) = (&dev, daemon_gone) {
         let devp = Path::new(dev);
         if devp.exists() {
             if let Err(e) = attach::flush_device(devp) {

@@ -12,6 +12,7 @@ mod detach;
 mod freeze;
 mod parse;
 mod repo;
+mod restart;
 mod status;
 
 /// Directories shared by every command.
@@ -67,6 +68,8 @@ enum Cmd {
     Attach(attach::AttachArgs),
     /// Detach a disk: flush, remove the device, stop its daemon.
     Detach(detach::DetachArgs),
+    /// Replace a disk's daemon (e.g. after an upgrade) without taking its device away.
+    Restart(restart::RestartArgs),
     /// Show attached disks.
     Status(status::StatusArgs),
     /// Back up an attached disk while it stays in use.
@@ -96,6 +99,7 @@ fn main() {
     let r: Result<i32> = match cli.cmd {
         Cmd::Attach(a) => attach::run(&cli.dirs, a).map(|_| 0),
         Cmd::Detach(a) => detach::run(&cli.dirs, a).map(|_| 0),
+        Cmd::Restart(a) => restart::run(&cli.dirs, a).map(|_| 0),
         Cmd::Status(a) => status::run(&cli.dirs, a),
         Cmd::Backup(a) => backup::run(&cli.dirs, a),
         Cmd::List(a) => repo::list(a),

@@ -381,6 +381,8 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
                 container: None,
                 chunk_size: None,
                 max_connections: None,
+                connections: None,
+                reconnect_timeout: attach::DEFAULT_RECONNECT_TIMEOUT.into(),
                 json: a.json,
                 restore_from: Some(format!("repo:{}@{}", dir.display(), g.id)),
             },

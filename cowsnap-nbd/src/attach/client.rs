@@ -298,4 +298,119 @@ mod tests {
         assert!(handshake(&mut c2, "nope").is_err());
         server.shutdown();
     }
+
+    /// What the kernel relies on with several connections (CAN_MULTI_CONN): a write
+    /// acknowledged on one connection has reached the export, on the same origin, by
+    /// the time a FLUSH sent on another connection is executed.
+    #[test]
+    fn flush_on_one_connection_covers_writes_acknowledged_on_another() {
+        use crate::nbd::server::Server;
+        use cowsnap_core::error::Result as CResult;
+        use cowsnap_core::export::{Export, ExportCaps, Extent, ZeroFlags};
+        use std::sync::{Arc, Mutex};
+
+        /// An export over a Vec that records, at each flush, the bytes it holds.
+        struct Mem {
+            data: Mutex<Vec<u8>>,
+            at_flush: Mutex<Vec<Vec<u8>>>,
+        }
+        impl Export for Mem {
+            fn size(&self) -> u64 {
+                self.data.lock().unwrap().len() as u64
+            }
+            fn caps(&self) -> ExportCaps {
+                ExportCaps {
+                    read_only: false,
+                    trim: false,
+                    zeroes: false,
+                    fast_zero: false,
+                    multi_conn: true,
+                }
+            }
+            fn read(&self, off: u64, buf: &mut [u8]) -> CResult<()> {
+                let d = self.data.lock().unwrap();
+                buf.copy_from_slice(&d[off as usize..off as usize + buf.len()]);
+                Ok(())
+            }
+            fn write(&self, off: u64, data: &[u8], _fua: bool) -> CResult<()> {
+                self.data.lock().unwrap()[off as usize..off as usize + data.len()]
+                    .copy_from_slice(data);
+                Ok(())
+            }
+            fn flush(&self) -> CResult<()> {
+                let snap = self.data.lock().unwrap().clone();
+                self.at_flush.lock().unwrap().push(snap);
+                Ok(())
+            }
+            fn trim(&self, _: u64, _: u64, _: bool) -> CResult<()> {
+                Ok(())
+            }
+            fn zero(&self, _: u64, _: u64, _: ZeroFlags) -> CResult<()> {
+                Ok(())
+            }
+            fn block_status(&self, off: u64, len: u64) -> CResult<Vec<Extent>> {
+                let _ = off;
+                Ok(vec![Extent {
+                    len,
+                    hole: false,
+                    zero: false,
+                }])
+            }
+        }
+
+        fn request(c: &mut UnixStream, cmd: u16, handle: u64, off: u64, data: &[u8], len: u32) {
+            let mut req = Vec::new();
+            req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            req.extend_from_slice(&0u16.to_be_bytes());
+            req.extend_from_slice(&cmd.to_be_bytes());
+            req.extend_from_slice(&handle.to_be_bytes());
+            req.extend_from_slice(&off.to_be_bytes());
+            req.extend_from_slice(&len.to_be_bytes());
+            req.extend_from_slice(data);
+            c.write_all(&req).unwrap();
+            let mut hdr = [0u8; 16];
+            c.read_exact(&mut hdr).unwrap();
+            assert_eq!(&hdr[4..8], &[0, 0, 0, 0], "error reply to command {cmd}");
+            assert_eq!(&hdr[8..16], &handle.to_be_bytes());
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(Mem {
+            data: Mutex::new(vec![0u8; 1 << 20]),
+            at_flush: Mutex::new(Vec::new()),
+        });
+        let server = Server::new();
+        let export: Arc<dyn Export> = mem.clone();
+        server.set_export("disk", export, "test");
+        let sock = dir.path().join("s.nbd");
+        server.spawn_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let mut conns: Vec<UnixStream> = (0..4)
+            .map(|_| {
+                let mut c = UnixStream::connect(&sock).unwrap();
+                c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .unwrap();
+                let info = handshake(&mut c, "disk").unwrap();
+                assert_ne!(info.flags & (1 << 8), 0, "CAN_MULTI_CONN advertised");
+                c
+            })
+            .collect();
+        // writes acknowledged on connections 0..3, then a flush on connection 3
+        for (i, c) in conns.iter_mut().enumerate().take(3) {
+            let pat = vec![0x10 + i as u8; 4096];
+            request(c, 1, 100 + i as u64, (i as u64) * 65536, &pat, 4096);
+        }
+        request(&mut conns[3], 3, 200, 0, &[], 0);
+        let flushed = mem.at_flush.lock().unwrap();
+        assert_eq!(flushed.len(), 1);
+        for i in 0..3usize {
+            let o = i * 65536;
+            assert!(
+                flushed[0][o..o + 4096].iter().all(|&b| b == 0x10 + i as u8),
+                "the write acknowledged on connection {i} had not reached the export when \
+                 connection 3's flush ran"
+            );
+        }
+        drop(flushed);
+        server.shutdown();
+    }
 }

@@ -84,6 +84,16 @@ pub struct AttachRecord {
     /// Read-only attach.
     #[serde(default)]
     pub read_only: bool,
+    /// Kernel NBD connections (`--via nbd`).
+    #[serde(default)]
+    pub nbd_connections: Option<u32>,
+    /// Kernel NBD dead connection timeout in seconds (`--via nbd`).
+    #[serde(default)]
+    pub dead_conn_timeout: Option<u64>,
+    /// The daemon's arguments (without the binary and `--lock-fd`), so that
+    /// `cowsnapctl restart` starts the same daemon again.
+    #[serde(default)]
+    pub daemon_args: Vec<String>,
 }
 
 impl AttachRecord {
@@ -284,11 +294,21 @@ mod tests {
             loop_device: Some("/dev/loop3".into()),
             direct_io: Some(true),
             read_only: false,
+            nbd_connections: None,
+            dead_conn_timeout: None,
+            daemon_args: vec!["--name".into(), "d".into()],
         };
         r.save(&p).unwrap();
         assert_eq!(AttachRecord::load(&p).unwrap(), Some(r));
         let s = std::fs::read_to_string(&p).unwrap();
         assert!(s.contains("\"via\": \"fuse\""), "{s}");
+        // a record written before these fields existed still loads
+        let old = s
+            .replace("\"daemon_args\"", "\"x_args\"")
+            .replace("\"nbd_connections\"", "\"x_conns\"");
+        std::fs::write(&p, old).unwrap();
+        let back = AttachRecord::load(&p).unwrap().unwrap();
+        assert!(back.daemon_args.is_empty() && back.nbd_connections.is_none());
         std::fs::write(&p, "{").unwrap();
         assert!(AttachRecord::load(&p).is_err());
     }

@@ -8,6 +8,16 @@
 //! message carrying `NBD_ATTR_INDEX` (the N of `/dev/nbdN`) and then an ACK.
 //! `disconnect` sends `NBD_CMD_DISCONNECT` with the index.
 //!
+//! Several sockets make several connections (the server advertises `CAN_MULTI_CONN`:
+//! one origin, so a flush on any connection covers the writes completed on all).
+//! `reconfigure` (`NBD_CMD_RECONFIGURE` with `INDEX` and `SOCKETS`) hands a running
+//! device new sockets: the kernel puts each in the place of a connection it has
+//! marked dead (one whose server went away), and leaves live ones alone; the number of
+//! connections is fixed at `connect`. While every connection is dead, each new request
+//! waits up to the dead connection timeout for a reconnect, then fails with EIO;
+//! requests that were in flight on a dead connection are sent again on a new one when
+//! the block layer's timer next looks at them (every 30 s without a request timeout).
+//!
 //! No request timeout (`NBD_ATTR_TIMEOUT`) is set by default: while a backup runs,
 //! writes may be held or throttled for longer than any fixed timeout, and the kernel
 //! would fail them. Netlink headers and attributes are in host byte order.
@@ -64,6 +74,8 @@ pub const NBD_SOCK_FD: u16 = 1;
 pub const NBD_CMD_CONNECT: u8 = 1;
 /// `NBD_CMD_DISCONNECT`.
 pub const NBD_CMD_DISCONNECT: u8 = 2;
+/// `NBD_CMD_RECONFIGURE`.
+pub const NBD_CMD_RECONFIGURE: u8 = 3;
 
 /// What `NBD_CMD_CONNECT` carries.
 #[derive(Debug, Clone)]
@@ -153,18 +165,48 @@ pub fn build_connect(family: u16, seq: u32, p: &ConnectParams) -> Vec<u8> {
         NBD_ATTR_DEAD_CONN_TIMEOUT,
         &p.dead_conn_timeout.to_ne_bytes(),
     );
-    let mut socks = Vec::new();
-    for fd in &p.fds {
-        let mut item = Vec::new();
-        put_attr(&mut item, NBD_SOCK_FD, &(*fd as u32).to_ne_bytes());
-        put_nested(&mut socks, NBD_SOCK_ITEM, &item);
-    }
-    put_nested(&mut a, NBD_ATTR_SOCKETS, &socks);
+    put_sockets(&mut a, &p.fds);
     genl_message(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
         NBD_CMD_CONNECT,
+        NBD_GENL_VERSION,
+        &a,
+    )
+}
+
+/// `NBD_ATTR_SOCKETS { NBD_SOCK_ITEM { NBD_SOCK_FD } ... }`.
+fn put_sockets(a: &mut Vec<u8>, fds: &[RawFd]) {
+    let mut socks = Vec::new();
+    for fd in fds {
+        let mut item = Vec::new();
+        put_attr(&mut item, NBD_SOCK_FD, &(*fd as u32).to_ne_bytes());
+        put_nested(&mut socks, NBD_SOCK_ITEM, &item);
+    }
+    put_nested(a, NBD_ATTR_SOCKETS, &socks);
+}
+
+/// `NBD_CMD_RECONFIGURE` of `/dev/nbd<index>`: new sockets for its dead connections,
+/// and the dead connection timeout again when `dead_conn_timeout` is given.
+pub fn build_reconfigure(
+    family: u16,
+    seq: u32,
+    index: u32,
+    dead_conn_timeout: Option<u64>,
+    fds: &[RawFd],
+) -> Vec<u8> {
+    let mut a = Vec::new();
+    put_attr(&mut a, NBD_ATTR_INDEX, &index.to_ne_bytes());
+    if let Some(t) = dead_conn_timeout {
+        put_attr(&mut a, NBD_ATTR_DEAD_CONN_TIMEOUT, &t.to_ne_bytes());
+    }
+    put_sockets(&mut a, fds);
+    genl_message(
+        family,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        NBD_CMD_RECONFIGURE,
         NBD_GENL_VERSION,
         &a,
     )
@@ -391,6 +433,27 @@ pub fn connect(p: &ConnectParams) -> Result<u32> {
     }
 }
 
+/// Give the dead connections of `/dev/nbd<index>` new sockets (already in the
+/// transmission phase). The kernel takes as many as it has dead connections; sockets
+/// beyond that are not used (the caller closes them).
+pub fn reconfigure(index: u32, dead_conn_timeout: Option<u64>, fds: &[RawFd]) -> Result<()> {
+    let mut s = GenlSocket::open()?;
+    let fam = s.family_id(NBD_GENL_FAMILY_NAME)?;
+    let seq = s.next_seq();
+    s.request(
+        &build_reconfigure(fam, seq, index, dead_conn_timeout, fds),
+        &format!("reconnect /dev/nbd{index}"),
+    )?;
+    Ok(())
+}
+
+/// Whether `/dev/nbd<index>` is configured (connected or waiting for a reconnect):
+/// the kernel shows `/sys/block/nbdN/pid` from connect until the configuration is
+/// released (disconnect, or the last connection and opener gone).
+pub fn is_configured(index: u32) -> bool {
+    std::path::Path::new(&format!("/sys/block/nbd{index}/pid")).exists()
+}
+
 /// Disconnect `/dev/nbd<index>`.
 pub fn disconnect(index: u32) -> Result<()> {
     let mut s = GenlSocket::open()?;
@@ -477,6 +540,65 @@ mod tests {
             parse_attrs(&socks[1].1).unwrap(),
             vec![(1, vec![9, 0, 0, 0])]
         );
+    }
+
+    #[test]
+    fn reconfigure_bytes() {
+        let m = build_reconfigure(0x1a, 5, 2, Some(90), &[11, 12]);
+        #[rustfmt::skip]
+        let want: Vec<u8> = vec![
+            68, 0, 0, 0,          // 16 + 4 + 8 + 12 + 28
+            0x1a, 0,              // family
+            5, 0,                 // REQUEST | ACK
+            5, 0, 0, 0,           // seq
+            0, 0, 0, 0,
+            3, 1, 0, 0,           // NBD_CMD_RECONFIGURE, version 1
+            8, 0, 1, 0,  2, 0, 0, 0,                   // INDEX = 2
+            12, 0, 8, 0,  90, 0, 0, 0, 0, 0, 0, 0,     // DEAD_CONN_TIMEOUT = 90
+            28, 0, 7, 0x80,       // SOCKETS | NLA_F_NESTED
+            12, 0, 1, 0x80,       //   SOCK_ITEM | NLA_F_NESTED
+            8, 0, 1, 0, 11, 0, 0, 0, //   SOCK_FD = 11
+            12, 0, 1, 0x80,
+            8, 0, 1, 0, 12, 0, 0, 0, //   SOCK_FD = 12
+        ];
+        assert_eq!(m, want);
+        // without the timeout: only INDEX and SOCKETS
+        let m = build_reconfigure(0x1a, 6, 0, None, &[3]);
+        let attrs = parse_attrs(&m[20..]).unwrap();
+        let types: Vec<u16> = attrs.iter().map(|a| a.0).collect();
+        assert_eq!(types, vec![NBD_ATTR_INDEX, NBD_ATTR_SOCKETS]);
+        assert_eq!(
+            u32::from_ne_bytes([m[0], m[1], m[2], m[3]]) as usize,
+            m.len()
+        );
+    }
+
+    #[test]
+    fn connect_with_four_sockets() {
+        let p = ConnectParams {
+            index: None,
+            size: 4096,
+            block_size: 4096,
+            server_flags: 0x1,
+            timeout: None,
+            dead_conn_timeout: 60,
+            fds: vec![20, 21, 22, 23],
+        };
+        let m = build_connect(0x1a, 9, &p);
+        let attrs = parse_attrs(&m[20..]).unwrap();
+        let (_, socks) = attrs.iter().find(|a| a.0 == NBD_ATTR_SOCKETS).unwrap();
+        let items = parse_attrs(socks).unwrap();
+        let fds: Vec<u32> = items
+            .iter()
+            .map(|(t, p)| {
+                assert_eq!(*t, NBD_SOCK_ITEM);
+                let inner = parse_attrs(p).unwrap();
+                assert_eq!(inner.len(), 1);
+                assert_eq!(inner[0].0, NBD_SOCK_FD);
+                u32::from_ne_bytes(inner[0].1[..4].try_into().unwrap())
+            })
+            .collect();
+        assert_eq!(fds, vec![20, 21, 22, 23]);
     }
 
     #[test]
