@@ -45,6 +45,7 @@ pub mod error;
 pub mod export;
 pub mod fsutil;
 pub mod identity;
+pub mod mountinfo;
 pub mod origin_seal;
 pub mod repo;
 pub mod restore;
