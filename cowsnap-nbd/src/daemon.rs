@@ -233,7 +233,7 @@ pub fn run(args: Args) -> Result<()> {
     let args = cli::absolute_args(args)?;
     std::env::set_current_dir("/").context("unable to change the working directory to /")?;
     init_logging(args.log_file.as_deref())?;
-    cowsnap_nbd::paths::validate_name(&args.name).map_err(|e| anyhow!("invalid --name: {e}"))?;
+    cowsnap_nbd::paths::validate_name(&args.name).context("invalid --name")?;
     cli::check_args(&args)?;
     let limits = cli::nbd_limits(&args)?;
     let paths = DiskPaths::new(&args.name, &args.run_dir, &args.state_dir);
@@ -272,8 +272,7 @@ pub fn run(args: Args) -> Result<()> {
             Some(&args.name),
             &args.origin,
             &action,
-        )
-        .map_err(|e| anyhow!(e))?;
+        )?;
     }
     let _origin_lock = lock_origin(&args.origin)?;
     let spec = OpenSpec {
