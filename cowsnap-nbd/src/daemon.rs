@@ -295,8 +295,9 @@ pub fn run(args: Args) -> Result<()> {
         changelog,
         restored_from,
     } = open_disk_state(&args, &paths, dest)?;
-    // `..Default::default()`: the engine's config grows (name, container, throttle);
-    // the default container is applied per request in `Daemon::handle`.
+    // The disk's default container is known twice: the control server puts it into a
+    // backup request that names none (so the destination check sees it before anything
+    // is opened), and the engine falls back to it for callers that bypass the socket.
     let cfg = EngineConfig {
         name: args.name.clone(),
         chunk_size: args.chunk_size,
