@@ -6,7 +6,7 @@
 #[path = "../common/mem.rs"]
 mod mem;
 
-use cowsnap_nbd::nbd::handshake::{self, End};
+use cowsnap_nbd::nbd::handshake::{self, End, ExportLookup};
 use cowsnap_nbd::nbd::proto::*;
 use cowsnap_nbd::nbd::server::Server;
 use libfuzzer_sys::fuzz_target;
