@@ -109,6 +109,7 @@ ctl attach "$T/b.img" --name ro --via none --read-only --listen "tcp:127.0.0.1:$
 st=$(ctl status ro --json)
 [ "$(json_field "$st" .daemon.read_only)" = true ] || fail "read_only not reported: $st"
 [ "$(json_field "$st" '.daemon.listen[0]')" = "tcp:127.0.0.1:$port" ] || fail "listen not reported: $st"
+[ ! -e "$COWSNAP_STATE_DIR/ro" ] || fail "a read-only disk got a state directory: $(ls -R "$COWSNAP_STATE_DIR/ro")"
 ss -ltn | grep -q "127.0.0.1:$port " || fail "nothing listens on 127.0.0.1:$port"
 ctl detach ro || fail "detach ro"
 ss -ltn | grep -q "127.0.0.1:$port " && fail "TCP port still open after detach"
@@ -130,4 +131,13 @@ wait "$fg"; rc=$?
 [ "$rc" = 0 ] || fail "daemon exited $rc on SIGTERM: $(cat "$T/fg.log")"
 [ -z "$(ls -A "$COWSNAP_RUN_DIR")" ] || fail "files left after SIGTERM: $(ls "$COWSNAP_RUN_DIR")"
 grep -q "origin flushed" "$T/fg.log" || fail "no flush logged at shutdown"
+
+# --- a clean stop is recorded: the next start does not bump the sequence numbers
+"$NBD" --name fg --origin "$T/a.img" --run-dir "$COWSNAP_RUN_DIR" --state-dir "$COWSNAP_STATE_DIR" >>"$T/fg.log" 2>&1 &
+fg=$!; EXTRA_PIDS+=("$fg")
+for _ in $(seq 100); do ctl status fg >/dev/null 2>&1 && break; sleep 0.1; done
+st=$(ctl status fg --json) || fail "restarted daemon did not answer: $(cat "$T/fg.log")"
+seq=$(json_field "$st" .daemon.tracking.seq_next)
+[ "$seq" -lt 4294967296 ] || fail "sequence numbers jumped after a clean stop ($seq): the change log was left dirty"
+kill -TERM "$fg"; wait "$fg" || fail "restarted daemon exited non-zero: $(cat "$T/fg.log")"
 log "PASS"

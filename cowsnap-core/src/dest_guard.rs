@@ -472,58 +472,19 @@ pub fn container_path(spec: &str) -> Option<PathBuf> {
     }
 }
 
-/// Decode the octal escapes of /proc files (`\040` = space): mountinfo, swaps.
-pub fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = b[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |a, &c| a * 8 + u32::from(c - b'0'));
-            if let Ok(v) = u8::try_from(v) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use crate::mountinfo::unescape_octal;
 
 /// Block devices in `mountinfo` text: (rdev, mount source, mount point). Mounts of
 /// major 0 (tmpfs, FUSE, overlay, btrfs subvolume ids) are not block devices.
 pub fn mounted_block_devices(mountinfo: &str) -> Vec<(u64, String, String)> {
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() < 5 {
-            continue;
-        }
-        let Some((ma, mi)) = f[2].split_once(':') else {
-            continue;
-        };
-        let (Ok(ma), Ok(mi)) = (ma.parse::<u32>(), mi.parse::<u32>()) else {
-            continue;
-        };
-        if ma == 0 {
-            continue;
-        }
-        let source = f
-            .iter()
-            .position(|x| *x == "-")
-            .and_then(|p| f.get(p + 2))
-            .map(|s| unescape_octal(s))
-            .unwrap_or_else(|| f[2].to_string());
-        out.push((libc::makedev(ma, mi), source, unescape_octal(f[4])));
-    }
-    out
+    crate::mountinfo::parse(mountinfo)
+        .into_iter()
+        .filter_map(|m| {
+            let rdev = m.block_rdev()?;
+            let source = if m.source.is_empty() { m.dev } else { m.source };
+            Some((rdev, source, m.mount_point))
+        })
+        .collect()
 }
 
 #[cfg(test)]

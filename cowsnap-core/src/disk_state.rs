@@ -260,20 +260,24 @@ mod tests {
         assert!(why.contains("unreadable"), "{why}");
     }
 
+    fn open_sync(path: &Path) -> Arc<dyn BlockIo> {
+        blockio::open(&OpenSpec {
+            path: path.to_path_buf(),
+            read_only: false,
+            exclusive: false,
+            engine: blockio::IoEngine::Sync,
+            direct: false,
+        })
+        .unwrap()
+    }
+
     #[test]
     fn plain_disk_gets_identity_and_change_log() {
         let dir = tempfile::tempdir().unwrap();
         let origin = dir.path().join("disk.img");
         std::fs::write(&origin, vec![0u8; 1 << 20]).unwrap();
         let sdir = dir.path().join("state").join("d");
-        let io = blockio::open(&OpenSpec {
-            path: origin.clone(),
-            read_only: false,
-            exclusive: false,
-            engine: blockio::IoEngine::Sync,
-            direct: false,
-        })
-        .unwrap();
+        let io = open_sync(&origin);
         let opts = DiskStateOptions {
             name: "d",
             origin: &origin,
@@ -289,14 +293,7 @@ mod tests {
         // A fill state of another destination is refused.
         std::fs::write(sdir.join(FILL_STATE_FILE), b"x").unwrap();
         std::fs::write(sdir.join(FILL_ORIGIN_FILE), "/elsewhere").unwrap();
-        let io = blockio::open(&OpenSpec {
-            path: origin.clone(),
-            read_only: false,
-            exclusive: false,
-            engine: blockio::IoEngine::Sync,
-            direct: false,
-        })
-        .unwrap();
+        let io = open_sync(&origin);
         let e = open(&opts, io).err().unwrap().to_string();
         assert!(
             e.contains("holds a live restore onto \"/elsewhere\""),

@@ -95,6 +95,7 @@ pub mod error;
 pub mod export;
 pub mod fsutil;
 pub mod identity;
+pub mod mountinfo;
 mod ondisk;
 pub mod origin_seal;
 pub mod repo;

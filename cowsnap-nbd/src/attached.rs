@@ -276,10 +276,10 @@ pub fn check_destination(
     skip: Option<&str>,
     dest: &Path,
     action: &str,
-) -> Result<(), String> {
+) -> cowsnap_core::Result<()> {
     guard(run_dir, skip)
         .check(dest)
-        .map_err(|e| format!("unable to {action}: {e}"))
+        .map_err(|e| e.with_context(format!("unable to {action}")))
 }
 
 /// What the backing-up disk itself contributes (known to its own daemon).
@@ -295,7 +295,11 @@ pub struct OwnDisk<'a> {
 
 /// Check a backup's target and container before either is opened: neither may be
 /// anything protected, nor each other, nor this disk's origin or default container.
-pub fn check_backup(run_dir: &Path, own: &OwnDisk<'_>, p: &BackupParams) -> Result<(), String> {
+pub fn check_backup(
+    run_dir: &Path,
+    own: &OwnDisk<'_>,
+    p: &BackupParams,
+) -> cowsnap_core::Result<()> {
     let target = target_path(&p.to);
     let cspec = p.container.as_deref().or(own.default_container);
     let container = cspec.and_then(container_path);
@@ -317,8 +321,9 @@ pub fn check_backup(run_dir: &Path, own: &OwnDisk<'_>, p: &BackupParams) -> Resu
         if let Some(c) = &container {
             g.protect(c, "the container of this backup");
         }
-        g.check(t)
-            .map_err(|e| format!("unable to back up {:?} to {}: {e}", own.name, p.to))?;
+        g.check(t).map_err(|e| {
+            e.with_context(format_args!("unable to back up {:?} to {}", own.name, p.to))
+        })?;
     }
     if let (Some(c), Some(spec)) = (&container, cspec) {
         let mut g = base;
@@ -326,10 +331,10 @@ pub fn check_backup(run_dir: &Path, own: &OwnDisk<'_>, p: &BackupParams) -> Resu
             g.protect(t, "the target of this backup");
         }
         g.check(c).map_err(|e| {
-            format!(
-                "unable to use container {spec} for the backup of {:?}: {e}",
+            e.with_context(format_args!(
+                "unable to use container {spec} for the backup of {:?}",
                 own.name
-            )
+            ))
         })?;
     }
     Ok(())
@@ -409,7 +414,7 @@ mod tests {
             container: Some(format!("file:{}:4M", t.display())),
             ..Default::default()
         };
-        let e = check_backup(d.path(), &own, &p).unwrap_err();
+        let e = check_backup(d.path(), &own, &p).unwrap_err().to_string();
         assert!(e.contains("is the container of this backup"), "{e}");
         let p = BackupParams {
             to: format!("file:{}", t.display()),
@@ -427,7 +432,7 @@ mod tests {
             container: Some("ram:1M".into()),
             ..Default::default()
         };
-        let e = check_backup(d.path(), &own, &p).unwrap_err();
+        let e = check_backup(d.path(), &own, &p).unwrap_err().to_string();
         assert!(e.contains("the container of attached disk \"x\""), "{e}");
     }
 }

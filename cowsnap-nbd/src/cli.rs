@@ -95,7 +95,7 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
 
 /// `--restore-from repo:DIR[@GEN]` → (DIR, GEN).
 pub fn restore_source(spec: &str) -> Result<(PathBuf, Option<String>)> {
-    cowsnap_nbd::paths::parse_repo_spec(spec).map_err(|e| anyhow!("invalid --restore-from: {e}"))
+    cowsnap_nbd::paths::parse_repo_spec(spec).context("invalid --restore-from")
 }
 
 /// Parse a `--listen` value: `tcp:HOST:PORT`.

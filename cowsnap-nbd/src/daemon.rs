@@ -235,7 +235,7 @@ pub fn run(args: Args) -> Result<()> {
     let args = cli::absolute_args(args)?;
     std::env::set_current_dir("/").context("unable to change the working directory to /")?;
     init_logging(args.log_file.as_deref())?;
-    cowsnap_nbd::paths::validate_name(&args.name).map_err(|e| anyhow!("invalid --name: {e}"))?;
+    cowsnap_nbd::paths::validate_name(&args.name).context("invalid --name")?;
     cli::check_args(&args)?;
     let limits = cli::nbd_limits(&args)?;
     let paths = DiskPaths::new(&args.name, &args.run_dir, &args.state_dir);
@@ -274,8 +274,7 @@ pub fn run(args: Args) -> Result<()> {
             Some(&args.name),
             &args.origin,
             &action,
-        )
-        .map_err(|e| anyhow!(e))?;
+        )?;
     }
     let _origin_lock = lock_origin(&args.origin)?;
     let spec = OpenSpec {
@@ -298,8 +297,9 @@ pub fn run(args: Args) -> Result<()> {
         changelog,
         restored_from,
     } = open_disk_state(&args, &paths, dest)?;
-    // `..Default::default()`: the engine's config grows (name, container, throttle);
-    // the default container is applied per request in `Daemon::handle`.
+    // The disk's default container is known twice: the control server puts it into a
+    // backup request that names none (so the destination check sees it before anything
+    // is opened), and the engine falls back to it for callers that bypass the socket.
     let cfg = EngineConfig {
         name: args.name.clone(),
         chunk_size: args.chunk_size,

@@ -127,12 +127,18 @@ pub fn target_path(spec: &str) -> Option<&str> {
 /// A repository spec `repo:DIR` or `repo:DIR@GEN` → (DIR, GEN). The split is at the
 /// last `@` with something on both sides: `repo:X@` names the directory `X@` and no
 /// generation (the newest), as does `repo:@X` the directory `@X`.
-pub fn parse_repo_spec(spec: &str) -> Result<(PathBuf, Option<String>), String> {
-    let rest = spec
-        .strip_prefix("repo:")
-        .ok_or_else(|| format!("invalid repository {spec:?}: expected repo:DIR or repo:DIR@GEN"))?;
+pub fn parse_repo_spec(spec: &str) -> cowsnap_core::Result<(PathBuf, Option<String>)> {
+    let rest = spec.strip_prefix("repo:").ok_or_else(|| {
+        cowsnap_core::err!(
+            InvalidInput,
+            "invalid repository {spec:?}: expected repo:DIR or repo:DIR@GEN"
+        )
+    })?;
     if rest.is_empty() {
-        return Err(format!("invalid repository {spec:?}: empty directory"));
+        return Err(cowsnap_core::err!(
+            InvalidInput,
+            "invalid repository {spec:?}: empty directory"
+        ));
     }
     Ok(match rest.rsplit_once('@') {
         Some((d, g)) if !g.is_empty() && !d.is_empty() => (PathBuf::from(d), Some(g.to_string())),
@@ -154,12 +160,13 @@ pub fn absolute_container(spec: &str) -> std::io::Result<String> {
 
 /// A disk must hold at least one 512-byte sector and a whole number of them: a block
 /// device made of it (loop, nbd) would hide a partial last sector.
-pub fn check_disk_size(size: u64) -> Result<(), String> {
+pub fn check_disk_size(size: u64) -> cowsnap_core::Result<()> {
     if size == 0 {
-        return Err("it is empty (0 bytes)".into());
+        return Err(cowsnap_core::err!(InvalidInput, "it is empty (0 bytes)"));
     }
     if !size.is_multiple_of(512) {
-        return Err(format!(
+        return Err(cowsnap_core::err!(
+            InvalidInput,
             "its size ({size} bytes) is not a multiple of 512: a block device of it would \
              hide the last {} bytes; grow it to {} bytes (truncate -s) or shrink it",
             size % 512,
@@ -170,23 +177,31 @@ pub fn check_disk_size(size: u64) -> Result<(), String> {
 }
 
 /// Check a disk name: 1..=64 characters of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> cowsnap_core::Result<()> {
     if name.is_empty() {
-        return Err("a disk name must not be empty".into());
+        return Err(cowsnap_core::err!(
+            InvalidInput,
+            "a disk name must not be empty"
+        ));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!(
+        return Err(cowsnap_core::err!(
+            InvalidInput,
             "disk name {name:?} is longer than {MAX_NAME_LEN} characters"
         ));
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err(format!("disk name {name:?} must not start with '.' or '-'"));
+        return Err(cowsnap_core::err!(
+            InvalidInput,
+            "disk name {name:?} must not start with '.' or '-'"
+        ));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
+        return Err(cowsnap_core::err!(
+            InvalidInput,
             "disk name {name:?} contains {c:?} (allowed: letters, digits, '.', '_', '-')"
         ));
     }
@@ -252,6 +267,7 @@ mod tests {
         assert!(parse_repo_spec("repo:").is_err());
         assert!(parse_repo_spec("file:/x")
             .unwrap_err()
+            .to_string()
             .contains("expected repo:DIR"));
     }
 

@@ -12,11 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Cycles that exist and are being taken apart elsewhere: (crate root, modules).
-/// A new cycle, or a known one that grows, fails.
-/// Remove an entry once its cycle is gone.
+/// A new cycle, or a known one that grows, fails; so does an entry whose cycle is gone
+/// (the list stays true).
 const KNOWN: &[(&str, &[&str])] = &[
-    // `Engine` holds the backup job slot; the backup job drives the engine.
-    ("cowsnap-core/src/lib.rs", &["backup", "engine"]),
     // A pin checks the fill state; the fill writes its pin.
     ("cowsnap-core/src/lib.rs", &["repo::pin", "restore::live"]),
 ];
@@ -380,8 +378,14 @@ fn no_module_cycles() {
         ws.display()
     );
     let mut bad = Vec::new();
+    let mut seen = vec![false; KNOWN.len()];
     for (label, root) in &roots {
         for (set, ties) in crate_cycles(root) {
+            for (i, (r, mods)) in KNOWN.iter().enumerate() {
+                if r == label && set.iter().all(|m| mods.contains(&m.as_str())) {
+                    seen[i] = true;
+                }
+            }
             let allowed = KNOWN
                 .iter()
                 .any(|(r, mods)| r == label && set.iter().all(|m| mods.contains(&m.as_str())));
@@ -392,6 +396,13 @@ fn no_module_cycles() {
                     ties.join("\n    ")
                 ));
             }
+        }
+    }
+    for (i, (r, mods)) in KNOWN.iter().enumerate() {
+        if !seen[i] {
+            bad.push(format!(
+                "{r}: the known cycle {mods:?} is gone: remove it from KNOWN"
+            ));
         }
     }
     assert!(bad.is_empty(), "module cycles:\n{}", bad.join("\n"));

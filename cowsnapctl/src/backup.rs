@@ -109,7 +109,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
         .transpose()?;
     let to = crate::parse::absolute_target(&a.to)?;
     let paths = dirs.paths(&a.name);
-    cowsnap_nbd::paths::validate_name(&a.name).map_err(|e| anyhow!(e))?;
+    cowsnap_nbd::paths::validate_name(&a.name)?;
     let mut cl =
         Client::connect(&paths.ctl_socket(), timeout + Duration::from_secs(60)).map_err(|e| {
             match &e {

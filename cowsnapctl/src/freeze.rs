@@ -38,39 +38,7 @@ enum FsIoctl {
 /// Longest freeze `--freeze-timeout` may ask for.
 pub const MAX_FREEZE: Duration = Duration::from_secs(10);
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// "major:minor" of the filesystem.
-    pub dev: String,
-    /// Where it is mounted.
-    pub mount_point: String,
-    /// The mount source (e.g. `/dev/loop3`).
-    pub source: String,
-}
-
-/// Parse mountinfo text (lines that do not parse are skipped).
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() < 5 {
-            continue;
-        }
-        let source = f
-            .iter()
-            .position(|x| *x == "-")
-            .and_then(|i| f.get(i + 2))
-            .map(|s| attach::unescape_mount_path(s))
-            .unwrap_or_default();
-        out.push(MountEntry {
-            dev: f[2].to_string(),
-            mount_point: attach::unescape_mount_path(f[4]),
-            source,
-        });
-    }
-    out
-}
+pub use cowsnap_core::mountinfo::{parse as parse_mountinfo, MountEntry};
 
 /// Decide whether `path` (canonical) may be frozen for a disk whose device and
 /// partitions are `devs`, given the mount table and the device of the opened

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 /// `repo:DIR[@GEN]` → (DIR, GEN) ([`cowsnap_nbd::paths::parse_repo_spec`]).
 pub fn parse_repo_spec(spec: &str) -> Result<(PathBuf, Option<String>)> {
-    cowsnap_nbd::paths::parse_repo_spec(spec).map_err(|e| anyhow!(e))
+    Ok(cowsnap_nbd::paths::parse_repo_spec(spec)?)
 }
 
 /// Arguments of `list`.
@@ -340,8 +340,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
                 s.pid
             );
         }
-        cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)
-            .map_err(|e| anyhow!(e))?;
+        cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)?;
         let pending = restore::live::read_fill_state(&dirs.paths(&name).fill_state())?
             .filter(|(_, complete)| !complete);
         if let Some((pgen, _)) = pending {
@@ -407,8 +406,7 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
             b.set_position(done);
         }
     };
-    cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)
-        .map_err(|e| anyhow!(e))?;
+    cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)?;
     reset_tracking_of_origin(dirs, &a.to, &g.id, "an offline restore")?;
     let rep = restore::restore_to(&dir, Some(&g.id), &a.to, &progress)?;
     if let Some(b) = &bar {

@@ -3,7 +3,7 @@
 use crate::attach::{daemon_status_checked, read_pid};
 use crate::parse::{human_bytes, human_secs};
 use crate::Dirs;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use cowsnap_nbd::attach::AttachRecord;
 use cowsnap_nbd::control::{BackupStatus, StatusInfo};
 use cowsnap_nbd::paths;
@@ -113,7 +113,7 @@ fn line(name: &str, rec: Option<&AttachRecord>, st: Option<&StatusInfo>) -> Stri
 pub fn run(dirs: &Dirs, a: StatusArgs) -> Result<i32> {
     let names = match &a.name {
         Some(n) => {
-            paths::validate_name(n).map_err(|e| anyhow!(e))?;
+            paths::validate_name(n)?;
             vec![n.clone()]
         }
         None => {

@@ -45,16 +45,10 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
 
 /// Whether `dir` is a mount point (by /proc/self/mountinfo).
 pub fn is_mounted(dir: &Path) -> bool {
-    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
     let d = dir.to_string_lossy();
-    mi.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .map(|m| super::unescape_mount_path(m) == d)
-            .unwrap_or(false)
-    })
+    cowsnap_core::mountinfo::read()
+        .map(|ms| ms.iter().any(|m| m.mount_point == d))
+        .unwrap_or(false)
 }
 
 /// Start nbdfuse on `uri`, wait until it serves, set up a loop device.

@@ -16,6 +16,7 @@ pub mod fuse;
 pub mod netlink;
 
 use cowsnap_core::error::{Error, IoContext, Result};
+use cowsnap_core::mountinfo;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -128,22 +129,13 @@ impl AttachRecord {
     }
 }
 
-/// Decode the octal escapes of /proc/self/mountinfo (`\040` = space).
-pub use cowsnap_core::dest_guard::unescape_octal as unescape_mount_path;
-
 /// Mount points in `mountinfo` text whose device is one of `devs` ("major:minor").
 pub fn mounts_of(mountinfo: &str, devs: &[String]) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() < 5 {
-            continue;
-        }
-        if devs.iter().any(|d| d == f[2]) {
-            out.push((f[2].to_string(), unescape_mount_path(f[4])));
-        }
-    }
-    out
+    mountinfo::parse(mountinfo)
+        .into_iter()
+        .filter(|m| devs.contains(&m.dev))
+        .map(|m| (m.dev, m.mount_point))
+        .collect()
 }
 
 /// "major:minor" of a block device and of each of its partitions.
@@ -177,9 +169,11 @@ pub fn device_numbers(dev: &Path) -> Result<Vec<String>> {
 /// Where the device or any of its partitions is mounted (major:minor, mount point).
 pub fn mounted_at(dev: &Path) -> Result<Vec<(String, String)>> {
     let devs = device_numbers(dev)?;
-    let mi = std::fs::read_to_string("/proc/self/mountinfo")
-        .ctx(|| "unable to read /proc/self/mountinfo".to_string())?;
-    Ok(mounts_of(&mi, &devs))
+    Ok(mountinfo::read()?
+        .into_iter()
+        .filter(|m| devs.contains(&m.dev))
+        .map(|m| (m.dev, m.mount_point))
+        .collect())
 }
 
 /// Write back everything cached for a block device (`blockdev --flushbufs`).
@@ -266,14 +260,6 @@ mod tests {
         assert_eq!(m, vec![("43:1".to_string(), "/data".to_string())]);
         assert!(mounts_of(MI, &["8:0".into()]).is_empty());
         assert!(mounts_of("garbage\n\n1 2", &["7:3".into()]).is_empty());
-    }
-
-    #[test]
-    fn unescapes_mount_paths() {
-        assert_eq!(unescape_mount_path("/a\\040b\\011c"), "/a b\tc");
-        assert_eq!(unescape_mount_path("/a\\x"), "/a\\x");
-        assert_eq!(unescape_mount_path("/a\\04"), "/a\\04");
-        assert_eq!(unescape_mount_path("\\134"), "\\");
     }
 
     #[test]
