@@ -45,6 +45,44 @@ stop_all() {
   PIDS=()
 }
 
+# ext_headers_probe SOCKET: send NBD_OPT_EXTENDED_HEADERS (11) in a fixed-newstyle
+# handshake; the reply must be ACK (1) or ERR_UNSUP (2^31+1), and the server must still
+# answer the next option (NBD_OPT_LIST) and end on NBD_OPT_ABORT.
+ext_headers_probe() {
+  /usr/bin/python3 - "$1" <<'PY'
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])
+def rd(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: raise SystemExit("FAIL ext_headers_probe: connection closed")
+        b += c
+    return b
+magic, opt_magic, hflags = struct.unpack(">QQH", rd(18))
+assert magic == 0x4e42444d41474943 and opt_magic == 0x49484156454F5054, "bad greeting"
+s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+def opt(o):
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, o, 0))
+def reply():
+    m, o, t, l = struct.unpack(">QIII", rd(20)); rd(l)
+    assert m == 0x3e889045565a9, "bad reply magic"
+    return o, t
+opt(11)
+o, ext = reply()
+if o != 11 or ext not in (1, 0x80000001):
+    raise SystemExit(f"FAIL ext_headers_probe: option {o} reply type {ext}")
+opt(3)  # LIST: negotiation goes on
+while True:
+    o, t = reply()
+    if o != 3: raise SystemExit(f"FAIL ext_headers_probe: reply for option {o} to LIST")
+    if t == 1: break
+    if t != 2: raise SystemExit(f"FAIL ext_headers_probe: LIST reply type {t}")
+opt(2)  # ABORT
+print(f"PASS ext_headers_probe: NBD_OPT_EXTENDED_HEADERS answered with {'ACK' if ext == 1 else 'ERR_UNSUP'}; negotiation went on")
+PY
+}
+
 failed=0 ran=0
 for eng in uring sync; do
   echo "== io engine $eng"
@@ -66,7 +104,22 @@ for eng in uring sync; do
   summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$W/conf-$eng.out" | tail -n1)
   echo "conformance ($eng): ${summary:-no summary}"
   ran=$((ran+1))
-  if [ "$rc" != 0 ] || [ -z "$summary" ] || ! [[ "$summary" =~ ^[0-9]+\ passed,\ 0\ failed ]]; then
+  nfail=$(grep -cE '^FAIL ' "$W/conf-$eng.out") probed=0
+  if [ "$nfail" = 1 ] && grep -q '^FAIL qemu_ext_headers_ack_or_unsup ' "$W/conf-$eng.out" &&
+     ! grep -q 'option reply 11 ' "$W/conf-$eng.out"; then
+    # This machine's qemu never offers NBD_OPT_EXTENDED_HEADERS (Debian 12 ships qemu
+    # 7.2; the option came with 8.2), so the battery's check saw no reply to judge.
+    # The property it checks — the server answers the option with ACK or ERR_UNSUP and
+    # negotiation goes on — is probed here directly on the wire instead.
+    echo "NOTE: qemu $(qemu-img --version | head -n1 | awk '{print $3}') does not offer extended headers; probing NBD_OPT_EXTENDED_HEADERS directly"
+    if ext_headers_probe "$W/run/rw-$eng.nbd"; then
+      nfail=0 probed=1
+    fi
+  fi
+  # the battery's own verdict, less the one check probed directly above
+  if [ -z "$summary" ] || [ "$nfail" != 0 ] ||
+     ! [[ "$summary" =~ ^[0-9]+\ passed,\ $probed\ failed ]] ||
+     { [ "$rc" != 0 ] && [ "$probed" = 0 ]; }; then
     failed=$((failed+1)); tail -n 20 "$W/conf-$eng.out"
   fi
   # The read-only export's file must be untouched.
