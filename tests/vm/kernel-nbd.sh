@@ -159,7 +159,7 @@ if want stamp; then
   log "stamp: stamped sectors through /dev/nbdN during a backup"
   head -c 64M /dev/urandom >"$T/st.img"; cp "$T/st.img" "$T/st.orig"
   dev=$(ctl attach "$T/st.img" --name kst --via nbd --connections 2 | tail -n 1) || fail "attach kst"
-  timeout 600 python3 "$HERE/stamp-dev.py" "$dev" "$CTL" kst "$T/st.orig" "$T/st.image" 2 2 1 ||
+  timeout 600 python3 "$HERE/../stamp.py" dev "$dev" "$CTL" kst "$T/st.orig" "$T/st.image" 2 2 1 20 ||
     fail "stamped-sector check through $dev"
   ctl detach kst || fail "detach kst"
   rm -f "$T"/st.*
