@@ -1,7 +1,7 @@
 //! Starting a snapshot of a 16 TiB sparse disk costs the bitmap allocation only: no
 //! scan of the disk. Prints the figures for the benchmarks.
 
-use cowsnap_core::backup::{BackupParams, Backups};
+use cowsnap_core::backup::{BackupParams, BackupState, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::changelog::Cut;
 use cowsnap_core::chunk_map::Geometry;
@@ -96,14 +96,14 @@ fn start_on(dir: &Path, size: u64) -> (Duration, u64, u64) {
     e.write(size - 1, &[7], false).unwrap();
     e.write((size / 2) & !65535, &[8; 4096], false).unwrap();
     let st = b.status().unwrap();
-    assert_eq!(st.state, "running");
+    assert_eq!(st.state, BackupState::Running);
     assert_eq!(st.chunks_preserved, 2, "{st:?}");
     let bitmap = st.bitmap_bytes;
     b.cancel().unwrap();
     *open.0.lock().unwrap() = true;
     open.1.notify_all();
     let st = b.wait(Duration::from_secs(10)).unwrap();
-    assert_eq!(st.state, "failed");
+    assert_eq!(st.state, BackupState::Failed);
     assert!(incomplete_marker(&img).exists());
     let mut byte = [0u8; 1];
     e.read(size - 1, &mut byte).unwrap();

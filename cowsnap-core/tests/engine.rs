@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use cowsnap_core::backup::{BackupParams, Backups};
+use cowsnap_core::backup::{BackupParams, BackupState, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::error::ErrorKind;
@@ -30,10 +30,7 @@ fn params(to: &str) -> BackupParams {
 
 fn wait_done(b: &Backups) -> cowsnap_core::backup::BackupStatus {
     let st = b.wait(Duration::from_secs(30)).unwrap();
-    assert!(
-        st.state == "complete" || st.state == "failed",
-        "backup did not finish: {st:?}"
-    );
+    assert!(st.state.is_finished(), "backup did not finish: {st:?}");
     st
 }
 
@@ -86,7 +83,7 @@ fn file_backup_matches(io_engine: blockio::IoEngine) {
     let id = b.start(params(&format!("file:{}", img.display()))).unwrap();
     assert_eq!(id, 1);
     let st = wait_done(&b);
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert_eq!(st.chunks_in_scope, 6);
     assert_eq!(st.chunks_copied, 6);
     assert_eq!(st.bytes_copied, size);
@@ -97,7 +94,7 @@ fn file_backup_matches(io_engine: blockio::IoEngine) {
     // a second backup may start now
     let id2 = b.start(params(&format!("file:{}", img.display()))).unwrap();
     assert_eq!(id2, 2);
-    assert_eq!(wait_done(&b).state, "complete");
+    assert_eq!(wait_done(&b).state, BackupState::Complete);
 }
 
 #[test]
@@ -138,12 +135,12 @@ fn container_write_comes_before_origin_write() {
         ]
     );
     let st = b.status().unwrap();
-    assert_eq!(st.state, "running");
+    assert_eq!(st.state, BackupState::Running);
     assert_eq!(st.chunks_preserved, 2);
     assert_eq!(st.holds, 1);
     ts.resume();
     let st = wait_done(&b);
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert_eq!(
         *ts.image.lock().unwrap(),
         orig,
@@ -164,7 +161,7 @@ fn done_chunks_pass_through_without_reads() {
     let (e, b, disk, log, orig) = mem_engine(4 * CS as usize, 3);
     let (t, ts) = MemTarget::new(4 * CSU, CS, 1);
     b.start_with(params("test:"), Some(t), None).unwrap();
-    assert_eq!(wait_done(&b).state, "complete");
+    assert_eq!(wait_done(&b).state, BackupState::Complete);
     assert_eq!(*ts.image.lock().unwrap(), orig);
     disk.record_reads.store(true, Ordering::SeqCst);
     log.lock().unwrap().clear();
@@ -189,7 +186,7 @@ fn trim_and_write_zeroes_preserve_too() {
     e.write(size - 1, &[0x11], true).unwrap();
     ts.resume();
     let st = wait_done(&b);
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert_eq!(*ts.image.lock().unwrap(), orig);
     let now = disk.snapshot();
     let t0 = (B + CSU / 2) as usize;
@@ -225,7 +222,7 @@ fn target_enospc_fails_backup_and_keeps_every_write() {
     let t0 = Instant::now();
     loop {
         let st = b.status().unwrap();
-        if st.state == "failed" {
+        if st.state == BackupState::Failed {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(20), "{st:?}");
@@ -252,7 +249,7 @@ fn target_enospc_fails_backup_and_keeps_every_write() {
     // and a new backup can start
     let (t2, _ts2) = MemTarget::new(N * CSU, CS, 1);
     b.start_with(params("test:"), Some(t2), None).unwrap();
-    assert_eq!(wait_done(&b).state, "complete");
+    assert_eq!(wait_done(&b).state, BackupState::Complete);
 }
 
 #[test]
@@ -270,7 +267,7 @@ fn container_eio_fails_backup_not_the_write() {
     e.write(B + 9 * CSU, &[3; 100], false).unwrap(); // snapshot dropped: pass-through
     ts.resume();
     let st = wait_done(&b);
-    assert_eq!(st.state, "failed");
+    assert_eq!(st.state, BackupState::Failed);
     let err = st.error.unwrap();
     assert!(
         err.contains("unable to preserve chunk 133 in the container"),
@@ -297,7 +294,7 @@ fn container_read_eio_fails_backup() {
     fail.store(true, Ordering::SeqCst);
     ts.resume();
     let st = wait_done(&b);
-    assert_eq!(st.state, "failed");
+    assert_eq!(st.state, BackupState::Failed);
     assert!(
         st.error
             .as_deref()
@@ -332,7 +329,7 @@ fn full_container_holds_writers_until_drained_or_dropped() {
     ts.resume(); // the drainer frees slots
     w.join().unwrap().unwrap();
     let st = wait_done(&b);
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert_eq!(*ts.image.lock().unwrap(), orig);
     assert_eq!(st.container_high_water, 2);
     assert!(st.throttled_writes >= 2, "{st:?}");
@@ -361,7 +358,7 @@ fn cancel_releases_held_writers() {
     assert_eq!(disk.snapshot()[(B + 12 * CSU) as usize], 3);
     ts.resume();
     let st = wait_done(&b);
-    assert_eq!(st.state, "failed");
+    assert_eq!(st.state, BackupState::Failed);
     assert!(st.error.unwrap().contains("canceled"));
     assert!(b.cancel().is_err(), "nothing left to cancel");
     assert!(b.prioritize(&[(0, 1)]).is_err());
@@ -388,7 +385,7 @@ fn one_backup_at_a_time_and_bad_specs() {
         "{err}"
     );
     assert!(!std::path::Path::new("/tmp/never-written.img").exists());
-    assert_eq!(b.status().unwrap().state, "failed");
+    assert_eq!(b.status().unwrap().state, BackupState::Failed);
     let err = b.start(params("ftp:x")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     let mut p = params("file:/nonexistent-dir/img");
@@ -406,7 +403,7 @@ fn priority_ranges_go_first() {
     b.start_with(p, Some(Box::new(Spy(t, order.clone()))), None)
         .unwrap();
     let st = wait_done(&b);
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert_eq!(*ts.image.lock().unwrap(), orig);
     let o = order.lock().unwrap();
     assert_eq!(o[0], 200 * CSU, "priority range first: {o:?}");
@@ -444,7 +441,7 @@ fn quiesce_waits_for_idle_or_fails_cleanly() {
     assert!(err.to_string().contains("never idle for 300 ms"), "{err}");
     assert!(ts.aborted.lock().unwrap().is_some());
     assert!(!ts.began.load(Ordering::SeqCst));
-    assert_eq!(b.status().unwrap().state, "failed");
+    assert_eq!(b.status().unwrap().state, BackupState::Failed);
     stop.store(true, Ordering::SeqCst);
     w.join().unwrap();
     let (t, _ts) = MemTarget::new(8 * CSU, CS, 1);
@@ -454,7 +451,7 @@ fn quiesce_waits_for_idle_or_fails_cleanly() {
         quiet >= Duration::from_millis(300),
         "snapshot after only {quiet:?} of quiet"
     );
-    assert_eq!(wait_done(&b).state, "complete");
+    assert_eq!(wait_done(&b).state, BackupState::Complete);
 }
 
 #[test]
@@ -479,7 +476,7 @@ fn file_target_enospc_like_failure_leaves_marker() {
     b.cancel().unwrap();
     let st = wait_done(&b);
     assert_eq!(st.id, id);
-    assert_eq!(st.state, "failed");
+    assert_eq!(st.state, BackupState::Failed);
     let m = std::fs::read_to_string(incomplete_marker(&img)).unwrap();
     assert!(m.contains("canceled"), "{m}");
 }
@@ -538,7 +535,7 @@ fn the_instant_waits_for_writes_in_flight() {
     disk.set_block_writes(false);
     w.join().unwrap().unwrap();
     start.join().unwrap().unwrap();
-    assert_eq!(wait_done(&b).state, "complete");
+    assert_eq!(wait_done(&b).state, BackupState::Complete);
     // the write happened before the instant: the image has all of it
     let mut expect = orig;
     expect[(B + CSU - 100) as usize..(B + CSU + 100) as usize].fill(0xAB);
@@ -565,7 +562,7 @@ fn container_above_low_watermark_is_drained_first() {
     }
     ts.resume();
     let st = wait_done(&b);
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert_eq!(*ts.image.lock().unwrap(), orig);
     let o = order.lock().unwrap();
     // the first batch (0..63) was under way before the writes; the preserved run
@@ -606,7 +603,7 @@ fn sparse_origin_holes_are_zeros_in_the_image() {
         e.write(i * 4 * CSU + 777, &[0x5A; 9000], false).unwrap();
     }
     let st = wait_done(&b);
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert!(
         std::fs::read(&img).unwrap() == before,
         "image is not the disk at the instant"

@@ -2,7 +2,7 @@
 //! backups of a file disk taken through `Backups::start` while writers run,
 //! each generation restored and compared with the disk at its snapshot instant.
 
-use cowsnap_core::backup::{BackupParams, Backups};
+use cowsnap_core::backup::{BackupParams, BackupState, Backups};
 use cowsnap_core::blockio::{open, IoEngine, OpenSpec};
 use cowsnap_core::changelog::ChangeLog;
 use cowsnap_core::engine::{Engine, EngineConfig};
@@ -25,7 +25,7 @@ fn backup(backups: &Backups, to: &str, incremental: bool) -> cowsnap_core::backu
         })
         .unwrap();
     let st = backups.wait(Duration::from_secs(60)).unwrap();
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     st
 }
 

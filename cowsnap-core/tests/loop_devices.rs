@@ -1,7 +1,7 @@
 //! `dev:` container and `dev:` target on real block devices (loop devices). Skips
 //! when loop devices cannot be set up (not root, no losetup, no loop module).
 
-use cowsnap_core::backup::{BackupParams, Backups};
+use cowsnap_core::backup::{BackupParams, BackupState, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
@@ -67,7 +67,7 @@ fn dev_container_and_dev_target_on_loop_devices() {
         e.write(i * 7 * 4096 + 100, &[0x42; 5000], false).unwrap();
     }
     let st = b.wait(Duration::from_secs(60)).unwrap();
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert!(st.chunks_preserved > 0, "{st:?}");
     assert_eq!(st.container_slots, 4);
     drop(e);
@@ -111,7 +111,7 @@ fn direct_io_origin_on_a_loop_device() {
         e.write(i * 4 * 65536 + 4096, &buf, false).unwrap();
     }
     let st = b.wait(Duration::from_secs(60)).unwrap();
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert!(st.chunks_preserved > 0, "{st:?}");
     assert!(std::fs::read(&img).unwrap() == data, "image differs");
     drop(e);

@@ -9,7 +9,7 @@
 //! RwLock shared around each request and the main thread takes it exclusively around
 //! `Backups::start`, copying the per-sector model first.
 
-use cowsnap_core::backup::{BackupParams, Backups};
+use cowsnap_core::backup::{BackupParams, BackupState, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::{Export, ZeroFlags};
@@ -220,7 +220,7 @@ fn image_at_the_instant(io_engine: blockio::IoEngine) {
     let t0 = Instant::now();
     let st = loop {
         let st = backups.status().unwrap();
-        if st.state != "running" {
+        if st.state != BackupState::Running {
             break st;
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "stuck: {st:?}");
@@ -238,7 +238,7 @@ fn image_at_the_instant(io_engine: blockio::IoEngine) {
         acked.load(Ordering::Relaxed),
         acked.load(Ordering::Relaxed) - acked_at_start
     );
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     assert!(!cont.exists(), "file container removed after the backup");
     assert!(!img.with_extension("incomplete").exists());
 
@@ -367,7 +367,7 @@ fn instant_never_splits(io_engine: blockio::IoEngine) {
     let st = backups.wait(Duration::from_secs(60)).unwrap();
     stop.store(true, Ordering::Relaxed);
     let histories: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     let image = std::fs::read(&img).unwrap();
     let seqs: Vec<u64> = image
         .chunks_exact(SECTOR)

@@ -3,7 +3,7 @@
 //! random-write IOPS during a backup vs pass-through. Files live in the page cache, so
 //! these are CPU/locking costs, not disk speed.
 
-use cowsnap_core::backup::{BackupParams, Backups};
+use cowsnap_core::backup::{BackupParams, BackupState, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
 use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
@@ -100,7 +100,7 @@ fn throughput_figures() {
     .unwrap();
     let st = b.wait(Duration::from_secs(300)).unwrap();
     let backup_t = t0.elapsed();
-    assert_eq!(st.state, "complete");
+    assert_eq!(st.state, BackupState::Complete);
     std::fs::remove_file(&img).unwrap();
     println!(
         "idle backup of {} MiB: {:.2} s ({:.0} MiB/s); read/write/fsync copy: {:.2} s; ratio copy/backup {:.2}",
@@ -129,7 +129,7 @@ fn throughput_figures() {
     });
     let during = randwrite(&e, 3.0, 2, Some(&done));
     let st = watcher.join().unwrap();
-    assert_eq!(st.state, "complete", "{st:?}");
+    assert_eq!(st.state, BackupState::Complete, "{st:?}");
     println!(
         "4k randwrite, 2 threads: pass-through {pass:.0} IOPS, during backup {during:.0} IOPS, ratio {:.2}",
         during / pass

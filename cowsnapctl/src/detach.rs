@@ -27,7 +27,7 @@ pub struct DetachArgs {
 
 /// A backup that has not ended yet.
 fn running(b: &BackupStatus) -> bool {
-    b.state != "complete" && b.state != "failed"
+    !b.state.is_finished()
 }
 
 fn describe(b: &BackupStatus) -> String {

@@ -80,7 +80,7 @@ pub fn run(dirs: &Dirs, a: RestartArgs) -> Result<()> {
             .cloned()
             .and_then(|v| serde_json::from_value::<BackupStatus>(v).ok())
         {
-            if b.state != "complete" && b.state != "failed" {
+            if !b.state.is_finished() {
                 bail!(
                     "unable to restart {}: backup #{} to {} is {}; wait for it to end",
                     a.name,

@@ -110,13 +110,6 @@ impl fmt::Display for BackupState {
     }
 }
 
-/// Compares with the wire form (`state == "running"`).
-impl PartialEq<&str> for BackupState {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
 /// Figures of the running (or last) backup.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BackupStatus {
@@ -311,7 +304,10 @@ mod tests {
             assert_eq!(j, format!("\"{}\"", s.as_str()));
             assert_eq!(serde_json::from_str::<BackupState>(&j).unwrap(), s);
         }
-        assert_eq!(BackupState::Running, "running");
+        assert_eq!(
+            serde_json::to_string(&BackupState::Running).unwrap(),
+            "\"running\""
+        );
         assert!(BackupState::Failed.is_finished() && !BackupState::Running.is_finished());
     }
 }
