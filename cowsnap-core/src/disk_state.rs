@@ -262,11 +262,9 @@ mod tests {
 
     fn open_sync(path: &Path) -> Arc<dyn BlockIo> {
         blockio::open(&OpenSpec {
-            path: path.to_path_buf(),
-            read_only: false,
             exclusive: false,
             engine: blockio::IoEngine::Sync,
-            direct: false,
+            ..OpenSpec::origin(path)
         })
         .unwrap()
     }

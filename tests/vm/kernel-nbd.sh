@@ -74,6 +74,14 @@ if want attach; then
   part_done attach
 fi
 
+# fsck_clean FS DEV WHAT: a read-only check of the unmounted FS on DEV is clean
+fsck_clean() {
+  case $1 in
+    ext4) e2fsck -fn "$2" >"$T/fsck" 2>&1 || fail "e2fsck of $3: $(tail -n 5 "$T/fsck")";;
+    xfs) xfs_repair -n "$2" >"$T/fsck" 2>&1 || fail "xfs_repair -n of $3: $(head -n 20 "$T/fsck")";;
+    *) fail "fsck_clean: unknown filesystem $1";;
+  esac
+}
 fs_round() { # fs_round NAME FS SIZE MKFS...
   local name=$1 fs=$2 size=$3; shift 3
   local dev m out gen
@@ -103,10 +111,7 @@ fs_round() { # fs_round NAME FS SIZE MKFS...
   [ -n "$gen" ] && [ "$gen" != null ] || fail "backup gave no generation: $(tail -n 2 "$T/bk.json")"
   log "  . $fs: backup done"
   umount "$m" || fail "umount $m"
-  case $fs in
-    ext4) e2fsck -fn "$dev" >"$T/fsck" 2>&1 || fail "e2fsck of $dev: $(tail -n 5 "$T/fsck")";;
-    xfs) xfs_repair -n "$dev" >"$T/fsck" 2>&1 || fail "xfs_repair -n of $dev: $(tail -n 5 "$T/fsck")";;
-  esac
+  fsck_clean "$fs" "$dev" "$dev"
   ctl detach "$name" || fail "detach $name after umount"
   log "  . $fs: fsck done, detached"
   ctl restore "repo:$T/repo@$gen" --to "$T/$name.restored" >"$T/rs.out" 2>&1 || fail "restore: $(cat "$T/rs.out")"
@@ -123,10 +128,7 @@ fs_round() { # fs_round NAME FS SIZE MKFS...
   grep -v ' ./busy$' "$T/$name.sums" | cmp - "$T/$name.rsums" || fail "restored $fs files differ from the originals"
   [ -s "$T/r-$name/d/busy" ] || fail "the busy file is empty in the restored $fs"
   umount "$T/r-$name" || fail "umount the restored $fs"
-  case $fs in
-    ext4) e2fsck -fn "$rdev" >"$T/fsck" 2>&1 || fail "e2fsck of the restored $fs: $(tail -n 5 "$T/fsck")";;
-    xfs) xfs_repair -n "$rdev" >"$T/fsck" 2>&1 || fail "xfs_repair -n of the restored $fs: $(head -n 20 "$T/fsck")";;
-  esac
+  fsck_clean "$fs" "$rdev" "the restored $fs"
   ctl detach "$name-r" || fail "detach the restored $fs"
   log "  $fs: mkfs, mount, $(wc -l <"$T/$name.sums") files, detach refused while mounted, --freeze backup $gen, fsck clean, restore identical"
   rm -f "$T/$name.img" "$T/$name.restored"

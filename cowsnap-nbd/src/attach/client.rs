@@ -247,11 +247,8 @@ mod tests {
         let p = dir.path().join("d.img");
         std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
         let io = blockio::open(&OpenSpec {
-            path: p,
-            read_only: false,
-            exclusive: true,
             engine: blockio::IoEngine::Sync,
-            direct: false,
+            ..OpenSpec::origin(&p)
         })
         .unwrap();
         let engine = Engine::new(io, EngineConfig::default(), None).unwrap();

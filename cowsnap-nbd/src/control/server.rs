@@ -275,11 +275,8 @@ mod tests {
         let f = std::fs::File::create(&origin).unwrap();
         f.set_len(4 << 20).unwrap();
         let io = blockio::open(&OpenSpec {
-            path: origin.clone(),
-            read_only: false,
-            exclusive: true,
             engine: blockio::IoEngine::Sync,
-            direct: false,
+            ..OpenSpec::origin(&origin)
         })
         .unwrap();
         let engine = Engine::new(io, EngineConfig::default(), None).unwrap();
