@@ -12,9 +12,20 @@
 //!   | 0 | 0 | yes | preserved: the original sits in a container slot |
 //!   | 0 | 1 | no  | done: copied to the target; writes pass straight through |
 //!
+//!   A third plane, `zero`, marks pending chunks whose content at the instant is known
+//!   to be zeros without reading them: free space of the filesystem on the disk, holes
+//!   of a sparse origin file ([`ChunkMap::mark_zero`], after the instant). A zero
+//!   chunk is pending, never busy and never preserved: a write passes straight
+//!   through (the image holds zeros there whatever is written now), and the drainer
+//!   takes runs of whole zero granules without reading ([`ClaimResult::Claimed`] with
+//!   `zero` set) and hands them to the target as a zero range. Only whole granules
+//!   that are pending, not busy and hold no preserved chunk become zero, so a chunk a
+//!   writer already preserved or is preserving keeps its data path.
+//!
 //!   Preserved chunks are few (at most the container's slots), so they are kept in a
-//!   `BTreeMap<chunk, slot>` rather than a third full-size plane: memory is 2 bits per
-//!   chunk, 64 MiB for a 16 TiB disk at 64 KiB chunks. Busy marks are a small set
+//!   `BTreeMap<chunk, slot>` rather than a full-size plane: memory is 3 bits per
+//!   chunk with the zero plane below, 96 MiB for a 16 TiB disk at 64 KiB chunks. Busy
+//!   marks are a small set
 //!   (at most one per writer plus the drainer's batch).
 //! - Creating a map allocates the planes and sets `pending` (all ones, or the
 //!   change-log cut widened to whole target granules). Nothing is read from the disk:
@@ -150,7 +161,9 @@ pub enum WriteClaim {
 }
 
 /// A run of whole granules the drainer holds: every pending chunk in `first..end` is
-/// marked busy, the preserved ones are listed with their slots.
+/// marked busy, the preserved ones are listed with their slots. A `zero` claim is a run
+/// of zero granules, already done in the map (nothing to read, no busy marks): the
+/// target stores it as zeros.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// First chunk.
@@ -159,7 +172,13 @@ pub struct Claim {
     pub end: u64,
     /// Preserved chunks in the run, ascending.
     pub preserved: Vec<(u64, SlotIdx)>,
+    /// The run is known zeros (see the module notes).
+    pub zero: bool,
 }
+
+/// Most granules one zero claim takes (bounds the time the map's mutex is held:
+/// one bit-plane pass over this many granules).
+pub const MAX_ZERO_CLAIM_GRANULES: u64 = 1 << 16;
 
 /// Result of [`ChunkMap::try_claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +194,9 @@ pub enum ClaimResult {
 struct State {
     pending: BitVec<u64, Lsb0>,
     done: BitVec<u64, Lsb0>,
+    /// Pending chunks known to be zeros (module notes); a subset of `pending`.
+    zero: BitVec<u64, Lsb0>,
+    zero_count: u64,
     preserved: BTreeMap<u64, SlotIdx>,
     busy: HashSet<u64>,
     pending_count: u64,
@@ -227,6 +249,8 @@ impl ChunkMap {
             st: Mutex::new(State {
                 pending,
                 done: BitVec::repeat(false, n),
+                zero: BitVec::repeat(false, n),
+                zero_count: 0,
                 preserved: BTreeMap::new(),
                 busy: HashSet::new(),
                 pending_count,
@@ -280,16 +304,90 @@ impl ChunkMap {
         self.in_scope
     }
 
-    /// Bytes held by the two bit planes.
+    /// Bytes held by the bit planes.
     pub fn bitmap_bytes(&self) -> u64 {
         let st = self.lock();
-        ((st.pending.as_raw_slice().len() + st.done.as_raw_slice().len()) * 8) as u64
+        ((st.pending.as_raw_slice().len()
+            + st.done.as_raw_slice().len()
+            + st.zero.as_raw_slice().len())
+            * 8) as u64
+    }
+
+    /// Mark the whole granules inside chunks `first..end` that are pending, not busy
+    /// and hold no preserved chunk as known zeros (see the module notes). The caller
+    /// knows their content at the instant is zeros (or, for free space, irrelevant).
+    /// Returns how many bytes became zero. Works in pieces so writers are not kept
+    /// off the mutex for long.
+    pub fn mark_zero(&self, first: u64, end: u64) -> u64 {
+        let end = end.min(self.geo.nchunks);
+        // whole granules only: round the start up, the end down (the disk's last,
+        // short granule counts as whole when `end` reaches the disk's end)
+        let mut g = first.div_ceil(self.granule);
+        let g_end = if end == self.geo.nchunks {
+            self.granule_count()
+        } else {
+            end / self.granule
+        };
+        let mut marked = 0;
+        while g < g_end {
+            let piece_end = (g + MAX_ZERO_CLAIM_GRANULES).min(g_end);
+            let mut st = self.lock();
+            if st.dropped {
+                break;
+            }
+            // the common case: the whole piece is untouched, one pass over the planes
+            let (pa, pb) = (
+                (g * self.granule) as usize,
+                (piece_end * self.granule).min(self.geo.nchunks) as usize,
+            );
+            if st.pending[pa..pb].all()
+                && st.zero[pa..pb].not_any()
+                && st.preserved.range(pa as u64..pb as u64).next().is_none()
+                && !st.busy.iter().any(|&c| c >= pa as u64 && c < pb as u64)
+            {
+                st.zero[pa..pb].fill(true);
+                st.zero_count += (pb - pa) as u64;
+                marked += self.geo.end_off(pb as u64) - self.geo.chunk_off(pa as u64);
+                drop(st);
+                g = piece_end;
+                continue;
+            }
+            for gi in g..piece_end {
+                let a = (gi * self.granule) as usize;
+                let b = ((gi + 1) * self.granule).min(self.geo.nchunks) as usize;
+                if !st.pending[a..b].all() || st.zero[a..b].any() {
+                    continue;
+                }
+                if st.preserved.range(a as u64..b as u64).next().is_some()
+                    || st.busy.iter().any(|&c| c >= a as u64 && c < b as u64)
+                {
+                    continue;
+                }
+                st.zero[a..b].fill(true);
+                st.zero_count += (b - a) as u64;
+                marked += self.geo.end_off(b as u64) - self.geo.chunk_off(a as u64);
+            }
+            drop(st);
+            g = piece_end;
+        }
+        marked
+    }
+
+    /// Chunks currently marked zero and not yet taken by the drainer.
+    pub fn zero_count(&self) -> u64 {
+        self.lock().zero_count
     }
 
     /// State of chunk `c`.
     pub fn state(&self, c: u64) -> ChunkState {
         let st = self.lock();
         Self::state_of(&st, c)
+    }
+
+    /// State of chunk `c` and whether it is marked zero (one lock, so the two agree).
+    pub fn state_and_zero(&self, c: u64) -> (ChunkState, bool) {
+        let st = self.lock();
+        (Self::state_of(&st, c), st.zero[c as usize])
     }
 
     fn state_of(st: &State, c: u64) -> ChunkState {
@@ -319,7 +417,7 @@ impl ChunkMap {
     /// from true to false, never the other way).
     pub fn needs_preserve(&self, c: u64) -> bool {
         let st = self.lock();
-        !st.dropped && st.pending[c as usize]
+        !st.dropped && st.pending[c as usize] && !st.zero[c as usize]
     }
 
     /// A writer is about to change chunk `c`: wait while it is busy, then either pass
@@ -329,6 +427,10 @@ impl ChunkMap {
         let mut waited = false;
         loop {
             if st.dropped {
+                return WriteClaim::PassThrough { waited };
+            }
+            if st.zero[c as usize] {
+                // zeros in the image whatever is written now: nothing to preserve
                 return WriteClaim::PassThrough { waited };
             }
             if st.busy.contains(&c) {
@@ -424,10 +526,18 @@ impl ChunkMap {
         if st.dropped {
             return Ok(ClaimResult::Nothing);
         }
+        if g < limit && st.zero[(g * self.granule) as usize] {
+            return Ok(ClaimResult::Claimed(self.take_zero_run(
+                &mut st,
+                g,
+                limit.min(g + MAX_ZERO_CLAIM_GRANULES),
+            )));
+        }
         let mut claim = Claim {
             first: g * self.granule,
             end: g * self.granule,
             preserved: Vec::new(),
+            zero: false,
         };
         let mut gi = g;
         while gi < limit && gi - g < max.max(1) {
@@ -452,7 +562,8 @@ impl ChunkMap {
                     "unable to copy chunks {a}..{b}: the granule is partly copied"
                 ));
             }
-            if st.busy.iter().any(|&c| c >= a && c < b) {
+            if st.busy.iter().any(|&c| c >= a && c < b) || st.zero[a as usize] {
+                // busy, or a zero run: that goes in a claim of its own
                 break;
             }
             for c in a..b {
@@ -477,6 +588,27 @@ impl ChunkMap {
             }
         }
         Ok(ClaimResult::Nothing)
+    }
+
+    /// Take the run of zero granules from `g` (which is zero) up to `limit`: they
+    /// become done at once (nothing to read, so no busy marks).
+    fn take_zero_run(&self, st: &mut State, g: u64, limit: u64) -> Claim {
+        let a = (g * self.granule) as usize;
+        let max_end = (limit * self.granule).min(self.geo.nchunks) as usize;
+        // zero marks are whole granules, so the first non-zero chunk is on a boundary
+        let b = st.zero[a..max_end].first_zero().map_or(max_end, |i| a + i);
+        st.zero[a..b].fill(false);
+        st.pending[a..b].fill(false);
+        st.done[a..b].fill(true);
+        let n = (b - a) as u64;
+        st.zero_count -= n;
+        st.pending_count -= n;
+        Claim {
+            first: a as u64,
+            end: b as u64,
+            preserved: Vec::new(),
+            zero: true,
+        }
     }
 
     /// The drainer has read the pending chunks of `claim` (into memory): they are done
@@ -668,8 +800,63 @@ mod tests {
     }
 
     #[test]
-    fn bitmap_size_is_two_bits_per_chunk() {
+    fn bitmap_size_is_three_bits_per_chunk() {
         let m = ChunkMap::new(geo(1 << 30), 1, None);
-        assert_eq!(m.bitmap_bytes(), 2 * (16384 / 8));
+        assert_eq!(m.bitmap_bytes(), 3 * (16384 / 8));
+    }
+
+    #[test]
+    fn zero_marks_only_whole_untouched_granules() {
+        // 10 chunks, granules of 4 (the last one short: chunks 8..10)
+        let m = ChunkMap::new(geo(10 * 65536), 4, None);
+        // a writer is preserving chunk 1, chunk 5 is preserved already
+        assert_eq!(m.claim_for_write(1), WriteClaim::Preserve { waited: false });
+        assert_eq!(m.claim_for_write(5), WriteClaim::Preserve { waited: false });
+        m.mark_preserved(5, SlotIdx(0));
+        // partial granules at both ends are left alone: 3..10 covers granule 2 only
+        // whole, and the short last granule counts as whole at the disk's end
+        assert_eq!(m.mark_zero(3, 10), 2 * 65536);
+        assert_eq!(m.zero_count(), 2);
+        // granules 0 (busy chunk) and 1 (preserved chunk) were refused
+        assert_eq!(m.mark_zero(0, 8), 0);
+        m.release(1);
+        assert_eq!(m.mark_zero(0, 4), 4 * 65536);
+        assert_eq!(m.mark_zero(0, 4), 0, "marking twice counts once");
+        // a write to a zero chunk needs nothing preserved and never waits
+        assert!(!m.needs_preserve(9));
+        assert_eq!(
+            m.claim_for_write(9),
+            WriteClaim::PassThrough { waited: false }
+        );
+        assert_eq!(m.state_and_zero(9), (ChunkState::Pending, true));
+        assert_eq!(m.remaining(), 10);
+    }
+
+    #[test]
+    fn zero_runs_are_claimed_on_their_own_and_done_at_once() {
+        let m = ChunkMap::new(geo(12 * 65536), 2, None);
+        // granules 1, 2, 3 (chunks 2..8) zero; granule 0 and 4.. normal
+        assert_eq!(m.mark_zero(2, 8), 6 * 65536);
+        // a normal claim stops before the zero run
+        let ClaimResult::Claimed(c) = m
+            .try_claim(GranuleIdx(0), 10, GranuleIdx(6), false)
+            .unwrap()
+        else {
+            panic!("no claim")
+        };
+        assert_eq!((c.first, c.end, c.zero), (0, 2, false));
+        m.mark_copied(&c);
+        // the zero run is one claim, done already, nothing busy
+        let ClaimResult::Claimed(z) = m.try_claim(GranuleIdx(1), 1, GranuleIdx(6), false).unwrap()
+        else {
+            panic!("no zero claim")
+        };
+        assert_eq!((z.first, z.end, z.zero), (2, 8, true));
+        for c in 2..8 {
+            assert_eq!(m.state_and_zero(c), (ChunkState::Done, false));
+        }
+        assert_eq!(m.zero_count(), 0);
+        assert_eq!(m.remaining(), 4);
+        assert_eq!(m.next_work_from(2), Some(8));
     }
 }

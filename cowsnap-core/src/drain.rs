@@ -22,6 +22,11 @@
 //! and revisited; the drainer never waits while holding a mark. When nothing can be
 //! claimed it waits for a state change (at most 5 ms) and decides again.
 //!
+//! Runs of whole granules known to be zeros at the instant (free space of the
+//! filesystem, holes: `ChunkMap::mark_zero`) are claimed on their own, up to
+//! `chunk_map::MAX_ZERO_CLAIM_GRANULES` at a time, and handed to the target as one
+//! zero range (`Target::write_zeroes`) without reading or a buffer.
+//!
 //! Failure: any origin, container or target error fails the snapshot (releasing every
 //! writer) and ends the drain with that error.
 
@@ -196,6 +201,16 @@ impl<'a> Drainer<'a> {
         let off = geo.chunk_off(claim.first);
         let end = geo.end_off(claim.end);
         let len = (end - off) as usize;
+        if claim.zero {
+            // known zeros (free space, holes): a range, never a zero-filled buffer
+            self.target
+                .write_zeroes(off, end - off)
+                .map_err(|e| e.with_context("unable to write the backup target"))?;
+            let n = claim.end - claim.first;
+            self.snap.stats.copied.fetch_add(n, Ordering::Relaxed);
+            self.snap.stats.zero.fetch_add(n, Ordering::Relaxed);
+            return Ok(());
+        }
         self.buf.resize(len);
         if let Err(e) = self.fill(claim, off) {
             self.snap.map.abandon(claim);
@@ -297,6 +312,7 @@ mod tests {
     struct Rec {
         granule: u32,
         writes: Writes,
+        zeroes: Arc<Mutex<Vec<(u64, u64)>>>,
         fail: bool,
     }
 
@@ -317,6 +333,17 @@ mod tests {
             self.writes.lock().unwrap().push((off, data.to_vec()));
             Ok(())
         }
+        fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
+            if self.fail {
+                return Err(crate::err!(Io, "target full"));
+            }
+            self.zeroes.lock().unwrap().push((off, len));
+            self.writes
+                .lock()
+                .unwrap()
+                .push((off, vec![0u8; len as usize]));
+            Ok(())
+        }
         fn commit(self: Box<Self>) -> Result<TargetSummary> {
             Ok(TargetSummary::default())
         }
@@ -329,6 +356,7 @@ mod tests {
         data: Vec<u8>,
         snap: Snapshot,
         writes: Writes,
+        zeroes: Arc<Mutex<Vec<(u64, u64)>>>,
     }
 
     fn setup(size: u64, granule: u32, slots: u64) -> Setup {
@@ -350,6 +378,7 @@ mod tests {
             data,
             snap,
             writes: Arc::new(Mutex::new(Vec::new())),
+            zeroes: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -357,6 +386,7 @@ mod tests {
         Rec {
             granule,
             writes: s.writes.clone(),
+            zeroes: s.zeroes.clone(),
             fail: false,
         }
     }
@@ -476,5 +506,29 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("backup canceled"), "{e}");
         assert!(s.writes.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn zero_granules_go_to_the_target_as_ranges_unread() {
+        // 16 chunks, granules of 2; chunks 4..12 known zero (free space, say)
+        let size = 16 * CSU;
+        let s = setup(size, 2, 4);
+        assert_eq!(s.snap.map.mark_zero(4, 12), 8 * CSU);
+        let mut t = rec(&s, 2);
+        Drainer::new(&*s.origin, &s.snap, &mut t, None)
+            .run()
+            .unwrap();
+        // one range, though the origin holds data there: it was not read
+        assert_eq!(*s.zeroes.lock().unwrap(), vec![(4 * CSU, 8 * CSU)]);
+        let mut want = s.data.clone();
+        want[(4 * CSU) as usize..(12 * CSU) as usize].fill(0);
+        assert_eq!(image(&s), want);
+        assert_eq!(s.snap.stats.copied.load(Ordering::Relaxed), 16);
+        assert_eq!(s.snap.stats.zero.load(Ordering::Relaxed), 8);
+        assert_eq!(
+            s.snap.stats.bytes_copied.load(Ordering::Relaxed),
+            8 * CSU,
+            "only the data chunks were read"
+        );
     }
 }

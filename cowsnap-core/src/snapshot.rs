@@ -23,9 +23,11 @@
 //!   woken and passes through, and the write goes on to the origin.
 
 use crate::aligned::AlignedBuf;
+use crate::blockio::check_range;
 use crate::blockio::BlockIo;
-use crate::chunk_map::{ChunkMap, Geometry, WriteClaim};
+use crate::chunk_map::{ChunkMap, ChunkState, Geometry, WriteClaim};
 use crate::container::{Container, SlotPool};
+use crate::error::Result;
 use crate::throttle::ThrottleConfig;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,6 +61,12 @@ pub struct SnapStats {
     pub copied: AtomicU64,
     /// Bytes handed to the target.
     pub bytes_copied: AtomicU64,
+    /// Chunks handed to the target as known zeros (counted in `copied` too).
+    pub zero: AtomicU64,
+    /// Bytes found free in the filesystem on the disk and so stored as zeros.
+    pub excluded_free: AtomicU64,
+    /// Bytes found to be holes of a sparse origin and so stored as zeros.
+    pub excluded_holes: AtomicU64,
 }
 
 /// One snapshot of a disk.
@@ -161,6 +169,45 @@ impl Snapshot {
                 f.0 = f.0.max(new_start);
             }
         }
+    }
+
+    /// Read `buf.len()` bytes at `off` as they were at the snapshot instant, while
+    /// writers run: a pending chunk is read from the origin and is still pending
+    /// afterwards (a writer writes the origin only after it marked the chunk
+    /// preserved, so data read before that is the instant's), else it is read from its
+    /// container slot. Only valid before the drainer starts (a drained chunk's original
+    /// is gone and its slot may be reused): chunks done or out of scope are refused.
+    pub fn read_view(&self, origin: &dyn BlockIo, buf: &mut [u8], off: u64) -> Result<()> {
+        let geo = *self.geometry();
+        check_range(geo.disk_size, off, buf.len() as u64, "snapshot read")?;
+        let mut pos = 0usize;
+        for c in geo.chunks_of(off, buf.len() as u64) {
+            let a = geo.chunk_off(c).max(off);
+            let b = geo.end_off(c + 1).min(off + buf.len() as u64);
+            let piece = &mut buf[pos..pos + (b - a) as usize];
+            pos += piece.len();
+            // the origin first; the state afterwards says whether that was the instant
+            origin.read_at(piece, a)?;
+            match self.map.state_and_zero(c) {
+                // known zeros: writes pass through such a chunk, the image holds zeros
+                (ChunkState::Pending, true) => piece.fill(0),
+                (ChunkState::Pending, false) => {}
+                (ChunkState::Preserved(slot), _) => {
+                    let n = geo.chunk_len(c) as usize;
+                    let mut whole = vec![0u8; n];
+                    self.container.read_slot(slot, &mut whole)?;
+                    let skip = (a - geo.chunk_off(c)) as usize;
+                    piece.copy_from_slice(&whole[skip..skip + piece.len()]);
+                }
+                (ChunkState::Done | ChunkState::OutOfScope, _) => {
+                    return Err(crate::err!(
+                        InvalidInput,
+                        "unable to read chunk {c} as of the snapshot: it is not held by it"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The write-path hook: preserve every pending chunk of `off..off+len` before the
@@ -307,5 +354,53 @@ mod tests {
             }
         }
         assert_eq!(snap.stats.holds.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn read_view_sees_the_instant_while_writers_change_the_origin() {
+        use crate::chunk_map::{ClaimResult, GranuleIdx};
+        const CS: u32 = 4096;
+        let size = 8 * u64::from(CS);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i / 512 % 251) as u8 + 1).collect();
+        std::fs::write(file.path(), &data).unwrap();
+        let mut spec = crate::blockio::OpenSpec::origin(file.path());
+        spec.engine = crate::blockio::IoEngine::Sync;
+        let origin = crate::blockio::open(&spec).unwrap();
+        let geo = Geometry::new(size, CS).unwrap();
+        let snap = Snapshot::new(
+            ChunkMap::new(geo, 1, None),
+            Box::new(RamContainer::new(4 * u64::from(CS), CS).unwrap()),
+            ThrottleConfig::default(),
+        );
+        // a writer changes chunk 2 (preserving it first, as the engine does)
+        snap.preserve(&*origin, 2 * 4096 + 100, 10);
+        origin.write_at(&[0xEE; 10], 2 * 4096 + 100).unwrap();
+        // chunk 6 is marked zero and then written through
+        assert_eq!(snap.map.mark_zero(6, 7), 4096);
+        origin.write_at(&[0xDD; 4096], 6 * 4096).unwrap();
+        // a read across chunks 1..7, not chunk aligned
+        let mut buf = vec![0u8; 5 * 4096 + 300];
+        snap.read_view(&*origin, &mut buf, 4096 + 50).unwrap();
+        let mut want = data[4096 + 50..4096 + 50 + buf.len()].to_vec();
+        let z = 6 * 4096 - (4096 + 50);
+        want[z..].fill(0);
+        assert_eq!(buf, want, "the instant's bytes, zeros where marked zero");
+        // beyond the disk: refused
+        assert!(snap.read_view(&*origin, &mut [0u8; 10], size - 5).is_err());
+        // a chunk no longer held by the snapshot: refused
+        snap.map.mark_zero(7, 8);
+        let ClaimResult::Claimed(c) = snap
+            .map
+            .try_claim(GranuleIdx(7), 1, GranuleIdx(8), false)
+            .unwrap()
+        else {
+            panic!("no claim")
+        };
+        assert!(c.zero);
+        let e = snap
+            .read_view(&*origin, &mut [0u8; 10], 7 * 4096)
+            .unwrap_err();
+        assert!(e.to_string().contains("not held"), "{e}");
     }
 }

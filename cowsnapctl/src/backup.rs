@@ -12,6 +12,7 @@ use crate::parse::{check_target, human_bytes, parse_duration, parse_ranges, pars
 use crate::status::backup_line;
 use crate::{freeze, Dirs};
 use anyhow::{anyhow, bail, Context, Result};
+use cowsnap_core::backup::BackupState;
 use cowsnap_nbd::control::{self, BackupParams, BackupStatus, Client, Request};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -53,6 +54,11 @@ pub struct BackupArgs {
     /// Read-side rate limit in bytes per second (e.g. 100M).
     #[arg(long)]
     pub rate_limit: Option<String>,
+    /// Read and store every block: do not learn the free space of the filesystem on
+    /// the disk or the holes of a sparse origin (both are otherwise stored as zeros
+    /// without being read).
+    #[arg(long)]
+    pub all_blocks: bool,
     /// Print JSON event lines (also the default when stdout is not a terminal).
     #[arg(long)]
     pub json: bool,
@@ -162,6 +168,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
         rate_limit,
         quiesce_idle_ms: idle.as_millis() as u64,
         quiesce_timeout_ms: timeout.as_millis() as u64,
+        all_blocks: a.all_blocks,
     };
     // Early, for a clear error before any freeze; the daemon checks again before it
     // opens anything (it also knows the disk's default container).
@@ -300,8 +307,8 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                 b.throttle_delay_ms
             ));
         }
-        match b.state.as_str() {
-            "complete" => {
+        match b.state {
+            BackupState::Complete => {
                 if let Some(pb) = &bar {
                     pb.finish_and_clear();
                 }
@@ -316,13 +323,20 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                         crate::parse::human_secs(b.elapsed_ms / 1000),
                         backup_line(&b)
                     );
+                    println!(
+                        "scope {}: {} read, {} free space and {} holes stored as zeros unread",
+                        human_bytes(b.bytes_in_scope),
+                        human_bytes(b.bytes_copied),
+                        human_bytes(b.bytes_excluded_free),
+                        human_bytes(b.bytes_excluded_zero)
+                    );
                     for n in &b.notes {
                         println!("note: {n}");
                     }
                 }
                 return Ok(if cancel_sent { 130 } else { 0 });
             }
-            "failed" | "cancelled" | "canceled" => {
+            BackupState::Failed => {
                 if let Some(pb) = &bar {
                     pb.finish_and_clear();
                 }
@@ -336,7 +350,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                 }
                 bail!("backup of {} to {} failed: {msg}", a.name, a.to);
             }
-            _ => {
+            BackupState::Quiescing | BackupState::Running => {
                 if json && last_event.elapsed() >= Duration::from_secs(1) {
                     event("progress", Some(&b), serde_json::json!({}));
                     last_event = Instant::now();

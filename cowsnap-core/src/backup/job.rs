@@ -107,4 +107,8 @@ fn fill_figures(st: &mut BackupStatus, s: &Snapshot) {
     st.elapsed_ms = s.started.elapsed().as_millis() as u64;
     st.container = s.container.describe();
     st.bitmap_bytes = s.map.bitmap_bytes();
+    let geo = s.geometry();
+    st.bytes_in_scope = (s.map.in_scope() * u64::from(geo.chunk_size)).min(geo.disk_size);
+    st.bytes_excluded_free = s.stats.excluded_free.load(Ordering::Relaxed);
+    st.bytes_excluded_zero = s.stats.excluded_holes.load(Ordering::Relaxed);
 }

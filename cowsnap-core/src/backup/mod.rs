@@ -7,6 +7,8 @@
 //! - `job.rs`: one job's state and figures.
 //! - `quiesce.rs`: waiting for an idle window before the instant.
 //! - `run.rs`: the snapshot instant, the drainer thread, commit or abort.
+//! - `scope.rs`: after the instant, before the drainer: what need not be read (holes,
+//!   free space), marked as known zeros.
 //!
 //! Design notes
 //! - One backup at a time per disk: a second `start` while one is quiescing or
@@ -33,6 +35,7 @@
 mod job;
 mod quiesce;
 mod run;
+mod scope;
 
 use crate::container::Container;
 use crate::engine::Engine;
@@ -69,6 +72,9 @@ pub struct BackupParams {
     /// Give up waiting for an idle window after this long (0 = 80 s).
     #[serde(default)]
     pub quiesce_timeout_ms: u64,
+    /// Back up every block: do not learn free space or holes (`--all-blocks`).
+    #[serde(default)]
+    pub all_blocks: bool,
 }
 
 /// Where a backup job is. On the wire (control protocol, `--json`) it is the lower-case
@@ -162,6 +168,16 @@ pub struct BackupStatus {
     /// Bytes the target reported as stored (after commit).
     #[serde(default)]
     pub bytes_stored: u64,
+    /// Bytes in the backup's scope at the instant (chunks in scope × chunk size).
+    #[serde(default)]
+    pub bytes_in_scope: u64,
+    /// Bytes of the scope found free in the filesystem on the disk: stored as zeros,
+    /// not read.
+    #[serde(default)]
+    pub bytes_excluded_free: u64,
+    /// Bytes of the scope that are holes of a sparse origin: stored as zeros, not read.
+    #[serde(default)]
+    pub bytes_excluded_zero: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -138,6 +138,8 @@ pub(super) fn start(
     let job2 = job.clone();
     let snap2 = snap.clone();
     let rate = p.rate_limit;
+    let full = matches!(scope, Scope::All);
+    let all_blocks = p.all_blocks;
     let spawned = std::thread::Builder::new()
         .name("cowsnap-drain".into())
         .spawn(move || {
@@ -145,6 +147,13 @@ pub(super) fn start(
             // a panic in the drainer must not leave writers held: it fails the
             // snapshot like any other drain error
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                super::scope::exclude_known_zeros(
+                    &**engine2.origin(),
+                    &snap2,
+                    &job2,
+                    full,
+                    all_blocks,
+                );
                 Drainer::new(&**engine2.origin(), &snap2, &mut *target, rate).run()
             }));
             let res = match res {

@@ -437,6 +437,43 @@ impl Target for RepoTarget {
         Ok(())
     }
 
+    fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
+        let Some(info) = &self.info else {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to store zeros: backup not begun"
+            ));
+        };
+        let disk_size = info.disk_size;
+        let cs = self.repo.chunk_size() as u64;
+        crate::blockio::check_range(disk_size, off, len, "repository zero range")?;
+        let end = off + len;
+        if off & (cs - 1) != 0 || (end & (cs - 1) != 0 && end != disk_size) {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to store zeros over {off}..{end}: not whole repository chunks of {cs} bytes"
+            ));
+        }
+        // no work for the pool: the index entry is the zero hash, taking precedence
+        // over anything handed over earlier for the same chunk (like a later write)
+        let (first, last) = ((off / cs) as usize, end.div_ceil(cs) as usize);
+        let mut sh = lock_shared(&self.shared);
+        if let Some(e) = &sh.error {
+            return Err(crate::Error::new(e.kind(), e.to_string()));
+        }
+        for i in first..last {
+            self.work_seq += 1;
+            sh.latest[i] = self.work_seq;
+            sh.hashes[i] = ZERO_HASH;
+            sh.chunks_zero += 1;
+            if !self.written[i] {
+                self.written[i] = true;
+                self.stats.chunks_written += 1;
+            }
+        }
+        Ok(())
+    }
+
     fn commit(mut self: Box<Self>) -> Result<TargetSummary> {
         let Some(info) = self.info.clone() else {
             return Err(crate::err!(

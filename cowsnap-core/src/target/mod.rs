@@ -125,6 +125,10 @@ pub trait Target: Send {
     /// Store `data` (whole granules, `data.len()` a multiple of the chunk size except
     /// at the disk's end) at byte offset `off`.
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()>;
+    /// Store zeros over `off..off+len` (whole granules, like `write`): known zeros at
+    /// the instant (free space, holes), handed over as a range so that a large,
+    /// mostly empty disk costs what it holds. No default: a target must store them.
+    fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()>;
     /// Make everything durable and mark the target complete.
     fn commit(self: Box<Self>) -> Result<TargetSummary>;
     /// Leave the target marked incomplete, with the reason.

@@ -206,6 +206,29 @@ impl Target for RawImage {
         Ok(())
     }
 
+    fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
+        crate::blockio::check_range(self.disk_size, off, len, "image zero range")?;
+        let (mut off, mut len) = (off, len);
+        if self.device && off == 0 && len > 0 {
+            // the first chunk is zeroed at begin and written at commit: keep zeros
+            let n = self.first_len().min(len);
+            self.held_first = Some(vec![0u8; n as usize]);
+            off += n;
+            len -= n;
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if self.device {
+            // a device holds anything: zero it (BLKZEROOUT or written zeros)
+            self.io
+                .write_zeroes(off, len, false)
+                .map_err(|e| e.with_context(self.ctx("zero")))?;
+        }
+        // a file image was created empty at its full size: its holes read as zeros
+        Ok(())
+    }
+
     fn commit(mut self: Box<Self>) -> Result<TargetSummary> {
         self.io
             .flush()

@@ -184,6 +184,8 @@ pub struct TargetState {
     pub chunk: u32,
     /// Writes that found the target paused (and waited).
     pub blocked: AtomicUsize,
+    /// Ranges handed over as known zeros (`write_zeroes`), in order.
+    pub zero_ranges: Mutex<Vec<(u64, u64)>>,
 }
 
 impl TargetState {
@@ -228,6 +230,7 @@ impl MemTarget {
             began: AtomicBool::new(false),
             chunk,
             blocked: AtomicUsize::new(0),
+            zero_ranges: Mutex::new(Vec::new()),
         });
         (
             Box::new(MemTarget {
@@ -292,6 +295,11 @@ impl Target for MemTarget {
         self.st.writes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
+    fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
+        // test disks are small: the same checks as a write of zeros
+        self.st.zero_ranges.lock().unwrap().push((off, len));
+        self.write(off, &vec![0u8; len as usize])
+    }
     fn commit(self: Box<Self>) -> Result<TargetSummary> {
         assert!(
             self.st.written.lock().unwrap().iter().all(|&w| w),
@@ -336,6 +344,10 @@ impl Target for Spy {
     fn write(&mut self, off: u64, d: &[u8]) -> Result<()> {
         self.1.lock().unwrap().push(off);
         self.0.write(off, d)
+    }
+    fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
+        self.1.lock().unwrap().push(off);
+        self.0.write_zeroes(off, len)
     }
     fn commit(self: Box<Self>) -> Result<TargetSummary> {
         self.0.commit()

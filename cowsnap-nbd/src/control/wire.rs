@@ -276,6 +276,7 @@ mod tests {
                 rate_limit: Some(100 << 20),
                 quiesce_idle_ms: 3000,
                 quiesce_timeout_ms: 80000,
+                all_blocks: true,
             },
         });
     }
@@ -302,6 +303,10 @@ mod tests {
                 assert_eq!(params.to, "file:/x");
                 assert_eq!(params.container, None);
                 assert_eq!(params.quiesce_idle_ms, 0);
+                assert!(
+                    !params.all_blocks,
+                    "an older client learns free space by default"
+                );
             }
             other => panic!("{other:?}"),
         }
