@@ -178,6 +178,10 @@ pub struct BackupStatus {
     /// Bytes of the scope that are holes of a sparse origin: stored as zeros, not read.
     #[serde(default)]
     pub bytes_excluded_zero: u64,
+    /// How long writes were paused for the snapshot instant, µs (from the moment no
+    /// data-changing request was in flight to the installed snapshot).
+    #[serde(default)]
+    pub instant_pause_us: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

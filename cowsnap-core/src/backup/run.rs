@@ -51,6 +51,12 @@ pub(super) fn start(
         Some(t) => t,
         None => target::open(&p.to, &geo, &cfg.name, p.incremental)?,
     };
+    // the parent's index is loaded now, while writes run, not under the pause
+    if let Some(cl) = engine.changelog() {
+        if target.uses_change_log() {
+            target.prepare(cl.relative_to().as_deref());
+        }
+    }
     let gate = match quiesce(engine, job, &p) {
         Ok(g) => g,
         Err(e) => {
@@ -59,6 +65,7 @@ pub(super) fn start(
         }
     };
     // ---- the snapshot instant: no data-changing request is in flight ----
+    let paused_at = std::time::Instant::now();
     let changelog = engine.changelog();
     let cut: Option<Cut> = match changelog {
         Some(cl) if target.uses_change_log() => match cl.begin_generation() {
@@ -107,7 +114,9 @@ pub(super) fn start(
         .unwrap_or(0);
     gate.install(snap.clone());
     // ---- writers run again; pending chunks are now preserved before changing ----
+    let pause_us = paused_at.elapsed().as_micros() as u64;
     job.run(snap.clone());
+    job.update(|st| st.instant_pause_us = pause_us);
     // a cancel that raced with the instant (it saw no snapshot yet)
     if job.is_canceled() {
         snap.fail("backup canceled");

@@ -172,6 +172,13 @@ pub struct RepoTarget {
     tracking_chunk: u32,
     _lock: File,
     parent: Option<(GenerationInfo, FixedIndex)>,
+    /// The parent resolved before the instant, for the generation id it was resolved
+    /// for (see `Target::prepare`).
+    #[allow(clippy::type_complexity)]
+    prepared: Option<(
+        String,
+        std::result::Result<(GenerationInfo, FixedIndex), String>,
+    )>,
     cut_lineage: Option<String>,
     scope: Option<Scope>,
     notes: Vec<String>,
@@ -219,6 +226,7 @@ impl RepoTarget {
             tracking_chunk,
             _lock: lock,
             parent: None,
+            prepared: None,
             cut_lineage: None,
             scope: None,
             notes: Vec::new(),
@@ -247,6 +255,29 @@ impl RepoTarget {
                 Some(r) => format!("the change log was reset: {r}"),
                 None => "the change log is not relative to any generation".to_string(),
             })?;
+        // Resolved before the instant (`prepare`) when the change log was already
+        // relative to this generation: then the instant does no I/O here.
+        let (parent, idx) = match self.prepared.take() {
+            Some((id, r)) if id == rel => r?,
+            _ => self.resolve_parent(rel)?,
+        };
+        if parent.lineage != cut.lineage {
+            self.notes.push(format!(
+                "incremental relative to generation {} (this disk was restored from it)",
+                parent.id
+            ));
+        }
+        self.cut_lineage = Some(cut.lineage.clone());
+        self.parent = Some((parent, idx));
+        Ok(Scope::Changed)
+    }
+
+    /// Find the generation `rel` in this repository and load its index, checking it
+    /// can be a parent. I/O: a listing, the index, a readdir of the quarantine.
+    fn resolve_parent(
+        &self,
+        rel: &str,
+    ) -> std::result::Result<(GenerationInfo, FixedIndex), String> {
         // The parent is the generation the change log is relative to (a disk restored
         // from another disk's generation, under another name, has it as its parent),
         // when this repository holds it complete. It need not be the newest of this
@@ -277,9 +308,9 @@ impl RepoTarget {
             .map_err(|e| format!("parent unusable: {e}"))?;
         // Unchanged chunks take the parent's hashes unread: only sound if the parent's
         // chunks are there. A quarantined (damaged) one must be read from the disk and
-        // stored afresh, so read everything (dedup keeps it cheap). This runs while
-        // writes are paused, so it is one readdir of the quarantine; chunks missing for
-        // any other reason are caught at commit.
+        // stored afresh, so read everything (dedup keeps it cheap). One readdir of the
+        // quarantine; chunks missing for any other reason (also one quarantined after
+        // this check) are caught at commit, which refuses to publish.
         let q = self
             .repo
             .store()
@@ -301,21 +332,19 @@ impl RepoTarget {
                 parent.id
             ));
         }
-        if parent.lineage != cut.lineage {
-            self.notes.push(format!(
-                "incremental relative to generation {} (this disk was restored from it)",
-                parent.id
-            ));
-        }
-        self.cut_lineage = Some(cut.lineage.clone());
-        self.parent = Some((parent, idx));
-        Ok(Scope::Changed)
+        Ok((parent, idx))
     }
 }
 
 impl Target for RepoTarget {
     fn granule_chunks(&self) -> u32 {
         (self.repo.chunk_size() / self.tracking_chunk).max(1)
+    }
+
+    fn prepare(&mut self, relative_to: Option<&str>) {
+        if let (true, Some(rel)) = (self.params.incremental, relative_to) {
+            self.prepared = Some((rel.to_string(), self.resolve_parent(rel)));
+        }
     }
 
     fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope> {

@@ -118,6 +118,13 @@ pub trait Target: Send {
     fn uses_change_log(&self) -> bool {
         true
     }
+    /// Before the instant (writes still run), with the generation the disk's change
+    /// log is relative to now: do the I/O `scope` would need (a repository target
+    /// resolves and loads its parent's index), so the instant itself does none. Only a
+    /// preparation: `scope` checks it still matches the cut. The default does nothing.
+    fn prepare(&mut self, relative_to: Option<&str>) {
+        let _ = relative_to;
+    }
     /// Which chunks must be read; called once, at the snapshot instant, with the cut.
     fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope>;
     /// Called once before any data, with facts about the snapshot.
