@@ -449,3 +449,52 @@ fn a_chunk_handed_over_twice_keeps_the_last_data() {
     let g = t.commit().unwrap().generation.unwrap();
     assert_eq!(hash(&restore_bytes(&repo, &g, d.path())), hash(&disk));
 }
+
+/// The parent is resolved before the instant (`prepare`): `scope` at the instant then
+/// reads nothing — shown by removing the parent's index between the two, which a
+/// `scope` that loads the index would report as "parent unusable". A `prepare` for
+/// another generation than the cut's is not used.
+#[test]
+fn prepare_resolves_the_parent_before_the_instant() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(4 * MIB, 91);
+    let g1 = backup(&repo, "p", &disk, None, "l1", false)
+        .summary
+        .generation
+        .unwrap();
+    let mut changed = bitvec::vec::BitVec::new();
+    changed.resize(disk.len() / TCS as usize, false);
+    let cut = Cut {
+        changed,
+        relative_to: Some(g1.clone()),
+        lineage: "l1".into(),
+        ..Default::default()
+    };
+    let open = || {
+        cowsnap_core::repo::open_target(
+            &repo,
+            cowsnap_core::repo::RepoTargetParams {
+                disk_name: "p".into(),
+                incremental: true,
+            },
+            TCS,
+        )
+        .unwrap()
+    };
+    let index = repo.join("generations").join(format!("{g1}.idx"));
+    let saved = std::fs::read(&index).unwrap_or_else(|e| panic!("{}: {e}", index.display()));
+    // prepared for g1, index gone before the instant: still incremental
+    let mut t = open();
+    t.prepare(Some(&g1));
+    std::fs::remove_file(&index).unwrap();
+    assert!(matches!(t.scope(Some(&cut)).unwrap(), Scope::Changed));
+    t.abort("test");
+    // prepared for another generation: scope resolves itself, finds no index, and
+    // falls back to a full read
+    let mut t = open();
+    t.prepare(Some("20000101T000000.000Z-00000000"));
+    assert!(matches!(t.scope(Some(&cut)).unwrap(), Scope::All));
+    t.abort("test");
+    std::fs::write(&index, saved).unwrap();
+}
