@@ -93,6 +93,7 @@ pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod freespace;
 pub mod fsutil;
 pub mod identity;
 pub mod mountinfo;

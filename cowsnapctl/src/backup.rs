@@ -54,9 +54,9 @@ pub struct BackupArgs {
     /// Read-side rate limit in bytes per second (e.g. 100M).
     #[arg(long)]
     pub rate_limit: Option<String>,
-    /// Read and store every block: do not learn the free space of the filesystem on
-    /// the disk or the holes of a sparse origin (both are otherwise stored as zeros
-    /// without being read).
+    /// Read and store free space too: do not learn the free space of the filesystem on
+    /// the disk (otherwise stored as zeros without being read). Holes of a sparse
+    /// origin file are zeros and are never read.
     #[arg(long)]
     pub all_blocks: bool,
     /// Print JSON event lines (also the default when stdout is not a terminal).

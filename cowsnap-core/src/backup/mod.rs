@@ -72,7 +72,8 @@ pub struct BackupParams {
     /// Give up waiting for an idle window after this long (0 = 80 s).
     #[serde(default)]
     pub quiesce_timeout_ms: u64,
-    /// Back up every block: do not learn free space or holes (`--all-blocks`).
+    /// Read free space too: do not learn the filesystem's free space (`--all-blocks`;
+    /// holes of a sparse origin are zeros and stay unread).
     #[serde(default)]
     pub all_blocks: bool,
 }

@@ -18,7 +18,8 @@
 //!   full backups only, and the output says so.
 //! - Anything unknown (no filesystem found, unsupported features, damaged metadata, a
 //!   journal that cannot be read) means: back up every block, and say why in the
-//!   backup's notes. `--all-blocks` (`BackupParams::all_blocks`) turns all of this off.
+//!   backup's notes. `--all-blocks` (`BackupParams::all_blocks`) turns the free-space
+//!   exclusion off; holes are still not read (they are zeros, as they always were).
 //! - Writers run meanwhile; they preserve into the container as usual (the drainer
 //!   has not started, so a slow probe can fill the container and hold writers until
 //!   it ends: the probe reads metadata only — bitmaps, b-trees, the journal).
@@ -26,6 +27,7 @@
 use super::job::Job;
 use crate::blockio::BlockIo;
 use crate::error::Result;
+use crate::freespace::Probe;
 use crate::snapshot::Snapshot;
 use std::sync::atomic::Ordering;
 
@@ -43,10 +45,8 @@ pub(super) fn exclude_known_zeros(
     all_blocks: bool,
 ) {
     if all_blocks {
-        job.note("--all-blocks: free space and holes are read and stored like data".into());
-        return;
-    }
-    if full {
+        job.note("--all-blocks: free space of the filesystem is read and stored".into());
+    } else if full {
         match probe_fs(origin, snap) {
             Ok(found) => {
                 let bytes = mark_ranges(snap, &found.ranges);
@@ -144,8 +144,24 @@ struct FsFree {
 }
 
 /// Read the filesystem's free space as of the instant.
-fn probe_fs(_origin: &dyn BlockIo, _snap: &Snapshot) -> std::result::Result<FsFree, String> {
-    Err("no filesystem reader in this build".into())
+fn probe_fs(origin: &dyn BlockIo, snap: &Snapshot) -> std::result::Result<FsFree, String> {
+    let size = snap.geometry().disk_size;
+    let mut read = |off: u64, buf: &mut [u8]| snap.read_view(origin, buf, off);
+    match crate::freespace::probe(&mut read, size) {
+        Ok(Probe::Free {
+            fs,
+            ranges,
+            free_bytes,
+            caveat,
+        }) => Ok(FsFree {
+            fs,
+            ranges,
+            free_bytes,
+            caveat,
+        }),
+        Ok(Probe::Unknown { why }) => Err(why),
+        Err(e) => Err(format!("reading the filesystem failed: {e}")),
+    }
 }
 
 fn human(b: u64) -> String {
