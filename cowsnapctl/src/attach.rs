@@ -21,6 +21,9 @@ use cowsnap_nbd::attach::{self, client, fuse, netlink, AttachRecord, Via};
 use cowsnap_nbd::control::{self, Request, StatusInfo};
 use cowsnap_nbd::name_lock::{self, NameLock};
 use cowsnap_nbd::paths::{self, DiskPaths};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::io::{Read, Seek};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
@@ -289,14 +292,14 @@ pub fn start_daemon(
     cmd.stdin(Stdio::null())
         .stdout(logf.try_clone().context("unable to duplicate the log fd")?)
         .stderr(logf);
-    // SAFETY: setsid and fcntl are async-signal-safe and touch no memory of the
-    // parent; clearing FD_CLOEXEC lets the daemon inherit the locked name lock.
+    // SAFETY: the hook runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: setsid(2) and fcntl(2) are, and the nix
+    // wrappers around them allocate nothing and touch no memory of the parent.
+    // Clearing FD_CLOEXEC lets the daemon inherit the locked name lock.
     unsafe {
         cmd.pre_exec(move || {
-            libc::setsid();
-            if libc::fcntl(lock_fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            let _ = nix::unistd::setsid();
+            fcntl(lock_fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
             Ok(())
         });
     }
@@ -318,8 +321,7 @@ pub fn start_daemon(
             }
         }
         if Instant::now() >= deadline {
-            // SAFETY: plain kill(2) on the child we started.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
             let _ = child.wait();
             bail!(
                 "{what}: the daemon did not answer on {} within {:?} (its log: {})",
@@ -344,8 +346,7 @@ pub fn stop_daemon(paths: &DiskPaths, pid: Option<i32>) -> Result<()> {
     if let Some(pid) = pid {
         if asked.is_err() && attach::pid_alive(pid) {
             log::warn!("daemon did not take the shutdown command; sending SIGTERM to {pid}");
-            // SAFETY: plain kill(2).
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
         if !attach::wait_pid_gone(pid, Duration::from_secs(30)) {
             bail!("the daemon (pid {pid}) of {:?} did not exit", paths.name);

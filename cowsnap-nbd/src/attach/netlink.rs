@@ -23,7 +23,11 @@
 //! would fail them. Netlink headers and attributes are in host byte order.
 
 use cowsnap_core::error::{Error, Result};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use nix::sys::socket::{
+    bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
+    SockType,
+};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// Generic netlink protocol number.
 pub const NETLINK_GENERIC: i32 = 16;
@@ -307,39 +311,16 @@ pub struct GenlSocket {
 impl GenlSocket {
     /// Open and bind.
     pub fn open() -> Result<Self> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_GENERIC,
-            )
-        };
-        if fd < 0 {
-            return Err(Error::io(
-                "unable to open a generic netlink socket",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
-        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `sa` is a valid sockaddr_nl and the length matches its size.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(Error::io(
-                "unable to bind a generic netlink socket",
-                std::io::Error::last_os_error(),
-            ));
-        }
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkGeneric,
+        )
+        .map_err(|e| Error::io("unable to open a generic netlink socket", e.into()))?;
+        // Port id 0: the kernel assigns one; no multicast groups.
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))
+            .map_err(|e| Error::io("unable to bind a generic netlink socket", e.into()))?;
         Ok(GenlSocket { fd, seq: 1 })
     }
 
@@ -350,29 +331,16 @@ impl GenlSocket {
 
     /// Send one message and collect replies until an ACK, an error or a DONE.
     pub fn request(&mut self, msg: &[u8], what: &str) -> Result<Vec<Attrs>> {
-        // SAFETY: msg points at msg.len() readable bytes.
-        let r = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if r < 0 {
-            return Err(Error::io(
-                format!("unable to {what}"),
-                std::io::Error::last_os_error(),
-            ));
-        }
+        send(self.fd.as_raw_fd(), msg, MsgFlags::empty())
+            .map_err(|e| Error::io(format!("unable to {what}"), e.into()))?;
         let mut genl = Vec::new();
         let mut buf = vec![0u8; 32 * 1024];
         loop {
-            // SAFETY: buf has buf.len() writable bytes.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(Error::io(
-                    format!("unable to {what}"),
-                    std::io::Error::last_os_error(),
-                ));
-            }
+            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())
+                .map_err(|e| Error::io(format!("unable to {what}"), e.into()))?;
             let acked_only_on_request =
                 msg.len() >= 8 && u16::from_ne_bytes([msg[6], msg[7]]) & NLM_F_ACK == 0;
-            for m in parse_messages(&buf[..n as usize])? {
+            for m in parse_messages(&buf[..n])? {
                 match m {
                     Reply::Ack | Reply::Done => return Ok(genl),
                     Reply::Error(e) => {
