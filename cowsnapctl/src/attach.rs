@@ -421,8 +421,7 @@ fn attach_nbd(
         timeout: None,
         dead_conn_timeout,
         fds: socks.iter().map(|s| s.as_raw_fd()).collect(),
-    })
-    .map_err(|e| anyhow!("{e}"))?;
+    })?;
     drop(socks); // the kernel holds its own reference to each socket
     let dev = format!("/dev/nbd{idx}");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -450,7 +449,7 @@ pub fn reconnect_nbd(
         );
     }
     let fds: Vec<_> = socks.iter().map(|s| s.as_raw_fd()).collect();
-    netlink::reconfigure(index, dead_conn_timeout, &fds).map_err(|e| anyhow!("{e}"))?;
+    netlink::reconfigure(index, dead_conn_timeout, &fds)?;
     Ok(())
 }
 
@@ -467,7 +466,7 @@ pub fn undo_device(rec: &AttachRecord) -> Result<()> {
     match rec.via {
         Via::Nbd => {
             if let Some(i) = rec.nbd_index {
-                netlink::disconnect(i).map_err(|e| anyhow!("{e}"))?;
+                netlink::disconnect(i)?;
             }
         }
         Via::Fuse => {
@@ -478,8 +477,7 @@ pub fn undo_device(rec: &AttachRecord) -> Result<()> {
                     loop_device: rec.loop_device.clone(),
                     direct_io: rec.direct_io.unwrap_or(false),
                     notes: vec![],
-                })
-                .map_err(|e| anyhow!("{e}"))?;
+                })?;
             }
         }
         Via::None => {}
@@ -604,8 +602,7 @@ pub fn resume_daemon(
         new.pid = pid;
         new.uri = st.uri.clone();
         new.daemon_args = args.clone();
-        new.save(&paths.attach_record())
-            .map_err(|e| anyhow!("{e}"))?;
+        new.save(&paths.attach_record())?;
         *rec = new;
         Ok(())
     })();
@@ -649,12 +646,11 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     }
     // Every later backup depends on these: refuse bad values now, before the daemon.
     let chunk_size = match &a.chunk_size {
-        Some(c) => cowsnap_core::engine::check_chunk_size(crate::parse::parse_size(c)?)
-            .map_err(|e| anyhow!("{e}"))?,
+        Some(c) => cowsnap_core::engine::check_chunk_size(crate::parse::parse_size(c)?)?,
         None => cowsnap_core::engine::EngineConfig::default().chunk_size,
     };
     if let Some(c) = &a.container {
-        cowsnap_core::container::check_default(c, chunk_size).map_err(|e| anyhow!("{e}"))?;
+        cowsnap_core::container::check_default(c, chunk_size)?;
     }
     if a.max_connections == Some(0) {
         bail!("invalid --max-connections 0: at least one connection is needed");
@@ -692,7 +688,7 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
     make_dir(&dirs.state_dir, 0o700)?;
 
     // The name is ours from here on, or we stop without touching anything of it.
-    let lock = match NameLock::try_acquire(&paths.lock_file()).map_err(|e| anyhow!("{e}"))? {
+    let lock = match NameLock::try_acquire(&paths.lock_file())? {
         Some(l) => l,
         None => {
             if let Some(s) = daemon_status(&paths) {
@@ -790,7 +786,7 @@ fn attach_locked(
         if stop_daemon(&paths, Some(pid as i32)).is_ok() {
             remove_leftovers(&paths, lock);
         }
-        bail!("{e}");
+        return Err(e.into());
     }
     let exposed: Result<Vec<String>> = (|| {
         let mut notes = Vec::new();
@@ -813,8 +809,7 @@ fn attach_locked(
                     Some(&paths.log_file()),
                     a.read_only,
                     attach_timeout(),
-                )
-                .map_err(|e| anyhow!("{e}"))?;
+                )?;
                 rec.fuse_mount = Some(fa.mount_dir.clone());
                 rec.nbdfuse_pid = Some(fa.nbdfuse_pid);
                 rec.loop_device = fa.loop_device.clone();
@@ -823,8 +818,7 @@ fn attach_locked(
                 notes = fa.notes;
             }
         }
-        rec.save(&paths.attach_record())
-            .map_err(|e| anyhow!("{e}"))?;
+        rec.save(&paths.attach_record())?;
         Ok(notes)
     })();
     let notes = match exposed {

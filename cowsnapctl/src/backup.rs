@@ -177,9 +177,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
         origin: None,
         default_container: None,
     };
-    if let Err(e) = cowsnap_nbd::attached::check_backup(&dirs.run_dir, &own, &params) {
-        bail!("{e}");
-    }
+    cowsnap_nbd::attached::check_backup(&dirs.run_dir, &own, &params)?;
     let (started, frozen) = match &mountpoint {
         Some(mp) => {
             let wd = freeze::freeze(mp, freeze_bound)?;
@@ -373,7 +371,7 @@ fn freeze_target(
         .status()
         .map_err(|e| anyhow!("{}: the daemon of {name} does not answer: {e}", what()))?;
     let rec = cowsnap_nbd::attach::AttachRecord::load(&paths.attach_record())
-        .map_err(|e| anyhow!("{}: {e}", what()))?
+        .with_context(what)?
         .filter(|r| r.pid == st.pid)
         .ok_or_else(|| {
             anyhow!(

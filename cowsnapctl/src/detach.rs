@@ -5,7 +5,7 @@
 
 use crate::attach::{daemon_status, read_pid, remove_leftovers, stop_daemon, undo_device};
 use crate::Dirs;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use cowsnap_nbd::attach::{self, AttachRecord};
 use cowsnap_nbd::control::{self, BackupStatus, Request};
 use cowsnap_nbd::name_lock::NameLock;
@@ -86,7 +86,7 @@ fn cancel_backup(paths: &DiskPaths, b: &BackupStatus) -> Result<()> {
 }
 
 pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
-    paths::validate_name(&a.name).map_err(|e| anyhow!("{e}"))?;
+    paths::validate_name(&a.name)?;
     let paths = dirs.paths(&a.name);
     let rec = match AttachRecord::load(&paths.attach_record()) {
         Ok(r) => r,
@@ -94,7 +94,7 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
             eprintln!("warning: {e}; ignoring it (--force)");
             None
         }
-        Err(e) => bail!("{e}"),
+        Err(e) => return Err(e.into()),
     };
     let status = daemon_status(&paths);
     let pid = rec
@@ -121,7 +121,7 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
     }
     let dev = rec.as_ref().and_then(|r| r.device.clone());
     let mounts = match dev.as_deref().map(Path::new) {
-        Some(devp) if devp.exists() => attach::mounted_at(devp).map_err(|e| anyhow!("{e}"))?,
+        Some(devp) if devp.exists() => attach::mounted_at(devp)?,
         _ => Vec::new(),
     };
     if !mounts.is_empty() {
@@ -171,7 +171,7 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
         if devp.exists() {
             if let Err(e) = attach::flush_device(devp) {
                 if !a.force {
-                    bail!("{e}");
+                    return Err(e.into());
                 }
                 eprintln!("warning: {e}");
             }

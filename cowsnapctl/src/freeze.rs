@@ -13,7 +13,7 @@
 //! thawed first, or the filesystem was no longer frozen (someone else thawed it), the
 //! instant cannot be shown to lie inside the freeze, and the caller fails the backup.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use cowsnap_nbd::attach;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -96,16 +96,16 @@ pub struct Mountpoint {
 /// of it) and open it for the freeze.
 pub fn open_mountpoint(path: &Path, device: &Path) -> Result<Mountpoint> {
     let what = || format!("unable to freeze {}", path.display());
-    let canon = std::fs::canonicalize(path).map_err(|e| anyhow!("{}: {e}", what()))?;
-    let devs = attach::device_numbers(device).map_err(|e| anyhow!("{}: {e}", what()))?;
-    let dir = File::open(&canon).map_err(|e| anyhow!("{}: {e}", what()))?;
-    let meta = dir.metadata().map_err(|e| anyhow!("{}: {e}", what()))?;
+    let canon = std::fs::canonicalize(path).with_context(what)?;
+    let devs = attach::device_numbers(device).with_context(what)?;
+    let dir = File::open(&canon).with_context(what)?;
+    let meta = dir.metadata().with_context(what)?;
     if !meta.is_dir() {
         bail!("{}: not a directory", what());
     }
     let dir_dev = format!("{}:{}", libc::major(meta.dev()), libc::minor(meta.dev()));
     let mi = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| anyhow!("{}: unable to read /proc/self/mountinfo: {e}", what()))?;
+        .with_context(|| format!("{}: unable to read /proc/self/mountinfo", what()))?;
     check_mount(
         &parse_mountinfo(&mi),
         &canon.to_string_lossy(),

@@ -29,17 +29,15 @@ pub struct RestartArgs {
 }
 
 pub fn run(dirs: &Dirs, a: RestartArgs) -> Result<()> {
-    paths::validate_name(&a.name).map_err(|e| anyhow!("{e}"))?;
+    paths::validate_name(&a.name)?;
     let paths = dirs.paths(&a.name);
-    let mut rec = AttachRecord::load(&paths.attach_record())
-        .map_err(|e| anyhow!("{e}"))?
-        .ok_or_else(|| {
-            anyhow!(
-                "no disk named {:?} is attached (nothing in {})",
-                a.name,
-                dirs.run_dir.display()
-            )
-        })?;
+    let mut rec = AttachRecord::load(&paths.attach_record())?.ok_or_else(|| {
+        anyhow!(
+            "no disk named {:?} is attached (nothing in {})",
+            a.name,
+            dirs.run_dir.display()
+        )
+    })?;
     if rec.via == Via::Fuse {
         bail!(
             "unable to restart {}: it is attached via fuse, and a FUSE mount cannot be handed \
@@ -101,15 +99,15 @@ pub fn run(dirs: &Dirs, a: RestartArgs) -> Result<()> {
         eprintln!("stopping the daemon (pid {pid}) of {:?}", a.name);
         stop_daemon(&paths, Some(pid))?;
     }
-    let lock = NameLock::acquire_within(&paths.lock_file(), Duration::from_secs(10))
-        .map_err(|e| anyhow!("{e}"))?
-        .ok_or_else(|| {
+    let lock = NameLock::acquire_within(&paths.lock_file(), Duration::from_secs(10))?.ok_or_else(
+        || {
             anyhow!(
                 "unable to restart {}: {} is held by another process",
                 a.name,
                 paths.lock_file().display()
             )
-        })?;
+        },
+    )?;
     let started = std::cell::Cell::new(None);
     let what = format!("unable to restart {}", a.name);
     let args = rec.daemon_args.clone();
