@@ -273,7 +273,7 @@ pub struct ChangeLog {
     /// marks it dirty again first.
     closed: AtomicBool,
     /// Tests: every sync fails (an fsync error of the change-log file).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "test-hooks"))]
     pub(crate) fail_syncs: AtomicBool,
 }
 
@@ -413,7 +413,7 @@ impl ChangeLog {
             seq_next: AtomicU64::new(seq_next),
             inflight: Mutex::new(BTreeSet::new()),
             closed: AtomicBool::new(false),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "test-hooks"))]
             fail_syncs: AtomicBool::new(false),
         };
         cl.file
@@ -440,8 +440,16 @@ impl ChangeLog {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Tests in other crates (feature `test-hooks`): make every sync of the change-log
+    /// file fail with EIO from now on (`true`), or work again (`false`).
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn set_fail_syncs(&self, fail: bool) {
+        self.fail_syncs.store(fail, Ordering::SeqCst);
+    }
+
     fn sync(&self) -> Result<()> {
-        #[cfg(test)]
+        #[cfg(any(test, feature = "test-hooks"))]
         if self.fail_syncs.load(Ordering::SeqCst) {
             return Err(Error::io(
                 format!("unable to sync change log {}", self.path.display()),

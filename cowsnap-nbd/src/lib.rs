@@ -7,3 +7,6 @@ pub mod control;
 pub mod name_lock;
 pub mod nbd;
 pub mod paths;
+
+#[cfg(test)]
+mod test_support;

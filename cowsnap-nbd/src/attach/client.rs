@@ -239,19 +239,11 @@ mod tests {
     #[test]
     fn handshake_and_simple_read_with_our_server() {
         use crate::nbd::server::Server;
-        use cowsnap_core::blockio::{self, OpenSpec};
-        use cowsnap_core::engine::{Engine, EngineConfig};
+        use crate::test_support::file_engine;
         use cowsnap_core::export::Export;
         use std::sync::Arc;
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("d.img");
-        std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
-        let io = blockio::open(&OpenSpec {
-            engine: blockio::IoEngine::Sync,
-            ..OpenSpec::origin(&p)
-        })
-        .unwrap();
-        let engine = Engine::new(io, EngineConfig::default(), None).unwrap();
+        let engine = file_engine(&dir.path().join("d.img"), 8 << 20, 0, None);
         let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         engine.write(65536, &pattern, false).unwrap();
         let server = Server::new();

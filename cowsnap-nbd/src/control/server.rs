@@ -266,20 +266,12 @@ fn skip_line(reader: &mut impl BufRead) -> bool {
 mod tests {
     use super::*;
     use crate::control::ControlError;
-    use cowsnap_core::blockio::{self, OpenSpec};
-    use cowsnap_core::engine::EngineConfig;
+    use crate::test_support::file_engine;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     fn test_server(dir: &Path, stopped: Arc<AtomicBool>) -> ControlServer {
         let origin = dir.join("disk.img");
-        let f = std::fs::File::create(&origin).unwrap();
-        f.set_len(4 << 20).unwrap();
-        let io = blockio::open(&OpenSpec {
-            engine: blockio::IoEngine::Sync,
-            ..OpenSpec::origin(&origin)
-        })
-        .unwrap();
-        let engine = Engine::new(io, EngineConfig::default(), None).unwrap();
+        let engine = file_engine(&origin, 4 << 20, 0, None);
         ControlServer {
             paths: DiskPaths::new("t1", dir, &dir.join("state")),
             origin,

@@ -462,6 +462,53 @@ fn read_only_export_refuses_writes_with_eperm() {
 }
 
 #[test]
+fn a_failing_change_log_sync_fails_the_nbd_write_before_the_origin_changes() {
+    use cowsnap_core::changelog::ChangeLog;
+    let d = tempfile::tempdir().unwrap();
+    let origin = d.path().join("disk");
+    let cl = Arc::new(
+        ChangeLog::open_with_lineage(&d.path().join("changelog.bin"), 1 << 20, 65536, "l").unwrap(),
+    );
+    let srv = server_with(crate::test_support::file_engine(
+        &origin,
+        1 << 20,
+        1,
+        Some(cl.clone()),
+    ));
+    let mut c = Client::connect(&srv);
+    let (_, tf) = c.go(false);
+    assert_ne!(tf & TF_SEND_TRIM, 0);
+    assert_ne!(tf & TF_SEND_WRITE_ZEROES, 0);
+    let on_disk = || std::fs::read(&origin).unwrap()[65536..65536 + 4096].to_vec();
+
+    cl.set_fail_syncs(true);
+    c.req(CMD_WRITE, 0, 1, 65536, 4096);
+    c.tx(&[9u8; 4096]);
+    assert_eq!(c.simple(), (EIO, 1));
+    // trim and write-zeroes change data too
+    c.req(CMD_TRIM, 0, 2, 65536, 4096);
+    assert_eq!(c.simple(), (EIO, 2));
+    c.req(CMD_WRITE_ZEROES, 0, 3, 65536, 4096);
+    assert_eq!(c.simple(), (EIO, 3));
+    assert!(on_disk().iter().all(|&b| b == 1), "the origin was changed");
+    // the session goes on: a read answers with the old bytes
+    c.req(CMD_READ, 0, 4, 65536, 4096);
+    assert_eq!(c.simple(), (0, 4));
+    assert!(c.rx(4096).iter().all(|&b| b == 1));
+    assert_eq!(cl.status().changed_chunks, 0);
+
+    // once the change log syncs again, the same write goes through, tracked
+    cl.set_fail_syncs(false);
+    c.req(CMD_WRITE, 0, 5, 65536, 4096);
+    c.tx(&[9u8; 4096]);
+    assert_eq!(c.simple(), (0, 5));
+    assert!(on_disk().iter().all(|&b| b == 9));
+    assert_eq!(cl.status().changed_chunks, 1);
+    c.req(CMD_DISC, 0, 6, 0, 0);
+    assert!(c.closed());
+}
+
+#[test]
 fn structured_reads_block_status_and_errors() {
     let m = Mem::new(1 << 20, false);
     m.data.write().unwrap()[8192..8196].copy_from_slice(b"data");
