@@ -47,7 +47,41 @@ pub struct AtomicBitmap {
     words: Vec<AtomicU64>,
 }
 
+// `zeroed` and `into_words` move one allocation between `Vec<u64>` and
+// `Vec<AtomicU64>`: sound only while the two have one layout.
+const _: () = assert!(
+    std::mem::size_of::<u64>() == std::mem::size_of::<AtomicU64>()
+        && std::mem::align_of::<u64>() == std::mem::align_of::<AtomicU64>()
+);
+
 impl AtomicBitmap {
+    /// An all-zero bitmap of `nwords` words in O(1): the memory comes zeroed from the
+    /// allocator and its pages are touched only when bits are set.
+    pub fn zeroed(nwords: usize) -> Self {
+        let mut v = std::mem::ManuallyDrop::new(vec![0u64; nwords]);
+        // SAFETY: `AtomicU64` has the same in-memory representation as `u64` (std
+        // documents it), and the same size and alignment (asserted above), so the
+        // allocation `v` owns — made for `nwords` u64 with capacity `v.capacity()` —
+        // is a valid, initialised allocation of as many `AtomicU64` with the same
+        // layout for `Vec` to own and free. `v` is never used or dropped again.
+        let words = unsafe {
+            Vec::from_raw_parts(v.as_mut_ptr().cast::<AtomicU64>(), v.len(), v.capacity())
+        };
+        AtomicBitmap { words }
+    }
+
+    /// The words, moved out without copying (O(1)); no other thread can hold the
+    /// bitmap, since it is consumed.
+    pub fn into_words(self) -> Vec<u64> {
+        let mut v = std::mem::ManuallyDrop::new(self.words);
+        // SAFETY: as in `zeroed`, the other way round: `AtomicU64` and `u64` share
+        // representation, size and alignment, so the allocation `v` owns is a valid,
+        // initialised allocation of as many `u64` with the same layout. We own the
+        // bitmap, so nothing accesses the words atomically any more, and `v` is never
+        // used or dropped again.
+        unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<u64>(), v.len(), v.capacity()) }
+    }
+
     /// A bitmap holding `words`.
     pub fn from_words(words: Vec<u64>) -> Self {
         AtomicBitmap {
@@ -76,9 +110,9 @@ impl AtomicBitmap {
         self.words[(i / 64) as usize].fetch_or(m, Ordering::AcqRel) & m != 0
     }
 
-    /// Set the bits `mask` in word `w`.
-    pub fn or_word(&self, w: usize, mask: u64) {
-        self.words[w].fetch_or(mask, Ordering::AcqRel);
+    /// Set the bits `mask` in word `w`; returns the word as it was before.
+    pub fn or_word(&self, w: usize, mask: u64) -> u64 {
+        self.words[w].fetch_or(mask, Ordering::AcqRel)
     }
 
     /// Word `w` as it is now.
@@ -120,6 +154,21 @@ impl AtomicBitmap {
 mod tests {
     use super::*;
     use bitvec::prelude::*;
+
+    #[test]
+    fn zeroed_and_into_words_keep_the_bits() {
+        let b = AtomicBitmap::zeroed(1000);
+        assert_eq!(b.nwords(), 1000);
+        assert_eq!(b.count_ones(), 0);
+        b.set(3);
+        b.set(64 * 999 + 63);
+        let w = b.into_words();
+        assert_eq!(w.len(), 1000);
+        assert_eq!(w[0], 8);
+        assert_eq!(w[999], 1 << 63);
+        assert_eq!(w.iter().map(|x| x.count_ones()).sum::<u32>(), 2);
+        assert_eq!(AtomicBitmap::zeroed(0).into_words(), Vec::<u64>::new());
+    }
 
     #[test]
     fn bits_words_and_bytes() {

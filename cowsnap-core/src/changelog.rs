@@ -6,10 +6,12 @@
 //!
 //! ```text
 //! 0        4096-byte header (ChangeLogHeader, #[repr(C)], blake3 checksum)
-//! 4096     region C: "current" bits, one per tracking chunk, LSB first, u64 LE words
-//! 4096+R   region P: the bits of a cut whose backup is still running
+//! 4096     region 0 } one of them is C, the "current" bits (one per tracking chunk,
+//! 4096+R   region 1 } LSB first, u64 LE words), the other P, the bits of a cut whose
+//!                     backup is still running, or all zeros (the spare)
 //! ```
-//! (`R` = bitmap bytes rounded up to 4096.)
+//! (`R` = bitmap bytes rounded up to 4096.) The header's `active` field (version 2)
+//! says which region is C; version 1 files (no such field) have C in region 0.
 //!
 //! Invariant: every chunk written since the generation named `relative_to` has its
 //! bit set in C, or in P while the header's `IN_GENERATION` flag is set. Tracking
@@ -22,12 +24,23 @@
 //!   publishes the bits in memory and wakes the waiters. A concurrent mark of the same
 //!   chunk therefore cannot return before the bit is durable, and concurrent first
 //!   writes share one fdatasync.
-//! - `begin_generation` (writes paused by the caller): C is copied to P and fsynced,
-//!   then the header gets `IN_GENERATION` (fsync), then C is cleared (fsync). A crash
-//!   anywhere in between leaves C ⊇ old C or C ∪ P = old C.
+//! - `begin_generation` (writes paused by the caller) does no bitmap I/O: the other
+//!   region is the spare, all zeros on disk, so one fsynced header write with
+//!   `IN_GENERATION` and `active` flipped makes the old C the cut's P and the spare the
+//!   new, empty C. A crash before that write leaves the old header (C = old C), after
+//!   it C ∪ P = old C. The pause costs one 4 KiB write and one fdatasync at any disk
+//!   size. The spare is zeroed (fsync) outside the pause: by `commit`/`abort` once P
+//!   is no longer needed, and at `open`. Only when it is not known to be zero (a
+//!   failed zeroing), or a previous cut was neither committed nor aborted, does the
+//!   instant write bitmaps (the slow path: P := C ∪ P, then C := 0).
 //! - `commit_generation`: header `relative_to = gen`, `IN_GENERATION` cleared (one
-//!   fsynced header write). P is ignored from then on.
-//! - `abort_generation`: C |= P written and fsynced, then the flag is cleared.
+//!   fsynced header write). P is ignored from then on, and zeroed.
+//! - `abort_generation`: C |= P written and fsynced, then the flag is cleared, then P
+//!   is zeroed.
+//! - Locks: `inner` (state, and every write to C) before `spare` (whether the spare
+//!   is known to be zero on disk). The spare is zeroed holding `spare` alone, so
+//!   first writes to chunks (which take `inner`) do not wait for it; `active` changes
+//!   only with both held, so under `spare` the spare region is fixed.
 //! - `open`: a pending P is merged into C (crash during a backup). A header that is
 //!   torn, of another disk size, chunk size or lineage resets tracking to "untrusted"
 //!   (`relative_to = None`): the next incremental backup falls back to a full read.
@@ -54,14 +67,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
 /// File name of the change log inside a state directory.
 pub const CHANGELOG_FILE: &str = "changelog.bin";
 
 const MAGIC: [u8; 8] = *b"CSNPCL01";
-const VERSION: u32 = 1;
+/// Written: 2 (the `active` field). Read: 1 and 2.
+const VERSION: u32 = 2;
 const HEADER_SIZE: usize = 4096;
 const BLOCK: u64 = 4096;
 const FLAG_DIRTY: u32 = 1;
@@ -78,7 +92,8 @@ struct ChangeLogHeader {
     flags: u32,
     disk_size: u64,
     chunk_size: u32,
-    _pad: u32,
+    /// Which region (0 or 1) is C; version 1 wrote 0 here.
+    active: u32,
     nbits: u64,
     seq_next: u64,
     seq_lowest_unacked: u64,
@@ -140,7 +155,7 @@ impl ChangeLogHeader {
             .u32(self.flags)
             .u64(self.disk_size)
             .u32(self.chunk_size)
-            .u32(self._pad)
+            .u32(self.active)
             .u64(self.nbits)
             .u64(self.seq_next)
             .u64(self.seq_lowest_unacked)
@@ -165,7 +180,7 @@ impl ChangeLogHeader {
         if magic != MAGIC {
             return None;
         }
-        let (version, flags, disk_size, chunk_size, _pad) =
+        let (version, flags, disk_size, chunk_size, active) =
             (d.u32()?, d.u32()?, d.u64()?, d.u32()?, d.u32()?);
         let (nbits, seq_next, seq_lowest_unacked) = (d.u64()?, d.u64()?, d.u64()?);
         let lineage = d.array()?;
@@ -182,7 +197,7 @@ impl ChangeLogHeader {
             flags,
             disk_size,
             chunk_size,
-            _pad: 0,
+            active,
             nbits,
             seq_next,
             seq_lowest_unacked,
@@ -233,9 +248,18 @@ pub struct ChangeLogStatus {
 
 struct Inner {
     relative_to: Option<String>,
-    /// Bits of the outstanding cut (also on disk in region P).
-    cut_bits: Option<Vec<u64>>,
+    /// An outstanding cut (its bits are on disk in region P, and the caller's
+    /// [`Cut`]): how many chunks it holds.
+    cut_ones: Option<u64>,
     reset_reason: Option<String>,
+}
+
+/// The region that is not C.
+struct Spare {
+    /// It holds an outstanding cut's bits (P).
+    holds_cut: bool,
+    /// It is known to be all zeros on disk.
+    zeroed: bool,
 }
 
 /// Bits waiting for the group commit of `mark`.
@@ -262,9 +286,16 @@ pub struct ChangeLog {
     chunk_size: u32,
     nbits: u64,
     region_len: u64,
-    /// Region C, bits that are durable on disk.
-    durable: AtomicBitmap,
+    /// Region C, bits that are durable on disk. Replaced whole (write lock, O(1)) at
+    /// a snapshot instant; read-locked by everything else.
+    durable: RwLock<AtomicBitmap>,
+    /// Bits set in `durable` (kept by the writers of `durable`, all under `inner`).
+    durable_ones: AtomicU64,
+    nwords: usize,
+    /// Which region is C (0 or 1). Changed only with `inner` and `spare` held.
+    active: AtomicU32,
     inner: Mutex<Inner>,
+    spare: Mutex<Spare>,
     queue: Mutex<MarkQueue>,
     queue_cv: Condvar,
     seq_next: AtomicU64,
@@ -275,6 +306,13 @@ pub struct ChangeLog {
     /// Tests: every sync fails (an fsync error of the change-log file).
     #[cfg(any(test, feature = "test-hooks"))]
     pub(crate) fail_syncs: AtomicBool,
+    /// Tests: bytes written to the file so far.
+    #[cfg(test)]
+    bytes_written: AtomicU64,
+}
+
+fn ones_in(words: &[u64]) -> u64 {
+    words.iter().map(|w| u64::from(w.count_ones())).sum()
 }
 
 fn region_len_for(nbits: u64) -> u64 {
@@ -339,10 +377,16 @@ impl ChangeLog {
         let mut relative_to = None;
         let mut seq_next = 0;
         let mut reset_reason = None;
+        let mut active = 0u32;
         let reason = match &hdr {
             None if flen == 0 => Some("new change log".to_string()),
             None => Some("change log header unreadable".to_string()),
-            Some(h) if h.version != VERSION => Some(format!("unknown version {}", h.version)),
+            Some(h) if h.version != 1 && h.version != VERSION => {
+                Some(format!("unknown version {}", h.version))
+            }
+            Some(h) if h.active > 1 || (h.version == 1 && h.active != 0) => {
+                Some("change log header names no bitmap region".to_string())
+            }
             Some(h) if h.disk_size != disk_size => Some(format!(
                 "disk size changed from {} to {disk_size}",
                 h.disk_size
@@ -360,12 +404,14 @@ impl ChangeLog {
             Some(_) => None,
         };
         if let (Some(h), None) = (&hdr, &reason) {
+            active = h.active;
+            let at = |r: u32| HEADER_SIZE as u64 + u64::from(r) * region_len;
             let mut buf = vec![0u8; region_len as usize];
-            file.read_exact_at(&mut buf, HEADER_SIZE as u64)
+            file.read_exact_at(&mut buf, at(active))
                 .ctx(|| format!("unable to read change log {}", path.display()))?;
             words = bytes_to_words(&buf, nwords);
             if h.flags & FLAG_IN_GENERATION != 0 {
-                file.read_exact_at(&mut buf, HEADER_SIZE as u64 + region_len)
+                file.read_exact_at(&mut buf, at(1 - active))
                     .ctx(|| format!("unable to read change log {}", path.display()))?;
                 for (w, p) in words.iter_mut().zip(bytes_to_words(&buf, nwords)) {
                     *w |= p;
@@ -402,11 +448,18 @@ impl ChangeLog {
             chunk_size,
             nbits,
             region_len,
-            durable: AtomicBitmap::from_words(words.clone()),
+            durable: RwLock::new(AtomicBitmap::from_words(words.clone())),
+            durable_ones: AtomicU64::new(ones_in(&words)),
+            nwords,
+            active: AtomicU32::new(active),
             inner: Mutex::new(Inner {
                 relative_to,
-                cut_bits: None,
+                cut_ones: None,
                 reset_reason,
+            }),
+            spare: Mutex::new(Spare {
+                holds_cut: false,
+                zeroed: false,
             }),
             queue: Mutex::new(MarkQueue::default()),
             queue_cv: Condvar::new(),
@@ -415,16 +468,24 @@ impl ChangeLog {
             closed: AtomicBool::new(false),
             #[cfg(any(test, feature = "test-hooks"))]
             fail_syncs: AtomicBool::new(false),
+            #[cfg(test)]
+            bytes_written: AtomicU64::new(0),
         };
         cl.file
             .set_len(HEADER_SIZE as u64 + 2 * region_len)
             .ctx(|| format!("unable to size change log {}", path.display()))?;
-        // Persist the merged bits first, then a header without IN_GENERATION.
-        cl.write_region(HEADER_SIZE as u64, &words)?;
+        // Persist the merged bits first, then a header without IN_GENERATION, then
+        // make the spare all zeros (a fresh file's regions are zeros already).
+        cl.write_region(cl.region_at(active), &words)?;
         cl.sync()?;
         {
             let inner = cl.lock_inner();
             cl.write_header(&inner, FLAG_DIRTY)?;
+        }
+        if flen == 0 {
+            cl.lock_spare().zeroed = true;
+        } else {
+            cl.zero_spare()?;
         }
         Ok(cl)
     }
@@ -438,6 +499,60 @@ impl ChangeLog {
 
     fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn durable(&self) -> RwLockReadGuard<'_, AtomicBitmap> {
+        self.durable.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Region `r` as it is on disk.
+    fn read_region(&self, r: u32) -> Result<Vec<u64>> {
+        let mut buf = vec![0u8; self.region_len as usize];
+        self.file
+            .read_exact_at(&mut buf, self.region_at(r))
+            .ctx(|| format!("unable to read change log {}", self.path.display()))?;
+        let mut words = bytes_to_words(&buf, self.nwords);
+        clear_padding(&mut words, self.nbits);
+        Ok(words)
+    }
+
+    fn lock_spare(&self) -> std::sync::MutexGuard<'_, Spare> {
+        self.spare.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Byte offset of region `r` (0 or 1).
+    fn region_at(&self, r: u32) -> u64 {
+        HEADER_SIZE as u64 + u64::from(r) * self.region_len
+    }
+
+    /// Byte offset of C.
+    fn current_at(&self) -> u64 {
+        self.region_at(self.active.load(Ordering::SeqCst))
+    }
+
+    fn pwrite(&self, bytes: &[u8], at: u64) -> Result<()> {
+        #[cfg(test)]
+        self.bytes_written
+            .fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        self.file
+            .write_all_at(bytes, at)
+            .ctx(|| format!("unable to write change log {}", self.path.display()))
+    }
+
+    /// Make the spare region all zeros on disk (fsynced), unless it is known to be or
+    /// holds a cut (one begun since the caller let go of `inner`). Takes `spare`
+    /// alone, so marks go on meanwhile (they write C); `active` cannot change while
+    /// `spare` is held.
+    fn zero_spare(&self) -> Result<()> {
+        let mut spare = self.lock_spare();
+        if spare.zeroed || spare.holds_cut {
+            return Ok(());
+        }
+        let spare_region = 1 - self.active.load(Ordering::SeqCst);
+        self.write_region(self.region_at(spare_region), &vec![0u64; self.nwords])?;
+        self.sync()?;
+        spare.zeroed = true;
+        Ok(())
     }
 
     /// Tests in other crates (feature `test-hooks`): make every sync of the change-log
@@ -462,10 +577,7 @@ impl ChangeLog {
     }
 
     fn write_region(&self, at: u64, words: &[u64]) -> Result<()> {
-        let bytes = words_to_bytes(words, self.region_len as usize);
-        self.file
-            .write_all_at(&bytes, at)
-            .ctx(|| format!("unable to write change log {}", self.path.display()))
+        self.pwrite(&words_to_bytes(words, self.region_len as usize), at)
     }
 
     fn write_header(&self, inner: &Inner, extra_flags: u32) -> Result<()> {
@@ -473,7 +585,7 @@ impl ChangeLog {
         if inner.relative_to.is_some() {
             flags |= FLAG_TRUSTED;
         }
-        if inner.cut_bits.is_some() {
+        if inner.cut_ones.is_some() {
             flags |= FLAG_IN_GENERATION;
         }
         let seq_next = self.seq_next.load(Ordering::SeqCst);
@@ -483,7 +595,7 @@ impl ChangeLog {
             flags,
             disk_size: self.disk_size,
             chunk_size: self.chunk_size,
-            _pad: 0,
+            active: self.active.load(Ordering::SeqCst),
             nbits: self.nbits,
             seq_next,
             seq_lowest_unacked: self.lowest_unacked(seq_next),
@@ -496,9 +608,7 @@ impl ChangeLog {
             },
             reserved: [0; HEADER_SIZE - REASON_AT - REASON_LEN],
         };
-        self.file
-            .write_all_at(&h.encode(), 0)
-            .ctx(|| format!("unable to write change log {}", self.path.display()))?;
+        self.pwrite(&h.encode(), 0)?;
         self.sync()?;
         self.closed
             .store(extra_flags & FLAG_DIRTY == 0, Ordering::SeqCst);
@@ -511,7 +621,7 @@ impl ChangeLog {
     }
 
     fn current_words(&self) -> Vec<u64> {
-        self.durable.to_words()
+        self.durable().to_words()
     }
 
     /// The disk's lineage id.
@@ -532,16 +642,13 @@ impl ChangeLog {
     /// State for status output.
     pub fn status(&self) -> ChangeLogStatus {
         let inner = self.lock_inner();
-        let mut changed: u64 = self.durable.count_ones();
-        if let Some(p) = &inner.cut_bits {
-            changed += p.iter().map(|w| w.count_ones() as u64).sum::<u64>();
-        }
+        let changed = self.durable_ones.load(Ordering::SeqCst) + inner.cut_ones.unwrap_or(0);
         ChangeLogStatus {
             lineage: self.lineage.clone(),
             relative_to: inner.relative_to.clone(),
             changed_chunks: changed,
             chunk_size: self.chunk_size,
-            in_generation: inner.cut_bits.is_some(),
+            in_generation: inner.cut_ones.is_some(),
             reset_reason: inner.reset_reason.clone(),
             seq_next: self.seq_next.load(Ordering::Relaxed),
         }
@@ -590,8 +697,8 @@ impl ChangeLog {
         if first > last {
             return Ok(());
         }
-        let is_set = |c: u64| self.durable.get(c);
-        if self.durable.all(first..last + 1) {
+        let durable = self.durable();
+        if durable.all(first..last + 1) {
             return Ok(());
         }
         // Group commit: queue the bits under a ticket; one thread at a time (the
@@ -599,10 +706,11 @@ impl ChangeLog {
         // waiter whose ticket that covered returns.
         let mut q = self.lock_queue();
         for c in first..=last {
-            if !is_set(c) {
+            if !durable.get(c) {
                 *q.queued.entry((c / 64) as usize).or_insert(0) |= 1 << (c % 64);
             }
         }
+        drop(durable);
         q.next_ticket += 1;
         let mine = q.next_ticket;
         loop {
@@ -647,24 +755,25 @@ impl ChangeLog {
         }
         // The state lock keeps cuts (which rewrite region C) out while we write.
         let _inner = self.lock_inner();
+        let durable = self.durable();
         let words_per_block = (BLOCK / 8) as usize;
         let mut blocks: Vec<usize> = batch.keys().map(|i| i / words_per_block).collect();
         blocks.dedup();
         for b in blocks {
             let start = b * words_per_block;
-            let end = (start + words_per_block).min(self.durable.nwords());
-            let mut block: Vec<u64> = (start..end).map(|w| self.durable.word(w)).collect();
+            let end = (start + words_per_block).min(self.nwords);
+            let mut block: Vec<u64> = (start..end).map(|w| durable.word(w)).collect();
             for (i, m) in batch.range(start..end) {
                 block[i - start] |= m;
             }
             let bytes = words_to_bytes(&block, block.len() * 8);
-            self.file
-                .write_all_at(&bytes, HEADER_SIZE as u64 + start as u64 * 8)
-                .ctx(|| format!("unable to write change log {}", self.path.display()))?;
+            self.pwrite(&bytes, self.current_at() + start as u64 * 8)?;
         }
         self.sync()?;
         for (i, m) in batch {
-            self.durable.or_word(*i, *m);
+            let before = durable.or_word(*i, *m);
+            self.durable_ones
+                .fetch_add(u64::from((m & !before).count_ones()), Ordering::SeqCst);
         }
         Ok(())
     }
@@ -673,20 +782,53 @@ impl ChangeLog {
     /// and start a fresh one.
     pub fn begin_generation(&self) -> Result<Cut> {
         let mut inner = self.lock_inner();
-        let mut cut_words = self.current_words();
-        if let Some(prev) = &inner.cut_bits {
-            // A previous cut was neither committed nor aborted: keep its bits too.
-            for (w, p) in cut_words.iter_mut().zip(prev) {
-                *w |= p;
+        let mut spare = self.lock_spare();
+        let cur = self.active.load(Ordering::SeqCst);
+        let fresh = || AtomicBitmap::zeroed(self.nwords);
+        let cut_words = if inner.cut_ones.is_some() {
+            // A previous cut was neither committed nor aborted: keep its bits too. Its
+            // P is the other region and there is no empty one: P := C ∪ P, then C := 0
+            // (a crash in between leaves C ∪ P ⊇ both).
+            let mut words = self.read_region(1 - cur)?;
+            for (w, c) in words.iter_mut().zip(self.current_words()) {
+                *w |= c;
             }
-        }
-        self.write_region(HEADER_SIZE as u64 + self.region_len, &cut_words)?;
-        self.sync()?;
-        inner.cut_bits = Some(cut_words.clone());
-        self.write_header(&inner, FLAG_DIRTY)?;
-        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.nwords()])?;
-        self.sync()?;
-        self.durable.clear();
+            self.write_region(self.region_at(1 - cur), &words)?;
+            self.sync()?;
+            inner.cut_ones = Some(ones_in(&words));
+            self.write_region(self.region_at(cur), &vec![0u64; self.nwords])?;
+            self.sync()?;
+            *self.durable.write().unwrap_or_else(|p| p.into_inner()) = fresh();
+            self.durable_ones.store(0, Ordering::SeqCst);
+            words
+        } else {
+            if !spare.zeroed {
+                // The spare's zeroing failed or has not run: do it now, in the pause.
+                self.write_region(self.region_at(1 - cur), &vec![0u64; self.nwords])?;
+                self.sync()?;
+                spare.zeroed = true;
+            }
+            // The flip: C becomes P, the zeroed spare becomes C.
+            inner.cut_ones = Some(self.durable_ones.load(Ordering::SeqCst));
+            self.active.store(1 - cur, Ordering::SeqCst);
+            if let Err(e) = self.write_header(&inner, FLAG_DIRTY) {
+                // Whichever header is on disk, C ∪ P holds every bit; go on writing
+                // marks to the old C, which both headers cover.
+                self.active.store(cur, Ordering::SeqCst);
+                inner.cut_ones = None;
+                return Err(e);
+            }
+            spare.holds_cut = true;
+            spare.zeroed = false;
+            // The old C's bits become the cut without a copy; the new C starts empty.
+            let old = std::mem::replace(
+                &mut *self.durable.write().unwrap_or_else(|p| p.into_inner()),
+                fresh(),
+            );
+            self.durable_ones.store(0, Ordering::SeqCst);
+            old.into_words()
+        };
+        drop(spare);
         let seq_next = self.seq_next.load(Ordering::SeqCst);
         let mut changed: BitVec<u64, Lsb0> = BitVec::from_vec(cut_words);
         changed.truncate(self.nbits as usize);
@@ -703,38 +845,55 @@ impl ChangeLog {
     /// The backup of `cut` is committed as generation `gen`: forget its bits.
     pub fn commit_generation(&self, _cut: &Cut, gen: &str) -> Result<()> {
         let mut inner = self.lock_inner();
-        if inner.cut_bits.is_none() {
+        if inner.cut_ones.is_none() {
             return Err(crate::err!(
                 InvalidInput,
                 "unable to commit generation {gen} to the change log: no backup is running"
             ));
         }
-        let old = (inner.relative_to.take(), inner.cut_bits.take());
+        let old = (inner.relative_to.take(), inner.cut_ones.take());
         inner.relative_to = Some(gen.to_string());
         if let Err(e) = self.write_header(&inner, FLAG_DIRTY) {
             inner.relative_to = old.0;
-            inner.cut_bits = old.1;
+            inner.cut_ones = old.1;
             return Err(e);
         }
         inner.reset_reason = None;
+        self.release_spare(inner);
         Ok(())
     }
 
-    /// The backup of `cut` failed: keep its bits for the next one.
-    pub fn abort_generation(&self, _cut: &Cut) -> Result<()> {
-        let mut inner = self.lock_inner();
-        let Some(cut_bits) = inner.cut_bits.clone() else {
-            return Ok(());
-        };
-        let mut words = self.current_words();
-        for (w, p) in words.iter_mut().zip(&cut_bits) {
-            *w |= p;
+    /// P is no longer needed (no cut outstanding, the header says so): zero it for the
+    /// next instant. A failure only costs that instant the zeroing (it is logged).
+    fn release_spare(&self, inner: std::sync::MutexGuard<'_, Inner>) {
+        self.lock_spare().holds_cut = false;
+        drop(inner);
+        if let Err(e) = self.zero_spare() {
+            let e: Error = e;
+            log::warn!("{e}; the next snapshot instant zeroes the spare bitmap itself");
         }
-        self.write_region(HEADER_SIZE as u64, &words)?;
+    }
+
+    /// The backup of `cut` failed: keep its bits for the next one.
+    pub fn abort_generation(&self, cut: &Cut) -> Result<()> {
+        let mut inner = self.lock_inner();
+        if inner.cut_ones.is_none() {
+            return Ok(());
+        }
+        // C |= P, P as on disk (what a crash would merge), and the caller's cut too.
+        let mut words = self.read_region(1 - self.active.load(Ordering::SeqCst))?;
+        for (i, (w, c)) in words.iter_mut().zip(self.current_words()).enumerate() {
+            *w |= c | cut.changed.as_raw_slice().get(i).copied().unwrap_or(0);
+        }
+        clear_padding(&mut words, self.nbits);
+        self.write_region(self.current_at(), &words)?;
         self.sync()?;
-        self.durable.store_words(&words);
-        inner.cut_bits = None;
-        self.write_header(&inner, FLAG_DIRTY)
+        self.durable().store_words(&words);
+        self.durable_ones.store(ones_in(&words), Ordering::SeqCst);
+        inner.cut_ones = None;
+        self.write_header(&inner, FLAG_DIRTY)?;
+        self.release_spare(inner);
+        Ok(())
     }
 
     /// Stop trusting the tracking: the next incremental backup reads everything and
@@ -755,13 +914,16 @@ impl ChangeLog {
     /// restored from `gen`: its content is exactly that generation's).
     pub fn reset_relative_to(&self, gen: &str) -> Result<()> {
         let mut inner = self.lock_inner();
-        inner.cut_bits = None;
+        inner.cut_ones = None;
         inner.relative_to = Some(gen.to_string());
-        self.write_region(HEADER_SIZE as u64, &vec![0u64; self.durable.nwords()])?;
+        self.write_region(self.current_at(), &vec![0u64; self.nwords])?;
         self.sync()?;
-        self.durable.clear();
+        self.durable().clear();
+        self.durable_ones.store(0, Ordering::SeqCst);
         inner.reset_reason = None;
-        self.write_header(&inner, FLAG_DIRTY)
+        self.write_header(&inner, FLAG_DIRTY)?;
+        self.release_spare(inner);
+        Ok(())
     }
 }
 
@@ -820,7 +982,7 @@ mod tests {
             flags: FLAG_TRUSTED,
             disk_size: 1 << 20,
             chunk_size: CS,
-            _pad: 0,
+            active: 1,
             nbits: 16,
             seq_next: 7,
             seq_lowest_unacked: 7,
@@ -832,15 +994,147 @@ mod tests {
         };
         let b = h.encode();
         assert_eq!(b.len(), HEADER_SIZE);
-        assert_eq!(&b[..16], b"CSNPCL01\x01\0\0\0\x04\0\0\0");
+        assert_eq!(&b[..16], b"CSNPCL01\x02\0\0\0\x04\0\0\0");
         assert_eq!(&b[16..24], &(1u64 << 20).to_le_bytes());
+        assert_eq!(&b[28..32], &1u32.to_le_bytes(), "active region");
         assert_eq!(&b[56..59], b"ab\0");
         assert_eq!(&b[120..122], b"g\0");
         let d = ChangeLogHeader::decode(&b).unwrap();
         assert_eq!(d.seq_next, 7);
+        assert_eq!(d.active, 1);
         let mut bad = b.clone();
         bad[40] ^= 1;
         assert!(ChangeLogHeader::decode(&bad).is_none());
+    }
+
+    /// A header as an earlier version wrote it.
+    fn header_v1(flags: u32, size: u64, nbits: u64, lineage: &str, rel: &str) -> Vec<u8> {
+        ChangeLogHeader {
+            magic: MAGIC,
+            version: 1,
+            flags,
+            disk_size: size,
+            chunk_size: CS,
+            active: 0,
+            nbits,
+            seq_next: 3,
+            seq_lowest_unacked: 3,
+            lineage: put_str(lineage),
+            relative_to: put_str(rel),
+            checksum: [0; 32],
+            reason: [0; REASON_LEN],
+            reserved: [0; HEADER_SIZE - REASON_AT - REASON_LEN],
+        }
+        .encode()
+    }
+
+    #[test]
+    fn the_instant_writes_only_the_header_and_the_regions_alternate() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CHANGELOG_FILE);
+        let size = 300_000 * CS as u64; // 300000 bits: regions of 40 KiB
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        let instant = |cl: &ChangeLog| {
+            let before = cl.bytes_written.load(Ordering::SeqCst);
+            let cut = cl.begin_generation().unwrap();
+            let n = cl.bytes_written.load(Ordering::SeqCst) - before;
+            (cut, n)
+        };
+        cl.mark(0, 1).unwrap();
+        cl.mark(CS as u64 * 299_999, 1).unwrap();
+        let (cut, n) = instant(&cl);
+        assert_eq!(
+            n, HEADER_SIZE as u64,
+            "only the header is written at the instant"
+        );
+        assert_eq!(ones(&cut), vec![0, 299_999]);
+        cl.mark(CS as u64 * 5, 1).unwrap();
+        cl.commit_generation(&cut, "G1").unwrap();
+        cl.mark(CS as u64 * 6, 1).unwrap();
+        let (cut, n) = instant(&cl);
+        assert_eq!(n, HEADER_SIZE as u64);
+        assert_eq!(ones(&cut), vec![5, 6]);
+        cl.mark(CS as u64 * 7, 1).unwrap();
+        // crash during the second backup: C is region 0 again, P region 1
+        std::mem::forget(cl);
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(cl.relative_to().as_deref(), Some("G1"));
+        let (cut, _) = instant(&cl);
+        assert_eq!(ones(&cut), vec![5, 6, 7]);
+        cl.abort_generation(&cut).unwrap();
+        cl.mark(CS as u64 * 8, 1).unwrap();
+        let (cut, n) = instant(&cl);
+        assert_eq!(
+            n, HEADER_SIZE as u64,
+            "abort zeroes the spare for the next instant"
+        );
+        assert_eq!(ones(&cut), vec![5, 6, 7, 8]);
+        // a cut neither committed nor aborted: the next instant keeps both (slow path)
+        cl.mark(CS as u64 * 9, 1).unwrap();
+        let (cut, n) = instant(&cl);
+        assert!(n > HEADER_SIZE as u64);
+        assert_eq!(ones(&cut), vec![5, 6, 7, 8, 9]);
+        cl.mark(CS as u64 * 10, 1).unwrap();
+        std::mem::forget(cl);
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(
+            ones(&cl.begin_generation().unwrap()),
+            vec![5, 6, 7, 8, 9, 10]
+        );
+    }
+
+    #[test]
+    fn a_failed_sync_at_the_instant_loses_no_bit() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CHANGELOG_FILE);
+        let size = 64 * CS as u64;
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        cl.mark(0, 1).unwrap();
+        cl.fail_syncs.store(true, Ordering::SeqCst);
+        assert!(cl.begin_generation().is_err());
+        cl.fail_syncs.store(false, Ordering::SeqCst);
+        cl.mark(CS as u64 * 3, 1).unwrap();
+        assert_eq!(ones(&cl.begin_generation().unwrap()), vec![0, 3]);
+        cl.mark(CS as u64 * 4, 1).unwrap();
+        std::mem::forget(cl);
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(ones(&cl.begin_generation().unwrap()), vec![0, 3, 4]);
+    }
+
+    #[test]
+    fn a_version_1_log_opens_with_its_bits_and_its_cut() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CHANGELOG_FILE);
+        let size = 128 * CS as u64;
+        let region = region_len_for(128);
+        let mut file = header_v1(FLAG_TRUSTED | FLAG_IN_GENERATION, size, 128, "l", "G0");
+        file.resize(HEADER_SIZE + 2 * region as usize, 0);
+        file[HEADER_SIZE] = 0b10; // C: chunk 1
+        file[HEADER_SIZE + region as usize + 1] = 0b1; // P: chunk 8
+        std::fs::write(&p, &file).unwrap();
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(cl.relative_to().as_deref(), Some("G0"));
+        let cut = cl.begin_generation().unwrap();
+        assert_eq!(ones(&cut), vec![1, 8]);
+        cl.commit_generation(&cut, "G1").unwrap();
+        drop(cl);
+        let b = std::fs::read(&p).unwrap();
+        assert_eq!(
+            &b[8..12],
+            &VERSION.to_le_bytes(),
+            "rewritten as the current version"
+        );
+        // a version 1 header naming region 1 is not a version 1 header
+        let mut bad = header_v1(FLAG_TRUSTED, size, 128, "l", "G0");
+        bad[28] = 1;
+        let body = bad[..REASON_AT - 32].to_vec();
+        let sum = header_sum(&body, &[0; REASON_LEN]);
+        bad[REASON_AT - 32..REASON_AT].copy_from_slice(sum.as_bytes());
+        bad.resize(HEADER_SIZE + 2 * region as usize, 0);
+        std::fs::write(&p, &bad).unwrap();
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert!(cl.relative_to().is_none());
+        assert!(cl.status().reset_reason.unwrap().contains("region"));
     }
 
     #[test]

@@ -214,16 +214,27 @@ pub struct ChunkMap {
     cv: Condvar,
 }
 
+/// An all-false plane of `n` bits: zeroed memory from the allocator, whose pages are
+/// touched only when bits are set (`BitVec::repeat` writes every word).
+fn zero_plane(n: usize) -> BitVec<u64, Lsb0> {
+    let mut p = BitVec::from_vec(vec![0u64; n.div_ceil(64)]);
+    p.truncate(n);
+    p
+}
+
 impl ChunkMap {
     /// A map where `scope` (one bit per chunk, widened here to whole granules of
     /// `granule` chunks) is pending, or every chunk when `scope` is `None`.
     pub fn new(geo: Geometry, granule: u64, scope: Option<&BitSlice<u64, Lsb0>>) -> Self {
         let n = geo.nchunks as usize;
         let granule = granule.max(1);
-        let pending = match scope {
-            None => BitVec::repeat(true, n),
+        // O(set bits of the cut) beyond the scan: a fresh all-false plane is zeroed
+        // memory from the allocator, touched only where a granule is set.
+        let (pending, pending_count) = match scope {
+            None => (BitVec::repeat(true, n), geo.nchunks),
             Some(bits) => {
-                let mut p: BitVec<u64, Lsb0> = BitVec::repeat(false, n);
+                let mut p = zero_plane(n);
+                let mut count = 0u64;
                 let mut last_g = u64::MAX;
                 for c in bits.iter_ones().take_while(|&c| c < n) {
                     let g = c as u64 / granule;
@@ -234,13 +245,10 @@ impl ChunkMap {
                     let a = (g * granule) as usize;
                     let b = ((g + 1) * granule).min(geo.nchunks) as usize;
                     p[a..b].fill(true);
+                    count += (b - a) as u64;
                 }
-                p
+                (p, count)
             }
-        };
-        let pending_count = match scope {
-            None => geo.nchunks,
-            Some(_) => pending.count_ones() as u64,
         };
         ChunkMap {
             geo,
@@ -248,8 +256,8 @@ impl ChunkMap {
             in_scope: pending_count,
             st: Mutex::new(State {
                 pending,
-                done: BitVec::repeat(false, n),
-                zero: BitVec::repeat(false, n),
+                done: zero_plane(n),
+                zero: zero_plane(n),
                 zero_count: 0,
                 preserved: BTreeMap::new(),
                 busy: HashSet::new(),

@@ -27,7 +27,7 @@
 //! | # | lock | held by, and for how long | across I/O? | protects |
 //! |---|---|---|---|---|
 //! | 1 | `Backups` job slot mutex (`backup/mod.rs`) | `start`, `status`, `cancel`, `prioritize`: while looking at / replacing the current job | no | the current job, one at a time |
-//! | 2 | instant gate, exclusive (`Engine::pause_writes`) | the snapshot instant: `ChangeLog::begin_generation`, `Target::scope`, building the chunk map, installing; `Engine::uninstall` at the end of a backup | **yes**: begin_generation writes and fsyncs the change log; a repository target's `scope` reads the parent index only if it was not resolved before the pause (`Target::prepare`, done while writes run, for the generation the change log is relative to) | "no data-changing request in flight"; the snapshot pointer |
+//! | 2 | instant gate, exclusive (`Engine::pause_writes`) | the snapshot instant: `ChangeLog::begin_generation`, `Target::scope`, building the chunk map, installing; `Engine::uninstall` at the end of a backup | **yes**: begin_generation writes and fsyncs the change log's 4 KiB header (no bitmap I/O, unless the spare region could not be zeroed before or an earlier cut is unresolved); a repository target's `scope` reads the parent index only if it was not resolved before the pause (`Target::prepare`, done while writes run, for the generation the change log is relative to) | "no data-changing request in flight"; the snapshot pointer |
 //! | 2 | instant gate, shared (`Engine::change`) | every write / trim / write-zeroes, from the snapshot check until its origin I/O is done | **yes**: the whole request, including preserving originals, the change log's group commit and the origin write | that the request's preserve, change-log mark and origin write all belong to one side of the instant |
 //! | 3 | `Job` status, then `Job` snapshot mutex (`backup/job.rs`) | briefly | no | job state and figures |
 //! | 4 | `ChunkMap` mutex + condvar (`chunk_map.rs`) | briefly | no | pending/done planes, preserved map, busy marks |
@@ -38,8 +38,10 @@
 //! | 9 | live restore fill marks (`FillingIo`, logical; `restore/live.rs`) | a fetch or a write to unrestored chunks: from taking the marks until the chunks' data and bits are durable | **yes** | one repository chunk's fetch against a write to it |
 //! | 10 | live restore state-file mutex | writing and fsyncing the fill state's bitmap blocks or header | **yes** | the fill state file |
 //! | 11 | `ChangeLog` group commit (leader flag in the queue mutex, logical) | the leader: writing the queued bitmap blocks and one fdatasync; other first writers wait on the queue condvar | **yes** | one fdatasync per batch of first writes |
-//! | 12 | `ChangeLog` state mutex (`inner`) | cut, commit, abort, distrust, close (header and region writes, fsyncs); the group-commit leader while it writes bitmap blocks | **yes** | relative-to, the cut's bits, region C on disk |
-//! | 13 | `ChangeLog` queue mutex, in-flight sequence mutex | briefly (the queue is never held across the leader's I/O) | no | queued bits and tickets; unacknowledged sequence numbers |
+//! | 12 | `ChangeLog` state mutex (`inner`) | cut, commit, abort, distrust, close (header and region writes, fsyncs); the group-commit leader while it writes bitmap blocks | **yes** | relative-to, whether a cut is outstanding, region C on disk |
+//! | 13 | `ChangeLog` spare mutex | the cut (after `inner`); zeroing the spare region after a commit or abort (write + fdatasync, `inner` not held, so first writes go on) | **yes** | whether the spare region is zeroed or holds the cut's P; which region is C changes only with 12 and 13 held |
+//! | 14 | `ChangeLog` in-memory bitmap RwLock | read: a first write's check and queueing, the leader publishing bits, status (briefly); write: the cut swaps in an empty bitmap (O(1)) | no | the in-memory copy of C |
+//! | 15 | `ChangeLog` queue mutex, in-flight sequence mutex | briefly (the queue is never held across the leader's I/O) | no | queued bits and tickets; unacknowledged sequence numbers |
 //!
 //! The repository's own locks (the `DIR/lock` flock, the quarantine lock) and the
 //! operations they order are in [`repo`]'s table; the NBD server's locks are in

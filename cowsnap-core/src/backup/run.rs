@@ -52,11 +52,19 @@ pub(super) fn start(
         None => target::open(&p.to, &geo, &cfg.name, p.incremental)?,
     };
     // the parent's index is loaded now, while writes run, not under the pause
+    let mut incremental_likely = false;
     if let Some(cl) = engine.changelog() {
         if target.uses_change_log() {
-            target.prepare(cl.relative_to().as_deref());
+            let rel = cl.relative_to();
+            incremental_likely = p.incremental && rel.is_some();
+            target.prepare(rel.as_deref());
         }
     }
+    // A backup that reads everything has its chunk map made now too (the planes are
+    // O(disk size) to fill); an incremental's depends on the cut, made at the instant.
+    let granule = u64::from(target.granule_chunks().max(1));
+    let mut full_map = (!incremental_likely && granule.is_power_of_two())
+        .then(|| ChunkMap::new(geo, granule, None));
     let gate = match quiesce(engine, job, &p) {
         Ok(g) => g,
         Err(e) => {
@@ -87,7 +95,6 @@ pub(super) fn start(
             return Err(e);
         }
     };
-    let granule = u64::from(target.granule_chunks().max(1));
     if !granule.is_power_of_two() {
         drop(gate);
         end_generation(engine, job, cut.as_ref(), None);
@@ -106,7 +113,10 @@ pub(super) fn start(
             None
         }
     };
-    let map = ChunkMap::new(geo, granule, bits);
+    let map = match (bits, full_map.take()) {
+        (None, Some(m)) => m,
+        (bits, _) => ChunkMap::new(geo, granule, bits),
+    };
     let snap = Arc::new(Snapshot::new(map, container, cfg.throttle));
     let created_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
