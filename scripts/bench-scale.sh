@@ -57,7 +57,6 @@ PY
   HWM=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
   GEN=$(jq -rs 'map(select(.event=="complete"))[0].generation' "$W/inc.json")
   IDX=$(find "$W/t/repo" -name "*.idx" -printf "%s+" | sed "s/+$//")
-  grep -rh TIMING "$W/run" "$W/state" 2>/dev/null | tail -2 >&2 || true
   "$CTL" detach bscale >/dev/null
   rm -f "$W/t/d.img"
   t0=$(now); "$CTL" restore "repo:$W/t/repo@$GEN" --to "$W/t/r.img" >/dev/null; t1=$(now)
