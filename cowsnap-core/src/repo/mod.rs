@@ -32,6 +32,7 @@ pub mod generation;
 pub mod index;
 pub mod pin;
 pub mod prune;
+pub mod retention;
 pub mod target;
 pub mod verify;
 
