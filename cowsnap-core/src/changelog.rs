@@ -378,6 +378,10 @@ impl ChangeLog {
         let mut seq_next = 0;
         let mut reset_reason = None;
         let mut active = 0u32;
+        // What the file holds already need not be written again: C when no cut was
+        // merged into it, the spare when it reads as zeros (both, in a new file).
+        let mut c_on_disk = flen == 0;
+        let mut spare_zero_on_disk = flen == 0;
         let reason = match &hdr {
             None if flen == 0 => Some("new change log".to_string()),
             None => Some("change log header unreadable".to_string()),
@@ -416,6 +420,11 @@ impl ChangeLog {
                 for (w, p) in words.iter_mut().zip(bytes_to_words(&buf, nwords)) {
                     *w |= p;
                 }
+            } else {
+                c_on_disk = true;
+                file.read_exact_at(&mut buf, at(1 - active))
+                    .ctx(|| format!("unable to read change log {}", path.display()))?;
+                spare_zero_on_disk = buf.iter().all(|&b| b == 0);
             }
             clear_padding(&mut words, nbits);
             if h.flags & FLAG_TRUSTED != 0 {
@@ -474,15 +483,19 @@ impl ChangeLog {
         cl.file
             .set_len(HEADER_SIZE as u64 + 2 * region_len)
             .ctx(|| format!("unable to size change log {}", path.display()))?;
-        // Persist the merged bits first, then a header without IN_GENERATION, then
-        // make the spare all zeros (a fresh file's regions are zeros already).
-        cl.write_region(cl.region_at(active), &words)?;
-        cl.sync()?;
+        // Persist the merged bits first (a reset's zeros, or C ∪ P of an unfinished
+        // cut), then a header without IN_GENERATION, then make the spare all zeros.
+        // A clean reopen writes the header only: C is on disk as read, and a spare
+        // already zero (a fresh file's, or one zeroed after the last commit) is left.
+        if !c_on_disk {
+            cl.write_region(cl.region_at(active), &words)?;
+            cl.sync()?;
+        }
         {
             let inner = cl.lock_inner();
             cl.write_header(&inner, FLAG_DIRTY)?;
         }
-        if flen == 0 {
+        if spare_zero_on_disk {
             cl.lock_spare().zeroed = true;
         } else {
             cl.zero_spare()?;
@@ -1026,6 +1039,52 @@ mod tests {
             reserved: [0; HEADER_SIZE - REASON_AT - REASON_LEN],
         }
         .encode()
+    }
+
+    #[test]
+    fn a_clean_reopen_writes_the_header_only_and_a_dirty_spare_is_zeroed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(CHANGELOG_FILE);
+        let size = 300_000 * CS as u64;
+        let region = region_len_for(300_000);
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(
+            cl.bytes_written.load(Ordering::SeqCst),
+            HEADER_SIZE as u64,
+            "a new log: its regions are zeros already"
+        );
+        cl.mark(CS as u64 * 3, 1).unwrap();
+        let cut = cl.begin_generation().unwrap();
+        cl.commit_generation(&cut, "G1").unwrap();
+        cl.mark(CS as u64 * 9, 1).unwrap();
+        drop(cl);
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(cl.bytes_written.load(Ordering::SeqCst), HEADER_SIZE as u64);
+        assert_eq!(cl.relative_to().as_deref(), Some("G1"));
+        let active = cl.active.load(Ordering::SeqCst);
+        drop(cl);
+        // a spare left dirty (its zeroing failed, or a crash before it): zeroed at open
+        let spare_at = HEADER_SIZE as u64 + u64::from(1 - active) * region;
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff; 8], spare_at).unwrap();
+        drop(f);
+        let cl = ChangeLog::open_with_lineage(&p, size, CS, "l").unwrap();
+        assert_eq!(
+            cl.bytes_written.load(Ordering::SeqCst),
+            HEADER_SIZE as u64 + region
+        );
+        let cut = cl.begin_generation().unwrap();
+        assert_eq!(ones(&cut), vec![9]);
+        drop(cut);
+        drop(cl);
+        // that region became C at the instant above, with nothing marked since: the
+        // open zeroed it on disk, so a crash now cannot bring back its garbage
+        let mut buf = vec![0u8; region as usize];
+        std::fs::File::open(&p)
+            .unwrap()
+            .read_exact_at(&mut buf, spare_at)
+            .unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
     }
 
     #[test]
