@@ -264,18 +264,17 @@ impl<'a> Drainer<'a> {
             // Holes of a sparse origin read as zeros without I/O. The chunks are busy,
             // so no write can fill a hole between this query and the read.
             let data = match self.origin.data_ranges(ro, re - ro) {
-                Ok(Some(ranges)) => {
-                    let o = (ro - base) as usize;
-                    self.buf[o..o + (re - ro) as usize].fill(0);
-                    ranges
-                }
+                Ok(Some(ranges)) => ranges,
                 _ => vec![(ro, re)],
             };
+            // only the gaps between data ranges are zero-filled: the data is read over
+            let mut done = ro;
             for (a, b) in data {
-                let (a, b) = (a.max(ro), b.min(re));
+                let (a, b) = (a.max(done), b.min(re));
                 if a >= b {
                     continue;
                 }
+                self.buf[(done - base) as usize..(a - base) as usize].fill(0);
                 if let Some(r) = self.rate.as_mut() {
                     r.take(b - a);
                 }
@@ -283,7 +282,9 @@ impl<'a> Drainer<'a> {
                 self.origin
                     .read_at(&mut self.buf[o..o + (b - a) as usize], a)
                     .map_err(|e| e.with_context("unable to read the origin for the backup"))?;
+                done = b;
             }
+            self.buf[(done - base) as usize..(re - base) as usize].fill(0);
             c = run_end;
         }
         Ok(())
@@ -419,6 +420,44 @@ mod tests {
         }
         assert_eq!(s.snap.stats.copied.load(Ordering::Relaxed), 38);
         assert_eq!(s.snap.map.remaining(), 0);
+    }
+
+    #[test]
+    fn holes_of_a_sparse_origin_read_as_zeros_whatever_the_buffer_held() {
+        // three batches of 4 MiB; the first is all data, so the buffer is full of it
+        // when the next ones, mostly holes, are filled
+        let size = 12 << 20;
+        let s = setup(size, 1, 4);
+        let mut want = s.data.clone();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(s._file.path())
+            .unwrap();
+        let keep = [(4 << 20) + 8192, (8 << 20) + 20 * 4096, size - 4096];
+        let mut at = 4u64 << 20;
+        for &k in &keep {
+            punch(&f, at, k - at);
+            want[at as usize..k as usize].fill(0);
+            at = k + 4096;
+        }
+        assert_eq!(at, size);
+        let mut t = rec(&s, 1);
+        Drainer::new(&*s.origin, &s.snap, &mut t, None)
+            .run()
+            .unwrap();
+        assert_eq!(image(&s), want);
+    }
+
+    fn punch(f: &std::fs::File, off: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        nix::fcntl::fallocate(
+            f.as_raw_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        )
+        .unwrap();
     }
 
     #[test]
