@@ -28,6 +28,9 @@ impl Target for Held {
     fn uses_change_log(&self) -> bool {
         self.inner.uses_change_log()
     }
+    fn prepare(&mut self, relative_to: Option<&str>) -> Scope {
+        self.inner.prepare(relative_to)
+    }
     fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope> {
         self.inner.scope(cut)
     }

@@ -486,14 +486,17 @@ fn prepare_resolves_the_parent_before_the_instant() {
     let saved = std::fs::read(&index).unwrap_or_else(|e| panic!("{}: {e}", index.display()));
     // prepared for g1, index gone before the instant: still incremental
     let mut t = open();
-    t.prepare(Some(&g1));
+    assert!(matches!(t.prepare(Some(&g1)), Scope::Changed));
     std::fs::remove_file(&index).unwrap();
     assert!(matches!(t.scope(Some(&cut)).unwrap(), Scope::Changed));
     t.abort("test");
     // prepared for another generation: scope resolves itself, finds no index, and
     // falls back to a full read
     let mut t = open();
-    t.prepare(Some("20000101T000000.000Z-00000000"));
+    assert!(
+        matches!(t.prepare(Some("20000101T000000.000Z-00000000")), Scope::All),
+        "no such parent: a full read is expected"
+    );
     assert!(matches!(t.scope(Some(&cut)).unwrap(), Scope::All));
     t.abort("test");
     std::fs::write(&index, saved).unwrap();

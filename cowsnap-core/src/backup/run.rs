@@ -52,18 +52,16 @@ pub(super) fn start(
         None => target::open(&p.to, &geo, &cfg.name, p.incremental)?,
     };
     // the parent's index is loaded now, while writes run, not under the pause
-    let mut incremental_likely = false;
+    let mut expect = Scope::All;
     if let Some(cl) = engine.changelog() {
         if target.uses_change_log() {
-            let rel = cl.relative_to();
-            incremental_likely = p.incremental && rel.is_some();
-            target.prepare(rel.as_deref());
+            expect = target.prepare(cl.relative_to().as_deref());
         }
     }
     // A backup that reads everything has its chunk map made now too (the planes are
     // O(disk size) to fill); an incremental's depends on the cut, made at the instant.
     let granule = u64::from(target.granule_chunks().max(1));
-    let mut full_map = (!incremental_likely && granule.is_power_of_two())
+    let mut full_map = (matches!(expect, Scope::All) && granule.is_power_of_two())
         .then(|| ChunkMap::new(geo, granule, None));
     let gate = match quiesce(engine, job, &p) {
         Ok(g) => g,

@@ -341,10 +341,18 @@ impl Target for RepoTarget {
         (self.repo.chunk_size() / self.tracking_chunk).max(1)
     }
 
-    fn prepare(&mut self, relative_to: Option<&str>) {
-        if let (true, Some(rel)) = (self.params.incremental, relative_to) {
-            self.prepared = Some((rel.to_string(), self.resolve_parent(rel)));
-        }
+    fn prepare(&mut self, relative_to: Option<&str>) -> Scope {
+        let (true, Some(rel)) = (self.params.incremental, relative_to) else {
+            return Scope::All;
+        };
+        let parent = self.resolve_parent(rel);
+        let expect = if parent.is_ok() {
+            Scope::Changed
+        } else {
+            Scope::All
+        };
+        self.prepared = Some((rel.to_string(), parent));
+        expect
     }
 
     fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope> {

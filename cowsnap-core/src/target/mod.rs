@@ -121,9 +121,12 @@ pub trait Target: Send {
     /// Before the instant (writes still run), with the generation the disk's change
     /// log is relative to now: do the I/O `scope` would need (a repository target
     /// resolves and loads its parent's index), so the instant itself does none. Only a
-    /// preparation: `scope` checks it still matches the cut. The default does nothing.
-    fn prepare(&mut self, relative_to: Option<&str>) {
+    /// preparation: `scope` checks it still matches the cut. Returns the scope
+    /// `scope` is expected to give (so a full read's chunk map is made before the
+    /// instant too); `scope` decides. The default does nothing and expects `All`.
+    fn prepare(&mut self, relative_to: Option<&str>) -> Scope {
         let _ = relative_to;
+        Scope::All
     }
     /// Which chunks must be read; called once, at the snapshot instant, with the cut.
     fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope>;
