@@ -2,7 +2,7 @@
 # Installs the Debian packages cowsnap's tests, demo and benchmarks need. Idempotent.
 set -euo pipefail
 PKGS=(nbdkit libnbd-bin python3-libnbd fio qemu-utils e2fsprogs xfsprogs fuse3 util-linux
-      postgresql postgresql-contrib kmod procps psmisc jq)
+      postgresql postgresql-contrib kmod procps psmisc jq prometheus curl)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -10,6 +10,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The prometheus package (for tests/41: prometheus and promtool) enables and starts
+  # its own service where systemd runs; the test runs its own instance on a private
+  # port, so a service this script just installed is stopped and disabled.
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
 fi
 command -v cargo >/dev/null || [ -x "$HOME/.cargo/bin/cargo" ] || { echo "setup: cargo not found (install a Rust toolchain)"; exit 1; }
 # Fuzzing (tests/55-fuzz.sh) needs cargo-fuzz, built with Rust nightly; without nightly

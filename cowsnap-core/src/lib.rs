@@ -98,6 +98,7 @@ pub mod export;
 pub mod freespace;
 pub mod fsutil;
 pub mod identity;
+pub mod latency;
 pub mod mountinfo;
 mod ondisk;
 pub mod origin_seal;

@@ -94,3 +94,48 @@ fn full_then_incremental_through_the_engine_restore_exactly() {
     }
     assert!(repo::verify(&repo_dir, None).unwrap().ok);
 }
+
+#[test]
+fn the_last_successful_backup_is_recorded_and_survives_a_restart() {
+    use cowsnap_core::backup::LastBackupRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![7u8; size as usize]).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut spec = OpenSpec::origin(&disk);
+    spec.engine = IoEngine::Sync;
+    let cfg = EngineConfig {
+        name: "d".into(),
+        ..Default::default()
+    };
+    let engine = Engine::new(open(&spec).unwrap(), cfg, None).unwrap();
+    let backups = Backups::with_record(engine.clone(), LastBackupRecord::in_dir(&state));
+    assert!(backups.last_success().is_none());
+    let to = format!("repo:{}", dir.path().join("repo").display());
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let st = backup(&backups, &to, false);
+    let last = backups.last_success().expect("recorded");
+    assert_eq!(last.id, st.id);
+    assert_eq!(last.generation, st.generation);
+    assert_eq!(last.bytes_copied, size);
+    assert!(last.instant_unix >= before && last.finished_unix >= last.instant_unix);
+
+    // A failed backup leaves the record alone.
+    backups
+        .start(BackupParams {
+            to: format!("file:{}", dir.path().join("no/such/dir/x.img").display()),
+            container: Some("ram:1M".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(backups.last_success().as_ref(), Some(&last));
+
+    // A new daemon over the same state directory knows it.
+    let again = Backups::with_record(engine, LastBackupRecord::in_dir(&state));
+    assert_eq!(again.last_success(), Some(last));
+}

@@ -29,7 +29,7 @@
 
 use crate::cli::{self, Args};
 use anyhow::{anyhow, bail, Context, Result};
-use cowsnap_core::backup::Backups;
+use cowsnap_core::backup::{Backups, LastBackupRecord};
 use cowsnap_core::blockio::{self, BlockIo, OpenSpec};
 use cowsnap_core::changelog::ChangeLog;
 use cowsnap_core::disk_state::{self, DiskStateOptions};
@@ -338,7 +338,14 @@ pub fn run(args: Args) -> Result<()> {
     server.set_export("", export, &desc);
 
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
-    let backups = Arc::new(Backups::new(engine.clone()));
+    // The last successful backup is remembered in the disk's state directory (a
+    // read-only export has none: memory only).
+    let last = if args.read_only {
+        LastBackupRecord::in_memory()
+    } else {
+        LastBackupRecord::in_dir(&paths.disk_state_dir())
+    };
+    let backups = Arc::new(Backups::with_record(engine.clone(), last));
     let control = Arc::new(ControlServer {
         paths: paths.clone(),
         origin: args.origin.clone(),

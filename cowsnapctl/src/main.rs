@@ -10,6 +10,7 @@ mod attach;
 mod backup;
 mod detach;
 mod freeze;
+mod metrics;
 mod parse;
 mod repo;
 mod restart;
@@ -84,6 +85,8 @@ enum Cmd {
     Restore(repo::RestoreArgs),
     /// Give up an interrupted live restore: its generation is no longer pinned.
     Abandon(repo::AbandonArgs),
+    /// Export Prometheus metrics of every attached disk (and --repo repositories).
+    Metrics(metrics::MetricsArgs),
 }
 
 fn main() {
@@ -107,6 +110,7 @@ fn main() {
         Cmd::Prune(a) => repo::prune(a),
         Cmd::Restore(a) => repo::restore(&cli.dirs, a),
         Cmd::Abandon(a) => repo::abandon(&cli.dirs, a),
+        Cmd::Metrics(a) => metrics::run(&cli.dirs, a),
     };
     match r {
         Ok(code) => std::process::exit(code),

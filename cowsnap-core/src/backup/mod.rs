@@ -9,6 +9,7 @@
 //! - `run.rs`: the snapshot instant, the drainer thread, commit or abort.
 //! - `scope.rs`: after the instant, before the drainer: what need not be read (holes,
 //!   free space), marked as known zeros.
+//! - `last.rs`: the last successful backup, kept in the disk's state directory.
 //!
 //! Design notes
 //! - One backup at a time per disk: a second `start` while one is quiescing or
@@ -31,8 +32,11 @@
 //!   `target.abort(why)`. Either way the snapshot is uninstalled and the container
 //!   released (a `file:` container is removed), and only then is the state published
 //!   as complete or failed, so a caller that sees it can start the next backup at once.
+//!   A completed backup is recorded as the last successful one ([`LastBackupRecord`])
+//!   before "complete" is published.
 
 mod job;
+mod last;
 mod quiesce;
 mod run;
 mod scope;
@@ -49,6 +53,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+pub use last::{LastBackup, LastBackupRecord, LAST_BACKUP_FILE};
 pub use quiesce::DEFAULT_QUIESCE_TIMEOUT_MS;
 
 /// What `cowsnapctl backup` asks for.
@@ -183,6 +188,9 @@ pub struct BackupStatus {
     /// data-changing request was in flight to the installed snapshot).
     #[serde(default)]
     pub instant_pause_us: u64,
+    /// Unix time (s) of the snapshot instant (0 before it).
+    #[serde(default)]
+    pub instant_unix: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -194,16 +202,31 @@ pub struct Backups {
     engine: Arc<Engine>,
     cur: Mutex<Option<Arc<Job>>>,
     seq: AtomicU64,
+    last: Arc<LastBackupRecord>,
 }
 
 impl Backups {
     /// The backup jobs of the disk `engine` serves.
+    /// The last successful backup is remembered in memory only.
     pub fn new(engine: Arc<Engine>) -> Self {
+        Self::with_record(engine, LastBackupRecord::in_memory())
+    }
+
+    /// [`Self::new`], remembering the last successful backup in `last` (the daemon
+    /// keeps it in the disk's state directory).
+    pub fn with_record(engine: Arc<Engine>, last: LastBackupRecord) -> Self {
         Backups {
             engine,
             cur: Mutex::new(None),
             seq: AtomicU64::new(0),
+            last: Arc::new(last),
         }
+    }
+
+    /// The last backup that completed, if one is known (across daemon restarts when
+    /// the record has a file).
+    pub fn last_success(&self) -> Option<LastBackup> {
+        self.last.get()
     }
 
     /// The engine the backups snapshot.
@@ -249,7 +272,7 @@ impl Backups {
             *cur = Some(job.clone());
             job
         };
-        match run::start(&self.engine, &job, p, target, container) {
+        match run::start(&self.engine, &job, &self.last, p, target, container) {
             Ok(()) => Ok(job.id()),
             Err(e) => {
                 job.fail(e.to_string());

@@ -2,6 +2,7 @@
 //! abort of the target and of the change-log cut, uninstalling the snapshot).
 
 use super::job::Job;
+use super::last::{LastBackup, LastBackupRecord};
 use super::quiesce::quiesce;
 use super::BackupParams;
 use crate::changelog::Cut;
@@ -21,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub(super) fn start(
     engine: &Arc<Engine>,
     job: &Arc<Job>,
+    last: &Arc<LastBackupRecord>,
     p: BackupParams,
     target: Option<Box<dyn Target>>,
     container: Option<Box<dyn Container>>,
@@ -124,7 +126,10 @@ pub(super) fn start(
     // ---- writers run again; pending chunks are now preserved before changing ----
     let pause_us = paused_at.elapsed().as_micros() as u64;
     job.run(snap.clone());
-    job.update(|st| st.instant_pause_us = pause_us);
+    job.update(|st| {
+        st.instant_pause_us = pause_us;
+        st.instant_unix = created_unix;
+    });
     // a cancel that raced with the instant (it saw no snapshot yet)
     if job.is_canceled() {
         snap.fail("backup canceled");
@@ -147,13 +152,14 @@ pub(super) fn start(
     if let Err(e) = target.begin(&info) {
         let e = e.with_context("unable to start the backup");
         snap.fail(e.to_string());
-        finish(engine, job, &snap, Err(e.to_string()), target, cut);
+        finish(engine, job, last, &snap, Err(e.to_string()), target, cut);
         return Err(e);
     }
     snap.add_priority(&p.priority);
     let engine2 = engine.clone();
     let job2 = job.clone();
     let snap2 = snap.clone();
+    let last2 = last.clone();
     let rate = p.rate_limit;
     let full = matches!(scope, Scope::All);
     let all_blocks = p.all_blocks;
@@ -177,7 +183,7 @@ pub(super) fn start(
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("the drainer stopped unexpectedly (internal error)".into()),
             };
-            finish(&engine2, &job2, &snap2, res, target, cut);
+            finish(&engine2, &job2, &last2, &snap2, res, target, cut);
         });
     if let Err(e) = spawned {
         let e = Error::io("unable to start the drainer thread", e);
@@ -223,6 +229,7 @@ fn end_generation(engine: &Engine, job: &Job, cut: Option<&Cut>, generation: Opt
 fn finish(
     engine: &Engine,
     job: &Job,
+    last: &LastBackupRecord,
     snap: &Arc<Snapshot>,
     res: std::result::Result<(), String>,
     target: Box<dyn Target>,
@@ -261,7 +268,18 @@ fn finish(
     engine.uninstall(snap);
     job.settle(snap);
     match outcome {
-        Ok(()) => job.complete(),
+        Ok(()) => {
+            // recorded before "complete" is published: whoever sees it sees the record
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            if let Err(e) = last.set(LastBackup::from_status(&job.status(), now)) {
+                log::warn!("{e}");
+                job.note(format!("the last backup's record was not saved: {e}"));
+            }
+            job.complete()
+        }
         Err(why) => job.fail(why),
     }
     let st = job.status();

@@ -432,6 +432,42 @@ impl ChunkStore {
         Ok(out)
     }
 
+    /// How many chunk files the store holds and their bytes, from directory entries
+    /// only (no chunk is opened; stray temporary files are not counted).
+    pub fn usage(&self) -> Result<(u64, u64)> {
+        let (mut files, mut bytes) = (0u64, 0u64);
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("unable to list {}", self.dir.display()),
+                    e,
+                ))
+            }
+        };
+        for sub in rd {
+            let sub = sub.ctx(|| format!("unable to list {}", self.dir.display()))?;
+            if !sub.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            for f in std::fs::read_dir(sub.path())
+                .ctx(|| format!("unable to list {}", sub.path().display()))?
+            {
+                let f = f.ctx(|| format!("unable to list {}", sub.path().display()))?;
+                if fsutil::parse_hash(&f.file_name().to_string_lossy()).is_none() {
+                    continue;
+                }
+                // a chunk removed by a concurrent prune is simply not counted
+                if let Ok(m) = f.metadata() {
+                    files += 1;
+                    bytes += m.len();
+                }
+            }
+        }
+        Ok((files, bytes))
+    }
+
     /// Every stored chunk: (hash, path, size in bytes). Stray temporary files are
     /// returned as `None` hashes.
     pub fn walk(&self) -> Result<Vec<StoredFile>> {

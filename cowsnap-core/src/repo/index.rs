@@ -216,6 +216,85 @@ impl FixedIndex {
     }
 }
 
+/// What an index references, counted without keeping its entries (see [`summarize`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexSummary {
+    /// Repository chunk size.
+    pub chunk_size: u32,
+    /// Disk size.
+    pub disk_size: u64,
+    /// Entries.
+    pub chunks: u64,
+    /// Entries that name a stored chunk (not the zero hash).
+    pub data_chunks: u64,
+    /// Bytes of the disk those entries cover (the last chunk may be short).
+    pub data_bytes: u64,
+}
+
+/// Count what the index at `path` references, reading it in 1 MiB pieces (an index
+/// is 32 bytes per chunk: 512 MiB for 16 TiB at 1 MiB chunks, too much to hold for a
+/// figure). The header and the entries' checksum are checked as in [`FixedIndex::read`].
+pub fn summarize(path: &Path) -> Result<IndexSummary> {
+    use std::io::Read;
+    let what = path.display().to_string();
+    let bad = |why: &str| crate::err!(Corrupt, "index {what} is corrupt: {why}");
+    let mut f =
+        std::fs::File::open(path).ctx(|| format!("unable to read index {}", path.display()))?;
+    let mut head = vec![0u8; INDEX_HEADER_SIZE];
+    f.read_exact(&mut head)
+        .ctx(|| format!("unable to read index {}", path.display()))?;
+    let h = IndexHeader::decode(&head).map_err(bad)?;
+    let (version, chunk_size, disk_size, count) =
+        (h.version, h.chunk_size, h.disk_size, h.chunk_count);
+    if version != INDEX_VERSION {
+        return Err(bad(&format!("unsupported version {version}")));
+    }
+    if chunk_size == 0 || count != chunk_count(disk_size, chunk_size) {
+        return Err(bad("chunk count does not match the disk size"));
+    }
+    let zero = super::chunk_store::ZERO_HASH;
+    let mut sum = IndexSummary {
+        chunk_size,
+        disk_size,
+        chunks: count,
+        ..Default::default()
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut i = 0u64;
+    while i < count {
+        let n = ((count - i).min((buf.len() / 32) as u64) * 32) as usize;
+        f.read_exact(&mut buf[..n]).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                bad("wrong length")
+            } else {
+                crate::Error::io(format!("unable to read index {}", path.display()), e)
+            }
+        })?;
+        hasher.update(&buf[..n]);
+        for e in buf[..n].chunks_exact(32) {
+            if e != zero {
+                // the last entry may cover less than a chunk
+                let off = i * u64::from(chunk_size);
+                sum.data_chunks += 1;
+                sum.data_bytes += (disk_size - off).min(u64::from(chunk_size));
+            }
+            i += 1;
+        }
+    }
+    let mut extra = [0u8; 1];
+    if f.read(&mut extra)
+        .ctx(|| format!("unable to read index {}", path.display()))?
+        != 0
+    {
+        return Err(bad("wrong length"));
+    }
+    if *hasher.finalize().as_bytes() != h.entries_checksum {
+        return Err(bad("entries checksum mismatch"));
+    }
+    Ok(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,5 +353,39 @@ mod tests {
         sample().write(&p).unwrap();
         assert_eq!(FixedIndex::read(&p).unwrap(), sample());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn summarize_counts_data_chunks_without_loading_the_index() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("g.idx");
+        let idx = sample();
+        idx.write(&p).unwrap();
+        let s = summarize(&p).unwrap();
+        assert_eq!(s.chunks, 4);
+        assert_eq!(s.data_chunks, 3, "one zero entry");
+        assert_eq!(
+            s.data_bytes,
+            (2 << 20) + 5,
+            "two whole chunks and the 5-byte tail"
+        );
+        // damage is found as by read()
+        let mut b = std::fs::read(&p).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        assert!(summarize(&p).unwrap_err().to_string().contains("checksum"));
+        b.push(0);
+        std::fs::write(&p, &b).unwrap();
+        assert!(summarize(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("wrong length"));
+        b.truncate(b.len() - 40);
+        std::fs::write(&p, &b).unwrap();
+        assert!(summarize(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("wrong length"));
     }
 }

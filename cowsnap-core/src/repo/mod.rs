@@ -34,6 +34,7 @@ pub mod pin;
 pub mod prune;
 pub mod retention;
 pub mod target;
+pub mod usage;
 pub mod verify;
 
 pub use chunk_store::{ChunkStore, ZERO_HASH};
@@ -41,6 +42,7 @@ pub use generation::{GenerationInfo, GenerationKind, GenerationStats};
 pub use index::FixedIndex;
 pub use prune::{prune, PruneReport};
 pub use target::{open_target, RepoTarget, RepoTargetParams};
+pub use usage::{DiskUsage, RepoUsage, UsageCache};
 pub use verify::{verify, verify_repair, RepairReport, VerifyProblem, VerifyReport};
 
 use crate::error::{IoContext, Result};

@@ -23,6 +23,41 @@ impl Client {
             path: p.clone(),
             source,
         })?;
+        Self::over(s, p, timeout)
+    }
+
+    /// [`Client::connect`] that never waits to connect: a daemon that does not accept
+    /// (stopped, hung) fills its listen backlog, and a blocking connect would then wait
+    /// for as long as it stays so. This one fails at once (`EAGAIN`) instead. For
+    /// callers that must not be held by one daemon (the metrics exporter).
+    pub fn connect_nowait(path: &Path, timeout: Duration) -> Result<Client, ControlError> {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let p = path.display().to_string();
+        let not_running = |source: std::io::Error| ControlError::NotRunning {
+            path: p.clone(),
+            source,
+        };
+        let addr = UnixAddr::new(path).map_err(|e| not_running(e.into()))?;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| not_running(e.into()))?;
+        // A unix-socket connect completes or fails at once; EAGAIN means the backlog
+        // is full (the daemon is not accepting).
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| not_running(e.into()))?;
+        let s = UnixStream::from(fd);
+        s.set_nonblocking(false)
+            .map_err(|source| ControlError::Io {
+                path: p.clone(),
+                source,
+            })?;
+        Self::over(s, p, timeout)
+    }
+
+    fn over(s: UnixStream, p: String, timeout: Duration) -> Result<Client, ControlError> {
         let io = |source| ControlError::Io {
             path: p.clone(),
             source,
@@ -86,4 +121,42 @@ pub fn call(
     timeout: Duration,
 ) -> Result<Map<String, Value>, ControlError> {
     Client::connect(path, timeout)?.call(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn connect_nowait_fails_at_once_on_a_daemon_that_does_not_accept() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("x.ctl");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let t0 = Instant::now();
+        let mut held = Vec::new();
+        let err = loop {
+            match Client::connect_nowait(&path, Duration::from_secs(1)) {
+                Ok(c) => held.push(c),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 100_000, "the backlog never filled");
+        };
+        assert!(
+            !held.is_empty(),
+            "connections are queued until the backlog is full"
+        );
+        assert!(matches!(err, ControlError::NotRunning { .. }), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        // a queued connection that is never answered times out on its read
+        let t1 = Instant::now();
+        assert!(matches!(held[0].status(), Err(ControlError::Io { .. })));
+        assert!(t1.elapsed() < Duration::from_secs(5));
+        // no socket at all
+        let missing = d.path().join("none.ctl");
+        assert!(matches!(
+            Client::connect_nowait(&missing, Duration::from_secs(1)),
+            Err(ControlError::NotRunning { .. })
+        ));
+    }
 }

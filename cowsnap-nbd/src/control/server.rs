@@ -190,6 +190,8 @@ impl ControlServer {
                     error: st.error,
                 }
             }),
+            latency: Some(self.engine.latency()),
+            last_success: self.backups.last_success(),
         }
     }
 

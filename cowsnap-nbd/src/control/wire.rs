@@ -2,8 +2,9 @@
 //! encoding as one JSON object per line. The envelope (`v`, `ok`, `error`) is a struct
 //! with the payload flattened into it.
 
-pub use cowsnap_core::backup::{BackupParams, BackupStatus};
+pub use cowsnap_core::backup::{BackupParams, BackupStatus, LastBackup};
 use cowsnap_core::engine::IoStats;
+pub use cowsnap_core::latency::{HistogramSnapshot, LatencySnapshot};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -88,6 +89,13 @@ pub struct StatusInfo {
     /// Live restore: fill progress (`complete` is true once every chunk is restored).
     #[serde(default)]
     pub fill: Option<FillInfo>,
+    /// Request service-time histograms (absent from daemons that predate them).
+    #[serde(default)]
+    pub latency: Option<LatencySnapshot>,
+    /// The last backup that completed, remembered across daemon restarts (absent from
+    /// daemons that predate it, `null` when none is known).
+    #[serde(default)]
+    pub last_success: Option<LastBackup>,
 }
 
 /// Live-restore fill progress.
@@ -380,5 +388,45 @@ mod tests {
         assert_eq!(back.name, "d");
         assert_eq!(back.stats.reads, 3);
         assert!(back.backup.is_none());
+    }
+
+    #[test]
+    fn a_status_without_the_newer_fields_still_decodes() {
+        // what a daemon without latency histograms and the last-backup record sends
+        let old = r#"{"v":1,"ok":true,"name":"d","origin":"/x","size":4096,
+            "read_only":false,"io_engine":"sync","uri":"nbd+unix:///d","pid":7,
+            "uptime_s":3,"connections":0,"stats":{"reads":1,"writes":2,"bytes_read":512,
+            "bytes_written":1024,"flushes":0,"trims":0,"zeroes":0,"errors":0},
+            "backup":{"id":1,"state":"complete","error":null,"target":"repo:/r",
+            "disk_size":4096,"chunk_size":65536,"chunks_in_scope":1,"chunks_copied":1,
+            "chunks_preserved":0,"bytes_copied":4096,"container_slots":16,
+            "container_used":0,"container_high_water":1,"holds":0,"hold_time_ms":0,
+            "throttled_writes":0,"throttle_delay_ms":0,"elapsed_ms":5,
+            "generation":"g","notes":[]}}"#
+            .replace(['\n', ' '], "");
+        let m = decode_reply(&old).unwrap();
+        let st: StatusInfo = serde_json::from_value(Value::Object(m)).unwrap();
+        assert!(st.latency.is_none() && st.last_success.is_none());
+        assert_eq!(st.stats.writes, 2);
+        assert_eq!(st.backup.unwrap().instant_unix, 0);
+
+        // and the new fields round-trip
+        let h = cowsnap_core::latency::LatencyHistogram::new();
+        h.record(std::time::Duration::from_micros(300));
+        let st = StatusInfo {
+            latency: Some(LatencySnapshot {
+                read: h.snapshot(),
+                write: HistogramSnapshot::default(),
+            }),
+            last_success: Some(LastBackup {
+                finished_unix: 9,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let m = decode_reply(&ok_reply(&st)).unwrap();
+        let back: StatusInfo = serde_json::from_value(Value::Object(m)).unwrap();
+        assert_eq!(back.latency.unwrap().read.count(), 1);
+        assert_eq!(back.last_success.unwrap().finished_unix, 9);
     }
 }
