@@ -74,8 +74,10 @@ use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
 pub const CHANGELOG_FILE: &str = "changelog.bin";
 
 const MAGIC: [u8; 8] = *b"CSNPCL01";
-/// Written: 2 (the `active` field). Read: 1 and 2.
-const VERSION: u32 = 2;
+/// The change log version written: 2 (the `active` field).
+pub const VERSION: u32 = 2;
+/// The change log versions read: 1 and 2.
+pub const READ_VERSIONS: &[u32] = &[1, VERSION];
 const HEADER_SIZE: usize = 4096;
 const BLOCK: u64 = 4096;
 const FLAG_DIRTY: u32 = 1;
@@ -385,7 +387,7 @@ impl ChangeLog {
         let reason = match &hdr {
             None if flen == 0 => Some("new change log".to_string()),
             None => Some("change log header unreadable".to_string()),
-            Some(h) if h.version != 1 && h.version != VERSION => {
+            Some(h) if !READ_VERSIONS.contains(&h.version) => {
                 Some(format!("unknown version {}", h.version))
             }
             Some(h) if h.active > 1 || (h.version == 1 && h.active != 0) => {

@@ -17,6 +17,7 @@
 //! | restore | [`restore`] (offline; `live.rs`: `FillingIo`) |
 //! | destinations that are live data | [`dest_guard`] |
 //! | shared primitives | [`bitmap`] (atomic bitmap), [`bytes`] (`is_zero`), `ondisk` (header codec), [`fsutil`], [`error`] |
+//! | format versions (for `--version`) | [`formats`] |
 //!
 //! # Locking table
 //!
@@ -95,6 +96,7 @@ pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod formats;
 pub mod freespace;
 pub mod fsutil;
 pub mod identity;

@@ -66,7 +66,8 @@ use std::time::{Duration, Instant};
 
 /// File name of the seal inside a disk's state directory.
 pub const SEAL_FILE: &str = "origin.seal";
-const SEAL_VERSION: u32 = 1;
+/// The origin seal format version written and read.
+pub const SEAL_VERSION: u32 = 1;
 
 /// Write and discard counters of one block device (from its sysfs `stat`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

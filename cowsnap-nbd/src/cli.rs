@@ -1,10 +1,10 @@
-//! The command line of `cowsnap-nbd` and the checks on it that need no file: every
+//! The command line of the `cowsnap-nbd` daemon and the checks on it that need no file: every
 //! path made absolute, the chunk size, the default container, the NBD limits, the
 //! `--listen` addresses.
 
+use crate::nbd::limits::Limits;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use cowsnap_nbd::nbd::limits::Limits;
 use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 
@@ -23,10 +23,10 @@ pub struct Args {
     #[arg(long)]
     pub origin: PathBuf,
     /// Directory for sockets and the pid file.
-    #[arg(long, env = cowsnap_nbd::paths::ENV_RUN_DIR, default_value = cowsnap_nbd::paths::DEFAULT_RUN_DIR)]
+    #[arg(long, env = crate::paths::ENV_RUN_DIR, default_value = crate::paths::DEFAULT_RUN_DIR)]
     pub run_dir: PathBuf,
     /// Directory for the change log.
-    #[arg(long, env = cowsnap_nbd::paths::ENV_STATE_DIR, default_value = cowsnap_nbd::paths::DEFAULT_STATE_DIR)]
+    #[arg(long, env = crate::paths::ENV_STATE_DIR, default_value = crate::paths::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Refuse writes (no change log is kept).
     #[arg(long)]
@@ -52,7 +52,7 @@ pub struct Args {
     #[arg(long, value_name = "repo:DIR@GEN")]
     pub restore_from: Option<String>,
     /// NBD connections open at once; further ones are closed at once (and logged).
-    #[arg(long, default_value_t = cowsnap_nbd::nbd::limits::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = crate::nbd::limits::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Memory for NBD request payloads across all connections (e.g. 128M, at least 32M);
     /// a connection uses at most 64M of it.
@@ -62,6 +62,31 @@ pub struct Args {
     /// locked (`cowsnapctl attach`); the daemon keeps it for its life.
     #[arg(long, hide = true)]
     pub lock_fd: Option<i32>,
+}
+
+/// What `--version` prints after the version: the format versions this build writes
+/// and reads ([`cowsnap_core::formats`]) and the control protocol it speaks. Shared by
+/// `cowsnap-nbd` and `cowsnapctl` (they come from one build).
+pub fn long_version() -> String {
+    format!(
+        "{}\n{}\ncontrol protocol: {}",
+        env!("CARGO_PKG_VERSION"),
+        cowsnap_core::formats::describe(),
+        crate::control::wire::VERSION
+    )
+}
+
+/// The daemon's command line as a [`clap::Command`] (for parsing and for its manual
+/// page), `--version` showing [`long_version`].
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Args::command().long_version(long_version())
+}
+
+/// Parse the process's arguments (exits 2 on a usage error, 0 after --help/--version).
+pub fn parse() -> Args {
+    use clap::FromArgMatches;
+    Args::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
 }
 
 /// Every path argument made absolute against the caller's working directory, before
@@ -78,7 +103,7 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
     }
     if let Some(c) = &a.container {
         a.container = Some(
-            cowsnap_nbd::paths::absolute_container(c)
+            crate::paths::absolute_container(c)
                 .with_context(|| format!("unable to resolve --container {c:?}"))?,
         );
     }
@@ -95,7 +120,7 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
 
 /// `--restore-from repo:DIR[@GEN]` → (DIR, GEN).
 pub fn restore_source(spec: &str) -> Result<(PathBuf, Option<String>)> {
-    cowsnap_nbd::paths::parse_repo_spec(spec).context("invalid --restore-from")
+    crate::paths::parse_repo_spec(spec).context("invalid --restore-from")
 }
 
 /// Parse a `--listen` value: `tcp:HOST:PORT`.
@@ -126,7 +151,7 @@ pub fn nbd_limits(args: &Args) -> Result<Limits> {
     }
     let mem = cowsnap_core::container::parse_size(&args.request_memory)
         .map_err(|e| anyhow!("invalid --request-memory: {e}"))?;
-    let min = cowsnap_nbd::nbd::proto::MAX_PAYLOAD as u64;
+    let min = crate::nbd::proto::MAX_PAYLOAD as u64;
     if mem < min {
         bail!(
             "invalid --request-memory {}: at least {} MiB (one request of the largest size)",

@@ -27,7 +27,6 @@
 //! the command line is `cli.rs`, the disk's state `cowsnap_core::disk_state`, the
 //! control socket `cowsnap_nbd::control::server`.
 
-use crate::cli::{self, Args};
 use anyhow::{anyhow, bail, Context, Result};
 use cowsnap_core::backup::{Backups, LastBackupRecord};
 use cowsnap_core::blockio::{self, BlockIo, OpenSpec};
@@ -38,6 +37,7 @@ use cowsnap_core::export::Export;
 use cowsnap_core::identity::RestoredFrom;
 use cowsnap_core::origin_seal;
 use cowsnap_core::restore::live::FillingIo;
+use cowsnap_nbd::cli::{self, Args};
 use cowsnap_nbd::control::{self, server::ControlServer};
 use cowsnap_nbd::name_lock::{self, NameLock};
 use cowsnap_nbd::nbd::server::Server;

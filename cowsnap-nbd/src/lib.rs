@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod attached;
+pub mod cli;
 pub mod control;
 pub mod name_lock;
 pub mod nbd;

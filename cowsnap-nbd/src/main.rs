@@ -1,12 +1,10 @@
-//! `cowsnap-nbd`: the per-disk daemon. The command line is `cli.rs`; start-up, signals
-//! and shutdown are `daemon.rs`.
-use clap::Parser;
-
-mod cli;
+//! `cowsnap-nbd`: the per-disk daemon. The command line is the library's `cli.rs` (so
+//! `cowsnapctl man` renders its page from it); start-up, signals and shutdown are
+//! `daemon.rs`.
 mod daemon;
 
 fn main() {
-    let args = cli::Args::parse();
+    let args = cowsnap_nbd::cli::parse();
     if let Err(e) = daemon::run(args) {
         // One line: `cowsnapctl attach` shows the last "error:" line as the reason.
         eprintln!(

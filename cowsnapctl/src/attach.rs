@@ -96,18 +96,25 @@ pub fn default_connections() -> u32 {
         .clamp(1, 4)
 }
 
-/// How long to wait for the daemon and nbdfuse (COWSNAP_ATTACH_TIMEOUT seconds).
+/// Environment variable: seconds attach waits for the daemon and nbdfuse.
+pub const ENV_ATTACH_TIMEOUT: &str = "COWSNAP_ATTACH_TIMEOUT";
+/// What attach waits without [`ENV_ATTACH_TIMEOUT`], in seconds.
+pub const DEFAULT_ATTACH_TIMEOUT_SECS: u64 = 30;
+/// Environment variable: the daemon binary cowsnapctl starts.
+pub const ENV_NBD_BIN: &str = "COWSNAP_NBD_BIN";
+
+/// How long to wait for the daemon and nbdfuse ([`ENV_ATTACH_TIMEOUT`] seconds).
 fn attach_timeout() -> Duration {
-    std::env::var("COWSNAP_ATTACH_TIMEOUT")
+    std::env::var(ENV_ATTACH_TIMEOUT)
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(30))
+        .unwrap_or(Duration::from_secs(DEFAULT_ATTACH_TIMEOUT_SECS))
 }
 
 /// The daemon binary: $COWSNAP_NBD_BIN, else next to this program, else on PATH.
 pub fn daemon_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("COWSNAP_NBD_BIN") {
+    if let Some(p) = std::env::var_os(ENV_NBD_BIN) {
         return PathBuf::from(p);
     }
     if let Ok(me) = std::env::current_exe() {

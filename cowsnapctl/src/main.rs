@@ -2,14 +2,16 @@
 //! it up. Talks to each disk's daemon over its control socket (JSON lines).
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use cowsnap_nbd::paths;
 use std::path::PathBuf;
 
 mod attach;
 mod backup;
+mod completions;
 mod detach;
 mod freeze;
+mod man;
 mod metrics;
 mod parse;
 mod repo;
@@ -87,11 +89,23 @@ enum Cmd {
     Abandon(repo::AbandonArgs),
     /// Export Prometheus metrics of every attached disk (and --repo repositories).
     Metrics(metrics::MetricsArgs),
+    /// Write the manual pages (cowsnapctl.1, one per subcommand, cowsnap-nbd.8).
+    Man(man::ManArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...) to stdout.
+    Completions(completions::CompletionsArgs),
+}
+
+/// The command line as a [`clap::Command`]: for parsing, the manual pages and the
+/// completions alike. `--version` also shows the format versions this build writes and
+/// reads.
+pub fn command() -> clap::Command {
+    Cli::command().long_version(cowsnap_nbd::cli::long_version())
 }
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let mut cli = Cli::parse();
+    // A usage error exits 2 (clap), --help and --version 0.
+    let mut cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     cli.dirs = match cli.dirs.absolute() {
         Ok(d) => d,
         Err(e) => {
@@ -111,6 +125,8 @@ fn main() {
         Cmd::Restore(a) => repo::restore(&cli.dirs, a),
         Cmd::Abandon(a) => repo::abandon(&cli.dirs, a),
         Cmd::Metrics(a) => metrics::run(&cli.dirs, a),
+        Cmd::Man(a) => man::run(a),
+        Cmd::Completions(a) => completions::run(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -180,5 +180,5 @@ pub fn run(dirs: &Dirs, a: StatusArgs) -> Result<i32> {
             println!("{}", line(n, rec.as_ref(), st.as_ref()));
         }
     }
-    Ok(if bad > 0 { 2 } else { 0 })
+    Ok(if bad > 0 { 1 } else { 0 })
 }

@@ -46,6 +46,8 @@ pub const ZERO_HASH: [u8; 32] = [0u8; 32];
 /// zstd level used for chunks.
 pub const ZSTD_LEVEL: i32 = 1;
 const MAGIC: [u8; 4] = *b"CSCK";
+/// The chunk file format version written and read (the header's fifth byte).
+pub const CHUNK_VERSION: u8 = 1;
 const HDR: usize = 16;
 /// Marks "a subdirectory was created" in the touched set: the parent needs a sync.
 const PARENT: u16 = 256;
@@ -95,7 +97,7 @@ fn corrupt(hash: &[u8; 32], why: &str) -> Error {
 
 /// Check a chunk file's header.
 fn decode_header<'a>(hash: &[u8; 32], raw: &'a [u8]) -> Result<Decoded<'a>> {
-    if raw.len() < HDR || raw[..4] != MAGIC || raw[4] != 1 {
+    if raw.len() < HDR || raw[..4] != MAGIC || raw[4] != CHUNK_VERSION {
         return Err(corrupt(hash, "bad header"));
     }
     let raw_len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
@@ -259,7 +261,7 @@ impl ChunkStore {
         };
         let mut hdr = [0u8; HDR];
         hdr[..4].copy_from_slice(&MAGIC);
-        hdr[4] = 1;
+        hdr[4] = CHUNK_VERSION;
         hdr[5] = enc;
         hdr[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
         hdr[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());

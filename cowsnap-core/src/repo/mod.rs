@@ -62,14 +62,17 @@ fn valid_chunk_size(chunk_size: u32) -> bool {
     chunk_size.is_power_of_two() && (4096..=MAX_CHUNK_SIZE).contains(&chunk_size)
 }
 const CONFIG_FILE: &str = "cowsnap-repo.json";
-const FORMAT: &str = "cowsnap-repo";
+/// The `format` of `cowsnap-repo.json`.
+pub const FORMAT: &str = "cowsnap-repo";
+/// The repository format version written and read (`cowsnap-repo.json` `version`).
+pub const VERSION: u32 = 1;
 
 /// The repository's format marker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RepoConfig {
     /// Always "cowsnap-repo".
     pub format: String,
-    /// Format version (1).
+    /// Format version ([`VERSION`]).
     pub version: u32,
     /// Repository chunk size in bytes (a power of two).
     pub chunk_size: u32,
@@ -104,7 +107,7 @@ impl Repo {
         };
         let config: RepoConfig = serde_json::from_slice(&b)
             .map_err(|e| crate::err!(Corrupt, "unable to parse {}: {e}", path.display()))?;
-        if config.format != FORMAT || config.version != 1 {
+        if config.format != FORMAT || config.version != VERSION {
             return Err(crate::err!(
                 Unsupported,
                 "unable to open repository {}: format {} version {} is not supported",
@@ -147,7 +150,7 @@ impl Repo {
             }
             let cfg = RepoConfig {
                 format: FORMAT.into(),
-                version: 1,
+                version: VERSION,
                 chunk_size,
             };
             let json = serde_json::to_vec_pretty(&cfg)

@@ -54,6 +54,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 
 const MAGIC: [u8; 8] = *b"CSNPFL01";
+/// The fill state format version written and read.
+pub const FILL_VERSION: u32 = 1;
 const HEADER: u64 = 4096;
 const BLOCK: u64 = 4096;
 const FLAG_COMPLETE: u32 = 1;
@@ -119,7 +121,8 @@ impl FillHeader {
         let generation = d.array()?;
         let body = d.read();
         let checksum: [u8; 32] = d.array()?;
-        if blake3::hash(body).as_bytes()[..] != checksum {
+        // A version this build does not know is unreadable, like a bad checksum.
+        if blake3::hash(body).as_bytes()[..] != checksum || version != FILL_VERSION {
             return None;
         }
         Some(FillHeader {
@@ -495,7 +498,7 @@ impl FillingIo {
                 generation[..gb.len().min(64)].copy_from_slice(&gb[..gb.len().min(64)]);
                 let h = FillHeader {
                     magic: MAGIC,
-                    version: 1,
+                    version: FILL_VERSION,
                     flags: 0,
                     disk_size: g.disk_size,
                     chunk_size: index.chunk_size,
@@ -904,7 +907,7 @@ mod tests {
         generation[..4].copy_from_slice(b"G123");
         let h = FillHeader {
             magic: MAGIC,
-            version: 1,
+            version: FILL_VERSION,
             flags: FLAG_COMPLETE,
             disk_size: 0x0102_0304_0506_0708,
             chunk_size: 1 << 20,
