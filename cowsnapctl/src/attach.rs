@@ -568,6 +568,11 @@ fn resume_locked(
     let args = daemon_args(a, origin, paths)?;
     let what = format!("unable to attach {} as {name:?}", origin.display());
     resume_daemon(paths, &mut rec, args, &what, lock, started)?;
+    if !dev.is_empty() {
+        if let Err(e) = crate::devlink::publish(name, Path::new(&dev)) {
+            eprintln!("warning: {e:#} (the disk is attached as {dev})");
+        }
+    }
     if a.json {
         println!(
             "{}",
@@ -844,12 +849,18 @@ fn attach_locked(
     for n in &notes {
         eprintln!("note: {n}");
     }
+    let link = rec.device.as_deref().and_then(|d| {
+        crate::devlink::publish(&name, Path::new(d))
+            .map_err(|e| eprintln!("warning: {e:#} (the disk is attached as {d})"))
+            .ok()
+    });
     if a.json {
         println!(
             "{}",
             serde_json::json!({
                 "name": name,
                 "device": rec.device,
+                "link": link,
                 "uri": rec.uri,
                 "pid": pid,
                 "via": via,
@@ -859,11 +870,14 @@ fn attach_locked(
         );
     } else {
         eprintln!(
-            "attached {} as {name:?} ({}, via {via}{}); daemon pid {pid}; {}",
+            "attached {} as {name:?} ({}, via {via}{}); daemon pid {pid}; {}{}",
             origin.display(),
             crate::parse::human_bytes(st.size),
             if a.read_only { ", read-only" } else { "" },
-            st.uri
+            st.uri,
+            link.as_ref()
+                .map(|l| format!("; stable path {}", l.display()))
+                .unwrap_or_default()
         );
         println!("{}", rec.device.as_deref().unwrap_or(&rec.uri));
     }

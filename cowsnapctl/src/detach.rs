@@ -23,6 +23,11 @@ pub struct DetachArgs {
     /// access and must be unmounted by hand).
     #[arg(long)]
     pub force: bool,
+    /// Cancel a running backup first (its target is left marked incomplete), but
+    /// still refuse a mounted device: what `cowsnapctl down` and the systemd unit's
+    /// stop do.
+    #[arg(long)]
+    pub cancel_backup: bool,
 }
 
 /// A backup that has not ended yet.
@@ -111,7 +116,7 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
     }
     // Refusals first: nothing is touched before both checks pass.
     let backup = status.as_ref().and_then(|_| running_backup(&paths));
-    if let (Some(b), false) = (&backup, a.force) {
+    if let (Some(b), false) = (&backup, a.force || a.cancel_backup) {
         bail!(
             "unable to detach {}: {} is running; wait for it to end, or detach --force \
              to cancel it first",
@@ -185,6 +190,7 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
             eprintln!("warning: {e:#}");
         }
     }
+    crate::devlink::withdraw(&a.name, dev.as_deref().map(Path::new));
     // A backup started after the check above is cancelled too, never cut off.
     if let Some(b) = running_backup(&paths) {
         cancel_backup(&paths, &b)?;

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 mod attach;
 mod backup;
 mod completions;
+mod config;
 mod detach;
+mod devlink;
 mod freeze;
 mod man;
 mod metrics;
@@ -17,6 +19,7 @@ mod parse;
 mod repo;
 mod restart;
 mod status;
+mod up;
 
 /// Directories shared by every command.
 #[derive(Debug, Clone, clap::Args)]
@@ -89,6 +92,19 @@ enum Cmd {
     Abandon(repo::AbandonArgs),
     /// Export Prometheus metrics of every attached disk (and --repo repositories).
     Metrics(metrics::MetricsArgs),
+    /// Attach the disks of the configuration file that are not attached.
+    Up(up::UpArgs),
+    /// Detach the disks of the configuration file (a running backup is cancelled, a
+    /// mounted device refused).
+    Down(up::DownArgs),
+    /// Check the configuration file and show the disks it configures.
+    Config(up::ConfigCheckArgs),
+    /// systemd generator: the backup timers' schedules from the configuration file.
+    #[command(hide = true)]
+    SystemdGenerator(up::GeneratorArgs),
+    /// For the udev rule: the /dev/cowsnap link name of a kernel device.
+    #[command(hide = true)]
+    UdevName(devlink::UdevNameArgs),
     /// Write the manual pages (cowsnapctl.1, one per subcommand, cowsnap-nbd.8).
     Man(man::ManArgs),
     /// Print a shell completion script (bash, zsh, fish, ...) to stdout.
@@ -125,6 +141,11 @@ fn main() {
         Cmd::Restore(a) => repo::restore(&cli.dirs, a),
         Cmd::Abandon(a) => repo::abandon(&cli.dirs, a),
         Cmd::Metrics(a) => metrics::run(&cli.dirs, a),
+        Cmd::Up(a) => up::up(&cli.dirs, a),
+        Cmd::Down(a) => up::down(&cli.dirs, a),
+        Cmd::Config(a) => up::check(a),
+        Cmd::SystemdGenerator(a) => up::generator(a),
+        Cmd::UdevName(a) => devlink::run_udev_name(&cli.dirs, a),
         Cmd::Man(a) => man::run(a),
         Cmd::Completions(a) => completions::run(a),
     };
