@@ -65,6 +65,12 @@ fn exit_note(sub: &str) -> Option<&'static str> {
              --live, 130 means only that following the fill stopped: the disk stays attached \
              and the fill goes on in its daemon."
         }
+        "up" | "down" => {
+            "1 also when any one disk failed (each is reported on its own line; the others \
+             were still brought up or down). A bad configuration file or an unknown name \
+             fails before any disk is touched."
+        }
+        "config" => "1 also when a schedule is refused by systemd-analyze calendar.",
         _ => return None,
     })
 }
@@ -122,6 +128,21 @@ fn environment(ctl: bool) -> Vec<(String, String)> {
             format!(
                 "Seconds attach waits for the daemon and nbdfuse (default {}).",
                 crate::attach::DEFAULT_ATTACH_TIMEOUT_SECS
+            ),
+        ));
+        v.push((
+            crate::config::ENV_CONFIG.into(),
+            format!(
+                "The configuration file of up, down, config and backup without --to, as \
+                 --config (default {}).",
+                crate::config::DEFAULT_CONFIG
+            ),
+        ));
+        v.push((
+            crate::devlink::ENV_DEV_DIR.into(),
+            format!(
+                "Directory of the stable device links NAME and NAME-partN (default {}).",
+                crate::devlink::DEFAULT_DEV_DIR
             ),
         ));
     }
