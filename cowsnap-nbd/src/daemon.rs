@@ -412,6 +412,13 @@ pub fn run(args: Args) -> Result<()> {
             .context("unable to start the signal thread")?;
     }
 
+    // The pid file exists before anything answers: whoever sees the daemon answer
+    // (cowsnapctl attach, and systemd's PIDFile= of a Type=forking unit after it)
+    // finds the pid.
+    let pid_tmp = paths.run_dir.join(format!(".{}.pid.tmp", args.name));
+    std::fs::write(&pid_tmp, format!("{}\n", std::process::id()))
+        .and_then(|_| std::fs::rename(&pid_tmp, paths.pid_file()))
+        .with_context(|| format!("unable to write {}", paths.pid_file().display()))?;
     server.spawn_unix(nbd_l);
     for l in tcp_l {
         server.spawn_tcp(l);
@@ -419,11 +426,6 @@ pub fn run(args: Args) -> Result<()> {
     control
         .spawn(ctl_l)
         .context("unable to start the control thread")?;
-
-    let pid_tmp = paths.run_dir.join(format!(".{}.pid.tmp", args.name));
-    std::fs::write(&pid_tmp, format!("{}\n", std::process::id()))
-        .and_then(|_| std::fs::rename(&pid_tmp, paths.pid_file()))
-        .with_context(|| format!("unable to write {}", paths.pid_file().display()))?;
 
     log::info!(
         "serving {} ({} bytes, io {}{}) as {} ; control {}{}",
