@@ -167,7 +167,9 @@ fn an_unfinished_live_restore_pins_its_generation_until_it_completes_or_is_aband
                                    // a prune while the fill is open does not wait for it (the pin protects it)
     let (tx, rx) = std::sync::mpsc::channel();
     let r2 = repo.clone();
-    std::thread::spawn(move || tx.send(repo::prune(&r2, 1).map(|r| r.kept_generations)));
+    std::thread::spawn(move || {
+        tx.send(repo::prune(&r2, &repo::PruneOptions::keep_last(1)).map(|r| r.kept_generations))
+    });
     let kept = rx
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("prune waited for the open fill")
