@@ -132,7 +132,7 @@ g2=$(jq -r '.[0].id' "$T/l2.json")
 ctl backup b44 --config "$C" --quiesce-idle 0 --json >/dev/null 2>"$T/bk3.err" || fail "backup b44: $(cat "$T/bk3.err")"
 [ "$(ctl list "repo:$T/repo" --json | jq 'length')" = 2 ] || fail "b44's backup or a44's retention touched the other disk"
 ctl verify "repo:$T/repo" >/dev/null 2>&1 || fail "verify after retention"
-ctl restore "repo:$T/repo@$g2" "$T/r.img" >/dev/null 2>&1 || fail "restore $g2"
+ctl restore "repo:$T/repo@$g2" --to "$T/r.img" >/dev/null 2>&1 || fail "restore $g2"
 mkdir -p "$T/rmnt"; mount -o ro,noload "$T/r.img" "$T/rmnt" || fail "mount the restored image"; track_mount "$T/rmnt"
 [ "$(sha256sum < "$T/rmnt/f1")" = "$sum_f1" ] && [ "$(sha256sum < "$T/rmnt/f2")" = "$sum_f2" ] ||
   fail "the restored files differ"

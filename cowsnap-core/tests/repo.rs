@@ -239,7 +239,7 @@ fn prune_keeps_what_kept_generations_reference() {
     )
     .unwrap();
     let before = chunk_files(&repo);
-    let rep = repo::prune(&repo, 1).unwrap();
+    let rep = repo::prune(&repo, &repo::PruneOptions::keep_last(1)).unwrap();
     assert_eq!(
         rep.removed_generations,
         vec![ids[0].clone(), ids[1].clone()]
@@ -308,7 +308,7 @@ fn prune_waits_for_a_running_backup() {
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let p = s.spawn(|| {
-            let r = repo::prune(&repo, 1).unwrap();
+            let r = repo::prune(&repo, &repo::PruneOptions::keep_last(1)).unwrap();
             done.store(true, std::sync::atomic::Ordering::SeqCst);
             r
         });

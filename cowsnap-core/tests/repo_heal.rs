@@ -167,7 +167,9 @@ fn an_unfinished_live_restore_pins_its_generation_until_it_completes_or_is_aband
                                    // a prune while the fill is open does not wait for it (the pin protects it)
     let (tx, rx) = std::sync::mpsc::channel();
     let r2 = repo.clone();
-    std::thread::spawn(move || tx.send(repo::prune(&r2, 1).map(|r| r.kept_generations)));
+    std::thread::spawn(move || {
+        tx.send(repo::prune(&r2, &repo::PruneOptions::keep_last(1)).map(|r| r.kept_generations))
+    });
     let kept = rx
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("prune waited for the open fill")
@@ -181,7 +183,7 @@ fn an_unfinished_live_restore_pins_its_generation_until_it_completes_or_is_aband
     for seed in 4..6 {
         backup(&repo, "p", &random_disk(6 * MIB, seed), None, "l", false);
     }
-    let rep = repo::prune(&repo, 1).unwrap();
+    let rep = repo::prune(&repo, &repo::PruneOptions::keep_last(1)).unwrap();
     assert_eq!(rep.removed_generations.len(), 1, "{rep:?}");
     assert_eq!(rep.pinned.len(), 1);
     assert_eq!(rep.pinned[0].generation, g1);
@@ -200,7 +202,7 @@ fn an_unfinished_live_restore_pins_its_generation_until_it_completes_or_is_aband
     drop(f);
     assert_eq!(std::fs::read(&dest).unwrap(), disk);
     assert!(pin::list(&Repo::open(&repo).unwrap()).unwrap().is_empty());
-    let rep = repo::prune(&repo, 1).unwrap();
+    let rep = repo::prune(&repo, &repo::PruneOptions::keep_last(1)).unwrap();
     assert_eq!(rep.removed_generations, vec![g1.clone()]);
     assert!(rep.pinned.is_empty());
 
@@ -264,7 +266,7 @@ fn prune_drops_pins_that_pin_nothing_and_keeps_unreadable_ones() {
         },
     )
     .unwrap();
-    let rep = repo::prune(&repo, 1).unwrap();
+    let rep = repo::prune(&repo, &repo::PruneOptions::keep_last(1)).unwrap();
     assert_eq!(rep.stale_pins_removed.len(), 1, "{rep:?}");
     assert!(!stale.exists());
     assert_eq!(rep.removed_generations, vec![g1]);
@@ -274,7 +276,7 @@ fn prune_drops_pins_that_pin_nothing_and_keeps_unreadable_ones() {
         .generation
         .unwrap();
     std::fs::write(repo.join("pins").join(format!("{g2}.0badc0de.json")), b"{").unwrap();
-    let rep = repo::prune(&repo, 1).unwrap();
+    let rep = repo::prune(&repo, &repo::PruneOptions::keep_last(1)).unwrap();
     assert!(rep.removed_generations.is_empty(), "{rep:?}");
     assert_eq!(rep.pinned.len(), 1);
     assert!(rep.pinned[0].pinned_by.contains("unreadable"));

@@ -128,7 +128,31 @@ fn apply_retention(
     policy: &cowsnap_core::repo::retention::RetentionPolicy,
     json: bool,
 ) -> Result<()> {
-    let _ = (name, to, policy, json);
+    let _ = json; // the result line stays the last line of stdout: this goes to stderr
+    let (dir, _) = cowsnap_nbd::paths::parse_repo_spec(to)?;
+    let opts = cowsnap_core::repo::prune::PruneOptions {
+        disk: Some(name.to_string()),
+        ..cowsnap_core::repo::prune::PruneOptions::new(policy.clone())
+    };
+    let rep = cowsnap_core::repo::prune(&dir, &opts).with_context(|| {
+        format!("the backup of {name} is complete, but its retention could not be applied")
+    })?;
+    for d in rep.generations.iter().filter(|d| d.disk == name && !d.keep) {
+        eprintln!(
+            "retention of {name}: removed {} ({})",
+            d.generation, d.created
+        );
+    }
+    eprintln!(
+        "retention of {name}: removed {} generation(s), kept {}; {} chunk(s) freed ({})",
+        rep.removed_generations.len(),
+        rep.generations
+            .iter()
+            .filter(|d| d.disk == name && d.keep)
+            .count(),
+        rep.chunks_removed,
+        human_bytes(rep.bytes_freed)
+    );
     Ok(())
 }
 

@@ -59,6 +59,11 @@ fn exit_note(sub: &str) -> Option<&'static str> {
             "130: the backup was cancelled in the daemon (its target holds no restore point; a \
              frozen filesystem is thawed first)."
         }
+        "prune" => {
+            "1 also, before anything is changed, when every --keep-* given is 0 or --disk \
+             names a disk without generations; 2 when no --keep-* is given. --dry-run changes \
+             nothing."
+        }
         "restore" => {
             "130: the restore stopped; the destination is incomplete (a file keeps \
              DEST.incomplete, a device its first chunk zeroed) until a restore completes. With \

@@ -7,7 +7,7 @@ use crate::parse::human_bytes;
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
 use cowsnap_core::origin_seal;
-use cowsnap_core::repo::{self, Repo};
+use cowsnap_core::repo::{self, Repo, RetentionPolicy};
 use cowsnap_core::restore;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -193,50 +193,135 @@ pub fn verify(dirs: &Dirs, a: VerifyArgs) -> Result<i32> {
     Ok(if rep.ok { 0 } else { 1 })
 }
 
+/// The retention rules of `prune`. The flags carry the names of [`RetentionPolicy`]'s
+/// fields (`--keep-daily` is `keep-daily`), so a configuration file can hold the same
+/// policy.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[group(id = "retention", required = true, multiple = true)]
+pub struct RetentionArgs {
+    /// Keep the N newest generations of each disk.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest generation of each of the N newest hours that hold one (local
+    /// time).
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest generation of each of the N newest days that hold one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest generation of each of the N newest ISO weeks that hold one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest generation of each of the N newest months that hold one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest generation of each of the N newest years that hold one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// The same as --keep-last N (kept for compatibility).
+    #[arg(long, value_name = "N", conflicts_with = "keep_last")]
+    pub keep: Option<u32>,
+}
+
+impl From<RetentionArgs> for RetentionPolicy {
+    fn from(a: RetentionArgs) -> RetentionPolicy {
+        RetentionPolicy {
+            keep_last: a.keep_last.or(a.keep),
+            keep_hourly: a.keep_hourly,
+            keep_daily: a.keep_daily,
+            keep_weekly: a.keep_weekly,
+            keep_monthly: a.keep_monthly,
+            keep_yearly: a.keep_yearly,
+        }
+    }
+}
+
 /// Arguments of `prune`.
 #[derive(Debug, clap::Args)]
 pub struct PruneArgs {
     /// The repository: repo:DIR.
     pub repo: String,
-    /// Generations to keep per disk (the newest). Generations an unfinished live
-    /// restore needs are kept too (see `abandon`).
+    /// Which generations of each disk to keep: any generation a rule keeps is kept.
+    /// Generations an unfinished live restore needs are kept too (see `abandon`).
+    #[command(flatten)]
+    pub policy: RetentionArgs,
+    /// Prune only this disk's generations (those of other disks are kept).
+    #[arg(long, value_name = "NAME")]
+    pub disk: Option<String>,
+    /// Say what would be removed and freed, and remove nothing.
     #[arg(long)]
-    pub keep: usize,
+    pub dry_run: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
 
-/// `cowsnapctl prune repo:DIR --keep N`.
+/// `cowsnapctl prune repo:DIR --keep-last N --keep-daily N ... [--disk NAME] [--dry-run]`.
 pub fn prune(a: PruneArgs) -> Result<i32> {
-    let (dir, _) = parse_repo_spec(&a.repo)?;
-    if a.keep == 0 {
-        bail!("--keep must be at least 1 (prune never deletes every restore point of a disk)");
+    let (dir, gen) = parse_repo_spec(&a.repo)?;
+    if gen.is_some() {
+        bail!("prune takes repo:DIR without @GEN (use --disk NAME to prune one disk)");
     }
-    let rep = repo::prune(&dir, a.keep)?;
+    let policy = RetentionPolicy::from(a.policy);
+    if policy.keeps_nothing() {
+        bail!(
+            "unable to prune {}: every --keep-* given is 0, so the policy keeps nothing (prune never deletes every restore point of a disk)",
+            dir.display()
+        );
+    }
+    let opts = repo::PruneOptions {
+        disk: a.disk,
+        dry_run: a.dry_run,
+        ..repo::PruneOptions::new(policy)
+    };
+    let rep = repo::prune(&dir, &opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
+        return Ok(0);
+    }
+    let would = if rep.dry_run {
+        "would remove"
     } else {
-        for s in &rep.stale_pins_removed {
-            println!("removed pin {s}");
-        }
-        for p in &rep.pinned {
-            println!("kept {}: pinned by {}", p.generation, p.pinned_by);
-        }
+        "removed"
+    };
+    for g in &rep.generations {
         println!(
-            "removed {} generation(s), kept {}; {} chunk(s) freed ({})",
-            rep.removed_generations.len(),
-            rep.kept_generations.len(),
-            rep.chunks_removed,
-            human_bytes(rep.bytes_freed)
+            "{} {} {} {} {}",
+            if g.keep { "keep" } else { "remove" },
+            g.generation,
+            g.disk,
+            g.created,
+            if g.reasons.is_empty() {
+                "-".to_string()
+            } else {
+                g.reasons.join(", ")
+            }
         );
-        if rep.quarantined_files > 0 {
-            println!(
-                "{} damaged chunk file(s) kept as evidence in {} (not needed by any generation; delete them when done)",
-                rep.quarantined_files,
-                dir.join("quarantine").display()
-            );
+    }
+    for s in &rep.stale_pins_removed {
+        println!("{would} pin {s}");
+    }
+    for p in &rep.pinned {
+        println!("kept {}: pinned by {}", p.generation, p.pinned_by);
+    }
+    println!(
+        "{would} {} generation(s), kept {}; {} chunk(s) freed ({}){}",
+        rep.removed_generations.len(),
+        rep.kept_generations.len(),
+        rep.chunks_removed,
+        human_bytes(rep.bytes_freed),
+        match (rep.dry_run, rep.leftovers_removed) {
+            (_, 0) => String::new(),
+            (true, n) => format!("; {n} leftover file(s) would go"),
+            (false, n) => format!("; {n} leftover file(s) removed"),
         }
+    );
+    if rep.quarantined_files > 0 {
+        println!(
+            "{} damaged chunk file(s) kept as evidence in {} (not needed by any generation; delete them when done)",
+            rep.quarantined_files,
+            dir.join("quarantine").display()
+        );
     }
     Ok(0)
 }
