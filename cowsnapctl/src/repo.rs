@@ -401,10 +401,11 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         )?;
         return Ok(0);
     }
-    let pr = Reporter::new("restore", Unit::Bytes, a.json);
-    let progress = |done: u64, total: u64| pr.update(done, total);
     cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)?;
     reset_tracking_of_origin(dirs, &a.to, &g.id, "an offline restore")?;
+    // After the lines above may have printed, so the bar does not run through them.
+    let pr = Reporter::new("restore", Unit::Bytes, a.json);
+    let progress = |done: u64, total: u64| pr.update(done, total);
     let rep = restore::restore_to(&dir, Some(&g.id), &a.to, &progress)?;
     pr.result(true, &rep);
     if !a.json {
