@@ -53,7 +53,7 @@ grep -q "No space left on device" "$T/err" || fail "error does not name ENOSPC: 
 grep -q "backup of t23" "$T/err" || fail "error does not name the disk: $(cat "$T/err")"
 [ -e "$T/small/img.incomplete" ] || fail "failed image has no .incomplete marker"
 grep -q "No space left" "$T/small/img.incomplete" || fail "marker does not say why: $(cat "$T/small/img.incomplete")"
-[ "$(tail -n 1 "$T/out" | jq -r .event)" = failed ] || fail "no failed event: $(tail -n 1 "$T/out")"
+[ "$(tail -n 1 "$T/out" | jq -r '"\(.event) \(.ok) \(.state)"')" = "result false failed" ] || fail "no failed result: $(tail -n 1 "$T/out")"
 disk_ok "after ENOSPC"
 bk --to "file:$T/good.img" || fail "backup to a good target after ENOSPC: $(cat "$T/err")"
 [ ! -e "$T/good.img.incomplete" ] || fail "good image marked incomplete"

@@ -53,6 +53,8 @@ grep -q "$g3" "$T/v.err" || fail "verify does not name generation $g3: $(cat "$T
 grep -q "offset $off" "$T/v.err" || fail "verify does not name offset $off: $(cat "$T/v.err")"
 grep -Eq "$g1|$g2|$ge1|$ge2" "$T/v.err" && fail "verify blames other generations: $(cat "$T/v.err")"
 V=$(ctl verify "repo:$REPO" --json); [ $? != 0 ] || fail "verify --json exits 0"
+V=$(printf '%s\n' "$V" | tail -n 1) # JSON lines: progress, then the result
+[ "$(json_field "$V" .event)" = result ] || fail "verify --json: the last line is no result: $V"
 [ "$(json_field "$V" .ok)" = false ] || fail "verify --json ok: $V"
 [ "$(json_field "$V" "[.problems[] | select(.generation == \"$g3\" and .offset == $off)] | length")" = 1 ] ||
   fail "verify --json does not list ($g3, $off): $V"

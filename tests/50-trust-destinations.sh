@@ -44,7 +44,7 @@ refused() {
   [ "$rc" != 0 ] || fail "$what: accepted (exit 0): $out"
   [ "$rc" != 124 ] || fail "$what: hung"
   printf '%s\n' "$out" | grep -qF -- "$want" || fail "$what: no '$want' in: $out"
-  printf '%s\n' "$out" | grep -q '"event": *"complete"\|complete:' && fail "$what: reported complete: $out"
+  printf '%s\n' "$out" | grep -q '"state": *"complete"\|complete:' && fail "$what: reported complete: $out"
   check_hashes "$what"
   log "refused ($what): $(printf '%s' "$out" | grep -F -- "$want" | head -n 1)"
 }

@@ -64,7 +64,7 @@ nbdcopy "$uri" "$T/exp12.img"
 log "A: verify finds a flipped byte and quarantines the chunk; the next full backup stores it afresh"
 c=$(chunk_of "$T/exp12.img" 5); flip "$c"
 ctl verify "repo:$REPO" --json >"$T/v.json" 2>"$T/v.err" && fail "verify of a damaged chunk exits 0"
-[ "$(jq -r "[.problems[] | select(.offset == $((5 * MIB)))] | length" "$T/v.json")" = 2 ] ||
+[ "$(tail -n 1 "$T/v.json" | jq -r "[.problems[] | select(.offset == $((5 * MIB)))] | length")" = 2 ] ||
   fail "verify does not name offset $((5 * MIB)) in both generations: $(cat "$T/v.json")"
 [ -e "$c" ] && q=present || q=gone
 ctl restore "repo:$REPO@$g1" --to "$T/r.img" >/dev/null 2>"$T/rq.err" && fail "restore of a damaged generation exits 0"

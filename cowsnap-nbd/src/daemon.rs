@@ -163,17 +163,7 @@ fn open_disk_state(args: &Args, paths: &DiskPaths, dest: Arc<dyn BlockIo>) -> Re
 }
 
 fn init_logging(log_file: Option<&Path>) -> Result<()> {
-    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if let Some(p) = log_file {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .with_context(|| format!("unable to open log file {}", p.display()))?;
-        b.target(env_logger::Target::Pipe(Box::new(f)));
-    }
-    b.format_timestamp_millis();
-    let _ = b.try_init();
+    cowsnap_nbd::logging::init("info", log_file)?;
     Ok(())
 }
 

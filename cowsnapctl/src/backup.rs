@@ -1,5 +1,6 @@
 //! `cowsnapctl backup`: quiesce (fsfreeze and/or an idle window), start the backup in
-//! the daemon, follow it to the end with a progress bar or JSON event lines.
+//! the daemon, follow it to the end with a progress bar or JSON event lines
+//! ([`crate::progress`]: `started`, `progress`, then `result` with the final status).
 //!
 //! SIGINT, SIGTERM and SIGHUP are blocked for the whole command and read by a
 //! dedicated thread, so no signal can end the process while a filesystem is frozen.
@@ -10,7 +11,7 @@
 
 use crate::parse::{check_target, human_bytes, parse_duration, parse_ranges, parse_size};
 use crate::status::backup_line;
-use crate::{freeze, Dirs};
+use crate::{freeze, progress, Dirs};
 use anyhow::{anyhow, bail, Context, Result};
 use cowsnap_core::backup::BackupState;
 use cowsnap_nbd::control::{self, BackupParams, BackupStatus, Client, Request};
@@ -68,19 +69,26 @@ pub struct BackupArgs {
     pub json: bool,
 }
 
-fn event(kind: &str, b: Option<&BackupStatus>, extra: serde_json::Value) {
-    let mut v = serde_json::json!({ "event": kind });
-    if let Some(b) = b {
-        if let (Some(o), Ok(serde_json::Value::Object(m))) =
-            (v.as_object_mut(), serde_json::to_value(b))
-        {
-            o.extend(m);
+/// A progress line: the common fields ([`progress::progress_event`]) and the daemon's
+/// status (its `elapsed_ms` is the backup's own).
+fn progress_line(b: &BackupStatus, total: u64) -> serde_json::Value {
+    let mut v = progress::event_with("progress", "backup", b);
+    let common = progress::progress_event(
+        "backup",
+        None,
+        b.bytes_copied,
+        total.max(b.bytes_copied),
+        progress::Unit::Bytes,
+        Duration::from_millis(b.elapsed_ms),
+    );
+    if let (Some(o), serde_json::Value::Object(m)) = (v.as_object_mut(), common) {
+        for (k, val) in m {
+            if k != "elapsed_ms" {
+                o.insert(k, val);
+            }
         }
     }
-    if let (Some(o), serde_json::Value::Object(m)) = (v.as_object_mut(), extra) {
-        o.extend(m);
-    }
-    println!("{v}");
+    v
 }
 
 /// `cowsnapctl backup NAME`: with `--to` as given; without it, as the configuration
@@ -313,11 +321,12 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
     };
     let json = a.json || !std::io::stdout().is_terminal();
     if json {
-        event(
+        progress::set_json("backup");
+        progress::emit(&progress::event_with(
             "started",
-            None,
-            serde_json::json!({ "id": id, "name": a.name, "target": target, "frozen_ms": frozen_ms }),
-        );
+            "backup",
+            &serde_json::json!({ "id": id, "name": a.name, "target": target, "frozen_ms": frozen_ms }),
+        ));
     } else if let (Some(ms), Some(mp)) = (frozen_ms, &mountpoint) {
         eprintln!(
             "froze {} for {ms} ms around the snapshot instant",
@@ -338,7 +347,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         Some(pb)
     };
     let mut cancel_sent = false;
-    let mut last_event = Instant::now() - Duration::from_secs(10);
+    let mut limit = progress::RateLimit::new(progress::INTERVAL);
     loop {
         if interrupted.load(Ordering::SeqCst) && !cancel_sent {
             cancel_sent = true;
@@ -389,7 +398,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                     pb.finish_and_clear();
                 }
                 if json {
-                    event("complete", Some(&b), serde_json::json!({}));
+                    progress::emit(&progress::result_event("backup", true, &b));
                 } else {
                     println!(
                         "backup of {} to {} complete: {} in {}; {}",
@@ -418,7 +427,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                 }
                 let msg = b.error.clone().unwrap_or_else(|| b.state.to_string());
                 if json {
-                    event("failed", Some(&b), serde_json::json!({}));
+                    progress::emit(&progress::result_event("backup", false, &b));
                 }
                 if cancel_sent {
                     eprintln!("cowsnapctl: backup of {} cancelled: {msg}", a.name);
@@ -427,9 +436,8 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                 bail!("backup of {} to {} failed: {msg}", a.name, target);
             }
             BackupState::Quiescing | BackupState::Running => {
-                if json && last_event.elapsed() >= Duration::from_secs(1) {
-                    event("progress", Some(&b), serde_json::json!({}));
-                    last_event = Instant::now();
+                if json && limit.ready(Instant::now()) {
+                    progress::emit(&progress_line(&b, total));
                 }
             }
         }

@@ -16,6 +16,7 @@ mod freeze;
 mod man;
 mod metrics;
 mod parse;
+mod progress;
 mod repo;
 mod restart;
 mod status;
@@ -119,7 +120,10 @@ pub fn command() -> clap::Command {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Logs go to stderr (the journal's format when stderr is the journal).
+    if let Err(e) = cowsnap_nbd::logging::init("warn", None) {
+        eprintln!("cowsnapctl: {e}");
+    }
     // A usage error exits 2 (clap), --help and --version 0.
     let mut cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     cli.dirs = match cli.dirs.absolute() {
@@ -152,6 +156,7 @@ fn main() {
     match r {
         Ok(code) => std::process::exit(code),
         Err(e) => {
+            progress::error_result(&format!("{e:#}"));
             eprintln!("cowsnapctl: {e:#}");
             std::process::exit(1);
         }

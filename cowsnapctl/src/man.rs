@@ -120,6 +120,12 @@ fn environment(ctl: bool) -> Vec<(String, String)> {
                 if ctl { "warn" } else { "info" }
             ),
         ),
+        (
+            cowsnap_nbd::logging::JOURNAL_STREAM.into(),
+            "Set by systemd: when it names standard error (DEV:INO), log lines are written \
+             as <N>message with their syslog priority and no timestamp, for the journal."
+                .into(),
+        ),
     ];
     if ctl {
         v.push((

@@ -4,12 +4,12 @@
 
 use crate::attach::{self, AttachArgs};
 use crate::parse::human_bytes;
+use crate::progress::{self, Reporter, Unit};
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
 use cowsnap_core::origin_seal;
 use cowsnap_core::repo::{self, Repo, RetentionPolicy};
 use cowsnap_core::restore;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 /// `repo:DIR[@GEN]` → (DIR, GEN) ([`cowsnap_nbd::paths::parse_repo_spec`]).
@@ -98,6 +98,9 @@ fn repair_source(dirs: &Dirs, v: &str) -> Result<PathBuf> {
 /// is missing or corrupt (with --repair: if any generation is still damaged after it).
 /// Damaged chunks are moved to DIR/quarantine as they are found.
 pub fn verify(dirs: &Dirs, a: VerifyArgs) -> Result<i32> {
+    if a.json {
+        progress::set_json("verify");
+    }
     let (dir, gen) = parse_repo_spec(&a.repo)?;
     let gen = a.generation.or(gen);
     let sources = a
@@ -105,13 +108,16 @@ pub fn verify(dirs: &Dirs, a: VerifyArgs) -> Result<i32> {
         .iter()
         .map(|v| repair_source(dirs, v))
         .collect::<Result<Vec<_>>>()?;
+    let pr = Reporter::new("verify", Unit::Chunks, a.json);
+    let progress =
+        |phase: repo::VerifyPhase, done, total| pr.update_phase(Some(phase.as_str()), done, total);
     let rep = if a.repair {
-        repo::verify_repair(&dir, gen.as_deref(), &sources)
+        repo::verify_repair_with_progress(&dir, gen.as_deref(), &sources, &progress)
     } else {
-        repo::verify(&dir, gen.as_deref())
+        repo::verify_with_progress(&dir, gen.as_deref(), &progress)
     }?;
+    pr.result(rep.ok, &rep);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
         return Ok(if rep.ok { 0 } else { 1 });
     }
     for p in &rep.problems {
@@ -258,6 +264,9 @@ pub struct PruneArgs {
 
 /// `cowsnapctl prune repo:DIR --keep-last N --keep-daily N ... [--disk NAME] [--dry-run]`.
 pub fn prune(a: PruneArgs) -> Result<i32> {
+    // The core prune reports no counts (yet): a spinner on a terminal, the result line
+    // with --json.
+    let spin = Reporter::spinner("prune", a.json);
     let (dir, gen) = parse_repo_spec(&a.repo)?;
     if gen.is_some() {
         bail!("prune takes repo:DIR without @GEN (use --disk NAME to prune one disk)");
@@ -276,9 +285,10 @@ pub fn prune(a: PruneArgs) -> Result<i32> {
     };
     let rep = repo::prune(&dir, &opts)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
+        progress::emit(&progress::result_event("prune", true, &rep));
         return Ok(0);
     }
+    spin.finish();
     let would = if rep.dry_run {
         "would remove"
     } else {
@@ -399,6 +409,9 @@ pub struct RestoreArgs {
 
 /// `cowsnapctl restore`.
 pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
+    if a.json && !a.live {
+        progress::set_json("restore");
+    }
     let (dir, gen) = parse_repo_spec(&a.source)?;
     // Absolute: a live restore records it and resumes from it, in another directory.
     let dir = std::path::absolute(&dir)
@@ -473,33 +486,14 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         )?;
         return Ok(0);
     }
-    let tty = std::io::stderr().is_terminal() && !a.json;
-    let bar = if tty {
-        let b = indicatif::ProgressBar::new(g.disk_size);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(b)
-    } else {
-        None
-    };
-    let progress = |done: u64, _total: u64| {
-        if let Some(b) = &bar {
-            b.set_position(done);
-        }
-    };
     cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)?;
     reset_tracking_of_origin(dirs, &a.to, &g.id, "an offline restore")?;
+    // After the lines above may have printed, so the bar does not run through them.
+    let pr = Reporter::new("restore", Unit::Bytes, a.json);
+    let progress = |done: u64, total: u64| pr.update(done, total);
     let rep = restore::restore_to(&dir, Some(&g.id), &a.to, &progress)?;
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    if a.json {
-        println!("{}", serde_json::to_string(&rep)?);
-    } else {
+    pr.result(true, &rep);
+    if !a.json {
         println!(
             "restored generation {} of {:?} ({}) to {}",
             g.id,

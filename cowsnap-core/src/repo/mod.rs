@@ -44,7 +44,10 @@ pub use prune::{prune, GenerationDecision, PruneOptions, PruneReport};
 pub use retention::RetentionPolicy;
 pub use target::{open_target, RepoTarget, RepoTargetParams};
 pub use usage::{DiskUsage, RepoUsage, UsageCache};
-pub use verify::{verify, verify_repair, RepairReport, VerifyProblem, VerifyReport};
+pub use verify::{
+    verify, verify_repair, verify_repair_with_progress, verify_with_progress, Phase as VerifyPhase,
+    RepairReport, VerifyProblem, VerifyReport,
+};
 
 use crate::error::{IoContext, Result};
 use crate::fsutil;

@@ -17,6 +17,15 @@
 //! affected generation is reported whole again or still damaged, with its offsets; the
 //! report is `ok` only if every selected generation is whole. An unreadable index
 //! cannot be repaired. The repository lock is held shared throughout (like a backup).
+//!
+//! # Progress
+//!
+//! The `_with_progress` variants call `progress(phase, done, total)` as they go:
+//! [`Phase::Verify`] once per index entry (`total`: the entries of every selected
+//! generation, from their metadata, so known before any index is read; an index that
+//! cannot be read counts all its entries at once), then [`Phase::Repair`] once per
+//! damaged chunk. `done` never goes back within a phase. The callback runs on the
+//! verifying thread between chunks: it must be cheap (a counter, a rate-limited print).
 
 use super::chunk_store::is_damage;
 use super::Repo;
@@ -98,11 +107,44 @@ pub struct VerifyReport {
     pub ok: bool,
 }
 
+/// What a verification is doing when it reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Re-hashing chunks; counted in index entries.
+    Verify,
+    /// Looking for healthy copies; counted in damaged chunks.
+    Repair,
+}
+
+impl Phase {
+    /// "verify" or "repair".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Verify => "verify",
+            Phase::Repair => "repair",
+        }
+    }
+}
+
+/// Progress callback of a verification: `(phase, done, total)`.
+pub type VerifyProgress<'a> = &'a dyn Fn(Phase, u64, u64);
+
+fn no_progress(_: Phase, _: u64, _: u64) {}
+
 /// Verify one generation (`Some(spec)`, resolved like restore's) or all of them.
 pub fn verify(dir: &Path, generation: Option<&str>) -> Result<VerifyReport> {
+    verify_with_progress(dir, generation, &no_progress)
+}
+
+/// [`verify`], reporting progress (see the module notes).
+pub fn verify_with_progress(
+    dir: &Path,
+    generation: Option<&str>,
+    progress: VerifyProgress,
+) -> Result<VerifyReport> {
     let repo = Repo::open(dir)?;
     let _lock = repo.lock(false)?;
-    Ok(run(&repo, generation)?.0)
+    Ok(run(&repo, generation, progress)?.0)
 }
 
 /// A damaged chunk and every place it is referenced.
@@ -111,14 +153,26 @@ struct Damaged {
     refs: Vec<(String, u64)>,
 }
 
+/// Index entries of generation `g` according to its metadata.
+fn entries_of(g: &super::GenerationInfo) -> u64 {
+    match u64::from(g.chunk_size) {
+        0 => 0,
+        c => g.disk_size.div_ceil(c),
+    }
+}
+
 fn run(
     repo: &Repo,
     generation: Option<&str>,
+    progress: VerifyProgress,
 ) -> Result<(VerifyReport, BTreeMap<[u8; 32], Damaged>)> {
     let gens = match generation {
         Some(s) => vec![repo.resolve(Some(s))?],
         None => repo.list()?,
     };
+    let total: u64 = gens.iter().map(entries_of).sum();
+    let mut done = 0u64;
+    progress(Phase::Verify, 0, total);
     let mut rep = VerifyReport::default();
     let mut damaged: BTreeMap<[u8; 32], Damaged> = BTreeMap::new();
     let mut seen: HashMap<[u8; 32], Option<(String, String)>> = HashMap::new();
@@ -134,11 +188,17 @@ fn run(
                     problem: "index".into(),
                     detail: e.to_string(),
                 });
+                done = done.saturating_add(entries_of(g)).min(total);
+                progress(Phase::Verify, done, total);
                 continue;
             }
         };
         for (i, h) in idx.hashes.iter().enumerate() {
             rep.entries_checked += 1;
+            // An index longer than its metadata says stretches the total, never `done`
+            // past it.
+            done += 1;
+            progress(Phase::Verify, done, total.max(done));
             if *h == super::ZERO_HASH {
                 continue;
             }
@@ -189,6 +249,7 @@ fn run(
             }
         }
     }
+    progress(Phase::Verify, total.max(done), total.max(done));
     rep.ok = rep.problems.is_empty();
     Ok((rep, damaged))
 }
@@ -224,13 +285,25 @@ pub fn verify_repair(
     generation: Option<&str>,
     sources: &[PathBuf],
 ) -> Result<VerifyReport> {
+    verify_repair_with_progress(dir, generation, sources, &no_progress)
+}
+
+/// [`verify_repair`], reporting progress (see the module notes).
+pub fn verify_repair_with_progress(
+    dir: &Path,
+    generation: Option<&str>,
+    sources: &[PathBuf],
+    progress: VerifyProgress,
+) -> Result<VerifyReport> {
     let repo = Repo::open(dir)?;
     let srcs = sources
         .iter()
         .map(|p| open_source(p))
         .collect::<Result<Vec<_>>>()?;
     let _lock = repo.lock(false)?;
-    let (mut rep, damaged) = run(&repo, generation)?;
+    let (mut rep, damaged) = run(&repo, generation, progress)?;
+    let to_repair = damaged.len() as u64;
+    progress(Phase::Repair, 0, to_repair);
     let mut rr = RepairReport {
         sources: srcs.iter().map(|s| s.name.clone()).collect(),
         ..Default::default()
@@ -276,6 +349,7 @@ pub fn verify_repair(
             _ => rr.chunks_unrepaired.push(hex(h)),
         }
         healed.insert(*h, ok);
+        progress(Phase::Repair, healed.len() as u64, to_repair);
     }
     repo.store().sync_dirs()?;
     let mut by_gen: BTreeMap<String, GenerationRepair> = BTreeMap::new();
@@ -380,5 +454,33 @@ mod tests {
         assert!(verify(d.path(), None).unwrap().ok);
         // A source that does not exist is refused before anything is touched.
         assert!(verify_repair(d.path(), None, &[d.path().join("nope")]).is_err());
+    }
+
+    #[test]
+    fn progress_counts_every_entry_once_and_never_goes_back() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repo::open_or_create(d.path(), 4096).unwrap();
+        // 3 whole chunks + a partial one, twice: 8 entries.
+        let img = data(3, 3 * 4096 + 100);
+        make_gen(&repo, "20260101T000000.000Z-00000001", &img);
+        make_gen(&repo, "20260101T000001.000Z-00000002", &img);
+        let seen = std::cell::RefCell::new(Vec::new());
+        let rep = verify_with_progress(d.path(), None, &|p, done, total| {
+            seen.borrow_mut().push((p, done, total))
+        })
+        .unwrap();
+        assert!(rep.ok);
+        let seen = seen.into_inner();
+        assert_eq!(seen.first(), Some(&(Phase::Verify, 0, 8)));
+        assert_eq!(seen.last(), Some(&(Phase::Verify, 8, 8)));
+        assert!(seen.windows(2).all(|w| w[0].1 <= w[1].1), "{seen:?}");
+        assert!(seen.iter().all(|&(_, done, total)| done <= total));
+        // With --repair and nothing damaged: the repair phase has nothing to do.
+        let seen = std::cell::RefCell::new(Vec::new());
+        verify_repair_with_progress(d.path(), None, &[], &|p, done, total| {
+            seen.borrow_mut().push((p, done, total))
+        })
+        .unwrap();
+        assert_eq!(seen.into_inner().last(), Some(&(Phase::Repair, 0, 0)));
     }
 }
