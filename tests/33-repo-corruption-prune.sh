@@ -11,28 +11,19 @@ need nbdcopy sha256sum cmp; [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
 REPO=$T/repo
 sha() { sha256sum "$1" | cut -d' ' -f1; }
-# nbdw URI OFFSET_MIB SEED: one random 1 MiB region at OFFSET_MIB
-nbdw() {
-  /usr/bin/python3 -c '
-import nbd, random, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
-h.pwrite(random.Random(int(sys.argv[3])).randbytes(1 << 20), int(sys.argv[2]) << 20)
-h.flush(); h.shutdown()' "$@"
-}
-bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; tail -n 1 "$T/bk.out" | jq -r .generation; }
 chunks() { find "$REPO/chunks" -type f -not -name '.*' | sort; }
 
 head -c $((128 << 20)) /dev/urandom > "$T/d.img"
 head -c $((64 << 20)) /dev/urandom > "$T/e.img"
 uri=$(ctl attach "$T/d.img" --name d33 --via none | tail -n 1) || fail "attach d33"
 euri=$(ctl attach "$T/e.img" --name e33 --via none | tail -n 1) || fail "attach e33"
-g1=$(bk d33 --to "repo:$REPO")
-ge1=$(bk e33 --to "repo:$REPO")
-nbdw "$uri" 10 1; g2=$(bk d33 --to "repo:$REPO" --incremental)
+g1=$(backup_gen d33 --to "repo:$REPO")
+ge1=$(backup_gen e33 --to "repo:$REPO")
+nbd_write_mib "$uri" 10 1; g2=$(backup_gen d33 --to "repo:$REPO" --incremental)
 nbdcopy "$uri" "$T/exp2.img"
-nbdw "$euri" 5 2; ge2=$(bk e33 --to "repo:$REPO" --incremental)
+nbd_write_mib "$euri" 5 2; ge2=$(backup_gen e33 --to "repo:$REPO" --incremental)
 chunks > "$T/before"
-nbdw "$uri" 77 3; g3=$(bk d33 --to "repo:$REPO" --incremental)
+nbd_write_mib "$uri" 77 3; g3=$(backup_gen d33 --to "repo:$REPO" --incremental)
 nbdcopy "$uri" "$T/exp3.img"
 chunks > "$T/after"
 new=$(comm -13 "$T/before" "$T/after")
@@ -88,7 +79,7 @@ ctl restore "repo:$REPO@$ge2" --to "$T/re.img" >/dev/null || fail "restore $ge2 
 cmp "$T/re.img" "$T/expe.img" || fail "restore of $ge2 after prune differs"
 
 log "prune while a (rate-limited) backup runs"
-nbdw "$uri" 3 4; nbdw "$uri" 100 5
+nbd_write_mib "$uri" 3 4; nbd_write_mib "$uri" 100 5
 timeout 300 "$CTL" backup d33 --to "repo:$REPO" --quiesce-idle 0 --rate-limit 32M >"$T/b.out" 2>"$T/b.err" & bp=$!
 EXTRA_PIDS+=("$bp")
 for _ in $(seq 100); do

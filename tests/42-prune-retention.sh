@@ -24,15 +24,6 @@ need nbdcopy sha256sum cmp; [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
 export TZ=UTC
 REPO=$T/repo
-# nbdw URI OFFSET_MIB SEED: one random 1 MiB region at OFFSET_MIB
-nbdw() {
-  /usr/bin/python3 -c '
-import nbd, random, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
-h.pwrite(random.Random(int(sys.argv[3])).randbytes(1 << 20), int(sys.argv[2]) << 20)
-h.flush(); h.shutdown()' "$@"
-}
-bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; tail -n 1 "$T/bk.out" | jq -r .generation; }
 # snapshot: every file of the repository with its hash
 snapshot() { (cd "$REPO" && find . -type f -print0 | sort -z | xargs -0 sha256sum); }
 # set_time GEN 'YYYY-MM-DD HH:MM': move GEN's creation time (metadata written like the
@@ -54,15 +45,15 @@ euri=$(ctl attach "$T/e.img" --name e42 --via none | tail -n 1) || fail "attach 
 log "10 backups of d42, 3 of e42, each export saved"
 G=() E=()
 for i in $(seq 0 9); do
-  nbdw "$duri" "$i" "$((100 + i))" || fail "write d42 $i"
-  if [ "$i" = 0 ]; then g=$(bk d42 --to "repo:$REPO"); else g=$(bk d42 --to "repo:$REPO" --incremental); fi
+  nbd_write_mib "$duri" "$i" "$((100 + i))" || fail "write d42 $i"
+  if [ "$i" = 0 ]; then g=$(backup_gen d42 --to "repo:$REPO"); else g=$(backup_gen d42 --to "repo:$REPO" --incremental); fi
   [ -n "$g" ] && [ "$g" != null ] || fail "no generation from backup $i: $(cat "$T/bk.out")"
   nbdcopy "$duri" "$T/g$i.img" || fail "nbdcopy g$i"
   G+=("$g")
 done
 for i in 0 1 2; do
-  nbdw "$euri" "$((i * 2))" "$((200 + i))" || fail "write e42 $i"
-  if [ "$i" = 0 ]; then g=$(bk e42 --to "repo:$REPO"); else g=$(bk e42 --to "repo:$REPO" --incremental); fi
+  nbd_write_mib "$euri" "$((i * 2))" "$((200 + i))" || fail "write e42 $i"
+  if [ "$i" = 0 ]; then g=$(backup_gen e42 --to "repo:$REPO"); else g=$(backup_gen e42 --to "repo:$REPO" --incremental); fi
   nbdcopy "$euri" "$T/e$i.img" || fail "nbdcopy e$i"
   E+=("$g")
 done

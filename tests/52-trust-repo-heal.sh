@@ -15,16 +15,6 @@ need nbdcopy cmp; [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
 MIB=$((1 << 20))
 REPO=$T/repo
-# nbdw URI OFFSET_MIB SEED: one random 1 MiB region at OFFSET_MIB
-nbdw() {
-  /usr/bin/python3 -c '
-import nbd, random, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
-h.pwrite(random.Random(int(sys.argv[3])).randbytes(1 << 20), int(sys.argv[2]) << 20)
-h.flush(); h.shutdown()' "$@"
-}
-# bk NAME ARGS...: back up, print the generation; the output stays in $T/bk.out
-bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; tail -n 1 "$T/bk.out" | jq -r .generation; }
 # chunk_of IMG OFFSET_MIB: the chunk file REPO holds for that 1 MiB of IMG (its name is the
 # hash of the data: found by backing up just those bytes into a scratch repository)
 chunk_of() {
@@ -58,7 +48,7 @@ all_whole() { # EXPECTED-FOR-GEN...: "GEN=FILE" pairs
 log "heal: 64 MiB random disk, two full backups (every chunk shared)"
 head -c $((64 * MIB)) /dev/urandom > "$T/d.img"
 uri=$(ctl attach "$T/d.img" --name d52 --via none | tail -n 1) || fail "attach d52"
-g1=$(bk d52 --to "repo:$REPO"); g2=$(bk d52 --to "repo:$REPO")
+g1=$(backup_gen d52 --to "repo:$REPO"); g2=$(backup_gen d52 --to "repo:$REPO")
 nbdcopy "$uri" "$T/exp12.img"
 
 log "A: verify finds a flipped byte and quarantines the chunk; the next full backup stores it afresh"
@@ -68,7 +58,7 @@ ctl verify "repo:$REPO" --json >"$T/v.json" 2>"$T/v.err" && fail "verify of a da
   fail "verify does not name offset $((5 * MIB)) in both generations: $(cat "$T/v.json")"
 [ -e "$c" ] && q=present || q=gone
 ctl restore "repo:$REPO@$g1" --to "$T/r.img" >/dev/null 2>"$T/rq.err" && fail "restore of a damaged generation exits 0"
-nbdw "$uri" 40 1; g3=$(bk d52 --to "repo:$REPO"); nbdcopy "$uri" "$T/exp3.img"
+nbd_write_mib "$uri" 40 1; g3=$(backup_gen d52 --to "repo:$REPO"); nbdcopy "$uri" "$T/exp3.img"
 all_whole "$g1=$T/exp12.img" "$g2=$T/exp12.img" "$g3=$T/exp3.img"
 [ "$q" = gone ] || fail "verify left the damaged chunk in the store"
 [ -f "$REPO/quarantine/$(basename "$c")" ] || fail "damaged chunk not kept in $REPO/quarantine"
@@ -77,14 +67,14 @@ log "A: $g1 $g2 whole again after $g3"
 
 log "B: damage nobody has seen: the full backup about to reuse the chunk finds and heals it"
 c=$(chunk_of "$T/exp3.img" 9); flip "$c"
-g4=$(bk d52 --to "repo:$REPO")
+g4=$(backup_gen d52 --to "repo:$REPO")
 grep -q "stored afresh" "$T/bk.out" || fail "backup does not say it healed a chunk: $(tail -n 1 "$T/bk.out")"
 all_whole "$g1=$T/exp12.img" "$g3=$T/exp3.img" "$g4=$T/exp3.img"
 
 log "C: an incremental whose parent lost a chunk reads everything"
 c=$(chunk_of "$T/exp3.img" 30); flip "$c"
 ctl verify "repo:$REPO" >/dev/null 2>&1 && fail "verify exits 0"
-nbdw "$uri" 50 2; g5=$(bk d52 --to "repo:$REPO" --incremental); nbdcopy "$uri" "$T/exp5.img"
+nbd_write_mib "$uri" 50 2; g5=$(backup_gen d52 --to "repo:$REPO" --incremental); nbdcopy "$uri" "$T/exp5.img"
 grep -q "damaged or missing" "$T/bk.out" || fail "incremental does not say why it read everything: $(tail -n 1 "$T/bk.out")"
 all_whole "$g2=$T/exp12.img" "$g4=$T/exp3.img" "$g5=$T/exp5.img"
 
@@ -99,7 +89,7 @@ done
 all_whole "$g1=$T/exp12.img" "$g5=$T/exp5.img"
 
 log "E: no healthy copy anywhere: reported as not repairable"
-c=$(chunk_of "$T/exp5.img" 20); nbdw "$uri" 20 3; flip "$c"
+c=$(chunk_of "$T/exp5.img" 20); nbd_write_mib "$uri" 20 3; flip "$c"
 ctl verify "repo:$REPO" --repair --from "$T/d.img" >"$T/rep.out" 2>"$T/rep.err" && fail "verify --repair with nothing to repair from exits 0"
 cat "$T/rep.out"
 grep -q "generation $g1: still damaged at offset(s) $((20 * MIB))" "$T/rep.out" || fail "not reported as still damaged: $(cat "$T/rep.out")"
@@ -111,14 +101,14 @@ log "pins: a live restore killed mid-fill keeps its generation from prune"
 P=$T/prepo
 head -c $((64 * MIB)) /dev/urandom > "$T/s.img"
 suri=$(ctl attach "$T/s.img" --name s52 --via none | tail -n 1) || fail "attach s52"
-gp=$(bk s52 --to "repo:$P"); cp "$T/s.img" "$T/expl.img"
+gp=$(backup_gen s52 --to "repo:$P"); cp "$T/s.img" "$T/expl.img"
 luri=$(COWSNAP_FILL_RATE=$((4 * MIB)) ctl restore "repo:$P@$gp" --to "$T/l.img" --live --via none --name l52 | tail -n 1) ||
   fail "restore --live"
-nbdw "$luri" 33 4
+nbd_write_mib "$luri" 33 4
 /usr/bin/python3 -c '
 import random, sys
 f = open(sys.argv[1], "r+b"); f.seek(33 << 20); f.write(random.Random(4).randbytes(1 << 20))' "$T/expl.img"
-nbdw "$suri" 1 5; gq=$(bk s52 --to "repo:$P" --incremental)
+nbd_write_mib "$suri" 1 5; gq=$(backup_gen s52 --to "repo:$P" --incremental)
 log "prune while the fill runs: it does not wait for the fill, and keeps the generation"
 timeout 20 "$CTL" prune "repo:$P" --keep 1 >"$T/p.out" 2>"$T/p.err" || fail "prune during the fill: $(cat "$T/p.err")"
 cat "$T/p.out"
@@ -127,7 +117,7 @@ st=$(ctl status l52 --json); pid=$(json_field "$st" .daemon.pid)
 [ "$(json_field "$st" .daemon.fill.complete)" = false ] || fail "fill complete too early: $st"
 kill -9 "$pid"; wait_gone "$pid" 10 || fail "daemon $pid survived kill -9"
 log "killed the filling daemon at $(json_field "$st" .daemon.fill.done)/$(json_field "$st" .daemon.fill.total)"
-nbdw "$suri" 2 6; gr=$(bk s52 --to "repo:$P" --incremental)
+nbd_write_mib "$suri" 2 6; gr=$(backup_gen s52 --to "repo:$P" --incremental)
 ctl prune "repo:$P" --keep 1 >"$T/p.out" 2>"$T/p.err" || fail "prune: $(cat "$T/p.err")"
 cat "$T/p.out"
 grep -q "kept $gp: pinned by live restore of l52 to $T/l.img" "$T/p.out" || fail "prune after the kill does not say it kept $gp for l52"
@@ -154,7 +144,7 @@ ctl detach l52 || fail "detach l52"
 cmp "$T/l.img" "$T/expl.img" || fail "restored file differs after detach"
 
 log "abandon: the generation is unpinned, the half-filled destination is refused"
-nbdw "$suri" 3 7; gs=$(bk s52 --to "repo:$P" --incremental)
+nbd_write_mib "$suri" 3 7; gs=$(backup_gen s52 --to "repo:$P" --incremental)
 COWSNAP_FILL_RATE=$((2 * MIB)) ctl restore "repo:$P@$gr" --to "$T/m.img" --live --via none --name m52 >/dev/null || fail "restore --live m52"
 pid=$(json_field "$(ctl status m52 --json)" .daemon.pid)
 ctl abandon m52 >/dev/null 2>"$T/ab.err" && fail "abandon while the daemon runs exits 0"

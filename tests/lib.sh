@@ -12,6 +12,7 @@
 #   track_mount DIR    unmount DIR at cleanup
 #   running PID / wait_gone PID [SECONDS]   process state, zombies count as gone
 #   ctl ARGS...        run cowsnapctl
+#   nbd_write_mib URI OFFSET_MIB SEED / backup_gen NAME ARGS...   see below
 #   json_field JSON EXPR   jq -r EXPR on JSON
 set -uo pipefail
 
@@ -45,6 +46,21 @@ running() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1; [ -n "$
 # wait_gone PID [SECONDS]: 0 once PID is not running
 wait_gone() { local i; for i in $(seq $(( ${2:-10} * 10 ))); do running "$1" || return 0; sleep 0.1; done; return 1; }
 ctl() { "$CTL" "$@"; }
+# nbd_write_mib URI OFFSET_MIB SEED: write one random 1 MiB region at OFFSET_MIB
+# (python3-libnbd), flushed
+nbd_write_mib() {
+  /usr/bin/python3 -c '
+import nbd, random, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+h.pwrite(random.Random(int(sys.argv[3])).randbytes(1 << 20), int(sys.argv[2]) << 20)
+h.flush(); h.shutdown()' "$@"
+}
+# backup_gen NAME ARGS...: back up (--quiesce-idle 0) and print the new generation; the
+# output stays in $T/bk.out and $T/bk.err
+backup_gen() {
+  timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"
+  tail -n 1 "$T/bk.out" | jq -r .generation
+}
 json_field() { printf '%s' "$1" | jq -r "$2"; }
 [ -x "$CTL" ] || { echo "FAIL: no cowsnapctl at $CTL (build first, or set COWSNAP_BIN_DIR)"; exit 1; }
 [ -x "$NBD" ] || { echo "FAIL: no cowsnap-nbd at $NBD"; exit 1; }
