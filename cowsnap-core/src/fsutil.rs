@@ -181,43 +181,22 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// (year, month, day, hour, minute, second, millisecond) in UTC.
-fn civil(ms: u64) -> (i64, u32, u32, u32, u32, u32, u32) {
-    let secs = (ms / 1000) as i64;
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = if m <= 2 { y + 1 } else { y };
-    (
-        y,
-        m,
-        d,
-        (sod / 3600) as u32,
-        (sod % 3600 / 60) as u32,
-        (sod % 60) as u32,
-        (ms % 1000) as u32,
-    )
+/// `ms` since the epoch as a UTC timestamp (times past year 9999 clamp to its end).
+fn timestamp(ms: u64) -> jiff::Timestamp {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .unwrap_or(jiff::Timestamp::MAX)
 }
 
 /// RFC 3339 UTC time, e.g. `2026-11-25T23:27:32.123Z`.
 pub fn format_utc(ms: u64) -> String {
-    let (y, mo, d, h, mi, s, mss) = civil(ms);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{mss:03}Z")
+    timestamp(ms).strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 /// Compact sortable UTC time, e.g. `20261125T232732.123Z`.
 pub fn format_utc_compact(ms: u64) -> String {
-    let (y, mo, d, h, mi, s, mss) = civil(ms);
-    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{mss:03}Z")
+    timestamp(ms).strftime("%Y%m%dT%H%M%S%.3fZ").to_string()
 }
 
 #[cfg(test)]
@@ -231,6 +210,12 @@ mod tests {
         assert_eq!(format_utc(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(format_utc_compact(0), "19700101T000000.000Z");
+        assert_eq!(
+            format_utc_compact(1_795_649_252_123),
+            "20261125T232732.123Z"
+        );
+        // Past the calendar's end: clamped, no panic.
+        assert!(format_utc(u64::MAX).starts_with("9999-12-"));
     }
 
     #[test]

@@ -9,27 +9,21 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok(cowsnap_core::container::parse_size(s)?)
 }
 
-/// A duration: a number with a unit ms, s, m or h; a bare number is seconds.
+/// A duration: jiff's friendly format ("3s", "500ms", "2m", "1h 30m", "1.5s"); a bare
+/// number is seconds. Negative and absurd (over ~31 years) durations are refused.
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| anyhow!("invalid duration {s:?}: expected e.g. 3s, 500ms, 2m"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" | "sec" => n * 1e3,
-        "m" | "min" => n * 60e3,
-        "h" => n * 3600e3,
-        _ => bail!("invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)"),
+    let bad = || anyhow!("invalid duration {s:?}: expected e.g. 3s, 500ms, 2m, 1h 30m");
+    let d = if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
+        Duration::from_secs(t.parse().map_err(|_| bad())?)
+    } else {
+        let sd: jiff::SignedDuration = t.parse().map_err(|_| bad())?;
+        Duration::try_from(sd).map_err(|_| bad())?
     };
-    if !ms.is_finite() || !(0.0..=1e12).contains(&ms) {
-        bail!("invalid duration {s:?}");
+    if d > Duration::from_secs(1_000_000_000) {
+        return Err(bad());
     }
-    Ok(Duration::from_millis(ms.round() as u64))
+    Ok(d)
 }
 
 /// Priority ranges: "OFFSET:LENGTH,..." with sizes ("0:64M,1G:16M").
@@ -73,21 +67,8 @@ pub fn absolute_target(s: &str) -> Result<String> {
     Ok(format!("{kind}:{}", abs.display()))
 }
 
-/// "1.5 GiB".
-pub fn human_bytes(n: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
+/// "1.5 GiB": [`cowsnap_core::bytes::human`], the one size formatter.
+pub use cowsnap_core::bytes::human as human_bytes;
 
 /// "1h02m", "3m05s", "12s".
 pub fn human_secs(s: u64) -> String {
@@ -138,7 +119,18 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        for bad in ["", "s", "3x", "-1s", "1..2s"] {
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2min").unwrap(), Duration::from_secs(120));
+        for bad in [
+            "",
+            "s",
+            "3x",
+            "-1s",
+            "1..2s",
+            "3parsecs",
+            "99999999999999999999",
+            "40y",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
@@ -174,9 +166,8 @@ mod tests {
 
     #[test]
     fn human() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(512), "512 bytes");
+        assert_eq!(human_bytes(1 << 30), "1 GiB");
         assert_eq!(human_secs(5), "5s");
         assert_eq!(human_secs(185), "3m05s");
         assert_eq!(human_secs(3720), "1h02m");

@@ -54,8 +54,8 @@ pub(super) fn exclude_known_zeros(
                 let mut n = format!(
                     "{}: {} free, {} of it excluded (stored as zeros)",
                     found.fs,
-                    human(found.free_bytes),
-                    human(bytes)
+                    crate::bytes::human(found.free_bytes),
+                    crate::bytes::human(bytes)
                 );
                 if let Some(why) = found.caveat {
                     n.push_str(&format!("; {why}"));
@@ -161,20 +161,5 @@ fn probe_fs(origin: &dyn BlockIo, snap: &Snapshot) -> std::result::Result<FsFree
         }),
         Ok(Probe::Unknown { why }) => Err(why),
         Err(e) => Err(format!("reading the filesystem failed: {e}")),
-    }
-}
-
-fn human(b: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
     }
 }

@@ -179,24 +179,7 @@ pub fn mem_available() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// A byte count for messages: "4 TiB", "21.3 GiB", "512 KiB", "100 bytes".
-pub fn human(n: u64) -> String {
-    const U: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} bytes");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if v.fract() == 0.0 {
-        format!("{v:.0} {}", U[i])
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
+use crate::bytes::human;
 
 /// Size of an existing block device or regular file.
 fn size_of_path(path: &std::path::Path) -> std::io::Result<u64> {
