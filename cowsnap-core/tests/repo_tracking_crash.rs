@@ -101,7 +101,13 @@ fn kill9_never_under_reports() {
                 );
             }
         }
-        assert!(differing > 0, "the child wrote something");
+        // Relative to the base, the write made before "ready" always differs; relative
+        // to G1, a child killed right after committing it wrote nothing since (seen on a
+        // loaded machine), which is a correct empty report.
+        assert!(
+            differing > 0 || rel.is_some(),
+            "kill after {kill_after_ms} ms: the child's first write is not in the origin"
+        );
         eprintln!(
             "kill after {kill_after_ms} ms: relative to {rel:?}, {differing} chunks differ, {} reported",
             cut.changed.count_ones()
