@@ -118,6 +118,8 @@ run_fs() {
     [ $(( $(field "$T/b0.json" .bytes_copied) / MIB )) -ge 400 ] || fail "xfs: only $(field "$T/b0.json" .bytes_copied) bytes read with a dirty log"
     fsck_img "$fs" "$T/nofreeze.img"
     rm -f "$T/nofreeze.img"
+    # the writer starts again from w/00001: forget this round's files
+    rm -f "$M"/w/*; : > "$T/w.sha"; sync
     freeze=(--freeze "$M")
   fi
 
