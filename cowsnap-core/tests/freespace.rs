@@ -4,6 +4,11 @@
 //! file's bytes unchanged (read back with debugfs) — garbage, not zeros, so a used
 //! block called free shows. The free total must match dumpe2fs's. Damaged metadata
 //! gives "unknown", never a panic. Skips when e2fsprogs is missing.
+//! XFS the same way (populated through a loop mount, so root only; xfs_repair -n and
+//! the files read back through a mount), the total checked against the AGFs,
+//! fdblocks and xfs_db's freesp; a frozen filesystem's log (covered) is read, a live
+//! copy's or a shut-down filesystem's log is not; v4 images are checked unmounted
+//! (kernels without CONFIG_XFS_SUPPORT_V4 do not mount them).
 
 use cowsnap_core::freespace::{self, Probe};
 use std::os::unix::fs::FileExt;

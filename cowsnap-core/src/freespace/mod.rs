@@ -33,7 +33,7 @@ pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> Result<()> + 'a;
 pub enum Probe {
     /// A filesystem was recognised and its free space read.
     Free {
-        /// Filesystem name ("ext4").
+        /// Filesystem name ("ext4", "xfs").
         fs: &'static str,
         /// Free byte ranges `[start, end)`, sorted and merged.
         ranges: Vec<(u64, u64)>,
