@@ -18,6 +18,7 @@
 //!   group tables of at most [`MAX_TABLE_BYTES`]), every walk by a visit limit.
 
 pub mod ext4;
+pub mod xfs;
 
 use crate::error::Result;
 
@@ -32,7 +33,7 @@ pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> Result<()> + 'a;
 pub enum Probe {
     /// A filesystem was recognised and its free space read.
     Free {
-        /// Filesystem name ("ext4").
+        /// Filesystem name ("ext4", "xfs").
         fs: &'static str,
         /// Free byte ranges `[start, end)`, sorted and merged.
         ranges: Vec<(u64, u64)>,
@@ -63,13 +64,11 @@ pub fn probe(read: &mut ReadAt<'_>, disk_size: u64) -> Result<Probe> {
     }
     let mut head = [0u8; 4];
     read(0, &mut head)?;
-    if &head == b"XFSB" {
-        return Ok(Probe::Unknown {
-            why: "xfs: its free space is not read yet".into(),
-        });
+    if xfs::is_xfs(&head) {
+        return xfs::probe(read, disk_size);
     }
     Ok(Probe::Unknown {
-        why: "no ext4 filesystem found on the disk".into(),
+        why: "no ext4 or XFS filesystem found on the disk".into(),
     })
 }
 
