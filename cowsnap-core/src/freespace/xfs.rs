@@ -95,33 +95,10 @@ fn unknown(why: impl Into<String>) -> Result<Probe> {
     })
 }
 
-/// The Castagnoli CRC (crc32c) table, built at compile time.
-const CRC32C_TABLE: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
-};
-
-/// Continue a crc32c (raw register, no final inversion).
-fn crc32c_update(mut crc: u32, data: &[u8]) -> u32 {
-    for &b in data {
-        crc = CRC32C_TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    crc
+/// Continue a crc32c (raw register, no final inversion) with the `crc32c` crate, which
+/// works on finished values (inverted registers).
+fn crc32c_update(crc: u32, data: &[u8]) -> u32 {
+    !crc32c::crc32c_append(!crc, data)
 }
 
 /// XFS's metadata checksum: crc32c of `buf` with its 4-byte field at `off` taken as
