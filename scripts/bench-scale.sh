@@ -43,8 +43,8 @@ PY
   uri=$("$CTL" attach "$W/t/d.img" --via none --name bscale 2>"$W/attach.err" | tail -n 1)
   PID=$("$CTL" status bscale --json | jq .pid)
   t0=$(now); "$CTL" backup bscale --to "repo:$W/t/repo" --quiesce-idle 0s --json >"$W/full.json"; t1=$(now)
-  FULL_S=$(calc "$t1 - $t0"); FULL_MS=$(jq -s 'map(select(.event=="complete"))[0].elapsed_ms' "$W/full.json")
-  P1=$(jq -s 'map(select(.event=="complete"))[0].instant_pause_us' "$W/full.json")
+  FULL_S=$(calc "$t1 - $t0"); FULL_MS=$(jq -s 'map(select(.event=="result"))[0].elapsed_ms' "$W/full.json")
+  P1=$(jq -s 'map(select(.event=="result"))[0].instant_pause_us' "$W/full.json")
   $PY - "$uri" "$BYTES" <<'PY'
 import nbd, os, sys
 h = nbd.NBD(); h.connect_uri(sys.argv[1]); n = int(sys.argv[2])
@@ -53,9 +53,9 @@ for i in range(16):
 h.flush(); h.shutdown()
 PY
   t0=$(now); "$CTL" backup bscale --to "repo:$W/t/repo" --quiesce-idle 0s --json >"$W/inc.json"; t1=$(now)
-  INC_S=$(calc "$t1 - $t0"); P2=$(jq -s 'map(select(.event=="complete"))[0].instant_pause_us' "$W/inc.json")
+  INC_S=$(calc "$t1 - $t0"); P2=$(jq -s 'map(select(.event=="result"))[0].instant_pause_us' "$W/inc.json")
   HWM=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
-  GEN=$(jq -rs 'map(select(.event=="complete"))[0].generation' "$W/inc.json")
+  GEN=$(jq -rs 'map(select(.event=="result"))[0].generation' "$W/inc.json")
   IDX=$(find "$W/t/repo" -name "*.idx" -printf "%s+" | sed "s/+$//")
   "$CTL" detach bscale >/dev/null
   rm -f "$W/t/d.img"

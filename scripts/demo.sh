@@ -23,8 +23,8 @@ export COWSNAP_RUN_DIR=$D/run COWSNAP_STATE_DIR=$D/state
 WL=
 # Run a backup and print one line about it (cowsnapctl shows a progress bar on a terminal).
 backup() {
-  "$CTL" backup "$@" --json | jq -r 'select(.event == "complete" or .event == "failed") |
-    "   backup \(.event): \(.chunks_copied) chunks copied, \(.chunks_preserved) preserved through the container, \(.holds) writes held \(.hold_time_ms) ms, \(.throttled_writes) throttled; generation \(.generation)"'
+  "$CTL" backup "$@" --json | jq -r 'select(.event == "result") |
+    "   backup \(.state): \(.chunks_copied) chunks copied, \(.chunks_preserved) preserved through the container, \(.holds) writes held \(.hold_time_ms) ms, \(.throttled_writes) throttled; generation \(.generation)"'
 }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say() { printf '   %s\n' "$*"; }

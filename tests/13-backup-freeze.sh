@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # cowsnapctl backup --freeze on a mounted ext4 (via fuse): whatever the outcome, the
 # filesystem is thawed afterwards (a write to it completes), the backup succeeds (exit 0,
-# a "complete" JSON event, an e2fsck-clean image), a failing one names the disk and
+# a "result" JSON event in state "complete", an e2fsck-clean image), a failing one names the disk and
 # the daemon's reason and thaws too, and Ctrl-C cancels one.
 . "$(dirname "$0")/lib.sh"
 need_root; need_fuse; need mkfs.ext4 e2fsck timeout
@@ -18,7 +18,7 @@ log "backup exit $rc; stderr: $(cat "$T/err")"
 timeout 10 sh -c "echo thawed > '$T/mnt/after.txt' && sync -f '$T/mnt/after.txt'" ||
   fail "filesystem still frozen after the backup command (rc=$rc)"
 [ "$rc" = 0 ] || fail "backup --freeze failed (exit $rc): $(cat "$T/err")"
-printf '%s\n' "$out" | tail -n 1 | jq -e '.event == "complete"' >/dev/null || fail "no complete event: $out"
+printf '%s\n' "$out" | tail -n 1 | jq -e '.event == "result" and .state == "complete"' >/dev/null || fail "no complete event: $out"
 e2fsck -fn "$T/image.raw" || fail "backup image is not a clean ext4"
 ctl status t13 >/dev/null || fail "daemon stopped answering after the backup"
 

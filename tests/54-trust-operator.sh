@@ -58,7 +58,7 @@ writable "$T/mnt" 5 && writable "$T/other" 5 && writable "$T" 5 || fail "a files
 log "--freeze of the disk's own mount point"
 out=$(timeout 300 "$CTL" backup t54 --to "file:$T/img1.raw" --freeze "$T/mnt" --container ram:16M 2>"$T/err1") ||
   fail "backup --freeze $T/mnt failed: $(cat "$T/err1")"
-printf '%s\n' "$out" | tail -n 1 | jq -e '.event == "complete"' >/dev/null || fail "no complete event: $out"
+printf '%s\n' "$out" | tail -n 1 | jq -e '.event == "result" and .state == "complete"' >/dev/null || fail "no complete event: $out"
 fz=$(printf '%s\n' "$out" | head -n 1 | jq -r '.frozen_ms')
 [ -n "$fz" ] && [ "$fz" != null ] && [ "$fz" -lt 5000 ] || fail "frozen_ms not reported or over the bound: $out"
 log "frozen for $fz ms around the snapshot instant"
@@ -82,7 +82,7 @@ log "backup exit $rc after $ended_ms ms: $(cat "$T/err2")"
 [ "$rc" != 0 ] || fail "backup whose instant came after the thaw exited 0: $(cat "$T/out2")"
 grep -q "not reached within 1000 ms" "$T/err2" || fail "unclear bound failure: $(cat "$T/err2")"
 grep -q "cancelled" "$T/err2" || fail "backup not reported cancelled: $(cat "$T/err2")"
-grep -q '"event":"complete"' "$T/out2" && fail "complete reported for an inconsistent image"
+grep -q '"state":"complete"' "$T/out2" && fail "complete reported for an inconsistent image: $(cat "$T/out2")"
 [ "$thawed_ms" -lt 3000 ] || fail "the freeze lasted about $thawed_ms ms, over the 1 s bound"
 [ "$ended_ms" -gt "$thawed_ms" ] || fail "backup ended before the thaw?"
 [ "$(backup_state t54)" = failed ] || fail "daemon's backup state is $(backup_state t54), expected failed"
