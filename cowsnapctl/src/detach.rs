@@ -125,7 +125,7 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
         );
     }
     if let Ok(Some(m)) =
-        crate::export::MountRecord::load(&crate::export::record_path(dirs, &a.name))
+        crate::mount_record::MountRecord::load(&crate::mount_record::record_path(dirs, &a.name))
     {
         if !a.force && (m.mounted || m.part_loop.is_some()) {
             bail!(

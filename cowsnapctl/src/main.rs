@@ -16,6 +16,7 @@ mod export;
 mod freeze;
 mod man;
 mod metrics;
+mod mount_record;
 mod parse;
 mod progress;
 mod repo;
