@@ -8,7 +8,8 @@
 #   removes its pin. Then `mount` (ro,norecovery,nouuid): files match their hashes.
 # - a 100 GiB sparse ext4 disk holding a 1 GiB and a 4 MiB file (plus small ones):
 #   `mount` (ro,noload), files match; copying the 4 MiB file reads only a few chunks from
-#   the repository (the daemon's counters; the figure is printed for BENCHMARKS.md);
+#   the repository: at most 2 more than the chunks its extents lie in (filefrag; the
+#   daemon's counters; the figure is printed for BENCHMARKS.md);
 #   a newer backup and `prune --keep-last 1` keep the mounted generation (pinned by the
 #   export) and say so; detach of the export behind the mount is refused; `umount`
 #   removes mount, loop devices and daemon; the pin is gone; prune then removes it.
@@ -17,7 +18,9 @@
 # - a killed exporter's pin is stale: prune removes it and says so.
 # - refusals before anything is touched: a non-empty mount point, an unknown generation.
 . "$(dirname "$0")/lib.sh"
-need_root; need_fuse; need mkfs.ext4 mkfs.xfs sfdisk nbdinfo nbdcopy sha256sum mountpoint cmp
+need_root; need_fuse; need mkfs.ext4 mkfs.xfs sfdisk nbdinfo nbdcopy sha256sum mountpoint cmp filefrag
+[ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
 REPO=$T/repo
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 hashes() { (cd "$1" && find . -type f -print0 | sort -z | xargs -0 sha256sum); }
@@ -110,7 +113,20 @@ cp "$T/m/small.bin" "$T/small.copy" || fail "copy"
 f1=$(ctl status em --json | jq .daemon.export.stats.bytes_fetched)
 c1=$(ctl status em --json | jq .daemon.export.stats.chunks_fetched)
 grep -F "./small.bin" "$T/e.hashes" | grep -qF "$(sha "$T/small.copy")" || fail "copied file differs"
-log "MEASURE: mount read $f0 bytes ($c0 chunks) from the repository; copying the 4 MiB file read $((f1 - f0)) bytes ($((c1 - c0)) chunks); disk 100 GiB, 1 GiB + 4 MiB of files"
+# The repository chunks (1 MiB) the file's extents lie in (FIEMAP via filefrag).
+fc=$(/usr/bin/python3 - "$T/m/small.bin" <<'PY'
+import re, subprocess, sys
+out = subprocess.run(["filefrag", "-e", sys.argv[1]], capture_output=True, text=True, check=True).stdout
+bs = int(re.search(r"blocks of (\d+) bytes", out).group(1))
+chunks = set()
+for a, b in re.findall(r"^\s*\d+:\s*\d+\.\.\s*\d+:\s*(\d+)\.\.\s*(\d+):", out, re.M):
+    chunks.update(range(int(a) * bs >> 20, ((int(b) + 1) * bs - 1 >> 20) + 1))
+print(len(chunks))
+PY
+) || fail "filefrag"
+log "MEASURE: mount read $f0 bytes ($c0 chunks) from the repository; copying the 4 MiB file read $((f1 - f0)) bytes ($((c1 - c0)) chunks), its data lies in $fc chunks; disk 100 GiB, 1 GiB + 4 MiB of files"
+[ $((c1 - c0)) -ge "$fc" ] || fail "the copy read fewer chunks ($((c1 - c0))) than the file's data lies in ($fc)?"
+[ $((c1 - c0)) -le $((fc + 2)) ] || fail "copying the file read $((c1 - c0)) chunks; its data lies in $fc"
 [ $((f1 - f0)) -le $((16 << 20)) ] || fail "copying a 4 MiB file read $((f1 - f0)) bytes from the repository"
 [ "$f0" -le $((64 << 20)) ] || fail "mounting read $f0 bytes from the repository"
 hashes "$T/m" | diff - "$T/e.hashes" >/dev/null || fail "files of the mounted ext4 generation differ"

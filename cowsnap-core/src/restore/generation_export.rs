@@ -10,8 +10,11 @@
 //!   store (as a restore does) and the read fails with EIO. Wrong data is never served.
 //! - The cache holds decompressed chunks, least recently used first out, bounded in
 //!   bytes (`cache_bytes`; a chunk larger than the bound is not cached). The cache
-//!   mutex is held for lookups and inserts only, never across a chunk read: two readers
-//!   missing the same chunk at once may both read it (the second insert is dropped).
+//!   mutex is held for lookups and inserts only, never across a chunk read. A chunk
+//!   being read is in the in-flight set (at most one entry per reading thread): a
+//!   second reader of it waits for the first and then finds it in the cache, so
+//!   concurrent readers (the kernel's readahead splits one file read into several
+//!   requests) read each chunk once. Lock order: in-flight set → cache.
 //! - Writes, trims and zeroing are refused (`ReadOnly`, EPERM on the wire); flush
 //!   succeeds (nothing to make durable). Block status is from the index: zero chunks are
 //!   HOLE|ZERO, every other chunk data.
@@ -33,10 +36,10 @@ use crate::fsutil::hex;
 use crate::repo::pin::{self, Pin, PinKind};
 use crate::repo::{FixedIndex, GenerationInfo, Repo, ZERO_HASH};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// The default bound of the chunk cache: 64 MiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
@@ -114,6 +117,9 @@ pub struct GenerationExport {
     generation: GenerationInfo,
     index: FixedIndex,
     cache: Mutex<Cache>,
+    /// Chunks being read from the store now; waiters sleep on `inflight_done`.
+    inflight: Mutex<HashSet<u64>>,
+    inflight_done: Condvar,
     chunks_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
     cache_hits: AtomicU64,
@@ -175,6 +181,8 @@ impl GenerationExport {
             generation: g,
             index,
             cache: Mutex::new(Cache::new(cache_bytes)),
+            inflight: Mutex::new(HashSet::new()),
+            inflight_done: Condvar::new(),
             chunks_fetched: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
@@ -222,12 +230,42 @@ impl GenerationExport {
         }
     }
 
-    /// Chunk `i`'s data (a data chunk: not the zero hash).
+    /// Chunk `i`'s data (a data chunk: not the zero hash): from the cache, else read
+    /// once however many readers want it at the same time.
     fn chunk(&self, i: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(d) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(i) {
-            self.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(d);
+        {
+            let mut fl = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(d) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(i) {
+                    self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(d);
+                }
+                if fl.insert(i) {
+                    break;
+                }
+                fl = self
+                    .inflight_done
+                    .wait(fl)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
         }
+        let r = self.fetch(i);
+        if let Ok(d) = &r {
+            self.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(i, d.clone());
+        }
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&i);
+        self.inflight_done.notify_all();
+        r
+    }
+
+    /// Read chunk `i` from the store (verified).
+    fn fetch(&self, i: u64) -> Result<Arc<Vec<u8>>> {
         let h = &self.index.hashes[i as usize];
         let len = self.index.chunk_len(i);
         let data = self.repo.store().read(h, len).map_err(|e| {
@@ -244,14 +282,10 @@ impl GenerationExport {
                 hex(h)
             )
         })?;
+        log::debug!("generation {}: fetched chunk {i}", self.generation.id);
         self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
         self.bytes_fetched.fetch_add(len as u64, Ordering::Relaxed);
-        let data = Arc::new(data);
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(i, data.clone());
-        Ok(data)
+        Ok(Arc::new(data))
     }
 
     fn check_range(&self, off: u64, len: u64, what: &str) -> Result<()> {
@@ -538,6 +572,26 @@ mod tests {
         Export::read(&small, 0, &mut buf[..10]).unwrap();
         let s = small.stats();
         assert_eq!((s.chunks_fetched, s.cache_bytes), (2, 0));
+    }
+
+    #[test]
+    fn concurrent_readers_of_one_chunk_read_it_once() {
+        let (_d, ex, img) = setup(DEFAULT_CACHE_BYTES);
+        let barrier = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (ex, img, barrier) = (&ex, &img, &barrier);
+                s.spawn(move || {
+                    let mut buf = vec![0u8; 512];
+                    barrier.wait();
+                    let off = 2 * CS as u64 + t * 512;
+                    Export::read(ex, off, &mut buf).unwrap();
+                    assert_eq!(buf, img[off as usize..off as usize + 512]);
+                });
+            }
+        });
+        let s = ex.stats();
+        assert_eq!((s.chunks_fetched, s.cache_hits), (1, 7), "{s:?}");
     }
 
     #[test]
