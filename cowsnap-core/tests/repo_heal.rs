@@ -263,6 +263,8 @@ fn prune_drops_pins_that_pin_nothing_and_keeps_unreadable_ones() {
             state: d.path().join("gone/fill.state").display().to_string(),
             host: pin::host_name(),
             created: String::new(),
+            kind: pin::PinKind::LiveRestore,
+            pid: None,
         },
     )
     .unwrap();

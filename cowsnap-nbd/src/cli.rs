@@ -20,8 +20,16 @@ pub struct Args {
     #[arg(long)]
     pub name: String,
     /// Block device or regular file to serve.
-    #[arg(long)]
-    pub origin: PathBuf,
+    #[arg(long, required_unless_present = "generation")]
+    pub origin: Option<PathBuf>,
+    /// Serve this repository generation read-only instead of an origin
+    /// (`repo:DIR@GENERATION`): chunks are read on demand and verified, the generation
+    /// is pinned while it is served, no state is written. Implies --read-only.
+    #[arg(long, value_name = "repo:DIR@GEN", conflicts_with_all = ["origin", "restore_from", "container"])]
+    pub generation: Option<String>,
+    /// With --generation: memory for decompressed chunks kept for reuse (e.g. 64M).
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    pub cache_size: String,
     /// Directory for sockets and the pid file.
     #[arg(long, env = crate::paths::ENV_RUN_DIR, default_value = crate::paths::DEFAULT_RUN_DIR)]
     pub run_dir: PathBuf,
@@ -95,7 +103,18 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
     let abs = |p: &Path| {
         std::path::absolute(p).with_context(|| format!("unable to resolve {}", p.display()))
     };
-    a.origin = abs(&a.origin)?;
+    if let Some(o) = &a.origin {
+        a.origin = Some(abs(o)?);
+    }
+    if let Some(g) = &a.generation {
+        let (dir, gen) = crate::paths::parse_repo_spec(g).context("invalid --generation")?;
+        let dir = abs(&dir)?;
+        a.generation = Some(match gen {
+            Some(g) => format!("repo:{}@{g}", dir.display()),
+            None => format!("repo:{}", dir.display()),
+        });
+        a.read_only = true;
+    }
     a.run_dir = abs(&a.run_dir)?;
     a.state_dir = abs(&a.state_dir)?;
     if let Some(l) = &a.log_file {
@@ -134,8 +153,19 @@ pub fn parse_listen(spec: &str) -> Result<std::net::SocketAddr> {
         .ok_or_else(|| anyhow!("invalid --listen {spec:?}: address resolves to nothing"))
 }
 
+/// `--cache-size` in bytes (at least 1 MiB, at most 16 GiB).
+pub fn cache_bytes(args: &Args) -> Result<u64> {
+    let n = cowsnap_core::container::parse_size(&args.cache_size)
+        .map_err(|e| anyhow!("invalid --cache-size: {e}"))?;
+    if !(1 << 20..=16 << 30).contains(&n) {
+        bail!("invalid --cache-size {}: 1M to 16G", args.cache_size);
+    }
+    Ok(n)
+}
+
 /// Check the flags that every later backup depends on, before anything is touched.
 pub fn check_args(args: &Args) -> Result<()> {
+    cache_bytes(args)?;
     cowsnap_core::engine::check_chunk_size(u64::from(args.chunk_size))?;
     if let Some(c) = &args.container {
         cowsnap_core::container::check_default(c, args.chunk_size)?;
@@ -204,5 +234,29 @@ mod tests {
             format!("repo:{}@G1", want.display())
         );
         assert!(restore_source("nope").is_err());
+    }
+    #[test]
+    fn generation_replaces_origin_and_implies_read_only() {
+        let a = Args::try_parse_from(["cowsnap-nbd", "--name", "d", "--generation", "repo:rel@G1"])
+            .unwrap();
+        let a = absolute_args(a).unwrap();
+        let want = std::path::absolute("rel").unwrap();
+        assert_eq!(a.generation.unwrap(), format!("repo:{}@G1", want.display()));
+        assert!(a.read_only && a.origin.is_none());
+        assert!(Args::try_parse_from(["cowsnap-nbd", "--name", "d"]).is_err());
+        assert!(Args::try_parse_from([
+            "cowsnap-nbd",
+            "--name",
+            "d",
+            "--origin",
+            "/x",
+            "--generation",
+            "repo:/r@G"
+        ])
+        .is_err());
+        let mut a = Args::try_parse_from(["cowsnap-nbd", "--name", "d", "--origin", "/x"]).unwrap();
+        assert_eq!(cache_bytes(&a).unwrap(), 64 << 20);
+        a.cache_size = "4K".into();
+        assert!(cache_bytes(&a).is_err());
     }
 }

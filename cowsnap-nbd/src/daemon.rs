@@ -23,6 +23,12 @@
 //! anything is served; a clean shutdown closes the change log and seals the origin
 //! again after the final flush.
 //!
+//! With `--generation repo:DIR@GEN` the daemon serves a repository generation instead
+//! of an origin (`cowsnap_core::restore::generation_export`): read-only, no state
+//! directory, no origin lock or record, no seal; the generation is pinned from start-up
+//! until the clean stop removes the pin (a killed daemon's pin is stale: its `flock`
+//! is gone, and prune removes it).
+//!
 //! This file is the process plumbing (start-up order, sockets, signals, shutdown);
 //! the command line is `cli.rs`, the disk's state `cowsnap_core::disk_state`, the
 //! control socket `cowsnap_nbd::control::server`.
@@ -36,6 +42,7 @@ use cowsnap_core::engine::{Engine, EngineConfig};
 use cowsnap_core::export::Export;
 use cowsnap_core::identity::RestoredFrom;
 use cowsnap_core::origin_seal;
+use cowsnap_core::restore::generation_export::GenerationExport;
 use cowsnap_core::restore::live::FillingIo;
 use cowsnap_nbd::cli::{self, Args};
 use cowsnap_nbd::control::{self, server::ControlServer};
@@ -116,6 +123,7 @@ struct Daemon {
     server: Arc<Server>,
     changelog: Option<Arc<ChangeLog>>,
     filling: Option<Arc<FillingIo>>,
+    generation: Option<Arc<GenerationExport>>,
 }
 
 /// The disk's state for serving `dest`: none for a read-only export, else identity,
@@ -127,7 +135,12 @@ struct Served {
     restored_from: Option<RestoredFrom>,
 }
 
-fn open_disk_state(args: &Args, paths: &DiskPaths, dest: Arc<dyn BlockIo>) -> Result<Served> {
+fn open_disk_state(
+    args: &Args,
+    origin: &Path,
+    paths: &DiskPaths,
+    dest: Arc<dyn BlockIo>,
+) -> Result<Served> {
     if args.read_only {
         if args.restore_from.is_some() {
             bail!("--restore-from cannot be combined with --read-only");
@@ -148,7 +161,7 @@ fn open_disk_state(args: &Args, paths: &DiskPaths, dest: Arc<dyn BlockIo>) -> Re
     let sdir = paths.disk_state_dir();
     let opts = DiskStateOptions {
         name: &args.name,
-        origin: &args.origin,
+        origin,
         state_dir: &sdir,
         chunk_size: args.chunk_size,
         restore_from: source.as_ref().map(|(d, g)| (d.as_path(), g.as_deref())),
@@ -256,37 +269,64 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
+    // A generation: opened (and pinned) here; `origin_path` is then only its label
+    // ("repo:DIR@ID"), for status and logs.
+    let (origin_path, generation) = match &args.generation {
+        Some(spec) => {
+            let (dir, gen) = cli::restore_source(spec).context("invalid --generation")?;
+            let ge =
+                GenerationExport::open(&dir, gen.as_deref(), &args.name, cli::cache_bytes(&args)?)
+                    .with_context(|| format!("unable to export {spec}"))?;
+            let label = format!("repo:{}@{}", dir.display(), ge.generation().id);
+            (PathBuf::from(label), Some(Arc::new(ge)))
+        }
+        None => (
+            args.origin
+                .clone()
+                .ok_or_else(|| anyhow!("--origin or --generation is needed"))?,
+            None,
+        ),
+    };
     if let Some(r) = &args.restore_from {
         // A live restore overwrites the origin: never another disk's origin or a mount.
-        let action = format!("restore {r} onto {}", args.origin.display());
+        let action = format!("restore {r} onto {}", origin_path.display());
         cowsnap_nbd::attached::check_destination(
             &args.run_dir,
             Some(&args.name),
-            &args.origin,
+            &origin_path,
             &action,
         )?;
     }
-    let _origin_lock = lock_origin(&args.origin)?;
-    let spec = OpenSpec {
-        path: args.origin.clone(),
-        read_only: args.read_only,
-        exclusive: true,
-        engine: engine_kind,
-        direct: false,
+    let (dest, _origin_lock, _origin_record) = match &generation {
+        Some(g) => {
+            let io: Arc<dyn BlockIo> = g.clone();
+            (io, None, None)
+        }
+        None => {
+            let lock = lock_origin(&origin_path)?;
+            let spec = OpenSpec {
+                path: origin_path.clone(),
+                read_only: args.read_only,
+                exclusive: true,
+                engine: engine_kind,
+                direct: false,
+            };
+            let dest = blockio::open(&spec)?;
+            // What other commands check their destinations against, even if we do not
+            // answer. Removed when `run` returns, on failure and after shutdown alike.
+            let rec = cowsnap_nbd::attached::OriginRecordFile::write(&paths, &origin_path)?;
+            (dest, lock, Some(rec))
+        }
     };
-    let dest = blockio::open(&spec)?;
     let size = dest.size();
     cowsnap_nbd::paths::check_disk_size(size)
-        .map_err(|why| anyhow!("unable to serve {}: {why}", args.origin.display()))?;
-    // What other commands check their destinations against, even if we do not answer.
-    // Removed when `run` returns, on failure and after shutdown alike.
-    let _origin_record = cowsnap_nbd::attached::OriginRecordFile::write(&paths, &args.origin)?;
+        .map_err(|why| anyhow!("unable to serve {}: {why}", origin_path.display()))?;
     let Served {
         io: origin,
         filling,
         changelog,
         restored_from,
-    } = open_disk_state(&args, &paths, dest)?;
+    } = open_disk_state(&args, &origin_path, &paths, dest)?;
     // The disk's default container is known twice: the control server puts it into a
     // backup request that names none (so the destination check sees it before anything
     // is opened), and the engine falls back to it for callers that bypass the socket.
@@ -323,7 +363,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let server = Server::with_limits(limits);
     let export: Arc<dyn Export> = engine.clone();
-    let desc = format!("cowsnap disk {} ({})", args.name, args.origin.display());
+    let desc = format!("cowsnap disk {} ({})", args.name, origin_path.display());
     server.set_export(&args.name, export.clone(), &desc);
     server.set_export("", export, &desc);
 
@@ -338,7 +378,7 @@ pub fn run(args: Args) -> Result<()> {
     let backups = Arc::new(Backups::with_record(engine.clone(), last));
     let control = Arc::new(ControlServer {
         paths: paths.clone(),
-        origin: args.origin.clone(),
+        origin: origin_path.clone(),
         read_only: args.read_only,
         listen: args.listen.clone(),
         container: args.container.clone(),
@@ -348,6 +388,7 @@ pub fn run(args: Args) -> Result<()> {
         started: Instant::now(),
         changelog: changelog.clone(),
         filling: filling.clone(),
+        generation: generation.clone(),
         restored_from,
         on_shutdown: {
             let tx: Sender<Stop> = stop_tx.clone();
@@ -357,7 +398,7 @@ pub fn run(args: Args) -> Result<()> {
         },
     });
     let daemon = Daemon {
-        origin: args.origin.clone(),
+        origin: origin_path.clone(),
         read_only: args.read_only,
         paths: paths.clone(),
         engine: engine.clone(),
@@ -365,6 +406,7 @@ pub fn run(args: Args) -> Result<()> {
         server: server.clone(),
         changelog,
         filling: filling.clone(),
+        generation,
     };
     // The origin seal goes before anything can write to the origin (the fill, NBD
     // clients): from here on a crash leaves none. A start that failed before this
@@ -419,7 +461,7 @@ pub fn run(args: Args) -> Result<()> {
 
     log::info!(
         "serving {} ({} bytes, io {}{}) as {} ; control {}{}",
-        args.origin.display(),
+        origin_path.display(),
         size,
         engine.origin().engine_name(),
         if args.read_only { ", read-only" } else { "" },
@@ -532,6 +574,13 @@ fn shutdown(d: &Daemon) {
         if let Some(cl) = &d.changelog {
             close_changelog(d, cl);
             seal_origin(d, flushed);
+        }
+    }
+    if let Some(g) = &d.generation {
+        // Connections still open get EIO-free reads until exit; the pin goes now.
+        match g.close() {
+            Ok(()) => log::info!("generation {} unpinned", g.generation().id),
+            Err(e) => log::warn!("{e:#}"),
         }
     }
     let _ = std::fs::remove_file(d.paths.ctl_socket());

@@ -79,6 +79,16 @@ pub struct AttachArgs {
     /// (set by `cowsnapctl restore --live`).
     #[arg(long, hide = true, value_name = "repo:DIR@GEN")]
     pub restore_from: Option<String>,
+    /// Serve this repository generation (`repo:DIR@ID`, absolute) instead of PATH,
+    /// read-only (set by `cowsnapctl export` and `mount`; PATH is then its label).
+    #[arg(skip)]
+    pub generation: Option<String>,
+    /// The daemon's chunk cache for a generation (`--cache-size`).
+    #[arg(skip)]
+    pub cache_size: Option<String>,
+    /// Print nothing on success (`cowsnapctl mount` reports instead).
+    #[arg(skip)]
+    pub quiet: bool,
 }
 
 /// `--reconnect-timeout` when not given.
@@ -236,11 +246,15 @@ fn nbd_index(dev: &Path) -> Result<u32> {
 /// `restart` can start the same daemon again.
 fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<Vec<String>> {
     let s = |p: &Path| p.display().to_string();
+    let source = match &a.generation {
+        Some(g) => ["--generation".to_string(), g.clone()],
+        None => ["--origin".to_string(), s(origin)],
+    };
     let mut v: Vec<String> = vec![
         "--name".into(),
         paths.name.clone(),
-        "--origin".into(),
-        s(origin),
+        source[0].clone(),
+        source[1].clone(),
         "--run-dir".into(),
         s(&paths.run_dir),
         "--state-dir".into(),
@@ -250,6 +264,9 @@ fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<Vec<S
     ];
     if a.read_only {
         v.push("--read-only".into());
+    }
+    if let Some(c) = &a.cache_size {
+        v.extend(["--cache-size".into(), c.clone()]);
     }
     for l in &a.listen {
         v.extend(["--listen".into(), l.clone()]);
@@ -695,6 +712,20 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
         Some(d) => Some(nbd_index(d)?),
         None => None,
     };
+    run_named(dirs, &a, &origin, &name, via, index).map(|_| ())
+}
+
+/// `attach` once everything is validated: take the name, start the daemon, expose it.
+/// Returns what was set up.
+pub fn run_named(
+    dirs: &Dirs,
+    a: &AttachArgs,
+    origin: &Path,
+    name: &str,
+    via: Via,
+    index: Option<u32>,
+) -> Result<AttachRecord> {
+    let name = name.to_string();
     let paths = dirs.paths(&name);
     make_dir(&dirs.run_dir, 0o700)?;
     make_dir(&dirs.state_dir, 0o700)?;
@@ -723,10 +754,10 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
         }
     };
     let started = std::cell::Cell::new(None);
-    let r = attach_locked(&a, &origin, &name, via, index, &paths, &lock, &started);
+    let r = attach_locked(a, origin, &name, via, index, &paths, &lock, &started);
     match (&r, started.get()) {
         // The daemon holds the lock now (inherited); our copy just closes.
-        (Ok(()), _) => drop(lock),
+        (Ok(_), _) => drop(lock),
         // Our daemon outlived the failure: it still holds the name; leave the file.
         (Err(_), Some(pid)) if attach::pid_alive(pid as i32) && !attach::pid_zombie(pid as i32) => {
             drop(lock)
@@ -734,6 +765,30 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
         (Err(_), _) => lock.remove(),
     }
     r
+}
+
+/// The `--via` value as a [`Via`] (`auto`: kernel nbd when it exists, else FUSE).
+pub fn parse_via(v: &str) -> Via {
+    match v {
+        "nbd" => Via::Nbd,
+        "fuse" => Via::Fuse,
+        "none" => Via::None,
+        _ => attach::auto_via(),
+    }
+}
+
+/// Check `--listen` values (tcp:ADDR:PORT).
+pub fn check_listen(listen: &[String]) -> Result<()> {
+    for l in listen {
+        if !l.starts_with("tcp:")
+            || l.rsplit_once(':')
+                .map(|(_, p)| p.parse::<u16>().is_err())
+                .unwrap_or(true)
+        {
+            bail!("invalid --listen {l:?}: expected tcp:ADDR:PORT");
+        }
+    }
+    Ok(())
 }
 
 /// The part of `attach` done while holding the name lock.
@@ -747,7 +802,7 @@ fn attach_locked(
     paths: &DiskPaths,
     lock: &NameLock,
     started: &std::cell::Cell<Option<u32>>,
-) -> Result<()> {
+) -> Result<AttachRecord> {
     let paths = paths.clone();
     let name = name.to_string();
     if let Some(s) = daemon_status(&paths) {
@@ -760,8 +815,9 @@ fn attach_locked(
     }
     if let Ok(Some(rec)) = AttachRecord::load(&paths.attach_record()) {
         let alive = attach::pid_alive(rec.pid as i32) && !attach::pid_zombie(rec.pid as i32);
-        if !alive && resumable(&rec) {
-            return resume_locked(a, origin, &paths, rec, lock, started);
+        if !alive && resumable(&rec) && a.generation.is_none() {
+            resume_locked(a, origin, &paths, rec.clone(), lock, started)?;
+            return Ok(rec);
         }
         if alive || !clean_dead_attach(&paths, &rec, lock) {
             bail!(
@@ -849,6 +905,9 @@ fn attach_locked(
     for n in &notes {
         eprintln!("note: {n}");
     }
+    if a.quiet {
+        return Ok(rec);
+    }
     let link = rec.device.as_deref().and_then(|d| {
         crate::devlink::publish(&name, Path::new(d))
             .map_err(|e| eprintln!("warning: {e:#} (the disk is attached as {d})"))
@@ -870,7 +929,12 @@ fn attach_locked(
         );
     } else {
         eprintln!(
-            "attached {} as {name:?} ({}, via {via}{}); daemon pid {pid}; {}{}",
+            "{} {} as {name:?} ({}, via {via}{}); daemon pid {pid}; {}{}",
+            if a.generation.is_some() {
+                "exported"
+            } else {
+                "attached"
+            },
             origin.display(),
             crate::parse::human_bytes(st.size),
             if a.read_only { ", read-only" } else { "" },
@@ -881,7 +945,7 @@ fn attach_locked(
         );
         println!("{}", rec.device.as_deref().unwrap_or(&rec.uri));
     }
-    Ok(())
+    Ok(rec)
 }
 
 #[cfg(test)]

@@ -124,6 +124,20 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
             describe(b)
         );
     }
+    if let Ok(Some(m)) =
+        crate::mount_record::MountRecord::load(&crate::mount_record::record_path(dirs, &a.name))
+    {
+        if !a.force && (m.mounted || m.part_loop.is_some()) {
+            bail!(
+                "unable to detach {}: it is the export behind the mount of {} on {}; \
+                 cowsnapctl umount {} undoes both",
+                a.name,
+                m.source,
+                m.mountpoint,
+                m.mountpoint
+            );
+        }
+    }
     let dev = rec.as_ref().and_then(|r| r.device.clone());
     let mounts = match dev.as_deref().map(Path::new) {
         Some(devp) if devp.exists() => attach::mounted_at(devp)?,

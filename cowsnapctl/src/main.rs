@@ -12,9 +12,11 @@ mod completions;
 mod config;
 mod detach;
 mod devlink;
+mod export;
 mod freeze;
 mod man;
 mod metrics;
+mod mount_record;
 mod parse;
 mod progress;
 mod repo;
@@ -91,6 +93,12 @@ enum Cmd {
     Restore(repo::RestoreArgs),
     /// Give up an interrupted live restore: its generation is no longer pinned.
     Abandon(repo::AbandonArgs),
+    /// Serve a restore point read-only over NBD (fetched on demand), as a device or URI.
+    Export(export::ExportArgs),
+    /// Mount a restore point read-only (export, device, partition, mount) to copy files.
+    Mount(export::MountArgs),
+    /// Undo a `mount`: unmount, remove its devices and stop its export.
+    Umount(export::UmountArgs),
     /// Export Prometheus metrics of every attached disk (and --repo repositories).
     Metrics(metrics::MetricsArgs),
     /// Attach the disks of the configuration file that are not attached.
@@ -144,6 +152,9 @@ fn main() {
         Cmd::Prune(a) => repo::prune(a),
         Cmd::Restore(a) => repo::restore(&cli.dirs, a),
         Cmd::Abandon(a) => repo::abandon(&cli.dirs, a),
+        Cmd::Export(a) => export::export(&cli.dirs, a).map(|_| 0),
+        Cmd::Mount(a) => export::mount(&cli.dirs, a).map(|_| 0),
+        Cmd::Umount(a) => export::umount(&cli.dirs, a).map(|_| 0),
         Cmd::Metrics(a) => metrics::run(&cli.dirs, a),
         Cmd::Up(a) => up::up(&cli.dirs, a),
         Cmd::Down(a) => up::down(&cli.dirs, a),

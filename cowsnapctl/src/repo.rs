@@ -482,6 +482,9 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
                 reconnect_timeout: attach::DEFAULT_RECONNECT_TIMEOUT.into(),
                 json: a.json,
                 restore_from: Some(format!("repo:{}@{}", dir.display(), g.id)),
+                generation: None,
+                cache_size: None,
+                quiet: false,
             },
         )?;
         return Ok(0);

@@ -67,6 +67,9 @@ fn attach_args(d: &DiskConfig) -> AttachArgs {
         reconnect_timeout: attach::DEFAULT_RECONNECT_TIMEOUT.into(),
         json: false,
         restore_from: None,
+        generation: None,
+        cache_size: None,
+        quiet: false,
     }
 }
 

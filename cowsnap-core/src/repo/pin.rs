@@ -1,4 +1,4 @@
-//! Pins: generations that an unfinished live restore still needs.
+//! Pins: generations that an unfinished live restore or a running export still needs.
 //!
 //! A live restore fills its destination from one generation, possibly over days and
 //! across daemon restarts; the half-filled destination already holds acknowledged
@@ -16,6 +16,14 @@
 //! and says so. A pin whose fill state is on this host and is gone, complete, abandoned
 //! or of another generation pins nothing any more: prune removes it and says so. A
 //! pin file that cannot be parsed still pins the generation its name starts with.
+//!
+//! An export (`kind: "export"`, a read-only NBD export of a generation) pins its
+//! generation for as long as it serves it. The exporter holds a shared `flock` on its
+//! pin file from before the repository lock is released until it removes the pin at a
+//! clean stop. A dead exporter holds nothing, so on the same host a pin file that
+//! [`stale_reason`] can lock exclusively (non-blocking) pins nothing: prune holds the
+//! exclusive repository lock while it looks, and an exporter pins only under the shared
+//! one, so no exporter can be between "pin written" and "pin locked" meanwhile.
 
 use super::generation::valid_id;
 use super::Repo;
@@ -39,6 +47,24 @@ pub struct Pin {
     pub host: String,
     /// When the restore started, RFC 3339 UTC.
     pub created: String,
+    /// Who pins: a live restore (the default, also for pins written before kinds
+    /// existed) or an export.
+    #[serde(default)]
+    pub kind: PinKind,
+    /// The pinning process (exports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// What holds a pin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PinKind {
+    /// A live restore's fill (`state` names its fill state).
+    #[default]
+    LiveRestore,
+    /// A read-only export of the generation; the exporter holds a `flock` on the pin.
+    Export,
 }
 
 /// A pin found in the repository.
@@ -56,6 +82,17 @@ impl PinFile {
     /// "live restore of NAME to PATH", for messages.
     pub fn describe(&self) -> String {
         match &self.pin {
+            Some(p) if p.kind == PinKind::Export => format!(
+                "export {} (pid {}, started {}{})",
+                p.disk,
+                p.pid.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                p.created,
+                if p.host.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on {}", p.host)
+                }
+            ),
             Some(p) => format!(
                 "live restore of {} to {} (started {}{})",
                 p.disk,
@@ -171,8 +208,20 @@ pub fn list(repo: &Repo) -> Result<Vec<PinFile>> {
 /// Why a pin no longer pins anything, if that can be known from here: its fill state
 /// is on this host and is gone, finished (complete or abandoned) or of another
 /// generation.
+///
+/// An export's pin is stale when it is on this host and nobody holds its `flock`
+/// (the exporter died or stopped without removing it).
 pub fn stale_reason(p: &PinFile) -> Option<String> {
     let pin = p.pin.as_ref()?;
+    if pin.kind == PinKind::Export {
+        if pin.host != host_name() || !unlocked(&p.path) {
+            return None;
+        }
+        return Some(format!(
+            "its exporter (pid {}) no longer holds it",
+            pin.pid.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
+        ));
+    }
     if pin.host != host_name() || pin.state.is_empty() {
         return None;
     }
@@ -187,5 +236,77 @@ pub fn stale_reason(p: &PinFile) -> Option<String> {
             pin.state
         )),
         _ => None,
+    }
+}
+
+/// Whether nobody holds a `flock` on `path` (an exclusive non-blocking lock succeeds;
+/// it is released at once). Any error — the file gone, no permission — says "held", so
+/// a pin is never called stale by mistake.
+fn unlocked(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: plain syscall on a valid fd owned by `f`; no memory is passed.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    r == 0
+}
+
+/// Take a shared `flock` on a pin file, held while the returned file is open: the
+/// exporter's proof of life (see [`stale_reason`]).
+pub fn hold(path: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).ctx(|| format!("unable to open pin {}", path.display()))?;
+    // SAFETY: plain syscall on a valid fd owned by `f`; no memory is passed.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(crate::Error::io(
+            format!("unable to lock pin {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_pin_is_stale_once_nobody_holds_it() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repo::open_or_create(d.path(), 65536).unwrap();
+        let g = "20261206T120000.000Z-0123abcd";
+        let path = create(
+            &repo,
+            &Pin {
+                generation: g.into(),
+                disk: "x".into(),
+                destination: String::new(),
+                state: String::new(),
+                host: host_name(),
+                created: String::new(),
+                kind: PinKind::Export,
+                pid: Some(1),
+            },
+        )
+        .unwrap();
+        let held = hold(&path).unwrap();
+        let pins = list(&repo).unwrap();
+        assert_eq!(pins.len(), 1);
+        assert_eq!(pins[0].pin.as_ref().unwrap().kind, PinKind::Export);
+        assert!(
+            pins[0].describe().starts_with("export x (pid 1"),
+            "{}",
+            pins[0].describe()
+        );
+        assert_eq!(stale_reason(&pins[0]), None);
+        drop(held);
+        let why = stale_reason(&pins[0]).unwrap();
+        assert!(why.contains("no longer holds it"), "{why}");
+        // An old pin without a kind is a live restore's.
+        let old = br#"{"generation":"20261206T120000.000Z-0123abcd","disk":"d","destination":"/x","state":"","host":"","created":""}"#;
+        let p: Pin = serde_json::from_slice(old).unwrap();
+        assert_eq!(p.kind, PinKind::LiveRestore);
     }
 }

@@ -184,6 +184,8 @@ fn pin_for(repo: &Repo, g: &str, state_path: &Path, owner: &PinOwner) -> Result<
             state: state.display().to_string(),
             host: pin::host_name(),
             created: crate::fsutil::format_utc(crate::fsutil::now_unix_ms()),
+            kind: pin::PinKind::LiveRestore,
+            pid: None,
         },
     )?;
     let abs = std::path::absolute(&p).unwrap_or(p);

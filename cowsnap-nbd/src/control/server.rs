@@ -9,7 +9,9 @@
 //! daemon works in `/`) and its target and container must not be somebody's live data
 //! ([`crate::attached::check_backup`]).
 
-use super::wire::{self, BackupParams, FillInfo, IoCounters, Request, StatusInfo, MAX_LINE};
+use super::wire::{
+    self, BackupParams, ExportedGeneration, FillInfo, IoCounters, Request, StatusInfo, MAX_LINE,
+};
 use crate::attached;
 use crate::nbd::server::Server;
 use crate::paths::{self, DiskPaths};
@@ -18,6 +20,7 @@ use cowsnap_core::changelog::ChangeLog;
 use cowsnap_core::engine::Engine;
 use cowsnap_core::export::Export;
 use cowsnap_core::identity::RestoredFrom;
+use cowsnap_core::restore::generation_export::GenerationExport;
 use cowsnap_core::restore::live::FillingIo;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -49,6 +52,8 @@ pub struct ControlServer {
     pub changelog: Option<Arc<ChangeLog>>,
     /// The live restore's filling layer, if any.
     pub filling: Option<Arc<FillingIo>>,
+    /// The generation served instead of an origin (`--generation`), if any.
+    pub generation: Option<Arc<GenerationExport>>,
     /// The generation the disk was restored from, if any.
     pub restored_from: Option<RestoredFrom>,
     /// Called after the reply to `shutdown` is sent.
@@ -118,6 +123,15 @@ impl ControlServer {
             },
             Request::Shutdown => (wire::ok_reply(&()), true),
             Request::Backup { mut params } => {
+                if let Some(g) = &self.generation {
+                    let e = format!(
+                        "unable to back up {:?}: it serves generation {} of a repository; \
+                         that generation is a backup already",
+                        self.paths.name,
+                        g.generation().id
+                    );
+                    return (fail(&e), false);
+                }
                 if params.container.is_none() {
                     params.container = self.container.clone();
                 }
@@ -192,6 +206,13 @@ impl ControlServer {
             }),
             latency: Some(self.engine.latency()),
             last_success: self.backups.last_success(),
+            export: self.generation.as_ref().map(|g| ExportedGeneration {
+                repository: g.repo_dir().display().to_string(),
+                generation: g.generation().id.clone(),
+                disk: g.generation().disk.clone(),
+                pin: g.pin_path().map(|p| p.display().to_string()),
+                stats: g.stats(),
+            }),
         }
     }
 
@@ -286,6 +307,7 @@ mod tests {
             started: Instant::now(),
             changelog: None,
             filling: None,
+            generation: None,
             restored_from: None,
             on_shutdown: Box::new(move || stopped.store(true, Ordering::SeqCst)),
         }

@@ -96,6 +96,25 @@ pub struct StatusInfo {
     /// daemons that predate it, `null` when none is known).
     #[serde(default)]
     pub last_success: Option<LastBackup>,
+    /// A repository generation served instead of an origin (`cowsnapctl export`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportedGeneration>,
+}
+
+/// What an export of a repository generation serves, and what it read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExportedGeneration {
+    /// The repository directory.
+    pub repository: String,
+    /// The generation id.
+    pub generation: String,
+    /// The disk it is a backup of.
+    pub disk: String,
+    /// The pin that keeps the generation from prune (none after a clean stop began).
+    #[serde(default)]
+    pub pin: Option<String>,
+    /// Chunks and bytes read from the repository, cache use.
+    pub stats: cowsnap_core::restore::generation_export::ExportStats,
 }
 
 /// Live-restore fill progress.
