@@ -18,6 +18,18 @@
 //!   back in memory during the backup, and written only after everything else is
 //!   fsynced; then it is fsynced itself. An aborted or interrupted backup leaves a
 //!   device whose first chunk is zeros: it does not look like a valid disk.
+//! - A file image can take runs of the origin straight from the origin's file
+//!   (`copy_from_file`: `copy_file_range`, the data never passes through the
+//!   drainer's buffer; the origin's holes are skipped with SEEK_DATA/SEEK_HOLE and stay
+//!   holes). Zero data blocks of the origin copied that way are stored as data: only
+//!   the buffered path (`write`) sees the bytes and leaves all-zero chunks as holes.
+//!   When the kernel cannot copy between the two files (EXDEV, EINVAL, EOPNOTSUPP,
+//!   ENOSYS) the image says so once and the drainer reads and writes from then on.
+//! - Writeback is started as the image fills (`sync_file_range` WRITE on what was
+//!   written since the last start, every [`WRITEBACK_STEP`] bytes), so the disk writes
+//!   the image while the origin is still being read, and the commit's fsync waits for
+//!   the tail only. Starting writeback is advice: a failure there is ignored, the
+//!   commit's fsync is what makes the image durable and reports any error.
 //! - Granule: one tracking chunk. Scope: always every chunk (a raw image is full), so
 //!   the change log is not cut for it (`uses_change_log` is false).
 
@@ -25,9 +37,12 @@ use super::{Scope, SnapshotInfo, Target, TargetSummary};
 use crate::blockio::{self, BlockIo, OpenSpec};
 use crate::bytes::is_zero;
 use crate::changelog::Cut;
+use crate::error::Error;
 use crate::error::{IoContext, Result};
-use std::fs::OpenOptions;
+use nix::errno::Errno;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,7 +56,16 @@ pub struct RawImage {
     device: bool,
     held_first: Option<Vec<u8>>,
     bytes_stored: u64,
+    /// Whether `copy_from_file` may still try the kernel copy.
+    copy_ok: bool,
+    /// Range written since writeback was last started, and how many bytes.
+    wb_lo: u64,
+    wb_hi: u64,
+    wb_bytes: u64,
 }
+
+/// Bytes written to a file image after which their writeback is started.
+pub const WRITEBACK_STEP: u64 = 32 << 20;
 
 /// Path of the "incomplete" marker of an image file.
 pub fn incomplete_marker(path: &Path) -> PathBuf {
@@ -97,6 +121,10 @@ impl RawImage {
             device: false,
             held_first: None,
             bytes_stored: 0,
+            copy_ok: true,
+            wb_lo: u64::MAX,
+            wb_hi: 0,
+            wb_bytes: 0,
         })
     }
 
@@ -124,6 +152,10 @@ impl RawImage {
             device: true,
             held_first: None,
             bytes_stored: 0,
+            copy_ok: true,
+            wb_lo: u64::MAX,
+            wb_hi: 0,
+            wb_bytes: 0,
         })
     }
 
@@ -134,6 +166,70 @@ impl RawImage {
     fn ctx(&self, what: &str) -> String {
         format!("unable to {what} target {}", self.path.display())
     }
+
+    /// `off..off+len` of the image was written: start the writeback of what was
+    /// written since the last start once that reaches [`WRITEBACK_STEP`].
+    fn written(&mut self, off: u64, len: u64) {
+        self.wb_lo = self.wb_lo.min(off);
+        self.wb_hi = self.wb_hi.max(off + len);
+        self.wb_bytes += len;
+        if self.wb_bytes >= WRITEBACK_STEP {
+            self.start_writeback();
+        }
+    }
+
+    fn start_writeback(&mut self) {
+        let (lo, hi) = (self.wb_lo, self.wb_hi);
+        (self.wb_lo, self.wb_hi, self.wb_bytes) = (u64::MAX, 0, 0);
+        let Some(f) = self.io.plain_file() else {
+            return;
+        };
+        if lo >= hi {
+            return;
+        }
+        // SAFETY: sync_file_range takes a valid fd (borrowed from the open image) and
+        // integers; it touches no memory of ours.
+        let r = unsafe {
+            libc::sync_file_range(
+                f.as_raw_fd(),
+                lo as libc::off64_t,
+                (hi - lo) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r != 0 {
+            // advice only: the commit's fsync writes it anyway and reports errors
+            log::debug!(
+                "{}: {}",
+                self.ctx("start writeback of"),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Copy `a..b` of `src` to the same offset of `dst` in the kernel. `Ok(false)`: the
+/// kernel cannot copy between these files (nothing or part of it copied).
+fn copy_range(src: &File, dst: &File, a: u64, b: u64) -> std::io::Result<bool> {
+    let (mut i, mut o) = (a as i64, a as i64);
+    while (i as u64) < b {
+        let n = usize::try_from(b - i as u64).unwrap_or(usize::MAX);
+        match nix::fcntl::copy_file_range(src, Some(&mut i), dst, Some(&mut o), n) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the origin ends at offset {i}, before {b}"),
+                ))
+            }
+            Ok(_) => {}
+            Err(Errno::EINTR) => {}
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::EOPNOTSUPP | Errno::ENOSYS) => {
+                return Ok(false)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
 }
 
 impl Target for RawImage {
@@ -196,6 +292,7 @@ impl Target for RawImage {
                     .write_at(&data[i..j], o)
                     .map_err(|e| e.with_context(self.ctx("write")))?;
                 self.bytes_stored += (j - i) as u64;
+                self.written(o, (j - i) as u64);
             } else if self.device {
                 self.io
                     .write_zeroes(o, (j - i) as u64, false)
@@ -204,6 +301,49 @@ impl Target for RawImage {
             i = j;
         }
         Ok(())
+    }
+
+    fn copy_from_file(&mut self, src: &File, off: u64, len: u64) -> Result<bool> {
+        if self.device || !self.copy_ok {
+            return Ok(false);
+        }
+        crate::blockio::check_range(self.disk_size, off, len, "image copy")?;
+        let end = off + len;
+        // the image was created empty: the origin's holes stay holes
+        let data = match crate::blockio::sync::data_ranges_fd(src, off, end) {
+            Ok(Some(r)) => r,
+            _ => vec![(off, end)],
+        };
+        for (a, b) in data {
+            let (a, b) = (a.max(off), b.min(end));
+            if a >= b {
+                continue;
+            }
+            let Some(dst) = self.io.plain_file() else {
+                return Ok(false);
+            };
+            let copied = copy_range(src, dst, a, b).map_err(|e| {
+                Error::io(
+                    format!(
+                        "{} (copying {} bytes at offset {a} from the origin)",
+                        self.ctx("write"),
+                        b - a
+                    ),
+                    e,
+                )
+            })?;
+            if !copied {
+                log::info!(
+                    "{}: the kernel cannot copy from the origin's file; reading and writing",
+                    self.path.display()
+                );
+                self.copy_ok = false;
+                return Ok(false);
+            }
+            self.bytes_stored += b - a;
+            self.written(a, b - a);
+        }
+        Ok(true)
     }
 
     fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
