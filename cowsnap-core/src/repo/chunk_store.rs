@@ -4,7 +4,10 @@
 //! Chunk file: a 16-byte header (`CSCK`, version 1, encoding 0 = raw / 1 = zstd,
 //! 2 reserved bytes, raw length u32 LE, stored length u32 LE) and the payload. A chunk
 //! is compressed with zstd (level [`ZSTD_LEVEL`]) and stored raw when that does not
-//! shrink it. Files are written under a temporary name, `fdatasync`ed and renamed, so
+//! shrink it. Incompressible data (random, already compressed or encrypted) is found
+//! without compressing the whole chunk ([`worth_compressing`]: one compression of
+//! [`PROBE_SLICES`] slices spread over it); such a chunk is stored raw, which can cost
+//! a little space on a chunk whose compressible parts all fall between the slices. Files are written under a temporary name, `fdatasync`ed and renamed, so
 //! a name never points at partial data; callers fsync the touched `ab/` directories
 //! (see [`ChunkStore::sync_dirs`]) before publishing an index that references them.
 //! The all-zero chunk is never stored: indexes carry [`ZERO_HASH`] for it.
@@ -51,6 +54,29 @@ pub const CHUNK_VERSION: u8 = 1;
 const HDR: usize = 16;
 /// Marks "a subdirectory was created" in the touched set: the parent needs a sync.
 const PARENT: u16 = 256;
+
+/// Slices of [`PROBE_SLICE`] bytes taken, evenly spread, to probe a chunk.
+pub const PROBE_SLICES: usize = 8;
+/// Bytes per probe slice.
+pub const PROBE_SLICE: usize = 4096;
+
+/// Whether compressing `data` whole may shrink it: chunks of up to 4 probes are always
+/// tried; larger ones only when the probe (the slices, compressed together) shrinks
+/// by more than 1/64. A probe that cannot be compressed says "try".
+pub fn worth_compressing(data: &[u8]) -> bool {
+    if data.len() <= 4 * PROBE_SLICES * PROBE_SLICE {
+        return true;
+    }
+    let step = data.len() / PROBE_SLICES;
+    let mut probe = Vec::with_capacity(PROBE_SLICES * PROBE_SLICE);
+    for k in 0..PROBE_SLICES {
+        probe.extend_from_slice(&data[k * step..k * step + PROBE_SLICE]);
+    }
+    match zstd::bulk::compress(&probe, ZSTD_LEVEL) {
+        Ok(c) => c.len() < probe.len() - probe.len() / 64,
+        Err(_) => true,
+    }
+}
 
 /// The hash an index records for `data` (the zero hash for zeros).
 pub fn chunk_hash(data: &[u8]) -> [u8; 32] {
@@ -252,9 +278,13 @@ impl ChunkStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(PARENT);
         }
-        let compressed = zstd::bulk::compress(data, ZSTD_LEVEL)
-            .ctx(|| format!("unable to compress chunk {}", hex(hash)))?;
-        let (enc, payload): (u8, &[u8]) = if compressed.len() < data.len() {
+        let compressed = match worth_compressing(data) {
+            true => zstd::bulk::compress(data, ZSTD_LEVEL)
+                .ctx(|| format!("unable to compress chunk {}", hex(hash)))?,
+            false => Vec::new(),
+        };
+        let (enc, payload): (u8, &[u8]) = if !compressed.is_empty() && compressed.len() < data.len()
+        {
             (1, &compressed)
         } else {
             (0, data)
@@ -541,6 +571,32 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         let e = s.read(&h2, rnd.len()).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored_raw_without_compressing_them_whole() {
+        let rnd = random(1 << 20, 7);
+        assert!(!worth_compressing(&rnd));
+        // random with a text region under one probe slice: compressed
+        let mut mixed = rnd.clone();
+        for (i, b) in mixed[(3 << 17)..(3 << 17) + 8192].iter_mut().enumerate() {
+            *b = b"the quick brown fox "[i % 20];
+        }
+        assert!(worth_compressing(&mixed));
+        assert!(worth_compressing(&vec![7u8; 1 << 20]));
+        assert!(
+            worth_compressing(&rnd[..65536]),
+            "small chunks are always tried"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let s = ChunkStore::new(&d.path().join("chunks"), &d.path().join("quarantine"));
+        let h = chunk_hash(&rnd);
+        assert_eq!(s.insert(&h, &rnd).unwrap(), Insert::New((1 << 20) + 16));
+        assert_eq!(std::fs::read(s.path_of(&h)).unwrap()[5], 0, "encoding raw");
+        assert_eq!(s.read(&h, rnd.len()).unwrap(), rnd);
+        let h2 = chunk_hash(&mixed);
+        assert!(matches!(s.insert(&h2, &mixed).unwrap(), Insert::New(n) if n < (1 << 20)));
+        assert_eq!(s.read(&h2, mixed.len()).unwrap(), mixed);
     }
 
     fn random(n: usize, seed: u64) -> Vec<u8> {
