@@ -10,11 +10,12 @@
 # "this=$COWSNAP_BIN_DIR"; each build attaches the disk with its own daemon), so that
 # two builds are measured alternately in the same run.
 # Wall-clock seconds of the whole command; "cpu" is the daemon's user+system seconds
-# during the backup (from /proc/PID/stat), per GiB. Ratios are cp's time over the
+# during the backup (from /proc/PID/stat), per GiB (for cp: cp's own, /usr/bin/time;
+# neither counts the kernel's flusher threads). Ratios are cp's time over the
 # backup's time, pair by pair (1.0 = as fast as cp, higher = faster), then
 # min/median/max over the rounds.
 # Usage: scripts/bench-throughput.sh [SIZE_MIB (1024)] [RUNS (5)]
-# Needs root (drop_caches), python3.
+# Needs root (drop_caches), python3, /usr/bin/time.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MIB=${1:-1024}; RUNS=${2:-5}
@@ -43,11 +44,14 @@ attach() { # attach with build DIR
   ATTACHED=$1
   PID=$(cat "$COWSNAP_RUN_DIR/tsrc.pid")
 }
-detach() { "$ATTACHED/cowsnapctl" detach tsrc >/dev/null; ATTACHED=; }
+detach() { "$ATTACHED/cowsnapctl" detach tsrc >/dev/null 2>&1; ATTACHED=; }
 
 for r in $(seq 1 "$RUNS"); do
-  drop; t0=$(now); cp --sparse=never "$W/src.img" "$W/cp.img"; sync "$W/cp.img"; t1=$(now)
-  echo "cp - $r $($PY -c "print($t1 - $t0)") 0" >>"$RES"; rm -f "$W/cp.img"
+  drop; t0=$(now)
+  /usr/bin/time -f "%U %S" -o "$W/cp.time" cp --sparse=never "$W/src.img" "$W/cp.img"; sync "$W/cp.img"
+  t1=$(now)
+  echo "cp - $r $($PY -c "print($t1 - $t0)") $(awk '{print $1 + $2}' "$W/cp.time")" >>"$RES"
+  rm -f "$W/cp.img"
   for b in $BINS; do
     label=${b%%=*}; dir=${b#*=}
     attach "$dir"
@@ -73,11 +77,12 @@ import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 gib = int(sys.argv[2]) / 1024
 cp = {int(r[2]): float(r[3]) for r in rows if r[0] == "cp"}
+cpcpu = [float(r[4]) / gib for r in rows if r[0] == "cp"]
 def mmm(v, fmt="{:.2f}"):
     v = sorted(v)
     return "/".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
 print(f"{'step':<16} {'wall s min/med/max':<22} {'MB/s median':>11} {'cp/step min/med/max':>20} {'daemon cpu s/GiB med':>21}")
-print(f"{'cp+sync':<16} {mmm(cp.values()):<22} {int(sys.argv[2]) * 1.048576 / statistics.median(cp.values()):>11.0f}")
+print(f"{'cp+sync':<16} {mmm(cp.values()):<22} {int(sys.argv[2]) * 1.048576 / statistics.median(cp.values()):>11.0f} {'':>20} {statistics.median(cpcpu):>21.2f}")
 keys = []
 for r in rows:
     if r[0] != "cp" and (r[0], r[1]) not in keys:
