@@ -4,7 +4,10 @@
 //! Chunk file: a 16-byte header (`CSCK`, version 1, encoding 0 = raw / 1 = zstd,
 //! 2 reserved bytes, raw length u32 LE, stored length u32 LE) and the payload. A chunk
 //! is compressed with zstd (level [`ZSTD_LEVEL`]) and stored raw when that does not
-//! shrink it. Incompressible data (random, already compressed or encrypted) is found
+//! shrink it. A backup publishes its chunks late ([`ChunkStore::insert_unpublished`]):
+//! each is written under its temporary name with its writeback started, and fsynced and
+//! renamed a while later (at the latest before the index), so the fsync rarely waits
+//! for the disk. Incompressible data (random, already compressed or encrypted) is found
 //! without compressing the whole chunk ([`worth_compressing`]: one compression of
 //! [`PROBE_SLICES`] slices spread over it); such a chunk is stored raw, which can cost
 //! a little space on a chunk whose compressible parts all fall between the slices. Files are written under a temporary name, `fdatasync`ed and renamed, so
@@ -41,6 +44,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, hex};
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -108,6 +112,20 @@ pub enum Insert {
     /// A damaged copy was there: it went to quarantine and the data was written
     /// afresh; bytes on disk (header included).
     Healed(u64),
+}
+
+/// A chunk written under its temporary name, not yet durable nor under its name
+/// ([`ChunkStore::insert_unpublished`]). Dropping it removes the temporary file.
+pub struct PendingChunk {
+    file: fsutil::AtomicFile,
+}
+
+impl PendingChunk {
+    /// fsync the chunk, then rename it to its name (the caller fsyncs the directory:
+    /// [`ChunkStore::sync_dirs`]).
+    pub fn publish(self) -> Result<()> {
+        self.file.commit_no_dir_sync()
+    }
 }
 
 /// A chunk file's header fields and payload.
@@ -246,11 +264,28 @@ impl ChunkStore {
     /// read back and compared: equal → [`Insert::Reused`]; damaged → quarantined and
     /// written afresh ([`Insert::Healed`]).
     pub fn insert(&self, hash: &[u8; 32], data: &[u8]) -> Result<Insert> {
+        let (ins, pending) = self.insert_unpublished(hash, data)?;
+        if let Some(p) = pending {
+            p.publish()?;
+        }
+        Ok(ins)
+    }
+
+    /// Like [`Self::insert`], but a chunk written now is left under its temporary name
+    /// with its writeback started (`sync_file_range`): the caller publishes it
+    /// ([`PendingChunk::publish`]: fsync, rename) later — by then the disk has usually
+    /// written it, so the fsync costs little — and always before an index that
+    /// references it (then [`Self::sync_dirs`]). Dropping it removes the file.
+    pub fn insert_unpublished(
+        &self,
+        hash: &[u8; 32],
+        data: &[u8],
+    ) -> Result<(Insert, Option<PendingChunk>)> {
         let path = self.path_of(hash);
         let mut healed = false;
         match std::fs::read(&path) {
             Ok(raw) => match holds(hash, &raw, data) {
-                Ok(()) => return Ok(Insert::Reused),
+                Ok(()) => return Ok((Insert::Reused, None)),
                 Err(e) if !is_damage(&e) => return Err(e),
                 Err(e) => {
                     log::warn!("{e}; storing it afresh");
@@ -301,17 +336,29 @@ impl ChunkStore {
             .write_all(&hdr)
             .and_then(|_| f.file().write_all(payload))
             .ctx(|| format!("unable to write chunk {name}"))?;
-        f.commit_no_dir_sync()?;
+        // SAFETY: sync_file_range takes a valid fd (borrowed from the open file) and
+        // integers; it touches no memory of ours.
+        let r = unsafe {
+            libc::sync_file_range(f.file().as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if r != 0 {
+            // advice only: publish's fsync writes it anyway and reports errors
+            log::debug!(
+                "unable to start writeback of {name}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         self.touched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(hash[0] as u16);
         let n = (HDR + payload.len()) as u64;
-        Ok(if healed {
+        let ins = if healed {
             Insert::Healed(n)
         } else {
             Insert::New(n)
-        })
+        };
+        Ok((ins, Some(PendingChunk { file: f })))
     }
 
     /// fsync every chunk directory a rename went into since the last call.
