@@ -231,7 +231,7 @@ impl<'a> Drainer<'a> {
             false => Ok(false),
         };
         match copied {
-            Ok(true) => self.snap.map.mark_copied(claim),
+            Ok(true) => {}
             Ok(false) => {
                 self.buf.resize(len);
                 if let Err(e) = self.fill(claim, off) {
@@ -262,10 +262,12 @@ impl<'a> Drainer<'a> {
         Ok(())
     }
 
-    /// Store the claim with in-kernel copies of its runs of pending chunks (busy marks
-    /// held throughout) and buffered writes of its preserved chunks. `Ok(false)`: the
-    /// target declined before anything of the claim was stored that a buffered write
-    /// would not redo; direct copies are off from now on.
+    /// Store the claim with in-kernel copies of its runs of pending chunks (their busy
+    /// marks held until the last copy is done; then they are marked copied) and
+    /// buffered writes of its preserved chunks. `Ok(false)`: nothing marked, the claim
+    /// goes through the buffer — it holds only preserved chunks, or the target declined
+    /// (before anything of the claim was stored that a buffered write would not redo;
+    /// direct copies are off from then on).
     fn copy_direct(&mut self, claim: &Claim) -> Result<bool> {
         let geo = *self.snap.geometry();
         let Some(src) = self.origin.plain_file() else {
@@ -304,6 +306,8 @@ impl<'a> Drainer<'a> {
             // only preserved chunks: the buffered path does the same in one write
             return Ok(false);
         }
+        // the origin has been read: writers of those chunks may go on
+        self.snap.map.mark_copied(claim);
         // 2. the preserved chunks, from their slots (never from the origin)
         for &(pc, slot) in &claim.preserved {
             let n = geo.chunk_len(pc) as usize;
