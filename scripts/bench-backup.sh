@@ -130,7 +130,7 @@ START_MS=$(calc "($(now) - $t0) * 1000")
 sleep 5
 RSS_BK=$(awk '/VmRSS/ {print $2}' "/proc/$PID/status"); HWM=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
 BMAP=$("$CTL" status big --json | jq .daemon.backup.bitmap_bytes)
-kill -INT $BK 2>/dev/null; wait $BK 2>/dev/null || true
+kill -INT $BK 2>/dev/null || true; wait $BK 2>/dev/null || true
 "$CTL" detach big --force >/dev/null 2>&1
 
 r() { python3 -c "import sys; print(f'{float(sys.argv[1])/float(sys.argv[2]):.2f}')" "$1" "$2"; }

@@ -22,6 +22,16 @@
 //! and revisited; the drainer never waits while holding a mark. When nothing can be
 //! claimed it waits for a state change (at most 5 ms) and decides again.
 //!
+//! In-kernel copies: when the origin is a plain file (`BlockIo::plain_file`) and the
+//! target takes ranges of it (`Target::copy_from_file`: a file image), the runs of
+//! pending chunks of a batch go from the origin's file to the target in the kernel
+//! (`copy_file_range`), and only preserved chunks pass through the buffer. The busy
+//! marks are then held until the copy is done (not only until the read is), since the
+//! copy is what reads the origin: a writer of one of those chunks waits for it, then
+//! finds the chunk done and writes straight through. Preserved chunks never come from
+//! the origin. A target that declines (`Ok(false)`) gets the whole batch read and
+//! written as usual, and the drainer stops trying.
+//!
 //! Runs of whole granules known to be zeros at the instant (free space of the
 //! filesystem, holes: `ChunkMap::mark_zero`) are claimed on their own, up to
 //! `chunk_map::MAX_ZERO_CLAIM_GRANULES` at a time, and handed to the target as one
@@ -58,6 +68,8 @@ pub struct Drainer<'a> {
     pcursor: u64,
     rate: Option<RateLimiter>,
     buf: AlignedBuf,
+    /// Try in-kernel copies from the origin's file (see the module notes).
+    direct: bool,
 }
 
 impl<'a> Drainer<'a> {
@@ -76,6 +88,8 @@ impl<'a> Drainer<'a> {
             max_batch = max_batch.min(r / 4);
         }
         let max_granules = (max_batch / gbytes).max(1);
+        // a preserved chunk goes on its own: only for targets of one-chunk granules
+        let direct = origin.plain_file().is_some() && target.granule_chunks() == 1;
         Drainer {
             origin,
             snap,
@@ -85,6 +99,7 @@ impl<'a> Drainer<'a> {
             pcursor: 0,
             rate: rate.filter(|&r| r > 0).map(RateLimiter::new),
             buf: AlignedBuf::new(),
+            direct,
         }
     }
 
@@ -211,15 +226,28 @@ impl<'a> Drainer<'a> {
             self.snap.stats.zero.fetch_add(n, Ordering::Relaxed);
             return Ok(());
         }
-        self.buf.resize(len);
-        if let Err(e) = self.fill(claim, off) {
-            self.snap.map.abandon(claim);
-            return Err(e);
+        let copied = match self.direct {
+            true => self.copy_direct(claim),
+            false => Ok(false),
+        };
+        match copied {
+            Ok(true) => {}
+            Ok(false) => {
+                self.buf.resize(len);
+                if let Err(e) = self.fill(claim, off) {
+                    self.snap.map.abandon(claim);
+                    return Err(e);
+                }
+                self.snap.map.mark_copied(claim);
+                self.target
+                    .write(off, &self.buf[..len])
+                    .map_err(|e| e.with_context("unable to write the backup target"))?;
+            }
+            Err(e) => {
+                self.snap.map.abandon(claim);
+                return Err(e);
+            }
         }
-        self.snap.map.mark_copied(claim);
-        self.target
-            .write(off, &self.buf[..len])
-            .map_err(|e| e.with_context("unable to write the backup target"))?;
         for &(c, _) in &claim.preserved {
             if let Some(s) = self.snap.map.mark_drained(c) {
                 self.snap.slots.free(s);
@@ -232,6 +260,69 @@ impl<'a> Drainer<'a> {
             .bytes_copied
             .fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Store the claim with in-kernel copies of its runs of pending chunks (their busy
+    /// marks held until the last copy is done; then they are marked copied) and
+    /// buffered writes of its preserved chunks. `Ok(false)`: nothing marked, the claim
+    /// goes through the buffer — it holds only preserved chunks, or the target declined
+    /// (before anything of the claim was stored that a buffered write would not redo;
+    /// direct copies are off from then on).
+    fn copy_direct(&mut self, claim: &Claim) -> Result<bool> {
+        let geo = *self.snap.geometry();
+        let Some(src) = self.origin.plain_file() else {
+            self.direct = false;
+            return Ok(false);
+        };
+        // 1. the runs of pending chunks, from the origin's file; nothing is written
+        //    before the target has taken the first one
+        let mut any = false;
+        let mut c = claim.first;
+        let mut pres = claim.preserved.iter().map(|&(pc, _)| pc).peekable();
+        while c < claim.end {
+            if pres.peek() == Some(&c) {
+                pres.next();
+                c += 1;
+                continue;
+            }
+            let run_end = pres.peek().copied().unwrap_or(claim.end);
+            let ro = geo.chunk_off(c);
+            let re = geo.end_off(run_end);
+            if let Some(r) = self.rate.as_mut() {
+                r.take(re - ro);
+            }
+            let done = self
+                .target
+                .copy_from_file(src, ro, re - ro)
+                .map_err(|e| e.with_context("unable to copy the origin to the backup target"))?;
+            if !done {
+                self.direct = false;
+                return Ok(false);
+            }
+            any = true;
+            c = run_end;
+        }
+        if !any {
+            // only preserved chunks: the buffered path does the same in one write
+            return Ok(false);
+        }
+        // the origin has been read: writers of those chunks may go on
+        self.snap.map.mark_copied(claim);
+        // 2. the preserved chunks, from their slots (never from the origin)
+        for &(pc, slot) in &claim.preserved {
+            let n = geo.chunk_len(pc) as usize;
+            self.buf.resize(n);
+            self.snap
+                .container
+                .read_slot(slot, &mut self.buf[..n])
+                .map_err(|e| {
+                    e.with_context(format!("unable to read chunk {pc} back from the container"))
+                })?;
+            self.target
+                .write(geo.chunk_off(pc), &self.buf[..n])
+                .map_err(|e| e.with_context("unable to write the backup target"))?;
+        }
+        Ok(true)
     }
 
     /// Read the claim's data: runs of pending chunks from the origin, preserved ones
@@ -545,6 +636,51 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("backup canceled"), "{e}");
         assert!(s.writes.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_file_image_takes_pending_runs_in_the_kernel_and_preserved_chunks_from_slots() {
+        use crate::target::raw::RawImage;
+        // 2 MiB + a short chunk; a hole in the origin; two chunks preserved and then
+        // changed on the origin: the image is the disk at the instant
+        let size = 512 * CSU + 100;
+        let s = setup(size, 1, 4);
+        let mut want = s.data.clone();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(s._file.path())
+            .unwrap();
+        punch(&f, 100 * CSU, 50 * CSU);
+        want[(100 * CSU) as usize..(150 * CSU) as usize].fill(0);
+        for c in [3u64, 300] {
+            s.snap.preserve(&*s.origin, c * CSU, 10);
+            s.origin.write_at(&[0xEE; 10], c * CSU).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let mut t = RawImage::create_file(&p, size, CS).unwrap();
+        t.begin(&SnapshotInfo {
+            disk: "t".into(),
+            disk_size: size,
+            chunk_size: CS,
+            created_unix: 0,
+            lineage: String::new(),
+            seq_next: 0,
+            seq_lowest_unacked: 0,
+        })
+        .unwrap();
+        let mut d = Drainer::new(&*s.origin, &s.snap, &mut t, None);
+        d.run().unwrap();
+        assert!(d.direct, "the kernel copy was used throughout");
+        drop(d);
+        Box::new(t).commit().unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), want);
+        assert_eq!(s.snap.slots.used(), 0, "the slots were freed");
+        assert_eq!(s.snap.map.remaining(), 0);
+        // the origin's hole stayed a hole in the image
+        let img = std::fs::File::open(&p).unwrap();
+        let r = crate::blockio::sync::data_ranges_fd(&img, 100 * CSU, 150 * CSU).unwrap();
+        assert_eq!(r, Some(vec![]), "{r:?}");
     }
 
     #[test]

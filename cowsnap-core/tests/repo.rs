@@ -406,6 +406,20 @@ fn abort_and_drop_publish_nothing() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(names.is_empty(), "{names:?}");
+    // chunks written but not yet published (fsynced and renamed) were removed
+    let mut tmp = Vec::new();
+    for sub in std::fs::read_dir(repo.join("chunks")).unwrap() {
+        let sub = sub.unwrap().path();
+        if sub.is_dir() {
+            for f in std::fs::read_dir(&sub).unwrap() {
+                let n = f.unwrap().file_name().to_string_lossy().into_owned();
+                if n.starts_with(".tmp-") {
+                    tmp.push(n);
+                }
+            }
+        }
+    }
+    assert!(tmp.is_empty(), "temporary chunk files left: {tmp:?}");
     // unaligned and oversize writes are refused
     let mut t = cowsnap_core::repo::open_target(
         &repo,

@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How often the backup's progress is asked for (the end is reported at once).
+const POLL: Duration = Duration::from_millis(100);
+
 /// Arguments of `backup`.
 #[derive(Debug, clap::Args)]
 pub struct BackupArgs {
@@ -347,6 +350,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         Some(pb)
     };
     let mut cancel_sent = false;
+    let mut wait_ok = true;
     let mut limit = progress::RateLimit::new(progress::INTERVAL);
     loop {
         if interrupted.load(Ordering::SeqCst) && !cancel_sent {
@@ -360,9 +364,25 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                 eprintln!("cowsnapctl: unable to cancel: {e}");
             }
         }
-        let m = cl
-            .call(&Request::BackupStatus)
-            .map_err(|e| anyhow!("lost the daemon of {} during the backup: {e}", a.name))?;
+        // the daemon answers when the backup ends or after POLL; an older daemon
+        // without backup_wait gets backup_status and the client sleeps instead
+        let asked = Instant::now();
+        let m = match wait_ok {
+            true => cl
+                .call(&Request::BackupWait {
+                    timeout_ms: POLL.as_millis() as u64,
+                })
+                .ok(),
+            false => None,
+        };
+        let m = match m {
+            Some(m) => m,
+            None => {
+                wait_ok = false;
+                cl.call(&Request::BackupStatus)
+                    .map_err(|e| anyhow!("lost the daemon of {} during the backup: {e}", a.name))?
+            }
+        };
         let b: Option<BackupStatus> = m
             .get("backup")
             .cloned()
@@ -441,7 +461,9 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // a daemon that answered early (an older one, or a quiescing backup) is not
+        // asked again at once
+        std::thread::sleep(POLL.saturating_sub(asked.elapsed()));
     }
 }
 

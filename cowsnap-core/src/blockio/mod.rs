@@ -50,6 +50,14 @@ pub trait BlockIo: Send + Sync {
         let _ = (off, len);
         Ok(None)
     }
+    /// The regular file whose plain reads are this backend's reads, for in-kernel
+    /// copies (`copy_file_range`) of ranges the caller has made stable. `None` for
+    /// block devices and for any backend whose reads are more than a read of one file
+    /// (a live restore's filling reads, test disks): their data must go through
+    /// `read_at`. Not data-changing, so a default (`None`, the safe answer) is fine.
+    fn plain_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// Which I/O engine to use.

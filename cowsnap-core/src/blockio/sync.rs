@@ -147,6 +147,9 @@ impl BlockIo for SyncIo {
     fn engine_name(&self) -> &'static str {
         "sync"
     }
+    fn plain_file(&self) -> Option<&File> {
+        (!self.is_blk).then_some(&self.file)
+    }
     fn data_ranges(&self, off: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
         if self.is_blk {
             return Ok(None);

@@ -4,7 +4,13 @@
 //! Chunk file: a 16-byte header (`CSCK`, version 1, encoding 0 = raw / 1 = zstd,
 //! 2 reserved bytes, raw length u32 LE, stored length u32 LE) and the payload. A chunk
 //! is compressed with zstd (level [`ZSTD_LEVEL`]) and stored raw when that does not
-//! shrink it. Files are written under a temporary name, `fdatasync`ed and renamed, so
+//! shrink it. A backup publishes its chunks late ([`ChunkStore::insert_unpublished`]):
+//! each is written under its temporary name with its writeback started, and fsynced and
+//! renamed a while later (at the latest before the index), so the fsync rarely waits
+//! for the disk. Incompressible data (random, already compressed or encrypted) is found
+//! without compressing the whole chunk ([`worth_compressing`]: one compression of
+//! [`PROBE_SLICES`] slices spread over it); such a chunk is stored raw, which can cost
+//! a little space on a chunk whose compressible parts all fall between the slices. Files are written under a temporary name, `fdatasync`ed and renamed, so
 //! a name never points at partial data; callers fsync the touched `ab/` directories
 //! (see [`ChunkStore::sync_dirs`]) before publishing an index that references them.
 //! The all-zero chunk is never stored: indexes carry [`ZERO_HASH`] for it.
@@ -38,6 +44,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, hex};
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -51,6 +58,29 @@ pub const CHUNK_VERSION: u8 = 1;
 const HDR: usize = 16;
 /// Marks "a subdirectory was created" in the touched set: the parent needs a sync.
 const PARENT: u16 = 256;
+
+/// Slices of [`PROBE_SLICE`] bytes taken, evenly spread, to probe a chunk.
+pub const PROBE_SLICES: usize = 8;
+/// Bytes per probe slice.
+pub const PROBE_SLICE: usize = 4096;
+
+/// Whether compressing `data` whole may shrink it: chunks of up to 4 probes are always
+/// tried; larger ones only when the probe (the slices, compressed together) shrinks
+/// by more than 1/64. A probe that cannot be compressed says "try".
+pub fn worth_compressing(data: &[u8]) -> bool {
+    if data.len() <= 4 * PROBE_SLICES * PROBE_SLICE {
+        return true;
+    }
+    let step = data.len() / PROBE_SLICES;
+    let mut probe = Vec::with_capacity(PROBE_SLICES * PROBE_SLICE);
+    for k in 0..PROBE_SLICES {
+        probe.extend_from_slice(&data[k * step..k * step + PROBE_SLICE]);
+    }
+    match zstd::bulk::compress(&probe, ZSTD_LEVEL) {
+        Ok(c) => c.len() < probe.len() - probe.len() / 64,
+        Err(_) => true,
+    }
+}
 
 /// The hash an index records for `data` (the zero hash for zeros).
 pub fn chunk_hash(data: &[u8]) -> [u8; 32] {
@@ -82,6 +112,20 @@ pub enum Insert {
     /// A damaged copy was there: it went to quarantine and the data was written
     /// afresh; bytes on disk (header included).
     Healed(u64),
+}
+
+/// A chunk written under its temporary name, not yet durable nor under its name
+/// ([`ChunkStore::insert_unpublished`]). Dropping it removes the temporary file.
+pub struct PendingChunk {
+    file: fsutil::AtomicFile,
+}
+
+impl PendingChunk {
+    /// fsync the chunk, then rename it to its name (the caller fsyncs the directory:
+    /// [`ChunkStore::sync_dirs`]).
+    pub fn publish(self) -> Result<()> {
+        self.file.commit_no_dir_sync()
+    }
 }
 
 /// A chunk file's header fields and payload.
@@ -220,11 +264,28 @@ impl ChunkStore {
     /// read back and compared: equal → [`Insert::Reused`]; damaged → quarantined and
     /// written afresh ([`Insert::Healed`]).
     pub fn insert(&self, hash: &[u8; 32], data: &[u8]) -> Result<Insert> {
+        let (ins, pending) = self.insert_unpublished(hash, data)?;
+        if let Some(p) = pending {
+            p.publish()?;
+        }
+        Ok(ins)
+    }
+
+    /// Like [`Self::insert`], but a chunk written now is left under its temporary name
+    /// with its writeback started (`sync_file_range`): the caller publishes it
+    /// ([`PendingChunk::publish`]: fsync, rename) later — by then the disk has usually
+    /// written it, so the fsync costs little — and always before an index that
+    /// references it (then [`Self::sync_dirs`]). Dropping it removes the file.
+    pub fn insert_unpublished(
+        &self,
+        hash: &[u8; 32],
+        data: &[u8],
+    ) -> Result<(Insert, Option<PendingChunk>)> {
         let path = self.path_of(hash);
         let mut healed = false;
         match std::fs::read(&path) {
             Ok(raw) => match holds(hash, &raw, data) {
-                Ok(()) => return Ok(Insert::Reused),
+                Ok(()) => return Ok((Insert::Reused, None)),
                 Err(e) if !is_damage(&e) => return Err(e),
                 Err(e) => {
                     log::warn!("{e}; storing it afresh");
@@ -252,9 +313,13 @@ impl ChunkStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(PARENT);
         }
-        let compressed = zstd::bulk::compress(data, ZSTD_LEVEL)
-            .ctx(|| format!("unable to compress chunk {}", hex(hash)))?;
-        let (enc, payload): (u8, &[u8]) = if compressed.len() < data.len() {
+        let compressed = match worth_compressing(data) {
+            true => zstd::bulk::compress(data, ZSTD_LEVEL)
+                .ctx(|| format!("unable to compress chunk {}", hex(hash)))?,
+            false => Vec::new(),
+        };
+        let (enc, payload): (u8, &[u8]) = if !compressed.is_empty() && compressed.len() < data.len()
+        {
             (1, &compressed)
         } else {
             (0, data)
@@ -271,17 +336,29 @@ impl ChunkStore {
             .write_all(&hdr)
             .and_then(|_| f.file().write_all(payload))
             .ctx(|| format!("unable to write chunk {name}"))?;
-        f.commit_no_dir_sync()?;
+        // SAFETY: sync_file_range takes a valid fd (borrowed from the open file) and
+        // integers; it touches no memory of ours.
+        let r = unsafe {
+            libc::sync_file_range(f.file().as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if r != 0 {
+            // advice only: publish's fsync writes it anyway and reports errors
+            log::debug!(
+                "unable to start writeback of {name}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         self.touched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(hash[0] as u16);
         let n = (HDR + payload.len()) as u64;
-        Ok(if healed {
+        let ins = if healed {
             Insert::Healed(n)
         } else {
             Insert::New(n)
-        })
+        };
+        Ok((ins, Some(PendingChunk { file: f })))
     }
 
     /// fsync every chunk directory a rename went into since the last call.
@@ -541,6 +618,32 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         let e = s.read(&h2, rnd.len()).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored_raw_without_compressing_them_whole() {
+        let rnd = random(1 << 20, 7);
+        assert!(!worth_compressing(&rnd));
+        // random with a text region under one probe slice: compressed
+        let mut mixed = rnd.clone();
+        for (i, b) in mixed[(3 << 17)..(3 << 17) + 8192].iter_mut().enumerate() {
+            *b = b"the quick brown fox "[i % 20];
+        }
+        assert!(worth_compressing(&mixed));
+        assert!(worth_compressing(&vec![7u8; 1 << 20]));
+        assert!(
+            worth_compressing(&rnd[..65536]),
+            "small chunks are always tried"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let s = ChunkStore::new(&d.path().join("chunks"), &d.path().join("quarantine"));
+        let h = chunk_hash(&rnd);
+        assert_eq!(s.insert(&h, &rnd).unwrap(), Insert::New((1 << 20) + 16));
+        assert_eq!(std::fs::read(s.path_of(&h)).unwrap()[5], 0, "encoding raw");
+        assert_eq!(s.read(&h, rnd.len()).unwrap(), rnd);
+        let h2 = chunk_hash(&mixed);
+        assert!(matches!(s.insert(&h2, &mixed).unwrap(), Insert::New(n) if n < (1 << 20)));
+        assert_eq!(s.read(&h2, mixed.len()).unwrap(), mixed);
     }
 
     fn random(n: usize, seed: u64) -> Vec<u8> {

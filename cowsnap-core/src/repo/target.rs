@@ -29,12 +29,16 @@
 //!   unreferenced until a prune.
 //! - The repository lock is held shared from open to commit/abort (see the module's
 //!   locking table).
+//! - Chunks are published late: a worker writes a chunk under its temporary name and
+//!   starts its writeback, and fsyncs and renames it [`PUBLISH_LAG`] chunks later
+//!   (`ChunkStore::insert_unpublished`); `commit` publishes the rest before it syncs the
+//!   directories and publishes the index, abort or drop removes them.
 //! - Hashing, compression and chunk writes run on a small worker pool (`write` copies
 //!   the data into a bounded queue and returns); `commit` waits for the workers, and
 //!   abort or drop joins them before the lock is released, so no chunk is written
 //!   into the repository after the shared lock is gone.
 
-use super::chunk_store::{chunk_hash, Insert, ZERO_HASH};
+use super::chunk_store::{chunk_hash, Insert, PendingChunk, ZERO_HASH};
 use super::generation::{new_generation_id, GenerationInfo, GenerationKind, GenerationStats};
 use super::index::{chunk_count, FixedIndex};
 use super::{Repo, DEFAULT_CHUNK_SIZE};
@@ -42,6 +46,7 @@ use crate::changelog::Cut;
 use crate::error::Result;
 use crate::target::{Scope, SnapshotInfo, Target, TargetSummary};
 use crossbeam_channel::{bounded, Sender};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -69,7 +74,15 @@ struct Shared {
     chunks_healed: u64,
     bytes_stored_new: u64,
     error: Option<crate::Error>,
+    /// Chunks written but not yet fsynced and renamed, oldest first (at most
+    /// [`PUBLISH_LAG`] between two worker steps; the rest at commit).
+    pending: VecDeque<PendingChunk>,
 }
+
+/// How many chunks a backup leaves written but unpublished: a chunk is fsynced and
+/// renamed this many chunks after it was written, when its writeback (started at
+/// once) has usually finished, so a worker rarely waits for the disk in the fsync.
+const PUBLISH_LAG: usize = 32;
 
 struct Pool {
     tx: Option<Sender<ChunkWork>>,
@@ -126,34 +139,73 @@ fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, work: ChunkWork) {
     let r = if h == ZERO_HASH {
         None
     } else {
-        Some(repo.store().insert(&h, &work.data).map_err(|e| {
-            e.with_context(format!("unable to store the chunk at offset {}", work.off))
-        }))
+        Some(
+            repo.store()
+                .insert_unpublished(&h, &work.data)
+                .map_err(|e| {
+                    e.with_context(format!("unable to store the chunk at offset {}", work.off))
+                }),
+        )
     };
     let mut s = lock_shared(shared);
-    match r {
-        None => s.chunks_zero += 1,
-        Some(Ok(Insert::New(n))) => {
+    let pending = match r {
+        None => {
+            s.chunks_zero += 1;
+            None
+        }
+        Some(Ok((Insert::New(n), p))) => {
             s.chunks_new += 1;
             s.bytes_stored_new += n;
+            p
         }
-        Some(Ok(Insert::Healed(n))) => {
+        Some(Ok((Insert::Healed(n), p))) => {
             s.chunks_new += 1;
             s.chunks_healed += 1;
             s.bytes_stored_new += n;
+            p
         }
-        Some(Ok(Insert::Reused)) => s.chunks_reused += 1,
+        Some(Ok((Insert::Reused, p))) => {
+            s.chunks_reused += 1;
+            p
+        }
         Some(Err(e)) => {
             if s.error.is_none() {
                 s.error = Some(e);
             }
             return;
         }
-    }
+    };
     if work.seq > s.latest[work.index] {
         s.latest[work.index] = work.seq;
         s.hashes[work.index] = h;
     }
+    s.pending.extend(pending);
+    // a group at a time: the first fsync commits the file system's journal for all of
+    // them (their writeback is long done), so the others find little left to do
+    let due: Vec<PendingChunk> = match s.pending.len() >= 2 * PUBLISH_LAG {
+        true => s.pending.drain(..PUBLISH_LAG).collect(),
+        false => Vec::new(),
+    };
+    drop(s);
+    for p in due {
+        if let Err(e) = p.publish() {
+            let mut s = lock_shared(shared);
+            if s.error.is_none() {
+                s.error = Some(e.with_context("unable to store a chunk"));
+            }
+            return;
+        }
+    }
+}
+
+/// Publish every chunk still pending (before the index is), oldest first.
+fn publish_pending(shared: &Mutex<Shared>) -> Result<()> {
+    let pending = std::mem::take(&mut lock_shared(shared).pending);
+    for p in pending {
+        p.publish()
+            .map_err(|e| e.with_context("unable to store a chunk"))?;
+    }
+    Ok(())
 }
 
 /// What a repository backup needs to know up front.
@@ -521,11 +573,12 @@ impl Target for RepoTarget {
         if let Some(mut p) = self.pool.take() {
             p.finish();
         }
+        if let Some(e) = lock_shared(&self.shared).error.take() {
+            return Err(e);
+        }
+        publish_pending(&self.shared)?;
         let hashes = {
             let mut sh = lock_shared(&self.shared);
-            if let Some(e) = sh.error.take() {
-                return Err(e);
-            }
             self.stats.chunks_new = sh.chunks_new;
             self.stats.chunks_reused = sh.chunks_reused;
             self.stats.chunks_zero = sh.chunks_zero;
@@ -607,6 +660,8 @@ impl Target for RepoTarget {
         if let Some(mut p) = self.pool.take() {
             p.finish();
         }
+        // unpublished chunks are removed while the lock is held
+        lock_shared(&self.shared).pending.clear();
         log::warn!(
             "backup of {} into {} aborted: {why}; no generation published",
             self.params.disk_name,
@@ -617,9 +672,11 @@ impl Target for RepoTarget {
 
 impl Drop for RepoTarget {
     fn drop(&mut self) {
-        // Join the workers while the repository lock is still held.
+        // Join the workers and remove unpublished chunks while the repository lock is
+        // still held.
         if let Some(mut p) = self.pool.take() {
             p.finish();
         }
+        lock_shared(&self.shared).pending.clear();
     }
 }

@@ -15,6 +15,7 @@ use crate::chunk_map::Geometry;
 use crate::error::Result;
 use raw::RawImage;
 use serde::Serialize;
+use std::fs::File;
 
 /// Open a backup target from its spec for the disk `disk_name` of `geo`.
 /// `incremental` is only meaningful for repository targets.
@@ -135,6 +136,21 @@ pub trait Target: Send {
     /// Store `data` (whole granules, `data.len()` a multiple of the chunk size except
     /// at the disk's end) at byte offset `off`.
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()>;
+    /// Store the bytes `off..off+len` of `src`, the origin's own file, at the same
+    /// offset, copied in the kernel (`copy_file_range`) instead of through the
+    /// drainer's buffer. Whole chunks; asked only of targets whose granule is one
+    /// chunk (the preserved chunks between two runs are `write`n one by one). The
+    /// drainer calls it only for
+    /// runs of chunks it holds busy marks on and that no writer preserved, so nothing
+    /// changes those bytes of `src` during the call. `Ok(false)`: not stored (this
+    /// target has no such path, or the kernel cannot copy between these files); the
+    /// drainer then reads the range and calls `write` for it, which may rewrite bytes
+    /// already copied. The default has no such path: a target that must see the
+    /// bytes (hashing, compressing, holding back a header) keeps it.
+    fn copy_from_file(&mut self, src: &File, off: u64, len: u64) -> Result<bool> {
+        let _ = (src, off, len);
+        Ok(false)
+    }
     /// Store zeros over `off..off+len` (whole granules, like `write`): known zeros at
     /// the instant (free space, holes), handed over as a range so that a large,
     /// mostly empty disk costs what it holds. No default: a target must store them.

@@ -14,6 +14,7 @@
 //! | `shutdown` | | (the daemon exits after replying) |
 //! | `backup` | `params`: [`BackupParams`] | `id` |
 //! | `backup_status` | | `backup`: [`BackupStatus`] or null |
+//! | `backup_wait` | `timeout_ms` | as `backup_status`, once the backup is finished or the wait (at most [`MAX_WAIT_MS`]) is over |
 //! | `priority` | `ranges`: `[[offset, length], ...]` | |
 //! | `cancel` | | |
 //!

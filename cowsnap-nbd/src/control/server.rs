@@ -26,7 +26,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What the control server answers about, and with what.
 pub struct ControlServer {
@@ -158,6 +158,13 @@ impl ControlServer {
                 wire::ok_reply(&serde_json::json!({ "backup": self.backups.status() })),
                 false,
             ),
+            Request::BackupWait { timeout_ms } => {
+                let t = Duration::from_millis(timeout_ms.min(wire::MAX_WAIT_MS));
+                (
+                    wire::ok_reply(&serde_json::json!({ "backup": self.backups.wait(t) })),
+                    false,
+                )
+            }
             Request::Priority { ranges } => match self.backups.prioritize(&ranges) {
                 Ok(()) => (wire::ok_reply(&()), false),
                 Err(e) => (fail(&e), false),

@@ -12,6 +12,8 @@ use serde_json::{Map, Value};
 pub const VERSION: u64 = 1;
 /// Longest request or reply line in bytes.
 pub const MAX_LINE: usize = 1 << 20;
+/// Longest `backup_wait` the daemon honours, in milliseconds.
+pub const MAX_WAIT_MS: u64 = 1000;
 
 /// A control request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,6 +32,13 @@ pub enum Request {
     },
     /// Figures of the running or last backup.
     BackupStatus,
+    /// Like `backup_status`, but the reply waits until the backup is finished or
+    /// `timeout_ms` (at most [`MAX_WAIT_MS`]) has passed: the end is reported when it
+    /// happens, not at the client's next poll.
+    BackupWait {
+        /// Longest wait in milliseconds.
+        timeout_ms: u64,
+    },
     /// Copy these byte ranges next.
     Priority {
         /// (offset, length) pairs in bytes.
@@ -290,6 +299,7 @@ mod tests {
         roundtrip(Request::Flush);
         roundtrip(Request::Shutdown);
         roundtrip(Request::BackupStatus);
+        roundtrip(Request::BackupWait { timeout_ms: 100 });
         roundtrip(Request::Cancel);
         roundtrip(Request::Priority {
             ranges: vec![(0, 4096), (1 << 40, 65536)],
