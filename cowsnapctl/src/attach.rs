@@ -91,6 +91,32 @@ pub struct AttachArgs {
     pub quiet: bool,
 }
 
+impl AttachArgs {
+    /// `attach PATH` with every flag at its default: the base that `up`, `export`,
+    /// `mount` and `restore --live` change what they need of.
+    pub fn new(path: PathBuf) -> AttachArgs {
+        AttachArgs {
+            path,
+            name: None,
+            via: "auto".into(),
+            nbd_device: None,
+            read_only: false,
+            listen: Vec::new(),
+            io_engine: "auto".into(),
+            container: None,
+            chunk_size: None,
+            max_connections: None,
+            connections: None,
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT.into(),
+            json: false,
+            restore_from: None,
+            generation: None,
+            cache_size: None,
+            quiet: false,
+        }
+    }
+}
+
 /// `--reconnect-timeout` when not given.
 pub const DEFAULT_RECONNECT_TIMEOUT: &str = "60s";
 

@@ -106,23 +106,13 @@ fn export_attach_args(
     json: bool,
 ) -> AttachArgs {
     AttachArgs {
-        path: PathBuf::from(spec),
-        name: None,
         via: via.to_string(),
-        nbd_device: None,
         read_only: true,
         listen,
-        io_engine: "auto".into(),
-        container: None,
-        chunk_size: None,
-        max_connections: None,
-        connections: None,
-        reconnect_timeout: attach::DEFAULT_RECONNECT_TIMEOUT.into(),
         json,
-        restore_from: None,
         generation: Some(spec.to_string()),
         cache_size: cache,
-        quiet: false,
+        ..AttachArgs::new(PathBuf::from(spec))
     }
 }
 

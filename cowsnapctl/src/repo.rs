@@ -468,23 +468,11 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         attach::run(
             dirs,
             AttachArgs {
-                path: a.to.clone(),
                 name: Some(name),
                 via: a.via.clone(),
-                nbd_device: None,
-                read_only: false,
-                listen: Vec::new(),
-                io_engine: "auto".into(),
-                container: None,
-                chunk_size: None,
-                max_connections: None,
-                connections: None,
-                reconnect_timeout: attach::DEFAULT_RECONNECT_TIMEOUT.into(),
                 json: a.json,
                 restore_from: Some(format!("repo:{}@{}", dir.display(), g.id)),
-                generation: None,
-                cache_size: None,
-                quiet: false,
+                ..AttachArgs::new(a.to.clone())
             },
         )?;
         return Ok(0);

@@ -53,23 +53,14 @@ pub struct ConfigCheckArgs {
 /// The `attach` a configured disk gets.
 fn attach_args(d: &DiskConfig) -> AttachArgs {
     AttachArgs {
-        path: d.path.clone(),
         name: Some(d.name.clone()),
         via: d.via.clone(),
-        nbd_device: None,
         read_only: d.read_only,
-        listen: Vec::new(),
         io_engine: d.io_engine.clone(),
         container: d.container.clone(),
         chunk_size: d.chunk_size.clone(),
-        max_connections: None,
         connections: d.connections,
-        reconnect_timeout: attach::DEFAULT_RECONNECT_TIMEOUT.into(),
-        json: false,
-        restore_from: None,
-        generation: None,
-        cache_size: None,
-        quiet: false,
+        ..AttachArgs::new(d.path.clone())
     }
 }
 
