@@ -127,19 +127,18 @@ pub fn run(dirs: &Dirs, mut a: BackupArgs) -> Result<i32> {
     }
     let code = run_to(dirs, &a)?;
     if let (0, Some(policy), Some(to)) = (code, retention, &a.to) {
-        apply_retention(&a.name, to, &policy, a.json)?;
+        apply_retention(&a.name, to, &policy)?;
     }
     Ok(code)
 }
 
 /// After a successful configured backup: prune the disk's generations by its policy.
+/// Its lines go to stderr, so a `--json` result stays the last line of stdout.
 fn apply_retention(
     name: &str,
     to: &str,
     policy: &cowsnap_core::repo::retention::RetentionPolicy,
-    json: bool,
 ) -> Result<()> {
-    let _ = json; // the result line stays the last line of stdout: this goes to stderr
     let (dir, _) = cowsnap_nbd::paths::parse_repo_spec(to)?;
     let opts = cowsnap_core::repo::prune::PruneOptions {
         disk: Some(name.to_string()),

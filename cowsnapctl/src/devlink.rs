@@ -16,6 +16,10 @@ use cowsnap_nbd::attach::AttachRecord;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long `attach` waits for udev to make the link.
+const UDEV_WAIT: Duration = Duration::from_secs(10);
 
 /// Environment variable: the directory of the stable links (default `/dev/cowsnap`).
 pub const ENV_DEV_DIR: &str = "COWSNAP_DEV_DIR";
@@ -53,14 +57,25 @@ pub fn publish(name: &str, device: &Path) -> Result<PathBuf> {
     let dir = dev_dir();
     let link = dir.join(name);
     if udev_manages(&dir) {
-        // Bounded: --settle waits for this event only, at most the timeout.
-        let _ = Command::new("udevadm")
+        // --settle waits for this event only; a udev that does not answer is given
+        // UDEV_WAIT, then the link is made here.
+        if let Ok(mut child) = Command::new("udevadm")
             .args(["trigger", "--action=change", "--settle"])
             .arg(device)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .spawn()
+        {
+            let deadline = Instant::now() + UDEV_WAIT;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
         if points_to(&link, device) {
             return Ok(link);
         }
