@@ -257,6 +257,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         quiesce_idle_ms: idle.as_millis() as u64,
         quiesce_timeout_ms: timeout.as_millis() as u64,
         all_blocks: a.all_blocks,
+        ..Default::default()
     };
     // Early, for a clear error before any freeze; the daemon checks again before it
     // opens anything (it also knows the disk's default container).
@@ -454,7 +455,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                 }
                 bail!("backup of {} to {} failed: {msg}", a.name, target);
             }
-            BackupState::Quiescing | BackupState::Running => {
+            BackupState::Quiescing | BackupState::Running | BackupState::Ready => {
                 if json && limit.ready(Instant::now()) {
                     progress::emit(&progress_line(&b, total));
                 }

@@ -10,6 +10,8 @@
 //! - `scope.rs`: after the instant, before the drainer: what need not be read (holes,
 //!   free space), marked as known zeros.
 //! - `last.rs`: the last successful backup, kept in the disk's state directory.
+//! - `group.rs`: a backup that is one member of a consistency group (the instant's
+//!   barrier and the commit gate; the protocol table is there).
 //!
 //! Design notes
 //! - One backup at a time per disk: a second `start` while one is quiescing or
@@ -35,6 +37,7 @@
 //!   A completed backup is recorded as the last successful one ([`LastBackupRecord`])
 //!   before "complete" is published.
 
+pub mod group;
 mod job;
 mod last;
 mod quiesce;
@@ -81,6 +84,12 @@ pub struct BackupParams {
     /// holes of a sparse origin are zeros and stay unread).
     #[serde(default)]
     pub all_blocks: bool,
+    /// Notes recorded in the generation (a pre-snapshot hook's outcome).
+    #[serde(default)]
+    pub notes: Vec<String>,
+    /// The consistency group this backup is a member of, recorded in the generation.
+    #[serde(default)]
+    pub group: Option<crate::repo::generation::GroupRef>,
 }
 
 /// Where a backup job is. On the wire (control protocol, `--json`) it is the lower-case
@@ -93,6 +102,8 @@ pub enum BackupState {
     Quiescing,
     /// The snapshot is installed and the drainer copies.
     Running,
+    /// A group member whose data is all copied, waiting for the group's commit.
+    Ready,
     /// The target is committed.
     Complete,
     /// The backup failed or was canceled (see `BackupStatus::error`).
@@ -105,6 +116,7 @@ impl BackupState {
         match self {
             BackupState::Quiescing => "quiescing",
             BackupState::Running => "running",
+            BackupState::Ready => "ready",
             BackupState::Complete => "complete",
             BackupState::Failed => "failed",
         }
@@ -248,6 +260,28 @@ impl Backups {
         target: Option<Box<dyn Target>>,
         container: Option<Box<dyn Container>>,
     ) -> Result<u64> {
+        self.start_inner(p, target, container, None)
+    }
+
+    /// Start a backup as a member of a consistency group ([`group`]): `barrier` is
+    /// called once everything is open and again once writes are paused; the drained
+    /// backup publishes only when `gate` says commit. Returns after the instant.
+    pub fn start_coordinated(
+        &self,
+        p: BackupParams,
+        barrier: &mut dyn group::InstantBarrier,
+        gate: group::CommitGate,
+    ) -> Result<u64> {
+        self.start_inner(p, None, None, Some((barrier, gate)))
+    }
+
+    fn start_inner(
+        &self,
+        p: BackupParams,
+        target: Option<Box<dyn Target>>,
+        container: Option<Box<dyn Container>>,
+        coord: Option<(&mut dyn group::InstantBarrier, group::CommitGate)>,
+    ) -> Result<u64> {
         let job = {
             let mut cur = lock(&self.cur);
             if let Some(j) = cur.as_ref() {
@@ -272,7 +306,7 @@ impl Backups {
             *cur = Some(job.clone());
             job
         };
-        match run::start(&self.engine, &job, &self.last, p, target, container) {
+        match run::start(&self.engine, &job, &self.last, p, target, container, coord) {
             Ok(()) => Ok(job.id()),
             Err(e) => {
                 job.fail(e.to_string());
@@ -341,6 +375,7 @@ mod tests {
         for s in [
             BackupState::Quiescing,
             BackupState::Running,
+            BackupState::Ready,
             BackupState::Complete,
             BackupState::Failed,
         ] {

@@ -1,6 +1,7 @@
 //! Running one backup: the snapshot instant, the drainer thread, and the end (commit or
 //! abort of the target and of the change-log cut, uninstalling the snapshot).
 
+use super::group::{CommitDecision, CommitGate, InstantBarrier, COMMIT_WAIT};
 use super::job::Job;
 use super::last::{LastBackup, LastBackupRecord};
 use super::quiesce::quiesce;
@@ -18,7 +19,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Open what `p` names (unless given), quiesce, take the snapshot instant and start the
-/// drainer thread. Returns right after the instant.
+/// drainer thread. Returns right after the instant. A group member (`coord`) meets the
+/// coordinator at the barrier before pausing and before the instant, and publishes
+/// only when the gate says so (see `group.rs`).
 pub(super) fn start(
     engine: &Arc<Engine>,
     job: &Arc<Job>,
@@ -26,7 +29,12 @@ pub(super) fn start(
     p: BackupParams,
     target: Option<Box<dyn Target>>,
     container: Option<Box<dyn Container>>,
+    coord: Option<(&mut dyn InstantBarrier, CommitGate)>,
 ) -> Result<()> {
+    let (mut barrier, commit_gate) = match coord {
+        Some((b, g)) => (Some(b), Some(g)),
+        None => (None, None),
+    };
     let cfg = engine.config();
     let geo = Geometry::new(engine.size(), cfg.chunk_size)?;
     let container = match container {
@@ -65,6 +73,13 @@ pub(super) fn start(
     let granule = u64::from(target.granule_chunks().max(1));
     let mut full_map = (matches!(expect, Scope::All) && granule.is_power_of_two())
         .then(|| ChunkMap::new(geo, granule, None));
+    target.annotate(p.group.as_ref(), &p.notes);
+    if let Some(b) = barrier.as_mut() {
+        if let Err(e) = b.prepared() {
+            target.abort(&e.to_string());
+            return Err(e);
+        }
+    }
     let gate = match quiesce(engine, job, &p) {
         Ok(g) => g,
         Err(e) => {
@@ -72,6 +87,14 @@ pub(super) fn start(
             return Err(e);
         }
     };
+    if let Some(b) = barrier.as_mut() {
+        // the group's other disks pause too; nothing has been changed yet
+        if let Err(e) = b.paused() {
+            drop(gate);
+            target.abort(&e.to_string());
+            return Err(e);
+        }
+    }
     // ---- the snapshot instant: no data-changing request is in flight ----
     let paused_at = std::time::Instant::now();
     let changelog = engine.changelog();
@@ -152,7 +175,7 @@ pub(super) fn start(
     if let Err(e) = target.begin(&info) {
         let e = e.with_context("unable to start the backup");
         snap.fail(e.to_string());
-        finish(engine, job, last, &snap, Err(e.to_string()), target, cut);
+        finish(engine, job, last, &snap, Err(e.to_string()), target, cut, None);
         return Err(e);
     }
     snap.add_priority(&p.priority);
@@ -183,7 +206,7 @@ pub(super) fn start(
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("the drainer stopped unexpectedly (internal error)".into()),
             };
-            finish(&engine2, &job2, &last2, &snap2, res, target, cut);
+            finish(&engine2, &job2, &last2, &snap2, res, target, cut, commit_gate);
         });
     if let Err(e) = spawned {
         let e = Error::io("unable to start the drainer thread", e);
@@ -224,17 +247,60 @@ fn end_generation(engine: &Engine, job: &Job, cut: Option<&Cut>, generation: Opt
     }
 }
 
+/// A drained group member: wait for the coordinator's decision (`ready` meanwhile).
+/// The notes of a commit are added to the target; anything else is the reason to abort.
+fn await_group_commit(
+    job: &Job,
+    target: &mut dyn Target,
+    gate: &CommitGate,
+) -> std::result::Result<(), String> {
+    job.update(|st| st.state = super::BackupState::Ready);
+    let t0 = std::time::Instant::now();
+    loop {
+        if job.is_canceled() {
+            return Err("backup canceled while waiting for the group's commit".into());
+        }
+        match gate.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(CommitDecision::Commit(notes)) => {
+                target.annotate(None, &notes);
+                return Ok(());
+            }
+            Ok(CommitDecision::Abort(why)) => return Err(why),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if t0.elapsed() < COMMIT_WAIT => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "the group's commit did not come within {} s of this disk's data being copied",
+                    COMMIT_WAIT.as_secs()
+                ))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(
+                    "the group was abandoned (its coordinator went away, or another disk of \
+                     the group failed): nothing published"
+                        .into(),
+                )
+            }
+        }
+    }
+}
+
 /// The end of a job: commit or abort the target and the cut, uninstall the snapshot,
-/// then publish the state.
+/// then publish the state. A group member (`gate`) commits only when the group says so.
+#[allow(clippy::too_many_arguments)]
 fn finish(
     engine: &Engine,
     job: &Job,
     last: &LastBackupRecord,
     snap: &Arc<Snapshot>,
     res: std::result::Result<(), String>,
-    target: Box<dyn Target>,
+    mut target: Box<dyn Target>,
     cut: Option<Cut>,
+    gate: Option<CommitGate>,
 ) {
+    let res = match (res, &gate) {
+        (Ok(()), Some(g)) => await_group_commit(job, &mut *target, g),
+        (r, _) => r,
+    };
     // the state is published last, after the snapshot is gone, so a caller that
     // sees "complete"/"failed" can start the next backup at once
     let outcome: std::result::Result<(), String> = match res {

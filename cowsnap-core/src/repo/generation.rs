@@ -43,6 +43,17 @@ pub struct GenerationStats {
     pub duration_ms: u64,
 }
 
+/// The consistency group a generation belongs to: one snapshot instant taken for all
+/// of `disks` together. The group is a restore point when each of its disks has a
+/// generation carrying this `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRef {
+    /// Group id (the same form as a generation id).
+    pub id: String,
+    /// Every disk of the group (disk names, sorted).
+    pub disks: Vec<String>,
+}
+
 /// One restore point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationInfo {
@@ -73,6 +84,9 @@ pub struct GenerationInfo {
     /// Notes shown to the user at backup time.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// The consistency group of this generation, if it was taken as one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupRef>,
 }
 
 /// A new generation id: `YYYYMMDDTHHMMSS.mmmZ-<8 hex>` (sorts by time).

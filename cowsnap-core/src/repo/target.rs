@@ -39,7 +39,9 @@
 //!   into the repository after the shared lock is gone.
 
 use super::chunk_store::{chunk_hash, Insert, PendingChunk, ZERO_HASH};
-use super::generation::{new_generation_id, GenerationInfo, GenerationKind, GenerationStats};
+use super::generation::{
+    new_generation_id, GenerationInfo, GenerationKind, GenerationStats, GroupRef,
+};
 use super::index::{chunk_count, FixedIndex};
 use super::{Repo, DEFAULT_CHUNK_SIZE};
 use crate::changelog::Cut;
@@ -234,6 +236,7 @@ pub struct RepoTarget {
     cut_lineage: Option<String>,
     scope: Option<Scope>,
     notes: Vec<String>,
+    group: Option<GroupRef>,
     info: Option<SnapshotInfo>,
     id: String,
     shared: Arc<Mutex<Shared>>,
@@ -282,6 +285,7 @@ impl RepoTarget {
             cut_lineage: None,
             scope: None,
             notes: Vec::new(),
+            group: None,
             info: None,
             id: String::new(),
             shared: Arc::new(Mutex::new(Shared::default())),
@@ -647,6 +651,7 @@ impl Target for RepoTarget {
             seq_lowest_unacked: info.seq_lowest_unacked,
             stats: self.stats.clone(),
             notes: self.notes.clone(),
+            group: self.group.clone(),
         };
         let meta_bytes = g.write(&self.repo.meta_path(&self.id))?;
         Ok(TargetSummary {
@@ -654,6 +659,13 @@ impl Target for RepoTarget {
             bytes_stored: self.stats.bytes_stored_new + idx_bytes + meta_bytes,
             notes: self.notes.clone(),
         })
+    }
+
+    fn annotate(&mut self, group: Option<&GroupRef>, notes: &[String]) {
+        if let Some(g) = group {
+            self.group = Some(g.clone());
+        }
+        self.notes.extend(notes.iter().cloned());
     }
 
     fn abort(mut self: Box<Self>, why: &str) {

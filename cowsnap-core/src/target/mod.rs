@@ -155,6 +155,13 @@ pub trait Target: Send {
     /// the instant (free space, holes), handed over as a range so that a large,
     /// mostly empty disk costs what it holds. No default: a target must store them.
     fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()>;
+    /// Record the consistency group of this backup and notes for the user (hooks'
+    /// outcomes) with what `commit` publishes. Called before `begin` and again before
+    /// `commit`. The default keeps nothing: a target without metadata (a raw image)
+    /// has nowhere to put them, and the command shows them instead.
+    fn annotate(&mut self, group: Option<&crate::repo::generation::GroupRef>, notes: &[String]) {
+        let _ = (group, notes);
+    }
     /// Make everything durable and mark the target complete.
     fn commit(self: Box<Self>) -> Result<TargetSummary>;
     /// Leave the target marked incomplete, with the reason.

@@ -74,13 +74,44 @@ impl Client {
 
     /// Send a raw line and read the raw reply line (for tests and debugging).
     pub fn raw(&mut self, line: &str) -> Result<String, ControlError> {
+        self.send_line(line)?;
+        self.read_line()
+    }
+
+    /// Send a request without reading its reply (a step of `group_backup`, whose
+    /// replies come later; see [`Client::receive`]).
+    pub fn send(&mut self, req: &Request) -> Result<(), ControlError> {
+        self.send_line(&encode_request(req))
+    }
+
+    /// Read the next reply: the fields on success.
+    pub fn receive(&mut self) -> Result<Map<String, Value>, ControlError> {
+        let line = self.read_line()?;
+        decode_reply(&line)
+    }
+
+    /// Bound every later read by `timeout` instead of the one given at connect.
+    pub fn set_read_timeout(&mut self, timeout: Duration) -> Result<(), ControlError> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .map_err(|source| ControlError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    fn send_line(&mut self, line: &str) -> Result<(), ControlError> {
         let io = |source| ControlError::Io {
             path: self.path.clone(),
             source,
         };
         let mut buf = line.as_bytes().to_vec();
         buf.push(b'\n');
-        self.writer.write_all(&buf).map_err(io)?;
+        self.writer.write_all(&buf).map_err(io)
+    }
+
+    fn read_line(&mut self) -> Result<String, ControlError> {
         let mut reply = Vec::new();
         let n = (&mut self.reader)
             .take(MAX_LINE as u64 + 1)

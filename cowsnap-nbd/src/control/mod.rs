@@ -17,6 +17,10 @@
 //! | `backup_wait` | `timeout_ms` | as `backup_status`, once the backup is finished or the wait (at most [`MAX_WAIT_MS`]) is over |
 //! | `priority` | `ranges`: `[[offset, length], ...]` | |
 //! | `cancel` | | |
+//! | `group_backup` | `params`, `pause_limit_ms` | `phase: "prepared"`, then (after `group_pause`) `phase: "paused"`, then (after `group_go`) `id` |
+//! | `group_pause`, `group_go` | | (only as steps of `group_backup`) |
+//! | `group_commit` | `notes` | (publishes this connection's group backup once `ready`) |
+//! | `group_abort` | `why` | (abandons it) |
 //!
 //! New fields may be added to requests and replies within version 1; readers ignore
 //! fields they do not know. An incompatible change bumps `v`.
@@ -25,6 +29,7 @@
 //! `server.rs` the daemon's side: the connection loop and what each command does.
 
 pub mod client;
+mod group;
 pub mod server;
 pub mod wire;
 

@@ -15,6 +15,7 @@ use super::wire::{
 use crate::attached;
 use crate::nbd::server::Server;
 use crate::paths::{self, DiskPaths};
+use cowsnap_core::backup::group::{CommitDecision, MAX_PAUSE_LIMIT};
 use cowsnap_core::backup::Backups;
 use cowsnap_core::changelog::ChangeLog;
 use cowsnap_core::engine::Engine;
@@ -123,30 +124,7 @@ impl ControlServer {
             },
             Request::Shutdown => (wire::ok_reply(&()), true),
             Request::Backup { mut params } => {
-                if let Some(g) = &self.generation {
-                    let e = format!(
-                        "unable to back up {:?}: it serves generation {} of a repository; \
-                         that generation is a backup already",
-                        self.paths.name,
-                        g.generation().id
-                    );
-                    return (fail(&e), false);
-                }
-                if params.container.is_none() {
-                    params.container = self.container.clone();
-                }
-                if let Err(e) = check_request_paths(&params) {
-                    return (fail(&e), false);
-                }
-                log::info!("backup requested to {}", params.to);
-                // Nothing is opened before the target and the container are checked.
-                let own = attached::OwnDisk {
-                    name: &self.paths.name,
-                    origin: Some(&self.origin),
-                    default_container: self.container.as_deref(),
-                };
-                if let Err(e) = attached::check_backup(&self.paths.run_dir, &own, &params) {
-                    log::warn!("{e}");
+                if let Err(e) = self.check_backup_request(&mut params) {
                     return (fail(&e), false);
                 }
                 match self.backups.start(params) {
@@ -173,7 +151,44 @@ impl ControlServer {
                 Ok(()) => (wire::ok_reply(&()), false),
                 Err(e) => (fail(&e), false),
             },
+            // the group steps need the connection: `serve_conn` answers them
+            Request::GroupBackup { .. }
+            | Request::GroupPause
+            | Request::GroupGo
+            | Request::GroupCommit { .. }
+            | Request::GroupAbort { .. } => (
+                fail(&"unable to take a group step: no group backup on this connection"),
+                false,
+            ),
         }
+    }
+
+    /// The checks of a backup request, before anything is opened; fills in the disk's
+    /// default container.
+    pub(super) fn check_backup_request(&self, params: &mut BackupParams) -> Result<(), String> {
+        if let Some(g) = &self.generation {
+            return Err(format!(
+                "unable to back up {:?}: it serves generation {} of a repository; \
+                 that generation is a backup already",
+                self.paths.name,
+                g.generation().id
+            ));
+        }
+        if params.container.is_none() {
+            params.container = self.container.clone();
+        }
+        check_request_paths(params)?;
+        log::info!("backup requested to {}", params.to);
+        // Nothing is opened before the target and the container are checked.
+        let own = attached::OwnDisk {
+            name: &self.paths.name,
+            origin: Some(&self.origin),
+            default_container: self.container.as_deref(),
+        };
+        attached::check_backup(&self.paths.run_dir, &own, params).map_err(|e| {
+            log::warn!("{e}");
+            e.to_string()
+        })
     }
 
     /// The `status` reply. Reads only what the daemon holds: it creates no file.
@@ -223,15 +238,29 @@ impl ControlServer {
         }
     }
 
-    /// Serve one connection until it closes (or `shutdown` was answered).
+    /// Serve one connection until it closes (or `shutdown` was answered). A group
+    /// backup started on it and not yet committed is abandoned when it closes.
     pub fn serve_conn(&self, stream: UnixStream) {
         let Ok(mut writer) = stream.try_clone() else {
             return;
         };
         let mut reader = BufReader::new(stream);
+        let mut member: Option<GroupMember> = None;
+        self.serve_lines(&mut reader, &mut writer, &mut member);
+        if let Some(m) = member {
+            m.abandon(&self.backups, "the group's coordinator closed the connection");
+        }
+    }
+
+    fn serve_lines(
+        &self,
+        reader: &mut BufReader<UnixStream>,
+        writer: &mut UnixStream,
+        member: &mut Option<GroupMember>,
+    ) {
         loop {
             let mut buf = Vec::new();
-            let n = match (&mut reader)
+            let n = match (&mut *reader)
                 .take(MAX_LINE as u64 + 1)
                 .read_until(b'\n', &mut buf)
             {
@@ -253,7 +282,30 @@ impl ControlServer {
             } else {
                 match std::str::from_utf8(&buf) {
                     Ok(s) if s.trim().is_empty() => continue,
-                    Ok(s) => self.handle_line(s),
+                    Ok(s) => match wire::decode_request(s) {
+                        Err(e) => {
+                            log::warn!("control: {e}");
+                            (wire::error_reply(&e), false)
+                        }
+                        Ok(Request::GroupBackup {
+                            params,
+                            pause_limit_ms,
+                        }) => (
+                            self.group_backup(params, pause_limit_ms, reader, writer, member),
+                            false,
+                        ),
+                        Ok(Request::GroupCommit { notes }) => {
+                            (group_decide(member, CommitDecision::Commit(notes)), false)
+                        }
+                        Ok(Request::GroupAbort { why }) => match member.take() {
+                            Some(m) => {
+                                m.abandon(&self.backups, &why);
+                                (wire::ok_reply(&()), false)
+                            }
+                            None => (group_decide(member, CommitDecision::Abort(why)), false),
+                        },
+                        Ok(req) => self.handle(req),
+                    },
                     Err(_) => (wire::error_reply("malformed request (not UTF-8)"), false),
                 }
             };
@@ -266,10 +318,80 @@ impl ControlServer {
                 (self.on_shutdown)();
                 return;
             }
-            if too_long && !buf.ends_with(b"\n") && !skip_line(&mut reader) {
+            if too_long && !buf.ends_with(b"\n") && !skip_line(reader) {
                 return;
             }
         }
+    }
+
+    /// `group_backup`: the member's side of the group protocol
+    /// (`cowsnap_core::backup::group`). Writes the `prepared` and `paused` replies
+    /// itself and returns the last one.
+    fn group_backup(
+        &self,
+        mut params: BackupParams,
+        pause_limit_ms: u64,
+        reader: &mut BufReader<UnixStream>,
+        writer: &mut UnixStream,
+        member: &mut Option<GroupMember>,
+    ) -> String {
+        let fail = |e: &dyn std::fmt::Display| wire::error_reply(&e.to_string());
+        if member.is_some() {
+            return fail(&"unable to start a group backup: this connection has one already");
+        }
+        let limit = Duration::from_millis(pause_limit_ms);
+        if limit.is_zero() || limit > MAX_PAUSE_LIMIT {
+            return fail(&format!(
+                "unable to start a group backup: pause limit {pause_limit_ms} ms is not in 1..={} ms",
+                MAX_PAUSE_LIMIT.as_millis()
+            ));
+        }
+        if let Err(e) = self.check_backup_request(&mut params) {
+            return fail(&e);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut barrier = super::group::ConnBarrier::new(reader, writer, limit);
+        match self.backups.start_coordinated(params, &mut barrier, rx) {
+            Ok(id) => {
+                *member = Some(GroupMember { id, decide: tx });
+                wire::ok_reply(&serde_json::json!({ "id": id }))
+            }
+            Err(e) => fail(&e),
+        }
+    }
+}
+
+/// This connection's group backup: its job id and the way to its commit gate.
+pub(super) struct GroupMember {
+    id: u64,
+    decide: std::sync::mpsc::Sender<CommitDecision>,
+}
+
+impl GroupMember {
+    /// Abandon the backup: the gate's sender goes (a drained member aborts) and a
+    /// running one is cancelled at once rather than copied to the end for nothing.
+    fn abandon(self, backups: &Backups, why: &str) {
+        let _ = self.decide.send(CommitDecision::Abort(why.to_string()));
+        if let Some(st) = backups.status() {
+            if st.id == self.id && !st.state.is_finished() {
+                log::warn!("group backup {} abandoned: {why}", self.id);
+                let _ = backups.cancel();
+            }
+        }
+    }
+}
+
+/// `group_commit` / `group_abort`: hand the decision to the connection's group backup.
+fn group_decide(member: &mut Option<GroupMember>, d: CommitDecision) -> String {
+    match member.take() {
+        None => wire::error_reply("unable to take a group step: no group backup on this connection"),
+        Some(m) => match m.decide.send(d) {
+            Ok(()) => wire::ok_reply(&()),
+            Err(_) => wire::error_reply(&format!(
+                "unable to decide group backup {}: it has ended already",
+                m.id
+            )),
+        },
     }
 }
 

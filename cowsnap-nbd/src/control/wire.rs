@@ -46,6 +46,34 @@ pub enum Request {
     },
     /// Cancel the running backup.
     Cancel,
+    /// Start a backup as a member of a consistency group (see
+    /// `cowsnap_core::backup::group`): replies `phase: "prepared"` once everything is
+    /// open, then waits on this connection for `group_pause`, replies
+    /// `phase: "paused"`, waits for `group_go` (at most `pause_limit_ms`), then
+    /// replies `id` like `backup`. Anything else, or the connection closing, abandons
+    /// the backup (writes resume, nothing is published).
+    GroupBackup {
+        /// What to back up to and how (`params.group` names the group).
+        params: BackupParams,
+        /// The longest time writes may stay paused waiting for `group_go`.
+        pause_limit_ms: u64,
+    },
+    /// The second step of `group_backup`: pause the writes now.
+    GroupPause,
+    /// The third step of `group_backup`: take the instant now.
+    GroupGo,
+    /// Publish this connection's group backup once its data is copied (state
+    /// `ready`), adding `notes` to its generation.
+    GroupCommit {
+        /// Notes recorded in the generation (a post-snapshot hook's outcome).
+        #[serde(default)]
+        notes: Vec<String>,
+    },
+    /// Abandon this connection's group backup (at any step): nothing is published.
+    GroupAbort {
+        /// Why, recorded as the backup's error.
+        why: String,
+    },
 }
 
 /// I/O counters as carried over the control socket: the engine's own figures.
