@@ -27,8 +27,10 @@ const POLL: Duration = Duration::from_millis(100);
 /// Arguments of `backup`.
 #[derive(Debug, clap::Args)]
 pub struct BackupArgs {
-    /// Disk name.
-    pub name: String,
+    /// Disk name; several names back them up as one consistency group (one snapshot
+    /// instant for all, one restore point; repository targets only).
+    #[arg(required = true, num_args = 1.., value_name = "NAME")]
+    pub names: Vec<String>,
     /// Target: file:PATH (raw image), dev:PATH (block device) or repo:DIR. Without
     /// it, the disk's repository in the configuration file, incremental, with its
     /// freeze mount point, then its retention applied (see `config`).
@@ -43,9 +45,10 @@ pub struct BackupArgs {
     #[arg(long)]
     pub container: Option<String>,
     /// Freeze this filesystem around the snapshot instant (FIFREEZE/FITHAW): the
-    /// mount point of a filesystem on this disk's device.
+    /// mount point of a filesystem on one of the disks' devices. Repeatable: all are
+    /// frozen before the instant and thawed after it.
     #[arg(long, value_name = "MOUNTPOINT")]
-    pub freeze: Option<PathBuf>,
+    pub freeze: Vec<PathBuf>,
     /// Thaw after this long at most; if the snapshot instant was not reached by then,
     /// the backup fails (at most 10s).
     #[arg(long, value_name = "DURATION", default_value = "5s")]
@@ -67,9 +70,37 @@ pub struct BackupArgs {
     /// origin file are zeros and are never read.
     #[arg(long)]
     pub all_blocks: bool,
+    /// Run this shell command before the snapshot (e.g. a database CHECKPOINT); if it
+    /// fails or outlives --hook-timeout, the backup fails before anything is paused.
+    /// Its exit status and first output lines are recorded in the generation's notes.
+    #[arg(long, value_name = "CMD")]
+    pub pre_snapshot: Option<String>,
+    /// Run this shell command after the snapshot instant, whatever happened (also when
+    /// the backup failed); recorded in the notes like --pre-snapshot.
+    #[arg(long, value_name = "CMD")]
+    pub post_snapshot: Option<String>,
+    /// Kill a hook (its whole process group) that runs longer than this.
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    pub hook_timeout: String,
+    /// Several disks: the longest the writes of any disk may stay paused waiting for
+    /// the group's instant; past it the group snapshot fails and every disk resumes
+    /// untouched (at most 10s).
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub pause_limit: String,
     /// Print JSON event lines (also the default when stdout is not a terminal).
     #[arg(long)]
     pub json: bool,
+}
+
+impl BackupArgs {
+    /// Whether this backup goes through the group coordinator (several disks, several
+    /// mount points to freeze, or hooks) rather than the one-disk request.
+    pub fn coordinated(&self) -> bool {
+        self.names.len() > 1
+            || self.freeze.len() > 1
+            || self.pre_snapshot.is_some()
+            || self.post_snapshot.is_some()
+    }
 }
 
 /// A progress line: the common fields ([`progress::progress_event`]) and the daemon's
@@ -98,36 +129,47 @@ fn progress_line(b: &BackupStatus, total: u64) -> serde_json::Value {
 /// file says (the scheduled backup of `cowsnap-backup@NAME.service`).
 pub fn run(dirs: &Dirs, mut a: BackupArgs) -> Result<i32> {
     let mut retention = None;
+    if a.to.is_none() && a.names.len() > 1 {
+        bail!(
+            "a backup of several disks needs --to repo:DIR (the configuration file gives \
+             each disk its own repository)"
+        );
+    }
+    let name = a.names[0].clone();
     if a.to.is_none() {
         let cfg = crate::config::Config::load(&a.config.config)?;
-        let d = cfg.disk(&a.name)?;
+        let d = cfg.disk(&name)?;
         let repo = d.repository.clone().ok_or_else(|| {
             anyhow!(
                 "no --to given and disk {:?} has no repository in {}",
-                a.name,
+                name,
                 cfg.file.display()
             )
         })?;
         eprintln!(
             "backing up {} to {repo} as {} says{}",
-            a.name,
+            name,
             cfg.file.display(),
             d.freeze
                 .as_ref()
-                .filter(|_| a.freeze.is_none())
+                .filter(|_| a.freeze.is_empty())
                 .map(|f| format!(" (freezing {})", f.display()))
                 .unwrap_or_default()
         );
         a.to = Some(repo);
         a.incremental = true;
-        if a.freeze.is_none() {
-            a.freeze = d.freeze.clone();
+        if a.freeze.is_empty() {
+            a.freeze.extend(d.freeze.clone());
         }
         retention = d.retention.clone();
     }
-    let code = run_to(dirs, &a)?;
+    let code = if a.coordinated() {
+        crate::group::run(dirs, &a)?
+    } else {
+        run_to(dirs, &a)?
+    };
     if let (0, Some(policy), Some(to)) = (code, retention, &a.to) {
-        apply_retention(&a.name, to, &policy)?;
+        apply_retention(&name, to, &policy)?;
     }
     Ok(code)
 }
@@ -167,13 +209,14 @@ fn apply_retention(
 }
 
 fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
+    let name = a.names[0].as_str();
     let target = a.to.clone().unwrap_or_default();
     check_target(&target)?;
     if a.incremental && !target.starts_with("repo:") {
         bail!("--incremental needs a repository target (--to repo:DIR)");
     }
     let timeout = parse_duration(&a.quiesce_timeout)?;
-    let idle = match (&a.quiesce_idle, &a.freeze) {
+    let idle = match (&a.quiesce_idle, a.freeze.first()) {
         (Some(s), _) => parse_duration(s)?,
         (None, Some(_)) => Duration::ZERO,
         (None, None) => Duration::from_secs(3),
@@ -202,8 +245,8 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         })
         .transpose()?;
     let to = crate::parse::absolute_target(&target)?;
-    let paths = dirs.paths(&a.name);
-    cowsnap_nbd::paths::validate_name(&a.name)?;
+    let paths = dirs.paths(name);
+    cowsnap_nbd::paths::validate_name(name)?;
     let mut cl =
         Client::connect(&paths.ctl_socket(), timeout + Duration::from_secs(60)).map_err(|e| {
             match &e {
@@ -213,18 +256,18 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                     anyhow!(
                         "unable to back up {}: permission denied on {} (the daemon's files \
                          belong to the user that attached it, usually root)",
-                        a.name,
+                        name,
                         paths.ctl_socket().display()
                     )
                 }
                 _ => anyhow!(
                     "disk {:?} is not attached or its daemon does not answer: {e}",
-                    a.name
+                    name
                 ),
             }
         })?;
-    let mountpoint = match &a.freeze {
-        Some(m) => Some(freeze_target(&paths, &mut cl, &a.name, m)?),
+    let mountpoint = match a.freeze.first() {
+        Some(m) => Some(freeze_target(&paths, &mut cl, name, m)?),
         None => None,
     };
 
@@ -262,7 +305,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
     // Early, for a clear error before any freeze; the daemon checks again before it
     // opens anything (it also knows the disk's default container).
     let own = cowsnap_nbd::attached::OwnDisk {
-        name: &a.name,
+        name,
         origin: None,
         default_container: None,
     };
@@ -303,7 +346,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                 bail!(
                     "unable to back up {}: {why}; backup #{id} was cancelled, its image \
                      would not be consistent",
-                    a.name
+                    name
                 );
             }
             let said = match started {
@@ -313,14 +356,14 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
             };
             bail!(
                 "unable to back up {}: {why}; the daemon said: {said}",
-                a.name
+                name
             );
         }
     };
     let id = match started {
         Ok(m) => m.get("id").and_then(|v| v.as_u64()).unwrap_or(0),
-        Err(control::ControlError::Daemon(msg)) => bail!("backup of {} failed: {msg}", a.name),
-        Err(e) => bail!("backup of {} failed: {e}", a.name),
+        Err(control::ControlError::Daemon(msg)) => bail!("backup of {} failed: {msg}", name),
+        Err(e) => bail!("backup of {} failed: {e}", name),
     };
     let json = a.json || !std::io::stdout().is_terminal();
     if json {
@@ -328,7 +371,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         progress::emit(&progress::event_with(
             "started",
             "backup",
-            &serde_json::json!({ "id": id, "name": a.name, "target": target, "frozen_ms": frozen_ms }),
+            &serde_json::json!({ "id": id, "name": name, "target": target, "frozen_ms": frozen_ms }),
         ));
     } else if let (Some(ms), Some(mp)) = (frozen_ms, &mountpoint) {
         eprintln!(
@@ -380,7 +423,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
             None => {
                 wait_ok = false;
                 cl.call(&Request::BackupStatus)
-                    .map_err(|e| anyhow!("lost the daemon of {} during the backup: {e}", a.name))?
+                    .map_err(|e| anyhow!("lost the daemon of {} during the backup: {e}", name))?
             }
         };
         let b: Option<BackupStatus> = m
@@ -390,7 +433,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
             .transpose()
             .map_err(|e| anyhow!("unable to understand the backup status: {e}"))?;
         let Some(b) = b else {
-            bail!("the daemon of {} reports no backup", a.name);
+            bail!("the daemon of {} reports no backup", name);
         };
         if b.id != id && id != 0 {
             bail!("backup #{id} was replaced by #{} in the daemon", b.id);
@@ -422,7 +465,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                 } else {
                     println!(
                         "backup of {} to {} complete: {} in {}; {}",
-                        a.name,
+                        name,
                         target,
                         human_bytes(b.bytes_copied),
                         crate::parse::human_secs(b.elapsed_ms / 1000),
@@ -450,10 +493,10 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                     progress::emit(&progress::result_event("backup", false, &b));
                 }
                 if cancel_sent {
-                    eprintln!("cowsnapctl: backup of {} cancelled: {msg}", a.name);
+                    eprintln!("cowsnapctl: backup of {} cancelled: {msg}", name);
                     return Ok(130);
                 }
-                bail!("backup of {} to {} failed: {msg}", a.name, target);
+                bail!("backup of {} to {} failed: {msg}", name, target);
             }
             BackupState::Quiescing | BackupState::Running | BackupState::Ready => {
                 if json && limit.ready(Instant::now()) {
@@ -468,7 +511,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
 }
 
 /// The mount point `--freeze` names, checked against the disk's exposed device.
-fn freeze_target(
+pub(crate) fn freeze_target(
     paths: &cowsnap_nbd::paths::DiskPaths,
     cl: &mut Client,
     name: &str,

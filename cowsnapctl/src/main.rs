@@ -14,6 +14,8 @@ mod detach;
 mod devlink;
 mod export;
 mod freeze;
+mod group;
+mod hooks;
 mod man;
 mod metrics;
 mod mount_record;
