@@ -108,6 +108,7 @@ pub mod repo;
 pub mod restore;
 pub mod snapshot;
 pub mod target;
+pub mod thread_prio;
 pub mod throttle;
 
 pub use error::{Error, ErrorKind, Result};

@@ -354,10 +354,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                 Err(e) => e.to_string(),
                 Ok(_) => String::new(),
             };
-            bail!(
-                "unable to back up {}: {why}; the daemon said: {said}",
-                name
-            );
+            bail!("unable to back up {}: {why}; the daemon said: {said}", name);
         }
     };
     let id = match started {

@@ -63,6 +63,9 @@ struct GroupReport {
     target: String,
     /// The longest time any disk's writes were paused, µs (from the daemons' figures).
     pause_us: u64,
+    /// Upper bound of any disk's pause seen by the coordinator, µs: from sending
+    /// `group_pause` to the last `group_go` reply (no disk can be paused outside it).
+    pause_bound_us: u64,
     /// The pause limit, ms.
     pause_limit_ms: u64,
     frozen_ms: Option<u64>,
@@ -322,6 +325,7 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         freeze_bound,
         &interrupted,
     );
+    let _ = cowsnap_core::thread_prio::set_thread_nice(0);
     // the post-snapshot hook runs whenever the pre-snapshot one ran (or none was given)
     let mut late_notes = Vec::new();
     if let Some(cmd) = &a.post_snapshot {
@@ -341,7 +345,7 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
             }
         }
     }
-    let frozen_ms = match started {
+    let (frozen_ms, pause_bound) = match started {
         Ok(f) => f,
         Err(e) => {
             abort_all(&mut members, &format!("{e:#}"));
@@ -354,7 +358,7 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         &mut members,
         &target,
         group.as_ref(),
-        pause_limit,
+        (pause_limit, pause_bound),
         frozen_ms,
         notes,
         late_notes,
@@ -394,7 +398,7 @@ fn snapshot_instant(
     mountpoints: &[freeze::Mountpoint],
     freeze_bound: Duration,
     interrupted: &AtomicBool,
-) -> Result<Option<u64>> {
+) -> Result<(Option<u64>, Duration)> {
     let names = || {
         members
             .iter()
@@ -427,6 +431,8 @@ fn snapshot_instant(
             }
         }
     }
+    // from the pause on, this thread runs ahead of the disks' users (back to 0 after)
+    let _ = cowsnap_core::thread_prio::set_thread_nice(cowsnap_core::thread_prio::INSTANT_NICE);
     let t_pause = Instant::now();
     let step = send_all(members, &Request::GroupPause, "pause")
         .and_then(|_| receive_all(members, pause_limit, "pause its writes"))
@@ -469,7 +475,7 @@ fn snapshot_instant(
     if let Some(why) = thaw_problem {
         bail!("unable to back up {all}: {why}; the images would not be consistent");
     }
-    Ok(frozen_ms)
+    Ok((frozen_ms, pause_seen))
 }
 
 /// Step 7: follow every backup; commit all once all are `ready`; report.
@@ -478,7 +484,7 @@ fn follow(
     members: &mut [Member],
     target: &str,
     group: Option<&GroupRef>,
-    pause_limit: Duration,
+    (pause_limit, pause_bound): (Duration, Duration),
     frozen_ms: Option<u64>,
     notes: Vec<String>,
     late_notes: Vec<String>,
@@ -516,18 +522,17 @@ fn follow(
         let mut all_ready = true;
         let mut all_done = true;
         for m in members.iter_mut() {
-            let st = m
-                .cl
-                .set_read_timeout(Duration::from_secs(60))
-                .and_then(|_| m.cl.call(&Request::BackupStatus))
-                .map_err(|e| format!("lost the daemon of {} during the backup: {e}", m.name))
-                .and_then(|r| {
-                    r.get("backup")
-                        .cloned()
-                        .map(serde_json::from_value::<BackupStatus>)
-                        .transpose()
-                        .map_err(|e| format!("unable to understand {}'s status: {e}", m.name))
-                });
+            let st =
+                m.cl.set_read_timeout(Duration::from_secs(60))
+                    .and_then(|_| m.cl.call(&Request::BackupStatus))
+                    .map_err(|e| format!("lost the daemon of {} during the backup: {e}", m.name))
+                    .and_then(|r| {
+                        r.get("backup")
+                            .cloned()
+                            .map(serde_json::from_value::<BackupStatus>)
+                            .transpose()
+                            .map_err(|e| format!("unable to understand {}'s status: {e}", m.name))
+                    });
             match st {
                 Ok(Some(b)) if Some(b.id) == m.id => {
                     if b.state == BackupState::Failed && failure.is_none() {
@@ -569,7 +574,15 @@ fn follow(
             {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let rep = report(members, target, group, pause_limit, frozen_ms, &notes, Some(why));
+            let rep = report(
+                members,
+                target,
+                group,
+                (pause_limit, pause_bound),
+                frozen_ms,
+                &notes,
+                Some(why),
+            );
             if json {
                 progress::emit(&progress::result_event("backup", false, &rep));
             }
@@ -610,7 +623,15 @@ fn follow(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let rep = report(members, target, group, pause_limit, frozen_ms, &notes, None);
+    let rep = report(
+        members,
+        target,
+        group,
+        (pause_limit, pause_bound),
+        frozen_ms,
+        &notes,
+        None,
+    );
     if json {
         progress::emit(&progress::result_event("backup", true, &rep));
     } else {
@@ -643,7 +664,7 @@ fn report(
     members: &[Member],
     target: &str,
     group: Option<&GroupRef>,
-    pause_limit: Duration,
+    (pause_limit, pause_bound): (Duration, Duration),
     frozen_ms: Option<u64>,
     notes: &[String],
     error: Option<&String>,
@@ -674,6 +695,7 @@ fn report(
         group: group.map(|g| g.id.clone()),
         target: target.to_string(),
         pause_us: disks.iter().map(|d| d.instant_pause_us).max().unwrap_or(0),
+        pause_bound_us: pause_bound.as_micros() as u64,
         pause_limit_ms: pause_limit.as_millis() as u64,
         frozen_ms,
         notes: all_notes,

@@ -245,7 +245,11 @@ mod tests {
         )
         .unwrap();
         assert!(o.ok());
-        assert!(o.head.contains(&"post-snapshot a b".to_string()), "{:?}", o.head);
+        assert!(
+            o.head.contains(&"post-snapshot a b".to_string()),
+            "{:?}",
+            o.head
+        );
         assert!(o.head.iter().all(|l| l.len() <= KEEP_LINE_BYTES + 3));
         assert_eq!(cut_at("ééé", 3), "é…");
     }

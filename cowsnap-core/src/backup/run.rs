@@ -87,6 +87,9 @@ pub(super) fn start(
             return Err(e);
         }
     };
+    // the pause counts from here: no data-changing request is in flight (a group
+    // member's includes the wait for the other disks of its group)
+    let paused_at = std::time::Instant::now();
     if let Some(b) = barrier.as_mut() {
         // the group's other disks pause too; nothing has been changed yet
         if let Err(e) = b.paused() {
@@ -96,7 +99,6 @@ pub(super) fn start(
         }
     }
     // ---- the snapshot instant: no data-changing request is in flight ----
-    let paused_at = std::time::Instant::now();
     let changelog = engine.changelog();
     let cut: Option<Cut> = match changelog {
         Some(cl) if target.uses_change_log() => match cl.begin_generation() {
@@ -175,7 +177,16 @@ pub(super) fn start(
     if let Err(e) = target.begin(&info) {
         let e = e.with_context("unable to start the backup");
         snap.fail(e.to_string());
-        finish(engine, job, last, &snap, Err(e.to_string()), target, cut, None);
+        finish(
+            engine,
+            job,
+            last,
+            &snap,
+            Err(e.to_string()),
+            target,
+            cut,
+            None,
+        );
         return Err(e);
     }
     snap.add_priority(&p.priority);
@@ -206,7 +217,16 @@ pub(super) fn start(
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("the drainer stopped unexpectedly (internal error)".into()),
             };
-            finish(&engine2, &job2, &last2, &snap2, res, target, cut, commit_gate);
+            finish(
+                &engine2,
+                &job2,
+                &last2,
+                &snap2,
+                res,
+                target,
+                cut,
+                commit_gate,
+            );
         });
     if let Err(e) = spawned {
         let e = Error::io("unable to start the drainer thread", e);
@@ -221,15 +241,8 @@ pub(super) fn start(
 /// The drainer is background work: give the CPU to the disk's users first (nice +10
 /// for this thread only). Failure is harmless and ignored.
 fn lower_thread_priority() {
-    let tid = nix::unistd::gettid();
-    // SAFETY: setpriority takes integers only and touches no memory of ours; on Linux
-    // PRIO_PROCESS with a thread id changes that thread's nice value.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid.as_raw() as libc::id_t, 10) };
-    if r != 0 {
-        log::debug!(
-            "unable to lower the drainer's priority: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = crate::thread_prio::set_thread_nice(10) {
+        log::debug!("unable to lower the drainer's priority: {e}");
     }
 }
 

@@ -79,9 +79,7 @@ impl<'a> ConnBarrier<'a> {
         }
         let text = String::from_utf8_lossy(&line);
         match (wire::decode_request(&text), want) {
-            (Ok(Request::GroupPause), "group_pause") | (Ok(Request::GroupGo), "group_go") => {
-                Ok(())
-            }
+            (Ok(Request::GroupPause), "group_pause") | (Ok(Request::GroupGo), "group_go") => Ok(()),
             (Ok(Request::GroupAbort { why }), _) => {
                 Err(abandoned(format!("the coordinator said: {why}")))
             }
@@ -97,7 +95,11 @@ impl<'a> ConnBarrier<'a> {
 impl InstantBarrier for ConnBarrier<'_> {
     fn prepared(&mut self) -> Result<()> {
         self.reply("prepared")?;
-        self.expect("group_pause", PREPARED_WAIT)
+        self.expect("group_pause", PREPARED_WAIT)?;
+        // from here to the instant every step counts against the group's pause: this
+        // thread runs ahead of the disk's users (put back by `group_backup`)
+        let _ = cowsnap_core::thread_prio::set_thread_nice(cowsnap_core::thread_prio::INSTANT_NICE);
+        Ok(())
     }
 
     fn paused(&mut self) -> Result<()> {

@@ -248,7 +248,10 @@ impl ControlServer {
         let mut member: Option<GroupMember> = None;
         self.serve_lines(&mut reader, &mut writer, &mut member);
         if let Some(m) = member {
-            m.abandon(&self.backups, "the group's coordinator closed the connection");
+            m.abandon(
+                &self.backups,
+                "the group's coordinator closed the connection",
+            );
         }
     }
 
@@ -351,7 +354,10 @@ impl ControlServer {
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let mut barrier = super::group::ConnBarrier::new(reader, writer, limit);
-        match self.backups.start_coordinated(params, &mut barrier, rx) {
+        let nice = cowsnap_core::thread_prio::thread_nice();
+        let started = self.backups.start_coordinated(params, &mut barrier, rx);
+        let _ = cowsnap_core::thread_prio::set_thread_nice(nice);
+        match started {
             Ok(id) => {
                 *member = Some(GroupMember { id, decide: tx });
                 wire::ok_reply(&serde_json::json!({ "id": id }))
@@ -384,7 +390,9 @@ impl GroupMember {
 /// `group_commit` / `group_abort`: hand the decision to the connection's group backup.
 fn group_decide(member: &mut Option<GroupMember>, d: CommitDecision) -> String {
     match member.take() {
-        None => wire::error_reply("unable to take a group step: no group backup on this connection"),
+        None => {
+            wire::error_reply("unable to take a group step: no group backup on this connection")
+        }
         Some(m) => match m.decide.send(d) {
             Ok(()) => wire::ok_reply(&()),
             Err(_) => wire::error_reply(&format!(
