@@ -97,6 +97,28 @@ log "ga took a write $(( ($(date +%s%N) - t0) / 1000000 )) ms after; error: $(ta
 timeout 30 "$CTL" detach --force gb >/dev/null 2>&1
 ub=$(ctl attach "$T/b.img" --name gb --via none | tail -n 1) || fail "re-attach b"
 
+log "C2: a daemon killed -9 after the instant, while the group copies"
+head -c $((32 << 20)) /dev/urandom | dd of="$T/a.img" conv=notrunc status=none
+head -c $((32 << 20)) /dev/urandom | dd of="$T/b.img" conv=notrunc status=none
+before_a=$(bid ga)
+ctl backup ga gb --to "repo:$T/repo3" --rate-limit 4M >"$T/c2.out" 2>"$T/c2.err" &
+BK=$!; EXTRA_PIDS+=("$BK")
+for _ in $(seq 200); do
+  [ "$(bid ga)" != "$before_a" ] && [ "$(bstate ga)" = running ] && [ "$(bstate gb)" = running ] && break
+  sleep 0.05
+done
+[ "$(bstate gb)" = running ] || fail "the group never got running (ga $(bstate ga), gb $(bstate gb))"
+kill -KILL "$(cat "$COWSNAP_RUN_DIR/gb.pid")"
+wait "$BK"; rc=$?
+[ "$rc" != 0 ] || fail "the group backup succeeded although gb's daemon died"
+grep -q "gb" "$T/c2.err" || fail "the error does not name gb: $(cat "$T/c2.err")"
+for _ in $(seq 100); do [ "$(bstate ga)" = failed ] && break; sleep 0.05; done
+[ "$(bstate ga)" = failed ] || fail "ga's backup is $(bstate ga) after gb died"
+[ "$(ngens "$T/repo3")" = 0 ] || fail "a generation was published for a group whose daemon died"
+log "ga's backup: $(ctl status ga --json | jq -r .daemon.backup.error)"
+timeout 30 "$CTL" detach --force gb >/dev/null 2>&1
+ub=$(ctl attach "$T/b.img" --name gb --via none | tail -n 1) || fail "re-attach b"
+
 log "D: hooks"
 before_a=$(bid ga)
 ctl backup ga gb --to "repo:$T/repo4" --pre-snapshot 'echo checkpoint failed; exit 3' >"$T/d.out" 2>"$T/d.err" \

@@ -62,11 +62,12 @@ impl Job {
         lock(&self.status).state = BackupState::Running;
     }
 
-    /// Ask the job to stop: a quiesce wait gives up, a running snapshot fails.
-    pub(super) fn cancel(&self) {
+    /// Ask the job to stop: a quiesce wait gives up, a running snapshot fails with
+    /// `why`.
+    pub(super) fn cancel(&self, why: &str) {
         self.canceled.store(true, Ordering::SeqCst);
         if let Some(s) = self.snapshot() {
-            s.fail("backup canceled");
+            s.fail(why);
         }
     }
 

@@ -340,9 +340,14 @@ impl Backups {
 
     /// Stop the running backup; its target is left incomplete.
     pub fn cancel(&self) -> Result<()> {
+        self.cancel_because("backup canceled")
+    }
+
+    /// [`Self::cancel`], recording `why` as the backup's error.
+    pub fn cancel_because(&self, why: &str) -> Result<()> {
         match self.current() {
             Some(j) if !j.state().is_finished() => {
-                j.cancel();
+                j.cancel(why);
                 Ok(())
             }
             _ => Err(crate::err!(

@@ -381,7 +381,8 @@ impl GroupMember {
         if let Some(st) = backups.status() {
             if st.id == self.id && !st.state.is_finished() {
                 log::warn!("group backup {} abandoned: {why}", self.id);
-                let _ = backups.cancel();
+                let _ = backups
+                    .cancel_because(&format!("group backup abandoned: {why}; nothing published"));
             }
         }
     }
