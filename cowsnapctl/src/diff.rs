@@ -21,8 +21,9 @@
 //!   changed chunk are not reported (counted as `shared_chunk_files`);
 //! - changed bytes no file extent covers are "filesystem metadata or free space".
 //!
-//! A file's changed bytes are its data lying in changed ranges (in GEN2; in GEN1 for a
-//! deleted file), so the figure is at chunk granularity, not the bytes rewritten. A
+//! A modified file's changed bytes are its data (in GEN2) lying in changed ranges, so
+//! the figure is at chunk granularity, not the bytes rewritten; an added or deleted
+//! file's are its size. A
 //! generation that cannot be mounted (no filesystem, an unknown one, several
 //! partitions) is not an error: the ranges are reported as "unknown" with the reason.
 //!
@@ -115,7 +116,8 @@ pub struct FileChange {
     pub path: String,
     /// "modified", "added" or "deleted".
     pub status: &'static str,
-    /// Bytes of its data in changed ranges (GEN2; GEN1 for a deleted file).
+    /// Modified: bytes of its data (in GEN2) lying in changed ranges; added or
+    /// deleted: its size.
     pub changed_bytes: u64,
 }
 
@@ -648,7 +650,7 @@ fn classify(
     for (p, n) in new {
         match old.get(p) {
             None => {
-                out.insert(p.clone(), ("added", n.changed));
+                out.insert(p.clone(), ("added", n.size));
             }
             Some(o) => {
                 if n.changed == 0 && o.changed == 0 && n.size == o.size {
@@ -667,7 +669,7 @@ fn classify(
     }
     for (p, o) in old {
         if !new.contains_key(p) {
-            out.insert(p.clone(), ("deleted", o.changed));
+            out.insert(p.clone(), ("deleted", o.size));
         }
     }
     let files = out
@@ -810,7 +812,7 @@ mod tests {
             vec![
                 ("/a", "modified", 10),
                 ("/b", "added", 3),
-                ("/c", "deleted", 0),
+                ("/c", "deleted", 5),
                 ("/t", "modified", 0)
             ]
         );
