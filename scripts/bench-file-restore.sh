@@ -28,7 +28,7 @@ mkdir "$T/m/d"; for i in $(seq 100); do echo "f $i $RANDOM" > "$T/m/d/f$i"; done
 sum=$(sha256sum < "$T/m/ten.bin")
 umount "$T/m" || fail "umount"
 t=$(now); g1=$(backup_gen bf --to "repo:$REPO") || fail "backup"
-log "MEASURE: full backup of the ${GIB} GiB disk (${BIG} MiB + 10 MiB of files): $(since "$t") s, $(tail -n 1 "$T/bk.out" | jq -c '.stats // .report.stats | {bytes_read, chunks_written}')"
+log "MEASURE: full backup of the ${GIB} GiB disk (${BIG} MiB + 10 MiB of files): $(since "$t") s, $(ctl list "repo:$REPO" --json | jq -c ".[] | select(.id == \"$g1\") | .stats | {bytes_read, chunks_written, chunks_zero}")"
 
 out=$(ctl mount "repo:$REPO@$g1" "$T/g" --name bfm --via fuse 2>&1) || fail "mount: $out"
 st() { ctl status bfm --json | jq ".daemon.export.stats.$1"; }

@@ -49,6 +49,21 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// The manual's description of `diff`.
+pub const LONG_ABOUT: &str = "What changed between two restore points of one disk.\n\n\
+    Without --files only the two indexes are read: the changed byte ranges at the \
+    repository's chunk granularity (offset, length) and their total; no chunk data is \
+    read. Generations of different disk sizes or chunk sizes are refused.\n\n\
+    With --files both generations are mounted read-only (as `cowsnapctl mount` does, on \
+    RUN_DIR/diff-PID-a.mnt and -b.mnt) for the time of the command, every regular file's \
+    extents are mapped (FIEMAP) and intersected with the ranges: files are reported \
+    modified (size or data in the changed ranges differs), added or deleted, sorted by \
+    path, with their changed bytes; changed bytes no file holds are filesystem metadata \
+    or free space. A generation that cannot be mounted (no filesystem, several \
+    partitions without --partition) leaves the ranges reported as unknown, with the \
+    reason; that is not an error. The mounts are undone at the end, on errors and on \
+    Ctrl-C; after a kill, `cowsnapctl umount RUN_DIR/diff-PID-a.mnt` undoes them.";
+
 /// Arguments of `diff`.
 #[derive(Debug, clap::Args)]
 pub struct DiffArgs {

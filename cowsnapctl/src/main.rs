@@ -101,6 +101,7 @@ enum Cmd {
     /// Undo a `mount`: unmount, remove its devices and stop its export.
     Umount(export::UmountArgs),
     /// What changed between two restore points: byte ranges, or files with --files.
+    #[command(long_about = diff::LONG_ABOUT)]
     Diff(diff::DiffArgs),
     /// Export Prometheus metrics of every attached disk (and --repo repositories).
     Metrics(metrics::MetricsArgs),
