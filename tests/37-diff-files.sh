@@ -6,7 +6,7 @@
 #   whose sum is the changed bytes; `diff --files` names A modified, B added, C deleted,
 #   and neither D nor a small file; the human form says the same. Nothing is left behind
 #   (mounts, mount records, loop devices, export daemons, mount directories).
-# - Ctrl-C (SIGINT) during `diff --files` undoes its mounts.
+# - Ctrl-C (SIGINT) during `diff --files` undoes its mounts and exits 130.
 # - a disk of random data (no filesystem): `--files` reports the ranges as unknown with
 #   the reason, and exits 0.
 # - refusals: generations of different disk sizes; a spec without @GEN.
@@ -102,6 +102,7 @@ if running "$pid"; then
   if [ "$rc" = 0 ]; then
     log "the diff ended before the signal was seen"
   else
+    [ "$rc" = 130 ] || fail "interrupted diff exited $rc, not 130: $(cat "$T/int.out")"
     grep -q "interrupted" "$T/int.out" || fail "interrupted diff does not say so: $(cat "$T/int.out")"
   fi
 else

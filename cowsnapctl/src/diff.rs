@@ -29,7 +29,8 @@
 //!
 //! Cleanup: a guard undoes each mount in `Drop` (unmount, loop devices, export, record,
 //! directory), on success, on error and after SIGINT/SIGTERM/SIGHUP, which only set a
-//! flag the walk checks (a second Ctrl-C does not cut the cleanup short). After a
+//! flag the walk checks (a second Ctrl-C does not cut the cleanup short); the command
+//! then exits 130. After a
 //! SIGKILL, `cowsnapctl umount RUN_DIR/diff-PID-a.mnt` undoes what is left (its mount
 //! record is written as it goes, as for `mount`).
 
@@ -221,7 +222,15 @@ pub fn run(dirs: &Dirs, a: DiffArgs) -> Result<i32> {
         .diff(&g1, &g2)
         .with_context(|| format!("unable to compare {} and {}", g1.id, g2.id))?;
     let files = if a.files {
-        Some(files_report(dirs, &a, &d1, &g1, &g2, &d)?)
+        match files_report(dirs, &a, &d1, &g1, &g2, &d) {
+            Ok(f) => Some(f),
+            // the mounts' guards ran when files_report returned
+            Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+                eprintln!("cowsnapctl: diff interrupted; its mounts are undone");
+                return Ok(130);
+            }
+            Err(e) => return Err(e),
+        }
     } else {
         None
     };
