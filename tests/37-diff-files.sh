@@ -9,6 +9,8 @@
 # - Ctrl-C (SIGINT) during `diff --files` undoes its mounts and exits 130.
 # - a disk of random data (no filesystem): `--files` reports the ranges as unknown with
 #   the reason, and exits 0.
+# - a disk name as GEN picks its newest generation; two disks of one size are compared
+#   with a note; --max-files fails the walk and still undoes the mounts.
 # - refusals: generations of different disk sizes; a spec without @GEN.
 . "$(dirname "$0")/lib.sh"
 need_root; need_fuse; need mkfs.ext4 mkfs.xfs mountpoint
@@ -129,6 +131,19 @@ human=$(ctl diff "repo:$REPO@$gr1" "repo:$REPO@$gr2" --files) || fail "human dif
 echo "$human"
 echo "$human" | grep -qE '^ +5242880 +1048576 .* unknown$' || fail "human form does not mark the range unknown"
 ctl detach r37 >/dev/null || fail "detach r37"
+
+log "a disk name picks its newest generation; different disks are compared with a note"
+a=$(ctl diff "repo:$REPO@$g1_ext4" "repo:$REPO@$g2_ext4" --json | jq -c .ranges) || fail "diff by id"
+b=$(ctl diff "repo:$REPO@$g1_ext4" "repo:$REPO@ext437" --json | jq -c .ranges) || fail "diff by disk name"
+[ "$a" = "$b" ] || fail "the disk name did not pick $g2_ext4: $b"
+out=$(ctl diff "repo:$REPO@$g1_ext4" "repo:$REPO@$g1_xfs" --json) || fail "diff of two disks of one size: $out"
+json_field "$out" '.notes[]' | grep -q "different disks" || fail "no note about different disks: $out"
+
+log "--max-files bounds the walk; the error undoes the mounts"
+before=$(loops)
+msg=$(ctl diff "repo:$REPO@$g1_ext4" "repo:$REPO@$g2_ext4" --files --max-files 5 2>&1) && fail "--max-files 5 was not enforced"
+echo "$msg" | grep -q "more than 5 entries" || fail "--max-files error unclear: $msg"
+no_leftovers "$before"
 
 log "refusals"
 msg=$(ctl diff "repo:$REPO@$g1_ext4" "repo:$REPO@$gr1" 2>&1) && fail "diff of different disk sizes succeeded"
