@@ -6,6 +6,9 @@
 #   whose sum is the changed bytes; `diff --files` names A modified, B added, C deleted,
 #   and neither D nor a small file; the human form says the same. Nothing is left behind
 #   (mounts, mount records, loop devices, export daemons, mount directories).
+# - a GPT disk with ext4 in partition 2: `--files --partition 2` names the same changes
+#   (extents shifted by the partition's start); without --partition the two partitions
+#   leave the files unknown, with the reason.
 # - Ctrl-C (SIGINT) during `diff --files` undoes its mounts and exits 130.
 # - a disk of random data (no filesystem): `--files` reports the ranges as unknown with
 #   the reason, and exits 0.
@@ -13,7 +16,7 @@
 #   with a note; --max-files fails the walk and still undoes the mounts.
 # - refusals: generations of different disk sizes; a spec without @GEN.
 . "$(dirname "$0")/lib.sh"
-need_root; need_fuse; need mkfs.ext4 mkfs.xfs mountpoint
+need_root; need_fuse; need mkfs.ext4 mkfs.xfs mountpoint sfdisk partx
 REPO=$T/repo
 mkdir -p "$T/m"
 
@@ -87,6 +90,37 @@ for fs in ext4 xfs; do
   ctl detach "$name" >/dev/null || fail "detach $name"
   eval "g1_$fs=$g1; g2_$fs=$g2"
 done
+
+log "GPT disk, ext4 in partition 2: extents are shifted by the partition's start"
+truncate -s 256M "$T/g.img"
+printf 'label: gpt\nsize=16MiB\nsize=200MiB\n' | sfdisk -q "$T/g.img" || fail "sfdisk"
+read -r s2 n2 < <(partx -g -r -o START,SECTORS --nr 2 "$T/g.img")
+dev=$(ctl attach "$T/g.img" --name g37 --via fuse | tail -n 1) || fail "attach g37"
+part() { losetup -f --show -o $((s2 * 512)) --sizelimit $((n2 * 512)) "$dev"; }
+lo=$(part) || fail "losetup p2"
+mkfs.ext4 -q -F "$lo" || fail "mkfs p2"
+mount "$lo" "$T/m" || fail "mount p2"
+head -c $((2 << 20)) /dev/urandom > "$T/m/A"; head -c $((1 << 20)) /dev/urandom > "$T/m/C"
+head -c $((1 << 20)) /dev/urandom > "$T/m/D"
+sync; umount "$T/m"; losetup -d "$lo"
+gp1=$(backup_gen g37 --to "repo:$REPO") || fail "backup g37"
+lo=$(part) || fail "losetup p2 again"
+mount "$lo" "$T/m" || fail "mount p2 again"
+dd if=/dev/urandom of="$T/m/A" bs=64K seek=8 count=1 conv=notrunc status=none || fail "modify A"
+head -c $((1 << 20)) /dev/urandom > "$T/m/B"; rm "$T/m/C"
+sync; umount "$T/m"; losetup -d "$lo"
+gp2=$(backup_gen g37 --to "repo:$REPO" --incremental) || fail "backup g37 2"
+before=$(loops)
+out=$(ctl diff "repo:$REPO@$gp1" "repo:$REPO@$gp2" --files --partition 2 --json) || fail "diff --files --partition 2: $out"
+no_leftovers "$before"
+echo "$out" | jq -c '.files | {known, to_fs, files}'
+[ "$(json_field "$out" .files.to_fs.partition)" = 2 ] || fail "not partition 2: $out"
+got=$(json_field "$out" '[.files.files[] | "\(.path):\(.status)"] | join(" ")')
+[ "$got" = "/A:modified /B:added /C:deleted" ] || fail "partition 2 files: $got"
+out=$(ctl diff "repo:$REPO@$gp1" "repo:$REPO@$gp2" --files --json) || fail "diff --files of two partitions: $out"
+[ "$(json_field "$out" .files.known)" = false ] || fail "two partitions without --partition are known: $out"
+json_field "$out" .files.to_fs.unknown | grep -q "2 partitions" || fail "no reason: $out"
+ctl detach g37 >/dev/null || fail "detach g37"
 
 log "SIGINT during diff --files undoes its mounts"
 before=$(loops)
