@@ -16,7 +16,7 @@ GIB=${1:-100}; BIG=${2:-256}
 REPO=$T/repo
 mkdir -p "$T/m" "$T/g"
 now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 
 truncate -s "${GIB}G" "$T/disk.img"
 dev=$(ctl attach "$T/disk.img" --name bf --via fuse | tail -n 1) || fail "attach"
