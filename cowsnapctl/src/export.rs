@@ -80,7 +80,7 @@ pub struct UmountArgs {
 
 /// `repo:DIR[@GEN]` → the absolute `repo:DIR@ID` and the generation (validated: the
 /// repository opens and the generation exists).
-fn resolve(source: &str) -> Result<(String, GenerationInfo)> {
+pub(crate) fn resolve(source: &str) -> Result<(String, GenerationInfo)> {
     let (dir, gen) = paths::parse_repo_spec(source)?;
     let dir = std::path::absolute(&dir)
         .with_context(|| format!("unable to resolve {}", dir.display()))?;
@@ -282,6 +282,25 @@ fn check_mountpoint(p: &Path) -> Result<PathBuf> {
 
 /// `cowsnapctl mount`.
 pub fn mount(dirs: &Dirs, a: MountArgs) -> Result<()> {
+    let mr = mount_quiet(dirs, &a)?;
+    let mp = &mr.mountpoint;
+    eprintln!(
+        "mounted {}{} ({}, {}) on {mp} read-only; export {}; undo with: cowsnapctl umount {mp}",
+        mr.source,
+        mr.partition
+            .map(|n| format!(" partition {n}"))
+            .unwrap_or_default(),
+        mr.fstype.as_deref().unwrap_or("?"),
+        mr.options.as_deref().unwrap_or("?"),
+        mr.name,
+    );
+    println!("{mp}");
+    Ok(())
+}
+
+/// `mount` without its messages: what it set up (undo it with [`undo`]); a failure
+/// undoes its own steps.
+pub(crate) fn mount_quiet(dirs: &Dirs, a: &MountArgs) -> Result<MountRecord> {
     let mp = check_mountpoint(&a.mountpoint)?;
     let (spec, g) = resolve(&a.source)?;
     let name = a.name.clone().unwrap_or_else(|| default_name(&g));
@@ -324,25 +343,14 @@ pub fn mount(dirs: &Dirs, a: MountArgs) -> Result<()> {
         options: None,
         mounted: false,
     };
-    let r = mount_steps(&a, &mut mr, &rpath);
+    let r = mount_steps(a, &mut mr, &rpath);
     if let Err(e) = r {
         if let Err(e2) = undo(dirs, &mr, &rpath) {
             eprintln!("cowsnapctl: cleanup: {e2:#}");
         }
         return Err(e.context(format!("unable to mount {spec} on {}", mp.display())));
     }
-    eprintln!(
-        "mounted {spec}{} ({}, {}) on {} read-only; export {name}; undo with: cowsnapctl umount {}",
-        mr.partition
-            .map(|n| format!(" partition {n}"))
-            .unwrap_or_default(),
-        mr.fstype.as_deref().unwrap_or("?"),
-        mr.options.as_deref().unwrap_or("?"),
-        mp.display(),
-        mp.display()
-    );
-    println!("{}", mp.display());
-    Ok(())
+    Ok(mr)
 }
 
 fn mount_steps(a: &MountArgs, mr: &mut MountRecord, rpath: &Path) -> Result<()> {
@@ -414,7 +422,7 @@ fn mount_steps(a: &MountArgs, mr: &mut MountRecord, rpath: &Path) -> Result<()> 
 }
 
 /// Undo what `mr` records: unmount, the partition's loop device, the export, the record.
-fn undo(dirs: &Dirs, mr: &MountRecord, rpath: &Path) -> Result<()> {
+pub(crate) fn undo(dirs: &Dirs, mr: &MountRecord, rpath: &Path) -> Result<()> {
     let mut mr = mr.clone();
     let mp = PathBuf::from(&mr.mountpoint);
     if is_mount_point(&mp)? {

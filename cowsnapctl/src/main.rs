@@ -12,6 +12,7 @@ mod completions;
 mod config;
 mod detach;
 mod devlink;
+mod diff;
 mod export;
 mod freeze;
 mod group;
@@ -101,6 +102,9 @@ enum Cmd {
     Mount(export::MountArgs),
     /// Undo a `mount`: unmount, remove its devices and stop its export.
     Umount(export::UmountArgs),
+    /// What changed between two restore points: byte ranges, or files with --files.
+    #[command(long_about = diff::LONG_ABOUT)]
+    Diff(diff::DiffArgs),
     /// Export Prometheus metrics of every attached disk (and --repo repositories).
     Metrics(metrics::MetricsArgs),
     /// Attach the disks of the configuration file that are not attached.
@@ -157,6 +161,7 @@ fn main() {
         Cmd::Export(a) => export::export(&cli.dirs, a).map(|_| 0),
         Cmd::Mount(a) => export::mount(&cli.dirs, a).map(|_| 0),
         Cmd::Umount(a) => export::umount(&cli.dirs, a).map(|_| 0),
+        Cmd::Diff(a) => diff::run(&cli.dirs, a),
         Cmd::Metrics(a) => metrics::run(&cli.dirs, a),
         Cmd::Up(a) => up::up(&cli.dirs, a),
         Cmd::Down(a) => up::down(&cli.dirs, a),

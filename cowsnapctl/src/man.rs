@@ -37,8 +37,8 @@ const EXIT_STATUS: &[(&str, &str)] = &[
     ),
     (
         "130",
-        "Interrupted by Ctrl-C (SIGINT). backup, restore and verify also take SIGTERM and \
-         SIGHUP, stop cleanly (see their pages) and exit 130; the short commands are ended \
+        "Interrupted by Ctrl-C (SIGINT). backup, restore, verify and diff --files also take \
+         SIGTERM and SIGHUP, stop cleanly (see their pages) and exit 130; the short commands are ended \
          by the signal itself, which a shell reports as 130.",
     ),
 ];

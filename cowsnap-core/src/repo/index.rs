@@ -64,7 +64,7 @@ impl IndexHeader {
 
     /// Decode the fields; `Err` names what is wrong (magic, header checksum). The
     /// caller checks the rest against the entries.
-    fn decode(b: &[u8]) -> std::result::Result<IndexHeader, &'static str> {
+    pub(crate) fn decode(b: &[u8]) -> std::result::Result<IndexHeader, &'static str> {
         let short = "shorter than its header";
         if b.len() < INDEX_HEADER_SIZE {
             return Err(short);

@@ -28,6 +28,7 @@
 //! sweep deletes it.
 
 pub mod chunk_store;
+pub mod diff;
 pub mod generation;
 pub mod index;
 pub mod pin;

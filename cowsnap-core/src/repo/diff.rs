@@ -1,0 +1,500 @@
+//! Which bytes of a disk differ between two generations, from their indexes alone.
+//!
+//! Two generations of one disk size and chunk size are compared entry by entry: a
+//! chunk whose hash differs changed (a chunk's name is the blake3 hash of its
+//! uncompressed data, so equal hashes mean equal data, and the zero hash means zeros in
+//! both). Adjacent changed chunks are coalesced into one [`ByteRange`]; the last chunk
+//! may be short, and its range ends at the disk's end.
+//!
+//! Cost: both index files are read once, in 1 MiB pieces side by side (32 bytes per
+//! chunk each), and checked as [`FixedIndex::read`](super::FixedIndex::read) checks them
+//! (header, entries checksum, length, the generation id in the header). No chunk data is
+//! read. Memory: the ranges (16 bytes per range; at most one range per two chunks, i.e.
+//! less than a quarter of one index) — an index is never held whole.
+//!
+//! The ranges are also what `cowsnapctl diff --files` intersects with file extents: the
+//! helpers [`overlap`] and [`subtract`] work on sorted, disjoint ranges.
+
+use super::index::{chunk_count, IndexHeader, INDEX_HEADER_SIZE, INDEX_VERSION};
+use super::{GenerationInfo, Repo};
+use crate::error::{IoContext, Result};
+use std::io::Read;
+use std::path::Path;
+
+/// A byte range of the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteRange {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes (never 0 in a diff).
+    pub len: u64,
+}
+
+impl ByteRange {
+    /// One past the last byte (saturating: ranges come from sizes below `u64::MAX`).
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.len)
+    }
+}
+
+/// The changed byte ranges between two generations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexDiff {
+    /// Repository chunk size of both.
+    pub chunk_size: u32,
+    /// Disk size of both.
+    pub disk_size: u64,
+    /// Chunks compared.
+    pub chunks: u64,
+    /// Chunks whose hashes differ.
+    pub changed_chunks: u64,
+    /// Changed bytes (the sum of `ranges`).
+    pub changed_bytes: u64,
+    /// Changed ranges, sorted, disjoint and not adjacent.
+    pub ranges: Vec<ByteRange>,
+}
+
+/// Coalesces changed chunks, given in increasing order, into ranges.
+struct Coalescer {
+    chunk_size: u64,
+    disk_size: u64,
+    diff: IndexDiff,
+}
+
+impl Coalescer {
+    fn new(chunk_size: u32, disk_size: u64) -> Coalescer {
+        Coalescer {
+            chunk_size: u64::from(chunk_size),
+            disk_size,
+            diff: IndexDiff {
+                chunk_size,
+                disk_size,
+                chunks: chunk_count(disk_size, chunk_size),
+                changed_chunks: 0,
+                changed_bytes: 0,
+                ranges: Vec::new(),
+            },
+        }
+    }
+
+    /// Chunk `i` changed (`i` < chunk count, increasing).
+    fn changed(&mut self, i: u64) {
+        // i < chunk_count, so i * chunk_size < disk_size + chunk_size: no overflow for
+        // any disk size an index header can hold below u64::MAX - 64 MiB.
+        let offset = i * self.chunk_size;
+        let len = (self.disk_size - offset).min(self.chunk_size);
+        self.diff.changed_chunks += 1;
+        self.diff.changed_bytes += len;
+        match self.diff.ranges.last_mut() {
+            Some(r) if r.end() == offset => r.len += len,
+            _ => self.diff.ranges.push(ByteRange { offset, len }),
+        }
+    }
+}
+
+/// The changed ranges between two lists of chunk hashes of one disk (`a` and `b` must
+/// both have `ceil(disk_size / chunk_size)` entries).
+pub fn diff_hashes(
+    chunk_size: u32,
+    disk_size: u64,
+    a: &[[u8; 32]],
+    b: &[[u8; 32]],
+) -> Result<IndexDiff> {
+    let n = chunk_count(disk_size, chunk_size);
+    if chunk_size == 0 || a.len() as u64 != n || b.len() as u64 != n {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to compare indexes: {} and {} entries for a disk of {n} chunks",
+            a.len(),
+            b.len()
+        ));
+    }
+    let mut c = Coalescer::new(chunk_size, disk_size);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if x != y {
+            c.changed(i as u64);
+        }
+    }
+    Ok(c.diff)
+}
+
+/// An index file opened for reading its entries in pieces.
+struct IndexStream {
+    f: std::fs::File,
+    path: String,
+    header: IndexHeader,
+    hasher: blake3::Hasher,
+}
+
+impl IndexStream {
+    fn open(path: &Path) -> Result<IndexStream> {
+        let what = path.display().to_string();
+        let bad = |why: &str| crate::err!(Corrupt, "index {what} is corrupt: {why}");
+        let mut f = std::fs::File::open(path).ctx(|| format!("unable to read index {what}"))?;
+        let mut head = vec![0u8; INDEX_HEADER_SIZE];
+        f.read_exact(&mut head).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                bad("shorter than its header")
+            } else {
+                crate::Error::io(format!("unable to read index {what}"), e)
+            }
+        })?;
+        let header = IndexHeader::decode(&head).map_err(bad)?;
+        let (version, chunk_size, disk_size, count) = (
+            header.version,
+            header.chunk_size,
+            header.disk_size,
+            header.chunk_count,
+        );
+        if version != INDEX_VERSION {
+            return Err(bad(&format!("unsupported version {version}")));
+        }
+        if chunk_size == 0 || count != chunk_count(disk_size, chunk_size) {
+            return Err(bad("chunk count does not match the disk size"));
+        }
+        Ok(IndexStream {
+            f,
+            path: what,
+            header,
+            hasher: blake3::Hasher::new(),
+        })
+    }
+
+    fn generation(&self) -> String {
+        let g = self.header.generation;
+        let end = g.iter().position(|&c| c == 0).unwrap_or(g.len());
+        String::from_utf8_lossy(&g[..end]).into_owned()
+    }
+
+    /// Fill `buf` with the next entries (its length a multiple of 32).
+    fn read(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.f.read_exact(buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                crate::err!(Corrupt, "index {} is corrupt: wrong length", self.path)
+            } else {
+                crate::Error::io(format!("unable to read index {}", self.path), e)
+            }
+        })?;
+        self.hasher.update(buf);
+        Ok(())
+    }
+
+    /// After the last entry: nothing follows and the entries match their checksum.
+    fn finish(mut self) -> Result<()> {
+        let mut extra = [0u8; 1];
+        let n = self
+            .f
+            .read(&mut extra)
+            .ctx(|| format!("unable to read index {}", self.path))?;
+        let bad = |why: &str| crate::err!(Corrupt, "index {} is corrupt: {why}", self.path);
+        if n != 0 {
+            return Err(bad("wrong length"));
+        }
+        if *self.hasher.finalize().as_bytes() != self.header.entries_checksum {
+            return Err(bad("entries checksum mismatch"));
+        }
+        Ok(())
+    }
+}
+
+/// Compare the index files `a` and `b` (see the module notes). Refused: different
+/// disk sizes or chunk sizes (no byte-for-byte comparison exists), damaged indexes.
+pub fn diff_index_files(a: &Path, b: &Path) -> Result<IndexDiff> {
+    let mut sa = IndexStream::open(a)?;
+    let mut sb = IndexStream::open(b)?;
+    same_layout(&sa, &sb)?;
+    let ha = sa.header;
+    let (chunk_size, disk_size, count) = (ha.chunk_size, ha.disk_size, ha.chunk_count);
+    let mut c = Coalescer::new(chunk_size, disk_size);
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let per = (ba.len() / 32) as u64;
+    let mut i = 0u64;
+    while i < count {
+        let k = (count - i).min(per);
+        let n = (k * 32) as usize;
+        sa.read(&mut ba[..n])?;
+        sb.read(&mut bb[..n])?;
+        for (x, y) in ba[..n].chunks_exact(32).zip(bb[..n].chunks_exact(32)) {
+            if x != y {
+                c.changed(i);
+            }
+            i += 1;
+        }
+    }
+    sa.finish()?;
+    sb.finish()?;
+    Ok(c.diff)
+}
+
+/// Refuse two indexes that do not describe the same bytes.
+fn same_layout(a: &IndexStream, b: &IndexStream) -> Result<()> {
+    let (ca, da) = (a.header.chunk_size, a.header.disk_size);
+    let (cb, db) = (b.header.chunk_size, b.header.disk_size);
+    if da != db {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to compare {} and {}: the disk sizes differ ({da} and {db} bytes)",
+            a.generation(),
+            b.generation()
+        ));
+    }
+    if ca != cb {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to compare {} and {}: the chunk sizes differ ({ca} and {cb} bytes)",
+            a.generation(),
+            b.generation()
+        ));
+    }
+    Ok(())
+}
+
+impl Repo {
+    /// The changed ranges from generation `a` to `b` (see the module notes); each index
+    /// must carry its generation's id, size and chunk size.
+    pub fn diff(&self, a: &GenerationInfo, b: &GenerationInfo) -> Result<IndexDiff> {
+        for g in [a, b] {
+            let s = IndexStream::open(&self.index_path(&g.id))?;
+            let (cs, ds) = (s.header.chunk_size, s.header.disk_size);
+            if s.generation() != g.id || cs != g.chunk_size || ds != g.disk_size {
+                return Err(crate::err!(
+                    Corrupt,
+                    "index of generation {} does not match its metadata",
+                    g.id
+                ));
+            }
+        }
+        diff_index_files(&self.index_path(&a.id), &self.index_path(&b.id))
+    }
+}
+
+/// Bytes of `[start, start + len)` inside the sorted, disjoint `ranges`, and the
+/// pieces that are (appended to `out`).
+pub fn overlap(ranges: &[ByteRange], start: u64, len: u64, out: &mut Vec<ByteRange>) -> u64 {
+    let end = start.saturating_add(len);
+    // the first range that ends after `start`
+    let first = ranges.partition_point(|r| r.end() <= start);
+    let mut total = 0;
+    for r in &ranges[first..] {
+        if r.offset >= end {
+            break;
+        }
+        let s = r.offset.max(start);
+        let e = r.end().min(end);
+        if e > s {
+            total += e - s;
+            out.push(ByteRange {
+                offset: s,
+                len: e - s,
+            });
+        }
+    }
+    total
+}
+
+/// `ranges` minus `covered` (any order, may overlap): sorted, disjoint ranges.
+pub fn subtract(ranges: &[ByteRange], covered: &mut [ByteRange]) -> Vec<ByteRange> {
+    covered.sort_unstable();
+    let mut out = Vec::new();
+    let mut j = 0;
+    for r in ranges {
+        let mut pos = r.offset;
+        let end = r.end();
+        // skip covered pieces that end before this range
+        while j < covered.len() && covered[j].end() <= pos {
+            j += 1;
+        }
+        let mut k = j;
+        while k < covered.len() && covered[k].offset < end {
+            let c = covered[k];
+            if c.offset > pos {
+                out.push(ByteRange {
+                    offset: pos,
+                    len: c.offset - pos,
+                });
+            }
+            pos = pos.max(c.end());
+            if pos >= end {
+                break;
+            }
+            k += 1;
+        }
+        if pos < end {
+            out.push(ByteRange {
+                offset: pos,
+                len: end - pos,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::FixedIndex;
+
+    const CS: u32 = 4096;
+
+    fn h(n: u8) -> [u8; 32] {
+        [n; 32]
+    }
+
+    fn r(offset: u64, len: u64) -> ByteRange {
+        ByteRange { offset, len }
+    }
+
+    #[test]
+    fn equal_indexes_have_no_ranges() {
+        let a = vec![h(1), h(2), h(0)];
+        let d = diff_hashes(CS, 3 * 4096, &a, &a).unwrap();
+        assert_eq!(d.ranges, vec![]);
+        assert_eq!((d.chunks, d.changed_chunks, d.changed_bytes), (3, 0, 0));
+    }
+
+    #[test]
+    fn adjacent_chunks_coalesce_and_gaps_split() {
+        let a = vec![h(1), h(2), h(3), h(4), h(5), h(6)];
+        let b = vec![h(9), h(9), h(3), h(9), h(5), h(9)];
+        let d = diff_hashes(CS, 6 * 4096, &a, &b).unwrap();
+        assert_eq!(d.ranges, vec![r(0, 8192), r(12288, 4096), r(20480, 4096)]);
+        assert_eq!(d.changed_chunks, 4);
+        assert_eq!(d.changed_bytes, 4 * 4096);
+    }
+
+    #[test]
+    fn short_last_chunk_ends_at_the_disk_end() {
+        let size = 2 * 4096 + 100;
+        let a = vec![h(1), h(2), h(3)];
+        let b = vec![h(1), h(7), h(8)];
+        let d = diff_hashes(CS, size, &a, &b).unwrap();
+        assert_eq!(d.ranges, vec![r(4096, 4096 + 100)]);
+        assert_eq!(d.changed_bytes, 4196);
+        // only the last (short) chunk
+        let b = vec![h(1), h(2), h(8)];
+        let d = diff_hashes(CS, size, &a, &b).unwrap();
+        assert_eq!(d.ranges, vec![r(8192, 100)]);
+    }
+
+    #[test]
+    fn zero_hash_against_data_is_a_change() {
+        let z = crate::repo::ZERO_HASH;
+        let d = diff_hashes(CS, 2 * 4096, &[z, z], &[z, h(3)]).unwrap();
+        assert_eq!(d.ranges, vec![r(4096, 4096)]);
+    }
+
+    #[test]
+    fn wrong_entry_counts_are_refused() {
+        assert!(diff_hashes(CS, 3 * 4096, &[h(1)], &[h(1)]).is_err());
+    }
+
+    fn write(dir: &Path, id: &str, size: u64, cs: u32, hashes: Vec<[u8; 32]>) -> PathBuf {
+        let p = dir.join(format!("{id}.idx"));
+        FixedIndex {
+            generation: id.into(),
+            chunk_size: cs,
+            disk_size: size,
+            hashes,
+        }
+        .write(&p)
+        .unwrap();
+        p
+    }
+    use std::path::PathBuf;
+
+    #[test]
+    fn index_files_stream_in_pieces() {
+        // more entries than one 1 MiB read holds (32768), changes across the seam
+        let n = 70_000u64;
+        let a: Vec<[u8; 32]> = (0..n).map(|i| [(i % 251) as u8; 32]).collect();
+        let mut b = a.clone();
+        for i in [0u64, 32_767, 32_768, 32_769, 65_536, n - 1] {
+            b[i as usize] = h(255);
+        }
+        let d = tempfile::tempdir().unwrap();
+        let size = n * 4096 - 1;
+        let pa = write(d.path(), "a", size, CS, a.clone());
+        let pb = write(d.path(), "b", size, CS, b.clone());
+        let got = diff_index_files(&pa, &pb).unwrap();
+        assert_eq!(got, diff_hashes(CS, size, &a, &b).unwrap());
+        assert_eq!(
+            got.ranges,
+            vec![
+                r(0, 4096),
+                r(32_767 * 4096, 3 * 4096),
+                r(65_536 * 4096, 4096),
+                r((n - 1) * 4096, 4095)
+            ]
+        );
+        assert_eq!(got.changed_chunks, 6);
+    }
+
+    #[test]
+    fn different_sizes_and_damage_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let pa = write(d.path(), "a", 3 * 4096, CS, vec![h(1); 3]);
+        let pb = write(d.path(), "b", 2 * 4096, CS, vec![h(1); 2]);
+        let e = diff_index_files(&pa, &pb).unwrap_err().to_string();
+        assert!(e.contains("disk sizes differ"), "{e}");
+        let pc = write(d.path(), "c", 3 * 4096, 8192, vec![h(1); 2]);
+        let e = diff_index_files(&pa, &pc).unwrap_err().to_string();
+        assert!(
+            e.contains("disk sizes differ") || e.contains("chunk sizes"),
+            "{e}"
+        );
+        let pd = write(d.path(), "d", 4 * 4096, 8192, vec![h(1); 2]);
+        let pe = write(d.path(), "e", 4 * 4096, CS, vec![h(1); 4]);
+        let e = diff_index_files(&pd, &pe).unwrap_err().to_string();
+        assert!(e.contains("chunk sizes differ"), "{e}");
+        // a flipped entry byte fails the entries checksum
+        let pf = write(d.path(), "f", 3 * 4096, CS, vec![h(2); 3]);
+        let mut bytes = std::fs::read(&pf).unwrap();
+        bytes[INDEX_HEADER_SIZE + 5] ^= 1;
+        std::fs::write(&pf, &bytes).unwrap();
+        let e = diff_index_files(&pa, &pf).unwrap_err().to_string();
+        assert!(e.contains("checksum"), "{e}");
+        bytes.push(0);
+        std::fs::write(&pf, &bytes).unwrap();
+        assert!(diff_index_files(&pa, &pf).is_err());
+    }
+
+    #[test]
+    fn repo_diff_checks_metadata() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repo::open_or_create(d.path(), 4096).unwrap();
+        let mut img = vec![0u8; 5 * 4096];
+        img[4096..8192].fill(1);
+        let g1 = crate::repo::testutil::make_gen(&repo, "20260101T000000.000Z-00000001", &img);
+        img[4 * 4096 + 7] = 9;
+        img[4096] = 2;
+        let g2 = crate::repo::testutil::make_gen(&repo, "20260101T000000.000Z-00000002", &img);
+        let got = repo.diff(&g1, &g2).unwrap();
+        assert_eq!(got.ranges, vec![r(4096, 4096), r(4 * 4096, 4096)]);
+        assert_eq!(repo.diff(&g2, &g2).unwrap().ranges, vec![]);
+        let mut wrong = g2.clone();
+        wrong.disk_size += 1;
+        assert!(repo.diff(&g1, &wrong).is_err());
+    }
+
+    #[test]
+    fn overlap_and_subtract() {
+        let ranges = vec![r(100, 100), r(300, 100), r(500, 50)];
+        let mut pieces = Vec::new();
+        assert_eq!(overlap(&ranges, 0, 100, &mut pieces), 0);
+        assert_eq!(overlap(&ranges, 150, 200, &mut pieces), 50 + 50);
+        assert_eq!(pieces, vec![r(150, 50), r(300, 50)]);
+        pieces.clear();
+        assert_eq!(overlap(&ranges, 0, 1000, &mut pieces), 250);
+        assert_eq!(pieces, ranges);
+        assert_eq!(overlap(&ranges, 549, u64::MAX, &mut Vec::new()), 1);
+
+        let mut covered = vec![r(350, 10), r(120, 10), r(300, 60), r(500, 50)];
+        assert_eq!(
+            subtract(&ranges, &mut covered),
+            vec![r(100, 20), r(130, 70), r(360, 40)]
+        );
+        assert_eq!(subtract(&ranges, &mut []), ranges);
+        assert_eq!(subtract(&ranges, &mut [r(0, 1000)]), vec![]);
+    }
+}
