@@ -362,6 +362,7 @@ pub(crate) mod testutil {
             seq_lowest_unacked: 0,
             stats: GenerationStats::default(),
             notes: Vec::new(),
+            group: None,
         };
         g.write(&repo.meta_path(id)).unwrap();
         g
