@@ -175,7 +175,16 @@ pub(super) fn start(
     if let Err(e) = target.begin(&info) {
         let e = e.with_context("unable to start the backup");
         snap.fail(e.to_string());
-        finish(engine, job, last, &snap, Err(e.to_string()), target, cut, None);
+        finish(
+            engine,
+            job,
+            last,
+            &snap,
+            Err(e.to_string()),
+            target,
+            cut,
+            None,
+        );
         return Err(e);
     }
     snap.add_priority(&p.priority);
@@ -206,7 +215,16 @@ pub(super) fn start(
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("the drainer stopped unexpectedly (internal error)".into()),
             };
-            finish(&engine2, &job2, &last2, &snap2, res, target, cut, commit_gate);
+            finish(
+                &engine2,
+                &job2,
+                &last2,
+                &snap2,
+                res,
+                target,
+                cut,
+                commit_gate,
+            );
         });
     if let Err(e) = spawned {
         let e = Error::io("unable to start the drainer thread", e);

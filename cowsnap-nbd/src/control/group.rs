@@ -79,9 +79,7 @@ impl<'a> ConnBarrier<'a> {
         }
         let text = String::from_utf8_lossy(&line);
         match (wire::decode_request(&text), want) {
-            (Ok(Request::GroupPause), "group_pause") | (Ok(Request::GroupGo), "group_go") => {
-                Ok(())
-            }
+            (Ok(Request::GroupPause), "group_pause") | (Ok(Request::GroupGo), "group_go") => Ok(()),
             (Ok(Request::GroupAbort { why }), _) => {
                 Err(abandoned(format!("the coordinator said: {why}")))
             }

@@ -248,7 +248,10 @@ impl ControlServer {
         let mut member: Option<GroupMember> = None;
         self.serve_lines(&mut reader, &mut writer, &mut member);
         if let Some(m) = member {
-            m.abandon(&self.backups, "the group's coordinator closed the connection");
+            m.abandon(
+                &self.backups,
+                "the group's coordinator closed the connection",
+            );
         }
     }
 
@@ -384,7 +387,9 @@ impl GroupMember {
 /// `group_commit` / `group_abort`: hand the decision to the connection's group backup.
 fn group_decide(member: &mut Option<GroupMember>, d: CommitDecision) -> String {
     match member.take() {
-        None => wire::error_reply("unable to take a group step: no group backup on this connection"),
+        None => {
+            wire::error_reply("unable to take a group step: no group backup on this connection")
+        }
         Some(m) => match m.decide.send(d) {
             Ok(()) => wire::ok_reply(&()),
             Err(_) => wire::error_reply(&format!(
