@@ -342,8 +342,23 @@ mod tests {
                 quiesce_idle_ms: 3000,
                 quiesce_timeout_ms: 80000,
                 all_blocks: true,
+                notes: vec!["pre-snapshot hook `true` exited 0".into()],
+                group: Some(cowsnap_core::repo::generation::GroupRef {
+                    id: "20261206T000000.000Z-0123abcd".into(),
+                    disks: vec!["a".into(), "b".into()],
+                }),
             },
         });
+        roundtrip(Request::GroupBackup {
+            params: BackupParams::default(),
+            pause_limit_ms: 1000,
+        });
+        roundtrip(Request::GroupPause);
+        roundtrip(Request::GroupGo);
+        roundtrip(Request::GroupCommit {
+            notes: vec!["n".into()],
+        });
+        roundtrip(Request::GroupAbort { why: "w".into() });
     }
 
     #[test]
