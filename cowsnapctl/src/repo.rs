@@ -119,7 +119,8 @@ fn print_groups(groups: &[repo::GroupInfo]) {
 pub struct VerifyArgs {
     /// The repository: repo:DIR.
     pub repo: String,
-    /// Only this generation (id, unique prefix or disk name).
+    /// Only this generation (id, unique prefix or disk name), or every member of this
+    /// consistency group (its id); the same as repo:DIR@G.
     #[arg(long)]
     pub generation: Option<String>,
     /// After verifying, store a healthy copy of each damaged or missing chunk where one
