@@ -349,4 +349,17 @@ mod tests {
         // And a prefix of it too, rather than calling it ambiguous.
         assert_eq!(name(resolve(&r, Some("sa")).unwrap()), "gen same");
     }
+
+    #[test]
+    fn a_group_id_given_where_one_generation_is_needed_names_the_members() {
+        let (_t, r) = repo();
+        let ab: &[&str] = &["a", "b"];
+        gen(&r, "m-a", "a", Some(("G", ab)));
+        gen(&r, "m-b", "b", Some(("G", ab)));
+        let e = r.resolve(Some("G")).unwrap_err().to_string();
+        assert!(e.contains("\"G\" is a consistency group"), "{e}");
+        assert!(e.contains("m-a (a), m-b (b)"), "{e}");
+        let e = r.resolve(Some("H")).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotFound);
+    }
 }
