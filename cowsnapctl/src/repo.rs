@@ -700,7 +700,24 @@ fn restore_group(
     let pr = Reporter::new("restore", Unit::Bytes, a.json);
     let progress = |done: u64, total: u64| pr.update(done, total);
     let reps = restore::group::restore_group(dir, &plan, &progress)?;
-    pr.result(true, &reps);
+    // The result line: `group` and per member the single restore's report plus its
+    // `destination`.
+    let members: Vec<serde_json::Value> = plan
+        .members
+        .iter()
+        .zip(&reps)
+        .map(|(m, r)| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("destination".into(), m.dest.display().to_string().into());
+            }
+            v
+        })
+        .collect();
+    pr.result(
+        true,
+        &serde_json::json!({ "group": gr.id, "members": members }),
+    );
     if !a.json {
         for (m, r) in plan.members.iter().zip(&reps) {
             println!(
