@@ -86,13 +86,14 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Back up an attached disk while it stays in use.
     Backup(backup::BackupArgs),
-    /// List the restore points (generations) of a repository.
+    /// List the restore points (generations and consistency groups) of a repository.
     List(repo::ListArgs),
     /// Re-hash every chunk the repository's generations reference (--repair: heal).
     Verify(repo::VerifyArgs),
     /// Delete old generations and the chunks no kept generation references.
     Prune(repo::PruneArgs),
-    /// Restore a generation to a file or device (on the fly with --live).
+    /// Restore a generation, or every disk of a consistency group, to files or devices
+    /// (on the fly with --live).
     Restore(repo::RestoreArgs),
     /// Give up an interrupted live restore: its generation is no longer pinned.
     Abandon(repo::AbandonArgs),

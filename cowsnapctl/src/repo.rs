@@ -22,29 +22,73 @@ pub fn parse_repo_spec(spec: &str) -> Result<(PathBuf, Option<String>)> {
 pub struct ListArgs {
     /// The repository: repo:DIR.
     pub repo: String,
-    /// Print JSON.
+    /// List the consistency groups only (id, instant, members, complete or which disks
+    /// are missing); with --json an array of groups.
+    #[arg(long)]
+    pub groups: bool,
+    /// Print JSON: an array of generations (a member of a group carries
+    /// "group": {"id", "disks"}), or with --groups an array of groups.
     #[arg(long)]
     pub json: bool,
 }
 
-/// `cowsnapctl list repo:DIR`.
+/// `cowsnapctl list repo:DIR [--groups]`.
 pub fn list(a: ListArgs) -> Result<i32> {
     let (dir, gen) = parse_repo_spec(&a.repo)?;
     if gen.is_some() {
         bail!("list takes repo:DIR without @GEN");
     }
     let gens = repo::list(&dir)?;
+    let groups = repo::group::groups_of(&gens);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&gens)?);
+        if a.groups {
+            println!("{}", serde_json::to_string_pretty(&groups)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&gens)?);
+        }
         return Ok(0);
     }
+    if !a.groups {
+        print_generations(&gens, !groups.is_empty());
+        if groups.is_empty() {
+            return Ok(0);
+        }
+        println!();
+    }
+    print_groups(&groups);
+    Ok(0)
+}
+
+/// The generations table; with `group_column`, a GROUP column (the group id, `*` after
+/// it when the group is not complete) before the parent.
+fn print_generations(gens: &[repo::GenerationInfo], group_column: bool) {
+    let group_head = if group_column {
+        format!("{:<35} ", "GROUP")
+    } else {
+        String::new()
+    };
     println!(
-        "{:<34} {:<14} {:<11} {:>10} {:>10} {:>10}  parent",
+        "{:<34} {:<14} {:<11} {:>10} {:>10} {:>10}  {group_head}parent",
         "GENERATION", "DISK", "KIND", "SIZE", "READ", "NEW"
     );
-    for g in &gens {
+    let complete: std::collections::HashSet<String> = repo::group::groups_of(gens)
+        .into_iter()
+        .filter(|g| g.complete)
+        .map(|g| g.id)
+        .collect();
+    for g in gens {
+        let group = if group_column {
+            let cell = match &g.group {
+                Some(r) if complete.contains(&r.id) => r.id.clone(),
+                Some(r) => format!("{}*", r.id),
+                None => "-".into(),
+            };
+            format!("{cell:<35} ")
+        } else {
+            String::new()
+        };
         println!(
-            "{:<34} {:<14} {:<11} {:>10} {:>10} {:>10}  {}",
+            "{:<34} {:<14} {:<11} {:>10} {:>10} {:>10}  {group}{}",
             g.id,
             g.disk,
             format!("{:?}", g.kind).to_lowercase(),
@@ -54,7 +98,20 @@ pub fn list(a: ListArgs) -> Result<i32> {
             g.parent.as_deref().unwrap_or("-")
         );
     }
-    Ok(0)
+    if complete.len() < repo::group::groups_of(gens).len() {
+        println!("(* the group is not complete: see GROUP below)");
+    }
+}
+
+/// The groups: a line per group (id, instant, status), a line per member.
+fn print_groups(groups: &[repo::GroupInfo]) {
+    println!("{:<34} {:<26} STATUS", "GROUP", "CREATED");
+    for gr in groups {
+        println!("{:<34} {:<26} {}", gr.id, gr.created, gr.status());
+        for m in &gr.members {
+            println!("  {:<14} {}", m.disk, m.generation);
+        }
+    }
 }
 
 /// Arguments of `verify`.
@@ -62,7 +119,8 @@ pub fn list(a: ListArgs) -> Result<i32> {
 pub struct VerifyArgs {
     /// The repository: repo:DIR.
     pub repo: String,
-    /// Only this generation (id, unique prefix or disk name).
+    /// Only this generation (id, unique prefix or disk name), or every member of this
+    /// consistency group (its id); the same as repo:DIR@G.
     #[arg(long)]
     pub generation: Option<String>,
     /// After verifying, store a healthy copy of each damaged or missing chunk where one
@@ -387,16 +445,21 @@ pub fn abandon(dirs: &Dirs, a: AbandonArgs) -> Result<i32> {
 #[derive(Debug, clap::Args)]
 pub struct RestoreArgs {
     /// What to restore: repo:DIR[@GEN] (GEN: id, unique prefix or disk name; default:
-    /// the newest generation when the repository holds one disk).
+    /// the newest generation when the repository holds one disk), or repo:DIR@GROUP (a
+    /// consistency group's id: every disk of the group; a generation with the same id
+    /// wins).
     pub source: String,
-    /// Destination: a file (created or truncated) or a block device.
-    #[arg(long)]
+    /// Destination: a file (created or truncated) or a block device. For a group:
+    /// NAME1=PATH1,NAME2=PATH2,... naming every disk of the group once (with --live each
+    /// disk is attached under its NAME).
+    #[arg(long, value_name = "PATH|NAME=PATH,...")]
     pub to: PathBuf,
     /// Attach the destination at once and fill it in the background; reads of chunks
     /// not restored yet fetch them first.
     #[arg(long)]
     pub live: bool,
-    /// With --live: disk name (default: derived from the destination).
+    /// With --live: disk name (default: derived from the destination; for a group the
+    /// NAMEs of --to).
     #[arg(long)]
     pub name: Option<String>,
     /// With --live: how to expose the disk.
@@ -417,9 +480,27 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     let dir = std::path::absolute(&dir)
         .map_err(|e| anyhow!("unable to resolve {}: {e}", dir.display()))?;
     let repo = Repo::open(&dir)?;
-    let g = repo.resolve(gen.as_deref())?;
+    let all = repo.list()?;
+    let g = match repo::group::resolve_in(&all, gen.as_deref(), &dir)? {
+        repo::Resolved::Generation(g) => g,
+        repo::Resolved::Group(gr) => {
+            drop(repo);
+            return restore_group(dirs, &a, &dir, &all, &gr);
+        }
+    };
     drop(repo);
     let action = format!("restore generation {} onto {}", g.id, a.to.display());
+    if a.to
+        .to_str()
+        .is_some_and(restore::group::looks_like_destinations)
+    {
+        bail!(
+            "unable to {action}: NAME=PATH destinations are for a consistency group, and {} is one generation (of disk {:?}); give --to PATH (a file whose name holds '=': --to ./{})",
+            g.id,
+            g.disk,
+            a.to.display()
+        );
+    }
     if a.live {
         // Everything is validated before the destination is created or truncated.
         let name = match &a.name {
@@ -430,51 +511,9 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         };
         cowsnap_nbd::paths::validate_name(&name)
             .map_err(|e| anyhow!("unable to {action}: invalid --name: {e}"))?;
-        if let Some(s) = attach::daemon_status(&dirs.paths(&name)) {
-            bail!(
-                "unable to {action}: a disk named {name:?} is already attached (origin {}, \
-                 daemon pid {}); detach it first or choose another --name",
-                s.origin,
-                s.pid
-            );
-        }
+        let resume = check_live_name(dirs, &name, &g.id, &a.to, &action, "--name")?;
         cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)?;
-        let pending = restore::live::read_fill_state(&dirs.paths(&name).fill_state())?
-            .filter(|(_, complete)| !complete);
-        if let Some((pgen, _)) = pending {
-            // A live restore under this name was interrupted: resume it, never
-            // truncate what it already filled.
-            if pgen != g.id {
-                bail!(
-                    "an interrupted live restore of generation {pgen} is pending under the name \
-                     {name:?}: resume it (cowsnapctl attach {} --name {name}) or choose another --name",
-                    a.to.display()
-                );
-            }
-            reset_tracking_of_origin(dirs, &a.to, &g.id, "a live restore")?;
-            eprintln!("resuming the interrupted live restore of {name:?}");
-        } else {
-            reset_tracking_of_origin(dirs, &a.to, &g.id, "a live restore")?;
-            let (dest, _) = restore::open_destination(&a.to, g.disk_size)?;
-            drop(dest);
-        }
-        eprintln!(
-            "restoring generation {} of {:?} ({}) on the fly onto {}",
-            g.id,
-            g.disk,
-            human_bytes(g.disk_size),
-            a.to.display()
-        );
-        attach::run(
-            dirs,
-            AttachArgs {
-                name: Some(name),
-                via: a.via.clone(),
-                json: a.json,
-                restore_from: Some(format!("repo:{}@{}", dir.display(), g.id)),
-                ..AttachArgs::new(a.to.clone())
-            },
-        )?;
+        start_live_onto(dirs, &a, &dir, &g, &name, &a.to, resume)?;
         return Ok(0);
     }
     cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)?;
@@ -491,6 +530,209 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
             g.disk,
             human_bytes(g.disk_size),
             a.to.display()
+        );
+    }
+    Ok(0)
+}
+
+/// Before a live restore of generation `gen` onto `dest` under `name`: refuse a name
+/// already attached, or with an interrupted live restore of another generation pending.
+/// Returns whether an interrupted live restore of `gen` under `name` is to be resumed.
+/// Writes nothing.
+fn check_live_name(
+    dirs: &Dirs,
+    name: &str,
+    gen: &str,
+    dest: &Path,
+    action: &str,
+    other_name: &str,
+) -> Result<bool> {
+    if let Some(s) = attach::daemon_status(&dirs.paths(name)) {
+        bail!(
+            "unable to {action}: a disk named {name:?} is already attached (origin {}, \
+             daemon pid {}); detach it first or choose another {other_name}",
+            s.origin,
+            s.pid
+        );
+    }
+    let pending = restore::live::read_fill_state(&dirs.paths(name).fill_state())?
+        .filter(|(_, complete)| !complete);
+    match pending {
+        // A live restore under this name was interrupted: resume it, never truncate
+        // what it already filled.
+        Some((pgen, _)) if pgen == gen => Ok(true),
+        Some((pgen, _)) => bail!(
+            "unable to {action}: an interrupted live restore of generation {pgen} is pending under the name \
+             {name:?}: resume it (cowsnapctl attach {} --name {name}) or choose another {other_name}",
+            dest.display()
+        ),
+        None => Ok(false),
+    }
+}
+
+/// Start the live restore of `g` onto `dest` under `name`, everything having been
+/// checked: reset the tracking of a detached disk whose origin it is, create or
+/// truncate the destination (unless resuming), attach.
+fn start_live_onto(
+    dirs: &Dirs,
+    a: &RestoreArgs,
+    dir: &Path,
+    g: &repo::GenerationInfo,
+    name: &str,
+    dest: &Path,
+    resume: bool,
+) -> Result<()> {
+    reset_tracking_of_origin(dirs, dest, &g.id, "a live restore")?;
+    if resume {
+        eprintln!("resuming the interrupted live restore of {name:?}");
+    } else {
+        let (d, _) = restore::open_destination(dest, g.disk_size)?;
+        drop(d);
+    }
+    eprintln!(
+        "restoring generation {} of {:?} ({}) on the fly onto {}",
+        g.id,
+        g.disk,
+        human_bytes(g.disk_size),
+        dest.display()
+    );
+    attach::run(
+        dirs,
+        AttachArgs {
+            name: Some(name.to_string()),
+            via: a.via.clone(),
+            json: a.json,
+            restore_from: Some(format!("repo:{}@{}", dir.display(), g.id)),
+            ..AttachArgs::new(dest.to_path_buf())
+        },
+    )
+}
+
+/// `cowsnapctl restore repo:DIR@GROUP --to NAME=PATH,... [--live]`: every check on
+/// every member (the mapping, each destination, with --live each name) before any
+/// destination is touched; then each member in turn.
+fn restore_group(
+    dirs: &Dirs,
+    a: &RestoreArgs,
+    dir: &Path,
+    all: &[repo::GenerationInfo],
+    gr: &repo::GroupInfo,
+) -> Result<i32> {
+    let what = format!("unable to restore group {}", gr.id);
+    if !gr.complete {
+        // The plan refuses it, naming the missing disks.
+        restore::group::plan(gr, all, &[])?;
+    }
+    let to = a.to.to_str().unwrap_or_default();
+    if !restore::group::looks_like_destinations(to) {
+        bail!(
+            "{what}: it holds {} disks ({}), so --to names a destination for each: --to {}",
+            gr.disks.len(),
+            gr.disks.join(", "),
+            restore::group::destinations_hint(gr)
+        );
+    }
+    if a.name.is_some() {
+        bail!(
+            "{what}: --name is for one generation; with a group each disk is attached under the NAME given in --to NAME=PATH"
+        );
+    }
+    let dests = restore::group::parse_destinations(to).map_err(|e| anyhow!("{what}: {e}"))?;
+    let plan = restore::group::plan(gr, all, &dests)?;
+    let mut resume = Vec::new();
+    for m in &plan.members {
+        let action = format!(
+            "restore disk {} of group {} onto {}",
+            m.generation.disk,
+            gr.id,
+            m.dest.display()
+        );
+        if a.live {
+            let name = &m.generation.disk;
+            cowsnap_nbd::paths::validate_name(name)
+                .map_err(|e| anyhow!("unable to {action}: {e}"))?;
+            resume.push(check_live_name(
+                dirs,
+                name,
+                &m.generation.id,
+                &m.dest,
+                &action,
+                "NAME",
+            )?);
+        }
+        cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &m.dest, &action)?;
+    }
+    if a.live {
+        let mut attached: Vec<String> = Vec::new();
+        for (m, &res) in plan.members.iter().zip(&resume) {
+            let name = &m.generation.disk;
+            if let Err(e) = start_live_onto(dirs, a, dir, &m.generation, name, &m.dest, res) {
+                let left: Vec<&str> = plan
+                    .members
+                    .iter()
+                    .skip(attached.len() + 1)
+                    .map(|m| m.generation.disk.as_str())
+                    .collect();
+                bail!(
+                    "{what}: disk {name} failed: {e:#}{}{}",
+                    if attached.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; attached and restoring already: {} (cowsnapctl detach NAME to stop)",
+                            attached.join(", ")
+                        )
+                    },
+                    if left.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; not started: {}", left.join(", "))
+                    }
+                );
+            }
+            attached.push(name.clone());
+        }
+        return Ok(0);
+    }
+    for m in &plan.members {
+        reset_tracking_of_origin(dirs, &m.dest, &m.generation.id, "an offline restore")?;
+    }
+    let pr = Reporter::new("restore", Unit::Bytes, a.json);
+    let progress = |done: u64, total: u64| pr.update(done, total);
+    let reps = restore::group::restore_group(dir, &plan, &progress)?;
+    // The result line: `group` and per member the single restore's report plus its
+    // `destination`.
+    let members: Vec<serde_json::Value> = plan
+        .members
+        .iter()
+        .zip(&reps)
+        .map(|(m, r)| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("destination".into(), m.dest.display().to_string().into());
+            }
+            v
+        })
+        .collect();
+    pr.result(
+        true,
+        &serde_json::json!({ "group": gr.id, "members": members }),
+    );
+    if !a.json {
+        for (m, r) in plan.members.iter().zip(&reps) {
+            println!(
+                "restored generation {} of {:?} ({}) to {}",
+                r.generation,
+                r.disk,
+                human_bytes(r.disk_size),
+                m.dest.display()
+            );
+        }
+        println!(
+            "restored group {} ({} disks, one instant: {})",
+            gr.id,
+            reps.len(),
+            gr.created
         );
     }
     Ok(0)

@@ -30,6 +30,7 @@
 pub mod chunk_store;
 pub mod diff;
 pub mod generation;
+pub mod group;
 pub mod index;
 pub mod pin;
 pub mod prune;
@@ -39,7 +40,8 @@ pub mod usage;
 pub mod verify;
 
 pub use chunk_store::{ChunkStore, ZERO_HASH};
-pub use generation::{GenerationInfo, GenerationKind, GenerationStats};
+pub use generation::{GenerationInfo, GenerationKind, GenerationStats, GroupRef};
+pub use group::{GroupInfo, GroupMember, Resolved};
 pub use index::FixedIndex;
 pub use prune::{prune, GenerationDecision, PruneOptions, PruneReport};
 pub use retention::RetentionPolicy;
@@ -261,46 +263,9 @@ impl Repo {
 
     /// Resolve a generation spec: an id, a unique id prefix, a disk name (its newest
     /// generation), or `None` (the newest generation when the repository holds one disk).
+    /// [`group::resolve`] also accepts group ids.
     pub fn resolve(&self, spec: Option<&str>) -> Result<GenerationInfo> {
-        let all = self.list()?;
-        let dir = self.dir.display();
-        match spec {
-            None => {
-                let last = all.last().ok_or_else(|| {
-                    crate::err!(
-                        NotFound,
-                        "unable to pick a generation: repository {dir} has none"
-                    )
-                })?;
-                if all.iter().any(|g| g.disk != last.disk) {
-                    return Err(crate::err!(
-                        InvalidInput,
-                        "unable to pick a generation: repository {dir} holds several disks; name a generation or a disk"
-                    ));
-                }
-                Ok(last.clone())
-            }
-            Some(s) => {
-                if let Some(g) = all.iter().find(|g| g.id == s) {
-                    return Ok(g.clone());
-                }
-                if let Some(g) = all.iter().rev().find(|g| g.disk == s) {
-                    return Ok(g.clone());
-                }
-                let m: Vec<_> = all.iter().filter(|g| g.id.starts_with(s)).collect();
-                match m.len() {
-                    1 => Ok(m[0].clone()),
-                    0 => Err(crate::err!(
-                        NotFound,
-                        "unable to find generation {s:?} in repository {dir}"
-                    )),
-                    n => Err(crate::err!(
-                        InvalidInput,
-                        "unable to pick a generation: {s:?} matches {n} generations in {dir}"
-                    )),
-                }
-            }
-        }
+        resolve_in(&self.list()?, spec, &self.dir)
     }
 
     /// Load a generation's index and check it matches its metadata.
@@ -315,6 +280,67 @@ impl Repo {
             ));
         }
         Ok(idx)
+    }
+}
+
+/// [`Repo::resolve`] over the generations `all` of the repository at `dir`.
+pub(crate) fn resolve_in(
+    all: &[GenerationInfo],
+    spec: Option<&str>,
+    dir: &Path,
+) -> Result<GenerationInfo> {
+    let dir = dir.display();
+    match spec {
+        None => {
+            let last = all.last().ok_or_else(|| {
+                crate::err!(
+                    NotFound,
+                    "unable to pick a generation: repository {dir} has none"
+                )
+            })?;
+            if all.iter().any(|g| g.disk != last.disk) {
+                return Err(crate::err!(
+                    InvalidInput,
+                    "unable to pick a generation: repository {dir} holds several disks; name a generation or a disk"
+                ));
+            }
+            Ok(last.clone())
+        }
+        Some(s) => {
+            if let Some(g) = all.iter().find(|g| g.id == s) {
+                return Ok(g.clone());
+            }
+            if let Some(g) = all.iter().rev().find(|g| g.disk == s) {
+                return Ok(g.clone());
+            }
+            let m: Vec<_> = all.iter().filter(|g| g.id.starts_with(s)).collect();
+            match m.len() {
+                1 => Ok(m[0].clone()),
+                0 => {
+                    let members: Vec<String> = all
+                        .iter()
+                        .filter(|g| g.group.as_ref().is_some_and(|r| r.id == s))
+                        .map(|g| format!("{} ({})", g.id, g.disk))
+                        .collect();
+                    if members.is_empty() {
+                        Err(crate::err!(
+                            NotFound,
+                            "unable to find generation {s:?} in repository {dir}"
+                        ))
+                    } else {
+                        Err(crate::err!(
+                            InvalidInput,
+                            "unable to pick a generation: {s:?} is a consistency group in {dir}, and this takes one generation: name one of its members, {}",
+                            members.join(", ")
+                        ))
+                    }
+                }
+                n => Err(crate::err!(
+                    InvalidInput,
+                    "unable to pick a generation: {s:?} matches {n} generations in {dir}"
+                )),
+            }
+        }
     }
 }
 

@@ -13,7 +13,13 @@
 //!    time zone (or the one given); generations of other disks are kept untouched;
 //!    pinned generations (an unfinished live restore needs them, see `pin`) are kept
 //!    whatever the policy says, with who pins them as a reason. Pins that provably pin
-//!    nothing any more are noted for removal.
+//!    nothing any more are noted for removal. Last, a complete consistency group (see
+//!    `group`) is kept whole: if any member is kept, for whatever reason, every member
+//!    is ("kept with group ID"), so a prune never turns a restore point of several
+//!    disks into loose generations. `--disk` therefore removes no member of a complete
+//!    group spanning other disks (those members are kept as "other disk"); a prune of
+//!    every disk removes such a group when no rule keeps any of its members. Prune
+//!    removes no generation by name, so no single member can be asked for.
 //! 4. Mark: load the index of every kept generation of every disk. One that cannot be
 //!    read aborts the prune here, before anything is deleted, since its chunks cannot
 //!    be known. So a refused or failed prune has changed nothing.
@@ -29,7 +35,7 @@
 
 use super::generation::valid_id;
 use super::retention::{self, Candidate, RetentionPolicy};
-use super::{pin, GenerationInfo, Repo};
+use super::{group, pin, GenerationInfo, Repo};
 use crate::error::{IoContext, Result};
 use crate::fsutil;
 use jiff::tz::TimeZone;
@@ -113,7 +119,7 @@ pub struct GenerationDecision {
     /// Kept (true) or removed.
     pub keep: bool,
     /// Why it is kept: the rules that keep it ("last 1", "daily 2026-12-05", ...), "pinned
-    /// by ...", or "other disk, not pruned"; empty when removed.
+    /// by ...", "other disk, not pruned", or "kept with group ID"; empty when removed.
     pub reasons: Vec<String>,
 }
 
@@ -130,6 +136,10 @@ pub struct KeptPinned {
 
 /// The reason given for generations of disks `--disk` did not select.
 pub const OTHER_DISK: &str = "other disk, not pruned";
+
+/// The reason given for a member of a complete group kept because another member is:
+/// "kept with group ID".
+pub const KEPT_WITH_GROUP: &str = "kept with group";
 
 /// Apply `opts` to the repository at `dir`: delete the generations its policy does not
 /// keep and the chunks no kept generation references (or, with `dry_run`, only say so).
@@ -223,8 +233,10 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
             decisions[i] = Some(decision(g, !reasons.is_empty(), reasons));
         }
     }
-    rep.generations = decisions.into_iter().flatten().collect();
-    debug_assert_eq!(rep.generations.len(), all.len());
+    let mut decisions: Vec<GenerationDecision> = decisions.into_iter().flatten().collect();
+    debug_assert_eq!(decisions.len(), all.len());
+    keep_groups_whole(&all, &mut decisions);
+    rep.generations = decisions;
 
     // Mark: every kept index loads, or nothing is deleted.
     let mut live: HashSet<[u8; 32]> = HashSet::new();
@@ -306,6 +318,32 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     }
     rep.quarantined_files = repo.store().quarantined()?.len() as u64;
     Ok(rep)
+}
+
+/// A complete group is kept or removed whole: when any member is kept (by a rule, a
+/// pin, or because `--disk` leaves its disk alone), every member is, with the reason
+/// "kept with group ID". Members of incomplete groups are single-disk generations.
+/// `decisions[i]` is the decision on `all[i]`.
+fn keep_groups_whole(all: &[GenerationInfo], decisions: &mut [GenerationDecision]) {
+    for gr in group::groups_of(all).iter().filter(|gr| gr.complete) {
+        let idxs: Vec<usize> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.group.as_ref().is_some_and(|r| r.id == gr.id))
+            .map(|(i, _)| i)
+            .collect();
+        if !idxs.iter().any(|&i| decisions[i].keep) {
+            continue;
+        }
+        for &i in &idxs {
+            if !decisions[i].keep {
+                decisions[i].keep = true;
+                decisions[i]
+                    .reasons
+                    .push(format!("{KEPT_WITH_GROUP} {}", gr.id));
+            }
+        }
+    }
 }
 
 fn remove_if_exists(p: &Path) -> Result<()> {
@@ -532,5 +570,92 @@ mod tests {
         let e = prune(t.path(), &opts(daily(1))).unwrap_err();
         assert!(e.to_string().contains("generation d31 is kept"), "{e}");
         assert_eq!(tree(t.path()), before);
+    }
+
+    /// Generation `id` of `disk` on day `day`, member of group `gid` of `disks` if given.
+    fn member(repo: &Repo, id: &str, disk: &str, day: u64, grp: Option<(&str, &[&str])>) {
+        let mut g = make_gen(repo, id, &img(day as u8 * 7 + disk.len() as u8, 2));
+        g.disk = disk.into();
+        g.created_unix = T0 + day * DAY;
+        g.group = grp.map(|(gid, d)| crate::repo::GroupRef {
+            id: gid.into(),
+            disks: d.iter().map(|s| s.to_string()).collect(),
+        });
+        g.write(&repo.meta_path(id)).unwrap();
+    }
+
+    fn reasons<'a>(rep: &'a PruneReport, id: &str) -> &'a [String] {
+        &rep.generations
+            .iter()
+            .find(|g| g.generation == id)
+            .unwrap()
+            .reasons
+    }
+
+    fn last(n: u32) -> RetentionPolicy {
+        RetentionPolicy {
+            keep_last: Some(n),
+            ..Default::default()
+        }
+    }
+
+    /// Disks a and b: complete groups G1 (day 0) and G2 (day 1), then a alone (day 2).
+    fn group_fixture() -> (tempfile::TempDir, Repo) {
+        let t = tempfile::tempdir().unwrap();
+        let repo = Repo::open_or_create(t.path(), 4096).unwrap();
+        let ab: &[&str] = &["a", "b"];
+        member(&repo, "a1", "a", 0, Some(("G1", ab)));
+        member(&repo, "b1", "b", 0, Some(("G1", ab)));
+        member(&repo, "a2", "a", 1, Some(("G2", ab)));
+        member(&repo, "b2", "b", 1, Some(("G2", ab)));
+        member(&repo, "a3", "a", 2, None);
+        (t, repo)
+    }
+
+    #[test]
+    fn a_complete_group_is_kept_whole_when_a_rule_keeps_one_member() {
+        let (t, repo) = group_fixture();
+        // keep-last 1 keeps a3 (a) and b2 (b); b2 keeps a2 with it; G1 goes whole.
+        let rep = prune(t.path(), &opts(last(1))).unwrap();
+        assert_eq!(ids(&rep.kept_generations), ["a2", "a3", "b2"]);
+        assert_eq!(ids(&rep.removed_generations), ["a1", "b1"]);
+        assert_eq!(reasons(&rep, "a2"), ["kept with group G2"]);
+        assert_eq!(reasons(&rep, "b2"), ["last 1"]);
+        let gs = crate::repo::group::list(&repo).unwrap();
+        assert_eq!(gs.len(), 1);
+        assert!(gs[0].complete, "{:?}", gs[0]);
+        let v = crate::repo::verify(t.path(), None).unwrap();
+        assert!(v.ok, "{:?}", v.problems);
+    }
+
+    #[test]
+    fn prune_of_one_disk_removes_no_member_of_a_complete_group() {
+        let (t, repo) = group_fixture();
+        let o = PruneOptions {
+            disk: Some("a".into()),
+            ..opts(last(1))
+        };
+        let rep = prune(t.path(), &o).unwrap();
+        assert!(rep.removed_generations.is_empty(), "{rep:?}");
+        assert_eq!(reasons(&rep, "a1"), ["kept with group G1"]);
+        assert_eq!(reasons(&rep, "b1"), [OTHER_DISK]);
+        assert!(crate::repo::group::list(&repo)
+            .unwrap()
+            .iter()
+            .all(|g| g.complete));
+    }
+
+    #[test]
+    fn members_of_an_incomplete_group_are_pruned_one_by_one() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = Repo::open_or_create(t.path(), 4096).unwrap();
+        // Group I of a, b and c: c never published.
+        let abc: &[&str] = &["a", "b", "c"];
+        member(&repo, "ai", "a", 0, Some(("I", abc)));
+        member(&repo, "bi", "b", 0, Some(("I", abc)));
+        member(&repo, "a3", "a", 2, None);
+        let rep = prune(t.path(), &opts(last(1))).unwrap();
+        assert_eq!(ids(&rep.kept_generations), ["a3", "bi"]);
+        assert_eq!(ids(&rep.removed_generations), ["ai"]);
     }
 }

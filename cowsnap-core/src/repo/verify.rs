@@ -131,7 +131,8 @@ pub type VerifyProgress<'a> = &'a dyn Fn(Phase, u64, u64);
 
 fn no_progress(_: Phase, _: u64, _: u64) {}
 
-/// Verify one generation (`Some(spec)`, resolved like restore's) or all of them.
+/// Verify one generation or every member of a group (`Some(spec)`, resolved like
+/// restore's, see [`super::group::resolve`]) or all of them.
 pub fn verify(dir: &Path, generation: Option<&str>) -> Result<VerifyReport> {
     verify_with_progress(dir, generation, &no_progress)
 }
@@ -166,9 +167,17 @@ fn run(
     generation: Option<&str>,
     progress: VerifyProgress,
 ) -> Result<(VerifyReport, BTreeMap<[u8; 32], Damaged>)> {
+    let all = repo.list()?;
     let gens = match generation {
-        Some(s) => vec![repo.resolve(Some(s))?],
-        None => repo.list()?,
+        Some(s) => match super::group::resolve_in(&all, Some(s), repo.dir())? {
+            super::Resolved::Generation(g) => vec![g],
+            // Every member present (of an incomplete group too: they are generations).
+            super::Resolved::Group(gr) => all
+                .into_iter()
+                .filter(|g| g.group.as_ref().is_some_and(|r| r.id == gr.id))
+                .collect(),
+        },
+        None => all,
     };
     let total: u64 = gens.iter().map(entries_of).sum();
     let mut done = 0u64;
@@ -482,5 +491,35 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen.into_inner().last(), Some(&(Phase::Repair, 0, 0)));
+    }
+
+    #[test]
+    fn a_group_spec_verifies_every_member_and_only_them() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repo::open_or_create(d.path(), 4096).unwrap();
+        let grp = crate::repo::GroupRef {
+            id: "G".into(),
+            disks: vec!["a".into(), "b".into()],
+        };
+        for (id, disk, seed, grp) in [
+            ("ga", "a", 1, Some(grp.clone())),
+            ("gb", "b", 2, Some(grp)),
+            ("solo", "a", 3, None),
+        ] {
+            let mut g = make_gen(&repo, id, &data(seed, 2 * 4096));
+            g.disk = disk.into();
+            g.group = grp;
+            g.write(&repo.meta_path(id)).unwrap();
+        }
+        let rep = verify(d.path(), Some("G")).unwrap();
+        assert_eq!(rep.generations, ["ga", "gb"]);
+        assert!(rep.ok);
+        // Damage in b's member is found through the group.
+        let h = crate::repo::chunk_store::chunk_hash(&data(2, 2 * 4096)[4096..]);
+        flip(&repo.store().path_of(&h));
+        let rep = verify(d.path(), Some("G")).unwrap();
+        assert!(!rep.ok);
+        assert_eq!(rep.problems[0].generation, "gb");
+        assert_eq!(rep.problems[0].offset, Some(4096));
     }
 }

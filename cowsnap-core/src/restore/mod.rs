@@ -8,6 +8,7 @@
 //! cannot remove the generation's chunks mid-restore.
 
 pub mod generation_export;
+pub mod group;
 pub mod live;
 
 use crate::blockio::{self, BlockIo, OpenSpec};
