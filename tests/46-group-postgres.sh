@@ -14,7 +14,7 @@ SCALE=${PG_SCALE:-10} SECS=${PG_SECONDS:-40}
 chmod 755 "$T"
 PGDATAS=()
 stop_all_pg() { local d; for d in "${PGDATAS[@]}"; do runuser -u postgres -- "$PGBIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1; done; }
-trap 'stop_all_pg; cleanup' EXIT
+trap 'rc=$?; stop_all_pg; (exit $rc); cleanup' EXIT
 pg() { runuser -u postgres -- "$@"; }
 psqlq() { pg "$PGBIN/psql" -h "$T/sock" -p "$1" -d postgres -Atqc "$2"; }
 start_pg() { # DATA PORT LOG
@@ -68,10 +68,10 @@ for g in g1 g2; do
   G=$(json_field "$(tail -n 1 "$T/$g.json")" .group)
   RD=$T/r$i-data.img RW=$T/r$i-wal.img
   log "restore --live group $G onto two other disks"
-  ctl restore "repo:$T/repo@$G" --to "pgdata=$RD,pgwal=$RW" --live --via fuse --name "r$i-" --json \
+  ctl restore "repo:$T/repo@$G" --to "pgdata=$RD,pgwal=$RW" --live --via fuse --name-prefix "r$i-" --json \
     >"$T/r$i.json" 2>"$T/r$i.err" || fail "restore the group: $(cat "$T/r$i.err")"
-  RDD=$(jq -r 'select(.disk == "pgdata") | .device' "$T/r$i.json" | tail -n 1)
-  RWD=$(jq -r 'select(.disk == "pgwal") | .device' "$T/r$i.json" | tail -n 1)
+  RDD=$(jq -r "select(.name == \"r$i-pgdata\") | .device" "$T/r$i.json" | tail -n 1)
+  RWD=$(jq -r "select(.name == \"r$i-pgwal\") | .device" "$T/r$i.json" | tail -n 1)
   [ -b "$RDD" ] && [ -b "$RWD" ] || fail "no devices for the restored group: $(cat "$T/r$i.json")"
   RMD=$T/r$i-mdata RMW=$T/r$i-mwal
   mkdir -p "$RMD" "$RMW"

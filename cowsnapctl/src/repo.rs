@@ -462,6 +462,11 @@ pub struct RestoreArgs {
     /// NAMEs of --to).
     #[arg(long)]
     pub name: Option<String>,
+    /// With --live and a group: attach each disk as PREFIX followed by its NAME (e.g.
+    /// `r1-` gives r1-pgdata), so the group can be restored beside the attached
+    /// originals.
+    #[arg(long, value_name = "PREFIX")]
+    pub name_prefix: Option<String>,
     /// With --live: how to expose the disk.
     #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "none"])]
     pub via: String,
@@ -490,6 +495,9 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     };
     drop(repo);
     let action = format!("restore generation {} onto {}", g.id, a.to.display());
+    if a.name_prefix.is_some() {
+        bail!("unable to {action}: --name-prefix is for a consistency group; give --name for one disk");
+    }
     if a.to
         .to_str()
         .is_some_and(restore::group::looks_like_destinations)
@@ -634,9 +642,13 @@ fn restore_group(
     }
     if a.name.is_some() {
         bail!(
-            "{what}: --name is for one generation; with a group each disk is attached under the NAME given in --to NAME=PATH"
+            "{what}: --name is for one generation; with a group each disk is attached under the NAME given in --to NAME=PATH (with --name-prefix in front)"
         );
     }
+    if a.name_prefix.is_some() && !a.live {
+        bail!("{what}: --name-prefix names attached disks: it needs --live");
+    }
+    let live_name = |disk: &str| format!("{}{disk}", a.name_prefix.as_deref().unwrap_or(""));
     let dests = restore::group::parse_destinations(to).map_err(|e| anyhow!("{what}: {e}"))?;
     let plan = restore::group::plan(gr, all, &dests)?;
     let mut resume = Vec::new();
@@ -648,7 +660,7 @@ fn restore_group(
             m.dest.display()
         );
         if a.live {
-            let name = &m.generation.disk;
+            let name = &live_name(&m.generation.disk);
             cowsnap_nbd::paths::validate_name(name)
                 .map_err(|e| anyhow!("unable to {action}: {e}"))?;
             resume.push(check_live_name(
@@ -665,13 +677,13 @@ fn restore_group(
     if a.live {
         let mut attached: Vec<String> = Vec::new();
         for (m, &res) in plan.members.iter().zip(&resume) {
-            let name = &m.generation.disk;
+            let name = &live_name(&m.generation.disk);
             if let Err(e) = start_live_onto(dirs, a, dir, &m.generation, name, &m.dest, res) {
-                let left: Vec<&str> = plan
+                let left: Vec<String> = plan
                     .members
                     .iter()
                     .skip(attached.len() + 1)
-                    .map(|m| m.generation.disk.as_str())
+                    .map(|m| live_name(&m.generation.disk))
                     .collect();
                 bail!(
                     "{what}: disk {name} failed: {e:#}{}{}",
