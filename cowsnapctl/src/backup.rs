@@ -258,8 +258,12 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         default_container: None,
     };
     cowsnap_nbd::attached::check_backup(&dirs.run_dir, &own, &params)?;
-    let (started, frozen) =
-        call_frozen(&mut cl, mountpoint.as_ref(), freeze_bound, &Request::Backup { params })?;
+    let (started, frozen) = call_frozen(
+        &mut cl,
+        mountpoint.as_ref(),
+        freeze_bound,
+        &Request::Backup { params },
+    )?;
     let frozen_ms = match frozen {
         Frozen::No => None,
         Frozen::Held(ms) => Some(ms),

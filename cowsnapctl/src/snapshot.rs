@@ -173,10 +173,7 @@ pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
     let f = &st.figures;
     eprintln!(
         "snapshot {} of {} served read-only; container {} ({} slots)",
-        st.export,
-        a.name,
-        f.container,
-        f.container_slots
+        st.export, a.name, f.container, f.container_slots
     );
     if f.bytes_excluded_free + f.bytes_excluded_zero > 0 {
         eprintln!(
@@ -196,10 +193,7 @@ pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
     for n in &f.notes {
         eprintln!("note: {n}");
     }
-    eprintln!(
-        "end it with: cowsnapctl release {} [--commit]",
-        a.name
-    );
+    eprintln!("end it with: cowsnapctl release {} [--commit]", a.name);
     Ok(0)
 }
 

@@ -5,8 +5,14 @@
 //! Design notes
 //! - Same engine as a backup: the container is opened and checked first, then the
 //!   quiesce step and the instant under the exclusive gate (`begin_generation` cut,
-//!   `ChunkMap::new` with every chunk pending, `install`), then the known zeros (holes
-//!   and, where the filesystem is known, free space: `scope::exclude_known_zeros`).
+//!   `ChunkMap::new` with every chunk pending, `install`), then the known zeros: the
+//!   holes of a sparse origin (`scope::holes`), which read as zeros on the disk too.
+//! - Not the filesystem's free space (unlike a full backup): the image must be the
+//!   disk's bytes, so that a previous copy plus the dirty extents equals the next copy.
+//!   A block freed since the last pull is not written, so it is not in the dirty
+//!   bitmap; had the first image shown it as zeros and the second as the old data (or
+//!   the other way round), the increment would miss it. Holes have no such problem: a
+//!   hole stops being one only by a write (or a trim), which the change log records.
 //!   No drainer runs: every chunk stays pending or preserved until the release, so
 //!   [`Snapshot::read_view`] serves every byte of the instant.
 //! - Reads: `read_view`, then a check that the snapshot has not failed. A writer
@@ -172,7 +178,9 @@ impl SnapshotExport {
             Some(cl) => match cl.begin_generation() {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    job.note(format!("change tracking unavailable ({e}): no dirty bitmap"));
+                    job.note(format!(
+                        "change tracking unavailable ({e}): no dirty bitmap"
+                    ));
                     None
                 }
             },
@@ -198,7 +206,17 @@ impl SnapshotExport {
             },
             _ => None,
         };
-        super::scope::exclude_known_zeros(&**engine.origin(), &snap, &job, true, false);
+        // Holes of the origin only, not the filesystem's free space: see the notes.
+        match super::scope::holes(&**engine.origin(), &snap) {
+            Ok(bytes) => {
+                snap.stats
+                    .excluded_holes
+                    .fetch_add(bytes, Ordering::Relaxed);
+            }
+            Err(e) => job.note(format!(
+                "holes of the origin not known ({e}): reported as data"
+            )),
+        }
         let watch_stop = Arc::new(AtomicBool::new(false));
         let me = Arc::new(SnapshotExport {
             engine: engine.clone(),
@@ -244,13 +262,22 @@ impl SnapshotExport {
 
     /// The status figures.
     pub fn status(&self) -> SnapshotStatus {
-        let figures = self.job.status();
-        let failed = figures.state == BackupState::Failed;
+        let mut figures = self.job.status();
+        let failure = lock(&self.snap).as_ref().and_then(|s| s.failure());
+        if let Some(why) = &failure {
+            figures.state = BackupState::Failed;
+            figures.error.get_or_insert_with(|| why.clone());
+        }
         SnapshotStatus {
             export: self.name.clone(),
             uri: String::new(),
-            state: if failed { "failed" } else { "serving" }.into(),
-            error: figures.error.clone(),
+            state: if failure.is_some() {
+                "failed"
+            } else {
+                "serving"
+            }
+            .into(),
+            error: failure,
             instant_unix: self.instant_unix,
             age_s: now_unix().saturating_sub(self.instant_unix),
             dirty_bitmap: self.dirty.as_ref().map(|d| d.0.clone()),
@@ -402,7 +429,10 @@ impl Export for SnapshotExport {
     }
 
     fn write(&self, _off: u64, _data: &[u8], _fua: bool) -> Result<()> {
-        Err(crate::err!(ReadOnly, "unable to write: the snapshot is read-only"))
+        Err(crate::err!(
+            ReadOnly,
+            "unable to write: the snapshot is read-only"
+        ))
     }
 
     fn flush(&self) -> Result<()> {
@@ -410,15 +440,21 @@ impl Export for SnapshotExport {
     }
 
     fn trim(&self, _off: u64, _len: u64, _fua: bool) -> Result<()> {
-        Err(crate::err!(ReadOnly, "unable to trim: the snapshot is read-only"))
+        Err(crate::err!(
+            ReadOnly,
+            "unable to trim: the snapshot is read-only"
+        ))
     }
 
     fn zero(&self, _off: u64, _len: u64, _flags: ZeroFlags) -> Result<()> {
-        Err(crate::err!(ReadOnly, "unable to zero: the snapshot is read-only"))
+        Err(crate::err!(
+            ReadOnly,
+            "unable to zero: the snapshot is read-only"
+        ))
     }
 
-    /// Known zeros (holes of the origin, free space of the filesystem as of the
-    /// instant) are holes that read as zeros; everything else is data.
+    /// Known zeros (holes of the origin at the instant) are holes that read as zeros;
+    /// everything else is data.
     fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
         let snap = self.snapshot()?;
         crate::blockio::check_range(self.geo.disk_size, off, len, "block status")?;

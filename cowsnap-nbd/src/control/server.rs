@@ -239,8 +239,7 @@ impl ControlServer {
             origin: Some(&self.origin),
             default_container: self.container.as_deref(),
         };
-        attached::check_backup(&self.paths.run_dir, &own, &as_backup)
-            .map_err(|e| e.to_string())?;
+        attached::check_backup(&self.paths.run_dir, &own, &as_backup).map_err(|e| e.to_string())?;
         let snap = self
             .backups
             .start_snapshot(&export, &p)

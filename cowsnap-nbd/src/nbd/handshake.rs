@@ -98,7 +98,8 @@ fn dirty_hit(queries: &[Vec<u8>], list: bool, bitmap: &str) -> bool {
     }
     queries.iter().any(|q| {
         q.as_slice() == full.as_bytes()
-            || (list && (q.as_slice() == b"qemu:" || q.as_slice() == DIRTY_BITMAP_PREFIX.as_bytes()))
+            || (list
+                && (q.as_slice() == b"qemu:" || q.as_slice() == DIRTY_BITMAP_PREFIX.as_bytes()))
     })
 }
 
