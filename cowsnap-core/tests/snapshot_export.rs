@@ -13,7 +13,15 @@ use std::sync::{Arc, Mutex};
 
 const CS: u64 = 65536;
 
-fn setup(chunks: u64) -> (tempfile::TempDir, Arc<Engine>, Backups, Arc<ChangeLog>, Vec<u8>) {
+fn setup(
+    chunks: u64,
+) -> (
+    tempfile::TempDir,
+    Arc<Engine>,
+    Backups,
+    Arc<ChangeLog>,
+    Vec<u8>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let size = chunks * CS;
     let data = pattern(size as usize, 7);
@@ -57,19 +65,34 @@ fn the_export_is_the_instant_and_its_dirty_bitmap_follows_commits() {
     let mut want = data.clone();
     want[(2 * CS + 100) as usize..(2 * CS + 110) as usize].fill(1);
     assert_eq!(read(&*s, 0, want.len()), want);
-    assert_eq!(read(&*s, CS - 1, 3), want[(CS - 1) as usize..(CS + 2) as usize]);
+    assert_eq!(
+        read(&*s, CS - 1, 3),
+        want[(CS - 1) as usize..(CS + 2) as usize]
+    );
     assert_eq!(read(&*e, 0, 1), [9u8]);
     assert_eq!(
         s.dirty_status(CS, 3 * CS).unwrap(),
         vec![
-            DirtyExtent { len: CS, dirty: false },
-            DirtyExtent { len: CS, dirty: true },
-            DirtyExtent { len: CS, dirty: false },
+            DirtyExtent {
+                len: CS,
+                dirty: false
+            },
+            DirtyExtent {
+                len: CS,
+                dirty: true
+            },
+            DirtyExtent {
+                len: CS,
+                dirty: false
+            },
         ]
     );
     assert_eq!(s.status().state, "serving");
     assert!(s.caps().read_only);
-    assert_eq!(s.write(0, &[1], false).unwrap_err().kind(), ErrorKind::ReadOnly);
+    assert_eq!(
+        s.write(0, &[1], false).unwrap_err().kind(),
+        ErrorKind::ReadOnly
+    );
     // release without commit: tracking unchanged, the later writes still tracked
     assert!(b.release_snapshot(false).unwrap().generation.is_none());
     assert_eq!(cl.relative_to().as_deref(), Some(g1.as_str()));
@@ -103,7 +126,10 @@ fn one_backup_or_snapshot_at_a_time() {
         })
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Busy);
-    assert!(e.to_string().contains("snapshot \"d@snap\" is exported"), "{e}");
+    assert!(
+        e.to_string().contains("snapshot \"d@snap\" is exported"),
+        "{e}"
+    );
     assert!(!img.exists());
     let Err(e) = b.start_snapshot("x", &params("ram:1M")) else {
         panic!("a second snapshot was taken");
@@ -131,10 +157,16 @@ fn a_full_container_fails_the_snapshot_not_the_writes() {
     assert_eq!(st.state, "failed");
     assert!(st.error.unwrap().contains("container is full"));
     let mut x = [0u8; 1];
-    assert!(s.read(0, &mut x).is_err(), "a failed snapshot must not be read");
+    assert!(
+        s.read(0, &mut x).is_err(),
+        "a failed snapshot must not be read"
+    );
     let e2 = b.release_snapshot(true).unwrap_err();
     assert!(e2.to_string().contains("it failed"), "{e2}");
-    assert!(b.snapshot_export().is_some(), "a refused commit changes nothing");
+    assert!(
+        b.snapshot_export().is_some(),
+        "a refused commit changes nothing"
+    );
     b.release_snapshot(false).unwrap();
     assert_eq!(cl.relative_to().as_deref(), Some("g0"));
     assert_eq!(read(&*e, 3 * CS, 512), vec![5u8; 512]);
