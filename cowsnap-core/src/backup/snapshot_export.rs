@@ -497,7 +497,7 @@ impl Export for SnapshotExport {
             let i = at / cs;
             let b = ((i + 1) * cs).min(end);
             // a bit past the bitmap (cannot happen: sizes agree) counts as changed
-            let dirty = bits.get(i as usize).map_or(true, |x| *x);
+            let dirty = bits.get(i as usize).is_none_or(|x| *x);
             match out.last_mut() {
                 Some(e) if e.dirty == dirty => e.len += b - at,
                 _ => out.push(DirtyExtent { len: b - at, dirty }),
