@@ -101,7 +101,7 @@ fn the_export_is_the_instant_and_its_dirty_bitmap_follows_commits() {
         .dirty_status(0, 8 * CS)
         .unwrap()
         .iter()
-        .flat_map(|x| std::iter::repeat(x.dirty).take((x.len / CS) as usize))
+        .flat_map(|x| std::iter::repeat_n(x.dirty, (x.len / CS) as usize))
         .collect();
     assert_eq!(dirty, [true, true, true, false, false, false, false, true]);
     // a released export reads no more

@@ -464,6 +464,10 @@ pub(crate) fn instant_settings(
     Ok((idle, timeout, bound))
 }
 
+/// The daemon's answer to a request.
+pub(crate) type Reply =
+    std::result::Result<serde_json::Map<String, serde_json::Value>, control::ControlError>;
+
 /// How a freeze around the snapshot instant went.
 pub(crate) enum Frozen {
     /// No freeze asked for.
@@ -481,10 +485,7 @@ pub(crate) fn call_frozen(
     mp: Option<&freeze::Mountpoint>,
     bound: Duration,
     req: &Request,
-) -> Result<(
-    std::result::Result<serde_json::Map<String, serde_json::Value>, control::ControlError>,
-    Frozen,
-)> {
+) -> Result<(Reply, Frozen)> {
     let Some(mp) = mp else {
         return Ok((cl.call(req), Frozen::No));
     };
