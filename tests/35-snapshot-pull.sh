@@ -11,8 +11,9 @@
 #     qemu:dirty-bitmap:GEN (nbdinfo --map, and qemu-img map with x-dirty-bitmap) are
 #     read and written onto the first copy, which must then equal a full copy of the
 #     second snapshot bit for bit; e2fsck -fn clean. Other bitmap names get no context.
-#  d. a snapshot while a backup runs is refused and changes nothing; release without a
-#     snapshot is a clear error; a connected client sees its connection close at release.
+#  d. a snapshot while a backup runs is refused and changes nothing, as are a backup and
+#     a detach while a snapshot is exported; release without a snapshot is a clear error;
+#     a connected client sees its connection close at release.
 #  e. a container that fills: the snapshot fails (reads get an error, the status says
 #     why), every write still succeeds, release --commit is refused, release works.
 . "$(dirname "$0")/lib.sh"
@@ -135,6 +136,8 @@ ctl snapshot t35d --quiesce-idle 0 --container ram:64M >/dev/null 2>"$T/s.err" |
 ctl backup t35d --to "file:$T/bk2.img" --quiesce-idle 0 >/dev/null 2>"$T/b.err" && fail "a backup ran while a snapshot was exported"
 grep -q "snapshot \"t35d@snap\" is exported" "$T/b.err" || fail "unclear refusal: $(cat "$T/b.err")"
 [ -e "$T/bk2.img" ] || [ -e "$T/bk2.img.incomplete" ] && fail "the refused backup created its target"
+ctl detach t35d >/dev/null 2>"$T/d.err" && fail "detach went on while a snapshot was exported"
+grep -q "snapshot t35d@snap is exported" "$T/d.err" || fail "unclear refusal: $(cat "$T/d.err")"
 /usr/bin/python3 - "nbd+unix:///t35d@snap?socket=$(sock t35d)" "$CTL" <<'EOF' || fail "a client at release"
 import nbd, subprocess, sys
 h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.pread(4096, 0)
