@@ -263,7 +263,8 @@ impl SnapshotExport {
     /// The status figures.
     pub fn status(&self) -> SnapshotStatus {
         let mut figures = self.job.status();
-        let failure = lock(&self.snap).as_ref().and_then(|s| s.failure());
+        let snap = lock(&self.snap).clone();
+        let failure = snap.and_then(|s| s.failure());
         if let Some(why) = &failure {
             figures.state = BackupState::Failed;
             figures.error.get_or_insert_with(|| why.clone());
@@ -307,7 +308,8 @@ impl SnapshotExport {
         }
         let mut generation = None;
         let mut commit_err = None;
-        if let (Some(cl), Some(cut)) = (self.engine.changelog(), lock(&self.cut).take()) {
+        let cut = lock(&self.cut).take();
+        if let (Some(cl), Some(cut)) = (self.engine.changelog(), cut) {
             if commit {
                 let id = pull_generation_id();
                 match cl.commit_generation(&cut, &id) {
@@ -321,7 +323,8 @@ impl SnapshotExport {
                 log::warn!("{e}");
             }
         }
-        if let Some(snap) = lock(&self.snap).take() {
+        let snap = lock(&self.snap).take();
+        if let Some(snap) = snap {
             // waiters pass through from now on; then the engine forgets it
             snap.end("snapshot released");
             self.engine.uninstall(&snap);
