@@ -11,7 +11,8 @@
 #     qemu:dirty-bitmap:GEN (nbdinfo --map, and qemu-img map with x-dirty-bitmap) are
 #     read and written onto the first copy, which must then equal a full copy of the
 #     second snapshot bit for bit; e2fsck -fn clean. Other bitmap names get no context.
-#  d. a snapshot while a backup runs is refused and changes nothing, as are a backup and
+#  d. the export is served on --listen too (nbdcopy over TCP of the idle disk).
+#     A snapshot while a backup runs is refused and changes nothing, as are a backup and
 #     a detach while a snapshot is exported; release without a snapshot is a clear error;
 #     a connected client sees its connection close at release.
 #  e. a container that fills: the snapshot fails (reads get an error, the status says
@@ -117,7 +118,8 @@ rm -f "$T"/*.img
 
 log "d: snapshot while a backup runs, release without a snapshot, a client at release"
 head -c $SIZE /dev/urandom > "$T/disk.img"
-uri=$(ctl attach "$T/disk.img" --name t35d --via none | tail -n 1) || fail "attach"
+PORT=$((20000 + RANDOM % 20000))
+uri=$(ctl attach "$T/disk.img" --name t35d --via none --listen "tcp:127.0.0.1:$PORT" | tail -n 1) || fail "attach"
 "$CTL" backup t35d --to "file:$T/bk.img" --rate-limit 8M --quiesce-idle 0 --json >"$T/bk.out" 2>&1 &
 BK=$!; EXTRA_PIDS+=("$BK")
 for _ in $(seq 300); do
@@ -136,6 +138,11 @@ ctl snapshot t35d --quiesce-idle 0 --container ram:64M >/dev/null 2>"$T/s.err" |
 ctl backup t35d --to "file:$T/bk2.img" --quiesce-idle 0 >/dev/null 2>"$T/b.err" && fail "a backup ran while a snapshot was exported"
 grep -q "snapshot \"t35d@snap\" is exported" "$T/b.err" || fail "unclear refusal: $(cat "$T/b.err")"
 [ -e "$T/bk2.img" ] || [ -e "$T/bk2.img.incomplete" ] && fail "the refused backup created its target"
+[ "$(ctl status t35d --json | jq -r '.daemon.snapshot.tcp_uris[0]')" = "nbd://127.0.0.1:$PORT/t35d@snap" ] ||
+  fail "no TCP URI in the status: $(ctl status t35d --json | jq -c .daemon.snapshot.tcp_uris)"
+nbdcopy "nbd://127.0.0.1:$PORT/t35d@snap" "$T/tcp.img" || fail "nbdcopy over TCP"
+cmp "$T/disk.img" "$T/tcp.img" || fail "the copy over TCP differs from the idle disk"
+rm -f "$T/tcp.img"
 ctl detach t35d >/dev/null 2>"$T/d.err" && fail "detach went on while a snapshot was exported"
 grep -q "snapshot t35d@snap is exported" "$T/d.err" || fail "unclear refusal: $(cat "$T/d.err")"
 /usr/bin/python3 - "nbd+unix:///t35d@snap?socket=$(sock t35d)" "$CTL" <<'EOF' || fail "a client at release"

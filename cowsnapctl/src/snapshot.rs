@@ -167,6 +167,9 @@ pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
         return Ok(0);
     }
     println!("{}", st.uri);
+    for u in &st.tcp_uris {
+        eprintln!("also served at {u}");
+    }
     if let Some(ms) = frozen_ms {
         eprintln!("froze the filesystem for {ms} ms around the snapshot instant");
     }

@@ -91,6 +91,9 @@ pub struct SnapshotStatus {
     /// NBD URI on the disk's unix socket (filled in by the daemon).
     #[serde(default)]
     pub uri: String,
+    /// NBD URIs on the daemon's TCP listeners (`--listen`; filled in by the daemon).
+    #[serde(default)]
+    pub tcp_uris: Vec<String>,
     /// `serving` or `failed`.
     pub state: String,
     /// Why it failed.
@@ -272,6 +275,7 @@ impl SnapshotExport {
         SnapshotStatus {
             export: self.name.clone(),
             uri: String::new(),
+            tcp_uris: Vec::new(),
             state: if failure.is_some() {
                 "failed"
             } else {

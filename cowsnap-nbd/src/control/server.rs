@@ -199,11 +199,21 @@ impl ControlServer {
         )
     }
 
-    /// The snapshot export's status with its URI.
+    /// NBD URIs of `export` on the `--listen` addresses (`tcp:HOST:PORT`).
+    fn tcp_uris(&self, export: &str) -> Vec<String> {
+        self.listen
+            .iter()
+            .filter_map(|l| l.strip_prefix("tcp:"))
+            .map(|a| format!("nbd://{a}/{export}"))
+            .collect()
+    }
+
+    /// The snapshot export's status with its URIs.
     fn snapshot_status(&self) -> Option<wire::SnapshotStatus> {
         self.backups.snapshot_export().map(|s| {
             let mut st = s.status();
             st.uri = self.export_uri(&st.export);
+            st.tcp_uris = self.tcp_uris(&st.export);
             st
         })
     }
@@ -248,6 +258,7 @@ impl ControlServer {
         self.server.set_export(&export, snap.clone(), &desc);
         let mut st = snap.status();
         st.uri = self.export_uri(&export);
+        st.tcp_uris = self.tcp_uris(&export);
         log::info!("serving snapshot {export:?} at {}", st.uri);
         Ok(st)
     }
