@@ -61,6 +61,9 @@ expect_fail "backup: --incremental to a file" "repository" ctl backup a --to fil
 expect_fail "detach unknown" "no disk named \"ghost\"" ctl detach ghost
 expect_fail "status unknown" "no disk named \"ghost\"" ctl status ghost
 expect_fail "backup unknown" "not attached" ctl backup ghost --to file:"$T/b.img"
+expect_fail "snapshot unknown" "not attached" ctl snapshot ghost
+expect_fail "release unknown" "not attached" ctl release ghost
+expect_fail "snapshot: bad duration" "invalid duration" ctl snapshot ghost --quiesce-idle 3parsecs
 
 # --- daemon dies at start: the error carries the log's tail
 cat > "$T/fake-daemon" <<'SH'

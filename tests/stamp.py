@@ -9,6 +9,11 @@
 # O_DIRECT writes to a kernel block device such as /dev/nbdN (tests/vm/kernel-nbd.sh), so
 # every acknowledged write has reached the daemon.
 #
+# With STAMP_PULL=nbdcopy or STAMP_PULL=qemu-img (tests/35-snapshot-pull.sh) the image is
+# taken in pull mode instead: `cowsnapctl snapshot` (container STAMP_CONTAINER), then that
+# tool copies the snapshot export to IMAGE while the writers go on, then `release`.
+# "Running" is then the moment `snapshot` returned (its reply comes after the instant).
+#
 # Every written 4 KiB sector carries (magic, offset, sequence, writer, crc). Each writer
 # thread owns the 1 MiB regions r with r % THREADS == its id and issues one write at a
 # time (1..16 sectors), so the writes to one sector are totally ordered. For each sector
@@ -175,21 +180,63 @@ threads = [threading.Thread(target=writer, args=(w,)) for w in range(nthreads)]
 for t in threads:
     t.start()
 time.sleep(before_s)
+pull = os.environ.get("STAMP_PULL")
+pull_note = ""
 t_send = time.monotonic_ns()
-bk = subprocess.Popen(
-    [ctl, "backup", name, "--to", "file:" + img_path, "--container", "ram:8M",
-     "--quiesce-idle", "0s", "--json"],
-    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-t_run = None
-while t_run is None:
-    st = backup_state()
-    if st in ("running", "complete", "failed"):
-        t_run = time.monotonic_ns()
-    elif bk.poll() is not None:
-        break
+if pull:
+    sn = subprocess.run(
+        [ctl, "snapshot", name, "--container", os.environ.get("STAMP_CONTAINER", "ram:64M"),
+         "--quiesce-idle", "0s", "--json"], capture_output=True, text=True)
+    t_run = time.monotonic_ns() if sn.returncode == 0 else None
+    if t_run is None:
+        stop.set()
+        sys.exit(f"FAIL: snapshot exited {sn.returncode}: {sn.stderr.strip()}")
+    snap_uri = json.loads(sn.stdout)["uri"]
+    t_c0 = time.monotonic_ns()
+    if pull == "nbdcopy":
+        cp = subprocess.run(["nbdcopy", snap_uri, img_path], capture_output=True, text=True)
     else:
-        time.sleep(0.01)
-out, err = bk.communicate()
+        cp = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", "-S", "0",
+                             snap_uri, img_path], capture_output=True, text=True)
+    t_c1 = time.monotonic_ns()
+    writes_copy = sum(1 for lg in logs for (t0, *_r) in lg if t_c0 < t0 < t_c1)
+    r = subprocess.run([ctl, "status", name, "--json"], capture_output=True, text=True)
+    snap_st = json.loads(r.stdout).get("daemon", {}).get("snapshot") or {}
+    rel = subprocess.run([ctl, "release", name], capture_output=True, text=True)
+    if cp.returncode != 0:
+        stop.set()
+        sys.exit(f"FAIL: {pull} exited {cp.returncode}: {cp.stderr.strip()}")
+    if rel.returncode != 0:
+        stop.set()
+        sys.exit(f"FAIL: release exited {rel.returncode}: {rel.stderr.strip()}")
+    if snap_st.get("state") != "serving":
+        stop.set()
+        sys.exit(f"FAIL: the snapshot export is not serving after the copy: {snap_st}")
+    fig = snap_st.get("figures", {})
+    pull_note = (f"; {pull} took {(t_c1 - t_c0) / 1e6:.0f} ms with {writes_copy} writes meanwhile; "
+                 f"container {fig.get('container_high_water')}/{fig.get('container_slots')} slots")
+    out = json.dumps({k: fig.get(k) for k in ("chunks_preserved", "holds", "throttled_writes",
+                                               "container_high_water", "container_slots")}
+                     | {"elapsed_ms": (t_c1 - t_run) // 1000000})
+
+    class Done:
+        returncode = 0
+    bk, err = Done(), ""
+else:
+    bk = subprocess.Popen(
+        [ctl, "backup", name, "--to", "file:" + img_path, "--container", "ram:8M",
+         "--quiesce-idle", "0s", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t_run = None
+    while t_run is None:
+        st = backup_state()
+        if st in ("running", "complete", "failed"):
+            t_run = time.monotonic_ns()
+        elif bk.poll() is not None:
+            break
+        else:
+            time.sleep(0.01)
+    out, err = bk.communicate()
 time.sleep(after_s)
 stop.set()
 for t in threads:
@@ -201,10 +248,10 @@ if bk.returncode != 0 or t_run is None:
 last = json.loads(out.strip().splitlines()[-1])
 writes_during = sum(1 for lg in logs for (t0, *_r) in lg if t_run < t0)
 total = sum(len(lg) for lg in logs)
-print(f"{total} writes through {io.what}, {writes_during} submitted after the backup was running; "
-      f"backup: {last.get('chunks_preserved')} chunks preserved, {last.get('holds')} holds, "
+print(f"{total} writes through {io.what}, {writes_during} submitted after the snapshot instant; "
+      f"{'pull' if pull else 'backup'}: {last.get('chunks_preserved')} chunks preserved, {last.get('holds')} holds, "
       f"{last.get('throttled_writes')} throttled, high-water {last.get('container_high_water')}/"
-      f"{last.get('container_slots')}, {last.get('elapsed_ms')} ms")
+      f"{last.get('container_slots')}, {last.get('elapsed_ms')} ms{pull_note}")
 if writes_during < min_writes:
     sys.exit(f"FAIL: {writes_during} writes while the backup ran, fewer than {min_writes}: too few to prove anything")
 

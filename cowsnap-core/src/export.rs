@@ -16,6 +16,15 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// One extent of a dirty bitmap (the `qemu:dirty-bitmap:NAME` meta context).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DirtyExtent {
+    /// Length in bytes (> 0).
+    pub len: u64,
+    /// Changed since the bitmap's generation (QEMU's flag value 1).
+    pub dirty: bool,
+}
+
 /// Flags of a write-zeroes request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ZeroFlags {
@@ -63,4 +72,18 @@ pub trait Export: Send + Sync {
     /// Allocation status of `off..off+len`: extents covering at least the first byte,
     /// none past `off+len`.
     fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>>;
+    /// The name of the dirty bitmap this export serves (the `NAME` of the meta context
+    /// `qemu:dirty-bitmap:NAME`), if any. Read-only information: a default is safe.
+    fn dirty_bitmap(&self) -> Option<String> {
+        None
+    }
+    /// Dirty status of `off..off+len`: extents covering at least the first byte, none
+    /// past `off+len`. Only called when [`Export::dirty_bitmap`] names one.
+    fn dirty_status(&self, off: u64, len: u64) -> Result<Vec<DirtyExtent>> {
+        let _ = (off, len);
+        Err(crate::err!(
+            Unsupported,
+            "unable to report dirty blocks: this export has no dirty bitmap"
+        ))
+    }
 }

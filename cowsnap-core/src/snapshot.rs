@@ -127,6 +127,15 @@ impl Snapshot {
         self.slots.drop_all();
     }
 
+    /// End the snapshot on purpose (a snapshot export released): like [`Self::fail`]
+    /// (every waiter passes through from now on) but not logged as a failure.
+    pub fn end(&self, why: &str) {
+        lock(&self.failure).get_or_insert_with(|| why.to_string());
+        self.failed.store(true, Ordering::SeqCst);
+        self.map.drop_snapshot();
+        self.slots.drop_all();
+    }
+
     /// Why the snapshot failed, if it did.
     pub fn failure(&self) -> Option<String> {
         if !self.failed.load(Ordering::SeqCst) {

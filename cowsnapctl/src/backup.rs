@@ -215,12 +215,12 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
     if a.incremental && !target.starts_with("repo:") {
         bail!("--incremental needs a repository target (--to repo:DIR)");
     }
-    let timeout = parse_duration(&a.quiesce_timeout)?;
-    let idle = match (&a.quiesce_idle, a.freeze.first()) {
-        (Some(s), _) => parse_duration(s)?,
-        (None, Some(_)) => Duration::ZERO,
-        (None, None) => Duration::from_secs(3),
-    };
+    let (idle, timeout, freeze_bound) = instant_settings(
+        a.quiesce_idle.as_deref(),
+        &a.quiesce_timeout,
+        !a.freeze.is_empty(),
+        &a.freeze_timeout,
+    )?;
     let priority = a
         .priority
         .as_deref()
@@ -228,14 +228,6 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         .transpose()?
         .unwrap_or_default();
     let rate_limit = a.rate_limit.as_deref().map(parse_size).transpose()?;
-    let freeze_bound = parse_duration(&a.freeze_timeout)?;
-    if freeze_bound.is_zero() || freeze_bound > freeze::MAX_FREEZE {
-        bail!(
-            "invalid --freeze-timeout {:?}: give more than 0 and at most {}s",
-            a.freeze_timeout,
-            freeze::MAX_FREEZE.as_secs()
-        );
-    }
     let container = a
         .container
         .as_deref()
@@ -310,36 +302,16 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         default_container: None,
     };
     cowsnap_nbd::attached::check_backup(&dirs.run_dir, &own, &params)?;
-    let (started, frozen) = match &mountpoint {
-        Some(mp) => {
-            let wd = freeze::freeze(mp, freeze_bound)?;
-            let r = cl.call(&Request::Backup { params });
-            // Thawed here, on success and on error alike (or already by the watchdog).
-            (r, Some((mp, wd.finish())))
-        }
-        None => (cl.call(&Request::Backup { params }), None),
-    };
+    let (started, frozen) = call_frozen(
+        &mut cl,
+        mountpoint.as_ref(),
+        freeze_bound,
+        &Request::Backup { params },
+    )?;
     let frozen_ms = match frozen {
-        None => None,
-        Some((_, freeze::Outcome::Held { frozen_for })) => Some(frozen_for.as_millis() as u64),
-        Some((mp, bad)) => {
-            let why = match bad {
-                freeze::Outcome::Expired { bound, thaw_error } => format!(
-                    "the snapshot instant was not reached within {} ms of freezing {} \
-                     (--freeze-timeout); it was thawed then{}",
-                    bound.as_millis(),
-                    mp.path.display(),
-                    thaw_error
-                        .map(|e| format!(" (thaw: {e})"))
-                        .unwrap_or_default()
-                ),
-                freeze::Outcome::ThawFailed(e) => format!(
-                    "unable to thaw {} ({e}): it was not frozen any more at the snapshot \
-                     instant",
-                    mp.path.display()
-                ),
-                freeze::Outcome::Held { .. } => String::new(),
-            };
+        Frozen::No => None,
+        Frozen::Held(ms) => Some(ms),
+        Frozen::Broken(why) => {
             if let Ok(m) = &started {
                 let id = m.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
                 cancel_and_wait(&mut cl, id);
@@ -508,6 +480,78 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
 }
 
 /// The mount point `--freeze` names, checked against the disk's exposed device.
+/// The quiesce idle window, its timeout and the freeze bound from the flags
+/// `--quiesce-idle` (default 3 s, or 0 with a freeze), `--quiesce-timeout`,
+/// `--freeze-timeout` (more than 0, at most [`freeze::MAX_FREEZE`]).
+pub(crate) fn instant_settings(
+    quiesce_idle: Option<&str>,
+    quiesce_timeout: &str,
+    freeze: bool,
+    freeze_timeout: &str,
+) -> Result<(Duration, Duration, Duration)> {
+    let timeout = parse_duration(quiesce_timeout)?;
+    let idle = match (quiesce_idle, freeze) {
+        (Some(s), _) => parse_duration(s)?,
+        (None, true) => Duration::ZERO,
+        (None, false) => Duration::from_secs(3),
+    };
+    let bound = parse_duration(freeze_timeout)?;
+    if bound.is_zero() || bound > freeze::MAX_FREEZE {
+        bail!(
+            "invalid --freeze-timeout {freeze_timeout:?}: give more than 0 and at most {}s",
+            freeze::MAX_FREEZE.as_secs()
+        );
+    }
+    Ok((idle, timeout, bound))
+}
+
+/// The daemon's answer to a request.
+pub(crate) type Reply =
+    std::result::Result<serde_json::Map<String, serde_json::Value>, control::ControlError>;
+
+/// How a freeze around the snapshot instant went.
+pub(crate) enum Frozen {
+    /// No freeze asked for.
+    No,
+    /// Frozen for this many ms and the instant was inside the freeze.
+    Held(u64),
+    /// The instant cannot be called consistent: why.
+    Broken(String),
+}
+
+/// Send `req` (which replies after its snapshot instant), inside a freeze of `mp` when
+/// given (bounded by `bound`, thawed on success and on error alike).
+pub(crate) fn call_frozen(
+    cl: &mut Client,
+    mp: Option<&freeze::Mountpoint>,
+    bound: Duration,
+    req: &Request,
+) -> Result<(Reply, Frozen)> {
+    let Some(mp) = mp else {
+        return Ok((cl.call(req), Frozen::No));
+    };
+    let wd = freeze::freeze(mp, bound)?;
+    let r = cl.call(req);
+    // Thawed here, on success and on error alike (or already by the watchdog).
+    let f = match wd.finish() {
+        freeze::Outcome::Held { frozen_for } => Frozen::Held(frozen_for.as_millis() as u64),
+        freeze::Outcome::Expired { bound, thaw_error } => Frozen::Broken(format!(
+            "the snapshot instant was not reached within {} ms of freezing {} \
+             (--freeze-timeout); it was thawed then{}",
+            bound.as_millis(),
+            mp.path.display(),
+            thaw_error
+                .map(|e| format!(" (thaw: {e})"))
+                .unwrap_or_default()
+        )),
+        freeze::Outcome::ThawFailed(e) => Frozen::Broken(format!(
+            "unable to thaw {} ({e}): it was not frozen any more at the snapshot instant",
+            mp.path.display()
+        )),
+    };
+    Ok((r, f))
+}
+
 pub(crate) fn freeze_target(
     paths: &cowsnap_nbd::paths::DiskPaths,
     cl: &mut Client,

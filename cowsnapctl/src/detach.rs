@@ -1,4 +1,5 @@
-//! `cowsnapctl detach`: refuse while a backup runs or the device is mounted (unless
+//! `cowsnapctl detach`: refuse while a backup runs, a snapshot is exported (ended with
+//! the daemon under --force or --cancel-backup) or the device is mounted (unless
 //! --force, which cancels the backup cleanly first), flush, remove the kernel device,
 //! stop the daemon, then — holding the name lock, so nothing of a daemon that took the
 //! name since is touched — remove sockets, pid files, the attach record and the lock.
@@ -122,6 +123,17 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
              to cancel it first",
             a.name,
             describe(b)
+        );
+    }
+    let snapshot = status.as_ref().and_then(|s| s.snapshot.as_ref());
+    if let (Some(snap), false) = (snapshot, a.force || a.cancel_backup) {
+        bail!(
+            "unable to detach {}: snapshot {} is exported (taken {} s ago); release it \
+             first (cowsnapctl release {}), or detach --force",
+            a.name,
+            snap.export,
+            snap.age_s,
+            a.name
         );
     }
     if let Ok(Some(m)) =

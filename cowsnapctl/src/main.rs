@@ -24,6 +24,7 @@ mod parse;
 mod progress;
 mod repo;
 mod restart;
+mod snapshot;
 mod status;
 mod up;
 
@@ -86,6 +87,11 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Back up an attached disk while it stays in use.
     Backup(backup::BackupArgs),
+    /// Take a snapshot and serve it read-only over NBD (pull mode); prints its URI.
+    Snapshot(snapshot::SnapshotArgs),
+    /// End a `snapshot`: remove its export; --commit records the instant for the next
+    /// snapshot's dirty bitmap.
+    Release(snapshot::ReleaseArgs),
     /// List the restore points (generations and consistency groups) of a repository.
     List(repo::ListArgs),
     /// Re-hash every chunk the repository's generations reference (--repair: heal).
@@ -154,6 +160,8 @@ fn main() {
         Cmd::Restart(a) => restart::run(&cli.dirs, a).map(|_| 0),
         Cmd::Status(a) => status::run(&cli.dirs, a),
         Cmd::Backup(a) => backup::run(&cli.dirs, a),
+        Cmd::Snapshot(a) => snapshot::snapshot(&cli.dirs, a),
+        Cmd::Release(a) => snapshot::release(&cli.dirs, a),
         Cmd::List(a) => repo::list(a),
         Cmd::Verify(a) => repo::verify(&cli.dirs, a),
         Cmd::Prune(a) => repo::prune(a),

@@ -82,6 +82,35 @@ fn fill_line(s: &StatusInfo) -> String {
     }
 }
 
+/// The snapshot export, when one is served.
+pub fn snapshot_line(s: &cowsnap_nbd::control::SnapshotStatus) -> String {
+    let f = &s.figures;
+    let mut l = format!(
+        "snapshot {} {} age {}  {}  container {}/{} slots (high-water {}), {} preserved; \
+         {} throttled {}ms",
+        s.export,
+        s.state,
+        human_secs(s.age_s),
+        s.uri,
+        f.container_used,
+        f.container_slots,
+        f.container_high_water,
+        f.chunks_preserved,
+        f.throttled_writes,
+        f.throttle_delay_ms
+    );
+    if let Some(g) = &s.dirty_bitmap {
+        l.push_str(&format!(
+            "; dirty bitmap qemu:dirty-bitmap:{g} ({} chunks changed)",
+            s.dirty_chunks
+        ));
+    }
+    if let Some(e) = &s.error {
+        l.push_str(&format!(": {e}"));
+    }
+    l
+}
+
 fn line(name: &str, rec: Option<&AttachRecord>, st: Option<&StatusInfo>) -> String {
     let via = rec.map(|r| r.via.to_string()).unwrap_or_else(|| "-".into());
     let dev = rec
@@ -106,6 +135,11 @@ fn line(name: &str, rec: Option<&AttachRecord>, st: Option<&StatusInfo>) -> Stri
                     .map(backup_line)
                     .unwrap_or_else(|| "no backup".into())
             ) + &fill_line(s)
+                + &s
+                    .snapshot
+                    .as_ref()
+                    .map(|x| format!("\n  {}", snapshot_line(x)))
+                    .unwrap_or_default()
         }
     }
 }
@@ -162,6 +196,7 @@ pub fn run(dirs: &Dirs, a: StatusArgs) -> Result<i32> {
                     "responding": st.is_some(),
                     "backup": st.as_ref().and_then(|s| s.backup.clone()),
                     "fill": st.as_ref().and_then(|s| s.fill.clone()),
+                    "snapshot": st.as_ref().and_then(|s| s.snapshot.clone()),
                     "lineage": st.as_ref().and_then(|s| s.lineage.clone()),
                     "attach": rec,
                     "daemon": st,

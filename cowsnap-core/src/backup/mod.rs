@@ -12,10 +12,13 @@
 //! - `last.rs`: the last successful backup, kept in the disk's state directory.
 //! - `group.rs`: a backup that is one member of a consistency group (the instant's
 //!   barrier and the commit gate; the protocol table is there).
+//! - `snapshot_export.rs`: a snapshot served read-only over NBD instead of drained
+//!   (pull mode); it takes the same job slot.
 //!
 //! Design notes
 //! - One backup at a time per disk: a second `start` while one is quiescing or
-//!   running fails with `Busy`.
+//!   running fails with `Busy`; so does a backup while a snapshot export is taken or
+//!   served, and a snapshot while a backup runs (`cur` is locked before `snapshot`).
 //! - Order of `start`: open the target (`file:` writes its `.incomplete` marker
 //!   first, [`crate::target::open`]) and the container, so bad specs fail before
 //!   anything waits; quiesce (wait for `quiesce_idle_ms` without data-changing
@@ -43,6 +46,7 @@ mod last;
 mod quiesce;
 mod run;
 mod scope;
+mod snapshot_export;
 
 use crate::container::Container;
 use crate::engine::Engine;
@@ -58,6 +62,7 @@ use std::time::{Duration, Instant};
 
 pub use last::{LastBackup, LastBackupRecord, LAST_BACKUP_FILE};
 pub use quiesce::DEFAULT_QUIESCE_TIMEOUT_MS;
+pub use snapshot_export::{Released, SnapshotExport, SnapshotParams, SnapshotStatus};
 
 /// What `cowsnapctl backup` asks for.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -215,6 +220,9 @@ pub struct Backups {
     cur: Mutex<Option<Arc<Job>>>,
     seq: AtomicU64,
     last: Arc<LastBackupRecord>,
+    /// The snapshot export, which takes the job slot too (`snapshot_export.rs`);
+    /// locked after `cur`.
+    snapshot: Mutex<snapshot_export::Slot>,
 }
 
 impl Backups {
@@ -232,6 +240,7 @@ impl Backups {
             cur: Mutex::new(None),
             seq: AtomicU64::new(0),
             last: Arc::new(last),
+            snapshot: Mutex::new(snapshot_export::Slot::Empty),
         }
     }
 
@@ -293,6 +302,15 @@ impl Backups {
                         j.id()
                     ));
                 }
+            }
+            if let Some(what) = lock(&self.snapshot).busy() {
+                return Err(crate::err!(
+                    Busy,
+                    "unable to start a backup of {:?}: {what} (release it first: \
+                     cowsnapctl release {})",
+                    self.engine.config().name,
+                    self.engine.config().name
+                ));
             }
             let id = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
             let job = Arc::new(Job::new(BackupStatus {

@@ -84,7 +84,7 @@ pub(super) fn exclude_known_zeros(
 /// Mark the chunks of the holes of `origin`; returns the bytes marked. A hole running
 /// across windows is split at the window edge, which loses nothing: windows are
 /// multiples of every granule (chunk sizes are powers of two up to 64 MiB).
-fn holes(origin: &dyn BlockIo, snap: &Snapshot) -> Result<u64> {
+pub(super) fn holes(origin: &dyn BlockIo, snap: &Snapshot) -> Result<u64> {
     let size = snap.geometry().disk_size;
     let mut marked = 0;
     let mut off = 0;

@@ -13,6 +13,7 @@ use super::wire::{
     self, BackupParams, ExportedGeneration, FillInfo, IoCounters, Request, StatusInfo, MAX_LINE,
 };
 use crate::attached;
+use crate::nbd::handshake::ExportLookup;
 use crate::nbd::server::Server;
 use crate::paths::{self, DiskPaths};
 use cowsnap_core::backup::group::{CommitDecision, MAX_PAUSE_LIMIT};
@@ -160,6 +161,121 @@ impl ControlServer {
                 fail(&"unable to take a group step: no group backup on this connection"),
                 false,
             ),
+            Request::Snapshot { params } => match self.snapshot(params) {
+                Ok(st) => (wire::ok_reply(&st), false),
+                Err(e) => {
+                    log::warn!("{e}");
+                    (fail(&e), false)
+                }
+            },
+            Request::Release { commit } => match self.release(commit) {
+                Ok(v) => (wire::ok_reply(&v), false),
+                Err(e) => {
+                    log::warn!("{e}");
+                    (fail(&e), false)
+                }
+            },
+        }
+    }
+
+    /// NBD URI of `export` on the disk's unix socket.
+    fn export_uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.paths.nbd_socket().display()
+        )
+    }
+
+    /// NBD URIs of `export` on the `--listen` addresses (`tcp:HOST:PORT`).
+    fn tcp_uris(&self, export: &str) -> Vec<String> {
+        self.listen
+            .iter()
+            .filter_map(|l| l.strip_prefix("tcp:"))
+            .map(|a| format!("nbd://{a}/{export}"))
+            .collect()
+    }
+
+    /// The snapshot export's status with its URIs.
+    fn snapshot_status(&self) -> Option<wire::SnapshotStatus> {
+        self.backups.snapshot_export().map(|s| {
+            let mut st = s.status();
+            st.uri = self.export_uri(&st.export);
+            st.tcp_uris = self.tcp_uris(&st.export);
+            st
+        })
+    }
+
+    /// `snapshot`: check the request, take the snapshot, publish the export.
+    fn snapshot(&self, mut p: wire::SnapshotParams) -> Result<wire::SnapshotStatus, String> {
+        let name = &self.paths.name;
+        if self.generation.is_some() {
+            return Err(format!(
+                "unable to take a snapshot of {name:?}: it serves a generation of a \
+                 repository, which does not change; export that generation instead"
+            ));
+        }
+        let export = p.export.clone().unwrap_or_else(|| format!("{name}@snap"));
+        check_export_name(&export)
+            .map_err(|why| format!("unable to take a snapshot of {name:?}: {why}"))?;
+        if self.server.export(&export).is_some() {
+            return Err(format!(
+                "unable to take a snapshot of {name:?}: the export name {export:?} is taken"
+            ));
+        }
+        if p.container.is_none() {
+            p.container = self.container.clone();
+        }
+        let as_backup = BackupParams {
+            container: p.container.clone(),
+            ..Default::default()
+        };
+        check_request_paths(&as_backup)
+            .map_err(|e| e.replace("start the backup", "take the snapshot"))?;
+        let own = attached::OwnDisk {
+            name,
+            origin: Some(&self.origin),
+            default_container: self.container.as_deref(),
+        };
+        attached::check_backup(&self.paths.run_dir, &own, &as_backup).map_err(|e| e.to_string())?;
+        let snap = self
+            .backups
+            .start_snapshot(&export, &p)
+            .map_err(|e| e.to_string())?;
+        let desc = format!("snapshot of {name} (read-only)");
+        self.server.set_export(&export, snap.clone(), &desc);
+        let mut st = snap.status();
+        st.uri = self.export_uri(&export);
+        st.tcp_uris = self.tcp_uris(&export);
+        log::info!("serving snapshot {export:?} at {}", st.uri);
+        Ok(st)
+    }
+
+    /// `release`: check, remove the export (closing its connections), end it.
+    fn release(&self, commit: bool) -> Result<serde_json::Value, String> {
+        self.backups
+            .check_release(commit)
+            .map_err(|e| e.to_string())?;
+        let Some(s) = self.backups.snapshot_export() else {
+            return Err(format!(
+                "unable to release a snapshot of {:?}: no snapshot is exported",
+                self.paths.name
+            ));
+        };
+        let export = s.export_name().to_string();
+        let closed = self.server.remove_export_and_disconnect(&export);
+        match self.backups.release_snapshot(commit) {
+            Ok(r) => Ok(serde_json::json!({
+                "released": r,
+                "connections_closed": closed,
+            })),
+            Err(e) => {
+                // a commit refused after all: serve it again, as it was
+                if let Some(s) = self.backups.snapshot_export() {
+                    self.server
+                        .set_export(&export, s, &format!("snapshot of {}", self.paths.name));
+                }
+                Err(e.to_string())
+            }
         }
     }
 
@@ -228,6 +344,7 @@ impl ControlServer {
             }),
             latency: Some(self.engine.latency()),
             last_success: self.backups.last_success(),
+            snapshot: self.snapshot_status(),
             export: self.generation.as_ref().map(|g| ExportedGeneration {
                 repository: g.repo_dir().display().to_string(),
                 generation: g.generation().id.clone(),
@@ -402,6 +519,25 @@ fn group_decide(member: &mut Option<GroupMember>, d: CommitDecision) -> String {
             )),
         },
     }
+}
+
+/// An export name for a snapshot: 1 to 255 bytes of letters, digits and `._@:+-`, so
+/// it goes into a URI as it is.
+fn check_export_name(n: &str) -> Result<(), String> {
+    if n.is_empty() || n.len() > 255 {
+        return Err(format!(
+            "the export name {n:?} must have 1 to 255 characters"
+        ));
+    }
+    if let Some(c) = n
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._@:+-".contains(*c)))
+    {
+        return Err(format!(
+            "the export name {n:?} has {c:?}; use letters, digits and ._@:+-"
+        ));
+    }
+    Ok(())
 }
 
 /// Skip the rest of an oversized line; false when the connection should end (closed,

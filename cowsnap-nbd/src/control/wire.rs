@@ -2,7 +2,9 @@
 //! encoding as one JSON object per line. The envelope (`v`, `ok`, `error`) is a struct
 //! with the payload flattened into it.
 
-pub use cowsnap_core::backup::{BackupParams, BackupStatus, LastBackup};
+pub use cowsnap_core::backup::{
+    BackupParams, BackupStatus, LastBackup, Released, SnapshotParams, SnapshotStatus,
+};
 use cowsnap_core::engine::IoStats;
 pub use cowsnap_core::latency::{HistogramSnapshot, LatencySnapshot};
 use serde::{Deserialize, Serialize};
@@ -74,6 +76,19 @@ pub enum Request {
         /// Why, recorded as the backup's error.
         why: String,
     },
+    /// Take a snapshot and serve it read-only as an NBD export (pull mode); replies
+    /// once it is served, with its [`SnapshotStatus`].
+    Snapshot {
+        /// Export name, container, quiesce.
+        params: SnapshotParams,
+    },
+    /// End the snapshot export: remove it (its clients are disconnected), commit the
+    /// change-log cut to a new pull generation (`commit`) or merge it back.
+    Release {
+        /// Commit the cut.
+        #[serde(default)]
+        commit: bool,
+    },
 }
 
 /// I/O counters as carried over the control socket: the engine's own figures.
@@ -133,6 +148,9 @@ pub struct StatusInfo {
     /// daemons that predate it, `null` when none is known).
     #[serde(default)]
     pub last_success: Option<LastBackup>,
+    /// The snapshot export (pull mode), if one is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotStatus>,
     /// A repository generation served instead of an origin (`cowsnapctl export`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<ExportedGeneration>,

@@ -10,8 +10,13 @@
 //!   NBD_OPT_EXPORT_NAME (which has no error reply) end the connection.
 //! - STARTTLS is refused with NBD_REP_ERR_POLICY (no TLS configured); EXTENDED_HEADERS
 //!   and every unknown option get NBD_REP_ERR_UNSUP.
-//! - The meta-context selection (`base:allocation` or nothing) is remembered from the
-//!   last NBD_OPT_SET_META_CONTEXT and needs structured replies.
+//! - The meta-context selection (`base:allocation`, an export's dirty bitmap
+//!   `qemu:dirty-bitmap:NAME` when [`Export::dirty_bitmap`] names one, or nothing) is
+//!   remembered from the last NBD_OPT_SET_META_CONTEXT and needs structured replies.
+//!   A dirty bitmap is selected for the export named in that SET; choosing another
+//!   export afterwards drops it. Any other `qemu:dirty-bitmap:` name (or a query for an
+//!   export without one) matches no context, which is not an error (the spec's rule
+//!   for unknown contexts). LIST answers `qemu:` and `qemu:dirty-bitmap:` queries too.
 
 use super::proto::{self, *};
 use cowsnap_core::export::Export;
@@ -46,6 +51,8 @@ pub struct Session {
     pub structured: bool,
     /// `base:allocation` selected.
     pub base_allocation: bool,
+    /// The export's dirty bitmap selected (context id `DIRTY_BITMAP_ID`).
+    pub dirty_bitmap: bool,
     /// Transmission flags sent.
     pub tflags: u16,
 }
@@ -81,6 +88,19 @@ fn discard(r: &mut impl Read, mut n: u64) -> io::Result<()> {
         n -= k as u64;
     }
     Ok(())
+}
+
+/// Whether the queries of a LIST (`list`) or SET select the dirty bitmap `bitmap`.
+fn dirty_hit(queries: &[Vec<u8>], list: bool, bitmap: &str) -> bool {
+    let full = format!("{DIRTY_BITMAP_PREFIX}{bitmap}");
+    if list && queries.is_empty() {
+        return true;
+    }
+    queries.iter().any(|q| {
+        q.as_slice() == full.as_bytes()
+            || (list
+                && (q.as_slice() == b"qemu:" || q.as_slice() == DIRTY_BITMAP_PREFIX.as_bytes()))
+    })
 }
 
 fn lookup(server: &dyn ExportLookup, name: &[u8]) -> Option<(String, ExportEntry)> {
@@ -133,6 +153,8 @@ pub(crate) fn negotiate_io(
     let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
     let mut structured = false;
     let mut base_allocation = false;
+    // the dirty bitmap selected, for the export named in the SET
+    let mut dirty: Option<Vec<u8>> = None;
     loop {
         let mut hb = [0u8; OPTION_HEADER_LEN];
         io.read_exact(&mut hb)?;
@@ -160,11 +182,13 @@ pub(crate) fn negotiate_io(
                 };
                 let tflags = transmission_flags(&entry.export.caps(), structured);
                 io.write_all(&export_name_reply(entry.export.size(), tflags, no_zeroes))?;
+                let dirty_bitmap = dirty.as_deref() == Some(name.as_bytes());
                 return Ok(Session {
                     entry,
                     name,
                     structured,
                     base_allocation,
+                    dirty_bitmap,
                     tflags,
                 });
             }
@@ -261,11 +285,13 @@ pub(crate) fn negotiate_io(
                 )?;
                 reply(io, h.option, REP_ACK, &[])?;
                 if h.option == OPT_GO {
+                    let dirty_bitmap = dirty.as_deref() == Some(name.as_bytes());
                     return Ok(Session {
                         entry,
                         name,
                         structured,
                         base_allocation,
+                        dirty_bitmap,
                         tflags,
                     });
                 }
@@ -288,10 +314,10 @@ pub(crate) fn negotiate_io(
                         continue;
                     }
                 };
-                if lookup(server, &req.name).is_none() {
+                let Some((_, entry)) = lookup(server, &req.name) else {
                     reply(io, h.option, REP_ERR_UNKNOWN, b"no such export")?;
                     continue;
-                }
+                };
                 let hit = match_meta_queries(&req.queries, list);
                 if hit {
                     reply(
@@ -301,8 +327,21 @@ pub(crate) fn negotiate_io(
                         &rep_meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION),
                     )?;
                 }
+                let bitmap = entry
+                    .export
+                    .dirty_bitmap()
+                    .filter(|b| dirty_hit(&req.queries, list, b));
+                if let Some(b) = &bitmap {
+                    reply(
+                        io,
+                        h.option,
+                        REP_META_CONTEXT,
+                        &rep_meta_context(DIRTY_BITMAP_ID, &format!("{DIRTY_BITMAP_PREFIX}{b}")),
+                    )?;
+                }
                 if !list {
                     base_allocation = hit;
+                    dirty = bitmap.map(|_| req.name.clone());
                 }
                 reply(io, h.option, REP_ACK, &[])?;
             }

@@ -171,10 +171,17 @@ pub const ENOTSUP: u32 = 95;
 #[allow(missing_docs)]
 pub const ESHUTDOWN: u32 = 108;
 
-/// The only meta context served, and its id.
+/// The meta context every export serves, and its id.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 /// Context id of `base:allocation` on the wire.
 pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Prefix of QEMU's dirty-bitmap meta contexts (`qemu:dirty-bitmap:NAME`), served by
+/// exports that have a dirty bitmap (a snapshot export).
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// Context id of the dirty bitmap on the wire.
+pub const DIRTY_BITMAP_ID: u32 = 2;
+/// Flag of a dirty extent in the dirty-bitmap context (QEMU's value).
+pub const STATE_DIRTY: u32 = 1;
 
 /// Block size constraints advertised with NBD_INFO_BLOCK_SIZE.
 pub const MIN_BLOCK: u32 = 1;
@@ -526,10 +533,16 @@ pub struct Descriptor {
 
 /// A complete NBD_REPLY_TYPE_BLOCK_STATUS chunk (flagged DONE).
 pub fn block_status_chunk(cookie: u64, context: u32, d: &[Descriptor]) -> Vec<u8> {
+    block_status_chunk_part(cookie, context, d, true)
+}
+
+/// An NBD_REPLY_TYPE_BLOCK_STATUS chunk, flagged DONE when `done` (the last of a reply
+/// with one chunk per selected meta context).
+pub fn block_status_chunk_part(cookie: u64, context: u32, d: &[Descriptor], done: bool) -> Vec<u8> {
     let len = 4 + 8 * d.len();
     let mut b = Vec::with_capacity(CHUNK_HEADER_LEN + len);
     b.extend_from_slice(&chunk_header(
-        REPLY_FLAG_DONE,
+        if done { REPLY_FLAG_DONE } else { 0 },
         REPLY_TYPE_BLOCK_STATUS,
         cookie,
         len as u32,
@@ -549,17 +562,43 @@ pub fn descriptors(
     len: u32,
     req_one: bool,
 ) -> Vec<Descriptor> {
+    let flagged = extents.iter().map(|e| {
+        (
+            e.len,
+            if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 },
+        )
+    });
+    flag_descriptors(flagged, len, req_one)
+}
+
+/// [`descriptors`] for the dirty-bitmap context: [`STATE_DIRTY`] on dirty extents.
+pub fn dirty_descriptors(
+    extents: &[cowsnap_core::export::DirtyExtent],
+    len: u32,
+    req_one: bool,
+) -> Vec<Descriptor> {
+    let flagged = extents
+        .iter()
+        .map(|e| (e.len, if e.dirty { STATE_DIRTY } else { 0 }));
+    flag_descriptors(flagged, len, req_one)
+}
+
+/// Wire descriptors from (length, flags) pairs, with the rules of [`descriptors`].
+fn flag_descriptors(
+    extents: impl Iterator<Item = (u64, u32)>,
+    len: u32,
+    req_one: bool,
+) -> Vec<Descriptor> {
     let mut out = Vec::new();
     let mut left = len as u64;
-    for e in extents {
+    for (elen, flags) in extents {
         if left == 0 {
             break;
         }
-        let l = e.len.min(left);
+        let l = elen.min(left);
         if l == 0 {
             continue;
         }
-        let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
         // Merge with the previous descriptor when the state is the same.
         match out.last_mut() {
             Some(Descriptor { len: pl, flags: pf })
@@ -589,7 +628,8 @@ pub struct ExportView {
     pub tflags: u16,
     /// Structured replies negotiated.
     pub structured: bool,
-    /// `base:allocation` selected.
+    /// A meta context selected (`base:allocation` or a dirty bitmap): BLOCK_STATUS
+    /// is allowed.
     pub base_allocation: bool,
 }
 

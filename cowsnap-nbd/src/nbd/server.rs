@@ -105,6 +105,8 @@ pub struct Server {
     shared: RwLock<Arc<Shared>>,
     next_id: AtomicU64,
     open: Mutex<HashMap<u64, Stream>>,
+    /// The export each connection in transmission serves (by connection id).
+    serving: Mutex<HashMap<u64, String>>,
     total: AtomicU64,
     refused: AtomicU64,
     refusals: Mutex<Refusals>,
@@ -122,6 +124,7 @@ impl Server {
             shared: RwLock::new(Shared::new(limits)),
             next_id: AtomicU64::new(1),
             open: Mutex::new(HashMap::new()),
+            serving: Mutex::new(HashMap::new()),
             total: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             refusals: Mutex::new(Refusals::default()),
@@ -171,6 +174,28 @@ impl Server {
         if let Ok(mut t) = self.exports.write() {
             t.remove(name);
         }
+    }
+    /// Remove an export and close every connection serving it: no new request is
+    /// read and the client sees the connection close. Returns how many were closed.
+    pub fn remove_export_and_disconnect(&self, name: &str) -> usize {
+        self.remove_export(name);
+        let ids: Vec<u64> = match self.serving.lock() {
+            Ok(m) => m
+                .iter()
+                .filter(|(_, n)| n.as_str() == name)
+                .map(|(id, _)| *id)
+                .collect(),
+            Err(_) => return 0,
+        };
+        let Ok(open) = self.open.lock() else { return 0 };
+        let mut n = 0;
+        for id in ids {
+            if let Some(s) = open.get(&id) {
+                let _ = s.shutdown(Shutdown::Both);
+                n += 1;
+            }
+        }
+        n
     }
     /// Worker threads (requests in flight) per connection for new connections (>= 1).
     pub fn set_threads_per_connection(&self, n: usize) {
@@ -289,6 +314,9 @@ impl Server {
                 if let Err(e) = me.run_connection(id, s, shared) {
                     log::debug!("nbd connection {id}: {e}");
                 }
+                if let Ok(mut m) = me.serving.lock() {
+                    m.remove(&id);
+                }
                 if let Ok(mut m) = me.open.lock() {
                     m.remove(&id);
                 }
@@ -357,6 +385,14 @@ impl Server {
             session.name,
             session.structured
         );
+        if let Ok(mut m) = self.serving.lock() {
+            m.insert(id, session.name.clone());
+        }
+        // An export removed during the handshake is not served.
+        if self.export(&session.name).is_none() {
+            let _ = writer.shutdown(Shutdown::Both);
+            return Ok(());
+        }
         // Idle connections are normal in transmission (a mounted, quiet disk): no write
         // timeout, and the read timeout only tells idle workers to leave (transmission).
         writer.set_write_timeout(None)?;

@@ -990,3 +990,157 @@ fn idle_extra_workers_leave() {
     assert_eq!(c.simple(), (0, 9));
     c.rx(512);
 }
+
+/// [`Mem`] with a dirty bitmap "g1": the second 4 KiB of every 16 KiB is dirty.
+struct Dirty(Arc<Mem>);
+
+impl Export for Dirty {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn caps(&self) -> ExportCaps {
+        self.0.caps()
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> cowsnap_core::Result<()> {
+        self.0.read(off, buf)
+    }
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> cowsnap_core::Result<()> {
+        self.0.write(off, data, fua)
+    }
+    fn flush(&self) -> cowsnap_core::Result<()> {
+        self.0.flush()
+    }
+    fn trim(&self, off: u64, len: u64, fua: bool) -> cowsnap_core::Result<()> {
+        self.0.trim(off, len, fua)
+    }
+    fn zero(&self, off: u64, len: u64, f: ZeroFlags) -> cowsnap_core::Result<()> {
+        self.0.zero(off, len, f)
+    }
+    fn block_status(&self, off: u64, len: u64) -> cowsnap_core::Result<Vec<Extent>> {
+        self.0.block_status(off, len)
+    }
+    fn dirty_bitmap(&self) -> Option<String> {
+        Some("g1".into())
+    }
+    fn dirty_status(
+        &self,
+        off: u64,
+        len: u64,
+    ) -> cowsnap_core::Result<Vec<cowsnap_core::export::DirtyExtent>> {
+        let mut out = Vec::new();
+        let mut at = off;
+        while at < off + len {
+            let b = ((at / 4096) + 1) * 4096;
+            let b = b.min(off + len);
+            out.push(cowsnap_core::export::DirtyExtent {
+                len: b - at,
+                dirty: (at / 4096) % 4 == 1,
+            });
+            at = b;
+        }
+        Ok(out)
+    }
+}
+
+fn meta_payload(name: &[u8], qs: &[&[u8]]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name);
+    d.extend_from_slice(&(qs.len() as u32).to_be_bytes());
+    for q in qs {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q);
+    }
+    d
+}
+
+fn descs(p: &[u8]) -> (u32, Vec<(u32, u32)>) {
+    let d = p[4..]
+        .chunks_exact(8)
+        .map(|x| {
+            (
+                u32::from_be_bytes(x[..4].try_into().unwrap()),
+                u32::from_be_bytes(x[4..].try_into().unwrap()),
+            )
+        })
+        .collect();
+    (u32::from_be_bytes(p[..4].try_into().unwrap()), d)
+}
+
+#[test]
+fn dirty_bitmap_context_is_listed_selected_and_answered() {
+    let m = Mem::new(1 << 20, true);
+    let srv = Server::new();
+    srv.set_export("plain", m.clone(), "");
+    srv.set_export("snap", Arc::new(Dirty(m)), "");
+    let mut c = Client::connect(&srv);
+    c.tx(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes());
+    c.opt(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.orep(OPT_STRUCTURED_REPLY).0, REP_ACK);
+    // LIST: "qemu:" finds the bitmap of "snap", none on "plain"
+    for (name, want) in [(&b"snap"[..], true), (b"plain", false)] {
+        c.opt(OPT_LIST_META_CONTEXT, &meta_payload(name, &[b"qemu:"]));
+        let (t, d) = c.orep(OPT_LIST_META_CONTEXT);
+        if want {
+            assert_eq!(t, REP_META_CONTEXT);
+            assert_eq!(&d[4..], b"qemu:dirty-bitmap:g1");
+            assert_eq!(c.orep(OPT_LIST_META_CONTEXT).0, REP_ACK);
+        } else {
+            assert_eq!(t, REP_ACK);
+        }
+    }
+    // SET: an unknown bitmap name is no context (not an error)
+    c.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_payload(
+            b"snap",
+            &[
+                b"base:allocation",
+                b"qemu:dirty-bitmap:g0",
+                b"qemu:dirty-bitmap:g1",
+            ],
+        ),
+    );
+    let (t, d) = c.orep(OPT_SET_META_CONTEXT);
+    assert_eq!(
+        (t, &d[..]),
+        (REP_META_CONTEXT, &rep_meta_context(1, BASE_ALLOCATION)[..])
+    );
+    let (t, d) = c.orep(OPT_SET_META_CONTEXT);
+    assert_eq!(
+        (t, &d[..]),
+        (
+            REP_META_CONTEXT,
+            &rep_meta_context(DIRTY_BITMAP_ID, "qemu:dirty-bitmap:g1")[..]
+        )
+    );
+    assert_eq!(c.orep(OPT_SET_META_CONTEXT).0, REP_ACK);
+    c.opt(OPT_GO, &go_payload(b"snap", &[]));
+    loop {
+        match c.orep(OPT_GO).0 {
+            REP_ACK => break,
+            REP_INFO => {}
+            other => panic!("GO answered {other:#x}"),
+        }
+    }
+    // one chunk per context, the last DONE
+    c.req(CMD_BLOCK_STATUS, 0, 9, 0, 16384);
+    let (fl, ty, ck, p) = c.chunk();
+    assert_eq!((fl, ty, ck), (0, REPLY_TYPE_BLOCK_STATUS, 9));
+    assert_eq!(descs(&p).0, BASE_ALLOCATION_ID);
+    let (fl, ty, ck, p) = c.chunk();
+    assert_eq!((fl, ty, ck), (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 9));
+    assert_eq!(
+        descs(&p),
+        (
+            DIRTY_BITMAP_ID,
+            vec![(4096, 0), (4096, STATE_DIRTY), (8192, 0)]
+        )
+    );
+    c.req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 10, 4096, 16384);
+    let _ = c.chunk();
+    let (_, _, _, p) = c.chunk();
+    assert_eq!(descs(&p), (DIRTY_BITMAP_ID, vec![(4096, STATE_DIRTY)]));
+    // removing the export closes its connection
+    assert_eq!(srv.remove_export_and_disconnect("snap"), 1);
+    assert!(c.closed());
+}

@@ -62,6 +62,10 @@ struct Conn {
     closing: AtomicBool,
     export: Arc<dyn Export>,
     view: ExportView,
+    /// `base:allocation` selected.
+    base_allocation: bool,
+    /// The export's dirty bitmap selected.
+    dirty_bitmap: bool,
     id: u64,
     shared: Arc<Shared>,
     mem: ConnMemory,
@@ -131,7 +135,7 @@ pub(crate) fn serve(
         size: export.size(),
         tflags: session.tflags,
         structured: session.structured,
-        base_allocation: session.base_allocation,
+        base_allocation: session.base_allocation || session.dirty_bitmap,
     };
     let mem = ConnMemory::new(shared.limits.connection_memory);
     // Idle extra workers notice the quiet socket through this timeout and leave; the
@@ -147,6 +151,8 @@ pub(crate) fn serve(
         closing: AtomicBool::new(false),
         export,
         view,
+        base_allocation: session.base_allocation,
+        dirty_bitmap: session.dirty_bitmap,
         id,
         shared,
         mem,
@@ -554,15 +560,9 @@ fn execute(c: &Conn, r: &Request, lease: Option<Lease<'_>>) -> io::Result<()> {
                 fua,
             },
         ),
-        CMD_BLOCK_STATUS => match e.block_status(r.offset, r.len as u64) {
-            Ok(ext) => {
-                let d = descriptors(&ext, r.len, r.flags & CMD_FLAG_REQ_ONE != 0);
-                if d.is_empty() {
-                    return reply_error(c, r, EIO, "no extents for the range");
-                }
-                let chunk = block_status_chunk(r.cookie, BASE_ALLOCATION_ID, &d);
-                return c.out.send(&chunk, &[]);
-            }
+        CMD_BLOCK_STATUS => match block_status(c, r) {
+            Ok(Some(reply)) => return c.out.send(&reply, &[]),
+            Ok(None) => return reply_error(c, r, EIO, "no extents for the range"),
             Err(err) => Err(err),
         },
         // validate() refuses every other command.
@@ -580,6 +580,35 @@ fn execute(c: &Conn, r: &Request, lease: Option<Lease<'_>>) -> io::Result<()> {
             reply_error(c, r, code, &client_message(r.cmd, code))
         }
     }
+}
+
+/// The BLOCK_STATUS reply: one chunk per selected meta context, the last flagged
+/// DONE; `None` when a context has no extent for the range.
+fn block_status(c: &Conn, r: &Request) -> cowsnap_core::Result<Option<Vec<u8>>> {
+    let req_one = r.flags & CMD_FLAG_REQ_ONE != 0;
+    let mut reply = Vec::new();
+    if c.base_allocation {
+        let ext = c.export.block_status(r.offset, r.len as u64)?;
+        let d = descriptors(&ext, r.len, req_one);
+        if d.is_empty() {
+            return Ok(None);
+        }
+        reply.extend(block_status_chunk_part(
+            r.cookie,
+            BASE_ALLOCATION_ID,
+            &d,
+            !c.dirty_bitmap,
+        ));
+    }
+    if c.dirty_bitmap {
+        let ext = c.export.dirty_status(r.offset, r.len as u64)?;
+        let d = dirty_descriptors(&ext, r.len, req_one);
+        if d.is_empty() {
+            return Ok(None);
+        }
+        reply.extend(block_status_chunk_part(r.cookie, DIRTY_BITMAP_ID, &d, true));
+    }
+    Ok(Some(reply))
 }
 
 /// The message of an ERROR chunk: the command and the errno's description, which say

@@ -1,0 +1,246 @@
+//! `cowsnapctl snapshot` and `cowsnapctl release`: pull mode. `snapshot` takes a
+//! snapshot of an attached disk (quiesce and `--freeze` as `backup` does them, through
+//! [`crate::backup::call_frozen`]) and the daemon serves it read-only as an NBD export
+//! (`NAME@snap` by default) on the disk's socket and `--listen` addresses; the command
+//! prints its URI. `release` removes the export (its clients are disconnected), with
+//! `--commit` commits the change-log cut to a new pull generation (printed) so the
+//! next snapshot's `qemu:dirty-bitmap:<id>` lists only what changed since, and frees
+//! the container.
+
+use crate::backup::{call_frozen, freeze_target, instant_settings, Frozen};
+use crate::parse::human_bytes;
+use crate::Dirs;
+use anyhow::{anyhow, bail, Result};
+use cowsnap_nbd::control::{self, Client, Released, Request, SnapshotParams, SnapshotStatus};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Arguments of `snapshot`.
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// Disk name.
+    pub name: String,
+    /// Container for preserved originals (ram:SIZE, file:PATH:SIZE, dev:PATH). It must
+    /// hold every chunk first written while the snapshot is held; when it is full the
+    /// snapshot fails (its reads get EIO) and the disk goes on.
+    #[arg(long)]
+    pub container: Option<String>,
+    /// Export name (default NAME@snap).
+    #[arg(long, value_name = "EXPORTNAME")]
+    pub export: Option<String>,
+    /// Freeze this filesystem around the snapshot instant (FIFREEZE/FITHAW): the
+    /// mount point of a filesystem on this disk's device.
+    #[arg(long, value_name = "MOUNTPOINT")]
+    pub freeze: Option<PathBuf>,
+    /// Thaw after this long at most; if the snapshot instant was not reached by then,
+    /// the snapshot is released and the command fails (at most 10s).
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub freeze_timeout: String,
+    /// Wait for this long without writes before the snapshot (default 3s; 0 = don't).
+    #[arg(long, value_name = "DURATION")]
+    pub quiesce_idle: Option<String>,
+    /// Fail if no idle window came within this long.
+    #[arg(long, value_name = "DURATION", default_value = "80s")]
+    pub quiesce_timeout: String,
+    /// Print the snapshot's status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `release`.
+#[derive(Debug, clap::Args)]
+pub struct ReleaseArgs {
+    /// Disk name.
+    pub name: String,
+    /// The copy of the snapshot is complete: commit the change-log cut to a new pull
+    /// generation (printed), so the next snapshot's dirty bitmap is relative to it.
+    /// Without it, change tracking is left as if the snapshot had not been taken.
+    #[arg(long)]
+    pub commit: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn connect(dirs: &Dirs, name: &str, timeout: Duration) -> Result<Client> {
+    cowsnap_nbd::paths::validate_name(name)?;
+    let paths = dirs.paths(name);
+    Client::connect(&paths.ctl_socket(), timeout).map_err(|e| match &e {
+        control::ControlError::NotRunning { source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            anyhow!(
+                "unable to reach disk {name:?}: permission denied on {} (the daemon's files \
+                 belong to the user that attached it, usually root)",
+                paths.ctl_socket().display()
+            )
+        }
+        _ => anyhow!("disk {name:?} is not attached or its daemon does not answer: {e}"),
+    })
+}
+
+fn daemon_msg(e: control::ControlError) -> String {
+    match e {
+        control::ControlError::Daemon(m) => m,
+        e => e.to_string(),
+    }
+}
+
+/// `cowsnapctl snapshot NAME`.
+pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
+    let (idle, timeout, bound) = instant_settings(
+        a.quiesce_idle.as_deref(),
+        &a.quiesce_timeout,
+        a.freeze.is_some(),
+        &a.freeze_timeout,
+    )?;
+    let container = a
+        .container
+        .as_deref()
+        .map(|c| {
+            cowsnap_nbd::paths::absolute_container(c)
+                .map_err(|e| anyhow!("unable to resolve --container {c:?}: {e}"))
+        })
+        .transpose()?;
+    let params = SnapshotParams {
+        export: a.export.clone(),
+        container,
+        quiesce_idle_ms: idle.as_millis() as u64,
+        quiesce_timeout_ms: timeout.as_millis() as u64,
+    };
+    let mut cl = connect(dirs, &a.name, timeout + Duration::from_secs(60))?;
+    let paths = dirs.paths(&a.name);
+    let mountpoint = match &a.freeze {
+        Some(m) => Some(freeze_target(&paths, &mut cl, &a.name, m)?),
+        None => None,
+    };
+    if mountpoint.is_some() {
+        // no signal may end the command while the filesystem is frozen (the watchdog
+        // thaws it in any case); they stay blocked until the command ends
+        let mut sigs = nix::sys::signal::SigSet::empty();
+        for s in [
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::Signal::SIGTERM,
+            nix::sys::signal::Signal::SIGHUP,
+        ] {
+            sigs.add(s);
+        }
+        sigs.thread_block()
+            .map_err(|e| anyhow!("unable to block signals: {e}"))?;
+    }
+    let (r, frozen) = call_frozen(
+        &mut cl,
+        mountpoint.as_ref(),
+        bound,
+        &Request::Snapshot { params },
+    )?;
+    let frozen_ms = match frozen {
+        Frozen::No => None,
+        Frozen::Held(ms) => Some(ms),
+        Frozen::Broken(why) => {
+            if r.is_ok() {
+                if let Err(e) = cl.call(&Request::Release { commit: false }) {
+                    eprintln!("cowsnapctl: unable to release the snapshot: {e}");
+                }
+                bail!(
+                    "unable to take a snapshot of {}: {why}; it was released, it would not \
+                     be consistent",
+                    a.name
+                );
+            }
+            bail!(
+                "unable to take a snapshot of {}: {why}; the daemon said: {}",
+                a.name,
+                r.err().map(daemon_msg).unwrap_or_default()
+            );
+        }
+    };
+    let m = r.map_err(|e| anyhow!("{}", daemon_msg(e)))?;
+    let st: SnapshotStatus = serde_json::from_value(serde_json::Value::Object(m))
+        .map_err(|e| anyhow!("unable to understand the daemon's reply: {e}"))?;
+    if a.json {
+        let mut v = serde_json::to_value(&st)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("frozen_ms".into(), serde_json::json!(frozen_ms));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!("{}", st.uri);
+    for u in &st.tcp_uris {
+        eprintln!("also served at {u}");
+    }
+    if let Some(ms) = frozen_ms {
+        eprintln!("froze the filesystem for {ms} ms around the snapshot instant");
+    }
+    let f = &st.figures;
+    eprintln!(
+        "snapshot {} of {} served read-only; container {} ({} slots)",
+        st.export, a.name, f.container, f.container_slots
+    );
+    if f.bytes_excluded_free + f.bytes_excluded_zero > 0 {
+        eprintln!(
+            "known zeros (reported as holes): {} free in the filesystem, {} holes of the origin",
+            human_bytes(f.bytes_excluded_free),
+            human_bytes(f.bytes_excluded_zero)
+        );
+    }
+    match &st.dirty_bitmap {
+        Some(g) => eprintln!(
+            "dirty bitmap: qemu:dirty-bitmap:{g} ({} chunks of {} changed since {g})",
+            st.dirty_chunks,
+            human_bytes(u64::from(st.dirty_chunk_size))
+        ),
+        None => eprintln!("no dirty bitmap (no committed generation to compare with)"),
+    }
+    for n in &f.notes {
+        eprintln!("note: {n}");
+    }
+    eprintln!("end it with: cowsnapctl release {} [--commit]", a.name);
+    Ok(0)
+}
+
+/// `cowsnapctl release NAME [--commit]`.
+pub fn release(dirs: &Dirs, a: ReleaseArgs) -> Result<i32> {
+    let mut cl = connect(dirs, &a.name, Duration::from_secs(60))?;
+    let m = cl
+        .call(&Request::Release { commit: a.commit })
+        .map_err(|e| anyhow!("{}", daemon_msg(e)))?;
+    let rel: Released = m
+        .get("released")
+        .cloned()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| anyhow!("unable to understand the daemon's reply: {e}"))?
+        .ok_or_else(|| anyhow!("unable to understand the daemon's reply: no \"released\""))?;
+    let closed = m
+        .get("connections_closed")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "released": rel,
+                "connections_closed": closed,
+            }))?
+        );
+        return Ok(0);
+    }
+    match &rel.generation {
+        Some(g) => {
+            println!("{g}");
+            eprintln!(
+                "released snapshot {} of {} after {} s ({closed} connection(s) closed); \
+                 committed as {g}: the next snapshot's dirty bitmap is qemu:dirty-bitmap:{g}",
+                rel.export, a.name, rel.age_s
+            );
+        }
+        None => eprintln!(
+            "released snapshot {} of {} after {} s ({closed} connection(s) closed); change \
+             tracking unchanged",
+            rel.export, a.name, rel.age_s
+        ),
+    }
+    Ok(0)
+}
