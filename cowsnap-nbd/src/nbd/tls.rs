@@ -176,6 +176,7 @@ pub fn start(
         tcp_eof: false,
         inner_shut: false,
         inner_eof: false,
+        inner_hup: false,
         linger_until: None,
         linger,
     };
@@ -205,8 +206,10 @@ struct Pump {
     tcp_eof: bool,
     /// The workers were told (end of file on their side).
     inner_shut: bool,
-    /// The workers closed their side.
+    /// The workers closed their side, and all they wrote was read.
     inner_eof: bool,
+    /// The workers shut their side (what they wrote may still be queued).
+    inner_hup: bool,
     linger_until: Option<Instant>,
     linger: Duration,
 }
@@ -236,6 +239,9 @@ impl Pump {
             }
         }
         loop {
+            if self.inner_hup && self.conn.is_handshaking() {
+                return Err("the connection was closed during the TLS handshake".into());
+            }
             self.hand_on()?;
             self.send_tls()?;
             if self.inner_eof && !self.conn.wants_write() {
@@ -283,10 +289,10 @@ impl Pump {
                     self.tcp.as_fd(),
                     flags(want_tcp_in, want_tcp_out),
                 )];
-                // Only when there is something to do: a closed socketpair would wake
-                // the poll at once, again and again (a write to it then fails, which
-                // `hand_on` sees).
-                if want_inner_in || want_inner_out {
+                // The workers' side is always watched for its end (the handshake's
+                // deadline closes it), except once it was seen: a shut socket would
+                // wake the poll again and again while the client is slow to read.
+                if !self.inner_eof && (want_inner_in || !self.inner_hup) {
                     fds.push(PollFd::new(
                         self.inner.as_fd(),
                         flags(want_inner_in, want_inner_out),
@@ -314,8 +320,14 @@ impl Pump {
             if want_tcp_in && tcp_ev.intersects(PollFlags::POLLIN | bad) {
                 self.read_tcp()?;
             }
+            // POLLHUP: the workers shut both directions (they always do, at the end).
             if want_inner_in && inner_ev.intersects(PollFlags::POLLIN | bad) {
                 self.read_inner(&mut buf)?;
+            } else if inner_ev.intersects(bad) {
+                // Their last replies are read once the client took what is queued
+                // (within the linger).
+                self.inner_hup = true;
+                self.start_linger();
             }
         }
     }
@@ -406,7 +418,13 @@ impl Pump {
         self.to_inner = Vec::new();
         self.sent = 0;
         self.conn.send_close_notify();
-        self.linger_until = Some(Instant::now() + self.linger);
+        self.start_linger();
+    }
+
+    fn start_linger(&mut self) {
+        if self.linger_until.is_none() {
+            self.linger_until = Some(Instant::now() + self.linger);
+        }
     }
 
     /// Write queued TLS records to the client (as much as the socket takes).
