@@ -1031,16 +1031,16 @@ mod tls_options {
         b
     }
 
-    /// Run negotiation on `opts` (after the client flags); the replies as (option,
-    /// type, offset of the reply's end), and the result.
-    fn run(
-        tls: Tls,
-        opts: &[Vec<u8>],
-    ) -> (
+    /// The replies (option, type, offset of the reply's end), where TLS started, and
+    /// the result.
+    type Outcome = (
         Vec<(u32, u32, usize)>,
         Option<usize>,
         Result<super::super::handshake::Session, End>,
-    ) {
+    );
+
+    /// Run negotiation on `opts` (after the client flags).
+    fn run(tls: Tls, opts: &[Vec<u8>]) -> Outcome {
         let srv = server_with(Mem::new(1 << 20, false));
         let mut input = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
             .to_be_bytes()
