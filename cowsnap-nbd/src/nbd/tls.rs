@@ -19,8 +19,8 @@
 //! - The pump is non-blocking and polls both sockets. It reads TCP only when the
 //!   plaintext it decrypted has been handed on, and reads the socketpair only when the
 //!   TLS records of the last read have been sent: memory is bounded by [`PLAIN_CHUNK`]
-//!   plus rustls's own 16 KiB of received plaintext, and a slow side slows the other
-//!   (back-pressure through the socket buffers).
+//!   of records to send and [`TO_INNER_MAX`] of plaintext to hand on (each plus one
+//!   read), and a slow side slows the other (back-pressure through the socket buffers).
 //! - End of the connection: TCP end of file (the client left, or
 //!   [`super::server::Server::shutdown`] shut the TCP read side) becomes end of file on
 //!   the socketpair once the decrypted bytes are handed on, so the workers answer what
@@ -54,7 +54,10 @@ pub const CA_CERT: &str = "ca-cert.pem";
 
 /// Plaintext the pump reads from the workers at once (and so the most TLS output it
 /// holds: one read, encrypted).
-const PLAIN_CHUNK: usize = 64 << 10;
+const PLAIN_CHUNK: usize = 256 << 10;
+/// Decrypted bytes the pump gathers from the client before handing them on (plus at
+/// most one read's worth of records).
+const TO_INNER_MAX: usize = 256 << 10;
 /// Credential files larger than this are refused (a PEM certificate chain is a few KiB).
 const MAX_PEM_BYTES: u64 = 1 << 20;
 
@@ -162,7 +165,10 @@ pub fn start(
     id: u64,
     linger: Duration,
 ) -> io::Result<(UnixStream, JoinHandle<()>)> {
-    let conn = ServerConnection::new(cfg.config.clone()).map_err(io::Error::other)?;
+    let mut conn = ServerConnection::new(cfg.config.clone()).map_err(io::Error::other)?;
+    // One read from the workers, encrypted, always fits (it is only read when nothing
+    // is queued).
+    conn.set_buffer_limit(Some(2 * PLAIN_CHUNK));
     let (outer, inner) = UnixStream::pair()?;
     tcp.set_nonblocking(true)?;
     inner.set_nonblocking(true)?;
@@ -365,17 +371,23 @@ impl Pump {
         }
     }
 
+    /// Read and decrypt what the client sent, up to [`TO_INNER_MAX`] at a time.
     fn read_tcp(&mut self) -> Result<(), String> {
-        match self.conn.read_tls(&mut self.tcp) {
-            Ok(0) => {
-                self.tcp_eof = true;
-                self.process()
+        loop {
+            match self.conn.read_tls(&mut self.tcp) {
+                Ok(0) => {
+                    self.tcp_eof = true;
+                    return self.process();
+                }
+                Ok(_) => self.process()?,
+                Err(e) if would_block(&e) => return Ok(()),
+                Err(e) => {
+                    self.tcp_eof = true;
+                    return Err(format!("unable to read from the client: {e}"));
+                }
             }
-            Ok(_) => self.process(),
-            Err(e) if would_block(&e) => Ok(()),
-            Err(e) => {
-                self.tcp_eof = true;
-                Err(format!("unable to read from the client: {e}"))
+            if self.tcp_eof || self.to_inner.len() - self.sent >= TO_INNER_MAX {
+                return Ok(());
             }
         }
     }
