@@ -1390,6 +1390,25 @@ mod tls_sessions {
     }
 
     #[test]
+    fn shutdown_ends_tls_connections_after_their_requests() {
+        let c = creds();
+        let (srv, addr) = tls_server(&c, false, Duration::from_secs(10));
+        let mut t = starttls(addr, &c, None);
+        go(&mut t).unwrap();
+        request(&mut t, CMD_FLUSH, 1, 0, 0);
+        t.flush().unwrap();
+        assert_eq!(simple(&mut t), (0, 1));
+        srv.shutdown();
+        // The connection ends: TLS close_notify (Ok(0)) or the socket closes.
+        let mut b = [0u8; 1];
+        assert!(matches!(t.read(&mut b), Ok(0) | Err(_)));
+        assert!(
+            srv.wait_idle(Duration::from_secs(5)),
+            "the TLS connection outlived shutdown"
+        );
+    }
+
+    #[test]
     fn verify_peer_serves_only_certificates_of_the_ca() {
         let c = creds();
         let (srv, addr) = tls_server(&c, true, Duration::from_secs(10));
