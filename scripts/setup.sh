@@ -2,7 +2,7 @@
 # Installs the Debian packages cowsnap's tests, demo and benchmarks need. Idempotent.
 set -euo pipefail
 PKGS=(nbdkit libnbd-bin python3-libnbd fio qemu-utils e2fsprogs xfsprogs fuse3 util-linux fdisk
-      postgresql postgresql-contrib kmod procps psmisc jq prometheus curl zsh fish)
+      postgresql postgresql-contrib kmod procps psmisc jq prometheus curl zsh fish openssl)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -108,7 +108,7 @@ log "ok: daemon still serves after junk"
 
 # --- read-only and TCP listen are reported
 port=$(( 20000 + RANDOM % 20000 ))
-ctl attach "$T/b.img" --name ro --via none --read-only --listen "tcp:127.0.0.1:$port" >/dev/null || fail "attach --read-only"
+ctl attach "$T/b.img" --name ro --via none --read-only --listen "tcp:127.0.0.1:$port" --insecure-tcp >/dev/null || fail "attach --read-only"
 st=$(ctl status ro --json)
 [ "$(json_field "$st" .daemon.read_only)" = true ] || fail "read_only not reported: $st"
 [ "$(json_field "$st" '.daemon.listen[0]')" = "tcp:127.0.0.1:$port" ] || fail "listen not reported: $st"

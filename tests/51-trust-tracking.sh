@@ -69,7 +69,7 @@ log "control: clean detach, attach, writes → trusted and small"
 nbdw "$uri" 1 8 || fail "writes"
 ctl detach d51 || fail "detach"
 log "an attach refused before serving (unusable --listen) wrote nothing: tracking stays trusted"
-ctl attach "$IMG" --name d51 --via none --listen tcp:192.0.2.1:10809 >/dev/null 2>&1 && fail "attach with an unusable --listen succeeded"
+ctl attach "$IMG" --name d51 --via none --listen tcp:192.0.2.1:10809 --insecure-tcp >/dev/null 2>&1 && fail "attach with an unusable --listen succeeded"
 uri=$(attach "$IMG")
 nbdw "$uri" 2 8 || fail "writes"
 incr "$uri" trusted

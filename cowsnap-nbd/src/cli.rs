@@ -42,9 +42,22 @@ pub struct Args {
     /// I/O engine for the origin.
     #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
     pub io_engine: String,
-    /// Also listen on TCP (e.g. tcp:127.0.0.1:10809). Repeatable.
+    /// Also listen on TCP (e.g. tcp:127.0.0.1:10809). Repeatable. Needs --tls-creds
+    /// (or --insecure-tcp).
     #[arg(long = "listen", value_name = "tcp:ADDR:PORT")]
     pub listen: Vec<String>,
+    /// Require TLS on the TCP listeners, with the X.509 credentials in DIR:
+    /// server-cert.pem, server-key.pem and (for --tls-verify-peer) ca-cert.pem, as for
+    /// qemu-nbd and nbdkit. Clients connect with nbds://. The unix socket stays plain.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// With --tls-creds: require a client certificate signed by DIR/ca-cert.pem.
+    #[arg(long, requires = "tls_creds")]
+    pub tls_verify_peer: bool,
+    /// Serve --listen TCP addresses in the clear, without TLS: anyone who reaches the
+    /// port can read and write the disk.
+    #[arg(long, conflicts_with = "tls_creds")]
+    pub insecure_tcp: bool,
     /// Tracking chunk size in bytes (power of two, >= 4096).
     #[arg(long, default_value_t = 65536)]
     pub chunk_size: u32,
@@ -120,6 +133,9 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
     if let Some(l) = &a.log_file {
         a.log_file = Some(abs(l)?);
     }
+    if let Some(t) = &a.tls_creds {
+        a.tls_creds = Some(abs(t)?);
+    }
     if let Some(c) = &a.container {
         a.container = Some(
             crate::paths::absolute_container(c)
@@ -151,6 +167,59 @@ pub fn parse_listen(spec: &str) -> Result<std::net::SocketAddr> {
         .with_context(|| format!("invalid --listen {spec:?}: expected tcp:ADDR:PORT"))?
         .next()
         .ok_or_else(|| anyhow!("invalid --listen {spec:?}: address resolves to nothing"))
+}
+
+/// Check the TCP and TLS flags together: TCP needs `--tls-creds` or `--insecure-tcp`,
+/// and the TLS flags need a TCP listener (the unix socket is never TLS).
+pub fn check_tcp_security(
+    listen: &[String],
+    tls_creds: Option<&Path>,
+    verify_peer: bool,
+    insecure: bool,
+) -> Result<()> {
+    if verify_peer && tls_creds.is_none() {
+        bail!("invalid --tls-verify-peer: it needs --tls-creds DIR");
+    }
+    if tls_creds.is_some() && insecure {
+        bail!("invalid --insecure-tcp: --tls-creds is given (TLS is required with it)");
+    }
+    if listen.is_empty() {
+        if let Some(d) = tls_creds {
+            bail!(
+                "invalid --tls-creds {}: TLS is for TCP listeners; give --listen tcp:ADDR:PORT \
+                 (the unix socket is always plain)",
+                d.display()
+            );
+        }
+        if insecure {
+            bail!("invalid --insecure-tcp: no --listen tcp:ADDR:PORT is given");
+        }
+        return Ok(());
+    }
+    if tls_creds.is_none() && !insecure {
+        bail!(
+            "unable to listen on {}: NBD over TCP needs TLS: give --tls-creds DIR (with \
+             server-cert.pem and server-key.pem), or --insecure-tcp to serve the disk in the \
+             clear to anyone who reaches the port",
+            listen.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The TLS credentials of the TCP listeners, read and checked (None without
+/// `--tls-creds`).
+pub fn tls_config(args: &Args) -> Result<Option<crate::nbd::tls::TlsConfig>> {
+    check_tcp_security(
+        &args.listen,
+        args.tls_creds.as_deref(),
+        args.tls_verify_peer,
+        args.insecure_tcp,
+    )?;
+    args.tls_creds
+        .as_deref()
+        .map(|d| crate::nbd::tls::load(d, args.tls_verify_peer))
+        .transpose()
 }
 
 /// `--cache-size` in bytes (at least 1 MiB, at most 16 GiB).
@@ -215,6 +284,42 @@ mod tests {
         assert!(parse_listen("127.0.0.1:10809").is_err());
         assert!(parse_listen("tcp:127.0.0.1").is_err());
         assert!(parse_listen("unix:/x").is_err());
+    }
+    #[test]
+    fn tcp_needs_tls_or_insecure() {
+        let l = vec!["tcp:127.0.0.1:10809".to_string()];
+        let d = Path::new("/etc/cowsnap/tls");
+        let err = |r: Result<()>| format!("{:#}", r.unwrap_err());
+        assert!(err(check_tcp_security(&l, None, false, false)).contains("needs TLS"));
+        assert!(check_tcp_security(&l, None, false, true).is_ok());
+        assert!(check_tcp_security(&l, Some(d), false, false).is_ok());
+        assert!(check_tcp_security(&l, Some(d), true, false).is_ok());
+        assert!(err(check_tcp_security(&l, None, true, true)).contains("--tls-verify-peer"));
+        assert!(err(check_tcp_security(&l, Some(d), false, true)).contains("--insecure-tcp"));
+        assert!(err(check_tcp_security(&[], Some(d), false, false)).contains("TCP listeners"));
+        assert!(err(check_tcp_security(&[], None, false, true)).contains("no --listen"));
+        assert!(check_tcp_security(&[], None, false, false).is_ok());
+        // clap knows the pairs too.
+        assert!(Args::try_parse_from([
+            "cowsnap-nbd",
+            "--name",
+            "d",
+            "--origin",
+            "/x",
+            "--tls-verify-peer"
+        ])
+        .is_err());
+        assert!(Args::try_parse_from([
+            "cowsnap-nbd",
+            "--name",
+            "d",
+            "--origin",
+            "/x",
+            "--tls-creds",
+            "/t",
+            "--insecure-tcp"
+        ])
+        .is_err());
     }
     #[test]
     fn restore_source_is_made_absolute() {

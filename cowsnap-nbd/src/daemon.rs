@@ -247,6 +247,8 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|s| cli::parse_listen(s))
         .collect::<Result<_>>()?;
+    // TCP needs TLS (or --insecure-tcp); the credentials are read and checked now.
+    let tls = cli::tls_config(&args)?;
     let engine_kind: blockio::IoEngine = args
         .io_engine
         .parse()
@@ -381,6 +383,7 @@ pub fn run(args: Args) -> Result<()> {
         origin: origin_path.clone(),
         read_only: args.read_only,
         listen: args.listen.clone(),
+        tls: tls.is_some(),
         container: args.container.clone(),
         engine: engine.clone(),
         backups: backups.clone(),
@@ -453,7 +456,10 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("unable to write {}", paths.pid_file().display()))?;
     server.spawn_unix(nbd_l);
     for l in tcp_l {
-        server.spawn_tcp(l);
+        match &tls {
+            Some(t) => server.spawn_tcp_tls(l, t.clone()),
+            None => server.spawn_tcp(l),
+        };
     }
     control
         .spawn(ctl_l)
@@ -471,7 +477,12 @@ pub fn run(args: Args) -> Result<()> {
             String::new()
         } else {
             format!(
-                " ; tcp {}",
+                " ; tcp{} {}",
+                match &tls {
+                    Some(t) if t.verify_peer => " (TLS, client certificates required)",
+                    Some(_) => " (TLS)",
+                    None => " (insecure: no TLS)",
+                },
                 listen
                     .iter()
                     .map(|a| a.to_string())

@@ -49,9 +49,12 @@ pub struct AttachArgs {
     /// Serve read-only.
     #[arg(long)]
     pub read_only: bool,
-    /// Also listen on TCP (tcp:ADDR:PORT, e.g. tcp:127.0.0.1:10809). Repeatable.
+    /// Also listen on TCP (tcp:ADDR:PORT, e.g. tcp:127.0.0.1:10809). Repeatable. Needs
+    /// --tls-creds (or --insecure-tcp).
     #[arg(long, value_name = "tcp:ADDR:PORT")]
     pub listen: Vec<String>,
+    #[command(flatten)]
+    pub tls: TcpSecurity,
     /// I/O engine for the origin.
     #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
     pub io_engine: String,
@@ -102,6 +105,7 @@ impl AttachArgs {
             nbd_device: None,
             read_only: false,
             listen: Vec::new(),
+            tls: TcpSecurity::default(),
             io_engine: "auto".into(),
             container: None,
             chunk_size: None,
@@ -114,6 +118,62 @@ impl AttachArgs {
             cache_size: None,
             quiet: false,
         }
+    }
+}
+
+/// How the TCP listeners are protected (`attach` and `export`; the daemon's flags of
+/// the same names).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TcpSecurity {
+    /// Require TLS on the TCP listeners, with the X.509 credentials in DIR:
+    /// server-cert.pem, server-key.pem and (for --tls-verify-peer) ca-cert.pem, as for
+    /// qemu-nbd and nbdkit. Clients connect with nbds://. The unix socket stays plain.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// With --tls-creds: require a client certificate signed by DIR/ca-cert.pem.
+    #[arg(long, requires = "tls_creds")]
+    pub tls_verify_peer: bool,
+    /// Serve --listen TCP addresses in the clear, without TLS: anyone who reaches the
+    /// port can read (and unless read-only, write) the disk.
+    #[arg(long, conflicts_with = "tls_creds")]
+    pub insecure_tcp: bool,
+}
+
+impl TcpSecurity {
+    /// Check the flags with `listen` and read the credentials (as the daemon will),
+    /// before anything is touched. The directory is made absolute.
+    pub fn check(&mut self, listen: &[String]) -> Result<()> {
+        if let Some(d) = &self.tls_creds {
+            self.tls_creds = Some(
+                std::path::absolute(d)
+                    .with_context(|| format!("unable to resolve {}", d.display()))?,
+            );
+        }
+        cowsnap_nbd::cli::check_tcp_security(
+            listen,
+            self.tls_creds.as_deref(),
+            self.tls_verify_peer,
+            self.insecure_tcp,
+        )?;
+        if let Some(d) = &self.tls_creds {
+            cowsnap_nbd::nbd::tls::load(d, self.tls_verify_peer)?;
+        }
+        Ok(())
+    }
+
+    /// The daemon's arguments for these flags.
+    pub fn daemon_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(d) = &self.tls_creds {
+            v.extend(["--tls-creds".to_string(), d.display().to_string()]);
+        }
+        if self.tls_verify_peer {
+            v.push("--tls-verify-peer".into());
+        }
+        if self.insecure_tcp {
+            v.push("--insecure-tcp".into());
+        }
+        v
     }
 }
 
@@ -297,6 +357,7 @@ fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<Vec<S
     for l in &a.listen {
         v.extend(["--listen".into(), l.clone()]);
     }
+    v.extend(a.tls.daemon_args());
     if let Some(c) = &a.container {
         let c = paths::absolute_container(c)
             .with_context(|| format!("unable to resolve --container {c:?}"))?;
@@ -670,7 +731,7 @@ pub fn resume_daemon(
     Ok(())
 }
 
-pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
+pub fn run(dirs: &Dirs, mut a: AttachArgs) -> Result<()> {
     let origin = a.path.clone();
     let meta = std::fs::metadata(&origin)
         .map_err(|e| anyhow!("unable to attach {}: {e}", origin.display()))?;
@@ -699,6 +760,7 @@ pub fn run(dirs: &Dirs, a: AttachArgs) -> Result<()> {
             bail!("invalid --listen {l:?}: expected tcp:ADDR:PORT");
         }
     }
+    a.tls.check(&a.listen)?;
     // Every later backup depends on these: refuse bad values now, before the daemon.
     let chunk_size = match &a.chunk_size {
         Some(c) => cowsnap_core::engine::check_chunk_size(crate::parse::parse_size(c)?)?,

@@ -56,6 +56,10 @@ struct RawDisk {
     connections: Option<Spanned<u32>>,
     read_only: Option<bool>,
     io_engine: Option<Spanned<String>>,
+    listen: Option<Spanned<Vec<String>>>,
+    tls_creds: Option<Spanned<String>>,
+    tls_verify_peer: Option<bool>,
+    insecure_tcp: Option<bool>,
     freeze: Option<Spanned<String>>,
     schedule: Option<Spanned<String>>,
     retention: Option<Spanned<RetentionPolicy>>,
@@ -91,6 +95,14 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// auto, uring or sync.
     pub io_engine: String,
+    /// TCP listeners (tcp:ADDR:PORT), with `tls_creds` or `insecure_tcp`.
+    pub listen: Vec<String>,
+    /// TLS credentials directory of the TCP listeners (`--tls-creds`).
+    pub tls_creds: Option<PathBuf>,
+    /// Require client certificates (`--tls-verify-peer`).
+    pub tls_verify_peer: bool,
+    /// Serve TCP without TLS (`--insecure-tcp`).
+    pub insecure_tcp: bool,
     /// Mount point frozen around a scheduled backup's instant.
     pub freeze: Option<PathBuf>,
     /// systemd `OnCalendar=` expression of scheduled backups.
@@ -225,6 +237,47 @@ fn resolve(at: &Located, name: &Spanned<String>, d: &RawDisk, def: &RawDisk) -> 
             ));
         }
     }
+    let listen = pick(&d.listen, &def.listen);
+    let tls_creds = pick(&d.tls_creds, &def.tls_creds);
+    let tls_verify_peer = d.tls_verify_peer.or(def.tls_verify_peer).unwrap_or(false);
+    let insecure_tcp = d.insecure_tcp.or(def.insecure_tcp).unwrap_or(false);
+    if let Some(l) = &listen {
+        crate::attach::check_listen(l.get_ref()).map_err(|e| at.err(l.span(), format!("{e:#}")))?;
+    }
+    if let Some(t) = &tls_creds {
+        if !Path::new(t.get_ref()).is_absolute() {
+            return Err(at.err(
+                t.span(),
+                format!(
+                    "invalid tls-creds {:?}: give an absolute directory",
+                    t.get_ref()
+                ),
+            ));
+        }
+    }
+    cowsnap_nbd::cli::check_tcp_security(
+        listen
+            .as_ref()
+            .map(|l| l.get_ref().as_slice())
+            .unwrap_or(&[]),
+        tls_creds.as_ref().map(|t| Path::new(t.get_ref())),
+        tls_verify_peer,
+        insecure_tcp,
+    )
+    .map_err(|e| {
+        let span = match (&listen, &tls_creds) {
+            (Some(l), _) => l.span(),
+            (None, Some(t)) => t.span(),
+            _ => name.span(),
+        };
+        // The flags' names as the file spells them.
+        let msg = format!("{e:#}")
+            .replace("--tls-creds", "tls-creds")
+            .replace("--tls-verify-peer", "tls-verify-peer")
+            .replace("--insecure-tcp", "insecure-tcp")
+            .replace("--listen", "listen");
+        at.err(span, format!("disk {n:?}: {msg}"))
+    })?;
     let repository = pick(&d.repository, &def.repository);
     if let Some(r) = &repository {
         let bad = |why: &str| {
@@ -294,6 +347,10 @@ fn resolve(at: &Located, name: &Spanned<String>, d: &RawDisk, def: &RawDisk) -> 
         connections: connections.map(|c| c.into_inner()),
         read_only: d.read_only.or(def.read_only).unwrap_or(false),
         io_engine,
+        listen: listen.map(|l| l.into_inner()).unwrap_or_default(),
+        tls_creds: tls_creds.map(|t| PathBuf::from(t.into_inner())),
+        tls_verify_peer,
+        insecure_tcp,
         freeze: freeze.map(|f| PathBuf::from(f.into_inner())),
         schedule: schedule.map(|s| s.into_inner()),
         retention: retention.map(|r| r.into_inner()),
@@ -444,6 +501,47 @@ retention = { keep-last = 48 }
             e.contains("no disk \"nope\"") && e.contains("pgdata, wal"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn tcp_listeners_need_tls_or_insecure_tcp() {
+        let c = parse(
+            "[defaults]\ntls-creds = \"/etc/cowsnap/tls\"\n[disk.a]\npath = \"/x\"\n\
+             listen = [\"tcp:127.0.0.1:10809\"]\ntls-verify-peer = true\n",
+        )
+        .unwrap();
+        let a = &c.disks["a"];
+        assert_eq!(a.listen, ["tcp:127.0.0.1:10809"]);
+        assert_eq!(a.tls_creds.as_deref(), Some(Path::new("/etc/cowsnap/tls")));
+        assert!(a.tls_verify_peer && !a.insecure_tcp);
+        let c = parse("[disk.a]\npath = \"/x\"\nlisten = [\"tcp:[::1]:1\"]\ninsecure-tcp = true\n")
+            .unwrap();
+        assert!(c.disks["a"].insecure_tcp && c.disks["a"].tls_creds.is_none());
+        for (text, want) in [
+            (
+                "[disk.a]\npath = \"/x\"\nlisten = [\"tcp:127.0.0.1:1\"]\n",
+                "line 3, column 10: disk \"a\": unable to listen on tcp:127.0.0.1:1: NBD over TCP needs TLS: give tls-creds",
+            ),
+            (
+                "[disk.a]\npath = \"/x\"\nlisten = [\"127.0.0.1:1\"]\ninsecure-tcp = true\n",
+                "invalid --listen",
+            ),
+            (
+                "[disk.a]\npath = \"/x\"\ntls-creds = \"/t\"\n",
+                "TLS is for TCP listeners",
+            ),
+            (
+                "[disk.a]\npath = \"/x\"\nlisten = [\"tcp:127.0.0.1:1\"]\ntls-creds = \"t\"\n",
+                "give an absolute directory",
+            ),
+            (
+                "[disk.a]\npath = \"/x\"\nlisten = [\"tcp:127.0.0.1:1\"]\ntls-creds = \"/t\"\ninsecure-tcp = true\n",
+                "invalid insecure-tcp",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
     }
 
     #[test]

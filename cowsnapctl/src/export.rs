@@ -38,9 +38,12 @@ pub struct ExportArgs {
     /// How to expose it: kernel nbd, nbdfuse + loop device, or only the NBD URI.
     #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "none"])]
     pub via: String,
-    /// Also listen on TCP (tcp:ADDR:PORT). Repeatable.
+    /// Also listen on TCP (tcp:ADDR:PORT). Repeatable. Needs --tls-creds (or
+    /// --insecure-tcp).
     #[arg(long, value_name = "tcp:ADDR:PORT")]
     pub listen: Vec<String>,
+    #[command(flatten)]
+    pub tls: attach::TcpSecurity,
     /// Memory for decompressed chunks kept for reuse by the daemon (default 64M).
     #[arg(long, value_name = "SIZE")]
     pub cache_size: Option<String>,
@@ -127,14 +130,16 @@ fn check_cache(c: &Option<String>) -> Result<()> {
 }
 
 /// `cowsnapctl export`.
-pub fn export(dirs: &Dirs, a: ExportArgs) -> Result<()> {
+pub fn export(dirs: &Dirs, mut a: ExportArgs) -> Result<()> {
     let (spec, g) = resolve(&a.source)?;
     let name = a.name.clone().unwrap_or_else(|| default_name(&g));
     paths::validate_name(&name).map_err(|e| anyhow!("invalid --name: {e}"))?;
     attach::check_listen(&a.listen)?;
+    a.tls.check(&a.listen)?;
     check_cache(&a.cache_size)?;
     let via = attach::parse_via(&a.via);
-    let args = export_attach_args(&spec, &a.via, a.listen, a.cache_size, a.json);
+    let mut args = export_attach_args(&spec, &a.via, a.listen, a.cache_size, a.json);
+    args.tls = a.tls;
     attach::run_named(dirs, &args, Path::new(&spec), &name, via, None)?;
     Ok(())
 }

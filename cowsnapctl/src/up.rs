@@ -60,6 +60,12 @@ fn attach_args(d: &DiskConfig) -> AttachArgs {
         container: d.container.clone(),
         chunk_size: d.chunk_size.clone(),
         connections: d.connections,
+        listen: d.listen.clone(),
+        tls: crate::attach::TcpSecurity {
+            tls_creds: d.tls_creds.clone(),
+            tls_verify_peer: d.tls_verify_peer,
+            insecure_tcp: d.insecure_tcp,
+        },
         ..AttachArgs::new(d.path.clone())
     }
 }

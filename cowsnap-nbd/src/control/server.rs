@@ -40,6 +40,8 @@ pub struct ControlServer {
     pub read_only: bool,
     /// `--listen` values, as given.
     pub listen: Vec<String>,
+    /// The TCP listeners require TLS (`--tls-creds`): their URIs are `nbds://`.
+    pub tls: bool,
     /// The disk's default container for backups.
     pub container: Option<String>,
     /// The engine serving the disk.
@@ -191,7 +193,10 @@ impl ControlServer {
         self.listen
             .iter()
             .filter_map(|l| l.strip_prefix("tcp:"))
-            .map(|a| format!("nbd://{a}/{export}"))
+            .map(|a| {
+                let scheme = if self.tls { "nbds" } else { "nbd" };
+                format!("{scheme}://{a}/{export}")
+            })
             .collect()
     }
 
@@ -574,6 +579,7 @@ mod tests {
             origin,
             read_only: false,
             listen: Vec::new(),
+            tls: false,
             container: None,
             backups: Arc::new(Backups::new(engine.clone())),
             engine,

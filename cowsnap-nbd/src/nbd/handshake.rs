@@ -8,8 +8,15 @@
 //!   connection is dropped.
 //! - Unknown client flags, a bad option magic, or an unknown export name in
 //!   NBD_OPT_EXPORT_NAME (which has no error reply) end the connection.
-//! - STARTTLS is refused with NBD_REP_ERR_POLICY (no TLS configured); EXTENDED_HEADERS
-//!   and every unknown option get NBD_REP_ERR_UNSUP.
+//! - TLS ([`Tls`]): where none is configured (the unix socket, `--insecure-tcp`)
+//!   STARTTLS is refused with NBD_REP_ERR_POLICY. Where it is required (a TCP listener
+//!   with `--tls-creds`), every option but STARTTLS and ABORT is answered
+//!   NBD_REP_ERR_TLS_REQD until TLS is up, and NBD_OPT_EXPORT_NAME (which has no error
+//!   reply) ends the connection. STARTTLS is answered NBD_REP_ACK, then the connection
+//!   switches to TLS ([`Wire::start_tls`]) and the options go on inside it, from a
+//!   clean state (nothing could be negotiated before); a second STARTTLS gets
+//!   NBD_REP_ERR_INVALID.
+//! - EXTENDED_HEADERS and every unknown option get NBD_REP_ERR_UNSUP.
 //! - The meta-context selection (`base:allocation`, an export's dirty bitmap
 //!   `qemu:dirty-bitmap:NAME` when [`Export::dirty_bitmap`] names one, or nothing) is
 //!   remembered from the last NBD_OPT_SET_META_CONTEXT and needs structured replies.
@@ -76,6 +83,24 @@ impl From<io::Error> for End {
     }
 }
 
+/// TLS on a connection, as negotiation sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// Not offered: STARTTLS gets NBD_REP_ERR_POLICY.
+    Off,
+    /// Required: only STARTTLS and ABORT are answered until TLS is up.
+    Required,
+    /// Up: the options travel inside TLS.
+    Active,
+}
+
+/// The connection negotiation runs on.
+pub trait Wire: Read + Write {
+    /// Switch to TLS, right after the NBD_REP_ACK of NBD_OPT_STARTTLS was written:
+    /// from then on reads and writes go through the TLS session.
+    fn start_tls(&mut self) -> io::Result<()>;
+}
+
 fn reply(w: &mut impl Write, opt: u32, rtype: u32, data: &[u8]) -> io::Result<()> {
     w.write_all(&encode_option_reply(opt, rtype, data))
 }
@@ -114,7 +139,7 @@ pub fn negotiate(
     rd: &mut impl Read,
     wr: &mut impl Write,
 ) -> Result<Session, End> {
-    negotiate_io(server, &mut Both { rd, wr })
+    negotiate_io(server, &mut Both { rd, wr }, Tls::Off)
 }
 
 /// A reader and a writer as one stream.
@@ -129,6 +154,12 @@ impl<R: Read, W> Read for Both<'_, R, W> {
     }
 }
 
+impl<R: Read, W: Write> Wire for Both<'_, R, W> {
+    fn start_tls(&mut self) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
 impl<R, W: Write> Write for Both<'_, R, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.wr.write(buf)
@@ -138,10 +169,12 @@ impl<R, W: Write> Write for Both<'_, R, W> {
     }
 }
 
-/// Run the handshake on a fresh connection (`io`: the socket, buffered for reading).
+/// Run the handshake on a fresh connection (`io`: the socket, buffered for reading;
+/// `tls`: [`Tls::Off`] or [`Tls::Required`]).
 pub(crate) fn negotiate_io(
     server: &dyn ExportLookup,
-    io: &mut (impl Read + Write),
+    io: &mut impl Wire,
+    mut tls: Tls,
 ) -> Result<Session, End> {
     io.write_all(&greeting())?;
     let mut cf = [0u8; 4];
@@ -172,6 +205,20 @@ pub(crate) fn negotiate_io(
         }
         let mut data = vec![0u8; h.len as usize];
         io.read_exact(&mut data)?;
+        if tls == Tls::Required && !matches!(h.option, OPT_STARTTLS | OPT_ABORT) {
+            if h.option == OPT_EXPORT_NAME {
+                return Err(End::Closed(
+                    "NBD_OPT_EXPORT_NAME without TLS, which this listener requires".into(),
+                ));
+            }
+            reply(
+                io,
+                h.option,
+                REP_ERR_TLS_REQD,
+                b"TLS is required: send NBD_OPT_STARTTLS first",
+            )?;
+            continue;
+        }
         match h.option {
             OPT_EXPORT_NAME => {
                 let Some((name, entry)) = lookup(server, &data) else {
@@ -220,13 +267,22 @@ pub(crate) fn negotiate_io(
                         REP_ERR_INVALID,
                         b"NBD_OPT_STARTTLS takes no data",
                     )?;
-                } else {
-                    reply(
+                    continue;
+                }
+                match tls {
+                    Tls::Off => reply(
                         io,
                         h.option,
                         REP_ERR_POLICY,
                         b"TLS is not configured on this server",
-                    )?;
+                    )?,
+                    Tls::Active => reply(io, h.option, REP_ERR_INVALID, b"TLS is already active")?,
+                    Tls::Required => {
+                        reply(io, h.option, REP_ACK, &[])?;
+                        io.flush()?;
+                        io.start_tls()?;
+                        tls = Tls::Active;
+                    }
                 }
             }
             OPT_STRUCTURED_REPLY => {

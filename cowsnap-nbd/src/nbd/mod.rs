@@ -6,4 +6,5 @@ pub mod server;
 pub mod stream;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 pub mod transmission;

@@ -9,13 +9,19 @@
 //!   any further one at once (logged, rate-limited). The whole handshake must finish
 //!   within [`Limits::handshake_timeout`]: every read and write of the handshake gets the
 //!   time left as its socket timeout.
+//! - A TCP listener with TLS credentials ([`Server::spawn_tcp_tls`]) requires TLS: the
+//!   handshake answers only NBD_OPT_STARTTLS until TLS is up, then the connection goes
+//!   on through the TLS pump ([`super::tls`]), whose plaintext end replaces the socket
+//!   for the rest of the handshake and for transmission. The pump thread is joined
+//!   before the connection counts as closed.
 //! - Shutdown stops accepting and shuts the read side of every open connection: no
 //!   new request is read, requests in flight finish and are answered, then the
 //!   connection closes. [`Server::connections`] drops to zero when all are gone.
 
-use super::handshake::{self, End, ExportLookup};
+use super::handshake::{self, End, ExportLookup, Tls, Wire};
 use super::limits::{Limits, Shared, REFUSAL_LOG_EVERY};
 use super::stream::Stream;
+use super::tls::{self, TlsConfig};
 use super::transmission::{self, READ_BUF};
 use cowsnap_core::export::Export;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -54,6 +60,27 @@ struct Deadline<'a> {
     rd: &'a mut BufReader<Stream>,
     wr: &'a mut Stream,
     until: Instant,
+    /// The credentials, on a listener that requires TLS.
+    tls: Option<&'a TlsConfig>,
+    /// The TLS pump, once STARTTLS succeeded.
+    pump: &'a mut Option<std::thread::JoinHandle<()>>,
+    id: u64,
+    linger: Duration,
+}
+
+impl Wire for Deadline<'_> {
+    fn start_tls(&mut self) -> io::Result<()> {
+        let (Some(cfg), Stream::Tcp(tcp)) = (self.tls, &*self.wr) else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
+        // Bytes read past the option are the start of the client's TLS handshake.
+        let early = self.rd.buffer().to_vec();
+        let (plain, pump) = tls::start(cfg, tcp.try_clone()?, early, self.id, self.linger)?;
+        *self.pump = Some(pump);
+        *self.rd = BufReader::with_capacity(READ_BUF, Stream::Unix(plain.try_clone()?));
+        *self.wr = Stream::Unix(plain);
+        Ok(())
+    }
 }
 
 impl Deadline<'_> {
@@ -207,7 +234,7 @@ impl Server {
     pub fn spawn_unix(self: &Arc<Self>, listener: UnixListener) -> JoinHandle<()> {
         let me = self.clone();
         std::thread::spawn(move || {
-            me.accept_loop(listener.as_fd(), || {
+            me.accept_loop(listener.as_fd(), None, || {
                 listener.accept().map(|(s, _)| Stream::Unix(s))
             })
         })
@@ -216,7 +243,24 @@ impl Server {
     pub fn spawn_tcp(self: &Arc<Self>, listener: TcpListener) -> JoinHandle<()> {
         let me = self.clone();
         std::thread::spawn(move || {
-            me.accept_loop(listener.as_fd(), || {
+            me.accept_loop(listener.as_fd(), None, || {
+                let (s, _) = listener.accept()?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            })
+        })
+    }
+    /// Accept connections on a TCP socket in a background thread, requiring TLS with
+    /// these credentials (NBD_OPT_STARTTLS before anything else).
+    pub fn spawn_tcp_tls(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        tls: TlsConfig,
+    ) -> JoinHandle<()> {
+        let me = self.clone();
+        let tls = Arc::new(tls);
+        std::thread::spawn(move || {
+            me.accept_loop(listener.as_fd(), Some(tls.clone()), || {
                 let (s, _) = listener.accept()?;
                 let _ = s.set_nodelay(true);
                 Ok(Stream::Tcp(s))
@@ -226,7 +270,7 @@ impl Server {
     /// Serve one already-connected client (e.g. one end of a socketpair, or a socket
     /// handed over by a supervisor) in a background thread.
     pub fn serve_stream(self: &Arc<Self>, s: Stream) {
-        self.start_connection(s);
+        self.start_connection(s, None);
     }
     /// Connections open now.
     pub fn connections(&self) -> usize {
@@ -262,6 +306,7 @@ impl Server {
     fn accept_loop(
         self: &Arc<Self>,
         fd: std::os::fd::BorrowedFd<'_>,
+        tls: Option<Arc<TlsConfig>>,
         mut accept: impl FnMut() -> std::io::Result<Stream>,
     ) {
         while !self.shared().is_shutting_down() {
@@ -272,7 +317,7 @@ impl Server {
                 _ => continue,
             }
             match accept() {
-                Ok(s) => self.start_connection(s),
+                Ok(s) => self.start_connection(s, tls.clone()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::warn!("unable to accept an NBD connection: {e}");
@@ -282,7 +327,7 @@ impl Server {
         }
     }
 
-    fn start_connection(self: &Arc<Self>, s: Stream) {
+    fn start_connection(self: &Arc<Self>, s: Stream, tls: Option<Arc<TlsConfig>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.total.fetch_add(1, Ordering::Relaxed);
         let shared = self.shared();
@@ -311,7 +356,7 @@ impl Server {
         let r = std::thread::Builder::new()
             .name(format!("nbd{id}"))
             .spawn(move || {
-                if let Err(e) = me.run_connection(id, s, shared) {
+                if let Err(e) = me.run_connection(id, s, shared, tls.as_deref()) {
                     log::debug!("nbd connection {id}: {e}");
                 }
                 if let Ok(mut m) = me.serving.lock() {
@@ -346,7 +391,31 @@ impl Server {
         }
     }
 
-    fn run_connection(&self, id: u64, s: Stream, shared: Arc<Shared>) -> std::io::Result<()> {
+    fn run_connection(
+        &self,
+        id: u64,
+        s: Stream,
+        shared: Arc<Shared>,
+        tls: Option<&TlsConfig>,
+    ) -> std::io::Result<()> {
+        let mut pump = None;
+        let r = self.serve_connection(id, s, shared, tls, &mut pump);
+        if let Some(p) = pump {
+            // Ends once the plaintext side is closed (which every path out of
+            // serve_connection does) and the last bytes went out, or after the linger.
+            let _ = p.join();
+        }
+        r
+    }
+
+    fn serve_connection(
+        &self,
+        id: u64,
+        s: Stream,
+        shared: Arc<Shared>,
+        tls: Option<&TlsConfig>,
+        pump: &mut Option<JoinHandle<()>>,
+    ) -> std::io::Result<()> {
         s.set_nonblocking(false)?;
         let limit = shared.limits.handshake_timeout;
         let until = Instant::now() + limit;
@@ -359,8 +428,17 @@ impl Server {
                 rd: &mut reader,
                 wr: &mut writer,
                 until,
+                tls,
+                pump,
+                id,
+                linger: limit,
             };
-            handshake::negotiate_io(self, &mut d)
+            let mode = if tls.is_some() {
+                Tls::Required
+            } else {
+                Tls::Off
+            };
+            handshake::negotiate_io(self, &mut d, mode)
         };
         let session = match negotiated {
             Ok(s) => s,

@@ -1144,3 +1144,499 @@ fn dirty_bitmap_context_is_listed_selected_and_answered() {
     assert_eq!(srv.remove_export_and_disconnect("snap"), 1);
     assert!(c.closed());
 }
+
+/// Option haggling with TLS required or off, on an in-memory wire whose `start_tls`
+/// only records where in the output it was called.
+mod tls_options {
+    use super::super::handshake::{negotiate_io, End, Tls, Wire};
+    use super::*;
+
+    struct MockWire {
+        input: std::io::Cursor<Vec<u8>>,
+        out: Vec<u8>,
+        tls_at: Option<usize>,
+    }
+    impl Read for MockWire {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(b)
+        }
+    }
+    impl Write for MockWire {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.out.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Wire for MockWire {
+        fn start_tls(&mut self) -> std::io::Result<()> {
+            assert!(self.tls_at.is_none(), "TLS started twice");
+            self.tls_at = Some(self.out.len());
+            Ok(())
+        }
+    }
+
+    fn opt(o: u32, d: &[u8]) -> Vec<u8> {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&o.to_be_bytes());
+        b.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        b.extend_from_slice(d);
+        b
+    }
+
+    /// The replies (option, type, offset of the reply's end), where TLS started, and
+    /// the result.
+    type Outcome = (
+        Vec<(u32, u32, usize)>,
+        Option<usize>,
+        Result<super::super::handshake::Session, End>,
+    );
+
+    /// Run negotiation on `opts` (after the client flags).
+    fn run(tls: Tls, opts: &[Vec<u8>]) -> Outcome {
+        let srv = server_with(Mem::new(1 << 20, false));
+        let mut input = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        for o in opts {
+            input.extend_from_slice(o);
+        }
+        let mut w = MockWire {
+            input: std::io::Cursor::new(input),
+            out: Vec::new(),
+            tls_at: None,
+        };
+        let r = negotiate_io(&*srv, &mut w, tls);
+        let mut reps = Vec::new();
+        let mut p = 18; // greeting
+        while p + 20 <= w.out.len() {
+            let h = &w.out[p..p + 20];
+            assert_eq!(
+                u64::from_be_bytes(h[..8].try_into().unwrap()),
+                OPT_REPLY_MAGIC
+            );
+            let o = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let t = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let n = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            p += 20 + n;
+            reps.push((o, t, p));
+        }
+        (reps, w.tls_at, r)
+    }
+
+    #[test]
+    fn tls_required_answers_only_starttls_and_abort_until_tls_is_up() {
+        let go = go_payload(b"disk", &[]);
+        let (reps, tls_at, r) = run(
+            Tls::Required,
+            &[
+                opt(OPT_LIST, &[]),
+                opt(OPT_STRUCTURED_REPLY, &[]),
+                opt(OPT_INFO, &go),
+                opt(OPT_GO, &go),
+                opt(OPT_LIST_META_CONTEXT, &[0; 8]),
+                opt(99, b"whatever"),
+                opt(OPT_STARTTLS, b"x"),
+                opt(OPT_STARTTLS, &[]),
+                opt(OPT_STARTTLS, &[]),
+                opt(OPT_GO, &go),
+            ],
+        );
+        let types: Vec<(u32, u32)> = reps.iter().map(|&(o, t, _)| (o, t)).collect();
+        assert_eq!(
+            &types[..9],
+            &[
+                (OPT_LIST, REP_ERR_TLS_REQD),
+                (OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD),
+                (OPT_INFO, REP_ERR_TLS_REQD),
+                (OPT_GO, REP_ERR_TLS_REQD),
+                (OPT_LIST_META_CONTEXT, REP_ERR_TLS_REQD),
+                (99, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, REP_ERR_INVALID),
+                (OPT_STARTTLS, REP_ACK),
+                (OPT_STARTTLS, REP_ERR_INVALID),
+            ]
+        );
+        // TLS starts right after the ACK, before anything else is written.
+        assert_eq!(tls_at, Some(reps[7].2));
+        assert!(types[9..].iter().all(|&(o, _)| o == OPT_GO));
+        assert_eq!(types.last(), Some(&(OPT_GO, REP_ACK)));
+        let s = r.unwrap_or_else(|_| panic!("GO inside TLS failed"));
+        assert_eq!(s.name, "disk");
+        assert!(!s.structured);
+    }
+
+    #[test]
+    fn export_name_without_tls_drops_the_connection() {
+        let (reps, tls_at, r) = run(Tls::Required, &[opt(OPT_EXPORT_NAME, b"disk")]);
+        assert!(reps.is_empty(), "{reps:?}");
+        assert!(tls_at.is_none());
+        match r {
+            Err(End::Closed(why)) => assert!(why.contains("TLS"), "{why}"),
+            _ => panic!("NBD_OPT_EXPORT_NAME before TLS was not refused"),
+        }
+        // Inside TLS it works as usual.
+        let (_, tls_at, r) = run(
+            Tls::Required,
+            &[opt(OPT_STARTTLS, &[]), opt(OPT_EXPORT_NAME, b"disk")],
+        );
+        assert!(tls_at.is_some());
+        assert!(r.is_ok());
+    }
+
+    #[test]
+    fn abort_before_tls_is_acknowledged() {
+        let (reps, tls_at, r) = run(Tls::Required, &[opt(OPT_ABORT, &[])]);
+        assert_eq!(
+            reps.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            [(OPT_ABORT, REP_ACK)]
+        );
+        assert!(tls_at.is_none());
+        assert!(matches!(r, Err(End::Closed(_))));
+    }
+
+    #[test]
+    fn starttls_is_refused_by_policy_where_tls_is_off() {
+        let go = go_payload(b"disk", &[]);
+        let (reps, tls_at, r) = run(
+            Tls::Off,
+            &[
+                opt(OPT_STARTTLS, b"x"),
+                opt(OPT_STARTTLS, &[]),
+                opt(OPT_GO, &go),
+            ],
+        );
+        assert_eq!((reps[0].0, reps[0].1), (OPT_STARTTLS, REP_ERR_INVALID));
+        assert_eq!((reps[1].0, reps[1].1), (OPT_STARTTLS, REP_ERR_POLICY));
+        assert!(tls_at.is_none());
+        assert!(r.is_ok(), "a plain GO after a refused STARTTLS works");
+    }
+}
+
+/// Real TLS through the server: certificates made with rcgen, a rustls client.
+mod tls_sessions {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::net::{TcpListener, TcpStream};
+
+    struct Creds {
+        dir: tempfile::TempDir,
+        ca: CertificateDer<'static>,
+        client: (CertificateDer<'static>, PrivateKeyDer<'static>),
+        stranger: (CertificateDer<'static>, PrivateKeyDer<'static>),
+    }
+
+    fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let k = rcgen::KeyPair::generate().unwrap();
+        (p.self_signed(&k).unwrap(), k)
+    }
+
+    fn leaf(
+        names: &[&str],
+        eku: rcgen::ExtendedKeyUsagePurpose,
+        by: &(rcgen::Certificate, rcgen::KeyPair),
+    ) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut p = rcgen::CertificateParams::new(names).unwrap();
+        p.extended_key_usages = vec![eku];
+        let k = rcgen::KeyPair::generate().unwrap();
+        (p.signed_by(&k, &by.0, &by.1).unwrap(), k)
+    }
+
+    fn der(
+        c: &(rcgen::Certificate, rcgen::KeyPair),
+    ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        (
+            c.0.der().clone(),
+            PrivateKeyDer::try_from(c.1.serialize_der()).unwrap(),
+        )
+    }
+
+    fn creds() -> Creds {
+        use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        let dir = tempfile::tempdir().unwrap();
+        let ca1 = ca("test CA");
+        let ca2 = ca("another CA");
+        let server = leaf(&["localhost", "127.0.0.1"], ServerAuth, &ca1);
+        let client = leaf(&[], ClientAuth, &ca1);
+        let stranger = leaf(&[], ClientAuth, &ca2);
+        std::fs::write(dir.path().join("server-cert.pem"), server.0.pem()).unwrap();
+        std::fs::write(dir.path().join("server-key.pem"), server.1.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("ca-cert.pem"), ca1.0.pem()).unwrap();
+        Creds {
+            ca: ca1.0.der().clone(),
+            client: der(&client),
+            stranger: der(&stranger),
+            dir,
+        }
+    }
+
+    fn tls_server(
+        c: &Creds,
+        verify_peer: bool,
+        timeout: Duration,
+    ) -> (Arc<Server>, std::net::SocketAddr) {
+        let srv = limited_server(Mem::new(4 << 20, false), |l| {
+            l.handshake_timeout = timeout;
+            l.threads_per_connection = 4;
+        });
+        let cfg = super::super::tls::load(c.dir.path(), verify_peer).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        srv.spawn_tcp_tls(l, cfg);
+        (srv, addr)
+    }
+
+    fn opt(s: &mut impl Write, o: u32, d: &[u8]) {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&o.to_be_bytes());
+        b.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        b.extend_from_slice(d);
+        s.write_all(&b).unwrap();
+        s.flush().unwrap();
+    }
+
+    fn orep(s: &mut impl Read) -> std::io::Result<(u32, u32, Vec<u8>)> {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h)?;
+        assert_eq!(
+            u64::from_be_bytes(h[..8].try_into().unwrap()),
+            OPT_REPLY_MAGIC
+        );
+        let n = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut d = vec![0u8; n];
+        s.read_exact(&mut d)?;
+        Ok((
+            u32::from_be_bytes(h[8..12].try_into().unwrap()),
+            u32::from_be_bytes(h[12..16].try_into().unwrap()),
+            d,
+        ))
+    }
+
+    /// Connect, check that GO is refused in the clear, STARTTLS, and return the TLS
+    /// stream (handshake not yet driven: the first read or write does it).
+    fn starttls(
+        addr: std::net::SocketAddr,
+        c: &Creds,
+        cert: Option<&(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        opt(&mut s, OPT_GO, &go_payload(b"disk", &[]));
+        assert_eq!(orep(&mut s).unwrap().1, REP_ERR_TLS_REQD);
+        opt(&mut s, OPT_STARTTLS, &[]);
+        assert_eq!(orep(&mut s).unwrap().1, REP_ACK);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(c.ca.clone()).unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let cfg = match cert {
+            Some((c, k)) => b
+                .with_client_auth_cert(vec![c.clone()], k.clone_key())
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        let conn = rustls::ClientConnection::new(
+            Arc::new(cfg),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        rustls::StreamOwned::new(conn, s)
+    }
+
+    fn go(t: &mut (impl Read + Write)) -> std::io::Result<()> {
+        opt(t, OPT_GO, &go_payload(b"disk", &[]));
+        loop {
+            let (o, ty, _) = orep(t)?;
+            assert_eq!(o, OPT_GO);
+            match ty {
+                REP_INFO => {}
+                REP_ACK => return Ok(()),
+                other => panic!("GO answered {other:#x}"),
+            }
+        }
+    }
+
+    fn request(t: &mut impl Write, cmd: u16, cookie: u64, offset: u64, len: u32) {
+        let r = Request {
+            flags: 0,
+            cmd,
+            cookie,
+            offset,
+            len,
+        };
+        t.write_all(&encode_request(&r)).unwrap();
+    }
+
+    fn simple(t: &mut impl Read) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        t.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        )
+    }
+
+    #[test]
+    fn transmission_runs_inside_tls_with_several_requests_in_flight() {
+        let c = creds();
+        let (srv, addr) = tls_server(&c, false, Duration::from_secs(10));
+        let mut t = starttls(addr, &c, None);
+        go(&mut t).unwrap();
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        // 4 writes of 1 MiB, sent back to back, then their replies.
+        for i in 0..4u64 {
+            request(&mut t, CMD_WRITE, i, i << 20, 1 << 20);
+            t.write_all(&data[(i as usize) << 20..((i as usize) + 1) << 20])
+                .unwrap();
+        }
+        t.flush().unwrap();
+        let mut cookies: Vec<u64> = (0..4)
+            .map(|_| simple(&mut t))
+            .map(|(e, k)| {
+                assert_eq!(e, 0);
+                k
+            })
+            .collect();
+        cookies.sort();
+        assert_eq!(cookies, [0, 1, 2, 3]);
+        // 64 reads of 64 KiB in flight at once; replies come in any order.
+        for i in 0..64u64 {
+            request(&mut t, CMD_READ, 100 + i, i << 16, 1 << 16);
+        }
+        t.flush().unwrap();
+        let mut back = vec![0u8; 4 << 20];
+        for _ in 0..64 {
+            let (e, k) = simple(&mut t);
+            assert_eq!(e, 0);
+            let off = ((k - 100) as usize) << 16;
+            t.read_exact(&mut back[off..off + (1 << 16)]).unwrap();
+        }
+        assert!(back == data, "data read over TLS differs");
+        request(&mut t, CMD_DISC, 999, 0, 0);
+        t.flush().unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(t.read(&mut b), Ok(0) | Err(_)));
+        assert!(
+            srv.wait_idle(Duration::from_secs(5)),
+            "connection (or its pump) left over"
+        );
+    }
+
+    #[test]
+    fn shutdown_ends_tls_connections_after_their_requests() {
+        let c = creds();
+        let (srv, addr) = tls_server(&c, false, Duration::from_secs(10));
+        let mut t = starttls(addr, &c, None);
+        go(&mut t).unwrap();
+        request(&mut t, CMD_FLUSH, 1, 0, 0);
+        t.flush().unwrap();
+        assert_eq!(simple(&mut t), (0, 1));
+        srv.shutdown();
+        // The connection ends: TLS close_notify (Ok(0)) or the socket closes.
+        let mut b = [0u8; 1];
+        assert!(matches!(t.read(&mut b), Ok(0) | Err(_)));
+        assert!(
+            srv.wait_idle(Duration::from_secs(5)),
+            "the TLS connection outlived shutdown"
+        );
+    }
+
+    #[test]
+    fn verify_peer_serves_only_certificates_of_the_ca() {
+        let c = creds();
+        let (srv, addr) = tls_server(&c, true, Duration::from_secs(10));
+        let mut anon = starttls(addr, &c, None);
+        assert!(
+            go(&mut anon).is_err(),
+            "a client without a certificate was served"
+        );
+        let mut stranger = starttls(addr, &c, Some(&c.stranger));
+        assert!(go(&mut stranger).is_err(), "another CA's client was served");
+        let mut ok = starttls(addr, &c, Some(&c.client));
+        go(&mut ok).unwrap();
+        request(&mut ok, CMD_FLUSH, 7, 0, 0);
+        ok.flush().unwrap();
+        assert_eq!(simple(&mut ok), (0, 7));
+        drop((anon, stranger, ok));
+        assert!(srv.wait_idle(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_stalled_tls_handshake_is_dropped_at_the_deadline() {
+        let c = creds();
+        let (srv, addr) = tls_server(&c, false, Duration::from_millis(800));
+        let t0 = std::time::Instant::now();
+        // STARTTLS acknowledged, then the client says nothing: no TLS handshake.
+        let t = starttls(addr, &c, None);
+        let mut s = t.sock;
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0) | Err(_)),
+            "the server waited on"
+        );
+        let took = t0.elapsed();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert!(
+            srv.wait_idle(Duration::from_secs(5)),
+            "the pump outlived the deadline"
+        );
+    }
+
+    #[test]
+    fn credentials_are_checked_when_loaded() {
+        let c = creds();
+        let load = |d: &std::path::Path, v| super::super::tls::load(d, v).map(|_| ());
+        let e = load(&c.dir.path().join("nope"), false).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("unable to read TLS credentials"),
+            "{e:#}"
+        );
+        // A key of another certificate.
+        let other = rcgen::KeyPair::generate().unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            c.dir.path().join("server-cert.pem"),
+            d2.path().join("server-cert.pem"),
+        )
+        .unwrap();
+        std::fs::write(d2.path().join("server-key.pem"), other.serialize_pem()).unwrap();
+        let e = load(d2.path(), false).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("unable to use TLS credentials"),
+            "{e:#}"
+        );
+        // --tls-verify-peer needs ca-cert.pem.
+        std::fs::copy(
+            c.dir.path().join("server-key.pem"),
+            d2.path().join("server-key.pem"),
+        )
+        .unwrap();
+        load(d2.path(), false).unwrap();
+        let e = load(d2.path(), true).unwrap_err();
+        assert!(format!("{e:#}").contains("ca-cert.pem"), "{e:#}");
+        // Not PEM at all.
+        std::fs::write(d2.path().join("server-cert.pem"), "hello").unwrap();
+        assert!(load(d2.path(), false).is_err());
+    }
+}
