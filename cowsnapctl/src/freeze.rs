@@ -296,6 +296,40 @@ pub fn freeze(mp: &Mountpoint, bound: Duration) -> Result<Watchdog> {
     Watchdog::arm(bound, Box::new(move || ioctl_int(&dir, FsIoctl::Thaw)))
 }
 
+/// The mount point `--freeze` names, checked against the exposed device of disk `name`
+/// (from its attach record, which must belong to the daemon answering on `cl`).
+pub fn disk_mountpoint(
+    paths: &cowsnap_nbd::paths::DiskPaths,
+    cl: &mut cowsnap_nbd::control::Client,
+    name: &str,
+    m: &std::path::Path,
+) -> Result<Mountpoint> {
+    let what = || format!("unable to freeze {}", m.display());
+    let st = cl
+        .status()
+        .map_err(|e| anyhow!("{}: the daemon of {name} does not answer: {e}", what()))?;
+    let rec = cowsnap_nbd::attach::AttachRecord::load(&paths.attach_record())
+        .with_context(what)?
+        .filter(|r| r.pid == st.pid)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: disk {name} has no attach record of its daemon (pid {}), so no device \
+                 to check the mount against",
+                what(),
+                st.pid
+            )
+        })?;
+    let Some(dev) = rec.device else {
+        bail!(
+            "{}: disk {name} has no block device (attached --via {}), so no filesystem of it \
+             can be mounted",
+            what(),
+            rec.via
+        );
+    };
+    open_mountpoint(m, std::path::Path::new(&dev))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

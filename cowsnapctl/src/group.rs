@@ -27,7 +27,7 @@
 //! publishes nothing. A daemon that loses the coordinator's connection does the same
 //! by itself.
 
-use crate::backup::BackupArgs;
+use crate::backup_args::BackupArgs;
 use crate::parse::{check_target, human_bytes, parse_duration};
 use crate::{freeze, hooks, progress, Dirs};
 use anyhow::{anyhow, bail, Context, Result};
@@ -272,7 +272,7 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         let mut why = Vec::new();
         let mut found = None;
         for m in members.iter_mut() {
-            match crate::backup::freeze_target(&dirs.paths(&m.name), &mut m.cl, &m.name, f) {
+            match freeze::disk_mountpoint(&dirs.paths(&m.name), &mut m.cl, &m.name, f) {
                 Ok(mp) => {
                     found = Some(mp);
                     break;

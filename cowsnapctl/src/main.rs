@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 mod attach;
 mod backup;
+mod backup_args;
 mod completions;
 mod config;
 mod detach;

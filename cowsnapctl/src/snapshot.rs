@@ -7,7 +7,8 @@
 //! next snapshot's `qemu:dirty-bitmap:<id>` lists only what changed since, and frees
 //! the container.
 
-use crate::backup::{call_frozen, freeze_target, instant_settings, Frozen};
+use crate::backup::{call_frozen, instant_settings, Frozen};
+use crate::freeze::disk_mountpoint as freeze_target;
 use crate::parse::human_bytes;
 use crate::Dirs;
 use anyhow::{anyhow, bail, Result};
