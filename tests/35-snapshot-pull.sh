@@ -119,7 +119,7 @@ rm -f "$T"/*.img
 log "d: snapshot while a backup runs, release without a snapshot, a client at release"
 head -c $SIZE /dev/urandom > "$T/disk.img"
 PORT=$((20000 + RANDOM % 20000))
-uri=$(ctl attach "$T/disk.img" --name t35d --via none --listen "tcp:127.0.0.1:$PORT" | tail -n 1) || fail "attach"
+uri=$(ctl attach "$T/disk.img" --name t35d --via none --listen "tcp:127.0.0.1:$PORT" --insecure-tcp | tail -n 1) || fail "attach"
 "$CTL" backup t35d --to "file:$T/bk.img" --rate-limit 8M --quiesce-idle 0 --json >"$T/bk.out" 2>&1 &
 BK=$!; EXTRA_PIDS+=("$BK")
 for _ in $(seq 300); do
