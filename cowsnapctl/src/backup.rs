@@ -16,8 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use cowsnap_core::backup::BackupState;
 use cowsnap_nbd::control::{self, BackupParams, BackupStatus, Client, Request};
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// How often the backup's progress is asked for (the end is reported at once).
@@ -150,14 +149,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         .transpose()?
         .unwrap_or_default();
     let rate_limit = a.rate_limit.as_deref().map(parse_size).transpose()?;
-    let container = a
-        .container
-        .as_deref()
-        .map(|c| {
-            cowsnap_nbd::paths::absolute_container(c)
-                .map_err(|e| anyhow!("unable to resolve --container {c:?}: {e}"))
-        })
-        .transpose()?;
+    let container = crate::parse::absolute_container(a.container.as_deref())?;
     let to = crate::parse::absolute_target(&target)?;
     let paths = dirs.paths(name);
     cowsnap_nbd::paths::validate_name(name)?;
@@ -186,24 +178,7 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
     };
 
     // Signals: blocked here, read by a thread (also inherited by the progress thread).
-    let mut sigs = nix::sys::signal::SigSet::empty();
-    for s in [
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGHUP,
-    ] {
-        sigs.add(s);
-    }
-    sigs.thread_block().context("unable to block signals")?;
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        std::thread::spawn(move || {
-            while sigs.wait().is_ok() {
-                flag.store(true, Ordering::SeqCst);
-            }
-        });
-    }
+    let interrupted = crate::signals::block_and_watch()?;
 
     let params = BackupParams {
         to,

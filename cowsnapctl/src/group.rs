@@ -38,7 +38,6 @@ use cowsnap_nbd::control::{BackupParams, BackupStatus, Client, Request};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a daemon may take to open its target and container (a repository's parent
@@ -206,14 +205,7 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         .map(crate::parse::parse_ranges)
         .transpose()?
         .unwrap_or_default();
-    let container = a
-        .container
-        .as_deref()
-        .map(|c| {
-            cowsnap_nbd::paths::absolute_container(c)
-                .map_err(|e| anyhow!("unable to resolve --container {c:?}: {e}"))
-        })
-        .transpose()?;
+    let container = crate::parse::absolute_container(a.container.as_deref())?;
     let to = crate::parse::absolute_target(&target)?;
     let idle = match &a.quiesce_idle {
         Some(s) => parse_duration(s)?,
@@ -296,7 +288,7 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         mountpoints.push(mp);
     }
 
-    let interrupted = block_signals()?;
+    let interrupted = crate::signals::block_and_watch()?;
     let hook_env = vec![
         ("COWSNAP_DISKS", names.join(" ")),
         ("COWSNAP_TARGET", target.clone()),
@@ -365,28 +357,6 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         a.json,
         &interrupted,
     )
-}
-
-/// Block SIGINT/SIGTERM/SIGHUP and read them on a thread (no signal ends the process
-/// while filesystems are frozen or disks paused).
-fn block_signals() -> Result<Arc<AtomicBool>> {
-    let mut sigs = nix::sys::signal::SigSet::empty();
-    for s in [
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGHUP,
-    ] {
-        sigs.add(s);
-    }
-    sigs.thread_block().context("unable to block signals")?;
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
-    std::thread::spawn(move || {
-        while sigs.wait().is_ok() {
-            flag.store(true, Ordering::SeqCst);
-        }
-    });
-    Ok(interrupted)
 }
 
 /// Steps 2–5: prepare, freeze, pause, go, thaw. Returns how long the filesystems were

@@ -25,6 +25,7 @@ mod parse;
 mod progress;
 mod repo;
 mod restart;
+mod signals;
 mod snapshot;
 mod status;
 mod up;

@@ -67,6 +67,15 @@ pub fn absolute_target(s: &str) -> Result<String> {
     Ok(format!("{kind}:{}", abs.display()))
 }
 
+/// A `--container` spec with its path made absolute (the daemon works in `/`).
+pub fn absolute_container(c: Option<&str>) -> Result<Option<String>> {
+    c.map(|c| {
+        cowsnap_nbd::paths::absolute_container(c)
+            .map_err(|e| anyhow!("unable to resolve --container {c:?}: {e}"))
+    })
+    .transpose()
+}
+
 /// "1.5 GiB": [`cowsnap_core::bytes::human`], the one size formatter.
 pub use cowsnap_core::bytes::human as human_bytes;
 

@@ -95,14 +95,7 @@ pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
         a.freeze.is_some(),
         &a.freeze_timeout,
     )?;
-    let container = a
-        .container
-        .as_deref()
-        .map(|c| {
-            cowsnap_nbd::paths::absolute_container(c)
-                .map_err(|e| anyhow!("unable to resolve --container {c:?}: {e}"))
-        })
-        .transpose()?;
+    let container = crate::parse::absolute_container(a.container.as_deref())?;
     let params = SnapshotParams {
         export: a.export.clone(),
         container,
@@ -118,16 +111,7 @@ pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
     if mountpoint.is_some() {
         // no signal may end the command while the filesystem is frozen (the watchdog
         // thaws it in any case); they stay blocked until the command ends
-        let mut sigs = nix::sys::signal::SigSet::empty();
-        for s in [
-            nix::sys::signal::Signal::SIGINT,
-            nix::sys::signal::Signal::SIGTERM,
-            nix::sys::signal::Signal::SIGHUP,
-        ] {
-            sigs.add(s);
-        }
-        sigs.thread_block()
-            .map_err(|e| anyhow!("unable to block signals: {e}"))?;
+        crate::signals::block()?;
     }
     let (r, frozen) = call_frozen(
         &mut cl,
