@@ -13,6 +13,7 @@
 #  D. Hooks: a failing and a hanging pre-snapshot hook fail the backup before anything
 #     is paused; the post-snapshot hook runs and is recorded.
 . "$(dirname "$0")/lib.sh"
+need nbdcopy
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
 CHECK=$ROOT/tests/group_check.py
 SIZE=$((64 << 20))
@@ -71,6 +72,24 @@ ctl restore "repo:$T/repo-single@$sb" --to "$T/s-gb.img" >/dev/null 2>&1 || fail
 /usr/bin/python3 "$CHECK" check "$T/s-ga.img" "$T/s-gb.img" 4; rc=$?
 [ "$rc" = 1 ] || fail "the check did not catch two separate single-disk backups (exit $rc)"
 log "the same check fails for two single-disk backups one after the other, as it must"
+
+log "B2: a group snapshot (pull mode) under the same writers: nbdcopy of both exports"
+rm -f "$T/stop"
+/usr/bin/python3 "$CHECK" write "$ua" "$ub" "$T/stop" "$T/writers2.json" 4 &
+W=$!; EXTRA_PIDS+=("$W")
+sleep 1
+ctl snapshot ga gb --json >"$T/snap.json" 2>"$T/snap.err" || fail "group snapshot: $(cat "$T/snap.err")"
+sleep 0.5
+for d in ga gb; do
+  su=$(jq -r --arg d "$d" '.disks[] | select(.name == $d) | .uri' "$T/snap.json")
+  [ -n "$su" ] && [ "$su" != null ] || fail "no export for $d: $(cat "$T/snap.json")"
+  nbdcopy "$su" "$T/snap-$d.img" || fail "nbdcopy of $d's snapshot"
+done
+touch "$T/stop"; wait "$W" || fail "the writers failed"
+ctl release ga gb >/dev/null 2>&1 || fail "release of the group snapshot"
+log "group snapshot: writes paused at most $(jq -r .pause_bound_us "$T/snap.json") µs (coordinator's bound)"
+/usr/bin/python3 "$CHECK" check "$T/snap-ga.img" "$T/snap-gb.img" 4 || fail "the group snapshot is not one instant across the disks"
+ctl status ga --json | jq -e '.daemon.snapshot == null' >/dev/null || fail "ga still has a snapshot after release"
 
 log "C: a daemon killed while the group is prepared"
 pb=$(cat "$COWSNAP_RUN_DIR/gb.pid")

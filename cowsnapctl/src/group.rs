@@ -44,12 +44,17 @@ use std::time::{Duration, Instant};
 /// index is read then).
 const PREPARE_WAIT: Duration = Duration::from_secs(300);
 
+/// A daemon's reply fields.
+type ReplyFields = serde_json::Map<String, serde_json::Value>;
+
 /// One disk of the group and its daemon's connection.
 struct Member {
     name: String,
     cl: Client,
     /// The job id once the instant is taken.
     id: Option<u64>,
+    /// The reply to `group_go`, once this member took its instant.
+    went: Option<serde_json::Map<String, serde_json::Value>>,
     /// Sent `group_commit`.
     committed: bool,
     last: Option<BackupStatus>,
@@ -119,6 +124,34 @@ fn receive_all(
         out.push(r);
     }
     Ok(out)
+}
+
+/// The `group_go` replies: every member's is read (those that took their instant are
+/// recorded in `went`, so a failure can undo exactly those); the first failure is
+/// returned.
+fn receive_went(members: &mut [Member], within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    let mut first = None;
+    for m in members.iter_mut() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = m.cl.set_read_timeout(left).and_then(|_| m.cl.receive());
+        match r {
+            Ok(reply) => m.went = Some(reply),
+            Err(e) => {
+                let e = match e {
+                    cowsnap_nbd::control::ControlError::Daemon(msg) => {
+                        anyhow!("disk {} refused to take its instant: {msg}", m.name)
+                    }
+                    e => anyhow!("disk {} did not take its instant: {e}", m.name),
+                };
+                first.get_or_insert(e);
+            }
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn send_all(members: &mut [Member], req: &Request, what: &str) -> Result<()> {
@@ -225,20 +258,7 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         .transpose()?;
 
     // Every daemon answers, and every check passes, before anything runs.
-    let mut members = Vec::with_capacity(names.len());
-    for n in &names {
-        let paths = dirs.paths(n);
-        let cl = Client::connect(&paths.ctl_socket(), Duration::from_secs(60)).map_err(|e| {
-            anyhow!("disk {n:?} is not attached or its daemon does not answer: {e}")
-        })?;
-        members.push(Member {
-            name: n.clone(),
-            cl,
-            id: None,
-            committed: false,
-            last: None,
-        });
-    }
+    let mut members = connect_all(dirs, &names)?;
     let base = BackupParams {
         to: to.clone(),
         container,
@@ -259,34 +279,7 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         };
         cowsnap_nbd::attached::check_backup(&dirs.run_dir, &own, &base)?;
     }
-    let mut mountpoints = Vec::new();
-    for f in &a.freeze {
-        let mut why = Vec::new();
-        let mut found = None;
-        for m in members.iter_mut() {
-            match freeze::disk_mountpoint(&dirs.paths(&m.name), &mut m.cl, &m.name, f) {
-                Ok(mp) => {
-                    found = Some(mp);
-                    break;
-                }
-                Err(e) => why.push(format!("{}: {e:#}", m.name)),
-            }
-        }
-        let mp = found.ok_or_else(|| {
-            anyhow!(
-                "unable to freeze {}: it is not a filesystem on any disk of this backup ({})",
-                f.display(),
-                why.join("; ")
-            )
-        })?;
-        if mountpoints
-            .iter()
-            .any(|p: &freeze::Mountpoint| p.path == mp.path)
-        {
-            bail!("--freeze {} is given twice", mp.path.display());
-        }
-        mountpoints.push(mp);
-    }
+    let mountpoints = mountpoints_of(dirs, &mut members, &a.freeze)?;
 
     let interrupted = crate::signals::block_and_watch()?;
     let hook_env = vec![
@@ -309,9 +302,13 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
     let mut params = base;
     params.notes = notes.clone();
 
+    let pause_limit_ms = pause_limit.as_millis() as u64;
     let started = snapshot_instant(
         &mut members,
-        &params,
+        &|| Request::GroupBackup {
+            params: params.clone(),
+            pause_limit_ms,
+        },
         pause_limit,
         &mountpoints,
         freeze_bound,
@@ -359,11 +356,138 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
     )
 }
 
+/// One control connection per disk; a disk without a daemon that answers fails here.
+fn connect_all(dirs: &Dirs, names: &[String]) -> Result<Vec<Member>> {
+    let mut members = Vec::with_capacity(names.len());
+    for n in names {
+        let paths = dirs.paths(n);
+        let cl = Client::connect(&paths.ctl_socket(), Duration::from_secs(60)).map_err(|e| {
+            anyhow!("disk {n:?} is not attached or its daemon does not answer: {e}")
+        })?;
+        members.push(Member {
+            name: n.clone(),
+            cl,
+            id: None,
+            went: None,
+            committed: false,
+            last: None,
+        });
+    }
+    Ok(members)
+}
+
+/// The `--freeze` mount points, each a filesystem on one of the members' devices.
+fn mountpoints_of(
+    dirs: &Dirs,
+    members: &mut [Member],
+    freeze: &[std::path::PathBuf],
+) -> Result<Vec<freeze::Mountpoint>> {
+    let mut mountpoints: Vec<freeze::Mountpoint> = Vec::new();
+    for f in freeze {
+        let mut why = Vec::new();
+        let mut found = None;
+        for m in members.iter_mut() {
+            match freeze::disk_mountpoint(&dirs.paths(&m.name), &mut m.cl, &m.name, f) {
+                Ok(mp) => {
+                    found = Some(mp);
+                    break;
+                }
+                Err(e) => why.push(format!("{}: {e:#}", m.name)),
+            }
+        }
+        let mp = found.ok_or_else(|| {
+            anyhow!(
+                "unable to freeze {}: it is not a filesystem on any of the disks ({})",
+                f.display(),
+                why.join("; ")
+            )
+        })?;
+        if mountpoints.iter().any(|p| p.path == mp.path) {
+            bail!("--freeze {} is given twice", mp.path.display());
+        }
+        mountpoints.push(mp);
+    }
+    Ok(mountpoints)
+}
+
+/// `cowsnapctl snapshot NAME1 NAME2 …`: one snapshot instant for several disks, each
+/// served as its own export (steps 2–5 of a group backup; each is released on its own
+/// with `release`). Returns every member's snapshot status and the coordinator's bound
+/// on the pause. On a failure nothing stays paused and no snapshot of this command
+/// stays exported.
+pub fn snapshot_group(
+    dirs: &Dirs,
+    names: &[String],
+    freeze: &[std::path::PathBuf],
+    freeze_bound: Duration,
+    pause_limit: Duration,
+    params: &cowsnap_nbd::control::SnapshotParams,
+) -> Result<(Vec<(String, ReplyFields)>, Duration)> {
+    if pause_limit.is_zero() || pause_limit > MAX_PAUSE_LIMIT {
+        bail!(
+            "invalid --pause-limit: give more than 0 and at most {}s",
+            MAX_PAUSE_LIMIT.as_secs()
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for n in names {
+        cowsnap_nbd::paths::validate_name(n)?;
+        if !seen.insert(n) {
+            bail!("disk {n:?} is named twice");
+        }
+    }
+    if names.len() > 1 && params.export.is_some() {
+        bail!("--export names one export: not with several disks (each is served as NAME@snap)");
+    }
+    let mut members = connect_all(dirs, names)?;
+    let mountpoints = mountpoints_of(dirs, &mut members, freeze)?;
+    let interrupted = crate::signals::block_and_watch()?;
+    let pause_limit_ms = pause_limit.as_millis() as u64;
+    let r = snapshot_instant(
+        &mut members,
+        &|| Request::GroupSnapshot {
+            params: params.clone(),
+            pause_limit_ms,
+        },
+        pause_limit,
+        &mountpoints,
+        freeze_bound,
+        &interrupted,
+    );
+    let _ = cowsnap_core::thread_prio::set_thread_nice(0);
+    match r {
+        Ok((_, bound)) => Ok((
+            members
+                .into_iter()
+                .map(|m| (m.name, m.went.unwrap_or_default()))
+                .collect(),
+            bound,
+        )),
+        Err(e) => {
+            // members that did not take their instant gave up by themselves when told or
+            // when the connection closes; the ones that did are released here
+            abort_all(&mut members, &format!("{e:#}"));
+            for m in members.iter_mut().filter(|m| m.went.is_some()) {
+                let _ = m.cl.set_read_timeout(Duration::from_secs(30));
+                // the abort line's error reply comes first
+                let _ = m.cl.receive();
+                if let Err(re) = m.cl.call(&Request::Release { commit: false }) {
+                    eprintln!(
+                        "cowsnapctl: unable to release the snapshot of {}: {re}",
+                        m.name
+                    );
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Steps 2–5: prepare, freeze, pause, go, thaw. Returns how long the filesystems were
 /// frozen (if any were). On error the caller aborts every member.
 fn snapshot_instant(
     members: &mut [Member],
-    params: &BackupParams,
+    request: &dyn Fn() -> Request,
     pause_limit: Duration,
     mountpoints: &[freeze::Mountpoint],
     freeze_bound: Duration,
@@ -378,13 +502,10 @@ fn snapshot_instant(
     };
     let all = names();
     for m in members.iter_mut() {
-        m.cl.send(&Request::GroupBackup {
-            params: params.clone(),
-            pause_limit_ms: pause_limit.as_millis() as u64,
-        })
-        .map_err(|e| anyhow!("unable to start the backup of {}: {e}", m.name))?;
+        m.cl.send(&request())
+            .map_err(|e| anyhow!("unable to start the snapshot of {}: {e}", m.name))?;
     }
-    receive_all(members, PREPARE_WAIT, "prepare its backup")
+    receive_all(members, PREPARE_WAIT, "prepare its snapshot")
         .with_context(|| format!("unable to back up {all}"))?;
     if interrupted.load(Ordering::SeqCst) {
         bail!("interrupted before the snapshot instant; nothing was changed");
@@ -407,7 +528,7 @@ fn snapshot_instant(
     let step = send_all(members, &Request::GroupPause, "pause")
         .and_then(|_| receive_all(members, pause_limit, "pause its writes"))
         .and_then(|_| send_all(members, &Request::GroupGo, "take the instant of"))
-        .and_then(|_| receive_all(members, Duration::from_secs(30), "take its instant"));
+        .and_then(|_| receive_went(members, Duration::from_secs(30)));
     let pause_seen = t_pause.elapsed();
     // thawed at once, on success and on failure alike
     let mut frozen_ms = None;
@@ -433,14 +554,18 @@ fn snapshot_instant(
             }
         }
     }
-    let replies = step.with_context(|| {
+    step.with_context(|| {
         format!(
             "unable to take one snapshot instant for {all} ({} ms after the pause began)",
             pause_seen.as_millis()
         )
     })?;
-    for (m, r) in members.iter_mut().zip(&replies) {
-        m.id = r.get("id").and_then(|v| v.as_u64());
+    for m in members.iter_mut() {
+        m.id = m
+            .went
+            .as_ref()
+            .and_then(|r| r.get("id"))
+            .and_then(|v| v.as_u64());
     }
     if let Some(why) = thaw_problem {
         bail!("unable to back up {all}: {why}; the images would not be consistent");

@@ -19,8 +19,10 @@ use std::time::Duration;
 /// Arguments of `snapshot`.
 #[derive(Debug, clap::Args)]
 pub struct SnapshotArgs {
-    /// Disk name.
-    pub name: String,
+    /// Disk name; several names take one snapshot instant for all of them (a
+    /// consistency group), each served as its own NAME@snap.
+    #[arg(required = true, num_args = 1.., value_name = "NAME")]
+    pub names: Vec<String>,
     /// Container for preserved originals (ram:SIZE, file:PATH:SIZE, dev:PATH). It must
     /// hold every chunk first written while the snapshot is held; when it is full the
     /// snapshot fails (its reads get EIO) and the disk goes on.
@@ -30,9 +32,14 @@ pub struct SnapshotArgs {
     #[arg(long, value_name = "EXPORTNAME")]
     pub export: Option<String>,
     /// Freeze this filesystem around the snapshot instant (FIFREEZE/FITHAW): the
-    /// mount point of a filesystem on this disk's device.
+    /// mount point of a filesystem on one of the disks' devices. Repeatable.
     #[arg(long, value_name = "MOUNTPOINT")]
-    pub freeze: Option<PathBuf>,
+    pub freeze: Vec<PathBuf>,
+    /// Several disks: the longest the writes of any disk may stay paused waiting for
+    /// the group's instant (at most 10s); past it nothing is taken and every disk
+    /// resumes.
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub pause_limit: String,
     /// Thaw after this long at most; if the snapshot instant was not reached by then,
     /// the snapshot is released and the command fails (at most 10s).
     #[arg(long, value_name = "DURATION", default_value = "5s")]
@@ -51,8 +58,9 @@ pub struct SnapshotArgs {
 /// Arguments of `release`.
 #[derive(Debug, clap::Args)]
 pub struct ReleaseArgs {
-    /// Disk name.
-    pub name: String,
+    /// Disk name (several: each disk's snapshot is released in turn).
+    #[arg(required = true, num_args = 1.., value_name = "NAME")]
+    pub names: Vec<String>,
     /// The copy of the snapshot is complete: commit the change-log cut to a new pull
     /// generation (printed), so the next snapshot's dirty bitmap is relative to it.
     /// Without it, change tracking is left as if the snapshot had not been taken.
@@ -87,12 +95,66 @@ fn daemon_msg(e: control::ControlError) -> String {
     }
 }
 
+/// `cowsnapctl snapshot NAME1 NAME2 …`: one instant for all, through the group
+/// coordinator.
+fn snapshot_group(
+    dirs: &Dirs,
+    a: &SnapshotArgs,
+    params: SnapshotParams,
+    bound: Duration,
+) -> Result<i32> {
+    if a.quiesce_idle
+        .as_deref()
+        .is_some_and(|q| crate::parse::parse_duration(q).is_ok_and(|d| !d.is_zero()))
+        && a.names.len() > 1
+    {
+        bail!(
+            "--quiesce-idle applies to one disk only: several disks pause together for at \
+             most --pause-limit instead"
+        );
+    }
+    let pause_limit = crate::parse::parse_duration(&a.pause_limit)?;
+    let (members, pause_bound) =
+        crate::group::snapshot_group(dirs, &a.names, &a.freeze, bound, pause_limit, &params)?;
+    let mut out = Vec::new();
+    for (name, m) in members {
+        let st: SnapshotStatus = serde_json::from_value(serde_json::Value::Object(m))
+            .map_err(|e| anyhow!("unable to understand the reply of {name}: {e}"))?;
+        out.push((name, st));
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "pause_bound_us": pause_bound.as_micros() as u64,
+            "disks": out.iter().map(|(n, st)| {
+                let mut v = serde_json::to_value(st).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("name".into(), n.clone().into());
+                }
+                v
+            }).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    for (n, st) in &out {
+        println!("{n} {}", st.uri);
+    }
+    eprintln!(
+        "one snapshot instant for {} (writes paused at most {:.1} ms); end them with: \
+         cowsnapctl release {} [--commit]",
+        a.names.join(", "),
+        pause_bound.as_secs_f64() * 1000.0,
+        a.names.join(" ")
+    );
+    Ok(0)
+}
+
 /// `cowsnapctl snapshot NAME`.
 pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
     let (idle, timeout, bound) = instant_settings(
         a.quiesce_idle.as_deref(),
         &a.quiesce_timeout,
-        a.freeze.is_some(),
+        !a.freeze.is_empty() || a.names.len() > 1,
         &a.freeze_timeout,
     )?;
     let container = crate::parse::absolute_container(a.container.as_deref())?;
@@ -102,10 +164,14 @@ pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
         quiesce_idle_ms: idle.as_millis() as u64,
         quiesce_timeout_ms: timeout.as_millis() as u64,
     };
-    let mut cl = connect(dirs, &a.name, timeout + Duration::from_secs(60))?;
-    let paths = dirs.paths(&a.name);
-    let mountpoint = match &a.freeze {
-        Some(m) => Some(freeze_target(&paths, &mut cl, &a.name, m)?),
+    if a.names.len() > 1 || a.freeze.len() > 1 {
+        return snapshot_group(dirs, &a, params, bound);
+    }
+    let name = a.names[0].as_str();
+    let mut cl = connect(dirs, name, timeout + Duration::from_secs(60))?;
+    let paths = dirs.paths(name);
+    let mountpoint = match a.freeze.first() {
+        Some(m) => Some(freeze_target(&paths, &mut cl, name, m)?),
         None => None,
     };
     if mountpoint.is_some() {
@@ -130,12 +196,12 @@ pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
                 bail!(
                     "unable to take a snapshot of {}: {why}; it was released, it would not \
                      be consistent",
-                    a.name
+                    name
                 );
             }
             bail!(
                 "unable to take a snapshot of {}: {why}; the daemon said: {}",
-                a.name,
+                name,
                 r.err().map(daemon_msg).unwrap_or_default()
             );
         }
@@ -161,7 +227,7 @@ pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
     let f = &st.figures;
     eprintln!(
         "snapshot {} of {} served read-only; container {} ({} slots)",
-        st.export, a.name, f.container, f.container_slots
+        st.export, name, f.container, f.container_slots
     );
     if f.bytes_excluded_free + f.bytes_excluded_zero > 0 {
         eprintln!(
@@ -181,13 +247,28 @@ pub fn snapshot(dirs: &Dirs, a: SnapshotArgs) -> Result<i32> {
     for n in &f.notes {
         eprintln!("note: {n}");
     }
-    eprintln!("end it with: cowsnapctl release {} [--commit]", a.name);
+    eprintln!("end it with: cowsnapctl release {} [--commit]", name);
     Ok(0)
 }
 
-/// `cowsnapctl release NAME [--commit]`.
+/// `cowsnapctl release NAME... [--commit]`: each disk in turn; the exit status is 1
+/// when any failed (each failure is reported).
 pub fn release(dirs: &Dirs, a: ReleaseArgs) -> Result<i32> {
-    let mut cl = connect(dirs, &a.name, Duration::from_secs(60))?;
+    if a.names.len() == 1 {
+        return release_one(dirs, &a, &a.names[0]);
+    }
+    let mut code = 0;
+    for n in &a.names {
+        if let Err(e) = release_one(dirs, &a, n) {
+            eprintln!("cowsnapctl: {e:#}");
+            code = 1;
+        }
+    }
+    Ok(code)
+}
+
+fn release_one(dirs: &Dirs, a: &ReleaseArgs, name: &str) -> Result<i32> {
+    let mut cl = connect(dirs, name, Duration::from_secs(60))?;
     let m = cl
         .call(&Request::Release { commit: a.commit })
         .map_err(|e| anyhow!("{}", daemon_msg(e)))?;
@@ -218,13 +299,13 @@ pub fn release(dirs: &Dirs, a: ReleaseArgs) -> Result<i32> {
             eprintln!(
                 "released snapshot {} of {} after {} s ({closed} connection(s) closed); \
                  committed as {g}: the next snapshot's dirty bitmap is qemu:dirty-bitmap:{g}",
-                rel.export, a.name, rel.age_s
+                rel.export, name, rel.age_s
             );
         }
         None => eprintln!(
             "released snapshot {} of {} after {} s ({closed} connection(s) closed); change \
              tracking unchanged",
-            rel.export, a.name, rel.age_s
+            rel.export, name, rel.age_s
         ),
     }
     Ok(0)

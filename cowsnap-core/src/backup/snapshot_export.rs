@@ -151,6 +151,7 @@ impl SnapshotExport {
         job: Arc<Job>,
         export: String,
         p: &SnapshotParams,
+        mut barrier: Option<&mut dyn super::group::InstantBarrier>,
     ) -> Result<Arc<Self>> {
         let cfg = engine.config();
         let geo = Geometry::new(engine.size(), cfg.chunk_size)?;
@@ -175,7 +176,14 @@ impl SnapshotExport {
             quiesce_timeout_ms: p.quiesce_timeout_ms,
             ..Default::default()
         };
+        if let Some(b) = barrier.as_mut() {
+            b.prepared()?;
+        }
         let gate = quiesce(engine, &job, &bp)?;
+        if let Some(b) = barrier.as_mut() {
+            // the other disks of the group pause too; nothing has changed yet
+            b.paused()?;
+        }
         // ---- the instant: no data-changing request is in flight ----
         let cut = match engine.changelog() {
             Some(cl) => match cl.begin_generation() {
@@ -546,6 +554,17 @@ impl super::Backups {
     /// Take a snapshot to serve as `export` (the job slot must be free). Returns after
     /// the instant and the known-zeros scan; the caller publishes the export.
     pub fn start_snapshot(&self, export: &str, p: &SnapshotParams) -> Result<Arc<SnapshotExport>> {
+        self.start_snapshot_coordinated(export, p, None)
+    }
+
+    /// [`Self::start_snapshot`] as a member of a consistency group: `barrier` is met
+    /// once the container is open and again once writes are paused (see `group.rs`).
+    pub fn start_snapshot_coordinated(
+        &self,
+        export: &str,
+        p: &SnapshotParams,
+        barrier: Option<&mut dyn super::group::InstantBarrier>,
+    ) -> Result<Arc<SnapshotExport>> {
         let name = self.engine.config().name.clone();
         let job = {
             let cur = lock(&self.cur);
@@ -575,7 +594,7 @@ impl super::Backups {
                 ..Default::default()
             }))
         };
-        match SnapshotExport::start(&self.engine, job, export.to_string(), p) {
+        match SnapshotExport::start(&self.engine, job, export.to_string(), p, barrier) {
             Ok(s) => {
                 *lock(&self.snapshot) = Slot::Serving(s.clone());
                 log::info!("snapshot {export:?} taken");

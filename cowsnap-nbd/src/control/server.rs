@@ -156,6 +156,7 @@ impl ControlServer {
             },
             // the group steps need the connection: `serve_conn` answers them
             Request::GroupBackup { .. }
+            | Request::GroupSnapshot { .. }
             | Request::GroupPause
             | Request::GroupGo
             | Request::GroupCommit { .. }
@@ -211,7 +212,17 @@ impl ControlServer {
     }
 
     /// `snapshot`: check the request, take the snapshot, publish the export.
-    fn snapshot(&self, mut p: wire::SnapshotParams) -> Result<wire::SnapshotStatus, String> {
+    fn snapshot(&self, p: wire::SnapshotParams) -> Result<wire::SnapshotStatus, String> {
+        self.snapshot_with(p, None)
+    }
+
+    /// [`Self::snapshot`], meeting a group's coordinator at `barrier` (see
+    /// `group_snapshot`).
+    fn snapshot_with(
+        &self,
+        mut p: wire::SnapshotParams,
+        barrier: Option<&mut dyn cowsnap_core::backup::group::InstantBarrier>,
+    ) -> Result<wire::SnapshotStatus, String> {
         let name = &self.paths.name;
         if self.generation.is_some() {
             return Err(format!(
@@ -244,7 +255,7 @@ impl ControlServer {
         attached::check_backup(&self.paths.run_dir, &own, &as_backup).map_err(|e| e.to_string())?;
         let snap = self
             .backups
-            .start_snapshot(&export, &p)
+            .start_snapshot_coordinated(&export, &p, barrier)
             .map_err(|e| e.to_string())?;
         let desc = format!("snapshot of {name} (read-only)");
         self.server.set_export(&export, snap.clone(), &desc);
@@ -419,6 +430,13 @@ impl ControlServer {
                             self.group_backup(params, pause_limit_ms, reader, writer, member),
                             false,
                         ),
+                        Ok(Request::GroupSnapshot {
+                            params,
+                            pause_limit_ms,
+                        }) => (
+                            self.group_snapshot(params, pause_limit_ms, reader, writer),
+                            false,
+                        ),
                         Ok(Request::GroupCommit { notes }) => {
                             (group_decide(member, CommitDecision::Commit(notes)), false)
                         }
@@ -485,6 +503,37 @@ impl ControlServer {
                 wire::ok_reply(&serde_json::json!({ "id": id }))
             }
             Err(e) => fail(&e),
+        }
+    }
+}
+
+impl ControlServer {
+    /// `group_snapshot`: a snapshot export whose instant is one of a group's (the
+    /// steps of `group_backup`; no commit step: each member is released on its own).
+    fn group_snapshot(
+        &self,
+        params: wire::SnapshotParams,
+        pause_limit_ms: u64,
+        reader: &mut BufReader<UnixStream>,
+        writer: &mut UnixStream,
+    ) -> String {
+        let limit = Duration::from_millis(pause_limit_ms);
+        if limit.is_zero() || limit > MAX_PAUSE_LIMIT {
+            return wire::error_reply(&format!(
+                "unable to take a group snapshot: pause limit {pause_limit_ms} ms is not in 1..={} ms",
+                MAX_PAUSE_LIMIT.as_millis()
+            ));
+        }
+        let mut barrier = super::group::ConnBarrier::new(reader, writer, limit);
+        let nice = cowsnap_core::thread_prio::thread_nice();
+        let r = self.snapshot_with(params, Some(&mut barrier));
+        let _ = cowsnap_core::thread_prio::set_thread_nice(nice);
+        match r {
+            Ok(st) => wire::ok_reply(&st),
+            Err(e) => {
+                log::warn!("{e}");
+                wire::error_reply(&e)
+            }
         }
     }
 }

@@ -60,6 +60,15 @@ pub enum Request {
         /// The longest time writes may stay paused waiting for `group_go`.
         pause_limit_ms: u64,
     },
+    /// `snapshot` as a member of a consistency group: the steps of `group_backup`
+    /// (`prepared`, `group_pause`, `paused`, `group_go`), then the reply of
+    /// `snapshot`. No commit step: each snapshot is released on its own.
+    GroupSnapshot {
+        /// Export name, container, quiesce.
+        params: SnapshotParams,
+        /// The longest time writes may stay paused waiting for `group_go`.
+        pause_limit_ms: u64,
+    },
     /// The second step of `group_backup`: pause the writes now.
     GroupPause,
     /// The third step of `group_backup`: take the instant now.
