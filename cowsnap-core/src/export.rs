@@ -51,6 +51,18 @@ pub struct ExportCaps {
     pub multi_conn: bool,
 }
 
+impl ExportCaps {
+    /// A read-only image (a snapshot, a restore point): nothing changes it, so every
+    /// connection sees the same bytes.
+    pub const READ_ONLY_IMAGE: ExportCaps = ExportCaps {
+        read_only: true,
+        trim: false,
+        zeroes: false,
+        fast_zero: false,
+        multi_conn: true,
+    };
+}
+
 /// A disk served over NBD. Callers have validated ranges against [`Export::size`].
 /// Data-changing methods have no default body: a new write-like operation must be
 /// handled by every implementation (see the snapshot layer).

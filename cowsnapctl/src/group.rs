@@ -314,7 +314,6 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         freeze_bound,
         &interrupted,
     );
-    let _ = cowsnap_core::thread_prio::set_thread_nice(0);
     // the post-snapshot hook runs whenever the pre-snapshot one ran (or none was given)
     let mut late_notes = Vec::new();
     if let Some(cmd) = &a.post_snapshot {
@@ -454,7 +453,6 @@ pub fn snapshot_group(
         freeze_bound,
         &interrupted,
     );
-    let _ = cowsnap_core::thread_prio::set_thread_nice(0);
     match r {
         Ok((_, bound)) => Ok((
             members
@@ -530,6 +528,7 @@ fn snapshot_instant(
         .and_then(|_| send_all(members, &Request::GroupGo, "take the instant of"))
         .and_then(|_| receive_went(members, Duration::from_secs(30)));
     let pause_seen = t_pause.elapsed();
+    let _ = cowsnap_core::thread_prio::set_thread_nice(0);
     // thawed at once, on success and on failure alike
     let mut frozen_ms = None;
     let mut thaw_problem = None;

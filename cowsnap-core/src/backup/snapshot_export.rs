@@ -421,13 +421,7 @@ impl Export for SnapshotExport {
     }
 
     fn caps(&self) -> ExportCaps {
-        ExportCaps {
-            read_only: true,
-            trim: false,
-            zeroes: false,
-            fast_zero: false,
-            multi_conn: true,
-        }
+        ExportCaps::READ_ONLY_IMAGE
     }
 
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {

@@ -359,13 +359,7 @@ impl Export for GenerationExport {
     }
 
     fn caps(&self) -> ExportCaps {
-        ExportCaps {
-            read_only: true,
-            trim: false,
-            zeroes: false,
-            fast_zero: false,
-            multi_conn: true,
-        }
+        ExportCaps::READ_ONLY_IMAGE
     }
 
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
