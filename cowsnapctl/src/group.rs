@@ -680,11 +680,32 @@ fn follow(
             if json {
                 progress::emit(&progress::result_event("backup", false, &rep));
             }
+            // a failure after some members were told to commit (their daemon's commit
+            // itself failed, or a daemon died in between) leaves an incomplete group
+            let published: Vec<&str> = members
+                .iter()
+                .filter(|m| m.committed)
+                .filter(|m| {
+                    m.last
+                        .as_ref()
+                        .is_some_and(|b| b.state == BackupState::Complete)
+                })
+                .map(|m| m.name.as_str())
+                .collect();
+            let outcome = if published.is_empty() {
+                "nothing was published".to_string()
+            } else {
+                format!(
+                    "the group is incomplete: generations were published for {} only (each \
+                     a correct backup of its own disk; `list` marks the group incomplete)",
+                    published.join(", ")
+                )
+            };
             if canceled {
-                eprintln!("cowsnapctl: backup of {label} cancelled; nothing was published");
+                eprintln!("cowsnapctl: backup of {label} cancelled; {outcome}");
                 return Ok(130);
             }
-            bail!("backup of {label} to {target} failed: {why}; nothing was published");
+            bail!("backup of {label} to {target} failed: {why}; {outcome}");
         }
         if all_ready && !members.iter().all(|m| m.committed) {
             for m in members.iter_mut() {
