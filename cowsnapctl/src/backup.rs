@@ -9,7 +9,7 @@
 //! was not reached while frozen, the backup is cancelled and the command fails. An
 //! interrupt after the snapshot cancels the backup in the daemon.
 
-use crate::parse::{check_target, human_bytes, parse_duration, parse_ranges, parse_size};
+use crate::parse::{check_target, human_bytes, parse_ranges, parse_size};
 use crate::status::backup_line;
 use crate::{freeze, progress, Dirs};
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 /// How often the backup's progress is asked for (the end is reported at once).
 const POLL: Duration = Duration::from_millis(100);
 
+use crate::backup_args::instant_settings;
 pub use crate::backup_args::BackupArgs;
 
 /// A progress line: the common fields ([`progress::progress_event`]) and the daemon's
@@ -374,31 +375,6 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         // asked again at once
         std::thread::sleep(POLL.saturating_sub(asked.elapsed()));
     }
-}
-
-/// The quiesce idle window, its timeout and the freeze bound from the flags
-/// `--quiesce-idle` (default 3 s, or 0 with a freeze), `--quiesce-timeout`,
-/// `--freeze-timeout` (more than 0, at most [`freeze::MAX_FREEZE`]).
-pub(crate) fn instant_settings(
-    quiesce_idle: Option<&str>,
-    quiesce_timeout: &str,
-    freeze: bool,
-    freeze_timeout: &str,
-) -> Result<(Duration, Duration, Duration)> {
-    let timeout = parse_duration(quiesce_timeout)?;
-    let idle = match (quiesce_idle, freeze) {
-        (Some(s), _) => parse_duration(s)?,
-        (None, true) => Duration::ZERO,
-        (None, false) => Duration::from_secs(3),
-    };
-    let bound = parse_duration(freeze_timeout)?;
-    if bound.is_zero() || bound > freeze::MAX_FREEZE {
-        bail!(
-            "invalid --freeze-timeout {freeze_timeout:?}: give more than 0 and at most {}s",
-            freeze::MAX_FREEZE.as_secs()
-        );
-    }
-    Ok((idle, timeout, bound))
 }
 
 /// The daemon's answer to a request.

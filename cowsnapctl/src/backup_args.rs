@@ -1,7 +1,11 @@
 //! The arguments of `cowsnapctl backup`, shared by the one-disk path (`backup.rs`) and
 //! the group coordinator (`group.rs`).
 
+use crate::freeze;
+use crate::parse::parse_duration;
+use anyhow::{bail, Result};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Arguments of `backup`.
 #[derive(Debug, clap::Args)]
@@ -80,4 +84,29 @@ impl BackupArgs {
             || self.pre_snapshot.is_some()
             || self.post_snapshot.is_some()
     }
+}
+
+/// The quiesce idle window, its timeout and the freeze bound from the flags
+/// `--quiesce-idle` (default 3 s, or 0 with a freeze), `--quiesce-timeout`,
+/// `--freeze-timeout` (more than 0, at most [`freeze::MAX_FREEZE`]).
+pub(crate) fn instant_settings(
+    quiesce_idle: Option<&str>,
+    quiesce_timeout: &str,
+    freeze: bool,
+    freeze_timeout: &str,
+) -> Result<(Duration, Duration, Duration)> {
+    let timeout = parse_duration(quiesce_timeout)?;
+    let idle = match (quiesce_idle, freeze) {
+        (Some(s), _) => parse_duration(s)?,
+        (None, true) => Duration::ZERO,
+        (None, false) => Duration::from_secs(3),
+    };
+    let bound = parse_duration(freeze_timeout)?;
+    if bound.is_zero() || bound > freeze::MAX_FREEZE {
+        bail!(
+            "invalid --freeze-timeout {freeze_timeout:?}: give more than 0 and at most {}s",
+            freeze::MAX_FREEZE.as_secs()
+        );
+    }
+    Ok((idle, timeout, bound))
 }

@@ -27,7 +27,7 @@
 //! publishes nothing. A daemon that loses the coordinator's connection does the same
 //! by itself.
 
-use crate::backup_args::BackupArgs;
+use crate::backup_args::{instant_settings, BackupArgs};
 use crate::parse::{check_target, human_bytes, parse_duration};
 use crate::{freeze, hooks, progress, Dirs};
 use anyhow::{anyhow, bail, Context, Result};
@@ -162,8 +162,29 @@ fn send_all(members: &mut [Member], req: &Request, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Check the flags of a group backup; returns (pause limit, hook timeout, freeze bound).
-fn check_flags(a: &BackupArgs, target: &str) -> Result<(Duration, Duration, Duration)> {
+/// `--pause-limit`: more than 0, at most [`MAX_PAUSE_LIMIT`].
+pub fn pause_limit(given: &str) -> Result<Duration> {
+    let pause = parse_duration(given)?;
+    if pause.is_zero() || pause > MAX_PAUSE_LIMIT {
+        bail!(
+            "invalid --pause-limit {given:?}: give more than 0 and at most {}s",
+            MAX_PAUSE_LIMIT.as_secs()
+        );
+    }
+    Ok(pause)
+}
+
+/// The checked flags of a group backup.
+struct Flags {
+    pause_limit: Duration,
+    hook_timeout: Duration,
+    idle: Duration,
+    quiesce_timeout: Duration,
+    freeze_bound: Duration,
+}
+
+/// Check the flags of a group backup.
+fn check_flags(a: &BackupArgs, target: &str) -> Result<Flags> {
     check_target(target)?;
     let mut seen = std::collections::BTreeSet::new();
     for n in &a.names {
@@ -203,30 +224,33 @@ fn check_flags(a: &BackupArgs, target: &str) -> Result<(Duration, Duration, Dura
             bail!("--priority names byte ranges of one disk: not with several disks");
         }
     }
-    let pause = parse_duration(&a.pause_limit)?;
-    if pause.is_zero() || pause > MAX_PAUSE_LIMIT {
-        bail!(
-            "invalid --pause-limit {:?}: give more than 0 and at most {}s",
-            a.pause_limit,
-            MAX_PAUSE_LIMIT.as_secs()
-        );
-    }
-    let hook_t = hooks::check_timeout(parse_duration(&a.hook_timeout)?, &a.hook_timeout)?;
-    let freeze_bound = parse_duration(&a.freeze_timeout)?;
-    if freeze_bound.is_zero() || freeze_bound > freeze::MAX_FREEZE {
-        bail!(
-            "invalid --freeze-timeout {:?}: give more than 0 and at most {}s",
-            a.freeze_timeout,
-            freeze::MAX_FREEZE.as_secs()
-        );
-    }
-    Ok((pause, hook_t, freeze_bound))
+    // one disk without a freeze waits for the idle window as a plain backup does;
+    // several disks pause together for at most the pause limit instead
+    let (idle, quiesce_timeout, freeze_bound) = instant_settings(
+        a.quiesce_idle.as_deref(),
+        &a.quiesce_timeout,
+        !a.freeze.is_empty() || a.names.len() > 1,
+        &a.freeze_timeout,
+    )?;
+    Ok(Flags {
+        pause_limit: pause_limit(&a.pause_limit)?,
+        hook_timeout: hooks::check_timeout(parse_duration(&a.hook_timeout)?, &a.hook_timeout)?,
+        idle,
+        quiesce_timeout,
+        freeze_bound,
+    })
 }
 
 /// Run `backup` for `a.names` as one group.
 pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
     let target = a.to.clone().unwrap_or_default();
-    let (pause_limit, hook_timeout, freeze_bound) = check_flags(a, &target)?;
+    let Flags {
+        pause_limit,
+        hook_timeout,
+        idle,
+        quiesce_timeout,
+        freeze_bound,
+    } = check_flags(a, &target)?;
     let rate_limit = a
         .rate_limit
         .as_deref()
@@ -240,12 +264,6 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         .unwrap_or_default();
     let container = crate::parse::absolute_container(a.container.as_deref())?;
     let to = crate::parse::absolute_target(&target)?;
-    let idle = match &a.quiesce_idle {
-        Some(s) => parse_duration(s)?,
-        None if a.names.len() == 1 && a.freeze.is_empty() => Duration::from_secs(3),
-        None => Duration::ZERO,
-    };
-    let quiesce_timeout = parse_duration(&a.quiesce_timeout)?;
     let mut names = a.names.clone();
     names.sort();
     let group = (names.len() > 1)
@@ -422,12 +440,6 @@ pub fn snapshot_group(
     pause_limit: Duration,
     params: &cowsnap_nbd::control::SnapshotParams,
 ) -> Result<(Vec<(String, ReplyFields)>, Duration)> {
-    if pause_limit.is_zero() || pause_limit > MAX_PAUSE_LIMIT {
-        bail!(
-            "invalid --pause-limit: give more than 0 and at most {}s",
-            MAX_PAUSE_LIMIT.as_secs()
-        );
-    }
     let mut seen = std::collections::BTreeSet::new();
     for n in names {
         cowsnap_nbd::paths::validate_name(n)?;

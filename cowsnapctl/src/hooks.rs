@@ -13,7 +13,7 @@
 //! otherwise).
 
 use anyhow::{anyhow, Context, Result};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -197,8 +197,6 @@ pub fn check_timeout(t: Duration, given: &str) -> Result<Duration> {
     }
     Ok(t)
 }
-
-use std::io::Read as _;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,8 @@
 //! next snapshot's `qemu:dirty-bitmap:<id>` lists only what changed since, and frees
 //! the container.
 
-use crate::backup::{call_frozen, instant_settings, Frozen};
+use crate::backup::{call_frozen, Frozen};
+use crate::backup_args::instant_settings;
 use crate::freeze::disk_mountpoint as freeze_target;
 use crate::parse::human_bytes;
 use crate::Dirs;
@@ -113,7 +114,7 @@ fn snapshot_group(
              most --pause-limit instead"
         );
     }
-    let pause_limit = crate::parse::parse_duration(&a.pause_limit)?;
+    let pause_limit = crate::group::pause_limit(&a.pause_limit)?;
     let (members, pause_bound) =
         crate::group::snapshot_group(dirs, &a.names, &a.freeze, bound, pause_limit, &params)?;
     let mut out = Vec::new();

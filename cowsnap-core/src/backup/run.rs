@@ -8,7 +8,7 @@ use super::quiesce::quiesce;
 use super::BackupParams;
 use crate::changelog::Cut;
 use crate::chunk_map::{ChunkMap, Geometry};
-use crate::container::{self, Container, DEFAULT_CONTAINER};
+use crate::container::{self, Container};
 use crate::drain::Drainer;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -38,25 +38,16 @@ pub(super) fn start(
     let cfg = engine.config();
     let geo = Geometry::new(engine.size(), cfg.chunk_size)?;
     let container = match container {
-        Some(c) => c,
-        None => {
-            let cspec = p
-                .container
-                .clone()
-                .or_else(|| cfg.default_container.clone())
-                .unwrap_or_else(|| DEFAULT_CONTAINER.to_string());
-            container::open(&cspec, geo.chunk_size)?
+        Some(c) => {
+            container::check_slot_size(&*c, geo.chunk_size)?;
+            c
         }
+        None => container::open_for_disk(
+            p.container.as_deref(),
+            cfg.default_container.as_deref(),
+            geo.chunk_size,
+        )?,
     };
-    if container.slot_size() != geo.chunk_size {
-        return Err(crate::err!(
-            InvalidInput,
-            "unable to use container {}: {}-byte slots for {}-byte chunks",
-            container.describe(),
-            container.slot_size(),
-            geo.chunk_size
-        ));
-    }
     let mut target = match target {
         Some(t) => t,
         None => target::open(&p.to, &geo, &cfg.name, p.incremental)?,

@@ -40,7 +40,7 @@ use super::quiesce::quiesce;
 use super::{BackupParams, BackupState, BackupStatus};
 use crate::changelog::Cut;
 use crate::chunk_map::{ChunkMap, Geometry};
-use crate::container::{self, DEFAULT_CONTAINER};
+use crate::container;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::export::{DirtyExtent, Export, ExportCaps, Extent, ZeroFlags};
@@ -155,21 +155,11 @@ impl SnapshotExport {
     ) -> Result<Arc<Self>> {
         let cfg = engine.config();
         let geo = Geometry::new(engine.size(), cfg.chunk_size)?;
-        let cspec = p
-            .container
-            .clone()
-            .or_else(|| cfg.default_container.clone())
-            .unwrap_or_else(|| DEFAULT_CONTAINER.to_string());
-        let container = container::open(&cspec, geo.chunk_size)?;
-        if container.slot_size() != geo.chunk_size {
-            return Err(crate::err!(
-                InvalidInput,
-                "unable to use container {}: {}-byte slots for {}-byte chunks",
-                container.describe(),
-                container.slot_size(),
-                geo.chunk_size
-            ));
-        }
+        let container = container::open_for_disk(
+            p.container.as_deref(),
+            cfg.default_container.as_deref(),
+            geo.chunk_size,
+        )?;
         let map = ChunkMap::new(geo, 1, None);
         let bp = BackupParams {
             quiesce_idle_ms: p.quiesce_idle_ms,

@@ -297,6 +297,35 @@ fn check_inner(spec: &str, chunk_size: u32, fresh: bool) -> Result<u64> {
     Ok(slots)
 }
 
+/// The container of a backup or snapshot: `spec`, else the disk's default, else
+/// [`DEFAULT_CONTAINER`], opened for `chunk_size`-byte chunks ([`check_slot_size`]).
+pub fn open_for_disk(
+    spec: Option<&str>,
+    disk_default: Option<&str>,
+    chunk_size: u32,
+) -> Result<Box<dyn Container>> {
+    let c = open(
+        spec.or(disk_default).unwrap_or(DEFAULT_CONTAINER),
+        chunk_size,
+    )?;
+    check_slot_size(&*c, chunk_size)?;
+    Ok(c)
+}
+
+/// A container whose slots are not exactly one chunk cannot hold a chunk's original.
+pub fn check_slot_size(c: &dyn Container, chunk_size: u32) -> Result<()> {
+    if c.slot_size() != chunk_size {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to use container {}: {}-byte slots for {}-byte chunks",
+            c.describe(),
+            c.slot_size(),
+            chunk_size
+        ));
+    }
+    Ok(())
+}
+
 /// Open a container from its spec for slots of `chunk_size` bytes, after [`check`].
 pub fn open(spec: &str, chunk_size: u32) -> Result<Box<dyn Container>> {
     match parse_spec(spec)? {
