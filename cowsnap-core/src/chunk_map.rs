@@ -42,11 +42,17 @@
 //!   waits for a busy chunk: it skips the granule and comes back.
 //! - `drop_snapshot` releases every waiter; from then on every chunk reads as
 //!   "pass through" for writers.
+//! - The busy marks are a [`BusySet`](crate::busy::BusySet) inside the state, not a
+//!   [`BusyMarks`](crate::busy::BusyMarks) with a lock of its own as the live
+//!   restore's fill marks are: a mark is taken in one decision with the chunk's state
+//!   and given back by the state change itself, and waiters wake for either (see
+//!   [`crate::busy`]).
 
+use crate::busy::BusySet;
 use crate::container::SlotIdx;
 use crate::error::Result;
 use bitvec::prelude::*;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -198,7 +204,9 @@ struct State {
     zero: BitVec<u64, Lsb0>,
     zero_count: u64,
     preserved: BTreeMap<u64, SlotIdx>,
-    busy: HashSet<u64>,
+    /// Chunk busy marks: part of the state, decided and released with it
+    /// (see [`crate::busy`]).
+    busy: BusySet,
     pending_count: u64,
     dropped: bool,
     /// Writers waiting in `claim_for_write` for a busy mark.
@@ -260,7 +268,7 @@ impl ChunkMap {
                 zero: zero_plane(n),
                 zero_count: 0,
                 preserved: BTreeMap::new(),
-                busy: HashSet::new(),
+                busy: BusySet::new(),
                 pending_count,
                 dropped: false,
                 waiting: 0,
@@ -351,7 +359,7 @@ impl ChunkMap {
             if st.pending[pa..pb].all()
                 && st.zero[pa..pb].not_any()
                 && st.preserved.range(pa as u64..pb as u64).next().is_none()
-                && !st.busy.iter().any(|&c| c >= pa as u64 && c < pb as u64)
+                && !st.busy.any_in(pa as u64..pb as u64)
             {
                 st.zero[pa..pb].fill(true);
                 st.zero_count += (pb - pa) as u64;
@@ -367,7 +375,7 @@ impl ChunkMap {
                     continue;
                 }
                 if st.preserved.range(a as u64..b as u64).next().is_some()
-                    || st.busy.iter().any(|&c| c >= a as u64 && c < b as u64)
+                    || st.busy.any_in(a as u64..b as u64)
                 {
                     continue;
                 }
@@ -441,7 +449,7 @@ impl ChunkMap {
                 // zeros in the image whatever is written now: nothing to preserve
                 return WriteClaim::PassThrough { waited };
             }
-            if st.busy.contains(&c) {
+            if st.busy.is_marked(c) {
                 waited = true;
                 st.waiting += 1;
                 st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
@@ -449,7 +457,7 @@ impl ChunkMap {
                 continue;
             }
             if st.pending[c as usize] {
-                st.busy.insert(c);
+                st.busy.mark(c);
                 return WriteClaim::Preserve { waited };
             }
             return WriteClaim::PassThrough { waited };
@@ -459,7 +467,7 @@ impl ChunkMap {
     /// The writer holding `c` stored its original in `slot`.
     pub fn mark_preserved(&self, c: u64, slot: SlotIdx) {
         let mut st = self.lock();
-        st.busy.remove(&c);
+        st.busy.unmark(c);
         if st.pending[c as usize] {
             st.pending.set(c as usize, false);
             st.pending_count -= 1;
@@ -472,7 +480,7 @@ impl ChunkMap {
     /// The holder of `c` gives up its busy mark without changing the state.
     pub fn release(&self, c: u64) {
         let mut st = self.lock();
-        st.busy.remove(&c);
+        st.busy.unmark(c);
         drop(st);
         self.cv.notify_all();
     }
@@ -560,9 +568,7 @@ impl ChunkMap {
             if npending + pres.len() as u64 != b - a {
                 // a granule partly done or partly out of scope: granules are always
                 // scoped and copied whole, so this is a bug, not a disk state
-                for c in claim.first..claim.end {
-                    st.busy.remove(&c);
-                }
+                st.busy.unmark_range(claim.first..claim.end);
                 drop(st);
                 self.cv.notify_all();
                 return Err(crate::err!(
@@ -570,13 +576,13 @@ impl ChunkMap {
                     "unable to copy chunks {a}..{b}: the granule is partly copied"
                 ));
             }
-            if st.busy.iter().any(|&c| c >= a && c < b) || st.zero[a as usize] {
+            if st.busy.any_in(a..b) || st.zero[a as usize] {
                 // busy, or a zero run: that goes in a claim of its own
                 break;
             }
             for c in a..b {
                 if st.pending[c as usize] {
-                    st.busy.insert(c);
+                    st.busy.mark(c);
                 }
             }
             claim.preserved.extend(pres);
@@ -629,7 +635,7 @@ impl ChunkMap {
                 st.pending_count -= 1;
                 st.done.set(c as usize, true);
             }
-            st.busy.remove(&c);
+            st.busy.unmark(c);
         }
         drop(st);
         self.cv.notify_all();
@@ -638,9 +644,7 @@ impl ChunkMap {
     /// The drainer gives up `claim` without copying (failure path).
     pub fn abandon(&self, claim: &Claim) {
         let mut st = self.lock();
-        for c in claim.first..claim.end {
-            st.busy.remove(&c);
-        }
+        st.busy.unmark_range(claim.first..claim.end);
         drop(st);
         self.cv.notify_all();
     }

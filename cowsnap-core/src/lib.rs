@@ -16,7 +16,7 @@
 //! | change tracking | [`changelog`], [`identity`], [`origin_seal`] |
 //! | restore | [`restore`] (offline; `live.rs`: `FillingIo`) |
 //! | destinations that are live data | [`dest_guard`] |
-//! | shared primitives | [`bitmap`] (atomic bitmap), [`bytes`] (`is_zero`), `ondisk` (header codec), [`fsutil`], [`error`] |
+//! | shared primitives | [`bitmap`] (atomic bitmap), [`busy`] (busy marks: `BusySet`, `BusyMarks` and its guards), [`bytes`] (`is_zero`), `ondisk` (header codec), [`fsutil`], [`error`] |
 //! | format versions (for `--version`) | [`formats`] |
 //!
 //! # Locking table
@@ -33,12 +33,12 @@
 //! | 2 | instant gate, exclusive (`Engine::pause_writes`) | the snapshot instant: `ChangeLog::begin_generation`, `Target::scope`, building the chunk map, installing; `Engine::uninstall` at the end of a backup | **yes**: begin_generation writes and fsyncs the change log's 4 KiB header (no bitmap I/O, unless the spare region could not be zeroed before or an earlier cut is unresolved); a repository target's `scope` reads the parent index only if it was not resolved before the pause (`Target::prepare`, done while writes run, for the generation the change log is relative to) | "no data-changing request in flight"; the snapshot pointer |
 //! | 2 | instant gate, shared (`Engine::change`) | every write / trim / write-zeroes, from the snapshot check until its origin I/O is done | **yes**: the whole request, including preserving originals, the change log's group commit and the origin write | that the request's preserve, change-log mark and origin write all belong to one side of the instant |
 //! | 3 | `Job` status, then `Job` snapshot mutex (`backup/job.rs`) | briefly | no | job state and figures |
-//! | 4 | `ChunkMap` mutex + condvar (`chunk_map.rs`) | briefly | no | pending/done planes, preserved map, busy marks |
-//! | 5 | chunk busy marks (`ChunkMap`, logical) | a writer: one mark while it reads the original and writes the slot; the drainer: a batch's pending chunks while it reads the origin | **yes** | one chunk's original against a concurrent change |
+//! | 4 | `ChunkMap` mutex + condvar (`chunk_map.rs`) | briefly | no | pending/done planes, preserved map, busy marks (a `busy::BusySet` in the map's state: taken and given back with the chunk's state) |
+//! | 5 | chunk busy marks (`ChunkMap`'s `BusySet`, logical) | a writer: one mark while it reads the original and writes the slot; the drainer: a batch's pending chunks while it reads the origin | **yes** | one chunk's original against a concurrent change |
 //! | 6 | `SlotPool` mutex + condvar (`container/pool.rs`) | briefly; writers wait on the condvar holding no busy mark | no | free slots, usage, waiters |
 //! | 7 | `Snapshot` failure / priority mutexes | briefly | no | first failure cause; priority ranges |
 //! | 8 | `RamContainer` table RwLock, then one slot's mutex | one memcpy (the table is written only to grow it) | no | one slot's bytes |
-//! | 9 | live restore fill marks (`FillingIo`, logical; `restore/live.rs`) | a fetch or a write to unrestored chunks: from taking the marks until the chunks' data and bits are durable | **yes** | one repository chunk's fetch against a write to it |
+//! | 9 | live restore fill marks (`FillingIo`'s `busy::BusyMarks`, logical; guards from `BusyMarks::acquire`; `restore/live.rs`) | a fetch or a write to unrestored chunks: from taking the marks until the chunks' data and bits are durable | **yes** | one repository chunk's fetch against a write to it |
 //! | 10 | live restore state-file mutex | writing and fsyncing the fill state's bitmap blocks or header | **yes** | the fill state file |
 //! | 11 | `ChangeLog` group commit (leader flag in the queue mutex, logical) | the leader: writing the queued bitmap blocks and one fdatasync; other first writers wait on the queue condvar | **yes** | one fdatasync per batch of first writes |
 //! | 12 | `ChangeLog` state mutex (`inner`) | cut, commit, abort, distrust, close (header and region writes, fsyncs); the group-commit leader while it writes bitmap blocks | **yes** | relative-to, whether a cut is outstanding, region C on disk |
@@ -62,8 +62,10 @@
 //!   or the drainer reading a batch holds chunk busy marks (row 5) while `FillingIo`
 //!   takes fill marks (row 9) and may wait for them. The order is always chunk busy
 //!   mark → fill mark: `FillingIo` and its background fill never take a chunk-map
-//!   mark, so no cycle. Fill marks are taken in ascending chunk order by everyone, so
-//!   fill marks among themselves do not deadlock either.
+//!   mark, so no cycle. Fill marks are taken in ascending chunk order by everyone
+//!   (`BusyMarks::acquire` sorts them), so fill marks among themselves do not
+//!   deadlock either. Both kinds of mark are the one primitive of [`busy`]; they
+//!   differ only in whose mutex guards the set (see its module notes).
 //! - The change log's group commit: first writers wait for the leader's fdatasync
 //!   holding the gate shared (and no busy mark: preserving is done before the change
 //!   log is marked). A cut (under the exclusive gate) takes the state mutex, which the
@@ -88,6 +90,7 @@ pub mod aligned;
 pub mod backup;
 pub mod bitmap;
 pub mod blockio;
+pub mod busy;
 pub mod bytes;
 pub mod changelog;
 pub mod chunk_map;

@@ -15,9 +15,9 @@
 //! - write / write-zeroes / discard: unrestored chunks the request covers entirely are
 //!   not fetched: the request is done, flushed, and their bits persisted; chunks it only
 //!   partly covers are fetched first.
-//! - Per-chunk busy marks (a set under a mutex with a condvar) serialize a fetch with
-//!   any write to the same unrestored chunk; marks are always taken in ascending chunk
-//!   order, so user requests and the fill cannot deadlock. A chunk's bit never goes
+//! - Per-chunk fill marks ([`BusyMarks`], RAII guards) serialize a fetch with any
+//!   write to the same unrestored chunk; `BusyMarks::acquire` always takes marks in
+//!   ascending chunk order, so user requests and the fill cannot deadlock. A chunk's bit never goes
 //!   from set to unset, so I/O to restored chunks takes no mark at all.
 //! - The background fill takes marks on a batch of chunks, fetches them, flushes the
 //!   destination once, persists the batch's bits, then releases the marks: a write to a
@@ -40,18 +40,18 @@
 
 use crate::bitmap::{self, AtomicBitmap};
 use crate::blockio::{check_range, BlockIo};
+use crate::busy::BusyMarks;
 use crate::error::{IoContext, Result};
 use crate::fsutil::hex;
 use crate::ondisk::{Decoder, Encoder};
 use crate::repo::pin::{self, Pin};
 use crate::repo::{FixedIndex, Repo, ZERO_HASH};
 use serde::Serialize;
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 const MAGIC: [u8; 8] = *b"CSNPFL01";
 /// The fill state format version written and read.
@@ -317,29 +317,12 @@ pub struct FillingIo {
     /// Chunks whose bit is set (restored).
     restored_count: AtomicU64,
     complete: AtomicBool,
-    busy: Mutex<HashSet<u64>>,
-    busy_cv: Condvar,
+    /// Fill marks: one fetch or write per unrestored chunk at a time.
+    busy: BusyMarks,
     stop: AtomicBool,
     fill_running: AtomicBool,
     error: Mutex<Option<String>>,
     fill_rate: AtomicU64,
-}
-
-/// Held busy marks on chunks; released on drop.
-struct BusyGuard<'a> {
-    io: &'a FillingIo,
-    chunks: Vec<u64>,
-}
-
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        let mut b = self.io.busy.lock().unwrap_or_else(|p| p.into_inner());
-        for c in &self.chunks {
-            b.remove(c);
-        }
-        drop(b);
-        self.io.busy_cv.notify_all();
-    }
 }
 
 impl FillingIo {
@@ -438,8 +421,7 @@ impl FillingIo {
                 restored: AtomicBitmap::from_words(Vec::new()),
                 restored_count: AtomicU64::new(h.nchunks),
                 complete: AtomicBool::new(true),
-                busy: Mutex::new(HashSet::new()),
-                busy_cv: Condvar::new(),
+                busy: BusyMarks::new(),
                 stop: AtomicBool::new(false),
                 fill_running: AtomicBool::new(false),
                 error: Mutex::new(None),
@@ -542,8 +524,7 @@ impl FillingIo {
             restored: AtomicBitmap::from_words(bits),
             restored_count: AtomicU64::new(done),
             complete: AtomicBool::new(false),
-            busy: Mutex::new(HashSet::new()),
-            busy_cv: Condvar::new(),
+            busy: BusyMarks::new(),
             stop: AtomicBool::new(false),
             fill_running: AtomicBool::new(false),
             error: Mutex::new(None),
@@ -584,23 +565,6 @@ impl FillingIo {
             return 0..0;
         }
         off / self.chunk_size..(off + len - 1) / self.chunk_size + 1
-    }
-
-    /// Take busy marks on `chunks` (ascending), waiting for holders.
-    fn acquire(&self, chunks: Vec<u64>) -> BusyGuard<'_> {
-        let mut held = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-            while b.contains(&c) {
-                b = self.busy_cv.wait(b).unwrap_or_else(|p| p.into_inner());
-            }
-            b.insert(c);
-            held.push(c);
-        }
-        BusyGuard {
-            io: self,
-            chunks: held,
-        }
     }
 
     /// Copy chunk `c` from the repository to the destination (not yet durable).
@@ -696,7 +660,7 @@ impl FillingIo {
         if missing.is_empty() {
             return Ok(());
         }
-        let _g = self.acquire(missing.clone());
+        let _g = self.busy.acquire(missing.clone());
         let todo: Vec<u64> = missing
             .into_iter()
             .filter(|&c| !self.is_restored(c))
@@ -722,7 +686,7 @@ impl FillingIo {
         if missing.is_empty() {
             return op();
         }
-        let _g = self.acquire(missing.clone());
+        let _g = self.busy.acquire(missing.clone());
         let end = off + len;
         let mut covered = Vec::new();
         let mut partial = Vec::new();
@@ -798,7 +762,7 @@ impl FillingIo {
         if batch.is_empty() {
             return Ok(None);
         }
-        let _g = self.acquire(batch.clone());
+        let _g = self.busy.acquire(batch.clone());
         let todo: Vec<u64> = batch
             .into_iter()
             .filter(|&c| !self.is_restored(c))
