@@ -42,7 +42,7 @@
 //!   waits for a busy chunk: it skips the granule and comes back.
 //! - `drop_snapshot` releases every waiter; from then on every chunk reads as
 //!   "pass through" for writers.
-//! - The busy marks are a [`BusySet`](crate::busy::BusySet) inside the state, not a
+//! - The busy marks are a [`BusySet`] inside the state, not a
 //!   [`BusyMarks`](crate::busy::BusyMarks) with a lock of its own as the live
 //!   restore's fill marks are: a mark is taken in one decision with the chunk's state
 //!   and given back by the state change itself, and waiters wake for either (see
@@ -129,11 +129,52 @@ impl Geometry {
         let last = off.saturating_add(len - 1);
         self.chunk_of(off)..self.chunk_of(last) + 1
     }
+
+    /// First byte of chunk `c` (the one chunk → byte conversion of [`ChunkIdx`]).
+    pub fn byte_offset(&self, c: ChunkIdx) -> u64 {
+        self.chunk_off(c.0)
+    }
+
+    /// End byte (exclusive) of chunks `..end`, clipped to the disk.
+    pub fn byte_end(&self, end: ChunkIdx) -> u64 {
+        self.end_off(end.0)
+    }
+
+    /// Length of chunk `c` in bytes (short for the last chunk).
+    pub fn byte_len(&self, c: ChunkIdx) -> u64 {
+        self.chunk_len(c.0)
+    }
+}
+
+/// Index of an engine (tracking) chunk, the unit of the chunk map: `chunk_size` bytes
+/// ([`Geometry`]). The drainer and its interfaces (a [`Claim`], the map calls it makes,
+/// its priority ranges) use this type, so it cannot be mixed up with the other address
+/// spaces that meet there:
+/// - a granule ([`GranuleIdx`]): the target's unit, `granule` chunks;
+/// - a repository chunk: the repository's own chunk size. A repository target's
+///   granule is one repository chunk when that is at least the tracking chunk
+///   (`RepoTarget::granule_chunks`); the drainer never numbers repository chunks, it
+///   hands the target byte ranges of whole granules;
+/// - a container slot ([`SlotIdx`]): where a preserved chunk's original sits.
+///
+/// Conversions, one place each: chunk → bytes in [`Geometry::byte_offset`],
+/// [`Geometry::byte_end`], [`Geometry::byte_len`]; chunk ↔ granule in
+/// [`ChunkMap::granule_of`], [`ChunkMap::granule_chunks`], [`ChunkMap::granules_before`];
+/// slot → bytes in [`SlotIdx::byte_offset`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkIdx(pub u64);
+
+impl ChunkIdx {
+    /// The next chunk. Cannot overflow: chunk numbers are below the chunk count, which
+    /// fits a `usize`.
+    pub fn next(self) -> ChunkIdx {
+        ChunkIdx(self.0 + 1)
+    }
 }
 
 /// Index of a target granule: granule `g` is chunks `g × granule .. (g + 1) × granule`
-/// (the last one may be short). Chunk indices are plain `u64`; the two meet in the
-/// drainer, and this type keeps them apart.
+/// (the last one may be short). See [`ChunkIdx`] for the other address spaces it must
+/// not be mixed up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct GranuleIdx(pub u64);
 
@@ -173,13 +214,29 @@ pub enum WriteClaim {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// First chunk.
-    pub first: u64,
+    pub first: ChunkIdx,
     /// End chunk (exclusive).
-    pub end: u64,
+    pub end: ChunkIdx,
     /// Preserved chunks in the run, ascending.
-    pub preserved: Vec<(u64, SlotIdx)>,
+    pub preserved: Vec<(ChunkIdx, SlotIdx)>,
     /// The run is known zeros (see the module notes).
     pub zero: bool,
+}
+
+impl Claim {
+    /// Chunks in the run.
+    pub fn len(&self) -> u64 {
+        self.end.0 - self.first.0
+    }
+
+    /// Whether the run holds no chunk.
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.first
+    }
+
+    fn range(&self) -> Range<u64> {
+        self.first.0..self.end.0
+    }
 }
 
 /// Most granules one zero claim takes (bounds the time the map's mutex is held:
@@ -297,22 +354,23 @@ impl ChunkMap {
     }
 
     /// The granule holding chunk `c`.
-    pub fn granule_of(&self, c: u64) -> GranuleIdx {
-        GranuleIdx(c / self.granule)
+    pub fn granule_of(&self, c: ChunkIdx) -> GranuleIdx {
+        GranuleIdx(c.0 / self.granule)
     }
 
     /// The granules before chunk `end`: the first granule not below it (a claim's
     /// limit for chunks `..end`).
-    pub fn granules_before(&self, end: u64) -> GranuleIdx {
-        GranuleIdx(end.div_ceil(self.granule))
+    pub fn granules_before(&self, end: ChunkIdx) -> GranuleIdx {
+        GranuleIdx(end.0.div_ceil(self.granule))
     }
 
     /// The chunks of granule `g`, clipped to the disk. Cannot overflow: `g` comes from
     /// a chunk index of this disk, so `(g + 1) × granule` is at most the chunk count
     /// rounded up to a granule.
-    pub fn granule_chunks(&self, g: GranuleIdx) -> Range<u64> {
+    pub fn granule_chunks(&self, g: GranuleIdx) -> Range<ChunkIdx> {
         let a = g.0 * self.granule;
-        a.min(self.geo.nchunks)..((g.0 + 1) * self.granule).min(self.geo.nchunks)
+        ChunkIdx(a.min(self.geo.nchunks))
+            ..ChunkIdx(((g.0 + 1) * self.granule).min(self.geo.nchunks))
     }
 
     /// Chunks in scope at the snapshot instant.
@@ -504,7 +562,8 @@ impl ChunkMap {
     }
 
     /// First chunk at or after `from` that still needs copying (pending or preserved).
-    pub fn next_work_from(&self, from: u64) -> Option<u64> {
+    pub fn next_work_from(&self, from: ChunkIdx) -> Option<ChunkIdx> {
+        let from = from.0;
         if from >= self.geo.nchunks {
             return None;
         }
@@ -517,12 +576,16 @@ impl ChunkMap {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+        .map(ChunkIdx)
     }
 
     /// First preserved chunk at or after `from`.
-    pub fn next_preserved_from(&self, from: u64) -> Option<u64> {
+    pub fn next_preserved_from(&self, from: ChunkIdx) -> Option<ChunkIdx> {
         let st = self.lock();
-        st.preserved.range(from..).next().map(|(c, _)| *c)
+        st.preserved
+            .range(from.0..)
+            .next()
+            .map(|(c, _)| ChunkIdx(*c))
     }
 
     /// Claim up to `max` whole granules starting at granule `g`, stopping before
@@ -550,8 +613,8 @@ impl ChunkMap {
             )));
         }
         let mut claim = Claim {
-            first: g * self.granule,
-            end: g * self.granule,
+            first: ChunkIdx(g * self.granule),
+            end: ChunkIdx(g * self.granule),
             preserved: Vec::new(),
             zero: false,
         };
@@ -568,7 +631,7 @@ impl ChunkMap {
             if npending + pres.len() as u64 != b - a {
                 // a granule partly done or partly out of scope: granules are always
                 // scoped and copied whole, so this is a bug, not a disk state
-                st.busy.unmark_range(claim.first..claim.end);
+                st.busy.unmark_range(claim.range());
                 drop(st);
                 self.cv.notify_all();
                 return Err(crate::err!(
@@ -585,8 +648,10 @@ impl ChunkMap {
                     st.busy.mark(c);
                 }
             }
-            claim.preserved.extend(pres);
-            claim.end = b;
+            claim
+                .preserved
+                .extend(pres.into_iter().map(|(c, s)| (ChunkIdx(c), s)));
+            claim.end = ChunkIdx(b);
             gi += 1;
         }
         if claim.end > claim.first {
@@ -618,8 +683,8 @@ impl ChunkMap {
         st.zero_count -= n;
         st.pending_count -= n;
         Claim {
-            first: a as u64,
-            end: b as u64,
+            first: ChunkIdx(a as u64),
+            end: ChunkIdx(b as u64),
             preserved: Vec::new(),
             zero: true,
         }
@@ -629,7 +694,7 @@ impl ChunkMap {
     /// and their busy marks released. The preserved ones stay until [`Self::mark_drained`].
     pub fn mark_copied(&self, claim: &Claim) {
         let mut st = self.lock();
-        for c in claim.first..claim.end {
+        for c in claim.range() {
             if st.pending[c as usize] {
                 st.pending.set(c as usize, false);
                 st.pending_count -= 1;
@@ -644,17 +709,17 @@ impl ChunkMap {
     /// The drainer gives up `claim` without copying (failure path).
     pub fn abandon(&self, claim: &Claim) {
         let mut st = self.lock();
-        st.busy.unmark_range(claim.first..claim.end);
+        st.busy.unmark_range(claim.range());
         drop(st);
         self.cv.notify_all();
     }
 
     /// The preserved chunk `c` reached the target; returns its slot to free.
-    pub fn mark_drained(&self, c: u64) -> Option<SlotIdx> {
+    pub fn mark_drained(&self, c: ChunkIdx) -> Option<SlotIdx> {
         let mut st = self.lock();
-        let s = st.preserved.remove(&c);
+        let s = st.preserved.remove(&c.0);
         if s.is_some() {
-            st.done.set(c as usize, true);
+            st.done.set(c.0 as usize, true);
         }
         drop(st);
         self.cv.notify_all();
@@ -736,7 +801,7 @@ mod tests {
             m.claim_for_write(0),
             WriteClaim::PassThrough { waited: false }
         );
-        assert_eq!(m.next_work_from(0), Some(4));
+        assert_eq!(m.next_work_from(ChunkIdx(0)), Some(ChunkIdx(4)));
     }
 
     #[test]
@@ -755,7 +820,7 @@ mod tests {
             .unwrap()
         {
             ClaimResult::Claimed(c) => {
-                assert_eq!((c.first, c.end), (0, 2));
+                assert_eq!((c.first, c.end), (ChunkIdx(0), ChunkIdx(2)));
                 m.mark_copied(&c);
             }
             other => panic!("{other:?}"),
@@ -764,10 +829,10 @@ mod tests {
         m.mark_preserved(3, SlotIdx(0));
         match m.try_claim(GranuleIdx(1), 4, GranuleIdx(3), false).unwrap() {
             ClaimResult::Claimed(c) => {
-                assert_eq!((c.first, c.end), (2, 6));
-                assert_eq!(c.preserved, vec![(3, SlotIdx(0))]);
+                assert_eq!((c.first, c.end), (ChunkIdx(2), ChunkIdx(6)));
+                assert_eq!(c.preserved, vec![(ChunkIdx(3), SlotIdx(0))]);
                 m.mark_copied(&c);
-                assert_eq!(m.mark_drained(3), Some(SlotIdx(0)));
+                assert_eq!(m.mark_drained(ChunkIdx(3)), Some(SlotIdx(0)));
             }
             other => panic!("{other:?}"),
         }
@@ -809,6 +874,43 @@ mod tests {
         m.drop_snapshot();
         assert_eq!(t.join().unwrap(), WriteClaim::PassThrough { waited: true });
         assert!(!m.needs_preserve(1));
+    }
+
+    #[test]
+    fn chunk_granule_and_byte_conversions_keep_the_units_apart() {
+        // 4096-byte chunks, granules of 4 chunks (a 16 KiB repository chunk, say), 14
+        // chunks: the last granule (chunks 12..14) is short, the last chunk too
+        let g = Geometry::new(13 * 4096 + 100, 4096).unwrap();
+        let m = ChunkMap::new(g, 4, None);
+        assert_eq!(m.granule_count(), 4);
+        // chunk 13 is in granule 3, not granule 13, and granule 3 starts at chunk 12
+        assert_eq!(m.granule_of(ChunkIdx(13)), GranuleIdx(3));
+        assert_eq!(m.granule_of(ChunkIdx(3)), GranuleIdx(0));
+        assert_eq!(m.granule_chunks(GranuleIdx(3)), ChunkIdx(12)..ChunkIdx(14));
+        assert_eq!(m.granule_chunks(GranuleIdx(1)), ChunkIdx(4)..ChunkIdx(8));
+        assert_eq!(m.granules_before(ChunkIdx(5)), GranuleIdx(2));
+        assert_eq!(m.granules_before(ChunkIdx(8)), GranuleIdx(2));
+        // bytes of a chunk are chunk-sized steps, not granule-sized ones
+        assert_eq!(g.byte_offset(ChunkIdx(3)), 3 * 4096);
+        let first = m.granule_chunks(GranuleIdx(3)).start;
+        assert_eq!(g.byte_offset(first), 12 * 4096);
+        assert_eq!(g.byte_len(ChunkIdx(13)), 100, "the short last chunk");
+        assert_eq!(
+            g.byte_end(ChunkIdx(14)),
+            13 * 4096 + 100,
+            "clipped to the disk"
+        );
+        // a claim of granule 1 covers chunks 4..8, bytes 16 KiB..32 KiB
+        let ClaimResult::Claimed(c) = m.try_claim(GranuleIdx(1), 1, GranuleIdx(4), false).unwrap()
+        else {
+            panic!("no claim")
+        };
+        assert_eq!((c.first, c.end, c.len()), (ChunkIdx(4), ChunkIdx(8), 4));
+        assert_eq!(
+            (g.byte_offset(c.first), g.byte_end(c.end)),
+            (4 * 4096, 8 * 4096)
+        );
+        m.abandon(&c);
     }
 
     #[test]
@@ -856,19 +958,19 @@ mod tests {
         else {
             panic!("no claim")
         };
-        assert_eq!((c.first, c.end, c.zero), (0, 2, false));
+        assert_eq!((c.first, c.end, c.zero), (ChunkIdx(0), ChunkIdx(2), false));
         m.mark_copied(&c);
         // the zero run is one claim, done already, nothing busy
         let ClaimResult::Claimed(z) = m.try_claim(GranuleIdx(1), 1, GranuleIdx(6), false).unwrap()
         else {
             panic!("no zero claim")
         };
-        assert_eq!((z.first, z.end, z.zero), (2, 8, true));
+        assert_eq!((z.first, z.end, z.zero), (ChunkIdx(2), ChunkIdx(8), true));
         for c in 2..8 {
             assert_eq!(m.state_and_zero(c), (ChunkState::Done, false));
         }
         assert_eq!(m.zero_count(), 0);
         assert_eq!(m.remaining(), 4);
-        assert_eq!(m.next_work_from(2), Some(8));
+        assert_eq!(m.next_work_from(ChunkIdx(2)), Some(ChunkIdx(8)));
     }
 }

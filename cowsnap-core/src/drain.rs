@@ -37,12 +37,18 @@
 //! `chunk_map::MAX_ZERO_CLAIM_GRANULES` at a time, and handed to the target as one
 //! zero range (`Target::write_zeroes`) without reading or a buffer.
 //!
+//! Units: chunks are [`ChunkIdx`], granules [`GranuleIdx`], slots
+//! [`SlotIdx`](crate::container::SlotIdx); the target gets byte ranges. Repository
+//! chunks are the target's business: a repository target's granule is one repository
+//! chunk (or one tracking chunk holding several). Conversions are the
+//! `Geometry::byte_*` and `ChunkMap::granule_*` methods only (see [`ChunkIdx`]).
+//!
 //! Failure: any origin, container or target error fails the snapshot (releasing every
 //! writer) and ends the drain with that error.
 
 use crate::aligned::AlignedBuf;
 use crate::blockio::BlockIo;
-use crate::chunk_map::{Claim, ClaimResult, GranuleIdx};
+use crate::chunk_map::{ChunkIdx, Claim, ClaimResult, GranuleIdx};
 use crate::error::Result;
 use crate::snapshot::Snapshot;
 use crate::target::Target;
@@ -63,9 +69,12 @@ pub struct Drainer<'a> {
     origin: &'a dyn BlockIo,
     snap: &'a Snapshot,
     target: &'a mut dyn Target,
+    /// Most granules in one batch (a count, not an index).
     max_granules: u64,
-    cursor: u64,
-    pcursor: u64,
+    /// Where the sequential walk goes on.
+    cursor: ChunkIdx,
+    /// Where the walk over preserved chunks goes on.
+    pcursor: ChunkIdx,
     rate: Option<RateLimiter>,
     buf: AlignedBuf,
     /// Try in-kernel copies from the origin's file (see the module notes).
@@ -95,8 +104,8 @@ impl<'a> Drainer<'a> {
             snap,
             target,
             max_granules,
-            cursor: 0,
-            pcursor: 0,
+            cursor: ChunkIdx(0),
+            pcursor: ChunkIdx(0),
             rate: rate.filter(|&r| r > 0).map(RateLimiter::new),
             buf: AlignedBuf::new(),
             direct,
@@ -185,9 +194,9 @@ impl<'a> Drainer<'a> {
     /// [`TRIES`] attempts).
     fn scan(
         &self,
-        mut from: u64,
+        mut from: ChunkIdx,
         preserved_only: bool,
-        next: impl Fn(u64) -> Option<u64>,
+        next: impl Fn(ChunkIdx) -> Option<ChunkIdx>,
     ) -> Result<Option<Claim>> {
         let map = &self.snap.map;
         let all = GranuleIdx(map.granule_count());
@@ -201,9 +210,9 @@ impl<'a> Drainer<'a> {
                         _ => from = map.granule_chunks(g).end,
                     }
                 }
-                None if !wrapped && from > 0 => {
+                None if !wrapped && from > ChunkIdx(0) => {
                     wrapped = true;
-                    from = 0;
+                    from = ChunkIdx(0);
                 }
                 None => break,
             }
@@ -213,15 +222,15 @@ impl<'a> Drainer<'a> {
 
     fn process(&mut self, claim: &Claim) -> Result<()> {
         let geo = *self.snap.geometry();
-        let off = geo.chunk_off(claim.first);
-        let end = geo.end_off(claim.end);
+        let off = geo.byte_offset(claim.first);
+        let end = geo.byte_end(claim.end);
         let len = (end - off) as usize;
         if claim.zero {
             // known zeros (free space, holes): a range, never a zero-filled buffer
             self.target
                 .write_zeroes(off, end - off)
                 .map_err(|e| e.with_context("unable to write the backup target"))?;
-            let n = claim.end - claim.first;
+            let n = claim.len();
             self.snap.stats.copied.fetch_add(n, Ordering::Relaxed);
             self.snap.stats.zero.fetch_add(n, Ordering::Relaxed);
             return Ok(());
@@ -253,8 +262,10 @@ impl<'a> Drainer<'a> {
                 self.snap.slots.free(s);
             }
         }
-        let n = claim.end - claim.first;
-        self.snap.stats.copied.fetch_add(n, Ordering::Relaxed);
+        self.snap
+            .stats
+            .copied
+            .fetch_add(claim.len(), Ordering::Relaxed);
         self.snap
             .stats
             .bytes_copied
@@ -282,12 +293,12 @@ impl<'a> Drainer<'a> {
         while c < claim.end {
             if pres.peek() == Some(&c) {
                 pres.next();
-                c += 1;
+                c = c.next();
                 continue;
             }
             let run_end = pres.peek().copied().unwrap_or(claim.end);
-            let ro = geo.chunk_off(c);
-            let re = geo.end_off(run_end);
+            let ro = geo.byte_offset(c);
+            let re = geo.byte_end(run_end);
             if let Some(r) = self.rate.as_mut() {
                 r.take(re - ro);
             }
@@ -310,16 +321,19 @@ impl<'a> Drainer<'a> {
         self.snap.map.mark_copied(claim);
         // 2. the preserved chunks, from their slots (never from the origin)
         for &(pc, slot) in &claim.preserved {
-            let n = geo.chunk_len(pc) as usize;
+            let n = geo.byte_len(pc) as usize;
             self.buf.resize(n);
             self.snap
                 .container
                 .read_slot(slot, &mut self.buf[..n])
                 .map_err(|e| {
-                    e.with_context(format!("unable to read chunk {pc} back from the container"))
+                    e.with_context(format!(
+                        "unable to read chunk {} back from the container",
+                        pc.0
+                    ))
                 })?;
             self.target
-                .write(geo.chunk_off(pc), &self.buf[..n])
+                .write(geo.byte_offset(pc), &self.buf[..n])
                 .map_err(|e| e.with_context("unable to write the backup target"))?;
         }
         Ok(true)
@@ -334,24 +348,25 @@ impl<'a> Drainer<'a> {
         while c < claim.end {
             if let Some(&&(pc, slot)) = pres.peek() {
                 if pc == c {
-                    let o = (geo.chunk_off(c) - base) as usize;
-                    let n = geo.chunk_len(c) as usize;
+                    let o = (geo.byte_offset(c) - base) as usize;
+                    let n = geo.byte_len(c) as usize;
                     self.snap
                         .container
                         .read_slot(slot, &mut self.buf[o..o + n])
                         .map_err(|e| {
                             e.with_context(format!(
-                                "unable to read chunk {c} back from the container"
+                                "unable to read chunk {} back from the container",
+                                c.0
                             ))
                         })?;
                     pres.next();
-                    c += 1;
+                    c = c.next();
                     continue;
                 }
             }
             let run_end = pres.peek().map_or(claim.end, |&&(pc, _)| pc);
-            let ro = geo.chunk_off(c);
-            let re = geo.end_off(run_end);
+            let ro = geo.byte_offset(c);
+            let re = geo.byte_end(run_end);
             // Holes of a sparse origin read as zeros without I/O. The chunks are busy,
             // so no write can fill a hole between this query and the read.
             let data = match self.origin.data_ranges(ro, re - ro) {
@@ -581,6 +596,23 @@ mod tests {
             .unwrap();
         let w = s.writes.lock().unwrap();
         assert_eq!((w[0].0, w[0].1.len() as u64), (48 * CSU, 2 * CSU));
+        drop(w);
+        assert_eq!(image(&s), s.data);
+    }
+
+    #[test]
+    fn a_priority_range_inside_a_granule_claims_that_whole_granule() {
+        // granules of 4 chunks; the priority is chunk 13 (granule 3): the first batch
+        // is chunks 12..16, at byte 12 chunks (not 13 chunks, not 3)
+        let size = 32 * CSU;
+        let s = setup(size, 4, 4);
+        s.snap.add_priority(&[(13 * CSU, 10)]);
+        let mut t = rec(&s, 4);
+        Drainer::new(&*s.origin, &s.snap, &mut t, None)
+            .run()
+            .unwrap();
+        let w = s.writes.lock().unwrap();
+        assert_eq!((w[0].0, w[0].1.len() as u64), (12 * CSU, 4 * CSU));
         drop(w);
         assert_eq!(image(&s), s.data);
     }

@@ -25,7 +25,7 @@
 use crate::aligned::AlignedBuf;
 use crate::blockio::check_range;
 use crate::blockio::BlockIo;
-use crate::chunk_map::{ChunkMap, ChunkState, Geometry, WriteClaim};
+use crate::chunk_map::{ChunkIdx, ChunkMap, ChunkState, Geometry, WriteClaim};
 use crate::container::{Container, SlotPool};
 use crate::error::Result;
 use crate::throttle::ThrottleConfig;
@@ -163,13 +163,16 @@ impl Snapshot {
         }
     }
 
-    /// The front priority range, if any.
-    pub(crate) fn priority_front(&self) -> Option<(u64, u64)> {
-        lock(&self.priority).front().copied()
+    /// The front priority range of chunks, if any.
+    pub(crate) fn priority_front(&self) -> Option<(ChunkIdx, ChunkIdx)> {
+        lock(&self.priority)
+            .front()
+            .map(|&(a, b)| (ChunkIdx(a), ChunkIdx(b)))
     }
 
     /// Replace the front priority range's start (or pop it when empty).
-    pub(crate) fn priority_advance(&self, new_start: u64) {
+    pub(crate) fn priority_advance(&self, new_start: ChunkIdx) {
+        let new_start = new_start.0;
         let mut q = lock(&self.priority);
         if let Some(f) = q.front_mut() {
             if new_start >= f.1 {
