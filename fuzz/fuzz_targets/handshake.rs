@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
             let caps = s.entry.export.caps();
             assert_eq!(s.tflags, transmission_flags(&caps, s.structured));
             assert!(
-                !s.base_allocation || s.structured,
+                !s.meta_context_selected() || s.structured,
                 "meta context without structured replies"
             );
             assert_eq!(s.tflags & TF_READ_ONLY != 0, caps.read_only);

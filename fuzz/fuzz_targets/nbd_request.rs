@@ -2,8 +2,9 @@
 //! `proto::validate` on a stream of 28-byte headers against an export view taken
 //! from the input, plus `proto::descriptors` on arbitrary extents.
 //!
-//! Input: 12 bytes of view (size u64 BE, tflags u16 BE, structured, base_allocation),
-//! then request headers back to back; a trailing partial header must be refused.
+//! Input: 12 bytes of view (size u64 BE, tflags u16 BE, structured,
+//! meta_context_selected), then request headers back to back; a trailing partial
+//! header must be refused.
 #![no_main]
 
 use cowsnap_core::export::Extent;
@@ -19,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         size: u64::from_be_bytes(v[..8].try_into().unwrap()),
         tflags: u16::from_be_bytes([v[8], v[9]]),
         structured: v[10] & 1 != 0,
-        base_allocation: v[11] & 1 != 0,
+        meta_context_selected: v[11] & 1 != 0,
     };
     for b in rest.chunks(REQUEST_LEN) {
         let r = match parse_request(b) {
@@ -88,7 +89,7 @@ fn check(r: &Request, v: &ExportView) {
         "write on a read-only export"
     );
     if r.cmd == CMD_BLOCK_STATUS {
-        assert!(v.structured && v.base_allocation);
+        assert!(v.structured && v.meta_context_selected);
     }
     if r.flags & CMD_FLAG_DF != 0 {
         assert!(r.cmd == CMD_READ && v.tflags & TF_SEND_DF != 0);

@@ -64,6 +64,14 @@ pub struct Session {
     pub tflags: u16,
 }
 
+impl Session {
+    /// Some meta context is selected (`base:allocation`, the dirty bitmap or both):
+    /// BLOCK_STATUS is allowed (`proto::ExportView::meta_context_selected`).
+    pub fn meta_context_selected(&self) -> bool {
+        self.base_allocation || self.dirty_bitmap
+    }
+}
+
 /// Why negotiation ended without a session.
 #[derive(Debug)]
 pub enum End {

@@ -628,9 +628,10 @@ pub struct ExportView {
     pub tflags: u16,
     /// Structured replies negotiated.
     pub structured: bool,
-    /// A meta context selected (`base:allocation` or a dirty bitmap): BLOCK_STATUS
-    /// is allowed.
-    pub base_allocation: bool,
+    /// Some meta context is selected (`base:allocation`, the export's
+    /// `qemu:dirty-bitmap:…`, or both): BLOCK_STATUS is allowed.
+    /// [`Session::meta_context_selected`](crate::nbd::handshake::Session::meta_context_selected).
+    pub meta_context_selected: bool,
 }
 
 /// Check a request against the export and what was negotiated, before anything is
@@ -669,7 +670,7 @@ pub fn validate(r: &Request, v: &ExportView) -> Result<(), u32> {
     match r.cmd {
         CMD_TRIM if v.tflags & TF_SEND_TRIM == 0 => return Err(EINVAL),
         CMD_WRITE_ZEROES if v.tflags & TF_SEND_WRITE_ZEROES == 0 => return Err(EINVAL),
-        CMD_BLOCK_STATUS if !(v.structured && v.base_allocation) => return Err(EINVAL),
+        CMD_BLOCK_STATUS if !(v.structured && v.meta_context_selected) => return Err(EINVAL),
         CMD_FLUSH => return Ok(()),
         _ => {}
     }
@@ -746,7 +747,7 @@ mod tests {
                 true,
             ),
             structured: true,
-            base_allocation: true,
+            meta_context_selected: true,
         }
     }
 
@@ -976,7 +977,7 @@ mod tests {
             Ok(())
         );
         let mut no_meta = v;
-        no_meta.base_allocation = false;
+        no_meta.meta_context_selected = false;
         assert_eq!(
             validate(&req(CMD_BLOCK_STATUS, 0, 0, 512), &no_meta),
             Err(EINVAL)

@@ -135,7 +135,7 @@ pub(crate) fn serve(
         size: export.size(),
         tflags: session.tflags,
         structured: session.structured,
-        base_allocation: session.base_allocation || session.dirty_bitmap,
+        meta_context_selected: session.meta_context_selected(),
     };
     let mem = ConnMemory::new(shared.limits.connection_memory);
     // Idle extra workers notice the quiet socket through this timeout and leave; the
