@@ -14,7 +14,7 @@
 //! | containers | [`container`] (`Container`, `SlotPool`, RAM and file backends) |
 //! | the repository | [`repo`] (chunk store, index, generations, `RepoTarget`, verify, prune, pins) |
 //! | change tracking | [`changelog`], [`identity`], [`origin_seal`] |
-//! | restore | [`restore`] (offline; `live.rs`: `FillingIo`) |
+//! | restore | [`restore`] (offline; `live.rs`: `FillingIo`; `fill_state.rs`: the fill state file's format) |
 //! | destinations that are live data | [`dest_guard`] |
 //! | shared primitives | [`bitmap`] (atomic bitmap), [`busy`] (busy marks: `BusySet`, `BusyMarks` and its guards), [`bytes`] (`is_zero`), `ondisk` (header codec), [`fsutil`], [`error`] |
 //! | format versions (for `--version`) | [`formats`] |

@@ -225,7 +225,7 @@ pub fn stale_reason(p: &PinFile) -> Option<String> {
     if pin.host != host_name() || pin.state.is_empty() {
         return None;
     }
-    match crate::restore::live::read_fill_state(Path::new(&pin.state)) {
+    match crate::restore::fill_state::read_fill_state(Path::new(&pin.state)) {
         Ok(None) => Some(format!("its fill state {} is gone", pin.state)),
         Ok(Some((g, _))) if g != pin.generation => Some(format!(
             "its fill state {} now belongs to generation {g}",

@@ -7,6 +7,7 @@
 //! is fsynced at the end. The repository lock is held shared throughout, so a prune
 //! cannot remove the generation's chunks mid-restore.
 
+pub mod fill_state;
 pub mod generation_export;
 pub mod group;
 pub mod live;
