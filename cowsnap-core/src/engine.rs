@@ -145,6 +145,8 @@ pub struct Engine {
     epoch: Instant,
     /// ns since `epoch` of the last data-changing request's start or end.
     last_change_ns: AtomicU64,
+    /// Snapshot instants waiting for the exclusive gate (writes in flight to finish).
+    instant_waiting: AtomicU64,
     /// Data-changing requests in flight.
     inflight: AtomicU64,
 }
@@ -165,6 +167,7 @@ impl Engine {
             active: RwLock::new(None),
             epoch: Instant::now(),
             last_change_ns: AtomicU64::new(0),
+            instant_waiting: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
         }))
     }
@@ -219,7 +222,16 @@ impl Engine {
     /// Take the instant gate exclusively: data-changing requests in flight finish
     /// first, new ones wait until the returned gate is dropped or installs a snapshot.
     pub(crate) fn pause_writes(&self) -> ExclusiveGate<'_> {
-        ExclusiveGate(self.active.write().unwrap_or_else(PoisonError::into_inner))
+        self.instant_waiting.fetch_add(1, Ordering::SeqCst);
+        let g = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        self.instant_waiting.fetch_sub(1, Ordering::SeqCst);
+        ExclusiveGate(g)
+    }
+
+    /// Snapshot instants waiting right now for the data-changing requests in flight to
+    /// finish (so a test knows the instant is held, not merely not yet reached).
+    pub fn instant_waiting(&self) -> u64 {
+        self.instant_waiting.load(Ordering::SeqCst)
     }
 
     /// Remove `snap` if it is the installed snapshot (under the exclusive gate, so no

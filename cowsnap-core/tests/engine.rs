@@ -381,7 +381,9 @@ fn full_container_holds_writers_until_drained_or_dropped() {
     e.write(B + 11 * CSU, &[2; 10], false).unwrap(); // throttled (container now full)
     let e2 = e.clone();
     let w = std::thread::spawn(move || e2.write(B + 12 * CSU, &[3; 10], false));
-    std::thread::sleep(Duration::from_millis(150));
+    wait_until("the writer waits for a slot", || {
+        e.snapshot().is_some_and(|s| s.slots.waiters() == 1)
+    });
     assert!(!w.is_finished(), "a full container must hold the writer");
     // reads never wait
     let mut buf = [0u8; 10];
@@ -413,7 +415,9 @@ fn cancel_releases_held_writers() {
     e.write(B + 10 * CSU, &[1; 10], false).unwrap();
     let e2 = e.clone();
     let w = std::thread::spawn(move || e2.write(B + 12 * CSU, &[3; 10], false));
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until("the writer waits for a slot", || {
+        e.snapshot().is_some_and(|s| s.slots.waiters() == 1)
+    });
     assert!(!w.is_finished());
     b.cancel().unwrap();
     w.join().unwrap().unwrap();
@@ -589,7 +593,10 @@ fn the_instant_waits_for_writes_in_flight() {
     let (t, ts) = MemTarget::new(N * CSU, CS, 1);
     let b2 = b.clone();
     let start = std::thread::spawn(move || b2.start_with(params("test:"), Some(t), None));
-    std::thread::sleep(Duration::from_millis(150));
+    // (not `e.snapshot()` here: a reader would queue behind the waiting instant)
+    wait_until("the instant waits for the gate", || {
+        e.instant_waiting() == 1
+    });
     assert!(
         !start.is_finished(),
         "the snapshot must wait for the write in flight"

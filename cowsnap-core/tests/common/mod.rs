@@ -209,6 +209,19 @@ impl TargetState {
     }
 }
 
+/// Wait until `cond` holds (another thread reached the state the test asserts on),
+/// failing after 30 s: tests wait for a state, never for a fixed time.
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never happened: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// An in-memory target: pausable, fault-injecting, granule configurable.
 pub struct MemTarget {
     pub st: Arc<TargetState>,

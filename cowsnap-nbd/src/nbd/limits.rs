@@ -181,6 +181,12 @@ impl Budget {
         lock(&self.st).used
     }
 
+    /// Takers waiting for the budget right now.
+    #[cfg(test)]
+    fn waiters(&self) -> usize {
+        lock(&self.st).waiters
+    }
+
     /// Take a buffer of class `class` (len == capacity >= class). `idle`: the caller's
     /// connection has nothing else in flight (it may use the overdraft). Waits while the
     /// budget is spent; `closing` is asked every [`WAIT_SLICE`].
@@ -312,6 +318,12 @@ impl ConnMemory {
     pub fn used(&self) -> usize {
         lock(&self.used).0
     }
+
+    /// Reservations waiting right now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        lock(&self.used).1
+    }
 }
 
 /// Counts the extra worker threads across the server.
@@ -375,6 +387,18 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// Wait until `cond` holds (another thread is waiting), failing after 30 s.
+    fn wait_for(cond: impl Fn() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "condition never met"
+            );
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn classes() {
         assert_eq!(class_of(0), MIN_CLASS);
@@ -398,8 +422,9 @@ mod tests {
         // but a busy connection waits
         let b2 = b.clone();
         let t = std::thread::spawn(move || b2.take(2 << 20, false, &|| false));
-        std::thread::sleep(Duration::from_millis(150));
+        wait_for(|| b.waiters() == 1);
         assert!(!t.is_finished());
+        assert_eq!(b.used(), 5 << 20, "the waiter took nothing");
         b.give(z);
         b.give(x);
         let w = t.join().unwrap().unwrap();
@@ -431,8 +456,9 @@ mod tests {
         assert!(!m.reserve(1 << 20, &|| false).unwrap());
         let m2 = m.clone();
         let t = std::thread::spawn(move || m2.reserve(1 << 20, &|| false));
-        std::thread::sleep(Duration::from_millis(150));
+        wait_for(|| m.waiting() == 1);
         assert!(!t.is_finished());
+        assert_eq!(m.used(), 3 << 20, "the waiter reserved nothing");
         m.release(2 << 20);
         assert_eq!(t.join().unwrap(), Ok(false));
         assert_eq!(m.reserve(2 << 20, &|| true), Err(LeaseError::Closing));
