@@ -312,7 +312,16 @@ fn prune_waits_for_a_running_backup() {
             done.store(true, std::sync::atomic::Ordering::SeqCst);
             r
         });
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // prune is blocked on the repository lock (not merely not started yet)
+        let t0 = std::time::Instant::now();
+        while !flock_waiter_on(&repo.join("lock")) {
+            assert!(
+                !done.load(std::sync::atomic::Ordering::SeqCst),
+                "prune ran during a backup"
+            );
+            assert!(t0.elapsed().as_secs() < 30, "prune never took the lock");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert!(
             !done.load(std::sync::atomic::Ordering::SeqCst),
             "prune ran during a backup"
@@ -514,4 +523,22 @@ fn prepare_resolves_the_parent_before_the_instant() {
     assert!(matches!(t.scope(Some(&cut)).unwrap(), Scope::All));
     t.abort("test");
     std::fs::write(&index, saved).unwrap();
+}
+
+/// Whether this process waits for a `flock` on `path`: /proc/locks lists a blocked
+/// request as `N: -> FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF`.
+fn flock_waiter_on(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino().to_string();
+    let pid = std::process::id().to_string();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"->")
+                && f.get(2) == Some(&"FLOCK")
+                && f.get(5) == Some(&pid.as_str())
+                && f.get(6).and_then(|d| d.rsplit(':').next()) == Some(ino.as_str())
+        })
 }
