@@ -5,7 +5,7 @@
 #  - origins: a loop device (--direct-io=on) over a file on the machine's disk, and one
 #    over a file in /dev/shm (no device latency: the CPU cost of each path shows);
 #  - per (origin, target), REPS rounds; each round runs the four engine/direct variants
-#    in turn, page cache dropped before each backup, and times the backup command
+#    in turn, starting one further on each round (so no variant is always first), page cache dropped before each backup, and times the backup command
 #    (including the target's fsync);
 #  - page cache: the pages of the origin device and of the target (device or image file)
 #    resident in the page cache (mincore over a mapping), sampled every 0.1 s during the
@@ -14,12 +14,12 @@
 #    when its last opener closes it, so a dev: target's pages are gone after the backup;
 #  - ratios are per round against `sync, buffered` of the same round, then the median.
 # The first round's images are compared with the origin (cmp), outside the timing.
-# Usage: scripts/bench-io-engine.sh [SIZE_MIB (1024)] [REPS (3)]
+# Usage: scripts/bench-io-engine.sh [SIZE_MIB (1024)] [REPS (4)]
 # Needs root (losetup, drop_caches), python3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${COWSNAP_BIN_DIR:-$ROOT/target/release}; CTL=$BIN/cowsnapctl
-MIB=${1:-1024}; REPS=${2:-3}
+MIB=${1:-1024}; REPS=${2:-4}
 W=$(mktemp -d /var/tmp/cowsnap-ioeng.XXXXXX)
 S=$(mktemp -d /dev/shm/cowsnap-ioeng.XXXXXX)
 export COWSNAP_RUN_DIR=$W/run COWSNAP_STATE_DIR=$W/state
@@ -80,8 +80,8 @@ RES=$W/results.txt; : >"$RES"
 for origin in "$LO_DISK" "$LO_SHM"; do
   for tkind in file dev; do
     for rep in $(seq "$REPS"); do
-      for v in "${VARIANTS[@]}"; do
-        read -r eng dio <<<"$v"
+      for k in 0 1 2 3; do
+        read -r eng dio <<<"${VARIANTS[$(( (k + rep - 1) % 4 ))]}"
         "$CTL" attach "$origin" --via none --name bio --io-engine "$eng" --direct-io "$dio" >/dev/null 2>&1
         if [ "$tkind" = file ]; then to="file:$W/out.img"; else to="dev:$LO_TGT"; fi
         drop; t0=$(now)
@@ -91,7 +91,7 @@ for origin in "$LO_DISK" "$LO_SHM"; do
         "$CTL" detach bio >/dev/null 2>&1
         if [ "$rep" = 1 ]; then
           if [ "$tkind" = file ]; then cmp "$origin" "$W/out.img"; else cmp "$origin" "$LO_TGT"; fi \
-            || { echo "image differs from the origin ($origin $tkind $v)"; exit 1; }
+            || { echo "image differs from the origin ($origin $tkind $eng $dio)"; exit 1; }
         fi
         rm -f "$W/out.img"
         echo "$origin $tkind $rep $eng $dio $(python3 -c "print(round($t1 - $t0, 3))") $(cat "$W/res.txt")" >>"$RES"
