@@ -212,6 +212,12 @@ pub(super) fn start(
                     }),
                     false => None,
                 };
+                if direct.is_some() {
+                    log::info!(
+                        "backup of {}: reading the origin with O_DIRECT",
+                        engine2.config().name
+                    );
+                }
                 let reader = direct.as_ref().unwrap_or(engine2.origin());
                 Drainer::new(&**reader, &snap2, &mut *target, rate).run()
             }));
