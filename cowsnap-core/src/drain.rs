@@ -15,7 +15,18 @@
 //! Pending chunks in it are marked busy and read from the origin in one read per
 //! contiguous run (rate-limited when asked; holes of a sparse origin file, found with
 //! SEEK_DATA/SEEK_HOLE, are filled with zeros instead of read); preserved ones come
-//! from their slots.
+//! from their slots. The runs of a batch are read with one `BlockIo::read_many` (on
+//! io_uring: up to `uring::BATCH_DEPTH` SQEs per submission; the buffer is the batch,
+//! at most `MAX_BATCH` bytes, so memory stays bounded whatever the engine).
+//!
+//! The origin handle the drainer reads may be a second, O_DIRECT one on the same block
+//! device (`BlockIo::open_direct_reader`, chosen by the backup: `EngineConfig::direct_io`)
+//! so that a backup does not fill the page cache of the machine it protects. Reads of
+//! busy chunks only: Linux writes back the dirty cached pages of the range before an
+//! O_DIRECT read, so the read sees every write that completed before the chunk was
+//! claimed, and writers cannot write the chunk until the read is done. Writers and
+//! preserving reads keep using the buffered handle; nothing writes the origin O_DIRECT,
+//! so its cached pages are never stale.
 //! The busy marks are dropped as soon as the origin read is done (the data is in
 //! memory), the batch goes to the target in one `write`, then the preserved chunks'
 //! slots are freed. A granule holding a chunk that a writer is preserving is skipped
@@ -340,9 +351,12 @@ impl<'a> Drainer<'a> {
     }
 
     /// Read the claim's data: runs of pending chunks from the origin, preserved ones
-    /// from the container.
+    /// from the container. The origin's ranges of the claim are read in one
+    /// `read_many` (one submission on the io_uring engine) after the slots are read.
     fn fill(&mut self, claim: &Claim, base: u64) -> Result<()> {
         let geo = *self.snap.geometry();
+        // origin ranges to read: (offset in the buffer, length, disk offset)
+        let mut reads: Vec<(usize, usize, u64)> = Vec::new();
         let mut c = claim.first;
         let mut pres = claim.preserved.iter().peekable();
         while c < claim.end {
@@ -381,19 +395,32 @@ impl<'a> Drainer<'a> {
                     continue;
                 }
                 self.buf[(done - base) as usize..(a - base) as usize].fill(0);
-                if let Some(r) = self.rate.as_mut() {
-                    r.take(b - a);
-                }
-                let o = (a - base) as usize;
-                self.origin
-                    .read_at(&mut self.buf[o..o + (b - a) as usize], a)
-                    .map_err(|e| e.with_context("unable to read the origin for the backup"))?;
+                reads.push(((a - base) as usize, (b - a) as usize, a));
                 done = b;
             }
             self.buf[(done - base) as usize..(re - base) as usize].fill(0);
             c = run_end;
         }
-        Ok(())
+        if reads.is_empty() {
+            return Ok(());
+        }
+        if let Some(r) = self.rate.as_mut() {
+            r.take(reads.iter().map(|&(_, n, _)| n as u64).sum());
+        }
+        // disjoint, ascending ranges of the buffer: split it into their slices
+        let mut reqs: Vec<(&mut [u8], u64)> = Vec::with_capacity(reads.len());
+        let mut rest: &mut [u8] = &mut self.buf[..];
+        let mut at = 0usize;
+        for &(o, n, disk) in &reads {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(o - at);
+            let (mine, tail) = tail.split_at_mut(n);
+            reqs.push((mine, disk));
+            rest = tail;
+            at = o + n;
+        }
+        self.origin
+            .read_many(&mut reqs)
+            .map_err(|e| e.with_context("unable to read the origin for the backup"))
     }
 }
 
@@ -737,5 +764,87 @@ mod tests {
             8 * CSU,
             "only the data chunks were read"
         );
+    }
+
+    /// Counts the requests of every `read_many`, and hands them to the engine.
+    struct CountReads {
+        inner: Arc<dyn BlockIo>,
+        batches: Mutex<Vec<usize>>,
+    }
+
+    impl BlockIo for CountReads {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+            self.batches.lock().unwrap().push(1);
+            self.inner.read_at(buf, off)
+        }
+        fn read_many(&self, reqs: &mut [(&mut [u8], u64)]) -> Result<()> {
+            self.batches.lock().unwrap().push(reqs.len());
+            self.inner.read_many(reqs)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+            self.inner.write_at(buf, off)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn discard(&self, off: u64, len: u64) -> Result<()> {
+            self.inner.discard(off, len)
+        }
+        fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool) -> Result<()> {
+            self.inner.write_zeroes(off, len, may_unmap)
+        }
+        fn fast_zero(&self) -> bool {
+            false
+        }
+        fn is_block_device(&self) -> bool {
+            true
+        }
+        fn engine_name(&self) -> &'static str {
+            self.inner.engine_name()
+        }
+    }
+
+    /// A batch whose pending chunks are cut into runs by preserved ones reads all the
+    /// runs in one `read_many`, on either engine, and the image is the disk at the
+    /// instant.
+    #[test]
+    fn the_runs_of_a_batch_are_read_in_one_call_on_both_engines() {
+        let mut engines = vec![IoEngine::Sync];
+        if blockio::uring::probe() {
+            engines.push(IoEngine::Uring);
+        }
+        for engine in engines {
+            // one granule of 64 chunks: one batch
+            let size = 64 * CSU;
+            let s = setup(size, 64, 64);
+            let mut spec = OpenSpec::origin(s._file.path());
+            spec.engine = engine;
+            let inner = blockio::open(&spec).unwrap();
+            assert_eq!(inner.engine_name(), spec_name(engine));
+            // every fourth chunk preserved and then changed: 16 runs of 3 chunks
+            for c in (0..64u64).step_by(4) {
+                s.snap.preserve(&*inner, c * CSU, 10);
+                inner.write_at(&[0xEE; 10], c * CSU).unwrap();
+            }
+            let counted = CountReads {
+                inner,
+                batches: Mutex::new(Vec::new()),
+            };
+            let mut t = rec(&s, 64);
+            Drainer::new(&counted, &s.snap, &mut t, None).run().unwrap();
+            assert_eq!(image(&s), s.data, "{engine:?}");
+            assert_eq!(*counted.batches.lock().unwrap(), vec![16], "{engine:?}");
+            assert_eq!(s.snap.slots.used(), 0);
+        }
+    }
+
+    fn spec_name(e: IoEngine) -> &'static str {
+        match e {
+            IoEngine::Uring => "uring",
+            _ => "sync",
+        }
     }
 }

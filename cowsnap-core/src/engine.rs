@@ -66,7 +66,16 @@ pub struct EngineConfig {
     pub default_container: Option<String>,
     /// Writer throttling and drain-first watermarks.
     pub throttle: ThrottleConfig,
+    /// Bypass the page cache (O_DIRECT) for a backup's bulk I/O on block devices: the
+    /// drainer's origin reads (a second, read-only handle) and `dev:` targets. Files
+    /// always use the page cache. Where the kernel refuses O_DIRECT it falls back to
+    /// buffered I/O and logs it.
+    pub direct_io: bool,
 }
+
+/// Whether backups use O_DIRECT on block devices unless told otherwise
+/// (`EngineConfig::direct_io`; BENCHMARKS.md "I/O engines and O_DIRECT").
+pub const DEFAULT_DIRECT_IO: bool = true;
 
 /// Smallest tracking chunk.
 pub const MIN_CHUNK_SIZE: u32 = 4096;
@@ -96,6 +105,7 @@ impl Default for EngineConfig {
             name: String::new(),
             default_container: None,
             throttle: ThrottleConfig::default(),
+            direct_io: DEFAULT_DIRECT_IO,
         }
     }
 }

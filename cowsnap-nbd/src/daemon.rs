@@ -337,6 +337,7 @@ pub fn run(args: Args) -> Result<()> {
         chunk_size: args.chunk_size,
         read_only: args.read_only,
         default_container: args.container.clone(),
+        direct_io: args.direct_io == "on",
         ..EngineConfig::default()
     };
     let engine = Engine::new(origin, cfg, changelog.clone())?;

@@ -58,6 +58,10 @@ pub struct AttachArgs {
     /// I/O engine for the origin.
     #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
     pub io_engine: String,
+    /// O_DIRECT for a backup's bulk I/O on block devices (the drainer's origin reads,
+    /// dev: targets): on (the default) or off.
+    #[arg(long, value_parser = ["on", "off"])]
+    pub direct_io: Option<String>,
     /// Default backup container (ram:SIZE, file:PATH:SIZE, dev:PATH).
     #[arg(long)]
     pub container: Option<String>,
@@ -107,6 +111,7 @@ impl AttachArgs {
             listen: Vec::new(),
             tls: TcpSecurity::default(),
             io_engine: "auto".into(),
+            direct_io: None,
             container: None,
             chunk_size: None,
             max_connections: None,
@@ -348,6 +353,9 @@ fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<Vec<S
         "--io-engine".into(),
         a.io_engine.clone(),
     ];
+    if let Some(d) = &a.direct_io {
+        v.extend(["--direct-io".into(), d.clone()]);
+    }
     if a.read_only {
         v.push("--read-only".into());
     }

@@ -50,7 +50,7 @@ pub(super) fn start(
     };
     let mut target = match target {
         Some(t) => t,
-        None => target::open(&p.to, &geo, &cfg.name, p.incremental)?,
+        None => target::open(&p.to, &geo, &cfg.name, p.incremental, cfg.direct_io)?,
     };
     // the parent's index is loaded now, while writes run, not under the pause
     let mut expect = Scope::All;
@@ -188,6 +188,7 @@ pub(super) fn start(
     let rate = p.rate_limit;
     let full = matches!(scope, Scope::All);
     let all_blocks = p.all_blocks;
+    let direct_io = engine.config().direct_io;
     let spawned = std::thread::Builder::new()
         .name("cowsnap-drain".into())
         .spawn(move || {
@@ -202,7 +203,23 @@ pub(super) fn start(
                     full,
                     all_blocks,
                 );
-                Drainer::new(&**engine2.origin(), &snap2, &mut *target, rate).run()
+                // the bulk reads bypass the page cache where the origin is a block
+                // device (drain.rs notes); anything else reads the origin as served
+                let direct = match direct_io {
+                    true => engine2.origin().open_direct_reader().unwrap_or_else(|e| {
+                        log::warn!("{e}; the backup reads the origin through the page cache");
+                        None
+                    }),
+                    false => None,
+                };
+                if direct.is_some() {
+                    log::info!(
+                        "backup of {}: reading the origin with O_DIRECT",
+                        engine2.config().name
+                    );
+                }
+                let reader = direct.as_ref().unwrap_or(engine2.origin());
+                Drainer::new(&**reader, &snap2, &mut *target, rate).run()
             }));
             let res = match res {
                 Ok(r) => r.map_err(|e| e.to_string()),

@@ -75,7 +75,9 @@ pub(crate) fn zero_fd(
 }
 
 fn write_zeros(file: &File, mut off: u64, len: u64) -> std::io::Result<()> {
-    let zeros = vec![0u8; 1 << 20];
+    // aligned, so that it also works on an O_DIRECT fd
+    let mut zeros = crate::aligned::AlignedBuf::new();
+    zeros.resize(1 << 20);
     let end = off + len;
     while off < end {
         let n = ((end - off) as usize).min(zeros.len());
@@ -150,6 +152,12 @@ impl BlockIo for SyncIo {
     fn plain_file(&self) -> Option<&File> {
         (!self.is_blk).then_some(&self.file)
     }
+    fn open_direct_reader(&self) -> Result<Option<std::sync::Arc<dyn BlockIo>>> {
+        match self.is_blk {
+            true => super::reopen_direct(&self.file, self.size, super::IoEngine::Sync),
+            false => Ok(None),
+        }
+    }
     fn data_ranges(&self, off: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
         if self.is_blk {
             return Ok(None);
@@ -215,6 +223,7 @@ mod tests {
         let io = open(&spec).unwrap();
         assert_eq!(io.engine_name(), "sync");
         crate::blockio::conformance::run(&*io);
+        crate::blockio::conformance::read_many(&*io);
     }
 
     #[test]

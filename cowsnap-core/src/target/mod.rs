@@ -18,12 +18,14 @@ use serde::Serialize;
 use std::fs::File;
 
 /// Open a backup target from its spec for the disk `disk_name` of `geo`.
-/// `incremental` is only meaningful for repository targets.
+/// `incremental` is only meaningful for repository targets; `direct` opens a `dev:`
+/// block device O_DIRECT.
 pub fn open(
     spec: &str,
     geo: &Geometry,
     disk_name: &str,
     incremental: bool,
+    direct: bool,
 ) -> Result<Box<dyn Target>> {
     let bad = |why: &str| {
         crate::err!(
@@ -51,6 +53,7 @@ pub fn open(
             rest.as_ref(),
             geo.disk_size,
             geo.chunk_size,
+            direct,
         )?)),
         "repo" => crate::repo::open_target(
             rest.as_ref(),
