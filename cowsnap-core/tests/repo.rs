@@ -162,14 +162,14 @@ fn corruption_is_reported_by_verify_and_refused_by_restore() {
     let gi = r.resolve(Some(&g)).unwrap();
     let idx = r.load_index(&gi).unwrap();
     // the 6th chunk (offset 5 MiB) must hold data, and only once
-    let i = (0..idx.hashes.len())
+    let i = (0..idx.to_hashes().len())
         .rev()
         .find(|&i| {
-            idx.hashes[i] != repo::ZERO_HASH
-                && idx.hashes.iter().filter(|h| **h == idx.hashes[i]).count() == 1
+            idx.to_hashes()[i] != repo::ZERO_HASH
+                && idx.to_hashes().iter().filter(|h| **h == idx.to_hashes()[i]).count() == 1
         })
         .unwrap();
-    let path = r.store().path_of(&idx.hashes[i]);
+    let path = r.store().path_of(&idx.to_hashes()[i]);
     let mut b = std::fs::read(&path).unwrap();
     let mid = b.len() / 2;
     b[mid] ^= 0x01;
@@ -190,7 +190,7 @@ fn corruption_is_reported_by_verify_and_refused_by_restore() {
     let msg = e.to_string();
     assert!(msg.contains(&format!("offset {}", i * MIB)), "{msg}");
     assert!(
-        msg.contains(&cowsnap_core::fsutil::hex(&idx.hashes[i])),
+        msg.contains(&cowsnap_core::fsutil::hex(&idx.to_hashes()[i])),
         "{msg}"
     );
     // verify moved the damaged chunk to the quarantine: restore says so
