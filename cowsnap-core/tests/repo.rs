@@ -166,7 +166,12 @@ fn corruption_is_reported_by_verify_and_refused_by_restore() {
         .rev()
         .find(|&i| {
             idx.to_hashes()[i] != repo::ZERO_HASH
-                && idx.to_hashes().iter().filter(|h| **h == idx.to_hashes()[i]).count() == 1
+                && idx
+                    .to_hashes()
+                    .iter()
+                    .filter(|h| **h == idx.to_hashes()[i])
+                    .count()
+                    == 1
         })
         .unwrap();
     let path = r.store().path_of(&idx.to_hashes()[i]);
@@ -514,4 +519,73 @@ fn prepare_resolves_the_parent_before_the_instant() {
     assert!(matches!(t.scope(Some(&cut)).unwrap(), Scope::All));
     t.abort("test");
     std::fs::write(&index, saved).unwrap();
+}
+
+/// Zero ranges are recorded whole and ordered with the data handed over: data then a
+/// zero range over it gives zeros, a zero range then data gives the data. In an
+/// incremental, chunks neither written nor zeroed keep the parent's hash. The index is
+/// sized by the data (version 2: runs and hashes), and reads back as restored.
+#[test]
+fn zero_ranges_and_data_keep_their_order_and_the_parent_the_rest() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let mut disk = vec![0u8; 8 * MIB];
+    let mut s = 11;
+    fill_random(&mut disk, &mut s);
+    let g1 = backup(&repo, "z", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let mut changed = bitvec::vec::BitVec::new();
+    changed.resize(disk.len() / TCS as usize, false);
+    let cut = Cut {
+        changed,
+        relative_to: Some(g1.clone()),
+        lineage: "l".into(),
+        ..Default::default()
+    };
+    let mut t = cowsnap_core::repo::open_target(
+        &repo,
+        cowsnap_core::repo::RepoTargetParams {
+            disk_name: "z".into(),
+            incremental: true,
+        },
+        TCS,
+    )
+    .unwrap();
+    assert!(matches!(t.scope(Some(&cut)).unwrap(), Scope::Changed));
+    t.begin(&info(&disk, "l", 0)).unwrap();
+    let mut expect = disk.clone();
+    let mut fresh = vec![0u8; MIB];
+    fill_random(&mut fresh, &mut s);
+    // chunk 1: data, then zeros over chunks 1 and 2
+    t.write(MIB as u64, &fresh).unwrap();
+    t.write_zeroes(MIB as u64, 2 * MIB as u64).unwrap();
+    expect[MIB..3 * MIB].fill(0);
+    // chunks 4 and 5: zeros, then data in chunk 5
+    t.write_zeroes(4 * MIB as u64, 2 * MIB as u64).unwrap();
+    t.write(5 * MIB as u64, &fresh).unwrap();
+    expect[4 * MIB..5 * MIB].fill(0);
+    expect[5 * MIB..6 * MIB].copy_from_slice(&fresh);
+    let g2 = t.commit().unwrap().generation.unwrap();
+    assert_eq!(hash(&restore_bytes(&repo, &g2, d.path())), hash(&expect));
+    let gens = repo::list(&repo).unwrap();
+    let st = &gens[1].stats;
+    assert_eq!(gens[1].kind, GenerationKind::Incremental);
+    assert_eq!(st.chunks_written, 4, "chunks 1, 2, 4, 5 handed over");
+    assert_eq!(
+        st.chunks_from_parent, 4,
+        "chunks 0, 3, 6, 7 from the parent"
+    );
+    let idx_path = repo.join("generations").join(format!("{g2}.idx"));
+    let idx = repo::FixedIndex::read(&idx_path).unwrap();
+    assert_eq!(idx.data_chunks(), 5, "chunks 0, 3, 5, 6, 7");
+    assert_eq!(idx.data_runs().collect::<Vec<_>>(), vec![0..1, 3..4, 5..8]);
+    assert_eq!(
+        std::fs::metadata(&idx_path).unwrap().len(),
+        4096 + 3 * 16 + 5 * 32
+    );
+    // the parent's index is whole and unchanged
+    let p = repo::FixedIndex::read(&repo.join("generations").join(format!("{g1}.idx"))).unwrap();
+    assert_eq!(p.data_runs().collect::<Vec<_>>(), vec![0..8]);
 }

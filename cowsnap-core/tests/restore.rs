@@ -214,7 +214,9 @@ fn live_restore_fails_loudly_on_a_corrupt_chunk() {
         .unwrap();
     let r = Repo::open(&repo).unwrap();
     let idx = r.load_index(&r.resolve(Some(&g)).unwrap()).unwrap();
-    let i = (0..4).find(|&i| idx.to_hashes()[i] != repo::ZERO_HASH).unwrap();
+    let i = (0..4)
+        .find(|&i| idx.to_hashes()[i] != repo::ZERO_HASH)
+        .unwrap();
     let p = r.store().path_of(&idx.to_hashes()[i]);
     let mut b = std::fs::read(&p).unwrap();
     let n = b.len() - 1;

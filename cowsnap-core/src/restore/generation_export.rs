@@ -2,8 +2,8 @@
 //! ([`GenerationExport`]).
 //!
 //! Design notes
-//! - Size and geometry come from the generation's index; the index (32 bytes per chunk)
-//!   is held in memory, nothing else is read up front.
+//! - Size and geometry come from the generation's index; the index (its data runs, 32
+//!   bytes per data chunk) is held in memory, nothing else is read up front.
 //! - A read is split at repository chunk edges. Zero chunks are answered with zeros,
 //!   without I/O. Every other chunk comes from the cache or is read from the chunk store,
 //!   which checks it against its blake3 hash; a damaged chunk is quarantined by the
