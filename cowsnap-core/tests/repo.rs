@@ -589,3 +589,49 @@ fn zero_ranges_and_data_keep_their_order_and_the_parent_the_rest() {
     let p = repo::FixedIndex::read(&repo.join("generations").join(format!("{g1}.idx"))).unwrap();
     assert_eq!(p.data_runs().collect::<Vec<_>>(), vec![0..8]);
 }
+
+/// A repository written by an older build (version 1 indexes) keeps working: an
+/// incremental relative to a version 1 parent, verify, diff, prune and restore; the new
+/// generation is written as version 2.
+#[test]
+fn version_1_indexes_are_read_and_new_ones_are_version_2() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(6 * MIB, 73);
+    let g1 = backup(&repo, "v", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let p1 = repo.join("generations").join(format!("{g1}.idx"));
+    let old = repo::FixedIndex::read(&p1).unwrap();
+    std::fs::write(&p1, old.encode_v1()).unwrap();
+    assert_eq!(&std::fs::read(&p1).unwrap()[..8], b"CSNPIX01");
+    let mut changed = bitvec::vec::BitVec::new();
+    changed.resize(disk.len() / TCS as usize, false);
+    let mut disk2 = disk.clone();
+    // one tracking chunk in repository chunk 3 changes
+    let at = 3 * MIB + 5 * TCS as usize;
+    disk2[at..at + 100].fill(0x77);
+    changed.set(at / TCS as usize, true);
+    let cut = Cut {
+        changed,
+        relative_to: Some(g1.clone()),
+        lineage: "l".into(),
+        ..Default::default()
+    };
+    let b = backup(&repo, "v", &disk2, Some(&cut), "l", true);
+    assert!(b.scope_changed, "{:?}", b.summary.notes);
+    let g2 = b.summary.generation.unwrap();
+    let p2 = repo.join("generations").join(format!("{g2}.idx"));
+    assert_eq!(&std::fs::read(&p2).unwrap()[..8], b"CSNPIX02");
+    assert_eq!(hash(&restore_bytes(&repo, &g1, d.path())), hash(&disk));
+    assert_eq!(hash(&restore_bytes(&repo, &g2, d.path())), hash(&disk2));
+    let v = repo::verify::verify(&repo, None).unwrap();
+    assert!(v.ok, "{:?}", v.problems);
+    assert_eq!(v.entries_checked, 12, "6 chunks in each of 2 generations");
+    let r = Repo::open(&repo).unwrap();
+    let gens = r.list().unwrap();
+    let diff = r.diff(&gens[0], &gens[1]).unwrap();
+    assert_eq!(diff.changed_chunks, 1);
+    assert_eq!(diff.ranges[0].offset, 3 * MIB as u64);
+}

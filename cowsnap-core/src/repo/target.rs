@@ -671,25 +671,27 @@ impl Target for RepoTarget {
             }
         }
         self.repo.store().sync_dirs()?;
-        // The parent's data chunks not handed over, merged with the ones handed over.
+        // The parent's data chunks not handed over, merged with the ones handed over
+        // (consumed as they go, so the two are not held whole side by side).
         let mut idx = FixedIndex::new(self.id.clone(), self.repo.chunk_size(), info.disk_size);
         let mut from_parent = self
             .parent
             .iter()
             .flat_map(|(_, p)| p.data())
-            .filter(|(i, _)| !written(*i))
+            .filter(|(i, _)| !in_ranges(&zeroed, *i))
             .peekable();
-        let mut handed = changes.iter().map(|(i, c)| (*i, c.hash)).peekable();
+        let mut handed = changes.into_iter().map(|(i, c)| (i, c.hash)).peekable();
         loop {
-            let parent_first = match (from_parent.peek(), handed.peek()) {
-                (Some(p), Some(c)) => p.0 < c.0,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
+            let next = match (from_parent.peek(), handed.peek()) {
+                // handed over in this backup: the parent's hash is replaced
+                (Some(p), Some(c)) if p.0 == c.0 => {
+                    from_parent.next();
+                    continue;
+                }
+                (Some(p), Some(c)) if p.0 < c.0 => from_parent.next().map(|(i, h)| (i, *h)),
+                (Some(_), None) => from_parent.next().map(|(i, h)| (i, *h)),
+                (_, Some(_)) => handed.next(),
                 (None, None) => break,
-            };
-            let next = match parent_first {
-                true => from_parent.next().map(|(i, h)| (i, *h)),
-                false => handed.next(),
             };
             if let Some((i, h)) = next {
                 idx.push(i, h)?;
