@@ -349,7 +349,8 @@ impl FixedIndex {
         let cs = u64::from(self.chunk_size);
         self.runs
             .iter()
-            .map(|r| (self.disk_size.min(r.end() * cs)) - r.start * cs)
+            // r.start < chunk count, so r.start * cs < disk size; the end may pass u64
+            .map(|r| self.disk_size.min(r.end().saturating_mul(cs)) - r.start * cs)
             .sum()
     }
 
@@ -598,7 +599,7 @@ fn parse(r: &mut dyn Read, len: u64, what: &str) -> Result<FixedIndex> {
             for e in buf[..n].chunks_exact(RUN_SIZE) {
                 let mut d = Decoder::new(e);
                 let (start, rlen) = (d.u64().unwrap_or(0), d.u64().unwrap_or(0));
-                let after = idx.runs.last().map_or(0, |p| p.end() + 1);
+                let after = idx.runs.last().map_or(0, |p| p.end().saturating_add(1));
                 let end = start.checked_add(rlen).filter(|&e| e <= count);
                 if rlen == 0 || start < after || end.is_none() {
                     return Err(bad(&format!(
@@ -940,6 +941,32 @@ mod tests {
             let want: Vec<u64> = (a..b).filter(|&i| dense[i as usize] != ZERO_HASH).collect();
             prop_assert_eq!(clipped, want);
         }
+    }
+
+    #[test]
+    fn a_disk_ending_near_u64_max_counts_its_last_chunk() {
+        let (ds, cs) = (u64::MAX - 5, 1u32 << 31);
+        let mut idx = FixedIndex::new("g", cs, ds);
+        let last = idx.chunk_count() - 1;
+        idx.push(last, [1; 32]).unwrap();
+        assert_eq!(idx.data_bytes(), ds - last * u64::from(cs));
+        assert_eq!(idx.chunk_len(last) as u64, idx.data_bytes());
+        assert_eq!(FixedIndex::decode(&idx.encode(), "x").unwrap(), idx);
+        // one-byte chunks: the last run ends at u64::MAX, a run after it is refused
+        let mut idx = FixedIndex::new("g", 1, u64::MAX);
+        idx.push(u64::MAX - 1, [1; 32]).unwrap();
+        let mut b = idx.encode();
+        assert_eq!(FixedIndex::decode(&b, "x").unwrap(), idx);
+        b[32..40].copy_from_slice(&2u64.to_le_bytes());
+        b[40..48].copy_from_slice(&2u64.to_le_bytes());
+        let run2: Vec<u8> = [u64::MAX.to_le_bytes(), 1u64.to_le_bytes()].concat();
+        b.splice(
+            INDEX_HEADER_SIZE + RUN_SIZE..INDEX_HEADER_SIZE + RUN_SIZE,
+            run2,
+        );
+        b.extend_from_slice(&[2; 32]);
+        reseal_entries_v2(&mut b);
+        assert!(FixedIndex::decode(&b, "x").is_err());
     }
 
     #[test]

@@ -325,7 +325,11 @@ impl GenerationExport {
         // the index's data runs in the range: O(runs), not O(chunks)
         for run in self.index.data_runs_in(off / cs, end.div_ceil(cs)) {
             let a = (run.start * cs).max(off);
-            let b = (run.end * cs).min(self.index.disk_size).min(end);
+            let b = run
+                .end
+                .saturating_mul(cs)
+                .min(self.index.disk_size)
+                .min(end);
             match out.last_mut() {
                 Some(last) if last.1 == a => last.1 = b,
                 _ => out.push((a, b)),

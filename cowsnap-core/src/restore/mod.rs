@@ -120,7 +120,7 @@ fn pieces(idx: &FixedIndex, first: u64) -> Vec<Piece> {
     let mut out = Vec::new();
     let zeros = |out: &mut Vec<Piece>, mut a: u64, b: u64| {
         while a < b {
-            let e = b.min(a + most);
+            let e = b.min(a.saturating_add(most));
             out.push(Piece::Zeros(a, e));
             a = e;
         }
@@ -259,7 +259,7 @@ fn restore_body(
                         .map(|d| (d.is_some(), idx.chunk_len(i) as u64)),
                     Piece::Zeros(a, b) => {
                         let cs = u64::from(idx.chunk_size);
-                        let len = (b * cs).min(g.disk_size) - a * cs;
+                        let len = b.saturating_mul(cs).min(g.disk_size) - a * cs;
                         match reads_zero {
                             true => Ok((false, len)),
                             false => io.write_zeroes(a * cs, len, true).map(|_| (false, len)),
