@@ -20,7 +20,6 @@ pub struct Format {
 /// Versions read when only the written one is.
 const REPO_READS: &[u32] = &[repo::VERSION];
 const CHUNK_READS: &[u32] = &[repo::chunk_store::CHUNK_VERSION as u32];
-const INDEX_READS: &[u32] = &[repo::index::INDEX_VERSION];
 const SEAL_READS: &[u32] = &[origin_seal::SEAL_VERSION];
 const FILL_READS: &[u32] = &[restore::live::FILL_VERSION];
 
@@ -42,7 +41,7 @@ pub const FORMATS: &[Format] = &[
         name: "repository index",
         file: "DIR/generations/<id>.idx",
         writes: repo::index::INDEX_VERSION,
-        reads: INDEX_READS,
+        reads: repo::index::INDEX_READ_VERSIONS,
     },
     Format {
         name: "change log",

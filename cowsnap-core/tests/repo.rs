@@ -162,14 +162,19 @@ fn corruption_is_reported_by_verify_and_refused_by_restore() {
     let gi = r.resolve(Some(&g)).unwrap();
     let idx = r.load_index(&gi).unwrap();
     // the 6th chunk (offset 5 MiB) must hold data, and only once
-    let i = (0..idx.hashes.len())
+    let i = (0..idx.to_hashes().len())
         .rev()
         .find(|&i| {
-            idx.hashes[i] != repo::ZERO_HASH
-                && idx.hashes.iter().filter(|h| **h == idx.hashes[i]).count() == 1
+            idx.to_hashes()[i] != repo::ZERO_HASH
+                && idx
+                    .to_hashes()
+                    .iter()
+                    .filter(|h| **h == idx.to_hashes()[i])
+                    .count()
+                    == 1
         })
         .unwrap();
-    let path = r.store().path_of(&idx.hashes[i]);
+    let path = r.store().path_of(&idx.to_hashes()[i]);
     let mut b = std::fs::read(&path).unwrap();
     let mid = b.len() / 2;
     b[mid] ^= 0x01;
@@ -190,7 +195,7 @@ fn corruption_is_reported_by_verify_and_refused_by_restore() {
     let msg = e.to_string();
     assert!(msg.contains(&format!("offset {}", i * MIB)), "{msg}");
     assert!(
-        msg.contains(&cowsnap_core::fsutil::hex(&idx.hashes[i])),
+        msg.contains(&cowsnap_core::fsutil::hex(&idx.to_hashes()[i])),
         "{msg}"
     );
     // verify moved the damaged chunk to the quarantine: restore says so
@@ -541,4 +546,119 @@ fn flock_waiter_on(path: &std::path::Path) -> bool {
                 && f.get(5) == Some(&pid.as_str())
                 && f.get(6).and_then(|d| d.rsplit(':').next()) == Some(ino.as_str())
         })
+}
+
+/// Zero ranges are recorded whole and ordered with the data handed over: data then a
+/// zero range over it gives zeros, a zero range then data gives the data. In an
+/// incremental, chunks neither written nor zeroed keep the parent's hash. The index is
+/// sized by the data (version 2: runs and hashes), and reads back as restored.
+#[test]
+fn zero_ranges_and_data_keep_their_order_and_the_parent_the_rest() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let mut disk = vec![0u8; 8 * MIB];
+    let mut s = 11;
+    fill_random(&mut disk, &mut s);
+    let g1 = backup(&repo, "z", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let mut changed = bitvec::vec::BitVec::new();
+    changed.resize(disk.len() / TCS as usize, false);
+    let cut = Cut {
+        changed,
+        relative_to: Some(g1.clone()),
+        lineage: "l".into(),
+        ..Default::default()
+    };
+    let mut t = cowsnap_core::repo::open_target(
+        &repo,
+        cowsnap_core::repo::RepoTargetParams {
+            disk_name: "z".into(),
+            incremental: true,
+        },
+        TCS,
+    )
+    .unwrap();
+    assert!(matches!(t.scope(Some(&cut)).unwrap(), Scope::Changed));
+    t.begin(&info(&disk, "l", 0)).unwrap();
+    let mut expect = disk.clone();
+    let mut fresh = vec![0u8; MIB];
+    fill_random(&mut fresh, &mut s);
+    // chunk 1: data, then zeros over chunks 1 and 2
+    t.write(MIB as u64, &fresh).unwrap();
+    t.write_zeroes(MIB as u64, 2 * MIB as u64).unwrap();
+    expect[MIB..3 * MIB].fill(0);
+    // chunks 4 and 5: zeros, then data in chunk 5
+    t.write_zeroes(4 * MIB as u64, 2 * MIB as u64).unwrap();
+    t.write(5 * MIB as u64, &fresh).unwrap();
+    expect[4 * MIB..5 * MIB].fill(0);
+    expect[5 * MIB..6 * MIB].copy_from_slice(&fresh);
+    let g2 = t.commit().unwrap().generation.unwrap();
+    assert_eq!(hash(&restore_bytes(&repo, &g2, d.path())), hash(&expect));
+    let gens = repo::list(&repo).unwrap();
+    let st = &gens[1].stats;
+    assert_eq!(gens[1].kind, GenerationKind::Incremental);
+    assert_eq!(st.chunks_written, 4, "chunks 1, 2, 4, 5 handed over");
+    assert_eq!(
+        st.chunks_from_parent, 4,
+        "chunks 0, 3, 6, 7 from the parent"
+    );
+    let idx_path = repo.join("generations").join(format!("{g2}.idx"));
+    let idx = repo::FixedIndex::read(&idx_path).unwrap();
+    assert_eq!(idx.data_chunks(), 5, "chunks 0, 3, 5, 6, 7");
+    assert_eq!(idx.data_runs().collect::<Vec<_>>(), vec![0..1, 3..4, 5..8]);
+    assert_eq!(
+        std::fs::metadata(&idx_path).unwrap().len(),
+        4096 + 3 * 16 + 5 * 32
+    );
+    // the parent's index is whole and unchanged
+    let p = repo::FixedIndex::read(&repo.join("generations").join(format!("{g1}.idx"))).unwrap();
+    assert_eq!(p.data_runs().collect::<Vec<_>>(), vec![0..8]);
+}
+
+/// A repository written by an older build (version 1 indexes) keeps working: an
+/// incremental relative to a version 1 parent, verify, diff, prune and restore; the new
+/// generation is written as version 2.
+#[test]
+fn version_1_indexes_are_read_and_new_ones_are_version_2() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(6 * MIB, 73);
+    let g1 = backup(&repo, "v", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let p1 = repo.join("generations").join(format!("{g1}.idx"));
+    let old = repo::FixedIndex::read(&p1).unwrap();
+    std::fs::write(&p1, old.encode_v1()).unwrap();
+    assert_eq!(&std::fs::read(&p1).unwrap()[..8], b"CSNPIX01");
+    let mut changed = bitvec::vec::BitVec::new();
+    changed.resize(disk.len() / TCS as usize, false);
+    let mut disk2 = disk.clone();
+    // one tracking chunk in repository chunk 3 changes
+    let at = 3 * MIB + 5 * TCS as usize;
+    disk2[at..at + 100].fill(0x77);
+    changed.set(at / TCS as usize, true);
+    let cut = Cut {
+        changed,
+        relative_to: Some(g1.clone()),
+        lineage: "l".into(),
+        ..Default::default()
+    };
+    let b = backup(&repo, "v", &disk2, Some(&cut), "l", true);
+    assert!(b.scope_changed, "{:?}", b.summary.notes);
+    let g2 = b.summary.generation.unwrap();
+    let p2 = repo.join("generations").join(format!("{g2}.idx"));
+    assert_eq!(&std::fs::read(&p2).unwrap()[..8], b"CSNPIX02");
+    assert_eq!(hash(&restore_bytes(&repo, &g1, d.path())), hash(&disk));
+    assert_eq!(hash(&restore_bytes(&repo, &g2, d.path())), hash(&disk2));
+    let v = repo::verify::verify(&repo, None).unwrap();
+    assert!(v.ok, "{:?}", v.problems);
+    assert_eq!(v.entries_checked, 12, "6 chunks in each of 2 generations");
+    let r = Repo::open(&repo).unwrap();
+    let gens = r.list().unwrap();
+    let diff = r.diff(&gens[0], &gens[1]).unwrap();
+    assert_eq!(diff.changed_chunks, 1);
+    assert_eq!(diff.ranges[0].offset, 3 * MIB as u64);
 }

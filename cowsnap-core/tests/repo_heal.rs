@@ -19,7 +19,7 @@ fn flip_chunk(repo: &Path, gen: &str, chunk: usize) -> PathBuf {
     let r = Repo::open(repo).unwrap();
     let g = r.resolve(Some(gen)).unwrap();
     let idx = r.load_index(&g).unwrap();
-    let p = r.store().path_of(&idx.hashes[chunk]);
+    let p = r.store().path_of(&idx.to_hashes()[chunk]);
     let mut b = std::fs::read(&p).unwrap();
     let n = b.len();
     b[n - 7] ^= 0x40;
@@ -306,7 +306,7 @@ fn an_incremental_refuses_to_publish_a_generation_taking_a_missing_chunk_from_it
     // lost outside the quarantine (deleted by hand)
     let r = Repo::open(&repo).unwrap();
     let idx = r.load_index(&r.resolve(Some(&g1)).unwrap()).unwrap();
-    std::fs::remove_file(r.store().path_of(&idx.hashes[3])).unwrap();
+    std::fs::remove_file(r.store().path_of(&idx.to_hashes()[3])).unwrap();
     scribble(&mut disk, Some(&cl), 0, 4096, 12);
     let cut = cl.begin_generation().unwrap();
     let mut t = open_target(

@@ -214,8 +214,10 @@ fn live_restore_fails_loudly_on_a_corrupt_chunk() {
         .unwrap();
     let r = Repo::open(&repo).unwrap();
     let idx = r.load_index(&r.resolve(Some(&g)).unwrap()).unwrap();
-    let i = (0..4).find(|&i| idx.hashes[i] != repo::ZERO_HASH).unwrap();
-    let p = r.store().path_of(&idx.hashes[i]);
+    let i = (0..4)
+        .find(|&i| idx.to_hashes()[i] != repo::ZERO_HASH)
+        .unwrap();
+    let p = r.store().path_of(&idx.to_hashes()[i]);
     let mut b = std::fs::read(&p).unwrap();
     let n = b.len() - 1;
     b[n] ^= 0xff;
@@ -453,11 +455,11 @@ fn an_interrupted_offline_restore_leaves_its_destination_marked_incomplete() {
     // Damage the last data chunk: the restore fails half-way.
     let r = Repo::open(&repo).unwrap();
     let idx = r.load_index(&r.resolve(Some(&g)).unwrap()).unwrap();
-    let i = (0..idx.hashes.len())
+    let i = (0..idx.to_hashes().len())
         .rev()
-        .find(|&i| idx.hashes[i] != repo::ZERO_HASH)
+        .find(|&i| idx.to_hashes()[i] != repo::ZERO_HASH)
         .unwrap();
-    let p = r.store().path_of(&idx.hashes[i]);
+    let p = r.store().path_of(&idx.to_hashes()[i]);
     let mut b = std::fs::read(&p).unwrap();
     let n = b.len() - 1;
     b[n] ^= 0xff;

@@ -27,8 +27,13 @@ fn version_names_the_format_versions() {
             repo::chunk_store::CHUNK_VERSION
         ),
         format!(
-            "repository index: writes {0}, reads {0} ",
-            repo::index::INDEX_VERSION
+            "repository index: writes {}, reads {} ",
+            repo::index::INDEX_VERSION,
+            repo::index::INDEX_READ_VERSIONS
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         format!(
             "change log: writes {}, reads {} ",

@@ -6,19 +6,18 @@
 //! both). Adjacent changed chunks are coalesced into one [`ByteRange`]; the last chunk
 //! may be short, and its range ends at the disk's end.
 //!
-//! Cost: both index files are read once, in 1 MiB pieces side by side (32 bytes per
-//! chunk each), and checked as [`FixedIndex::read`](super::FixedIndex::read) checks them
-//! (header, entries checksum, length, the generation id in the header). No chunk data is
-//! read. Memory: the ranges (16 bytes per range; at most one range per two chunks, i.e.
-//! less than a quarter of one index) — an index is never held whole.
+//! Cost: both indexes are loaded by [`FixedIndex::read`](super::FixedIndex::read) (read
+//! in 1 MiB pieces and checked: header, entries checksum, length; by `Repo::diff` also
+//! the generation id, size and chunk size against the metadata) and their data chunks
+//! merged: O(data chunks of both), never O(disk size). No chunk data is read. Memory:
+//! the two indexes' data runs and hashes, and the ranges (16 bytes per range).
 //!
 //! The ranges are also what `cowsnapctl diff --files` intersects with file extents: the
 //! helpers [`overlap`] and [`subtract`] work on sorted, disjoint ranges.
 
-use super::index::{chunk_count, IndexHeader, INDEX_HEADER_SIZE, INDEX_VERSION};
-use super::{GenerationInfo, Repo};
-use crate::error::{IoContext, Result};
-use std::io::Read;
+use super::index::chunk_count;
+use super::{FixedIndex, GenerationInfo, Repo};
+use crate::error::Result;
 use std::path::Path;
 
 /// A byte range of the disk.
@@ -118,133 +117,65 @@ pub fn diff_hashes(
     Ok(c.diff)
 }
 
-/// An index file opened for reading its entries in pieces.
-struct IndexStream {
-    f: std::fs::File,
-    path: String,
-    header: IndexHeader,
-    hasher: blake3::Hasher,
-}
-
-impl IndexStream {
-    fn open(path: &Path) -> Result<IndexStream> {
-        let what = path.display().to_string();
-        let bad = |why: &str| crate::err!(Corrupt, "index {what} is corrupt: {why}");
-        let mut f = std::fs::File::open(path).ctx(|| format!("unable to read index {what}"))?;
-        let mut head = vec![0u8; INDEX_HEADER_SIZE];
-        f.read_exact(&mut head).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                bad("shorter than its header")
-            } else {
-                crate::Error::io(format!("unable to read index {what}"), e)
+/// The changed ranges between two indexes of one disk and chunk size: their data
+/// chunks merged (a chunk that is data in one and zeros in the other changed).
+/// O(data chunks of both), whatever the disk size.
+pub fn diff_indexes(a: &FixedIndex, b: &FixedIndex) -> Result<IndexDiff> {
+    same_layout(a, b)?;
+    let mut c = Coalescer::new(a.chunk_size, a.disk_size);
+    let mut ia = a.data().peekable();
+    let mut ib = b.data().peekable();
+    loop {
+        match (ia.peek(), ib.peek()) {
+            (Some(&(i, x)), Some(&(j, y))) if i == j => {
+                if x != y {
+                    c.changed(i);
+                }
+                ia.next();
+                ib.next();
             }
-        })?;
-        let header = IndexHeader::decode(&head).map_err(bad)?;
-        let (version, chunk_size, disk_size, count) = (
-            header.version,
-            header.chunk_size,
-            header.disk_size,
-            header.chunk_count,
-        );
-        if version != INDEX_VERSION {
-            return Err(bad(&format!("unsupported version {version}")));
-        }
-        if chunk_size == 0 || count != chunk_count(disk_size, chunk_size) {
-            return Err(bad("chunk count does not match the disk size"));
-        }
-        Ok(IndexStream {
-            f,
-            path: what,
-            header,
-            hasher: blake3::Hasher::new(),
-        })
-    }
-
-    fn generation(&self) -> String {
-        let g = self.header.generation;
-        let end = g.iter().position(|&c| c == 0).unwrap_or(g.len());
-        String::from_utf8_lossy(&g[..end]).into_owned()
-    }
-
-    /// Fill `buf` with the next entries (its length a multiple of 32).
-    fn read(&mut self, buf: &mut [u8]) -> Result<()> {
-        self.f.read_exact(buf).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                crate::err!(Corrupt, "index {} is corrupt: wrong length", self.path)
-            } else {
-                crate::Error::io(format!("unable to read index {}", self.path), e)
+            (Some(&(i, _)), Some(&(j, _))) if i < j => {
+                c.changed(i);
+                ia.next();
             }
-        })?;
-        self.hasher.update(buf);
-        Ok(())
-    }
-
-    /// After the last entry: nothing follows and the entries match their checksum.
-    fn finish(mut self) -> Result<()> {
-        let mut extra = [0u8; 1];
-        let n = self
-            .f
-            .read(&mut extra)
-            .ctx(|| format!("unable to read index {}", self.path))?;
-        let bad = |why: &str| crate::err!(Corrupt, "index {} is corrupt: {why}", self.path);
-        if n != 0 {
-            return Err(bad("wrong length"));
+            (Some(&(i, _)), None) => {
+                c.changed(i);
+                ia.next();
+            }
+            (_, Some(&(j, _))) => {
+                c.changed(j);
+                ib.next();
+            }
+            (None, None) => break,
         }
-        if *self.hasher.finalize().as_bytes() != self.header.entries_checksum {
-            return Err(bad("entries checksum mismatch"));
-        }
-        Ok(())
     }
+    Ok(c.diff)
 }
 
 /// Compare the index files `a` and `b` (see the module notes). Refused: different
 /// disk sizes or chunk sizes (no byte-for-byte comparison exists), damaged indexes.
 pub fn diff_index_files(a: &Path, b: &Path) -> Result<IndexDiff> {
-    let mut sa = IndexStream::open(a)?;
-    let mut sb = IndexStream::open(b)?;
-    same_layout(&sa, &sb)?;
-    let ha = sa.header;
-    let (chunk_size, disk_size, count) = (ha.chunk_size, ha.disk_size, ha.chunk_count);
-    let mut c = Coalescer::new(chunk_size, disk_size);
-    let mut ba = vec![0u8; 1 << 20];
-    let mut bb = vec![0u8; 1 << 20];
-    let per = (ba.len() / 32) as u64;
-    let mut i = 0u64;
-    while i < count {
-        let k = (count - i).min(per);
-        let n = (k * 32) as usize;
-        sa.read(&mut ba[..n])?;
-        sb.read(&mut bb[..n])?;
-        for (x, y) in ba[..n].chunks_exact(32).zip(bb[..n].chunks_exact(32)) {
-            if x != y {
-                c.changed(i);
-            }
-            i += 1;
-        }
-    }
-    sa.finish()?;
-    sb.finish()?;
-    Ok(c.diff)
+    diff_indexes(&FixedIndex::read(a)?, &FixedIndex::read(b)?)
 }
 
 /// Refuse two indexes that do not describe the same bytes.
-fn same_layout(a: &IndexStream, b: &IndexStream) -> Result<()> {
-    let (ca, da) = (a.header.chunk_size, a.header.disk_size);
-    let (cb, db) = (b.header.chunk_size, b.header.disk_size);
+fn same_layout(a: &FixedIndex, b: &FixedIndex) -> Result<()> {
+    let (ca, da) = (a.chunk_size, a.disk_size);
+    let (cb, db) = (b.chunk_size, b.disk_size);
     if da != db {
         return Err(crate::err!(
             InvalidInput,
             "unable to compare {} and {}: the disk sizes differ ({da} and {db} bytes)",
-            a.generation(),
-            b.generation()
+            a.generation,
+            b.generation
         ));
     }
     if ca != cb {
         return Err(crate::err!(
             InvalidInput,
             "unable to compare {} and {}: the chunk sizes differ ({ca} and {cb} bytes)",
-            a.generation(),
-            b.generation()
+            a.generation,
+            b.generation
         ));
     }
     Ok(())
@@ -254,18 +185,7 @@ impl Repo {
     /// The changed ranges from generation `a` to `b` (see the module notes); each index
     /// must carry its generation's id, size and chunk size.
     pub fn diff(&self, a: &GenerationInfo, b: &GenerationInfo) -> Result<IndexDiff> {
-        for g in [a, b] {
-            let s = IndexStream::open(&self.index_path(&g.id))?;
-            let (cs, ds) = (s.header.chunk_size, s.header.disk_size);
-            if s.generation() != g.id || cs != g.chunk_size || ds != g.disk_size {
-                return Err(crate::err!(
-                    Corrupt,
-                    "index of generation {} does not match its metadata",
-                    g.id
-                ));
-            }
-        }
-        diff_index_files(&self.index_path(&a.id), &self.index_path(&b.id))
+        diff_indexes(&self.load_index(a)?, &self.load_index(b)?)
     }
 }
 
@@ -333,7 +253,7 @@ pub fn subtract(ranges: &[ByteRange], covered: &mut [ByteRange]) -> Vec<ByteRang
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::FixedIndex;
+    use crate::repo::index::{INDEX_HEADER_SIZE, RUN_SIZE};
 
     const CS: u32 = 4096;
 
@@ -391,14 +311,10 @@ mod tests {
 
     fn write(dir: &Path, id: &str, size: u64, cs: u32, hashes: Vec<[u8; 32]>) -> PathBuf {
         let p = dir.join(format!("{id}.idx"));
-        FixedIndex {
-            generation: id.into(),
-            chunk_size: cs,
-            disk_size: size,
-            hashes,
-        }
-        .write(&p)
-        .unwrap();
+        FixedIndex::from_hashes(id, cs, size, &hashes)
+            .unwrap()
+            .write(&p)
+            .unwrap();
         p
     }
     use std::path::PathBuf;
@@ -447,10 +363,10 @@ mod tests {
         let pe = write(d.path(), "e", 4 * 4096, CS, vec![h(1); 4]);
         let e = diff_index_files(&pd, &pe).unwrap_err().to_string();
         assert!(e.contains("chunk sizes differ"), "{e}");
-        // a flipped entry byte fails the entries checksum
+        // a flipped hash byte fails the entries checksum
         let pf = write(d.path(), "f", 3 * 4096, CS, vec![h(2); 3]);
         let mut bytes = std::fs::read(&pf).unwrap();
-        bytes[INDEX_HEADER_SIZE + 5] ^= 1;
+        bytes[INDEX_HEADER_SIZE + RUN_SIZE + 5] ^= 1;
         std::fs::write(&pf, &bytes).unwrap();
         let e = diff_index_files(&pa, &pf).unwrap_err().to_string();
         assert!(e.contains("checksum"), "{e}");

@@ -367,14 +367,10 @@ pub(crate) mod testutil {
             })
             .collect();
         repo.store().sync_dirs().unwrap();
-        FixedIndex {
-            generation: id.into(),
-            chunk_size: cs as u32,
-            disk_size: img.len() as u64,
-            hashes,
-        }
-        .write(&repo.index_path(id))
-        .unwrap();
+        FixedIndex::from_hashes(id, cs as u32, img.len() as u64, &hashes)
+            .unwrap()
+            .write(&repo.index_path(id))
+            .unwrap();
         let g = GenerationInfo {
             id: id.into(),
             disk: "d".into(),

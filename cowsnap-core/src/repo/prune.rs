@@ -252,7 +252,7 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
                 g.id
             ))
         })?;
-        live.extend(idx.hashes.iter().copied());
+        live.extend(idx.data().map(|(_, h)| *h));
         rep.kept_generations.push(g.id.clone());
     }
     rep.kept_generations.sort();

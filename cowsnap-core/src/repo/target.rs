@@ -48,7 +48,7 @@ use crate::changelog::Cut;
 use crate::error::Result;
 use crate::target::{Scope, SnapshotInfo, Target, TargetSummary};
 use crossbeam_channel::{bounded, Sender};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -59,17 +59,29 @@ use std::time::Instant;
 struct ChunkWork {
     /// Orders work on the same chunk: the last handed over wins.
     seq: u64,
-    index: usize,
+    index: u64,
     off: u64,
     data: Vec<u8>,
 }
 
-/// What the workers produce.
+/// The newest state of a chunk handed over in this backup.
+#[derive(Clone, Copy)]
+struct Change {
+    /// Seq of the work whose hash `hash` is (0: none finished yet).
+    seq: u64,
+    hash: [u8; 32],
+}
+
+/// What the workers produce. The new generation's index is the parent's (or zeros),
+/// then `zeroed`, then `changes`: O(chunks handed over as data, and zero ranges),
+/// never O(disk size).
 #[derive(Default)]
 struct Shared {
-    hashes: Vec<[u8; 32]>,
-    /// Seq of the work whose hash `hashes[i]` holds (0: none yet).
-    latest: Vec<u64>,
+    /// Every chunk handed over as data (registered by `write` before the work is
+    /// queued), and the chunks of a zero range met later: the newest wins.
+    changes: BTreeMap<u64, Change>,
+    /// Chunk ranges handed over as zeros, `start → end`, disjoint and not touching.
+    zeroed: BTreeMap<u64, u64>,
     chunks_new: u64,
     chunks_reused: u64,
     chunks_zero: u64,
@@ -177,9 +189,15 @@ fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, work: ChunkWork) {
             return;
         }
     };
-    if work.seq > s.latest[work.index] {
-        s.latest[work.index] = work.seq;
-        s.hashes[work.index] = h;
+    let c = s.changes.entry(work.index).or_insert(Change {
+        seq: 0,
+        hash: ZERO_HASH,
+    });
+    if work.seq > c.seq {
+        *c = Change {
+            seq: work.seq,
+            hash: h,
+        };
     }
     s.pending.extend(pending);
     // a group at a time: the first fsync commits the file system's journal for all of
@@ -198,6 +216,27 @@ fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, work: ChunkWork) {
             return;
         }
     }
+}
+
+/// Add chunks `first..last` to `set` (ranges `start → end`, disjoint and not touching).
+fn add_range(set: &mut BTreeMap<u64, u64>, mut first: u64, mut last: u64) {
+    if let Some((&s, &e)) = set.range(..=first).next_back() {
+        if e >= first {
+            first = s;
+            last = last.max(e);
+        }
+    }
+    let meet: Vec<(u64, u64)> = set.range(first..=last).map(|(&s, &e)| (s, e)).collect();
+    for (s, e) in meet {
+        set.remove(&s);
+        last = last.max(e);
+    }
+    set.insert(first, last);
+}
+
+/// Whether chunk `i` is in `set` (see [`add_range`]).
+fn in_ranges(set: &BTreeMap<u64, u64>, i: u64) -> bool {
+    set.range(..=i).next_back().is_some_and(|(_, &e)| i < e)
 }
 
 /// Publish every chunk still pending (before the index is), oldest first.
@@ -242,7 +281,6 @@ pub struct RepoTarget {
     shared: Arc<Mutex<Shared>>,
     pool: Option<Pool>,
     work_seq: u64,
-    written: Vec<bool>,
     stats: GenerationStats,
     started: Instant,
 }
@@ -291,7 +329,6 @@ impl RepoTarget {
             shared: Arc::new(Mutex::new(Shared::default())),
             pool: None,
             work_seq: 0,
-            written: Vec::new(),
             stats: GenerationStats::default(),
             started: Instant::now(),
         })
@@ -375,8 +412,8 @@ impl RepoTarget {
         let damaged = if q.is_empty() {
             0
         } else {
-            idx.hashes
-                .iter()
+            idx.data()
+                .map(|(_, h)| h)
                 .collect::<std::collections::HashSet<_>>()
                 .into_iter()
                 .filter(|h| q.contains(*h) && !self.repo.store().contains(h))
@@ -439,7 +476,7 @@ impl Target for RepoTarget {
             ));
         }
         let cs = self.repo.chunk_size();
-        let n = chunk_count(info.disk_size, cs) as usize;
+        let n = chunk_count(info.disk_size, cs);
         if let Some((p, idx)) = &self.parent {
             if let Some(l) = &self.cut_lineage {
                 if *l != info.lineage {
@@ -450,7 +487,7 @@ impl Target for RepoTarget {
                     ));
                 }
             }
-            if p.disk_size != info.disk_size || idx.hashes.len() != n {
+            if p.disk_size != info.disk_size || idx.chunk_count() != n {
                 return Err(crate::err!(
                     InvalidInput,
                     "unable to begin the incremental backup: the disk is {} bytes, its parent generation {} was {}",
@@ -459,15 +496,16 @@ impl Target for RepoTarget {
                     p.disk_size
                 ));
             }
-            lock_shared(&self.shared).hashes = idx.hashes.clone();
-        } else {
-            lock_shared(&self.shared).hashes = vec![ZERO_HASH; n];
         }
-        lock_shared(&self.shared).latest = vec![0; n];
+        {
+            // the parent's index is not copied: the new one is merged at commit
+            let mut sh = lock_shared(&self.shared);
+            sh.changes.clear();
+            sh.zeroed.clear();
+        }
         if self.pool.is_none() {
             self.pool = Some(Pool::start(&self.repo, &self.shared)?);
         }
-        self.written = vec![false; n];
         self.id = new_generation_id()?;
         self.info = Some(info.clone());
         self.started = Instant::now();
@@ -501,9 +539,18 @@ impl Target for RepoTarget {
                     data.len() - pos
                 )
             })?;
-            let i = (coff / cs) as usize;
-            if let Some(e) = &lock_shared(&self.shared).error {
-                return Err(crate::Error::new(e.kind(), e.to_string()));
+            let i = coff / cs;
+            {
+                let mut sh = lock_shared(&self.shared);
+                if let Some(e) = &sh.error {
+                    return Err(crate::Error::new(e.kind(), e.to_string()));
+                }
+                // registered before it is queued, so a zero range handed over before
+                // the work finishes takes precedence over it
+                sh.changes.entry(i).or_insert(Change {
+                    seq: 0,
+                    hash: ZERO_HASH,
+                });
             }
             self.work_seq += 1;
             let tx = self
@@ -520,10 +567,6 @@ impl Target for RepoTarget {
                 data: piece.to_vec(),
             })
             .map_err(|_| crate::err!(Io, "unable to store data: repository workers stopped"))?;
-            if !self.written[i] {
-                self.written[i] = true;
-                self.stats.chunks_written += 1;
-            }
             self.stats.bytes_read += piece.len() as u64;
             pos += want;
         }
@@ -547,23 +590,25 @@ impl Target for RepoTarget {
                 "unable to store zeros over {off}..{end}: not whole repository chunks of {cs} bytes"
             ));
         }
-        // no work for the pool: the index entry is the zero hash, taking precedence
-        // over anything handed over earlier for the same chunk (like a later write)
-        let (first, last) = ((off / cs) as usize, end.div_ceil(cs) as usize);
+        // no work for the pool: the range is recorded whole, and its chunks handed over
+        // earlier as data (registered in `changes`) become zeros, taking precedence
+        // over work still queued for them (like a later write). O(log) plus the data
+        // chunks in the range, whatever its length.
+        let (first, last) = (off / cs, end.div_ceil(cs));
         let mut sh = lock_shared(&self.shared);
         if let Some(e) = &sh.error {
             return Err(crate::Error::new(e.kind(), e.to_string()));
         }
-        for i in first..last {
-            self.work_seq += 1;
-            sh.latest[i] = self.work_seq;
-            sh.hashes[i] = ZERO_HASH;
-            sh.chunks_zero += 1;
-            if !self.written[i] {
-                self.written[i] = true;
-                self.stats.chunks_written += 1;
-            }
+        self.work_seq += 1;
+        let seq = self.work_seq;
+        for (_, c) in sh.changes.range_mut(first..last) {
+            *c = Change {
+                seq,
+                hash: ZERO_HASH,
+            };
         }
+        add_range(&mut sh.zeroed, first, last);
+        sh.chunks_zero += last - first;
         Ok(())
     }
 
@@ -581,27 +626,40 @@ impl Target for RepoTarget {
             return Err(e);
         }
         publish_pending(&self.shared)?;
-        let hashes = {
+        let (changes, zeroed) = {
             let mut sh = lock_shared(&self.shared);
             self.stats.chunks_new = sh.chunks_new;
             self.stats.chunks_reused = sh.chunks_reused;
             self.stats.chunks_zero = sh.chunks_zero;
             self.stats.chunks_healed = sh.chunks_healed;
             self.stats.bytes_stored_new = sh.bytes_stored_new;
-            std::mem::take(&mut sh.hashes)
+            (
+                std::mem::take(&mut sh.changes),
+                std::mem::take(&mut sh.zeroed),
+            )
         };
+        if let Some((i, _)) = changes.iter().find(|(_, c)| c.seq == 0) {
+            return Err(crate::err!(
+                Io,
+                "unable to commit: the chunk at offset {} was handed over but never stored",
+                i * u64::from(self.repo.chunk_size())
+            ));
+        }
+        // Chunks handed over (as data or zeros); the others come from the parent.
+        let written = |i: u64| changes.contains_key(&i) || in_ranges(&zeroed, i);
+        self.stats.chunks_written = zeroed.iter().map(|(s, e)| e - s).sum::<u64>()
+            + changes.keys().filter(|&&i| !in_ranges(&zeroed, i)).count() as u64;
         // Chunks taken from the parent unread must exist, or this generation could not
         // be restored: refuse to publish it.
-        if let Some((p, _)) = &self.parent {
+        if let Some((p, pidx)) = &self.parent {
             let mut checked = std::collections::HashSet::new();
             let cs = self.repo.chunk_size() as u64;
-            let missing: Vec<u64> = hashes
-                .iter()
-                .enumerate()
+            let missing: Vec<u64> = pidx
+                .data()
                 .filter(|(i, h)| {
-                    !self.written[*i] && checked.insert(**h) && !self.repo.store().contains(h)
+                    !written(*i) && checked.insert(**h) && !self.repo.store().contains(h)
                 })
-                .map(|(i, _)| i as u64 * cs)
+                .map(|(i, _)| i * cs)
                 .collect();
             if let Some(first) = missing.first() {
                 return Err(crate::err!(
@@ -613,14 +671,35 @@ impl Target for RepoTarget {
             }
         }
         self.repo.store().sync_dirs()?;
-        let idx = FixedIndex {
-            generation: self.id.clone(),
-            chunk_size: self.repo.chunk_size(),
-            disk_size: info.disk_size,
-            hashes,
-        };
+        // The parent's data chunks not handed over, merged with the ones handed over
+        // (consumed as they go, so the two are not held whole side by side).
+        let mut idx = FixedIndex::new(self.id.clone(), self.repo.chunk_size(), info.disk_size);
+        let mut from_parent = self
+            .parent
+            .iter()
+            .flat_map(|(_, p)| p.data())
+            .filter(|(i, _)| !in_ranges(&zeroed, *i))
+            .peekable();
+        let mut handed = changes.into_iter().map(|(i, c)| (i, c.hash)).peekable();
+        loop {
+            let next = match (from_parent.peek(), handed.peek()) {
+                // handed over in this backup: the parent's hash is replaced
+                (Some(p), Some(c)) if p.0 == c.0 => {
+                    from_parent.next();
+                    continue;
+                }
+                (Some(p), Some(c)) if p.0 < c.0 => from_parent.next().map(|(i, h)| (i, *h)),
+                (Some(_), None) => from_parent.next().map(|(i, h)| (i, *h)),
+                (_, Some(_)) => handed.next(),
+                (None, None) => break,
+            };
+            if let Some((i, h)) = next {
+                idx.push(i, h)?;
+            }
+        }
+        drop(from_parent);
         let idx_bytes = idx.write(&self.repo.index_path(&self.id))?;
-        let total = idx.hashes.len() as u64;
+        let total = idx.chunk_count();
         self.stats.chunks_total = total;
         self.stats.chunks_from_parent = match self.parent {
             Some(_) => total - self.stats.chunks_written,

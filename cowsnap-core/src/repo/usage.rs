@@ -6,7 +6,8 @@
 //!   chunk is opened). Logical bytes are, summed over every complete generation, the
 //!   bytes of the disk its index maps to a stored chunk (zero chunks are not stored and
 //!   do not count). Their ratio is what deduplication and compression save together.
-//! - An index is read in pieces (`index::summarize`), never held whole. Generations
+//! - An index is read in pieces (`index::summarize`) and held only as its data runs
+//!   (O(data), whatever the disk size). Generations
 //!   are immutable once published, so a [`UsageCache`] keeps each one's figures by id
 //!   and a rescan reads only the indexes of new generations; ids that are gone (pruned)
 //!   are dropped, so the cache holds at most one entry per existing generation.

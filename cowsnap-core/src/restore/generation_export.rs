@@ -2,8 +2,8 @@
 //! ([`GenerationExport`]).
 //!
 //! Design notes
-//! - Size and geometry come from the generation's index; the index (32 bytes per chunk)
-//!   is held in memory, nothing else is read up front.
+//! - Size and geometry come from the generation's index; the index (its data runs, 32
+//!   bytes per data chunk) is held in memory, nothing else is read up front.
 //! - A read is split at repository chunk edges. Zero chunks are answered with zeros,
 //!   without I/O. Every other chunk comes from the cache or is read from the chunk store,
 //!   which checks it against its blake3 hash; a damaged chunk is quarantined by the
@@ -34,7 +34,7 @@ use crate::error::Result;
 use crate::export::{Export, ExportCaps, Extent, ZeroFlags};
 use crate::fsutil::hex;
 use crate::repo::pin::{self, Pin, PinKind};
-use crate::repo::{FixedIndex, GenerationInfo, Repo, ZERO_HASH};
+use crate::repo::{FixedIndex, GenerationInfo, Repo};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -266,7 +266,7 @@ impl GenerationExport {
 
     /// Read chunk `i` from the store (verified).
     fn fetch(&self, i: u64) -> Result<Arc<Vec<u8>>> {
-        let h = &self.index.hashes[i as usize];
+        let h = self.index.hash(i);
         let len = self.index.chunk_len(i);
         let data = self.repo.store().read(h, len).map_err(|e| {
             if crate::repo::chunk_store::is_damage(&e) {
@@ -303,7 +303,7 @@ impl GenerationExport {
             let within = (pos - i * cs) as usize;
             let n = (self.index.chunk_len(i) - within).min(buf.len() - done);
             let out = &mut buf[done..done + n];
-            if self.index.hashes[i as usize] == ZERO_HASH {
+            if self.index.is_zero(i) {
                 out.fill(0);
             } else {
                 let data = self.chunk(i)?;
@@ -322,12 +322,14 @@ impl GenerationExport {
         if off >= end {
             return out;
         }
-        for i in off / cs..end.div_ceil(cs) {
-            if self.index.hashes[i as usize] == ZERO_HASH {
-                continue;
-            }
-            let a = (i * cs).max(off);
-            let b = (i * cs + self.index.chunk_len(i) as u64).min(end);
+        // the index's data runs in the range: O(runs), not O(chunks)
+        for run in self.index.data_runs_in(off / cs, end.div_ceil(cs)) {
+            let a = (run.start * cs).max(off);
+            let b = run
+                .end
+                .saturating_mul(cs)
+                .min(self.index.disk_size)
+                .min(end);
             match out.last_mut() {
                 Some(last) if last.1 == a => last.1 = b,
                 _ => out.push((a, b)),

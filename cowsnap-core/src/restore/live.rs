@@ -313,12 +313,7 @@ impl FillingIo {
             return Ok(Arc::new(FillingIo {
                 dest,
                 repo: None,
-                index: FixedIndex {
-                    generation: hgen(h),
-                    chunk_size: h.chunk_size,
-                    disk_size: h.disk_size,
-                    hashes: Vec::new(),
-                },
+                index: FixedIndex::new(hgen(h), h.chunk_size, h.disk_size),
                 chunk_size: h.chunk_size as u64,
                 nchunks: h.nchunks,
                 state_path: state_path.to_path_buf(),
@@ -350,7 +345,7 @@ impl FillingIo {
             ));
         }
         let chunk_size = index.chunk_size as u64;
-        let nchunks = index.hashes.len() as u64;
+        let nchunks = index.chunk_count();
         let words = nchunks.div_ceil(64) as usize;
         let region = ((words as u64 * 8).div_ceil(BLOCK)).max(1) * BLOCK;
         let mut bits = vec![0u64; words];
@@ -476,7 +471,7 @@ impl FillingIo {
     fn fetch_data(&self, c: u64) -> Result<()> {
         let off = c * self.chunk_size;
         let len = self.index.chunk_len(c);
-        let h = &self.index.hashes[c as usize];
+        let h = self.index.hash(c);
         let repo = self.repo.as_ref().ok_or_else(|| {
             crate::err!(
                 InvalidInput,

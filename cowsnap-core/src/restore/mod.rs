@@ -21,7 +21,7 @@ use crate::repo::{FixedIndex, Repo, ZERO_HASH};
 use serde::Serialize;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -88,7 +88,7 @@ fn restore_chunk(
 ) -> Result<Option<usize>> {
     let off = i * idx.chunk_size as u64;
     let len = idx.chunk_len(i);
-    let h = &idx.hashes[i as usize];
+    let h = idx.hash(i);
     if *h == ZERO_HASH {
         if !reads_zero {
             io.write_zeroes(off, len as u64, true)?;
@@ -104,6 +104,36 @@ fn restore_chunk(
     })?;
     io.write_at(&data, off)?;
     Ok(Some(len))
+}
+
+/// A piece of a restore: one data chunk, or zero chunks `a..b`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    Data(u64),
+    Zeros(u64, u64),
+}
+
+/// The pieces of chunks `first..`: each data chunk, and the zero runs between them
+/// in pieces of at most 1 GiB (so progress moves): O(data), whatever the disk size.
+fn pieces(idx: &FixedIndex, first: u64) -> Vec<Piece> {
+    let n = idx.chunk_count();
+    let most = ((1u64 << 30) / u64::from(idx.chunk_size.max(1))).max(1);
+    let mut out = Vec::new();
+    let zeros = |out: &mut Vec<Piece>, mut a: u64, b: u64| {
+        while a < b {
+            let e = b.min(a.saturating_add(most));
+            out.push(Piece::Zeros(a, e));
+            a = e;
+        }
+    };
+    let mut pos = first;
+    for run in idx.data_runs_in(first, n) {
+        zeros(&mut out, pos, run.start);
+        out.extend(run.clone().map(Piece::Data));
+        pos = run.end;
+    }
+    zeros(&mut out, pos, n);
+    out
 }
 
 fn parent_dir(p: &Path) -> &Path {
@@ -199,14 +229,15 @@ fn restore_body(
     started: Instant,
 ) -> Result<RestoreReport> {
     let (io, reads_zero) = open_destination(dest, g.disk_size)?;
-    let n = idx.hashes.len() as u64;
+    let n = idx.chunk_count();
     // A device: chunk 0 (partition table, superblocks) is zeroed now and written last.
     let first = u64::from(is_blk && n > 0);
     if first == 1 {
         io.write_zeroes(0, idx.chunk_len(0) as u64, false)?;
         io.flush()?;
     }
-    let next = AtomicU64::new(first);
+    let pieces = pieces(idx, first);
+    let next = AtomicUsize::new(0);
     let done_bytes = AtomicU64::new(0);
     let data_chunks = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -221,16 +252,26 @@ fn restore_body(
                 if failed.load(Ordering::Relaxed) {
                     return;
                 }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
+                let Some(&piece) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     return;
-                }
-                match restore_chunk(repo, idx, i, &*io, reads_zero) {
-                    Ok(d) => {
-                        if d.is_some() {
+                };
+                let r = match piece {
+                    Piece::Data(i) => restore_chunk(repo, idx, i, &*io, reads_zero)
+                        .map(|d| (d.is_some(), idx.chunk_len(i) as u64)),
+                    Piece::Zeros(a, b) => {
+                        let cs = u64::from(idx.chunk_size);
+                        let len = b.saturating_mul(cs).min(g.disk_size) - a * cs;
+                        match reads_zero {
+                            true => Ok((false, len)),
+                            false => io.write_zeroes(a * cs, len, true).map(|_| (false, len)),
+                        }
+                    }
+                };
+                match r {
+                    Ok((data, len)) => {
+                        if data {
                             data_chunks.fetch_add(1, Ordering::Relaxed);
                         }
-                        let len = idx.chunk_len(i) as u64;
                         let t = done_bytes.fetch_add(len, Ordering::Relaxed) + len;
                         progress(t, g.disk_size);
                     }
@@ -261,10 +302,7 @@ fn restore_body(
             .map_err(|e| e.with_context(format!("unable to flush {}", dest.display())))?;
         progress(g.disk_size, g.disk_size);
     }
-    let bytes_written = (0..n)
-        .filter(|&i| idx.hashes[i as usize] != ZERO_HASH)
-        .map(|i| idx.chunk_len(i) as u64)
-        .sum();
+    let bytes_written = idx.data_bytes();
     Ok(RestoreReport {
         generation: g.id.clone(),
         disk: g.disk.clone(),
