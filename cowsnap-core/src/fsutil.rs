@@ -57,6 +57,23 @@ pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// The entries of a directory, in no particular order; a directory that does not exist
+/// has none. Any other error, also one while reading entries, names the directory.
+pub fn dir_entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(crate::Error::io(
+                format!("unable to list {}", dir.display()),
+                e,
+            ))
+        }
+    };
+    rd.map(|ent| ent.ctx(|| format!("unable to list {}", dir.display())))
+        .collect()
+}
+
 /// fsync a directory (makes renames and creations in it durable).
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let f = File::open(dir).ctx(|| format!("unable to open directory {}", dir.display()))?;

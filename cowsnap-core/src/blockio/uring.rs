@@ -86,6 +86,33 @@ pub fn probe() -> bool {
     matches!(cqe, Some(c) if c.result() >= 0 && c.user_data() == 0x5052_4f42)
 }
 
+/// Submit what is queued and wait for a completion, with operations in flight.
+/// Interrupted or busy submissions are retried by the caller's loop; a fourth hard
+/// error aborts the process: an operation may still be live in the kernel and we cannot
+/// tell, so returning would hand the caller a buffer the kernel may still access.
+fn submit_and_wait_in_flight(ring: &mut IoUring, hard_errors: &mut u32) {
+    match ring.submit_and_wait(1) {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+            ) =>
+        {
+            if e.raw_os_error() != Some(libc::EINTR) {
+                std::thread::yield_now();
+            }
+        }
+        Err(e) => {
+            *hard_errors += 1;
+            if *hard_errors > 3 {
+                log::error!("io_uring failed with operations in flight: {e}; aborting");
+                std::process::abort();
+            }
+        }
+    }
+}
+
 /// io_uring I/O on a file or device.
 pub struct UringIo {
     file: File,
@@ -162,29 +189,7 @@ unsafe fn run_one(sqe: io_uring::squeue::Entry) -> Option<io::Result<i32>> {
             }
             // Submits whatever is still queued (nothing after the first success) and
             // waits for a completion.
-            match ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
-                    ) =>
-                {
-                    if e.raw_os_error() != Some(libc::EINTR) {
-                        std::thread::yield_now();
-                    }
-                }
-                Err(e) => {
-                    hard_errors += 1;
-                    if hard_errors > 3 {
-                        // The operation may still be live in the kernel and we cannot
-                        // tell: returning would hand the caller a buffer the kernel may
-                        // still access.
-                        log::error!("io_uring failed with an operation in flight: {e}; aborting");
-                        std::process::abort();
-                    }
-                }
-            }
+            submit_and_wait_in_flight(ring, &mut hard_errors);
         }
     })
 }
@@ -246,28 +251,7 @@ impl UringIo {
                 if in_flight == 0 {
                     break;
                 }
-                match ring.submit_and_wait(1) {
-                    Ok(_) => {}
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
-                        ) =>
-                    {
-                        if e.raw_os_error() != Some(libc::EINTR) {
-                            std::thread::yield_now();
-                        }
-                    }
-                    Err(e) => {
-                        hard_errors += 1;
-                        if hard_errors > 3 {
-                            // reads may still be live in the kernel and we cannot tell:
-                            // returning would hand back buffers it may still write
-                            log::error!("io_uring failed with reads in flight: {e}; aborting");
-                            std::process::abort();
-                        }
-                    }
-                }
+                submit_and_wait_in_flight(ring, &mut hard_errors);
                 for cqe in ring.completion() {
                     in_flight -= 1;
                     let i = cqe.user_data() as usize;

@@ -490,19 +490,8 @@ impl ChunkStore {
 
     /// Files in the quarantine (damaged chunks kept as evidence).
     pub fn quarantined(&self) -> Result<Vec<PathBuf>> {
-        let rd = match std::fs::read_dir(&self.quarantine) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(Error::io(
-                    format!("unable to list {}", self.quarantine.display()),
-                    e,
-                ))
-            }
-        };
         let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent.ctx(|| format!("unable to list {}", self.quarantine.display()))?;
+        for ent in crate::fsutil::dir_entries(&self.quarantine)? {
             if !ent.file_name().to_string_lossy().starts_with('.') {
                 out.push(ent.path());
             }

@@ -226,19 +226,8 @@ impl Repo {
     /// Every complete generation (index and metadata present), oldest first.
     pub fn list(&self) -> Result<Vec<GenerationInfo>> {
         let dir = self.generations_dir();
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(crate::Error::io(
-                    format!("unable to list {}", dir.display()),
-                    e,
-                ))
-            }
-        };
         let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent.ctx(|| format!("unable to list {}", dir.display()))?;
+        for ent in crate::fsutil::dir_entries(&dir)? {
             let name = ent.file_name().to_string_lossy().into_owned();
             let Some(id) = name.strip_suffix(".json") else {
                 continue;

@@ -165,19 +165,8 @@ pub fn remove(path: &Path) -> Result<()> {
 /// Every pin in the repository.
 pub fn list(repo: &Repo) -> Result<Vec<PinFile>> {
     let dir = pins_dir(repo);
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(crate::Error::io(
-                format!("unable to list {}", dir.display()),
-                e,
-            ))
-        }
-    };
     let mut out = Vec::new();
-    for ent in rd {
-        let ent = ent.ctx(|| format!("unable to list {}", dir.display()))?;
+    for ent in crate::fsutil::dir_entries(&dir)? {
         let name = ent.file_name().to_string_lossy().into_owned();
         let Some(generation) = name
             .strip_suffix(".json")
