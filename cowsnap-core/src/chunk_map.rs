@@ -51,6 +51,7 @@
 use crate::busy::BusySet;
 use crate::container::SlotIdx;
 use crate::error::Result;
+use crate::paged_bits::PagedBits;
 use bitvec::prelude::*;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -255,10 +256,10 @@ pub enum ClaimResult {
 }
 
 struct State {
-    pending: BitVec<u64, Lsb0>,
-    done: BitVec<u64, Lsb0>,
+    pending: PagedBits,
+    done: PagedBits,
     /// Pending chunks known to be zeros (module notes); a subset of `pending`.
-    zero: BitVec<u64, Lsb0>,
+    zero: PagedBits,
     zero_count: u64,
     preserved: BTreeMap<u64, SlotIdx>,
     /// Chunk busy marks: part of the state, decided and released with it
@@ -279,26 +280,18 @@ pub struct ChunkMap {
     cv: Condvar,
 }
 
-/// An all-false plane of `n` bits: zeroed memory from the allocator, whose pages are
-/// touched only when bits are set (`BitVec::repeat` writes every word).
-fn zero_plane(n: usize) -> BitVec<u64, Lsb0> {
-    let mut p = BitVec::from_vec(vec![0u64; n.div_ceil(64)]);
-    p.truncate(n);
-    p
-}
-
 impl ChunkMap {
     /// A map where `scope` (one bit per chunk, widened here to whole granules of
     /// `granule` chunks) is pending, or every chunk when `scope` is `None`.
     pub fn new(geo: Geometry, granule: u64, scope: Option<&BitSlice<u64, Lsb0>>) -> Self {
         let n = geo.nchunks as usize;
         let granule = granule.max(1);
-        // O(set bits of the cut) beyond the scan: a fresh all-false plane is zeroed
-        // memory from the allocator, touched only where a granule is set.
+        // O(pages) plus the set bits of the cut beyond the scan: a fresh plane is
+        // uniform pages, no words, until a page is partly set.
         let (pending, pending_count) = match scope {
-            None => (BitVec::repeat(true, n), geo.nchunks),
+            None => (PagedBits::new(n, true), geo.nchunks),
             Some(bits) => {
-                let mut p = zero_plane(n);
+                let mut p = PagedBits::new(n, false);
                 let mut count = 0u64;
                 let mut last_g = u64::MAX;
                 for c in bits.iter_ones().take_while(|&c| c < n) {
@@ -309,7 +302,7 @@ impl ChunkMap {
                     last_g = g;
                     let a = (g * granule) as usize;
                     let b = ((g + 1) * granule).min(geo.nchunks) as usize;
-                    p[a..b].fill(true);
+                    p.fill(a..b, true);
                     count += (b - a) as u64;
                 }
                 (p, count)
@@ -321,8 +314,8 @@ impl ChunkMap {
             in_scope: pending_count,
             st: Mutex::new(State {
                 pending,
-                done: zero_plane(n),
-                zero: zero_plane(n),
+                done: PagedBits::new(n, false),
+                zero: PagedBits::new(n, false),
                 zero_count: 0,
                 preserved: BTreeMap::new(),
                 busy: BusySet::new(),
@@ -378,13 +371,17 @@ impl ChunkMap {
         self.in_scope
     }
 
-    /// Bytes held by the bit planes.
+    /// Bytes the three bit planes span at one bit per chunk each, in whole 64-bit
+    /// words (the status's `bitmap_bytes`): their size if every page were mixed. The
+    /// memory they hold is [`Self::plane_heap_bytes`].
     pub fn bitmap_bytes(&self) -> u64 {
+        3 * self.geo.nchunks.div_ceil(64) * 8
+    }
+
+    /// Heap bytes the three bit planes hold now: page headers plus mixed pages.
+    pub fn plane_heap_bytes(&self) -> u64 {
         let st = self.lock();
-        ((st.pending.as_raw_slice().len()
-            + st.done.as_raw_slice().len()
-            + st.zero.as_raw_slice().len())
-            * 8) as u64
+        (st.pending.heap_bytes() + st.done.heap_bytes() + st.zero.heap_bytes()) as u64
     }
 
     /// Mark the whole granules inside chunks `first..end` that are pending, not busy
@@ -414,12 +411,12 @@ impl ChunkMap {
                 (g * self.granule) as usize,
                 (piece_end * self.granule).min(self.geo.nchunks) as usize,
             );
-            if st.pending[pa..pb].all()
-                && st.zero[pa..pb].not_any()
+            if st.pending.all(pa..pb)
+                && !st.zero.any(pa..pb)
                 && st.preserved.range(pa as u64..pb as u64).next().is_none()
                 && !st.busy.any_in(pa as u64..pb as u64)
             {
-                st.zero[pa..pb].fill(true);
+                st.zero.fill(pa..pb, true);
                 st.zero_count += (pb - pa) as u64;
                 marked += self.geo.end_off(pb as u64) - self.geo.chunk_off(pa as u64);
                 drop(st);
@@ -429,7 +426,7 @@ impl ChunkMap {
             for gi in g..piece_end {
                 let a = (gi * self.granule) as usize;
                 let b = ((gi + 1) * self.granule).min(self.geo.nchunks) as usize;
-                if !st.pending[a..b].all() || st.zero[a..b].any() {
+                if !st.pending.all(a..b) || st.zero.any(a..b) {
                     continue;
                 }
                 if st.preserved.range(a as u64..b as u64).next().is_some()
@@ -437,7 +434,7 @@ impl ChunkMap {
                 {
                     continue;
                 }
-                st.zero[a..b].fill(true);
+                st.zero.fill(a..b, true);
                 st.zero_count += (b - a) as u64;
                 marked += self.geo.end_off(b as u64) - self.geo.chunk_off(a as u64);
             }
@@ -461,15 +458,15 @@ impl ChunkMap {
     /// State of chunk `c` and whether it is marked zero (one lock, so the two agree).
     pub fn state_and_zero(&self, c: u64) -> (ChunkState, bool) {
         let st = self.lock();
-        (Self::state_of(&st, c), st.zero[c as usize])
+        (Self::state_of(&st, c), st.zero.get(c as usize))
     }
 
     fn state_of(st: &State, c: u64) -> ChunkState {
         if let Some(s) = st.preserved.get(&c) {
             ChunkState::Preserved(*s)
-        } else if st.pending[c as usize] {
+        } else if st.pending.get(c as usize) {
             ChunkState::Pending
-        } else if st.done[c as usize] {
+        } else if st.done.get(c as usize) {
             ChunkState::Done
         } else {
             ChunkState::OutOfScope
@@ -491,7 +488,7 @@ impl ChunkMap {
     /// from true to false, never the other way).
     pub fn needs_preserve(&self, c: u64) -> bool {
         let st = self.lock();
-        !st.dropped && st.pending[c as usize] && !st.zero[c as usize]
+        !st.dropped && st.pending.get(c as usize) && !st.zero.get(c as usize)
     }
 
     /// A writer is about to change chunk `c`: wait while it is busy, then either pass
@@ -503,7 +500,7 @@ impl ChunkMap {
             if st.dropped {
                 return WriteClaim::PassThrough { waited };
             }
-            if st.zero[c as usize] {
+            if st.zero.get(c as usize) {
                 // zeros in the image whatever is written now: nothing to preserve
                 return WriteClaim::PassThrough { waited };
             }
@@ -514,7 +511,7 @@ impl ChunkMap {
                 st.waiting -= 1;
                 continue;
             }
-            if st.pending[c as usize] {
+            if st.pending.get(c as usize) {
                 st.busy.mark(c);
                 return WriteClaim::Preserve { waited };
             }
@@ -526,7 +523,7 @@ impl ChunkMap {
     pub fn mark_preserved(&self, c: u64, slot: SlotIdx) {
         let mut st = self.lock();
         st.busy.unmark(c);
-        if st.pending[c as usize] {
+        if st.pending.get(c as usize) {
             st.pending.set(c as usize, false);
             st.pending_count -= 1;
             st.preserved.insert(c, slot);
@@ -568,9 +565,10 @@ impl ChunkMap {
             return None;
         }
         let st = self.lock();
-        let p = st.pending[from as usize..]
-            .first_one()
-            .map(|i| i as u64 + from);
+        let p = st
+            .pending
+            .first(from as usize..self.geo.nchunks as usize, true)
+            .map(|i| i as u64);
         let q = st.preserved.range(from..).next().map(|(c, _)| *c);
         match (p, q) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -605,7 +603,7 @@ impl ChunkMap {
         if st.dropped {
             return Ok(ClaimResult::Nothing);
         }
-        if g < limit && st.zero[(g * self.granule) as usize] {
+        if g < limit && st.zero.get((g * self.granule) as usize) {
             return Ok(ClaimResult::Claimed(self.take_zero_run(
                 &mut st,
                 g,
@@ -622,7 +620,7 @@ impl ChunkMap {
         while gi < limit && gi - g < max.max(1) {
             let a = gi * self.granule;
             let b = ((gi + 1) * self.granule).min(self.geo.nchunks);
-            let npending = st.pending[a as usize..b as usize].count_ones() as u64;
+            let npending = st.pending.count_ones(a as usize..b as usize) as u64;
             let pres: Vec<(u64, SlotIdx)> =
                 st.preserved.range(a..b).map(|(c, s)| (*c, *s)).collect();
             if (npending == 0 && pres.is_empty()) || (preserved_only && pres.is_empty()) {
@@ -639,12 +637,12 @@ impl ChunkMap {
                     "unable to copy chunks {a}..{b}: the granule is partly copied"
                 ));
             }
-            if st.busy.any_in(a..b) || st.zero[a as usize] {
+            if st.busy.any_in(a..b) || st.zero.get(a as usize) {
                 // busy, or a zero run: that goes in a claim of its own
                 break;
             }
             for c in a..b {
-                if st.pending[c as usize] {
+                if st.pending.get(c as usize) {
                     st.busy.mark(c);
                 }
             }
@@ -660,8 +658,8 @@ impl ChunkMap {
         if gi < limit {
             let a = gi * self.granule;
             let b = ((gi + 1) * self.granule).min(self.geo.nchunks);
-            let has = st.pending[a as usize..b as usize].any()
-                || st.preserved.range(a..b).next().is_some();
+            let has =
+                st.pending.any(a as usize..b as usize) || st.preserved.range(a..b).next().is_some();
             if has {
                 return Ok(ClaimResult::Busy);
             }
@@ -675,10 +673,10 @@ impl ChunkMap {
         let a = (g * self.granule) as usize;
         let max_end = (limit * self.granule).min(self.geo.nchunks) as usize;
         // zero marks are whole granules, so the first non-zero chunk is on a boundary
-        let b = st.zero[a..max_end].first_zero().map_or(max_end, |i| a + i);
-        st.zero[a..b].fill(false);
-        st.pending[a..b].fill(false);
-        st.done[a..b].fill(true);
+        let b = st.zero.first(a..max_end, false).unwrap_or(max_end);
+        st.zero.fill(a..b, false);
+        st.pending.fill(a..b, false);
+        st.done.fill(a..b, true);
         let n = (b - a) as u64;
         st.zero_count -= n;
         st.pending_count -= n;
@@ -695,7 +693,7 @@ impl ChunkMap {
     pub fn mark_copied(&self, claim: &Claim) {
         let mut st = self.lock();
         for c in claim.range() {
-            if st.pending[c as usize] {
+            if st.pending.get(c as usize) {
                 st.pending.set(c as usize, false);
                 st.pending_count -= 1;
                 st.done.set(c as usize, true);
@@ -738,7 +736,7 @@ impl ChunkMap {
         (
             st.pending_count,
             st.preserved.len() as u64,
-            st.done.count_ones() as u64,
+            st.done.count_all_ones() as u64,
         )
     }
 }
@@ -917,6 +915,33 @@ mod tests {
     fn bitmap_size_is_three_bits_per_chunk() {
         let m = ChunkMap::new(geo(1 << 30), 1, None);
         assert_eq!(m.bitmap_bytes(), 3 * (16384 / 8));
+    }
+
+    #[test]
+    fn uniform_planes_hold_page_headers_only() {
+        // 1 TiB at 64 KiB chunks: 16 Mi chunks, 512 pages per plane
+        let m = ChunkMap::new(geo(1 << 40), 16, None);
+        let fresh = m.plane_heap_bytes();
+        assert!(fresh <= 3 * 512 * 64, "{fresh} bytes for a fresh map");
+        // marking the first half zero (zero chunks stay pending) writes headers only
+        let n = m.geometry().nchunks;
+        assert_eq!(m.mark_zero(0, n / 2), (n / 2) * 65536);
+        assert_eq!(m.plane_heap_bytes(), fresh);
+        // a claim copied partway into a page costs that page's words in two planes
+        let ClaimResult::Claimed(c) = m
+            .try_claim(
+                m.granule_of(ChunkIdx(n / 2)),
+                1,
+                GranuleIdx(m.granule_count()),
+                false,
+            )
+            .unwrap()
+        else {
+            panic!("no claim")
+        };
+        m.mark_copied(&c);
+        assert_eq!(m.plane_heap_bytes(), fresh + 2 * 4096);
+        assert_eq!(m.counts(), (n - 16, 0, 16));
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub mod latency;
 pub mod mountinfo;
 mod ondisk;
 pub mod origin_seal;
+pub mod paged_bits;
 pub mod repo;
 pub mod restore;
 pub mod snapshot;
