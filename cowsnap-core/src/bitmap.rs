@@ -2,7 +2,7 @@
 //! the I/O path. Used where a bit, once published, is tested by many threads without a
 //! lock and set only after what it stands for is durable: the change log's durable
 //! region C (`changelog.rs`) and the live restore's restored chunks (`restore/live.rs`).
-//! (The chunk map's planes live under its mutex and use `bitvec`.)
+//! (The chunk map's planes live under its mutex: [`crate::paged_bits::PagedBits`].)
 //!
 //! Layout, in memory and on disk: bit `i` is bit `i % 64` of word `i / 64`, words are
 //! little endian on disk ([`to_le_bytes`], [`from_le_bytes`]), LSB first — the same

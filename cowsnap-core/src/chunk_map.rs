@@ -3,7 +3,7 @@
 //! Design notes
 //! - The disk is cut into chunks of `chunk_size` bytes (a power of two, 64 KiB by
 //!   default); the last chunk may be short when the disk size is not a multiple.
-//! - State encoding (bit planes, `bitvec`, one bit per chunk each):
+//! - State encoding (bit planes, [`PagedBits`], one bit per chunk each):
 //!
 //!   | pending | done | in `preserved` | state |
 //!   |---|---|---|---|
@@ -23,13 +23,18 @@
 //!   writer already preserved or is preserving keeps its data path.
 //!
 //!   Preserved chunks are few (at most the container's slots), so they are kept in a
-//!   `BTreeMap<chunk, slot>` rather than a full-size plane: memory is 3 bits per
-//!   chunk with the zero plane below, 96 MiB for a 16 TiB disk at 64 KiB chunks. Busy
+//!   `BTreeMap<chunk, slot>` rather than a full-size plane. The planes are paged: a
+//!   page of 32 Ki chunks whose bits are all 0 or all 1 is a header without words, so a
+//!   fresh map and long uniform runs (a full backup's `pending`, `mark_zero` over free
+//!   space, the drainer's done runs) cost page headers only (under 1 MiB at 16 TiB);
+//!   only mixed pages hold words, 4 KiB each, at most 3 bits per chunk with the zero
+//!   plane (96 MiB for a 16 TiB disk at 64 KiB chunks if every page were mixed). Busy
 //!   marks are a small set
 //!   (at most one per writer plus the drainer's batch).
-//! - Creating a map allocates the planes and sets `pending` (all ones, or the
+//! - Creating a map makes the planes' page headers and sets `pending` (all ones, or the
 //!   change-log cut widened to whole target granules). Nothing is read from the disk:
-//!   the cost is the allocation, independent of what is on the disk.
+//!   the cost is the headers plus the pages the cut partly covers, independent of what
+//!   is on the disk.
 //! - Transitions, all under the one mutex and never across I/O:
 //!   pending → busy(writer) → preserved (`mark_preserved`) or back to pending (`release`);
 //!   pending → busy(drainer) → done (`mark_copied`); preserved → done (`mark_drained`, after the
