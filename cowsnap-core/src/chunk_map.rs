@@ -376,14 +376,9 @@ impl ChunkMap {
         self.in_scope
     }
 
-    /// Bytes the three bit planes span at one bit per chunk each, in whole 64-bit
-    /// words (the status's `bitmap_bytes`): their size if every page were mixed. The
-    /// memory they hold is [`Self::plane_heap_bytes`].
-    pub fn bitmap_bytes(&self) -> u64 {
-        3 * self.geo.nchunks.div_ceil(64) * 8
-    }
-
-    /// Heap bytes the three bit planes hold now: page headers plus mixed pages.
+    /// Heap bytes the three bit planes hold now: page headers plus mixed pages (the
+    /// status's `bitmap_bytes`). At most 3 bits per chunk plus the headers, when every
+    /// page is mixed.
     pub fn plane_heap_bytes(&self) -> u64 {
         let st = self.lock();
         (st.pending.heap_bytes() + st.done.heap_bytes() + st.zero.heap_bytes()) as u64
@@ -917,9 +912,26 @@ mod tests {
     }
 
     #[test]
-    fn bitmap_size_is_three_bits_per_chunk() {
+    fn bitmap_memory_is_at_most_three_bits_per_chunk_and_headers() {
         let m = ChunkMap::new(geo(1 << 30), 1, None);
-        assert_eq!(m.bitmap_bytes(), 3 * (16384 / 8));
+        let uniform = m.plane_heap_bytes();
+        assert!(
+            uniform < 1024,
+            "a uniform map holds page headers only: {uniform}"
+        );
+        // one claim makes the pending and done pages mixed: two pages of 16384 bits
+        let ClaimResult::Claimed(c) = m
+            .try_claim(GranuleIdx(0), 1, GranuleIdx(u64::MAX), false)
+            .unwrap()
+        else {
+            panic!("nothing to claim")
+        };
+        m.mark_copied(&c);
+        let mixed = m.plane_heap_bytes();
+        assert!(
+            mixed > uniform && mixed <= uniform + 3 * (16384 / 8),
+            "{mixed}"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Starting a snapshot of a 16 TiB sparse disk costs the bitmap allocation only: no
-//! scan of the disk. Prints the figures for the benchmarks.
+//! Starting a snapshot of a 16 TiB sparse disk costs no scan of the disk and no
+//! full-size bitmaps (the chunk map's planes stay unallocated while uniform). Prints the figures for the benchmarks.
 
 use cowsnap_core::backup::{BackupParams, BackupState, Backups};
 use cowsnap_core::blockio::{self, OpenSpec};
@@ -72,7 +72,7 @@ fn mid_chunk(size: u64) -> u64 {
 }
 
 /// Start (and cancel) a backup of a sparse disk of `size`; returns (start time,
-/// bitmap bytes, rss growth KiB).
+/// bitmap memory in bytes as the status reports it, rss growth KiB).
 fn start_on(dir: &Path, size: u64) -> (Duration, u64, u64) {
     let origin = dir.join(format!("disk-{size}"));
     let f = std::fs::File::create(&origin).unwrap();
@@ -153,10 +153,13 @@ fn sixteen_tib_sparse_disk_starts_quickly() {
     }
     let (small_t, small_bits, _) = start_on(dir.path(), 1 << 30);
     let (big_t, big_bits, big_rss) = start_on(dir.path(), size);
-    let nchunks = size.div_ceil(65536);
-    let words = nchunks.div_ceil(64);
-    assert_eq!(big_bits, 3 * words * 8, "three bit planes");
-    assert_eq!(small_bits, 3 * (16384 / 64) * 8);
+    let full_planes = 3 * size.div_ceil(65536).div_ceil(64) * 8;
+    // two written chunks make a few pages mixed; the rest are headers only
+    assert!(
+        big_bits < full_planes / 64 && big_bits < 4 << 20,
+        "bit planes of a 16 TiB snapshot hold {big_bits} bytes (full size {full_planes})"
+    );
+    assert!(small_bits <= 3 * (16384 / 8) + 4096, "{small_bits}");
     eprintln!(
         "1 GiB: snapshot start {small_t:?}, bitmaps {small_bits} bytes; \
          {size} bytes: snapshot start {big_t:?}, bitmaps {big_bits} bytes ({} MiB), \

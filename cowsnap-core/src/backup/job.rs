@@ -107,7 +107,7 @@ fn fill_figures(st: &mut BackupStatus, s: &Snapshot) {
     st.throttle_delay_ms = ms(s.stats.throttle_ns.load(Ordering::Relaxed));
     st.elapsed_ms = s.started.elapsed().as_millis() as u64;
     st.container = s.container.describe();
-    st.bitmap_bytes = s.map.bitmap_bytes();
+    st.bitmap_bytes = s.map.plane_heap_bytes();
     let geo = s.geometry();
     st.bytes_in_scope = (s.map.in_scope() * u64::from(geo.chunk_size)).min(geo.disk_size);
     st.bytes_excluded_free = s.stats.excluded_free.load(Ordering::Relaxed);
