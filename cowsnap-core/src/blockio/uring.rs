@@ -86,6 +86,26 @@ pub fn probe() -> bool {
     matches!(cqe, Some(c) if c.result() >= 0 && c.user_data() == 0x5052_4f42)
 }
 
+/// This thread's ring in `slot`, created with `entries` on first use; `None` (warned
+/// about once per process) when the kernel will not give this thread a ring, and the
+/// caller then uses pread/pwrite.
+fn thread_ring(slot: &mut Option<IoUring>, entries: u32) -> Option<&mut IoUring> {
+    if slot.is_none() {
+        match IoUring::new(entries) {
+            Ok(r) => *slot = Some(r),
+            Err(e) => {
+                if !RING_FALLBACK_WARNED.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "unable to create an io_uring for a thread ({e}); using pread/pwrite there"
+                    );
+                }
+                return None;
+            }
+        }
+    }
+    slot.as_mut()
+}
+
 /// Submit what is queued and wait for a completion, with operations in flight.
 /// Interrupted or busy submissions are retried by the caller's loop; a fourth hard
 /// error aborts the process: an operation may still be live in the kernel and we cannot
@@ -162,18 +182,7 @@ impl UringIo {
 unsafe fn run_one(sqe: io_uring::squeue::Entry) -> Option<io::Result<i32>> {
     RING.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            match IoUring::new(RING_ENTRIES) {
-                Ok(r) => *slot = Some(r),
-                Err(e) => {
-                    if !RING_FALLBACK_WARNED.swap(true, Ordering::Relaxed) {
-                        log::warn!("unable to create an io_uring for a thread ({e}); using pread/pwrite there");
-                    }
-                    return None;
-                }
-            }
-        }
-        let ring = slot.as_mut()?;
+        let ring = thread_ring(&mut slot, RING_ENTRIES)?;
         let sqe = sqe.user_data(1);
         // SAFETY: the caller guarantees the buffers outlive the operation; we do not
         // return before the completion is reaped (below) or the process aborts.
@@ -204,18 +213,7 @@ impl UringIo {
     ) -> Option<std::result::Result<(), BatchError>> {
         BATCH_RING.with(|cell| {
             let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                match IoUring::new(BATCH_DEPTH as u32) {
-                    Ok(r) => *slot = Some(r),
-                    Err(e) => {
-                        if !RING_FALLBACK_WARNED.swap(true, Ordering::Relaxed) {
-                            log::warn!("unable to create an io_uring for a thread ({e}); using pread/pwrite there");
-                        }
-                        return None;
-                    }
-                }
-            }
-            let ring = slot.as_mut()?;
+            let ring = thread_ring(&mut slot, BATCH_DEPTH as u32)?;
             let mut done = vec![0usize; reqs.len()];
             let mut queue: std::collections::VecDeque<usize> =
                 (0..reqs.len()).filter(|&i| !reqs[i].0.is_empty()).collect();
@@ -267,7 +265,10 @@ impl UringIo {
                         if failed.is_none() {
                             let e = io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
-                                format!("unexpected end of file at offset {}", off + done[i] as u64),
+                                format!(
+                                    "unexpected end of file at offset {}",
+                                    off + done[i] as u64
+                                ),
                             );
                             failed = Some((i, off, len, e));
                         }
