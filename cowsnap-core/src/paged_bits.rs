@@ -136,22 +136,14 @@ impl PagedBits {
     /// Ones in `r`.
     pub fn count_ones(&self, r: Range<usize>) -> usize {
         self.check(&r);
-        let mut n = 0;
-        let mut c = r.start;
-        while c < r.end {
-            let p = c >> self.shift;
-            let base = p << self.shift;
-            let a = c - base;
-            let b = (r.end - base).min(self.page_len(p));
-            n += match &self.pages[p] {
+        self.pieces(r)
+            .map(|(p, a, b)| match &self.pages[p] {
                 Page::Zeros => 0,
                 Page::Ones => b - a,
                 Page::Mixed { ones, .. } if a == 0 && b == self.page_len(p) => *ones,
                 Page::Mixed { words, .. } => count_in(words, a, b),
-            };
-            c = base + b;
-        }
-        n
+            })
+            .sum()
     }
 
     /// Ones in the whole set.
@@ -162,25 +154,15 @@ impl PagedBits {
     /// First index in `r` whose bit is `v`.
     pub fn first(&self, r: Range<usize>, v: bool) -> Option<usize> {
         self.check(&r);
-        let mut c = r.start;
-        while c < r.end {
-            let p = c >> self.shift;
+        self.pieces(r).find_map(|(p, a, b)| {
             let base = p << self.shift;
-            let a = c - base;
-            let b = (r.end - base).min(self.page_len(p));
             match &self.pages[p] {
-                Page::Zeros if !v => return Some(c),
-                Page::Ones if v => return Some(c),
-                Page::Mixed { words, .. } => {
-                    if let Some(o) = first_in(words, a, b, v) {
-                        return Some(base + o);
-                    }
-                }
-                _ => {}
+                Page::Zeros if !v => Some(base + a),
+                Page::Ones if v => Some(base + a),
+                Page::Mixed { words, .. } => first_in(words, a, b, v).map(|o| base + o),
+                _ => None,
             }
-            c = base + b;
-        }
-        None
+        })
     }
 
     fn check(&self, r: &Range<usize>) {
@@ -194,14 +176,28 @@ impl PagedBits {
     /// Call `f(self, page, a, b)` for each page `r` touches, with the page-relative
     /// bits `a..b` it covers.
     fn for_pages(&mut self, r: Range<usize>, mut f: impl FnMut(&mut Self, usize, usize, usize)) {
-        let mut c = r.start;
-        while c < r.end {
-            let p = c >> self.shift;
-            let base = p << self.shift;
-            let b = (r.end - base).min(self.page_len(p));
-            f(self, p, c - base, b);
-            c = base + b;
+        for (p, a, b) in self.pieces(r) {
+            f(self, p, a, b);
         }
+    }
+
+    /// The pages `r` touches, each with the page-relative bits `a..b` it covers, as
+    /// `(page, a, b)`. The iterator holds no borrow of `self`.
+    fn pieces(&self, r: Range<usize>) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (shift, len) = (self.shift, self.len);
+        let mut c = r.start;
+        std::iter::from_fn(move || {
+            if c >= r.end {
+                return None;
+            }
+            let p = c >> shift;
+            let base = p << shift;
+            let page_len = (len - base).min(1 << shift);
+            let b = (r.end - base).min(page_len);
+            let piece = (p, c - base, b);
+            c = base + b;
+            Some(piece)
+        })
     }
 
     /// Set page-relative bits `r` of page `p` to `v`; the page collapses when it
