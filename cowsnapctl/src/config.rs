@@ -56,6 +56,7 @@ struct RawDisk {
     connections: Option<Spanned<u32>>,
     read_only: Option<bool>,
     io_engine: Option<Spanned<String>>,
+    direct_io: Option<Spanned<toml::Value>>,
     listen: Option<Spanned<Vec<String>>>,
     tls_creds: Option<Spanned<String>>,
     tls_verify_peer: Option<bool>,
@@ -95,6 +96,9 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// auto, uring or sync.
     pub io_engine: String,
+    /// O_DIRECT for a backup's bulk I/O on block devices (`--direct-io on|off`);
+    /// `None`: the daemon's default (on).
+    pub direct_io: Option<bool>,
     /// TCP listeners (tcp:ADDR:PORT), with `tls_creds` or `insecure_tcp`.
     pub listen: Vec<String>,
     /// TLS credentials directory of the TCP listeners (`--tls-creds`).
@@ -200,6 +204,20 @@ fn resolve(at: &Located, name: &Spanned<String>, d: &RawDisk, def: &RawDisk) -> 
         "io-engine",
         &["auto", "uring", "sync"],
     )?;
+    let direct_io = match pick(&d.direct_io, &def.direct_io) {
+        None => None,
+        Some(v) => Some(match v.get_ref() {
+            toml::Value::Boolean(b) => *b,
+            toml::Value::String(x) if x == "on" => true,
+            toml::Value::String(x) if x == "off" => false,
+            other => {
+                return Err(at.err(
+                    v.span(),
+                    format!("invalid direct-io {other}: expected \"on\", \"off\", true or false"),
+                ))
+            }
+        }),
+    };
     let chunk_size = pick(&d.chunk_size, &def.chunk_size);
     if let Some(c) = &chunk_size {
         crate::parse::parse_size(c.get_ref())
@@ -347,6 +365,7 @@ fn resolve(at: &Located, name: &Spanned<String>, d: &RawDisk, def: &RawDisk) -> 
         connections: connections.map(|c| c.into_inner()),
         read_only: d.read_only.or(def.read_only).unwrap_or(false),
         io_engine,
+        direct_io,
         listen: listen.map(|l| l.into_inner()).unwrap_or_default(),
         tls_creds: tls_creds.map(|t| PathBuf::from(t.into_inner())),
         tls_verify_peer,
@@ -628,6 +647,16 @@ retention = { keep-last = 48 }
                 "bool",
             ),
             (
+                "[disk.a]\npath = \"/x\"\ndirect-io = \"maybe\"\n",
+                "line 3",
+                "invalid direct-io",
+            ),
+            (
+                "[disk.a]\npath = \"/x\"\ndirect-io = 1\n",
+                "line 3",
+                "invalid direct-io",
+            ),
+            (
                 "[disk.a]\npath = \"/x\"\npath = \"/y\"\n",
                 "line 3",
                 "duplicate",
@@ -648,6 +677,22 @@ retention = { keep-last = 48 }
                 "for {text:?}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn direct_io_is_inherited_and_takes_on_off_or_a_bool() {
+        let c = parse(
+            "[defaults]\ndirect-io = \"off\"\n\
+             [disk.a]\npath = \"/a\"\n\
+             [disk.b]\npath = \"/b\"\ndirect-io = true\n\
+             [disk.c]\npath = \"/c\"\ndirect-io = \"on\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.disks["a"].direct_io, Some(false));
+        assert_eq!(c.disks["b"].direct_io, Some(true));
+        assert_eq!(c.disks["c"].direct_io, Some(true));
+        let c = parse("[disk.a]\npath = \"/a\"\n").unwrap();
+        assert_eq!(c.disks["a"].direct_io, None, "unset: the daemon's default");
     }
 
     #[test]

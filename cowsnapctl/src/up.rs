@@ -57,6 +57,9 @@ fn attach_args(d: &DiskConfig) -> AttachArgs {
         via: d.via.clone(),
         read_only: d.read_only,
         io_engine: d.io_engine.clone(),
+        direct_io: d
+            .direct_io
+            .map(|on| if on { "on" } else { "off" }.to_string()),
         container: d.container.clone(),
         chunk_size: d.chunk_size.clone(),
         connections: d.connections,
@@ -304,6 +307,16 @@ mod tests {
         assert_eq!(a.chunk_size.as_deref(), Some("128K"));
         assert!(a.read_only);
         assert_eq!(a.io_engine, "sync");
+        assert_eq!(a.direct_io, None);
+        let cfg = Config::parse(
+            Path::new("/c.toml"),
+            "[disk.pg]\npath = \"/dev/x\"\ndirect-io = false\n",
+        )
+        .unwrap();
+        assert_eq!(
+            attach_args(cfg.disk("pg").unwrap()).direct_io.as_deref(),
+            Some("off")
+        );
     }
 
     #[test]
