@@ -30,9 +30,11 @@
 
 use crate::blockio::BlockIo;
 use crate::changelog::ChangeLog;
+use crate::discard::{ChangeKind, DiscardMarks};
 use crate::error::Result;
 use crate::export::{Export, ExportCaps, Extent, ZeroFlags};
 use crate::latency::{LatencyHistogram, LatencySnapshot};
+use crate::paged_bits::PagedBits;
 use crate::snapshot::Snapshot;
 use crate::throttle::ThrottleConfig;
 use serde::Serialize;
@@ -159,6 +161,8 @@ pub struct Engine {
     instant_waiting: AtomicU64,
     /// Data-changing requests in flight.
     inflight: AtomicU64,
+    /// Chunks wholly trimmed or zeroed and not written since (in memory only).
+    discards: DiscardMarks,
 }
 
 impl Engine {
@@ -169,7 +173,9 @@ impl Engine {
         changelog: Option<Arc<ChangeLog>>,
     ) -> Result<Arc<Self>> {
         check_chunk_size(u64::from(cfg.chunk_size))?;
+        let discards = DiscardMarks::new(origin.size(), cfg.chunk_size);
         Ok(Arc::new(Engine {
+            discards,
             origin,
             cfg,
             changelog,
@@ -244,6 +250,13 @@ impl Engine {
         self.instant_waiting.load(Ordering::SeqCst)
     }
 
+    /// The chunks wholly trimmed or zeroed and not written since, as of the instant the
+    /// caller holds (`gate`: no data-changing request is in flight). Known since the
+    /// daemon started only (`discard.rs`); chunks discarded before are not marked.
+    pub(crate) fn discarded_at_instant(&self, _gate: &ExclusiveGate<'_>) -> PagedBits {
+        self.discards.at_instant()
+    }
+
     /// Remove `snap` if it is the installed snapshot (under the exclusive gate, so no
     /// writer is inside it). Its waiters must have been released first (failed) or
     /// have nothing left to wait for (complete).
@@ -292,10 +305,12 @@ impl Engine {
     }
 
     /// Run a data-changing operation on `off..off+len` under the instant gate, after
-    /// preserving the originals of pending chunks.
+    /// preserving the originals of pending chunks; `kind` says whether it leaves the
+    /// range discarded (trim, write-zeroes) or stores data (`discard.rs`).
     fn change(
         &self,
         what: &str,
+        kind: ChangeKind,
         off: u64,
         len: u64,
         op: impl FnOnce() -> Result<()>,
@@ -307,7 +322,9 @@ impl Engine {
         if let Some(snap) = gate.as_ref() {
             snap.preserve(&*self.origin, off, len);
         }
+        let ticket = self.discards.begin(kind, off, len);
         let r = self.tracked(off, len, op);
+        self.discards.end(ticket, r.is_ok());
         self.touch();
         self.inflight.fetch_sub(1, Ordering::SeqCst);
         drop(gate);
@@ -385,7 +402,7 @@ impl Export for Engine {
         self.counters
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let r = self.change("write", off, data.len() as u64, || {
+        let r = self.change("write", ChangeKind::Write, off, data.len() as u64, || {
             self.origin.write_at(data, off)?;
             if fua {
                 self.origin.flush()?;
@@ -404,7 +421,7 @@ impl Export for Engine {
             return Err(crate::err!(ReadOnly, "trim on a read-only export"));
         }
         self.counters.trims.fetch_add(1, Ordering::Relaxed);
-        let r = self.change("trim", off, len, || {
+        let r = self.change("trim", ChangeKind::Discard, off, len, || {
             self.origin.discard(off, len)?;
             if fua {
                 self.origin.flush()?;
@@ -421,7 +438,7 @@ impl Export for Engine {
             return Err(crate::err!(Unsupported, "fast zero not supported"));
         }
         self.counters.zeroes.fetch_add(1, Ordering::Relaxed);
-        let r = self.change("write-zeroes", off, len, || {
+        let r = self.change("write-zeroes", ChangeKind::Discard, off, len, || {
             self.origin.write_zeroes(off, len, !flags.no_hole)?;
             if flags.fua {
                 self.origin.flush()?;

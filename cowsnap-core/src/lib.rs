@@ -45,6 +45,7 @@
 //! | 13 | `ChangeLog` spare mutex | the cut (after `inner`); zeroing the spare region after a commit or abort (write + fdatasync, `inner` not held, so first writes go on) | **yes** | whether the spare region is zeroed or holds the cut's P; which region is C changes only with 12 and 13 held |
 //! | 14 | `ChangeLog` in-memory bitmap RwLock | read: a first write's check and queueing, the leader publishing bits, status (briefly); write: the cut swaps in an empty bitmap (O(1)) | no | the in-memory copy of C |
 //! | 15 | `ChangeLog` queue mutex, in-flight sequence mutex | briefly (the queue is never held across the leader's I/O) | no | queued bits and tickets; unacknowledged sequence numbers |
+//! | 16 | discard marks mutex (`discard.rs`, in the engine) | every write / trim / write-zeroes, briefly before and after its origin I/O (bit operations, the list of requests in flight); the instant copies the plane under the exclusive gate | no | chunks wholly discarded and not written since |
 //!
 //! The repository's own locks (the `DIR/lock` flock, the quarantine lock) and the
 //! operations they order are in [`repo`]'s table; the NBD server's locks are in
@@ -96,6 +97,7 @@ pub mod changelog;
 pub mod chunk_map;
 pub mod container;
 pub mod dest_guard;
+mod discard;
 pub mod disk_state;
 pub mod drain;
 pub mod engine;

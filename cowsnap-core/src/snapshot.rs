@@ -67,6 +67,9 @@ pub struct SnapStats {
     pub excluded_free: AtomicU64,
     /// Bytes found to be holes of a sparse origin and so stored as zeros.
     pub excluded_holes: AtomicU64,
+    /// Bytes discarded (trimmed or zeroed whole chunks, not written since) before the
+    /// instant and so stored as zeros.
+    pub excluded_discarded: AtomicU64,
 }
 
 /// One snapshot of a disk.

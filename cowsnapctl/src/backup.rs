@@ -339,10 +339,11 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                         backup_line(&b)
                     );
                     println!(
-                        "scope {}: {} read, {} free space and {} holes stored as zeros unread",
+                        "scope {}: {} read, {} free space, {} discarded and {} holes stored as zeros unread",
                         human_bytes(b.bytes_in_scope),
                         human_bytes(b.bytes_copied),
                         human_bytes(b.bytes_excluded_free),
+                        human_bytes(b.bytes_excluded_discarded),
                         human_bytes(b.bytes_excluded_zero)
                     );
                     for n in &b.notes {

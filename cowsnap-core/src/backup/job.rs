@@ -112,4 +112,5 @@ fn fill_figures(st: &mut BackupStatus, s: &Snapshot) {
     st.bytes_in_scope = (s.map.in_scope() * u64::from(geo.chunk_size)).min(geo.disk_size);
     st.bytes_excluded_free = s.stats.excluded_free.load(Ordering::Relaxed);
     st.bytes_excluded_zero = s.stats.excluded_holes.load(Ordering::Relaxed);
+    st.bytes_excluded_discarded = s.stats.excluded_discarded.load(Ordering::Relaxed);
 }

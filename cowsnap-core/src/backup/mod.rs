@@ -201,6 +201,10 @@ pub struct BackupStatus {
     /// Bytes of the scope that are holes of a sparse origin: stored as zeros, not read.
     #[serde(default)]
     pub bytes_excluded_zero: u64,
+    /// Bytes of the scope trimmed or zeroed (whole chunks) before the instant and not
+    /// written since: stored as zeros, not read.
+    #[serde(default)]
+    pub bytes_excluded_discarded: u64,
     /// How long writes were paused for the snapshot instant, µs (from the moment no
     /// data-changing request was in flight to the installed snapshot).
     #[serde(default)]

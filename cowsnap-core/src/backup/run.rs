@@ -133,6 +133,9 @@ pub(super) fn start(
         (None, Some(m)) => m,
         (bits, _) => ChunkMap::new(geo, granule, bits),
     };
+    // chunks discarded before the instant and not written since (a copy: writers
+    // after the instant change the live plane, not this one)
+    let discarded = (!p.all_blocks).then(|| engine.discarded_at_instant(&gate));
     let snap = Arc::new(Snapshot::new(map, container, cfg.throttle));
     let created_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -202,6 +205,7 @@ pub(super) fn start(
                     &job2,
                     full,
                     all_blocks,
+                    discarded.as_ref(),
                 );
                 // the bulk reads bypass the page cache where the origin is a block
                 // device (drain.rs notes); anything else reads the origin as served

@@ -16,6 +16,14 @@
 //!   snapshot). An incremental's scope leaves unchanged chunks out of the snapshot, so
 //!   their metadata cannot be read as of the instant there: free space is learned in
 //!   full backups only, and the output says so.
+//! - Chunks discarded (trim or write-zeroes of the whole chunk) before the instant and
+//!   not written since, as the engine knew them at the instant (`discard.rs`: since the
+//!   daemon started, in memory): zeros in the image, so not read. This is what makes a
+//!   trim count on a block device, which has no holes to ask for. Marked after the
+//!   free space (a chunk both free and discarded counts as free) and before the holes (a
+//!   trim of a file origin punches a hole: it counts as discarded). Sound for the same
+//!   reason as holes: `mark_zero` skips any granule written since the instant.
+//!   `--all-blocks` reads them too.
 //! - Anything unknown (no filesystem found, unsupported features, damaged metadata, a
 //!   journal that cannot be read) means: back up every block, and say why in the
 //!   backup's notes. `--all-blocks` (`BackupParams::all_blocks`) turns the free-space
@@ -28,6 +36,7 @@ use super::job::Job;
 use crate::blockio::BlockIo;
 use crate::error::Result;
 use crate::freespace::Probe;
+use crate::paged_bits::PagedBits;
 use crate::snapshot::Snapshot;
 use std::sync::atomic::Ordering;
 
@@ -43,9 +52,13 @@ pub(super) fn exclude_known_zeros(
     job: &Job,
     full: bool,
     all_blocks: bool,
+    discarded: Option<&PagedBits>,
 ) {
     if all_blocks {
-        job.note("--all-blocks: free space of the filesystem is read and stored".into());
+        job.note(
+            "--all-blocks: free space of the filesystem and discarded chunks are read and stored"
+                .into(),
+        );
     } else if full {
         match probe_fs(origin, snap) {
             Ok(found) => {
@@ -68,6 +81,20 @@ pub(super) fn exclude_known_zeros(
         }
     } else {
         job.note("free space is learned in full backups only".into());
+    }
+    if let Some(d) = discarded {
+        let bytes = mark_runs(snap, d);
+        snap.stats
+            .excluded_discarded
+            .fetch_add(bytes, Ordering::Relaxed);
+        if bytes > 0 {
+            job.note(format!(
+                "{} discarded (trim or write-zeroes of whole chunks, not written since) \
+                 excluded (stored as zeros); discards from before the daemon started are \
+                 not known and are read",
+                crate::bytes::human(bytes)
+            ));
+        }
     }
     match holes(origin, snap) {
         Ok(bytes) => {
@@ -108,6 +135,20 @@ pub(super) fn holes(origin: &dyn BlockIo, snap: &Snapshot) -> Result<u64> {
         off += len;
     }
     Ok(marked)
+}
+
+/// Mark the runs of ones of `plane` (a bit per chunk) as zeros; returns the bytes that
+/// became zero.
+fn mark_runs(snap: &Snapshot, plane: &PagedBits) -> u64 {
+    let n = plane.len().min(snap.geometry().nchunks as usize);
+    let mut bytes = 0;
+    let mut at = 0;
+    while let Some(a) = plane.first(at..n, true) {
+        let b = plane.first(a..n, false).unwrap_or(n);
+        bytes += snap.map.mark_zero(a as u64, b as u64);
+        at = b;
+    }
+    bytes
 }
 
 /// Mark the whole chunks inside the byte ranges `[a, b)` as zeros; returns the bytes
