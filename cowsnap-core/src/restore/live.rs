@@ -23,6 +23,18 @@
 //!   destination once, persists the batch's bits, then releases the marks: a write to a
 //!   chunk whose fetch is not yet durable waits, so a restart can never re-fetch a chunk
 //!   over an acknowledged write.
+//! - Zero runs: the background fill takes a run of consecutive unrestored chunks whose
+//!   hash is the zero hash as one step (at most [`ZERO_RUN_CHUNKS`] chunks): marks on
+//!   the run, then — under the marks — the destination asked for data there
+//!   (`BlockIo::data_ranges`): none (holes of a fresh sparse file) means nothing is
+//!   written; otherwise, or unknown (a device), one `write_zeroes` over the run (at most
+//!   [`ZERO_RUN_WRITE_BYTES`], so a writer waiting for a mark waits for one bounded
+//!   zeroing). Then one flush and one persist of the whole run's bits, as for a data
+//!   batch. So a sparse generation fills in steps proportional to its data, plus one
+//!   per run. Sound as any batch: the bits become durable only after the flush, and a
+//!   chunk a writer restored meanwhile is left out (its bit is set, its data the
+//!   writer's); a hole seen under the marks cannot be filled by anyone but the marks'
+//!   holder, and the flush makes a hole an earlier step punched durable.
 //! - Restart (daemon killed): the state file's bits are exactly the chunks whose data
 //!   and later writes are safe; the rest are fetched again. A missing state file means a
 //!   fresh destination. When every bit is set the header says "complete" and the
@@ -56,6 +68,15 @@ use std::sync::{Arc, Mutex, Weak};
 
 /// Chunks fetched per durable step of the background fill.
 const FILL_BATCH: usize = 16;
+/// Most chunks of one zero run of the background fill (one durable step, one set of
+/// fill marks).
+const ZERO_RUN_CHUNKS: u64 = 1 << 16;
+/// Most bytes of a zero run the destination already reads as zeros (holes of a file):
+/// nothing is written, only the bits are persisted.
+const ZERO_RUN_HOLE_BYTES: u64 = 64 << 30;
+/// Most bytes of a zero run that must be zeroed (one `write_zeroes`): bounds how long
+/// a write to a chunk of the run waits for its fill mark.
+const ZERO_RUN_WRITE_BYTES: u64 = 1 << 30;
 
 /// Progress of the background fill.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -497,19 +518,23 @@ impl FillingIo {
             return Ok(());
         }
         let file = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut words: Vec<u64> = self.restored.to_words();
-        let mut blocks = Vec::new();
+        // the new bits by word; only the state file's blocks they fall in are written,
+        // each with the bits already durable (set in memory only after their fsync)
+        let mut masks = std::collections::BTreeMap::<usize, u64>::new();
         for &c in chunks {
-            words[(c / 64) as usize] |= 1 << (c % 64);
-            blocks.push(c / 8 / BLOCK);
+            *masks.entry((c / 64) as usize).or_default() |= 1 << (c % 64);
         }
-        blocks.sort_unstable();
+        let block_words = (BLOCK / 8) as usize;
+        let mut blocks: Vec<usize> = masks.keys().map(|w| w / block_words).collect();
         blocks.dedup();
         for b in blocks {
-            let w0 = (b * BLOCK / 8) as usize;
-            let w1 = (w0 + (BLOCK / 8) as usize).min(words.len());
-            let bytes = bitmap::to_le_bytes(&words[w0..w1], (w1 - w0) * 8);
-            file.write_all_at(&bytes, HEADER + b * BLOCK)
+            let w0 = b * block_words;
+            let w1 = (w0 + block_words).min(self.restored.nwords());
+            let words: Vec<u64> = (w0..w1)
+                .map(|w| self.restored.word(w) | masks.get(&w).copied().unwrap_or(0))
+                .collect();
+            let bytes = bitmap::to_le_bytes(&words, (w1 - w0) * 8);
+            file.write_all_at(&bytes, HEADER + b as u64 * BLOCK)
                 .ctx(|| format!("unable to write fill state {}", self.state_path.display()))?;
         }
         file.sync_data()
@@ -650,17 +675,46 @@ impl FillingIo {
         self.fill_running.load(Ordering::SeqCst)
     }
 
-    /// Fetch the next batch; `None` when the end is reached, else the bytes fetched.
+    /// Whether chunk `c` of the generation is all zeros.
+    fn is_zero_chunk(&self, c: u64) -> bool {
+        *self.index.hash(c) == ZERO_HASH
+    }
+
+    /// Byte offset just past chunk `c`.
+    fn chunk_end(&self, c: u64) -> u64 {
+        c * self.chunk_size + self.index.chunk_len(c) as u64
+    }
+
+    /// Whether the destination reads zeros in `off..end` because it holds no data there
+    /// (holes of a file); `false` when unknown.
+    fn dest_has_no_data(&self, off: u64, end: u64) -> bool {
+        match self.dest.data_ranges(off, end - off) {
+            Ok(Some(r)) => r.iter().all(|&(a, b)| b <= off || a >= end || b <= a),
+            _ => false,
+        }
+    }
+
+    /// Fetch the next batch (a run of zero chunks, or up to [`FILL_BATCH`] other
+    /// unrestored chunks); `None` when the end is reached, else the bytes written.
     fn fill_batch(&self, from: &mut u64) -> Result<Option<u64>> {
+        while *from < self.nchunks && self.is_restored(*from) {
+            *from += 1;
+        }
+        if *from >= self.nchunks {
+            return Ok(None);
+        }
+        if self.is_zero_chunk(*from) {
+            return self.fill_zero_run(from).map(Some);
+        }
         let mut batch = Vec::with_capacity(FILL_BATCH);
         while *from < self.nchunks && batch.len() < FILL_BATCH {
             if !self.is_restored(*from) {
+                if self.is_zero_chunk(*from) {
+                    break;
+                }
                 batch.push(*from);
             }
             *from += 1;
-        }
-        if batch.is_empty() {
-            return Ok(None);
         }
         let _g = self.busy.acquire(batch.clone());
         let todo: Vec<u64> = batch
@@ -675,6 +729,50 @@ impl FillingIo {
             self.persist(&todo)?;
         }
         Ok(Some(todo.len() as u64 * self.chunk_size))
+    }
+
+    /// Restore the run of unrestored zero chunks starting at `*from` in one step (see
+    /// the module notes); returns the bytes written (0 when the destination already
+    /// held no data there).
+    fn fill_zero_run(&self, from: &mut u64) -> Result<u64> {
+        let first = *from;
+        let cap = |bytes: u64| (bytes / self.chunk_size).clamp(1, ZERO_RUN_CHUNKS);
+        let mut end = first;
+        while end < self.nchunks
+            && end - first < cap(ZERO_RUN_HOLE_BYTES)
+            && !self.is_restored(end)
+            && self.is_zero_chunk(end)
+        {
+            end += 1;
+        }
+        // a run that needs writing is cut shorter (checked again under the marks)
+        if !self.dest_has_no_data(first * self.chunk_size, self.chunk_end(end - 1)) {
+            end = end.min(first + cap(ZERO_RUN_WRITE_BYTES));
+        }
+        *from = end;
+        let _g = self.busy.acquire((first..end).collect());
+        // chunks a writer restored meanwhile are the writer's
+        let todo: Vec<u64> = (first..end).filter(|&c| !self.is_restored(c)).collect();
+        let mut written = 0;
+        let mut i = 0;
+        while i < todo.len() {
+            // contiguous pieces of `todo` (one, unless a writer came between)
+            let mut j = i + 1;
+            while j < todo.len() && todo[j] == todo[j - 1] + 1 {
+                j += 1;
+            }
+            let (a, b) = (todo[i] * self.chunk_size, self.chunk_end(todo[j - 1]));
+            if !self.dest_has_no_data(a, b) {
+                self.dest.write_zeroes(a, b - a, true)?;
+                written += b - a;
+            }
+            i = j;
+        }
+        if !todo.is_empty() {
+            self.dest.flush()?;
+            self.persist(&todo)?;
+        }
+        Ok(written)
     }
 }
 
