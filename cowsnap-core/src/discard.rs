@@ -173,9 +173,9 @@ impl DiscardMarks {
     /// A copy of the plane, taken at a snapshot instant (no request in flight: the
     /// caller holds the instant gate exclusively).
     pub(crate) fn at_instant(&self) -> PagedBits {
-        let st = self.lock();
-        debug_assert!(st.inflight.is_empty(), "a request in flight at the instant");
-        st.plane.clone()
+        // (an entry left by a request whose operation panicked can only spoil later
+        // discards, never set a bit: harmless)
+        self.lock().plane.clone()
     }
 
     /// Chunks marked now.
