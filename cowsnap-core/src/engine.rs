@@ -19,6 +19,10 @@
 //! - Quiesce support: the engine keeps the time of the last data-changing request and
 //!   how many are in flight (`Engine::idle_for`), for a job's idle-window wait.
 //! - Reads and flushes do not take the gate: reads never wait on the drainer.
+//! - Discard marks (`discard.rs`): every data-changing request registers with them
+//!   inside the gate, before its origin I/O, and reports its outcome after it; a trim
+//!   or write-zeroes that covered whole chunks, overlapped by no write, marks them. A
+//!   snapshot instant copies the marks (`discarded_at_instant`, exclusive gate held).
 //! - Change-log marks happen inside the gate, before the origin write, so the cut taken
 //!   at the instant matches the image.
 //! - `block_status` reports holes/zeros only where the origin says so (SEEK_HOLE on a
