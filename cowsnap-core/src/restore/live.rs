@@ -776,6 +776,9 @@ impl FillingIo {
     }
 }
 
+/// The most a rate-limited fill may run ahead of its pace after falling behind.
+const FILL_BURST: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn fill_loop(weak: Weak<FillingIo>) {
     let mut from = 0u64;
     let started = std::time::Instant::now();
@@ -793,6 +796,11 @@ fn fill_loop(weak: Weak<FillingIo>) {
             let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
             let now = started.elapsed();
             if now >= due {
+                // A fill that fell behind (slow I/O, a rate raised later) does not
+                // catch up in a burst: at most FILL_BURST of credit is kept.
+                if now > due + FILL_BURST {
+                    bytes = ((now - FILL_BURST).as_secs_f64() * rate as f64) as u64;
+                }
                 break;
             }
             drop(io);
