@@ -5,6 +5,7 @@ pub mod attach;
 pub mod attached;
 pub mod cli;
 pub mod control;
+pub mod fuse;
 pub mod logging;
 pub mod name_lock;
 pub mod nbd;
