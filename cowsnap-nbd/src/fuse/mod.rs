@@ -114,7 +114,7 @@ impl FuseServer {
         name: &str,
     ) -> Result<Arc<FuseServer>> {
         let threads = threads.clamp(1, MAX_THREADS);
-        if crate::attach::fuse::is_mounted(mount_dir) {
+        if is_mounted(mount_dir) {
             return Err(cowsnap_core::err!(
                 Busy,
                 "unable to mount {}: something is mounted there already (a FUSE mount left \
@@ -243,7 +243,7 @@ impl FuseServer {
                 Err(e) => log::warn!("FUSE: unable to run losetup -d {lo}: {e}"),
             }
         }
-        if crate::attach::fuse::is_mounted(&self.mount_dir) {
+        if is_mounted(&self.mount_dir) {
             // losetup -d lets go asynchronously: retry a busy unmount for a moment.
             let deadline = Instant::now() + Duration::from_secs(3);
             loop {
@@ -281,6 +281,14 @@ impl FuseServer {
         }
         let _ = std::fs::remove_dir(&self.mount_dir);
     }
+}
+
+/// Whether `dir` is a mount point (by /proc/self/mountinfo).
+fn is_mounted(dir: &Path) -> bool {
+    let d = dir.to_string_lossy();
+    cowsnap_core::mountinfo::read()
+        .map(|ms| ms.iter().any(|m| m.mount_point == d))
+        .unwrap_or(false)
 }
 
 /// Loop devices whose backing file is `file` (`/sys/block/loopN/loop/backing_file`).
