@@ -8,7 +8,9 @@
 #   nbdkit   nbdkit file plugin (cache=default) + nbdfuse + losetup --direct-io=on
 # Jobs: 4k randwrite QD32, 4k randread QD32, 4k randwrite QD1, 1M seq write QD8,
 # 1M seq read QD8. The file is filled with random data and read into the page cache
-# first; jobs are interleaved (job by job, path by path) so background load hits all
+# first and copied once through the cowsnap device, so every chunk's change-log bit is
+# set (the steady state between backups: the first write to a chunk after a backup also
+# persists its bit, which raw and nbdkit never do); jobs are interleaved (job by job, path by path) so background load hits all
 # four alike. Prints a markdown table with each path's ratio to raw and to nbdkit.
 #   scripts/bench-device.sh   (env: BENCH_SECS=10, BENCH_SIZE_MB=1024, BENCH_PATHS,
 #                              BENCH_JOBS, COWSNAP_BIN_DIR)
@@ -81,6 +83,9 @@ fio_job() { # DEV JOB -> "value unit"
 
 echo "filling $IMG ($SIZE_MB MiB) with random data" >&2
 dd if=/dev/urandom of="$IMG" bs=1M count="$SIZE_MB" status=none
+setup fuse
+dd if="$IMG" of="$DEV" bs=1M oflag=direct status=none
+teardown
 cat "$IMG" >/dev/null
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $(uname -r)" >&2
 declare -A R
