@@ -73,6 +73,7 @@ run_path() { # run_path LABEL ATTACH_ARGS...
 for p in ${BENCH_PATHS:-nbd1 nbd2 nbd4 fuse}; do
   case $p in
     nbd[0-9]*) run_path "nbd, ${p#nbd} connection(s)" --via nbd --connections "${p#nbd}";;
-    fuse) run_path "fuse (nbdfuse+loop)" --via fuse;;
+    fuse) run_path "fuse (the daemon's FUSE file + loop)" --via fuse;;
+    nbdfuse) run_path "fuse (nbdfuse+loop)" --via nbdfuse;;
   esac
 done

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Attach a 1 GiB file through the daemon with --via fuse (nbdfuse + loop), make ext4,
+# Attach a 1 GiB file through the daemon with --via fuse (the daemon's FUSE file + loop), make ext4,
 # mount, write files; detach is refused while mounted (naming the mount point); after
 # umount + detach the origin file passes e2fsck -fn and, attached again, holds the same
 # files (sha256). status --json shows non-zero I/O counters.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # detach --force of a mounted disk (via fuse): detach goes ahead with a warning naming the
-# mount, the daemon and nbdfuse exit, the mount then reports I/O errors instead of hanging,
+# mount, the daemon exits (and with it the FUSE file), the mount then reports I/O errors instead of hanging,
 # and after a lazy unmount nothing is left behind (no daemon, no FUSE mount, no sockets).
 . "$(dirname "$0")/lib.sh"
 need_root; need_fuse; need mkfs.ext4 timeout

@@ -83,6 +83,14 @@ pub struct Args {
     /// a connection uses at most 64M of it.
     #[arg(long, default_value = "128M")]
     pub request_memory: String,
+    /// Also serve the disk as the file DIR/disk through the daemon's own FUSE server
+    /// (mounted at start, unmounted at shutdown; `cowsnapctl attach --via fuse` puts a
+    /// loop device on it).
+    #[arg(long, value_name = "DIR")]
+    pub fuse_mount: Option<PathBuf>,
+    /// With --fuse-mount: FUSE worker threads (requests served at once; 1 to 32).
+    #[arg(long, default_value_t = crate::fuse::DEFAULT_THREADS, value_name = "N")]
+    pub fuse_threads: usize,
     /// An open descriptor of `RUN_DIR/NAME.lock` that the starting process has already
     /// locked (`cowsnapctl attach`); the daemon keeps it for its life.
     #[arg(long, hide = true)]
@@ -136,6 +144,9 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
     a.state_dir = abs(&a.state_dir)?;
     if let Some(l) = &a.log_file {
         a.log_file = Some(abs(l)?);
+    }
+    if let Some(f) = &a.fuse_mount {
+        a.fuse_mount = Some(abs(f)?);
     }
     if let Some(t) = &a.tls_creds {
         a.tls_creds = Some(abs(t)?);
@@ -239,6 +250,13 @@ pub fn cache_bytes(args: &Args) -> Result<u64> {
 /// Check the flags that every later backup depends on, before anything is touched.
 pub fn check_args(args: &Args) -> Result<()> {
     cache_bytes(args)?;
+    if !(1..=crate::fuse::MAX_THREADS).contains(&args.fuse_threads) {
+        bail!(
+            "invalid --fuse-threads {}: 1 to {}",
+            args.fuse_threads,
+            crate::fuse::MAX_THREADS
+        );
+    }
     cowsnap_core::engine::check_chunk_size(u64::from(args.chunk_size))?;
     if let Some(c) = &args.container {
         cowsnap_core::container::check_default(c, args.chunk_size)?;

@@ -14,9 +14,13 @@
 //! origin, close the change log, seal the origin, remove the sockets and the pid
 //! file, exit 0.
 //!
+//! With `--fuse-mount DIR` the export is also the file `DIR/disk` of the daemon's own
+//! FUSE server (`cowsnap_nbd::fuse`), mounted after the engine is built and before the
+//! pid file is written; shutdown detaches loop devices on it and unmounts it first.
+//!
 //! Threads: one signal thread (SIGTERM/SIGINT are blocked everywhere else), the NBD
-//! server's accept threads, one control accept thread and one thread per control
-//! connection. The main thread waits for a stop event.
+//! server's accept threads, the FUSE workers (`--fuse-threads`), one control accept
+//! thread and one thread per control connection. The main thread waits for a stop event.
 //!
 //! Change tracking is bound to the origin (`cowsnap_core::origin_seal`): at start the
 //! seal the last daemon left is checked (`cowsnap_core::disk_state`) and removed before
@@ -46,6 +50,7 @@ use cowsnap_core::restore::generation_export::GenerationExport;
 use cowsnap_core::restore::live::FillingIo;
 use cowsnap_nbd::cli::{self, Args};
 use cowsnap_nbd::control::{self, server::ControlServer};
+use cowsnap_nbd::fuse::FuseServer;
 use cowsnap_nbd::name_lock::{self, NameLock};
 use cowsnap_nbd::nbd::server::Server;
 use cowsnap_nbd::paths::DiskPaths;
@@ -121,6 +126,7 @@ struct Daemon {
     engine: Arc<Engine>,
     backups: Arc<Backups>,
     server: Arc<Server>,
+    fuse: Option<Arc<FuseServer>>,
     changelog: Option<Arc<ChangeLog>>,
     filling: Option<Arc<FillingIo>>,
     generation: Option<Arc<GenerationExport>>,
@@ -368,7 +374,7 @@ pub fn run(args: Args) -> Result<()> {
     let export: Arc<dyn Export> = engine.clone();
     let desc = format!("cowsnap disk {} ({})", args.name, origin_path.display());
     server.set_export(&args.name, export.clone(), &desc);
-    server.set_export("", export, &desc);
+    server.set_export("", export.clone(), &desc);
 
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     // The last successful backup is remembered in the disk's state directory (a
@@ -401,13 +407,14 @@ pub fn run(args: Args) -> Result<()> {
             })
         },
     });
-    let daemon = Daemon {
+    let mut daemon = Daemon {
         origin: origin_path.clone(),
         read_only: args.read_only,
         paths: paths.clone(),
         engine: engine.clone(),
         backups,
         server: server.clone(),
+        fuse: None,
         changelog,
         filling: filling.clone(),
         generation,
@@ -446,6 +453,20 @@ pub fn run(args: Args) -> Result<()> {
                 }
             })
             .context("unable to start the signal thread")?;
+    }
+
+    // The FUSE file exists before the pid file and the control socket: whoever sees the
+    // daemon answer can put a loop device on it.
+    if let Some(dir) = &args.fuse_mount {
+        let f = FuseServer::mount(export.clone(), dir, args.fuse_threads, &args.name);
+        match f {
+            Ok(f) => daemon.fuse = Some(f),
+            Err(e) => {
+                let _ = std::fs::remove_file(paths.nbd_socket());
+                let _ = std::fs::remove_file(paths.ctl_socket());
+                return Err(e.into());
+            }
+        }
     }
 
     // The pid file exists before anything answers: whoever sees the daemon answer
@@ -513,6 +534,9 @@ fn seal_origin(d: &Daemon, flushed: bool) {
     if d.server.connections() > 0 {
         return skip("NBD connections are still open");
     }
+    if d.fuse.as_ref().is_some_and(|f| f.live_workers() > 0) {
+        return skip("the FUSE file is still in use");
+    }
     if let Some(f) = &d.filling {
         if f.fill_running() {
             return skip("the live restore's fill is still running");
@@ -539,6 +563,10 @@ fn close_changelog(d: &Daemon, cl: &ChangeLog) {
         log::warn!("change log left open: NBD connections are still open");
         return;
     }
+    if d.fuse.as_ref().is_some_and(|f| f.live_workers() > 0) {
+        log::warn!("change log left open: the FUSE file is still in use");
+        return;
+    }
     if let Err(e) = cl.close() {
         log::warn!("{e:#}");
     }
@@ -553,6 +581,9 @@ fn wait_stop(rx: &Receiver<Stop>) -> String {
 }
 
 fn shutdown(d: &Daemon) {
+    if let Some(f) = &d.fuse {
+        f.stop();
+    }
     d.server.shutdown();
     let _ = std::fs::remove_file(d.paths.nbd_socket());
     let deadline = Instant::now() + Duration::from_secs(5);

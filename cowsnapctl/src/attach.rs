@@ -1,5 +1,5 @@
 //! `cowsnapctl attach`: start the disk's daemon in the background, wait until it
-//! answers, expose it (kernel nbd, nbdfuse + loop, or nothing), record what was set up.
+//! answers, expose it (kernel nbd, the daemon's FUSE file + loop, nbdfuse + loop, or nothing), record what was set up.
 //!
 //! Everything is validated first (origin type and size, name, flags); then the name
 //! lock `RUN_DIR/NAME.lock` is taken before any file of the name is touched, and handed
@@ -40,8 +40,9 @@ pub struct AttachArgs {
     /// Disk name (default: derived from PATH, e.g. /dev/sdb → sdb).
     #[arg(long)]
     pub name: Option<String>,
-    /// How to expose the disk: kernel nbd, nbdfuse + loop device, or only the NBD URI.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "none"])]
+    /// How to expose the disk: kernel nbd, the daemon's FUSE file + loop device, nbdfuse
+    /// + loop device (the older FUSE path), or only the NBD URI.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "nbdfuse", "none"])]
     pub via: String,
     /// Use this kernel NBD device (--via nbd), e.g. /dev/nbd3.
     #[arg(long)]
@@ -335,7 +336,7 @@ fn nbd_index(dev: &Path) -> Result<u32> {
 
 /// The daemon's arguments for `attach` (without `--lock-fd`): recorded, so that
 /// `restart` can start the same daemon again.
-fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<Vec<String>> {
+fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths, via: Via) -> Result<Vec<String>> {
     let s = |p: &Path| p.display().to_string();
     let source = match &a.generation {
         Some(g) => ["--generation".to_string(), g.clone()],
@@ -355,6 +356,9 @@ fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths) -> Result<Vec<S
     ];
     if let Some(d) = &a.direct_io {
         v.extend(["--direct-io".into(), d.clone()]);
+    }
+    if via == Via::Fuse {
+        v.extend(["--fuse-mount".into(), s(&paths.fuse_dir())]);
     }
     if a.read_only {
         v.push("--read-only".into());
@@ -588,11 +592,11 @@ pub fn undo_device(rec: &AttachRecord) -> Result<()> {
                 netlink::disconnect(i)?;
             }
         }
-        Via::Fuse => {
-            if let (Some(m), Some(p)) = (&rec.fuse_mount, rec.nbdfuse_pid) {
+        Via::Fuse | Via::Nbdfuse => {
+            if let Some(m) = &rec.fuse_mount {
                 fuse::detach(&fuse::FuseAttach {
                     mount_dir: m.clone(),
-                    nbdfuse_pid: p,
+                    nbdfuse_pid: rec.nbdfuse_pid,
                     loop_device: rec.loop_device.clone(),
                     direct_io: rec.direct_io.unwrap_or(false),
                     notes: vec![],
@@ -677,7 +681,7 @@ fn resume_locked(
         "note: the daemon (pid {}) of {name:?} is gone and the kernel still holds {dev};          starting a new one and reconnecting",
         rec.pid
     );
-    let args = daemon_args(a, origin, paths)?;
+    let args = daemon_args(a, origin, paths, rec.via)?;
     let what = format!("unable to attach {} as {name:?}", origin.display());
     resume_daemon(paths, &mut rec, args, &what, lock, started)?;
     if !dev.is_empty() {
@@ -784,6 +788,7 @@ pub fn run(dirs: &Dirs, mut a: AttachArgs) -> Result<()> {
     let via = match a.via.as_str() {
         "nbd" => Via::Nbd,
         "fuse" => Via::Fuse,
+        "nbdfuse" => Via::Nbdfuse,
         "none" => Via::None,
         _ => attach::auto_via(),
     };
@@ -868,6 +873,7 @@ pub fn parse_via(v: &str) -> Via {
     match v {
         "nbd" => Via::Nbd,
         "fuse" => Via::Fuse,
+        "nbdfuse" => Via::Nbdfuse,
         "none" => Via::None,
         _ => attach::auto_via(),
     }
@@ -925,7 +931,7 @@ fn attach_locked(
         }
     }
 
-    let args = daemon_args(a, origin, &paths)?;
+    let args = daemon_args(a, origin, &paths, via)?;
     let what = format!("unable to attach {} as {name:?}", origin.display());
     let (pid, st) = start_daemon(&args, &what, &paths, lock, started)?;
     let mut rec = AttachRecord {
@@ -966,6 +972,14 @@ fn attach_locked(
                 rec.dead_conn_timeout = Some(t);
             }
             Via::Fuse => {
+                let fa = fuse::attach_file(&paths.fuse_dir(), a.read_only)?;
+                rec.fuse_mount = Some(fa.mount_dir.clone());
+                rec.loop_device = fa.loop_device.clone();
+                rec.device = fa.loop_device.clone();
+                rec.direct_io = Some(fa.direct_io);
+                notes = fa.notes;
+            }
+            Via::Nbdfuse => {
                 let fa = fuse::attach(
                     &st.uri,
                     &paths.fuse_dir(),
@@ -975,7 +989,7 @@ fn attach_locked(
                     attach_timeout(),
                 )?;
                 rec.fuse_mount = Some(fa.mount_dir.clone());
-                rec.nbdfuse_pid = Some(fa.nbdfuse_pid);
+                rec.nbdfuse_pid = fa.nbdfuse_pid;
                 rec.loop_device = fa.loop_device.clone();
                 rec.device = fa.loop_device.clone();
                 rec.direct_io = Some(fa.direct_io);

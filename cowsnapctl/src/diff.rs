@@ -79,8 +79,9 @@ pub struct DiffArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
-    /// With --files: how to expose the generations (kernel nbd or nbdfuse + loop).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse"])]
+    /// With --files: how to expose the generations (kernel nbd, the daemon's
+    /// FUSE file + loop, or nbdfuse + loop).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "nbdfuse"])]
     pub via: String,
     /// With --files: the partition holding the filesystem (default: the whole device if
     /// it holds a filesystem, else its only partition).

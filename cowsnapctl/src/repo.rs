@@ -468,7 +468,7 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "PREFIX")]
     pub name_prefix: Option<String>,
     /// With --live: how to expose the disk.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "none"])]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "nbdfuse", "none"])]
     pub via: String,
     /// Print JSON.
     #[arg(long)]

@@ -38,11 +38,12 @@ pub fn run(dirs: &Dirs, a: RestartArgs) -> Result<()> {
             dirs.run_dir.display()
         )
     })?;
-    if rec.via == Via::Fuse {
+    if matches!(rec.via, Via::Fuse | Via::Nbdfuse) {
         bail!(
-            "unable to restart {}: it is attached via fuse, and a FUSE mount cannot be handed \
+            "unable to restart {}: it is attached via {}, and a FUSE mount cannot be handed \
              to a new server; unmount {}, then detach and attach it again",
             a.name,
+            rec.via,
             rec.device.as_deref().unwrap_or("its loop device")
         );
     }

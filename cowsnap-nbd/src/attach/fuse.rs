@@ -1,11 +1,17 @@
-//! `--via fuse`: `nbdfuse` exposes the export as the file `RUN_DIR/NAME.fuse/disk`,
-//! and `losetup` turns that file into `/dev/loopN`. For hosts without `nbd.ko`.
+//! The FUSE attach paths, for hosts without `nbd.ko`: the export is the file
+//! `RUN_DIR/NAME.fuse/disk`, and `losetup` turns that file into `/dev/loopN`.
 //!
-//! Set-up order: mount directory → nbdfuse (waits for its pid file, which it writes
-//! once it serves) → losetup with direct I/O (so the page cache is not doubled; if the
+//! - `--via fuse` ([`attach_file`]): the daemon serves the file itself
+//!   (`crate::fuse`, `cowsnap-nbd --fuse-mount`), mounted before the daemon answers;
+//!   only the loop device is set up here.
+//! - `--via nbdfuse` ([`attach`]): libnbd's `nbdfuse` serves the file as an NBD client
+//!   of the daemon's socket (a second process and a socket hop; kept as a fallback for
+//!   a daemon binary or kernel where the in-daemon server cannot mount).
+//!
+//! Loop set-up: losetup with direct I/O (so the page cache is not doubled; if the
 //! kernel refuses direct I/O on the FUSE file, plain buffered loop I/O is used and the
-//! record says so). Tear-down is the reverse: `losetup -d`, `fusermount3 -u` (nbdfuse
-//! then exits by itself), remove the directory.
+//! record says so). Tear-down is the reverse: `losetup -d`, unmount the FUSE mount
+//! (nbdfuse then exits by itself; the daemon's workers end), remove the directory.
 
 use super::{pid_alive, wait_pid_gone};
 use cowsnap_core::error::{Error, Result};
@@ -18,8 +24,8 @@ use std::time::{Duration, Instant};
 pub struct FuseAttach {
     /// Mount directory.
     pub mount_dir: PathBuf,
-    /// nbdfuse pid.
-    pub nbdfuse_pid: i32,
+    /// nbdfuse pid (`--via nbdfuse`; none when the daemon serves the file).
+    pub nbdfuse_pid: Option<i32>,
     /// `/dev/loopN`, once set up.
     pub loop_device: Option<String>,
     /// Whether the loop device does direct I/O.
@@ -143,13 +149,41 @@ pub fn attach(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut fa = FuseAttach {
+    let fa = FuseAttach {
         mount_dir: mount_dir.to_path_buf(),
-        nbdfuse_pid: pid,
+        nbdfuse_pid: Some(pid),
         loop_device: None,
         direct_io: true,
         notes: Vec::new(),
     };
+    setup_loop(fa, read_only)
+}
+
+/// `--via fuse`: the daemon serves `mount_dir/disk` already; set up a loop device on
+/// it. On failure the loop device is not left behind (the mount is the daemon's).
+pub fn attach_file(mount_dir: &Path, read_only: bool) -> Result<FuseAttach> {
+    let file = mount_dir.join(crate::fuse::FILE_NAME);
+    if !is_mounted(mount_dir) || !file.exists() {
+        return Err(cowsnap_core::err!(
+            Io,
+            "unable to find the daemon's FUSE file {}",
+            file.display()
+        ));
+    }
+    let fa = FuseAttach {
+        mount_dir: mount_dir.to_path_buf(),
+        nbdfuse_pid: None,
+        loop_device: None,
+        direct_io: true,
+        notes: Vec::new(),
+    };
+    setup_loop(fa, read_only)
+}
+
+/// losetup (direct I/O when the kernel allows it) on `fa.mount_dir/disk`. On failure
+/// everything in `fa` is torn down.
+fn setup_loop(mut fa: FuseAttach, read_only: bool) -> Result<FuseAttach> {
+    let mount_dir = fa.mount_dir.clone();
     let file = mount_dir.join("disk");
     let mut base = Command::new("losetup");
     if read_only {
@@ -230,10 +264,7 @@ pub fn detach(fa: &FuseAttach) -> Result<()> {
     if is_mounted(&fa.mount_dir) {
         let mut last = None;
         for _ in 0..30 {
-            match run(
-                Command::new("fusermount3").arg("-u").arg(&fa.mount_dir),
-                &format!("unmount {}", fa.mount_dir.display()),
-            ) {
+            match unmount(&fa.mount_dir, false) {
                 Ok(_) => {
                     last = None;
                     break;
@@ -247,25 +278,42 @@ pub fn detach(fa: &FuseAttach) -> Result<()> {
             // FUSE mount lazily; it goes away when its last user does.
             log::warn!("{e}; unmounting {} lazily", fa.mount_dir.display());
             lazy = true;
-            run(
-                Command::new("fusermount3")
-                    .arg("-u")
-                    .arg("-z")
-                    .arg(&fa.mount_dir),
-                &format!("unmount {} lazily", fa.mount_dir.display()),
-            )?;
+            unmount(&fa.mount_dir, true)?;
         }
     }
     // After a lazy unmount nbdfuse lives until the mount's last user lets go.
-    if !lazy && pid_alive(fa.nbdfuse_pid) && !wait_pid_gone(fa.nbdfuse_pid, Duration::from_secs(10))
-    {
-        log::warn!(
-            "nbdfuse (pid {}) did not exit after unmount",
-            fa.nbdfuse_pid
-        );
+    if let Some(pid) = fa.nbdfuse_pid {
+        if !lazy && pid_alive(pid) && !wait_pid_gone(pid, Duration::from_secs(10)) {
+            log::warn!("nbdfuse (pid {pid}) did not exit after unmount");
+        }
     }
     let _ = std::fs::remove_dir(&fa.mount_dir);
     Ok(())
+}
+
+/// Unmount a FUSE mount (`lazy`: `MNT_DETACH`): `umount2` as root, `fusermount3 -u`
+/// when that is not permitted.
+fn unmount(dir: &Path, lazy: bool) -> Result<()> {
+    let flags = if lazy {
+        nix::mount::MntFlags::MNT_DETACH
+    } else {
+        nix::mount::MntFlags::empty()
+    };
+    match nix::mount::umount2(dir, flags) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EPERM) => {
+            let mut c = Command::new("fusermount3");
+            c.arg("-u");
+            if lazy {
+                c.arg("-z");
+            }
+            run(c.arg(dir), &format!("unmount {}", dir.display())).map(|_| ())
+        }
+        Err(e) => Err(Error::io(
+            format!("unable to unmount {}", dir.display()),
+            e.into(),
+        )),
+    }
 }
 
 /// The backing file of a loop device, if it is bound.

@@ -1,11 +1,14 @@
 //! Making an attached disk visible to the kernel, and taking it away again.
 //!
-//! Three ways (`cowsnapctl attach --via`):
+//! Four ways (`cowsnapctl attach --via`):
 //! - `nbd`: the kernel NBD client, configured over generic netlink ([`netlink`]). The
 //!   client side of the NBD handshake is done here ([`client`]); the kernel gets
 //!   sockets that are already in the transmission phase.
-//! - `fuse`: `nbdfuse` exposes the export as a file, `losetup` turns the file into
-//!   `/dev/loopN` ([`fuse`]). Used where `nbd.ko` is absent.
+//! - `fuse`: the daemon's own FUSE server exposes the export as a file
+//!   (`crate::fuse`), `losetup` turns the file into `/dev/loopN` ([`fuse`]). Used
+//!   where `nbd.ko` is absent.
+//! - `nbdfuse`: the same with libnbd's `nbdfuse` serving the file from the NBD socket
+//!   (the older path, kept as a fallback).
 //! - `none`: no kernel device; clients use the NBD URI.
 //!
 //! What was set up is recorded in `RUN_DIR/NAME.attach.json` ([`AttachRecord`]) so
@@ -27,8 +30,10 @@ use std::path::{Path, PathBuf};
 pub enum Via {
     /// Kernel NBD client (netlink).
     Nbd,
-    /// nbdfuse + loop device.
+    /// The daemon's FUSE file + loop device.
     Fuse,
+    /// nbdfuse + loop device.
+    Nbdfuse,
     /// No kernel device.
     None,
 }
@@ -38,12 +43,13 @@ impl std::fmt::Display for Via {
         f.write_str(match self {
             Via::Nbd => "nbd",
             Via::Fuse => "fuse",
+            Via::Nbdfuse => "nbdfuse",
             Via::None => "none",
         })
     }
 }
 
-/// `auto`: the kernel client when `/dev/nbd0` exists, else nbdfuse + loop.
+/// `auto`: the kernel client when `/dev/nbd0` exists, else the daemon's FUSE file + loop.
 pub fn auto_via() -> Via {
     if Path::new("/dev/nbd0").exists() {
         Via::Nbd
@@ -70,16 +76,16 @@ pub struct AttachRecord {
     /// Kernel NBD index (`--via nbd`).
     #[serde(default)]
     pub nbd_index: Option<u32>,
-    /// nbdfuse mount directory (`--via fuse`).
+    /// FUSE mount directory (`--via fuse`, `--via nbdfuse`).
     #[serde(default)]
     pub fuse_mount: Option<PathBuf>,
-    /// nbdfuse pid (`--via fuse`).
+    /// nbdfuse pid (`--via nbdfuse`).
     #[serde(default)]
     pub nbdfuse_pid: Option<i32>,
-    /// Loop device (`--via fuse`).
+    /// Loop device (`--via fuse`, `--via nbdfuse`).
     #[serde(default)]
     pub loop_device: Option<String>,
-    /// Whether the loop device does direct I/O (`--via fuse`).
+    /// Whether the loop device does direct I/O (`--via fuse`, `--via nbdfuse`).
     #[serde(default)]
     pub direct_io: Option<bool>,
     /// Read-only attach.
@@ -295,6 +301,15 @@ mod tests {
         std::fs::write(&p, old).unwrap();
         let back = AttachRecord::load(&p).unwrap().unwrap();
         assert!(back.daemon_args.is_empty() && back.nbd_connections.is_none());
+        let nf = AttachRecord {
+            via: Via::Nbdfuse,
+            ..back
+        };
+        nf.save(&p).unwrap();
+        assert!(std::fs::read_to_string(&p)
+            .unwrap()
+            .contains("\"via\": \"nbdfuse\""));
+        assert_eq!(AttachRecord::load(&p).unwrap(), Some(nf));
         std::fs::write(&p, "{").unwrap();
         assert!(AttachRecord::load(&p).is_err());
     }

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Block device benchmark where nbd.ko is absent: fio (libaio, direct) on a loop device
+# over one file, reached four ways, in one run:
+#   raw      losetup on the image file itself (buffered: the loop writes into the file's
+#            page cache, as the three servers below do with their origin)
+#   fuse     cowsnapctl attach --via fuse: the daemon's own FUSE file + losetup --direct-io=on
+#   nbdfuse  cowsnapctl attach --via nbdfuse: nbdfuse on the daemon's NBD socket + loop
+#   nbdkit   nbdkit file plugin (cache=default) + nbdfuse + losetup --direct-io=on
+# Jobs: 4k randwrite QD32, 4k randread QD32, 4k randwrite QD1, 1M seq write QD8,
+# 1M seq read QD8. The file is filled with random data and read into the page cache
+# first and copied once through the cowsnap device, so every chunk's change-log bit is
+# set (the steady state between backups: the first write to a chunk after a backup also
+# persists its bit, which raw and nbdkit never do); jobs are interleaved (job by job, path by path) so background load hits all
+# four alike. Prints a markdown table with each path's ratio to raw and to nbdkit.
+#   scripts/bench-device.sh   (env: BENCH_SECS=10, BENCH_SIZE_MB=1024, BENCH_PATHS,
+#                              BENCH_JOBS, COWSNAP_BIN_DIR)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${COWSNAP_BIN_DIR:-$ROOT/target/release}
+CTL=$BIN/cowsnapctl
+SECS=${BENCH_SECS:-10}
+SIZE_MB=${BENCH_SIZE_MB:-1024}
+PATHS=${BENCH_PATHS:-"raw fuse nbdfuse nbdkit"}
+JOBS=${BENCH_JOBS:-"randwrite4k randread4k randwrite4k_qd1 seqwrite1m seqread1m"}
+for t in fio nbdkit nbdfuse losetup fusermount3 jq; do
+  command -v "$t" >/dev/null || { echo "missing $t (scripts/setup.sh)"; exit 1; }
+done
+[ "$(id -u)" = 0 ] || { echo "needs root (losetup, mount)"; exit 1; }
+[ -x "$CTL" ] || { echo "no cowsnapctl at $CTL (cargo build --release)"; exit 1; }
+
+W=$(mktemp -d /tmp/cowsnap-benchdev.XXXXXX)
+export COWSNAP_RUN_DIR=$W/run COWSNAP_STATE_DIR=$W/state COWSNAP_NBD_BIN=$BIN/cowsnap-nbd
+IMG=$W/disk.img
+DEV= NKPID= NFPID=
+teardown() {
+  set +e
+  if [ -n "$DEV" ] && [ "$CUR" != fuse ] && [ "$CUR" != nbdfuse ]; then losetup -d "$DEV" 2>/dev/null; fi
+  case ${CUR:-} in
+    fuse|nbdfuse) "$CTL" detach bench >/dev/null 2>&1 ;;
+    nbdkit)
+      for _ in $(seq 50); do [ -z "$(losetup -j "$W/nk/disk" 2>/dev/null)" ] && break; sleep 0.1; done
+      fusermount3 -u "$W/nk" 2>/dev/null || fusermount3 -u -z "$W/nk" 2>/dev/null
+      [ -n "$NKPID" ] && kill "$NKPID" 2>/dev/null && wait "$NKPID" 2>/dev/null ;;
+  esac
+  DEV= NKPID= CUR=
+  set -e
+}
+CUR=
+cleanup() { teardown; rm -rf "$W"; }
+trap cleanup EXIT
+
+setup() {
+  CUR=$1
+  case $1 in
+    raw) DEV=$(losetup --direct-io=off -f --show "$IMG") ;;
+    fuse|nbdfuse) DEV=$("$CTL" attach "$IMG" --name bench --via "$1" >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/bench.attach.json") ;;
+    nbdkit)
+      rm -f "$W/nk.sock"; mkdir -p "$W/nk"
+      nbdkit --foreground --unix "$W/nk.sock" file file="$IMG" cache=default >"$W/nbdkit.log" 2>&1 &
+      NKPID=$!
+      for _ in $(seq 100); do [ -S "$W/nk.sock" ] && break; sleep 0.05; done
+      nbdfuse "$W/nk/disk" "nbd+unix:///?socket=$W/nk.sock" >"$W/nbdfuse.log" 2>&1 &
+      for _ in $(seq 100); do [ -e "$W/nk/disk" ] && break; sleep 0.05; done
+      DEV=$(losetup --direct-io=on -f --show "$W/nk/disk") ;;
+  esac
+  [ -b "$DEV" ] || { echo "set-up of $1 failed"; exit 1; }
+}
+
+fio_job() { # DEV JOB -> "value unit"
+  local dev=$1 a
+  case $2 in
+    randwrite4k) a=(--rw=randwrite --bs=4k --iodepth=32) ;;
+    randread4k) a=(--rw=randread --bs=4k --iodepth=32) ;;
+    randwrite4k_qd1) a=(--rw=randwrite --bs=4k --iodepth=1) ;;
+    seqwrite1m) a=(--rw=write --bs=1M --iodepth=8) ;;
+    seqread1m) a=(--rw=read --bs=1M --iodepth=8) ;;
+  esac
+  fio --name=b --filename="$dev" --direct=1 --ioengine=libaio "${a[@]}" --time_based \
+    --runtime="$SECS" --ramp_time=1 --size="${SIZE_MB}M" --output-format=json 2>/dev/null |
+    jq -r --arg j "$2" '.jobs[0] | if ($j|test("write")) then .write else .read end |
+      if ($j|test("1m")) then "\(.bw_bytes / 1048576 | floor) MiB/s" else "\(.iops | floor) IOPS" end'
+}
+
+echo "filling $IMG ($SIZE_MB MiB) with random data" >&2
+dd if=/dev/urandom of="$IMG" bs=1M count="$SIZE_MB" status=none
+setup fuse
+dd if="$IMG" of="$DEV" bs=1M oflag=direct status=none
+teardown
+cat "$IMG" >/dev/null
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $(uname -r)" >&2
+declare -A R
+for j in $JOBS; do
+  for p in $PATHS; do
+    setup "$p"
+    R[$j,$p]=$(fio_job "$DEV" "$j")
+    teardown
+    echo "$j $p: ${R[$j,$p]}" >&2
+  done
+done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+
+num() { echo "${1%% *}"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+printf '| job |'; for p in $PATHS; do printf ' %s |' "$p"; done; echo ' fuse / raw | fuse / nbdkit | fuse / nbdfuse |'
+printf '|---|'; for _ in $PATHS; do printf -- '---|'; done; echo '---|---|---|'
+for j in $JOBS; do
+  printf '| %s |' "$j"
+  for p in $PATHS; do printf ' %s |' "${R[$j,$p]:--}"; done
+  f=$(num "${R[$j,fuse]:-0}")
+  printf ' %s× | %s× | %s× |\n' "$(ratio "$f" "$(num "${R[$j,raw]:-0}")")" \
+    "$(ratio "$f" "$(num "${R[$j,nbdkit]:-0}")")" "$(ratio "$f" "$(num "${R[$j,nbdfuse]:-0}")")"
+done
