@@ -5,6 +5,7 @@
 #
 #   scripts/s3-server.sh start   install the packages if missing, start (idempotent)
 #   scripts/s3-server.sh env     print AWS_* exports for the user (eval "$(... env)")
+#   scripts/s3-server.sh mb BKT  create bucket BKT (as the user; curl's SigV4)
 #   scripts/s3-server.sh stop    stop every daemon it started and remove the state dir
 #
 # Everything lives under COWSNAP_S3_DIR (default /var/tmp/cowsnap-s3); the S3 endpoint is
@@ -151,6 +152,22 @@ for n, v in (("AWS_ACCESS_KEY_ID", k["access_key"]), ("AWS_SECRET_ACCESS_KEY", k
 EOF
 }
 
+mb() { # BUCKET
+  [ -n "${1:-}" ] || die "usage: $0 mb BUCKET"
+  [ -s "$S/user.json" ] || die "not running (start it first)"
+  local ak sk code
+  ak=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["keys"][0]["access_key"])' "$S/user.json")
+  sk=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["keys"][0]["secret_key"])' "$S/user.json")
+  # the keys go to curl in a config on a pipe, not on its command line
+  code=$(curl -s -o "$S/log/mb.out" -w '%{http_code}' -K <(printf 'user = "%s:%s"\n' "$ak" "$sk") \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 "aws:amz:us-east-1:s3" -X PUT "http://127.0.0.1:$PORT/$1")
+  case $code in
+    200) ;;
+    409) grep -q BucketAlreadyOwnedByYou "$S/log/mb.out" || die "bucket $1: $(cat "$S/log/mb.out")" ;;
+    *) die "unable to create bucket $1: HTTP $code $(cat "$S/log/mb.out")" ;;
+  esac
+}
+
 stop_all() {
   local n pid i
   for n in "${DAEMONS[@]}"; do
@@ -171,5 +188,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop_all ;;
   env) env_ ;;
-  *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+  mb) mb "${2:-}" ;;
+  *) echo "usage: $0 start|stop|env|mb BUCKET" >&2; exit 2 ;;
 esac
