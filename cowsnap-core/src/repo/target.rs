@@ -106,10 +106,12 @@ impl Pool {
     fn start(repo: &Arc<Repo>, shared: &Arc<Mutex<Shared>>) -> Result<Pool> {
         // Twice the CPUs (at least 4): chunk fsyncs block a worker without using a
         // CPU, and concurrent fsyncs share journal commits.
+        // On an object store a worker mostly waits for a PUT: at least 8.
+        let least = if repo.is_object() { 8 } else { 4 };
         let n = std::thread::available_parallelism()
             .map(|p| p.get() * 2)
             .unwrap_or(4)
-            .clamp(4, 16);
+            .clamp(least, 16);
         let (tx, rx) = bounded::<ChunkWork>(2 * n);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
