@@ -2,7 +2,8 @@
 # Installs the Debian packages cowsnap's tests, demo and benchmarks need. Idempotent.
 set -euo pipefail
 PKGS=(nbdkit libnbd-bin python3-libnbd fio qemu-utils e2fsprogs xfsprogs fuse3 util-linux fdisk
-      postgresql postgresql-contrib kmod procps psmisc jq prometheus curl zsh fish openssl)
+      postgresql postgresql-contrib kmod procps psmisc jq prometheus curl zsh fish openssl
+      ceph-mon ceph-osd ceph-mgr radosgw ceph-common uuid-runtime)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -15,6 +16,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   # port, so a service this script just installed is stopped and disabled.
   if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
+  # Likewise Ceph (the S3 store of tests/70, scripts/s3-server.sh, is started by hand).
+  if [[ " ${missing[*]} " == *" ceph-mon "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now ceph.target >/dev/null 2>&1 || true
   fi
 fi
 command -v cargo >/dev/null || [ -x "$HOME/.cargo/bin/cargo" ] || { echo "setup: cargo not found (install a Rust toolchain)"; exit 1; }

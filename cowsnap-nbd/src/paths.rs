@@ -116,9 +116,11 @@ pub fn container_path(spec: &str) -> Option<&str> {
     .filter(|p| !p.is_empty())
 }
 
-/// The path in a backup target spec: `file:PATH`, `dev:PATH` or `repo:DIR`.
+/// The path in a backup target spec: `file:PATH`, `dev:PATH` or `repo:DIR`; none for
+/// `repo:s3://…` (an object store, no local path).
 pub fn target_path(spec: &str) -> Option<&str> {
     match spec.split_once(':')? {
+        ("repo", p) if p.starts_with(cowsnap_core::repo::object::SCHEME) => None,
         ("file" | "dev" | "repo", p) if !p.is_empty() => Some(p),
         _ => None,
     }
@@ -245,6 +247,7 @@ mod tests {
         assert_eq!(container_path("ram:64M"), None);
         assert_eq!(container_path("file::64M"), None);
         assert_eq!(target_path("repo:r"), Some("r"));
+        assert_eq!(target_path("repo:s3://bkt/p"), None);
         assert_eq!(target_path("file:"), None);
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(

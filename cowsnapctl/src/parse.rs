@@ -47,11 +47,18 @@ pub fn parse_ranges(s: &str) -> Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// Check a backup target spec: `file:PATH`, `dev:PATH` or `repo:DIR`.
+/// Check a backup target spec: `file:PATH`, `dev:PATH`, `repo:DIR` or
+/// `repo:s3://BUCKET[/PREFIX]`.
 pub fn check_target(s: &str) -> Result<()> {
     match s.split_once(':') {
+        Some(("repo", p)) if p.starts_with(cowsnap_core::repo::object::SCHEME) => {
+            cowsnap_core::repo::object::parse_url(p)?;
+            Ok(())
+        }
         Some(("file" | "dev" | "repo", p)) if !p.is_empty() => Ok(()),
-        _ => bail!("invalid target {s:?}: expected file:PATH, dev:PATH or repo:DIR"),
+        _ => bail!(
+            "invalid target {s:?}: expected file:PATH, dev:PATH, repo:DIR or repo:s3://BUCKET[/PREFIX]"
+        ),
     }
 }
 
@@ -62,6 +69,9 @@ pub fn absolute_target(s: &str) -> Result<String> {
     let (kind, p) = s
         .split_once(':')
         .ok_or_else(|| anyhow!("invalid target {s:?}"))?;
+    if cowsnap_core::repo::object::is_s3(std::path::Path::new(p)) {
+        return Ok(s.to_string());
+    }
     let abs = std::path::absolute(p)
         .map_err(|e| anyhow!("unable to resolve the target path {p:?}: {e}"))?;
     Ok(format!("{kind}:{}", abs.display()))
@@ -162,6 +172,11 @@ mod tests {
         assert!(check_target("dev:/dev/sdc").is_ok());
         assert!(check_target("repo:/srv/backups").is_ok());
         assert_eq!(absolute_target("repo:/srv/b").unwrap(), "repo:/srv/b");
+        assert_eq!(
+            absolute_target("repo:s3://bkt/p").unwrap(),
+            "repo:s3://bkt/p"
+        );
+        assert!(check_target("repo:s3://UPPER/p").is_err());
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(
             absolute_target("file:x/y.img").unwrap(),

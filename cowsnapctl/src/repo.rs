@@ -481,9 +481,15 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         progress::set_json("restore");
     }
     let (dir, gen) = parse_repo_spec(&a.source)?;
+    if a.live && repo::object::is_s3(&dir) {
+        return Err(repo::object::unsupported("restore live from", &dir).into());
+    }
     // Absolute: a live restore records it and resumes from it, in another directory.
-    let dir = std::path::absolute(&dir)
-        .map_err(|e| anyhow!("unable to resolve {}: {e}", dir.display()))?;
+    let dir = match repo::object::is_s3(&dir) {
+        true => dir,
+        false => std::path::absolute(&dir)
+            .map_err(|e| anyhow!("unable to resolve {}: {e}", dir.display()))?,
+    };
     let repo = Repo::open(&dir)?;
     let all = repo.list()?;
     let g = match repo::group::resolve_in(&all, gen.as_deref(), &dir)? {

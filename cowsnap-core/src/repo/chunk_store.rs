@@ -38,15 +38,26 @@
 //! possible once the name is free) is never moved away. Installing a chunk never
 //! replaces a file that is there: it renames only over a missing name (or over an
 //! identical copy a concurrent writer installed).
+//!
+//! # On an object store
+//!
+//! The same chunks, as objects `PREFIX/chunks/ab/<64 hex>` ([`ChunkStore::object`],
+//! see `repo::object`): a chunk is PUT whole (atomic; nothing to fsync or rename, so
+//! it is "published" when the PUT returns). Whether a chunk is present comes from one
+//! listing of `chunks/` taken at the first question, plus what this store wrote since
+//! (a chunk another writer added meanwhile is written again: the same bytes). A present
+//! chunk is reused without reading it back. There is no quarantine: a damaged chunk is
+//! reported and left in place.
 
+use super::object::ObjectRepo;
 use crate::bytes::is_zero;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, hex};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Reserved hash for an all-zero chunk (never stored).
 pub const ZERO_HASH: [u8; 32] = [0u8; 32];
@@ -96,6 +107,72 @@ pub struct ChunkStore {
     dir: PathBuf,
     quarantine: PathBuf,
     touched: Mutex<BTreeSet<u16>>,
+    /// The object store, for a repository on one (then `dir` is only for messages).
+    remote: Option<Remote>,
+}
+
+/// The chunks of an object-store repository.
+struct Remote {
+    repo: Arc<ObjectRepo>,
+    /// Chunks known present: one listing at the first question, plus those written since.
+    known: Mutex<Option<HashSet<[u8; 32]>>>,
+}
+
+impl Remote {
+    /// Whether `hash` is known present (lists the store at the first call).
+    fn contains(&self, hash: &[u8; 32]) -> Result<bool> {
+        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if k.is_none() {
+            let listed: HashSet<[u8; 32]> = self
+                .repo
+                .list("chunks/")?
+                .iter()
+                .filter_map(|(name, _)| fsutil::parse_hash(name.rsplit('/').next()?))
+                .collect();
+            *k = Some(listed);
+        }
+        Ok(k.as_ref().is_some_and(|set| set.contains(hash)))
+    }
+
+    fn add(&self, hash: &[u8; 32]) {
+        if let Some(set) = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            set.insert(*hash);
+        }
+    }
+}
+
+/// The object key of a chunk, relative to the repository's prefix.
+fn chunk_key(hash: &[u8; 32]) -> String {
+    let h = hex(hash);
+    format!("chunks/{}/{h}", &h[..2])
+}
+
+/// A chunk's stored bytes: header and payload (zstd when that shrinks it).
+fn encode_chunk(hash: &[u8; 32], data: &[u8]) -> Result<Vec<u8>> {
+    let compressed = match worth_compressing(data) {
+        true => zstd::bulk::compress(data, ZSTD_LEVEL)
+            .ctx(|| format!("unable to compress chunk {}", hex(hash)))?,
+        false => Vec::new(),
+    };
+    let (enc, payload): (u8, &[u8]) = if !compressed.is_empty() && compressed.len() < data.len() {
+        (1, &compressed)
+    } else {
+        (0, data)
+    };
+    let mut out = Vec::with_capacity(HDR + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.push(CHUNK_VERSION);
+    out.push(enc);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    Ok(out)
 }
 
 /// One file found in the store: its hash (`None` for a stray temporary file), path
@@ -236,7 +313,27 @@ impl ChunkStore {
             dir: dir.to_path_buf(),
             quarantine: quarantine.to_path_buf(),
             touched: Mutex::new(BTreeSet::new()),
+            remote: None,
         }
+    }
+
+    /// The chunks of the object-store repository `repo` (`PREFIX/chunks/`).
+    pub fn object(repo: Arc<ObjectRepo>) -> Self {
+        let base = PathBuf::from(repo.url());
+        ChunkStore {
+            dir: base.join("chunks"),
+            quarantine: base.join("quarantine"),
+            touched: Mutex::new(BTreeSet::new()),
+            remote: Some(Remote {
+                repo,
+                known: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Whether the chunks live in an object store.
+    pub fn is_object(&self) -> bool {
+        self.remote.is_some()
     }
 
     /// Path of a chunk.
@@ -252,11 +349,21 @@ impl ChunkStore {
 
     /// Whether a damaged copy of `hash` was quarantined.
     pub fn is_quarantined(&self, hash: &[u8; 32]) -> bool {
+        if self.remote.is_some() {
+            return false;
+        }
         self.quarantine.join(hex(hash)).exists()
     }
 
     /// Whether a chunk file exists under `hash` (healthy or not: see [`Self::read`]).
     pub fn contains(&self, hash: &[u8; 32]) -> bool {
+        if let Some(r) = &self.remote {
+            return *hash == ZERO_HASH
+                || r.contains(hash).unwrap_or_else(|e| {
+                    log::warn!("{e}; asking for chunk {} alone", hex(hash));
+                    r.repo.exists(&chunk_key(hash)).unwrap_or(false)
+                });
+        }
         *hash == ZERO_HASH || self.path_of(hash).exists()
     }
 
@@ -281,6 +388,16 @@ impl ChunkStore {
         hash: &[u8; 32],
         data: &[u8],
     ) -> Result<(Insert, Option<PendingChunk>)> {
+        if let Some(r) = &self.remote {
+            if r.contains(hash)? {
+                return Ok((Insert::Reused, None));
+            }
+            let bytes = encode_chunk(hash, data)?;
+            let n = bytes.len() as u64;
+            r.repo.put(&chunk_key(hash), bytes)?;
+            r.add(hash);
+            return Ok((Insert::New(n), None));
+        }
         let path = self.path_of(hash);
         let mut healed = false;
         match std::fs::read(&path) {
@@ -313,28 +430,11 @@ impl ChunkStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(PARENT);
         }
-        let compressed = match worth_compressing(data) {
-            true => zstd::bulk::compress(data, ZSTD_LEVEL)
-                .ctx(|| format!("unable to compress chunk {}", hex(hash)))?,
-            false => Vec::new(),
-        };
-        let (enc, payload): (u8, &[u8]) = if !compressed.is_empty() && compressed.len() < data.len()
-        {
-            (1, &compressed)
-        } else {
-            (0, data)
-        };
-        let mut hdr = [0u8; HDR];
-        hdr[..4].copy_from_slice(&MAGIC);
-        hdr[4] = CHUNK_VERSION;
-        hdr[5] = enc;
-        hdr[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        hdr[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let bytes = encode_chunk(hash, data)?;
         let mut f = fsutil::AtomicFile::create(&path)?;
         let name = path.display().to_string();
         f.file()
-            .write_all(&hdr)
-            .and_then(|_| f.file().write_all(payload))
+            .write_all(&bytes)
             .ctx(|| format!("unable to write chunk {name}"))?;
         // SAFETY: sync_file_range takes a valid fd (borrowed from the open file) and
         // integers; it touches no memory of ours.
@@ -352,7 +452,7 @@ impl ChunkStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(hash[0] as u16);
-        let n = (HDR + payload.len()) as u64;
+        let n = bytes.len() as u64;
         let ins = if healed {
             Insert::Healed(n)
         } else {
@@ -363,6 +463,9 @@ impl ChunkStore {
 
     /// fsync every chunk directory a rename went into since the last call.
     pub fn sync_dirs(&self) -> Result<()> {
+        if self.remote.is_some() {
+            return Ok(());
+        }
         let touched = std::mem::take(&mut *self.touched.lock().unwrap_or_else(|p| p.into_inner()));
         for b in touched.iter().filter(|&&b| b != PARENT) {
             let d = self.dir.join(hex(&[*b as u8]));
@@ -378,6 +481,9 @@ impl ChunkStore {
     /// A damaged chunk is quarantined (the error says so); a quarantined one reads as
     /// `NotFound`, saying it was quarantined.
     pub fn read(&self, hash: &[u8; 32], expect_len: usize) -> Result<Vec<u8>> {
+        if self.remote.is_some() {
+            return self.read_no_quarantine(hash, expect_len);
+        }
         match self.read_no_quarantine(hash, expect_len) {
             Ok(d) => Ok(d),
             Err(e) if is_damage(&e) => match self.quarantine_damaged(hash, expect_len) {
@@ -398,6 +504,17 @@ impl ChunkStore {
     pub fn read_no_quarantine(&self, hash: &[u8; 32], expect_len: usize) -> Result<Vec<u8>> {
         if *hash == ZERO_HASH {
             return Ok(vec![0u8; expect_len]);
+        }
+        if let Some(r) = &self.remote {
+            let raw = r.repo.get(&chunk_key(hash))?.ok_or_else(|| {
+                crate::err!(
+                    NotFound,
+                    "chunk {} is missing from {}",
+                    hex(hash),
+                    r.repo.url()
+                )
+            })?;
+            return decode(hash, &raw, expect_len);
         }
         let path = self.path_of(hash);
         let raw = match std::fs::read(&path) {
@@ -428,7 +545,7 @@ impl ChunkStore {
         hash: &[u8; 32],
         expect_len: usize,
     ) -> Result<Option<PathBuf>> {
-        if *hash == ZERO_HASH {
+        if *hash == ZERO_HASH || self.remote.is_some() {
             return Ok(None);
         }
         std::fs::create_dir_all(&self.quarantine)
@@ -491,6 +608,9 @@ impl ChunkStore {
     /// Files in the quarantine (damaged chunks kept as evidence).
     pub fn quarantined(&self) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
+        if self.remote.is_some() {
+            return Ok(out);
+        }
         for ent in crate::fsutil::dir_entries(&self.quarantine)? {
             if !ent.file_name().to_string_lossy().starts_with('.') {
                 out.push(ent.path());
@@ -503,6 +623,13 @@ impl ChunkStore {
     /// How many chunk files the store holds and their bytes, from directory entries
     /// only (no chunk is opened; stray temporary files are not counted).
     pub fn usage(&self) -> Result<(u64, u64)> {
+        if let Some(r) = &self.remote {
+            let l = r.repo.list("chunks/")?;
+            let l = l
+                .iter()
+                .filter(|(n, _)| n.rsplit('/').next().and_then(fsutil::parse_hash).is_some());
+            return Ok(l.fold((0, 0), |(f, b), (_, len)| (f + 1, b + len)));
+        }
         let (mut files, mut bytes) = (0u64, 0u64);
         let rd = match std::fs::read_dir(&self.dir) {
             Ok(rd) => rd,
@@ -539,6 +666,9 @@ impl ChunkStore {
     /// Every stored chunk: (hash, path, size in bytes). Stray temporary files are
     /// returned as `None` hashes.
     pub fn walk(&self) -> Result<Vec<StoredFile>> {
+        if self.remote.is_some() {
+            return Err(super::object::unsupported("walk the chunks of", &self.dir));
+        }
         let mut out = Vec::new();
         let rd = match std::fs::read_dir(&self.dir) {
             Ok(rd) => rd,

@@ -13,6 +13,12 @@
 //! DIR/pins/<id>.<8 hex>.json     generations unfinished live restores need (see pin)
 //! ```
 //!
+//! A repository is a directory or, when its "directory" is an `s3://BUCKET[/PREFIX]`
+//! URL, the same layout as objects in an S3-compatible store (see [`object`]): [`Repo`]
+//! and [`ChunkStore`] hide which. What an object store cannot do yet — locks, pins,
+//! the quarantine, prune — is refused there with "not yet supported for s3
+//! repositories" ([`Repo::require_local`]).
+//!
 //! # Locking
 //!
 //! | operations | together? | why it is safe |
@@ -32,6 +38,7 @@ pub mod diff;
 pub mod generation;
 pub mod group;
 pub mod index;
+pub mod object;
 pub mod pin;
 pub mod prune;
 pub mod retention;
@@ -57,6 +64,7 @@ use crate::fsutil;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Default repository chunk size: 1 MiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
@@ -90,21 +98,79 @@ pub struct Repo {
     dir: PathBuf,
     config: RepoConfig,
     store: ChunkStore,
+    /// The object store of an `s3://` repository (`dir` is then its URL).
+    remote: Option<Arc<object::ObjectRepo>>,
+}
+
+/// The repository lock held (see [`Repo::lock`]); none on an object store.
+pub struct RepoLock {
+    _file: Option<File>,
+}
+
+/// Check a repository's format marker.
+fn check_config(b: &[u8], dir: &Path) -> Result<RepoConfig> {
+    let config: RepoConfig = serde_json::from_slice(b).map_err(|e| {
+        crate::err!(
+            Corrupt,
+            "unable to parse {}: {e}",
+            dir.join(CONFIG_FILE).display()
+        )
+    })?;
+    if config.format != FORMAT || config.version != VERSION {
+        return Err(crate::err!(
+            Unsupported,
+            "unable to open repository {}: format {} version {} is not supported",
+            dir.display(),
+            config.format,
+            config.version
+        ));
+    }
+    if !valid_chunk_size(config.chunk_size) {
+        return Err(crate::err!(
+            Corrupt,
+            "unable to open repository {}: bad chunk size {}",
+            dir.display(),
+            config.chunk_size
+        ));
+    }
+    Ok(config)
+}
+
+fn not_a_repo(dir: &Path) -> crate::Error {
+    crate::err!(
+        NotFound,
+        "unable to open repository {}: not a cowsnap repository (no {CONFIG_FILE})",
+        dir.display()
+    )
 }
 
 impl Repo {
+    /// Open an existing object-store repository (`s3://…`).
+    fn open_object(url: &str) -> Result<Repo> {
+        let remote = Arc::new(object::ObjectRepo::open(url)?);
+        let dir = PathBuf::from(remote.url());
+        let b = remote
+            .get(CONFIG_FILE)
+            .map_err(|e| e.with_context(format!("unable to open repository {url}")))?
+            .ok_or_else(|| not_a_repo(&dir))?;
+        let config = check_config(&b, &dir)?;
+        Ok(Repo {
+            store: ChunkStore::object(remote.clone()),
+            dir,
+            config,
+            remote: Some(remote),
+        })
+    }
+
     /// Open an existing repository.
     pub fn open(dir: &Path) -> Result<Repo> {
+        if let Some(url) = object::s3_url(dir) {
+            return Self::open_object(url);
+        }
         let path = dir.join(CONFIG_FILE);
         let b = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(crate::err!(
-                    NotFound,
-                    "unable to open repository {}: not a cowsnap repository (no {CONFIG_FILE})",
-                    dir.display()
-                ))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_a_repo(dir)),
             Err(e) => {
                 return Err(crate::Error::io(
                     format!("unable to open repository {}", dir.display()),
@@ -112,34 +178,45 @@ impl Repo {
                 ))
             }
         };
-        let config: RepoConfig = serde_json::from_slice(&b)
-            .map_err(|e| crate::err!(Corrupt, "unable to parse {}: {e}", path.display()))?;
-        if config.format != FORMAT || config.version != VERSION {
-            return Err(crate::err!(
-                Unsupported,
-                "unable to open repository {}: format {} version {} is not supported",
-                dir.display(),
-                config.format,
-                config.version
-            ));
-        }
-        if !valid_chunk_size(config.chunk_size) {
-            return Err(crate::err!(
-                Corrupt,
-                "unable to open repository {}: bad chunk size {}",
-                dir.display(),
-                config.chunk_size
-            ));
-        }
+        let config = check_config(&b, dir)?;
         Ok(Repo {
             dir: dir.to_path_buf(),
             store: ChunkStore::new(&dir.join("chunks"), &dir.join("quarantine")),
             config,
+            remote: None,
         })
     }
 
     /// Open the repository, creating it (with `chunk_size`) if `dir` holds none.
     pub fn open_or_create(dir: &Path, chunk_size: u32) -> Result<Repo> {
+        if let Some(url) = object::s3_url(dir) {
+            // No conditional write: two first backups racing both write the marker;
+            // with the one chunk size backups create repositories with, they agree.
+            let remote = object::ObjectRepo::open(url)?;
+            let missing = remote
+                .get(CONFIG_FILE)
+                .map_err(|e| e.with_context(format!("unable to open repository {url}")))?
+                .is_none();
+            if missing {
+                if !valid_chunk_size(chunk_size) {
+                    return Err(crate::err!(
+                        InvalidInput,
+                        "unable to create repository {url}: chunk size {chunk_size} is not a power of two from 4096 to {MAX_CHUNK_SIZE}"
+                    ));
+                }
+                let cfg = RepoConfig {
+                    format: FORMAT.into(),
+                    version: VERSION,
+                    chunk_size,
+                };
+                let json = serde_json::to_vec_pretty(&cfg)
+                    .map_err(|e| crate::err!(InvalidInput, "unable to encode config: {e}"))?;
+                remote
+                    .put(CONFIG_FILE, json)
+                    .map_err(|e| e.with_context(format!("unable to create repository {url}")))?;
+            }
+            return Self::open_object(url);
+        }
         if !dir.join(CONFIG_FILE).exists() {
             if !valid_chunk_size(chunk_size) {
                 return Err(crate::err!(
@@ -218,13 +295,98 @@ impl Repo {
         self.generations_dir().join(format!("{id}.json"))
     }
 
+    /// Whether the repository lives in an object store (`s3://`).
+    pub fn is_object(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Refuse `what` (e.g. "prune") on an object-store repository: for operations that
+    /// need locks, pins or the quarantine.
+    pub fn require_local(&self, what: &str) -> Result<()> {
+        match self.remote {
+            Some(_) => Err(object::unsupported(what, &self.dir)),
+            None => Ok(()),
+        }
+    }
+
     /// Take the repository lock: shared for backups and restores, exclusive for prune.
-    pub fn lock(&self, exclusive: bool) -> Result<File> {
-        fsutil::lock_file(&self.dir.join("lock"), exclusive)
+    /// An object store has none (see [`object`]; prune is refused there).
+    pub fn lock(&self, exclusive: bool) -> Result<RepoLock> {
+        if self.remote.is_some() {
+            return Ok(RepoLock { _file: None });
+        }
+        Ok(RepoLock {
+            _file: Some(fsutil::lock_file(&self.dir.join("lock"), exclusive)?),
+        })
+    }
+
+    /// Publish a generation's index (before its metadata); returns its size.
+    pub fn write_index(&self, idx: &FixedIndex) -> Result<u64> {
+        match &self.remote {
+            None => idx.write(&self.index_path(&idx.generation)),
+            Some(r) => {
+                let b = idx.encode();
+                let n = b.len() as u64;
+                r.put(&format!("generations/{}.idx", idx.generation), b)?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Publish a generation's metadata (its index and chunks first): the generation
+    /// exists from here on. Returns its size.
+    pub fn write_meta(&self, g: &GenerationInfo) -> Result<u64> {
+        match &self.remote {
+            None => g.write(&self.meta_path(&g.id)),
+            Some(r) => {
+                let json = serde_json::to_vec_pretty(g).map_err(|e| {
+                    crate::err!(InvalidInput, "unable to encode generation {}: {e}", g.id)
+                })?;
+                let n = json.len() as u64;
+                r.put(&format!("generations/{}.json", g.id), json)?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// [`Self::list`] of an object store: one listing, then each metadata object.
+    fn list_object(&self, r: &object::ObjectRepo) -> Result<Vec<GenerationInfo>> {
+        let names = r.list("generations/")?;
+        let idx: std::collections::HashSet<&str> = names
+            .iter()
+            .filter_map(|(n, _)| n.strip_prefix("generations/")?.strip_suffix(".idx"))
+            .collect();
+        let mut out = Vec::new();
+        for (n, len) in &names {
+            let Some(id) = n
+                .strip_prefix("generations/")
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            if !generation::valid_id(id) || !idx.contains(id) {
+                continue;
+            }
+            if *len > 16 << 20 {
+                log::warn!("{n}: {len} bytes of metadata; generation ignored");
+                continue;
+            }
+            let Some(b) = r.get(n)? else { continue };
+            match serde_json::from_slice::<GenerationInfo>(&b) {
+                Ok(g) if g.id == id => out.push(g),
+                Ok(_) => log::warn!("{n}: id does not match the object name; ignored"),
+                Err(e) => log::warn!("unable to parse {}/{n}: {e}; generation ignored", r.url()),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 
     /// Every complete generation (index and metadata present), oldest first.
     pub fn list(&self) -> Result<Vec<GenerationInfo>> {
+        if let Some(r) = &self.remote {
+            return self.list_object(r);
+        }
         let dir = self.generations_dir();
         let mut out = Vec::new();
         for ent in crate::fsutil::dir_entries(&dir)? {
@@ -259,7 +421,16 @@ impl Repo {
 
     /// Load a generation's index and check it matches its metadata.
     pub fn load_index(&self, g: &GenerationInfo) -> Result<FixedIndex> {
-        let idx = FixedIndex::read(&self.index_path(&g.id))?;
+        let idx = match &self.remote {
+            None => FixedIndex::read(&self.index_path(&g.id))?,
+            Some(r) => {
+                let name = format!("generations/{}.idx", g.id);
+                let b = r.get(&name)?.ok_or_else(|| {
+                    crate::err!(NotFound, "unable to read index {}/{name}: gone", r.url())
+                })?;
+                FixedIndex::decode(&b, &format!("{}/{name}", r.url()))?
+            }
+        };
         if idx.generation != g.id || idx.disk_size != g.disk_size || idx.chunk_size != g.chunk_size
         {
             return Err(crate::err!(

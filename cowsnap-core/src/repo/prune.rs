@@ -144,6 +144,9 @@ pub const KEPT_WITH_GROUP: &str = "kept with group";
 /// Apply `opts` to the repository at `dir`: delete the generations its policy does not
 /// keep and the chunks no kept generation references (or, with `dry_run`, only say so).
 pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
+    if super::object::is_s3(dir) {
+        return Err(super::object::unsupported("prune", dir));
+    }
     if opts.policy.keeps_nothing() {
         return Err(crate::err!(
             InvalidInput,

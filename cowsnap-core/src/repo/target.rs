@@ -49,7 +49,6 @@ use crate::error::Result;
 use crate::target::{Scope, SnapshotInfo, Target, TargetSummary};
 use crossbeam_channel::{bounded, Sender};
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -107,10 +106,12 @@ impl Pool {
     fn start(repo: &Arc<Repo>, shared: &Arc<Mutex<Shared>>) -> Result<Pool> {
         // Twice the CPUs (at least 4): chunk fsyncs block a worker without using a
         // CPU, and concurrent fsyncs share journal commits.
+        // On an object store a worker mostly waits for a PUT: at least 8.
+        let least = if repo.is_object() { 8 } else { 4 };
         let n = std::thread::available_parallelism()
             .map(|p| p.get() * 2)
             .unwrap_or(4)
-            .clamp(4, 16);
+            .clamp(least, 16);
         let (tx, rx) = bounded::<ChunkWork>(2 * n);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
@@ -263,7 +264,7 @@ pub struct RepoTarget {
     repo: Arc<Repo>,
     params: RepoTargetParams,
     tracking_chunk: u32,
-    _lock: File,
+    _lock: super::RepoLock,
     parent: Option<(GenerationInfo, FixedIndex)>,
     /// The parent resolved before the instant, for the generation id it was resolved
     /// for (see `Target::prepare`).
@@ -698,7 +699,7 @@ impl Target for RepoTarget {
             }
         }
         drop(from_parent);
-        let idx_bytes = idx.write(&self.repo.index_path(&self.id))?;
+        let idx_bytes = self.repo.write_index(&idx)?;
         let total = idx.chunk_count();
         self.stats.chunks_total = total;
         self.stats.chunks_from_parent = match self.parent {
@@ -732,7 +733,7 @@ impl Target for RepoTarget {
             notes: self.notes.clone(),
             group: self.group.clone(),
         };
-        let meta_bytes = g.write(&self.repo.meta_path(&self.id))?;
+        let meta_bytes = self.repo.write_meta(&g)?;
         Ok(TargetSummary {
             generation: Some(self.id.clone()),
             bytes_stored: self.stats.bytes_stored_new + idx_bytes + meta_bytes,

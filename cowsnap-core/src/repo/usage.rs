@@ -16,7 +16,7 @@
 //!   generation whose index is damaged is counted as a generation, its logical bytes
 //!   as unknown (`damaged_indexes`).
 
-use super::{index, Repo};
+use super::Repo;
 use crate::error::Result;
 use std::collections::{BTreeMap, HashMap};
 
@@ -89,8 +89,8 @@ impl UsageCache {
         for g in &gens {
             let logical = match self.logical.get(&g.id) {
                 Some(&b) => Some(b),
-                None => match index::summarize(&repo.index_path(&g.id)) {
-                    Ok(s) => Some(s.data_bytes),
+                None => match repo.load_index(g) {
+                    Ok(i) => Some(i.summary().data_bytes),
                     Err(e) => {
                         log::warn!("{e}");
                         None

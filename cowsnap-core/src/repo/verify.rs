@@ -311,6 +311,9 @@ pub fn verify_repair_with_progress(
     sources: &[PathBuf],
     progress: VerifyProgress,
 ) -> Result<VerifyReport> {
+    if super::object::is_s3(dir) {
+        return Err(super::object::unsupported("repair", dir));
+    }
     let repo = Repo::open(dir)?;
     let srcs = sources
         .iter()

@@ -138,6 +138,9 @@ impl GenerationExport {
         name: &str,
         cache_bytes: u64,
     ) -> Result<GenerationExport> {
+        if crate::repo::object::is_s3(repo_dir) {
+            return Err(crate::repo::object::unsupported("export from", repo_dir));
+        }
         let repo = Repo::open(repo_dir)?;
         let lock = repo.lock(false)?;
         let g = repo.resolve(gen)?;

@@ -349,6 +349,12 @@ impl FillingIo {
                 fill_rate: AtomicU64::new(0),
             }));
         }
+        if crate::repo::object::is_s3(repo_dir) {
+            return Err(crate::repo::object::unsupported(
+                "restore live from",
+                repo_dir,
+            ));
+        }
         let repo = Repo::open(repo_dir)?;
         let lock = repo.lock(false)?;
         let g = match (&header, generation) {

@@ -25,6 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// Chunk readers of a restore from an object-store repository (each holds one chunk
+/// and one request in flight).
+const OBJECT_READERS: usize = 8;
+
 /// What a restore did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RestoreReport {
@@ -242,10 +246,14 @@ fn restore_body(
     let data_chunks = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<crate::Error>> = Mutex::new(None);
-    let workers = std::thread::available_parallelism()
-        .map(|p| p.get())
-        .unwrap_or(1)
-        .clamp(1, 4);
+    // An object store's reads wait on the network, not a CPU: more in flight.
+    let workers = match repo.is_object() {
+        true => OBJECT_READERS,
+        false => std::thread::available_parallelism()
+            .map(|p| p.get())
+            .unwrap_or(1)
+            .clamp(1, 4),
+    };
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
