@@ -47,7 +47,19 @@ pub(crate) fn zero_fd(
     if len == 0 {
         return Ok(());
     }
-    let r = if is_blk {
+    let r = if is_blk && may_unmap {
+        // A punch hole on a block device is a write-zeroes the device may do by
+        // unmapping (thin provisioning, a loop device's file gets a hole); BLKZEROOUT
+        // always asks the device to keep the blocks allocated. Devices without a
+        // write-zeroes command refuse the punch (EOPNOTSUPP): then BLKZEROOUT.
+        fallocate(
+            file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+        .or_else(|_| blk_range_ioctl(file, BLKZEROOUT, off, len))
+    } else if is_blk {
         blk_range_ioctl(file, BLKZEROOUT, off, len)
     } else if may_unmap {
         fallocate(
