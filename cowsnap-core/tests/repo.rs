@@ -662,3 +662,60 @@ fn version_1_indexes_are_read_and_new_ones_are_version_2() {
     assert_eq!(diff.changed_chunks, 1);
     assert_eq!(diff.ranges[0].offset, 3 * MIB as u64);
 }
+
+/// `copy_from_file`: the workers read the origin's file themselves. A range of whole
+/// chunks (random, zero, compressible, and a short last chunk at the disk's end) is
+/// stored exactly as `write` would store it, the reads are done when the call returns
+/// (the file is overwritten right after: the generation still holds the old bytes),
+/// and a range that is not whole repository chunks is declined without storing
+/// anything.
+#[test]
+fn copy_from_file_reads_the_origin_in_the_workers() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let size = 5 * MIB + 64 * 1024;
+    let mut disk = synth_disk(size, 17);
+    disk[MIB..2 * MIB].fill(0);
+    for (i, b) in disk[2 * MIB..3 * MIB].iter_mut().enumerate() {
+        *b = b"a compressible line of text\n"[i % 28];
+    }
+    let src = d.path().join("origin.img");
+    std::fs::write(&src, &disk).unwrap();
+    let f = std::fs::File::open(&src).unwrap();
+    let mut t = cowsnap_core::repo::open_target(
+        &repo,
+        cowsnap_core::repo::RepoTargetParams {
+            disk_name: "t".into(),
+            incremental: false,
+        },
+        TCS,
+    )
+    .unwrap();
+    t.scope(None).unwrap();
+    t.begin(&info(&disk, "l", 0)).unwrap();
+    // not whole chunks: declined, nothing stored for it
+    assert!(!t.copy_from_file(&f, 0, (MIB / 2) as u64).unwrap());
+    assert!(t.copy_from_file(&f, 0, (3 * MIB) as u64).unwrap());
+    // the call has read its range: changing the origin now changes nothing stored
+    std::fs::write(&src, synth_disk(size, 99)).unwrap();
+    let f = std::fs::File::open(&src).unwrap();
+    let later = std::fs::read(&src).unwrap();
+    assert!(t
+        .copy_from_file(&f, (3 * MIB) as u64, (size - 3 * MIB) as u64)
+        .unwrap());
+    let g = t.commit().unwrap().generation.unwrap();
+    let mut want = disk[..3 * MIB].to_vec();
+    want.extend_from_slice(&later[3 * MIB..]);
+    assert_eq!(hash(&restore_bytes(&repo, &g, d.path())), hash(&want));
+    let r = Repo::open(&repo).unwrap();
+    let gi = r.resolve(Some(&g)).unwrap();
+    assert_eq!(
+        gi.stats.chunks_new, 5,
+        "4 data chunks and the short last one"
+    );
+    assert_eq!(gi.stats.chunks_zero, 1);
+    assert!(
+        gi.stats.bytes_stored_new < (4 * MIB) as u64,
+        "the text chunk is compressed"
+    );
+}
