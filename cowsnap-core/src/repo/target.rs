@@ -34,7 +34,10 @@
 //!   (`ChunkStore::insert_unpublished`); `commit` publishes the rest before it syncs the
 //!   directories and publishes the index, abort or drop removes them.
 //! - Hashing, compression and chunk writes run on a small worker pool (`write` copies
-//!   the data into a bounded queue and returns); `commit` waits for the workers, and
+//!   the data into a recycled buffer on a bounded queue and returns;
+//!   `copy_from_file` has the workers read whole chunks of a file origin themselves,
+//!   into buffers they keep, and returns once those reads are done, so the drainer's
+//!   busy marks cover them); `commit` waits for the workers, and
 //!   abort or drop joins them before the lock is released, so no chunk is written
 //!   into the repository after the shared lock is gone.
 
