@@ -108,9 +108,8 @@ impl<'a> Drainer<'a> {
             max_batch = max_batch.min(r / 4);
         }
         let max_granules = (max_batch / gbytes).max(1);
-        // targets of larger granules get only claims without preserved chunks this way
-        // (`copy_direct`)
-        let direct = origin.plain_file().is_some();
+        // a preserved chunk goes on its own: only for targets of one-chunk granules
+        let direct = origin.plain_file().is_some() && target.granule_chunks() == 1;
         Drainer {
             origin,
             snap,
@@ -297,11 +296,6 @@ impl<'a> Drainer<'a> {
             self.direct = false;
             return Ok(false);
         };
-        // A preserved chunk is written on its own, which only a target of one-chunk
-        // granules takes: a larger granule holding one goes through the buffer whole.
-        if self.target.granule_chunks() > 1 && !claim.preserved.is_empty() {
-            return Ok(false);
-        }
         // 1. the runs of pending chunks, from the origin's file; nothing is written
         //    before the target has taken the first one
         let mut any = false;

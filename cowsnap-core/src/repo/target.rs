@@ -34,10 +34,7 @@
 //!   (`ChunkStore::insert_unpublished`); `commit` publishes the rest before it syncs the
 //!   directories and publishes the index, abort or drop removes them.
 //! - Hashing, compression and chunk writes run on a small worker pool (`write` copies
-//!   the data into a recycled buffer on a bounded queue and returns;
-//!   `copy_from_file` has the workers read whole chunks of a file origin themselves,
-//!   into buffers they keep, and returns once those reads are done, so the drainer's
-//!   busy marks cover them); `commit` waits for the workers, and
+//!   the data into a bounded queue and returns); `commit` waits for the workers, and
 //!   abort or drop joins them before the lock is released, so no chunk is written
 //!   into the repository after the shared lock is gone.
 
@@ -53,10 +50,8 @@ use crate::target::{Scope, SnapshotInfo, Target, TargetSummary};
 use crossbeam_channel::{bounded, Sender};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -66,67 +61,8 @@ struct ChunkWork {
     seq: u64,
     index: u64,
     off: u64,
-    src: Source,
+    data: Vec<u8>,
 }
-
-/// Where a worker gets a chunk's bytes.
-enum Source {
-    /// Handed over by `write` (a buffer of the pool's, returned to it when done).
-    Data(Vec<u8>),
-    /// Read by the worker itself from the origin's file (`copy_from_file`): `len`
-    /// bytes at the work's offset, into the worker's own buffer; `reads` is told
-    /// when the read is done (the caller waits for that before the origin may change).
-    File {
-        file: Arc<File>,
-        len: usize,
-        reads: ReadToken,
-    },
-}
-
-/// One outstanding origin read of a `copy_from_file` call: counted done when dropped
-/// (read, or never queued, or its worker gone), so the caller never waits forever.
-struct ReadToken(Arc<Countdown>);
-
-impl Drop for ReadToken {
-    fn drop(&mut self) {
-        self.0.done();
-    }
-}
-
-/// Counts outstanding origin reads of one `copy_from_file` call.
-struct Countdown {
-    left: Mutex<usize>,
-    zero: Condvar,
-}
-
-impl Countdown {
-    fn new(n: usize) -> Self {
-        Countdown {
-            left: Mutex::new(n),
-            zero: Condvar::new(),
-        }
-    }
-
-    fn done(&self) {
-        let mut l = self.left.lock().unwrap_or_else(|p| p.into_inner());
-        *l = l.saturating_sub(1);
-        if *l == 0 {
-            self.zero.notify_all();
-        }
-    }
-
-    fn wait(&self) {
-        let mut l = self.left.lock().unwrap_or_else(|p| p.into_inner());
-        while *l > 0 {
-            l = self.zero.wait(l).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-/// Buffers of `write` recycled between the caller and the workers, so a chunk costs
-/// one copy into memory already mapped (no allocation, no page faults). At most
-/// [`Pool`]'s queue depth plus its workers are ever out.
-type FreeBufs = Arc<Mutex<Vec<Vec<u8>>>>;
 
 /// The newest state of a chunk handed over in this backup.
 #[derive(Clone, Copy)]
@@ -165,59 +101,27 @@ const PUBLISH_LAG: usize = 32;
 struct Pool {
     tx: Option<Sender<ChunkWork>>,
     workers: Vec<JoinHandle<()>>,
-    free: FreeBufs,
 }
 
 impl Pool {
     fn start(repo: &Arc<Repo>, shared: &Arc<Mutex<Shared>>) -> Result<Pool> {
-        // Twice the CPUs (at least 4): chunk fsyncs and origin reads block a worker
-        // without using a CPU, and concurrent fsyncs share journal commits.
+        // Twice the CPUs (at least 4): chunk fsyncs block a worker without using a
+        // CPU, and concurrent fsyncs share journal commits.
         let n = std::thread::available_parallelism()
             .map(|p| p.get() * 2)
             .unwrap_or(4)
             .clamp(4, 16);
         let (tx, rx) = bounded::<ChunkWork>(2 * n);
-        let free: FreeBufs = Arc::default();
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let rx = rx.clone();
             let repo = repo.clone();
             let shared = shared.clone();
-            let free = free.clone();
             let h = std::thread::Builder::new()
                 .name(format!("cowsnap-repo-{i}"))
                 .spawn(move || {
-                    // this worker's buffer for origin reads, kept across chunks
-                    let mut own = Vec::new();
                     for work in rx.iter() {
-                        let ChunkWork {
-                            seq,
-                            index,
-                            off,
-                            src,
-                        } = work;
-                        match src {
-                            Source::Data(data) => {
-                                store_chunk(&repo, &shared, seq, index, off, &data);
-                                lock_free(&free).push(data);
-                            }
-                            Source::File { file, len, reads } => {
-                                own.resize(len, 0);
-                                let r = file.read_exact_at(&mut own, off);
-                                // the origin's bytes are in memory: the caller may go on
-                                drop(reads);
-                                match r {
-                                    Ok(()) => store_chunk(&repo, &shared, seq, index, off, &own),
-                                    Err(e) => set_error(
-                                        &shared,
-                                        crate::Error::io(
-                                            format!("unable to read the origin at offset {off}"),
-                                            e,
-                                        ),
-                                    ),
-                                }
-                            }
-                        }
+                        store_chunk(&repo, &shared, work);
                     }
                 })
                 .map_err(|e| crate::Error::io("unable to start a repository worker", e))?;
@@ -226,15 +130,7 @@ impl Pool {
         Ok(Pool {
             tx: Some(tx),
             workers,
-            free,
         })
-    }
-
-    /// A buffer of `len` bytes for `write` (contents unspecified).
-    fn buffer(&self, len: usize) -> Vec<u8> {
-        let mut b = lock_free(&self.free).pop().unwrap_or_default();
-        b.resize(len, 0);
-        b
     }
 
     fn finish(&mut self) {
@@ -249,29 +145,20 @@ fn lock_shared(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn lock_free(free: &Mutex<Vec<Vec<u8>>>) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-    free.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn set_error(shared: &Mutex<Shared>, e: crate::Error) {
-    let mut s = lock_shared(shared);
-    if s.error.is_none() {
-        s.error = Some(e);
-    }
-}
-
-fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, seq: u64, index: u64, off: u64, data: &[u8]) {
+fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, work: ChunkWork) {
     if lock_shared(shared).error.is_some() {
         return;
     }
-    let h = chunk_hash(data);
+    let h = chunk_hash(&work.data);
     let r = if h == ZERO_HASH {
         None
     } else {
         Some(
             repo.store()
-                .insert_unpublished(&h, data)
-                .map_err(|e| e.with_context(format!("unable to store the chunk at offset {off}"))),
+                .insert_unpublished(&h, &work.data)
+                .map_err(|e| {
+                    e.with_context(format!("unable to store the chunk at offset {}", work.off))
+                }),
         )
     };
     let mut s = lock_shared(shared);
@@ -302,12 +189,15 @@ fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, seq: u64, index: u64, off: u
             return;
         }
     };
-    let c = s.changes.entry(index).or_insert(Change {
+    let c = s.changes.entry(work.index).or_insert(Change {
         seq: 0,
         hash: ZERO_HASH,
     });
-    if seq > c.seq {
-        *c = Change { seq, hash: h };
+    if work.seq > c.seq {
+        *c = Change {
+            seq: work.seq,
+            hash: h,
+        };
     }
     s.pending.extend(pending);
     // a group at a time: the first fsync commits the file system's journal for all of
@@ -447,77 +337,6 @@ impl RepoTarget {
     /// Generation id (after `begin`).
     pub fn generation_id(&self) -> &str {
         &self.id
-    }
-
-    /// The repository chunks of `off..off+len` as `(offset, length)` (the last one may
-    /// be short, at the disk's end or where `len` ends), and the chunk size; checks
-    /// the backup was begun, the alignment and the range.
-    fn pieces_of(&self, off: u64, len: u64) -> Result<(u64, Vec<(u64, usize)>)> {
-        let Some(info) = &self.info else {
-            return Err(crate::err!(
-                InvalidInput,
-                "unable to store data: backup not begun"
-            ));
-        };
-        let disk_size = info.disk_size;
-        let cs = self.repo.chunk_size() as u64;
-        if off & (cs - 1) != 0 {
-            return Err(crate::err!(
-                InvalidInput,
-                "unable to store data at offset {off}: not aligned to the repository chunk size {cs}"
-            ));
-        }
-        crate::blockio::check_range(disk_size, off, len, "repository write")?;
-        let end = off + len;
-        let mut out = Vec::new();
-        let mut coff = off;
-        while coff < end {
-            let want = (disk_size - coff).min(cs).min(end - coff);
-            out.push((coff, want as usize));
-            coff += want;
-        }
-        // a piece shorter than its chunk (and not at the disk's end) is not whole
-        if let Some(&(o, n)) = out.last() {
-            if (n as u64) < (disk_size - o).min(cs) {
-                out.pop();
-            }
-        }
-        Ok((cs, out))
-    }
-
-    /// Register chunk `index` as handed over and queue its work for the pool.
-    fn queue(&mut self, index: u64, off: u64, src: Source) -> Result<()> {
-        let len = match &src {
-            Source::Data(d) => d.len(),
-            Source::File { len, .. } => *len,
-        };
-        {
-            let mut sh = lock_shared(&self.shared);
-            if let Some(e) = &sh.error {
-                return Err(crate::Error::new(e.kind(), e.to_string()));
-            }
-            // registered before it is queued, so a zero range handed over before
-            // the work finishes takes precedence over it
-            sh.changes.entry(index).or_insert(Change {
-                seq: 0,
-                hash: ZERO_HASH,
-            });
-        }
-        self.work_seq += 1;
-        let tx = self
-            .pool
-            .as_ref()
-            .and_then(|p| p.tx.as_ref())
-            .ok_or_else(|| crate::err!(InvalidInput, "unable to store data: backup not begun"))?;
-        tx.send(ChunkWork {
-            seq: self.work_seq,
-            index,
-            off,
-            src,
-        })
-        .map_err(|_| crate::err!(Io, "unable to store data: repository workers stopped"))?;
-        self.stats.bytes_read += len as u64;
-        Ok(())
     }
 
     fn decide(&mut self, cut: Option<&Cut>) -> std::result::Result<Scope, String> {
@@ -694,72 +513,64 @@ impl Target for RepoTarget {
     }
 
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
-        let (cs, pieces) = self.pieces_of(off, data.len() as u64)?;
-        let whole: usize = pieces.iter().map(|&(_, n)| n).sum();
-        if whole != data.len() {
+        let Some(info) = &self.info else {
             return Err(crate::err!(
                 InvalidInput,
-                "unable to store data at offset {}: {} bytes is not a whole repository chunk",
-                off + whole as u64,
-                data.len() - whole
+                "unable to store data: backup not begun"
+            ));
+        };
+        let disk_size = info.disk_size;
+        let cs = self.repo.chunk_size() as u64;
+        if off & (cs - 1) != 0 {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to store data at offset {off}: not aligned to the repository chunk size {cs}"
             ));
         }
-        for (coff, want) in pieces {
-            let pos = (coff - off) as usize;
-            let piece = &data[pos..pos + want];
-            let mut buf = match self.pool.as_ref() {
-                Some(p) => p.buffer(want),
-                None => vec![0u8; want],
-            };
-            buf.copy_from_slice(piece);
-            self.queue(coff / cs, coff, Source::Data(buf))?;
+        crate::blockio::check_range(disk_size, off, data.len() as u64, "repository write")?;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let coff = off + pos as u64;
+            let want = (disk_size - coff).min(cs) as usize;
+            let piece = data.get(pos..pos + want).ok_or_else(|| {
+                crate::err!(
+                    InvalidInput,
+                    "unable to store data at offset {coff}: {} bytes is not a whole repository chunk",
+                    data.len() - pos
+                )
+            })?;
+            let i = coff / cs;
+            {
+                let mut sh = lock_shared(&self.shared);
+                if let Some(e) = &sh.error {
+                    return Err(crate::Error::new(e.kind(), e.to_string()));
+                }
+                // registered before it is queued, so a zero range handed over before
+                // the work finishes takes precedence over it
+                sh.changes.entry(i).or_insert(Change {
+                    seq: 0,
+                    hash: ZERO_HASH,
+                });
+            }
+            self.work_seq += 1;
+            let tx = self
+                .pool
+                .as_ref()
+                .and_then(|p| p.tx.as_ref())
+                .ok_or_else(|| {
+                    crate::err!(InvalidInput, "unable to store data: backup not begun")
+                })?;
+            tx.send(ChunkWork {
+                seq: self.work_seq,
+                index: i,
+                off: coff,
+                data: piece.to_vec(),
+            })
+            .map_err(|_| crate::err!(Io, "unable to store data: repository workers stopped"))?;
+            self.stats.bytes_read += piece.len() as u64;
+            pos += want;
         }
         Ok(())
-    }
-
-    fn copy_from_file(&mut self, src: &File, off: u64, len: u64) -> Result<bool> {
-        let (cs, pieces) = self.pieces_of(off, len)?;
-        if pieces.iter().map(|&(_, n)| n as u64).sum::<u64>() != len {
-            // not whole repository chunks: the drainer reads it and calls `write`
-            return Ok(false);
-        }
-        // the workers read the chunks themselves, each into its own buffer, several at
-        // a time; the range is asked of the kernel's read-ahead first
-        let file = Arc::new(
-            src.try_clone()
-                .map_err(|e| crate::Error::io("unable to share the origin's file", e))?,
-        );
-        // SAFETY: posix_fadvise takes a valid fd (borrowed from the open file) and
-        // integers; it touches no memory of ours. Advice only: failure is harmless.
-        unsafe {
-            libc::posix_fadvise(
-                file.as_raw_fd(),
-                off as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            );
-        }
-        let reads = Arc::new(Countdown::new(pieces.len()));
-        let mut res = Ok(());
-        for (coff, want) in pieces {
-            let w = Source::File {
-                file: file.clone(),
-                len: want,
-                reads: ReadToken(reads.clone()),
-            };
-            // a piece not queued counts as read (its token is dropped)
-            if let Err(e) = self.queue(coff / cs, coff, w) {
-                res = Err(e);
-                break;
-            }
-        }
-        // nothing may read the origin's range once this returns (its busy marks go)
-        reads.wait();
-        res?;
-        if let Some(e) = &lock_shared(&self.shared).error {
-            return Err(crate::Error::new(e.kind(), e.to_string()));
-        }
-        Ok(true)
     }
 
     fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {

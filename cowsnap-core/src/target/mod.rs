@@ -141,9 +141,8 @@ pub trait Target: Send {
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()>;
     /// Store the bytes `off..off+len` of `src`, the origin's own file, at the same
     /// offset, copied in the kernel (`copy_file_range`) instead of through the
-    /// drainer's buffer. Whole granules; a claim holding preserved chunks is asked this
-    /// only of targets whose granule is one chunk (the preserved chunks between two
-    /// runs are `write`n one by one), others get such a claim through `write`. The
+    /// drainer's buffer. Whole chunks; asked only of targets whose granule is one
+    /// chunk (the preserved chunks between two runs are `write`n one by one). The
     /// drainer calls it only for
     /// runs of chunks it holds busy marks on and that no writer preserved, so nothing
     /// changes those bytes of `src` during the call. `Ok(false)`: not stored (this
