@@ -3,17 +3,21 @@
 #
 # An idle disk of random (incompressible) data, attached with --via none. Each round
 # runs, in this order and with the page cache dropped before each step:
-#   cp      cp --sparse=never SRC DST && sync DST
-#   raw     cowsnapctl backup --to file:IMG --quiesce-idle 0s   (the image is compared)
-#   repo    cowsnapctl backup --to repo:DIR --quiesce-idle 0s   (a fresh repository)
+#   cp       cp --sparse=never SRC DST && sync DST
+#   raw      cowsnapctl backup --to file:IMG --quiesce-idle 0s   (the image is compared)
+#   repo     cowsnapctl backup --to repo:DIR --quiesce-idle 0s   (a fresh repository)
+#   restore  cowsnapctl restore repo:DIR --to FILE               (compared with the disk)
+#   cpimg    cp --sparse=never IMG DST && sync DST   (the raw image: restore's peer)
 # for every build named in BENCH_BINS (space-separated LABEL=DIR pairs, default
 # "this=$COWSNAP_BIN_DIR"; each build attaches the disk with its own daemon), so that
 # two builds are measured alternately in the same run.
 # Wall-clock seconds of the whole command; "cpu" is the daemon's user+system seconds
-# during the backup (from /proc/PID/stat), per GiB (for cp: cp's own, /usr/bin/time;
-# neither counts the kernel's flusher threads). Ratios are cp's time over the
-# backup's time, pair by pair (1.0 = as fast as cp, higher = faster), then
-# min/median/max over the rounds.
+# during the backup (from /proc/PID/stat), per GiB (for cp and restore: the process's
+# own, /usr/bin/time; none counts the kernel's flusher threads). Ratios are the peer's
+# time over the step's, pair by pair within a round (1.0 = as fast as the peer, higher
+# = faster; peer: cp + sync for backups, the cp of the raw image right after it for the
+# restore), then min/median/max over the rounds, with the target and whether the
+# median meets it.
 # Usage: scripts/bench-throughput.sh [SIZE_MIB (1024)] [RUNS (5)]
 # Needs root (drop_caches), python3, /usr/bin/time.
 set -euo pipefail
@@ -60,37 +64,64 @@ for r in $(seq 1 "$RUNS"); do
     t1=$(now); c1=$(cpu "$PID")
     cmp "$W/src.img" "$W/img" || { echo "raw image of $label differs from the idle disk"; exit 1; }
     echo "raw $label $r $($PY -c "print($t1 - $t0)") $($PY -c "print($c1 - $c0)")" >>"$RES"
-    rm -f "$W/img"
     rm -rf "$W/repo"
     drop; c0=$(cpu "$PID"); t0=$(now)
     "$dir/cowsnapctl" backup tsrc --to "repo:$W/repo" --quiesce-idle 0s --json >"$W/repo.json"
     t1=$(now); c1=$(cpu "$PID")
     echo "repo $label $r $($PY -c "print($t1 - $t0)") $($PY -c "print($c1 - $c0)")" >>"$RES"
+    drop; t0=$(now)
+    /usr/bin/time -f "%U %S" -o "$W/restore.time" \
+      "$dir/cowsnapctl" restore "repo:$W/repo" --to "$W/restored.img" >/dev/null
+    t1=$(now)
+    cmp "$W/src.img" "$W/restored.img" || { echo "restore of $label differs from the idle disk"; exit 1; }
+    echo "restore $label $r $($PY -c "print($t1 - $t0)") $(awk '{print $1 + $2}' "$W/restore.time")" >>"$RES"
+    rm -f "$W/restored.img"
+    drop; t0=$(now)
+    /usr/bin/time -f "%U %S" -o "$W/cp.time" cp --sparse=never "$W/img" "$W/cp.img"; sync "$W/cp.img"
+    t1=$(now)
+    echo "cpimg $label $r $($PY -c "print($t1 - $t0)") $(awk '{print $1 + $2}' "$W/cp.time")" >>"$RES"
+    rm -f "$W/cp.img" "$W/img"
     rm -rf "$W/repo"
     detach
   done
-  echo "# round $r done"
+  echo "# round $r done; load $(cut -d' ' -f1-3 /proc/loadavg)"
 done
 
 $PY - "$RES" "$MIB" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 gib = int(sys.argv[2]) / 1024
+mb = int(sys.argv[2]) * 1.048576
 cp = {int(r[2]): float(r[3]) for r in rows if r[0] == "cp"}
+cpimg = {(r[1], int(r[2])): float(r[3]) for r in rows if r[0] == "cpimg"}
 cpcpu = [float(r[4]) / gib for r in rows if r[0] == "cp"]
+# step -> (peer name, target ratio)
+TARGET = {"raw": ("cp+sync", 0.9), "repo": ("cp+sync", 0.9), "restore": ("cp of the raw image", 1.0)}
 def mmm(v, fmt="{:.2f}"):
     v = sorted(v)
     return "/".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
-print(f"{'step':<16} {'wall s min/med/max':<22} {'MB/s median':>11} {'cp/step min/med/max':>20} {'daemon cpu s/GiB med':>21}")
-print(f"{'cp+sync':<16} {mmm(cp.values()):<22} {int(sys.argv[2]) * 1.048576 / statistics.median(cp.values()):>11.0f} {'':>20} {statistics.median(cpcpu):>21.2f}")
+print(f"{'step':<16} {'wall s min/med/max':<22} {'MB/s med':>8} {'peer/step min/med/max':>22} {'cpu s/GiB med':>14}  target")
+print(f"{'cp+sync':<16} {mmm(cp.values()):<22} {mb / statistics.median(cp.values()):>8.0f} {'':>22} {statistics.median(cpcpu):>14.2f}")
 keys = []
 for r in rows:
     if r[0] != "cp" and (r[0], r[1]) not in keys:
         keys.append((r[0], r[1]))
+verdicts = []
 for k in keys:
     sel = [r for r in rows if (r[0], r[1]) == k]
     wall = [float(r[3]) for r in sel]
-    ratio = [cp[int(r[2])] / float(r[3]) for r in sel]
     cpu = [float(r[4]) / gib for r in sel]
-    print(f"{k[0] + ' ' + k[1]:<16} {mmm(wall):<22} {int(sys.argv[2]) * 1.048576 / statistics.median(wall):>11.0f} {mmm(ratio):>20} {statistics.median(cpu):>21.2f}")
+    if k[0] == "cpimg":
+        print(f"{'cp raw image ' + k[1]:<16} {mmm(wall):<22} {mb / statistics.median(wall):>8.0f} {'':>22} {statistics.median(cpu):>14.2f}")
+        continue
+    peer = cpimg if k[0] == "restore" else None
+    ratio = [(peer[(k[1], int(r[2]))] if peer else cp[int(r[2])]) / float(r[3]) for r in sel]
+    name, want = TARGET[k[0]]
+    med = statistics.median(ratio)
+    ok = "met" if med >= want else "NOT met"
+    verdicts.append(f"{k[0]} {k[1]}: {med:.2f}x {name} (target >= {want}x): {ok}")
+    print(f"{k[0] + ' ' + k[1]:<16} {mmm(wall):<22} {mb / statistics.median(wall):>8.0f} {mmm(ratio):>22} {statistics.median(cpu):>14.2f}  >= {want}x {name}: {ok}")
+print("cpu: the daemon's for backups, the process's own for cp and restore")
+for v in verdicts:
+    print("#", v)
 PY

@@ -216,29 +216,85 @@ fn corrupt(hash: &[u8; 32], why: &str) -> Error {
     crate::err!(Corrupt, "chunk {} is corrupt: {why}", hex(hash))
 }
 
-/// Check a chunk file's header.
-fn decode_header<'a>(hash: &[u8; 32], raw: &'a [u8]) -> Result<Decoded<'a>> {
-    if raw.len() < HDR || raw[..4] != MAGIC || raw[4] != CHUNK_VERSION {
+/// Check a chunk file's header (its first [`HDR`] bytes) against the payload length
+/// the file holds: `(encoding, raw length)`.
+fn parse_header(hash: &[u8; 32], hdr: &[u8], payload_len: usize) -> Result<(u8, usize)> {
+    if hdr.len() < HDR || hdr[..4] != MAGIC || hdr[4] != CHUNK_VERSION {
         return Err(corrupt(hash, "bad header"));
     }
-    let raw_len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
+    let raw_len = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
     // Decompression allocates raw_len bytes: a damaged header must not ask for more
     // than any repository chunk holds.
     if raw_len > super::MAX_CHUNK_SIZE as usize {
         return Err(corrupt(hash, &format!("implausible length {raw_len}")));
     }
-    let stored_len = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]) as usize;
-    if stored_len != raw.len() - HDR {
+    let stored_len = u32::from_le_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]) as usize;
+    if stored_len != payload_len {
         return Err(corrupt(hash, "truncated"));
     }
-    if raw[5] > 1 {
-        return Err(corrupt(hash, &format!("unknown encoding {}", raw[5])));
+    if hdr[5] > 1 {
+        return Err(corrupt(hash, &format!("unknown encoding {}", hdr[5])));
     }
+    Ok((hdr[5], raw_len))
+}
+
+/// Check a chunk file's header.
+fn decode_header<'a>(hash: &[u8; 32], raw: &'a [u8]) -> Result<Decoded<'a>> {
+    if raw.len() < HDR {
+        return Err(corrupt(hash, "bad header"));
+    }
+    let (encoding, raw_len) = parse_header(hash, &raw[..HDR], raw.len() - HDR)?;
     Ok(Decoded {
-        encoding: raw[5],
+        encoding,
         raw_len,
         payload: &raw[HDR..],
     })
+}
+
+/// Read the chunk file at `path` and decode it: it decodes, hashes to `hash` and holds
+/// `expect_len` bytes (the outer error is I/O, the inner one the file's content). A raw
+/// (encoding 0) payload is read straight into the buffer returned: no copy of it.
+fn read_decoded(
+    hash: &[u8; 32],
+    path: &Path,
+    expect_len: usize,
+) -> std::io::Result<Result<Vec<u8>>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    let mut hdr = [0u8; HDR];
+    if size < HDR as u64 {
+        return Ok(Err(corrupt(hash, "bad header")));
+    }
+    f.read_exact(&mut hdr)?;
+    let payload_len = usize::try_from(size - HDR as u64).unwrap_or(usize::MAX);
+    let (encoding, raw_len) = match parse_header(hash, &hdr, payload_len) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(e)),
+    };
+    // stored_len (= payload_len) fits in the header's u32
+    let mut payload = vec![0u8; payload_len];
+    if let Err(e) = f.read_exact(&mut payload) {
+        return match e.kind() {
+            // shorter than its size said a moment ago: damage, like a truncation
+            std::io::ErrorKind::UnexpectedEof => Ok(Err(corrupt(hash, "truncated"))),
+            _ => Err(e),
+        };
+    }
+    let data = match encoding {
+        0 => payload,
+        _ => match zstd::bulk::decompress(&payload, raw_len) {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(corrupt(hash, &format!("does not decompress: {e}")))),
+        },
+    };
+    if data.len() != raw_len || blake3::hash(&data).as_bytes() != hash {
+        return Ok(Err(corrupt(hash, "content does not match its hash")));
+    }
+    if data.len() != expect_len {
+        return Ok(Err(wrong_len(hash, data.len(), expect_len)));
+    }
+    Ok(Ok(data))
 }
 
 /// Decode a chunk file and check its content hashes to `hash`.
@@ -263,15 +319,6 @@ fn wrong_len(hash: &[u8; 32], have: usize, expect_len: usize) -> Error {
         "chunk {} holds {have} bytes, expected {expect_len}",
         hex(hash)
     )
-}
-
-/// [`decode_any`], and the content has `expect_len` bytes.
-fn decode(hash: &[u8; 32], raw: &[u8], expect_len: usize) -> Result<Vec<u8>> {
-    let data = decode_any(hash, raw)?;
-    if data.len() != expect_len {
-        return Err(wrong_len(hash, data.len(), expect_len));
-    }
-    Ok(data)
 }
 
 /// Whether a chunk file holds exactly `data` (which the caller hashed to its name).
@@ -517,24 +564,21 @@ impl ChunkStore {
             return decode(hash, &raw, expect_len);
         }
         let path = self.path_of(hash);
-        let raw = match std::fs::read(&path) {
+        match read_decoded(hash, &path, expect_len) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.is_quarantined(hash) => {
-                return Err(crate::err!(
+                Err(crate::err!(
                     NotFound,
                     "chunk {} is damaged and was moved to quarantine ({}): back the disk up again, or run cowsnapctl verify --repair",
                     hex(hash),
                     self.quarantine.display()
                 ))
             }
-            Err(e) => {
-                return Err(Error::io(
-                    format!("unable to read chunk {}", path.display()),
-                    e,
-                ))
-            }
-        };
-        decode(hash, &raw, expect_len)
+            Err(e) => Err(Error::io(
+                format!("unable to read chunk {}", path.display()),
+                e,
+            )),
+        }
     }
 
     /// Move the chunk file of `hash` to the quarantine if it is (still) damaged:
@@ -763,6 +807,34 @@ mod tests {
         let h2 = chunk_hash(&mixed);
         assert!(matches!(s.insert(&h2, &mixed).unwrap(), Insert::New(n) if n < (1 << 20)));
         assert_eq!(s.read(&h2, mixed.len()).unwrap(), mixed);
+    }
+
+    /// The read path reads the header and the payload separately: a raw chunk reads
+    /// back bit-exact, and a file cut short (inside the payload or the header) or one
+    /// with bytes appended is damage, never data.
+    #[test]
+    fn raw_chunks_read_back_exactly_and_short_files_are_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ChunkStore::new(&d.path().join("chunks"), &d.path().join("quarantine"));
+        let rnd = random(1 << 20, 3);
+        let h = chunk_hash(&rnd);
+        s.insert(&h, &rnd).unwrap();
+        assert_eq!(std::fs::read(s.path_of(&h)).unwrap()[5], 0, "encoding raw");
+        assert_eq!(s.read_no_quarantine(&h, rnd.len()).unwrap(), rnd);
+        let p = s.path_of(&h);
+        let whole = std::fs::read(&p).unwrap();
+        for cut in [whole.len() - 1, HDR + 10, HDR, 7, 0] {
+            std::fs::write(&p, &whole[..cut]).unwrap();
+            let e = s.read_no_quarantine(&h, rnd.len()).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corrupt, "cut at {cut}: {e}");
+        }
+        let mut longer = whole.clone();
+        longer.push(0);
+        std::fs::write(&p, &longer).unwrap();
+        let e = s.read_no_quarantine(&h, rnd.len()).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+        std::fs::write(&p, &whole).unwrap();
+        assert_eq!(s.read(&h, rnd.len()).unwrap(), rnd);
     }
 
     fn random(n: usize, seed: u64) -> Vec<u8> {

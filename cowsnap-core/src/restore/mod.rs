@@ -246,13 +246,16 @@ fn restore_body(
     let data_chunks = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<crate::Error>> = Mutex::new(None);
-    // An object store's reads wait on the network, not a CPU: more in flight.
+    // An object store's reads wait on the network, not a CPU: more in flight. On a
+    // directory, twice the CPUs, at least 4: a worker mostly waits for its chunk file
+    // to be read (cold cache), so more reads in flight keep the repository's disk busy
+    // while the others verify (blake3) and decompress.
     let workers = match repo.is_object() {
         true => OBJECT_READERS,
         false => std::thread::available_parallelism()
-            .map(|p| p.get())
-            .unwrap_or(1)
-            .clamp(1, 4),
+            .map(|p| p.get() * 2)
+            .unwrap_or(4)
+            .clamp(4, 16),
     };
     std::thread::scope(|s| {
         for _ in 0..workers {
