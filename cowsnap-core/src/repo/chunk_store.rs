@@ -311,6 +311,16 @@ fn decode_any(hash: &[u8; 32], raw: &[u8]) -> Result<Vec<u8>> {
     Ok(data)
 }
 
+/// Decode a chunk object read whole (an object store's body) and check it holds
+/// `expect_len` bytes.
+fn decode(hash: &[u8; 32], raw: &[u8], expect_len: usize) -> Result<Vec<u8>> {
+    let data = decode_any(hash, raw)?;
+    if data.len() != expect_len {
+        return Err(wrong_len(hash, data.len(), expect_len));
+    }
+    Ok(data)
+}
+
 /// The error for a healthy chunk of another length than the caller expects: the
 /// caller (its index) is wrong, not the chunk, so it is not damage.
 fn wrong_len(hash: &[u8; 32], have: usize, expect_len: usize) -> Error {
