@@ -144,6 +144,24 @@ fn not_a_repo(dir: &Path) -> crate::Error {
     )
 }
 
+/// The config of a new repository at `what` (its path or URL), checked before
+/// anything is created.
+fn new_config_json(what: &str, chunk_size: u32) -> Result<Vec<u8>> {
+    if !valid_chunk_size(chunk_size) {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to create repository {what}: chunk size {chunk_size} is not a power of two from 4096 to {MAX_CHUNK_SIZE}"
+        ));
+    }
+    let cfg = RepoConfig {
+        format: FORMAT.into(),
+        version: VERSION,
+        chunk_size,
+    };
+    serde_json::to_vec_pretty(&cfg)
+        .map_err(|e| crate::err!(InvalidInput, "unable to encode config: {e}"))
+}
+
 impl Repo {
     /// Open an existing object-store repository (`s3://…`).
     fn open_object(url: &str) -> Result<Repo> {
@@ -198,19 +216,7 @@ impl Repo {
                 .map_err(|e| e.with_context(format!("unable to open repository {url}")))?
                 .is_none();
             if missing {
-                if !valid_chunk_size(chunk_size) {
-                    return Err(crate::err!(
-                        InvalidInput,
-                        "unable to create repository {url}: chunk size {chunk_size} is not a power of two from 4096 to {MAX_CHUNK_SIZE}"
-                    ));
-                }
-                let cfg = RepoConfig {
-                    format: FORMAT.into(),
-                    version: VERSION,
-                    chunk_size,
-                };
-                let json = serde_json::to_vec_pretty(&cfg)
-                    .map_err(|e| crate::err!(InvalidInput, "unable to encode config: {e}"))?;
+                let json = new_config_json(url, chunk_size)?;
                 remote
                     .put(CONFIG_FILE, json)
                     .map_err(|e| e.with_context(format!("unable to create repository {url}")))?;
@@ -218,13 +224,7 @@ impl Repo {
             return Self::open_object(url);
         }
         if !dir.join(CONFIG_FILE).exists() {
-            if !valid_chunk_size(chunk_size) {
-                return Err(crate::err!(
-                    InvalidInput,
-                    "unable to create repository {}: chunk size {chunk_size} is not a power of two from 4096 to {MAX_CHUNK_SIZE}",
-                    dir.display()
-                ));
-            }
+            let json = new_config_json(&dir.display().to_string(), chunk_size)?;
             for d in [
                 dir.to_path_buf(),
                 dir.join("chunks"),
@@ -232,13 +232,6 @@ impl Repo {
             ] {
                 std::fs::create_dir_all(&d).ctx(|| format!("unable to create {}", d.display()))?;
             }
-            let cfg = RepoConfig {
-                format: FORMAT.into(),
-                version: VERSION,
-                chunk_size,
-            };
-            let json = serde_json::to_vec_pretty(&cfg)
-                .map_err(|e| crate::err!(InvalidInput, "unable to encode config: {e}"))?;
             // Two creators race harmlessly: the first rename wins, and an existing
             // config is never replaced.
             let tmp = dir.join(format!(".tmp-config-{}", fsutil::random_hex(6)?));
