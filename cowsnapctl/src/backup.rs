@@ -127,6 +127,12 @@ fn apply_retention(
         rep.chunks_removed,
         human_bytes(rep.bytes_freed)
     );
+    if !rep.chunks_collected {
+        eprintln!(
+            "retention of {name}: chunks are not collected on s3 repositories yet ({} unreferenced chunk(s) left in place)",
+            rep.chunks_unreferenced
+        );
+    }
     Ok(())
 }
 

@@ -384,6 +384,13 @@ pub fn prune(a: PruneArgs) -> Result<i32> {
             (false, n) => format!("; {n} leftover file(s) removed"),
         }
     );
+    if !rep.chunks_collected {
+        println!(
+            "chunks are not collected on s3 repositories yet: {} unreferenced chunk(s) ({}) left in place",
+            rep.chunks_unreferenced,
+            human_bytes(rep.bytes_unreferenced)
+        );
+    }
     if rep.quarantined_files > 0 {
         println!(
             "{} damaged chunk file(s) kept as evidence in {} (not needed by any generation; delete them when done)",

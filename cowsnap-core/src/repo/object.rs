@@ -225,6 +225,15 @@ impl ObjectRepo {
             .map_err(|e| self.error("write", rel, e))
     }
 
+    /// Delete the object `rel`; one already gone is no error.
+    pub fn delete(&self, rel: &str) -> Result<()> {
+        let key = self.key(rel);
+        match self.rt.block_on(self.store.delete(&key)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("delete", rel, e)),
+        }
+    }
+
     /// Every object under `rel_prefix` (a directory-like prefix such as
     /// `generations/`): names relative to the repository's prefix, and sizes.
     pub fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>> {

@@ -32,6 +32,19 @@
 //!
 //! The quarantine (damaged chunks kept as evidence) is never touched; its size is
 //! reported.
+//!
+//! # On an object store
+//!
+//! There is no lock (see `repo::object`), so a backup on another host may run during
+//! the prune. Steps 1, 3 (with no pins: an object store holds none) and 4 are the
+//! same; step 5 deletes each removed generation's metadata object (the unpublish)
+//! before its index, and nothing else: no chunk (a running backup may have decided to
+//! reuse an unreferenced one, or be taking its parent's hashes from a generation
+//! removed now) and no index without metadata (a running backup's, about to be
+//! published). That is safe with any number of concurrent backups: no chunk is ever
+//! deleted, and a backup that loaded a removed parent's index already holds every hash
+//! it takes from it. The chunks no kept generation references are counted and left in
+//! place (`chunks_collected` false, `chunks_unreferenced`, `bytes_unreferenced`).
 
 use super::generation::valid_id;
 use super::retention::{self, Candidate, RetentionPolicy};
@@ -103,6 +116,13 @@ pub struct PruneReport {
     pub stale_pins_removed: Vec<String>,
     /// Files in the quarantine (damaged chunks kept as evidence).
     pub quarantined_files: u64,
+    /// Whether unreferenced chunks were deleted (counted in `chunks_removed`): false on
+    /// an object store, which this prune does not collect chunks from.
+    pub chunks_collected: bool,
+    /// Chunks no kept generation references that were left in place (object store).
+    pub chunks_unreferenced: u64,
+    /// Their bytes.
+    pub bytes_unreferenced: u64,
 }
 
 /// The decision on one generation.
@@ -144,9 +164,6 @@ pub const KEPT_WITH_GROUP: &str = "kept with group";
 /// Apply `opts` to the repository at `dir`: delete the generations its policy does not
 /// keep and the chunks no kept generation references (or, with `dry_run`, only say so).
 pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
-    if super::object::is_s3(dir) {
-        return Err(super::object::unsupported("prune", dir));
-    }
     if opts.policy.keeps_nothing() {
         return Err(crate::err!(
             InvalidInput,
@@ -157,6 +174,7 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     let repo = Repo::open(dir)?;
     let _lock = repo.lock(true)?;
     let mut rep = PruneReport {
+        chunks_collected: true,
         dry_run: opts.dry_run,
         disk: opts.disk.clone(),
         ..Default::default()
@@ -181,7 +199,12 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     // Decide.
     let mut pins = Vec::new();
     let mut stale = Vec::new();
-    for p in pin::list(&repo)? {
+    // An object store holds no pins (live restore from it is refused).
+    let listed_pins = match &repo.remote {
+        Some(_) => Vec::new(),
+        None => pin::list(&repo)?,
+    };
+    for p in listed_pins {
         match pin::stale_reason(&p) {
             Some(why) => {
                 rep.stale_pins_removed
@@ -260,6 +283,10 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     }
     rep.kept_generations.sort();
 
+    if let Some(r) = &repo.remote {
+        return prune_object(r, live, opts, rep);
+    }
+
     // Delete the generations.
     let gdir = dir.join("generations");
     if !opts.dry_run {
@@ -320,6 +347,38 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
         fsutil::fsync_dir(&d)?;
     }
     rep.quarantined_files = repo.store().quarantined()?.len() as u64;
+    Ok(rep)
+}
+
+/// The deleting half of [`prune`] on an object store: each removed generation's
+/// metadata object (the unpublish) before its index. No chunk is deleted and no index
+/// without metadata is touched: without a lock, either may belong to a backup running
+/// on another host (a chunk it decided to reuse, an index it is about to publish). The
+/// chunks no kept generation references are counted ([`PruneReport::chunks_unreferenced`]).
+fn prune_object(
+    r: &super::object::ObjectRepo,
+    live: HashSet<[u8; 32]>,
+    opts: &PruneOptions,
+    mut rep: PruneReport,
+) -> Result<PruneReport> {
+    rep.chunks_collected = false;
+    if !opts.dry_run {
+        for id in &rep.removed_generations {
+            r.delete(&format!("generations/{id}.json"))?;
+            r.delete(&format!("generations/{id}.idx"))?;
+        }
+    }
+    for (name, len) in r.list("chunks/")? {
+        let Some(h) = name.rsplit('/').next().and_then(fsutil::parse_hash) else {
+            continue;
+        };
+        if live.contains(&h) {
+            rep.chunks_kept += 1;
+        } else {
+            rep.chunks_unreferenced += 1;
+            rep.bytes_unreferenced += len;
+        }
+    }
     Ok(rep)
 }
 

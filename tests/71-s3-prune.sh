@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# prune on a repository on S3 object storage (repo:s3://BUCKET/PREFIX) against a real
+# radosgw (scripts/s3-server.sh, its own state dir and ports): two raw disks attached
+# through the daemon, three backups of one and one of the other; a dry run changes
+# nothing; prune --keep-last 1 runs while a backup of the other disk runs; afterwards the
+# removed generations' metadata and index objects are gone, the kept ones and the
+# concurrent backup's generation verify and restore bit-exact, and no chunk was deleted
+# (prune does not collect chunks on an object store; it says so and counts them).
+. "$(dirname "$0")/lib.sh"
+need_root
+need nbdcopy sha256sum curl
+[ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
+command -v ceph-mon >/dev/null && command -v radosgw >/dev/null || skip "Ceph is not installed (scripts/setup.sh)"
+
+S3=$ROOT/scripts/s3-server.sh
+export COWSNAP_S3_DIR=$T/s3
+export COWSNAP_S3_PORT=${COWSNAP_TEST_S3_PRUNE_PORT:-17495}
+export COWSNAP_S3_MON_PORT=${COWSNAP_TEST_S3_PRUNE_MON_PORT:-13315}
+BGPID=
+s3_cleanup() {
+  local rc=$?
+  [ -n "$BGPID" ] && kill "$BGPID" 2>/dev/null && wait "$BGPID" 2>/dev/null
+  bash "$S3" stop >/dev/null 2>&1
+  (exit "$rc")
+  cleanup
+}
+trap s3_cleanup EXIT
+
+# nbdw URI SEED COUNT: COUNT random 1 MiB regions of random data in the first 64 MiB.
+nbdw() {
+  /usr/bin/python3 - "$@" <<'PY'
+import nbd, random, sys
+uri, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+R = 1 << 20
+h = nbd.NBD(); h.connect_uri(uri)
+rng = random.Random(seed)
+for i in rng.sample(range(0, 64), count):
+    h.pwrite(rng.randbytes(R), i * R)
+h.flush(); h.shutdown()
+PY
+}
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; }
+# s3keys PREFIX: the keys under PREFIX in the bucket (one request: fewer than 1000 here)
+s3keys() {
+  local body
+  body=$(curl -s -K <(printf 'user = "%s:%s"\n' "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY") \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 "aws:amz:us-east-1:s3" \
+    "$AWS_ENDPOINT_URL/$BKT?max-keys=1000&prefix=${1//\//%2F}") || fail "listing $1"
+  echo "$body" | grep -q "<ListBucketResult" || fail "listing $1: $body"
+  echo "$body" | grep -q "<IsTruncated>true" && fail "listing $1: more than 1000 keys"
+  echo "$body" | grep -o '<Key>[^<]*</Key>' | sed 's/<[^>]*>//g'
+}
+
+log "start the S3 store"
+bash "$S3" start || fail "s3-server.sh start"
+eval "$(bash "$S3" env)" || fail "s3-server.sh env"
+BKT=cowsnap-t71
+bash "$S3" mb $BKT || fail "create bucket"
+REPO=repo:s3://$BKT/p
+
+log "two 64 MiB raw disks of random data, attach --via none"
+head -c $((64 << 20)) /dev/urandom > "$T/a.img"
+head -c $((64 << 20)) /dev/urandom > "$T/b.img"
+ua=$(ctl attach "$T/a.img" --name a71 --via none | tail -n 1) || fail "attach a71"
+ub=$(ctl attach "$T/b.img" --name b71 --via none | tail -n 1) || fail "attach b71"
+
+log "a71: full, then two incrementals with writes between; b71: full"
+bk a71 --to "$REPO"
+nbdw "$ua" 1 8 || fail "writes"
+bk a71 --to "$REPO" --incremental
+nbdw "$ua" 2 8 || fail "writes"
+bk a71 --to "$REPO" --incremental
+nbdcopy "$ua" "$T/a3.img" || fail "nbdcopy a3"
+bk b71 --to "$REPO"
+L=$(ctl list "$REPO" --json) || fail "list"
+[ "$(json_field "$L" 'length')" = 4 ] || fail "expected 4 generations: $L"
+a1=$(json_field "$L" '[.[]|select(.disk=="a71")][0].id')
+a2=$(json_field "$L" '[.[]|select(.disk=="a71")][1].id')
+a3=$(json_field "$L" '[.[]|select(.disk=="a71")][2].id')
+b1=$(json_field "$L" '[.[]|select(.disk=="b71")][0].id')
+s3keys p/chunks/ | sort > "$T/chunks0"
+s3keys p/generations/ | sort > "$T/gens0"
+[ "$(wc -l < "$T/gens0")" = 8 ] || fail "expected 8 generation objects: $(cat "$T/gens0")"
+[ "$(wc -l < "$T/chunks0")" -ge 80 ] || fail "too few chunks: $(wc -l < "$T/chunks0")"
+
+log "prune --dry-run changes nothing"
+out=$(ctl prune "$REPO" --keep-last 1 --dry-run) || fail "dry run: $out"
+echo "$out" | grep -q "would remove 2 generation(s), kept 2" || fail "dry run summary: $out"
+echo "$out" | grep -q "chunks are not collected on s3 repositories yet" || fail "dry run does not say chunks stay: $out"
+s3keys p/generations/ | sort | cmp -s - "$T/gens0" || fail "the dry run changed generation objects"
+s3keys p/chunks/ | sort | cmp -s - "$T/chunks0" || fail "the dry run changed chunks"
+
+log "prune --keep-last 1 while a backup of b71 runs"
+nbdw "$ub" 3 16 || fail "writes b71"
+nbdcopy "$ub" "$T/b2.img" || fail "nbdcopy b2"
+timeout 300 "$CTL" backup b71 --to "$REPO" --quiesce-idle 0 >"$T/bg.out" 2>"$T/bg.err" &
+BGPID=$!
+out=$(ctl prune "$REPO" --keep-last 1 --json) || fail "prune: $out"
+wait "$BGPID" || fail "the concurrent backup failed: $(cat "$T/bg.err")"
+BGPID=
+removed=$(json_field "$(echo "$out" | tail -n 1)" '.removed_generations|sort|join(" ")')
+[ "$removed" = "$(printf '%s\n' "$a1" "$a2" | sort | tr '\n' ' ' | sed 's/ $//')" ] \
+  || [ "$removed" = "$(printf '%s\n' "$a1" "$a2" "$b1" | sort | tr '\n' ' ' | sed 's/ $//')" ] \
+  || fail "prune removed $removed, expected $a1 $a2 (and $b1 if the concurrent backup published first)"
+[ "$(json_field "$(echo "$out" | tail -n 1)" '.chunks_removed')" = 0 ] || fail "chunks removed on s3: $out"
+[ "$(json_field "$(echo "$out" | tail -n 1)" '.chunks_collected')" = false ] || fail "chunks_collected not false: $out"
+[ "$(json_field "$(echo "$out" | tail -n 1)" '.chunks_unreferenced')" -ge 8 ] || fail "expected unreferenced chunks of the removed generations: $out"
+
+log "removed generations are gone (metadata and index), no chunk was deleted"
+s3keys p/generations/ | sort > "$T/gens1"
+for g in $removed; do
+  grep -q "/$g\." "$T/gens1" && fail "objects of removed generation $g remain: $(cat "$T/gens1")"
+done
+s3keys p/chunks/ | sort > "$T/chunks1"
+comm -23 "$T/chunks0" "$T/chunks1" | grep -q . && fail "chunks were deleted: $(comm -23 "$T/chunks0" "$T/chunks1" | head)"
+L=$(ctl list "$REPO" --json) || fail "list"
+[ "$(json_field "$L" '[.[]|select(.disk=="a71")]|length')" = 1 ] || fail "a71 should keep 1: $L"
+[ "$(json_field "$L" '[.[]|select(.disk=="a71")][0].id')" = "$a3" ] || fail "a71 kept the wrong one: $L"
+b2=$(json_field "$L" '[.[]|select(.disk=="b71")][-1].id')
+[ "$b2" != "$b1" ] || fail "the concurrent backup did not publish: $L"
+
+log "verify, and restore the kept a71 and the concurrent b71 generation bit-exact"
+ctl verify "$REPO" > "$T/verify.out" || fail "verify: $(cat "$T/verify.out")"
+for pair in "$a3 a3" "$b2 b2"; do
+  set -- $pair
+  rm -f "$T/r.img"
+  ctl restore "$REPO@$1" --to "$T/r.img" >/dev/null || fail "restore $1"
+  [ "$(sha "$T/r.img")" = "$(sha "$T/$2.img")" ] || fail "restore of $1 differs from the content at its snapshot ($2)"
+done
+
+log "a policy that keeps nothing is refused and changes nothing"
+s3keys p/generations/ | sort > "$T/gens2"
+out=$("$CTL" prune "$REPO" --keep-last 0 2>&1) && fail "prune keeping nothing succeeded: $out"
+s3keys p/generations/ | sort | cmp -s - "$T/gens2" || fail "a refused prune changed generation objects"
+
+ctl detach a71 || fail "detach a71"
+ctl detach b71 || fail "detach b71"
+log "PASS"
