@@ -303,7 +303,8 @@ impl From<RetentionArgs> for RetentionPolicy {
 /// Arguments of `prune`.
 #[derive(Debug, clap::Args)]
 pub struct PruneArgs {
-    /// The repository: repo:DIR.
+    /// The repository: repo:DIR, or repo:s3://BUCKET[/PREFIX] (there generations are
+    /// removed, but no chunk: the unreferenced ones are counted and left in place).
     pub repo: String,
     /// Which generations of each disk to keep: any generation a rule keeps is kept.
     /// Generations an unfinished live restore needs are kept too (see `abandon`).

@@ -16,8 +16,9 @@
 //! A repository is a directory or, when its "directory" is an `s3://BUCKET[/PREFIX]`
 //! URL, the same layout as objects in an S3-compatible store (see [`object`]): [`Repo`]
 //! and [`ChunkStore`] hide which. What an object store cannot do yet — locks, pins,
-//! the quarantine, prune — is refused there with "not yet supported for s3
-//! repositories" ([`Repo::require_local`]).
+//! the quarantine — is refused there with "not yet supported for s3 repositories"
+//! ([`Repo::require_local`]); prune there removes generations but no chunk (see
+//! the `prune` module).
 //!
 //! # Locking
 //!
@@ -293,7 +294,7 @@ impl Repo {
         self.remote.is_some()
     }
 
-    /// Refuse `what` (e.g. "prune") on an object-store repository: for operations that
+    /// Refuse `what` (e.g. "live restore from") on an object-store repository: for operations that
     /// need locks, pins or the quarantine.
     pub fn require_local(&self, what: &str) -> Result<()> {
         match self.remote {
@@ -303,7 +304,7 @@ impl Repo {
     }
 
     /// Take the repository lock: shared for backups and restores, exclusive for prune.
-    /// An object store has none (see [`object`]; prune is refused there).
+    /// An object store has none (see [`object`]; prune deletes no chunk there).
     pub fn lock(&self, exclusive: bool) -> Result<RepoLock> {
         if self.remote.is_some() {
             return Ok(RepoLock { _file: None });

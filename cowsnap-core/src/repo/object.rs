@@ -20,10 +20,10 @@
 //! - Locks (`flock`): none, and no lock objects and no conditional writes. Every key is
 //!   written by one writer (a generation's two objects by its backup, whose id holds 32
 //!   random bits) or is content-addressed (a chunk: two writers PUT the same bytes).
-//!   What needs a lock — prune (which must not delete a chunk a running backup decided
-//!   to reuse), pins of live restores, the quarantine — is refused on these
+//!   What needs a lock — pins of live restores, the quarantine — is refused on these
 //!   repositories for now ("not yet supported for s3 repositories"), before anything
-//!   is touched.
+//!   is touched. Prune removes generations but deletes no chunk (one may be what a
+//!   running backup decided to reuse; see `repo::prune`).
 //! - Dedup: a backup lists `chunks/` once (1000 keys a request) and takes the chunks
 //!   listed as present; a chunk written by another writer since is written again (the
 //!   same bytes). A chunk is reused without reading it back (the store checksums

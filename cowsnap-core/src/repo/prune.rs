@@ -368,18 +368,29 @@ fn prune_object(
             r.delete(&format!("generations/{id}.idx"))?;
         }
     }
-    for (name, len) in r.list("chunks/")? {
+    let (kept, unreferenced, bytes) = count_chunks(&r.list("chunks/")?, &live);
+    rep.chunks_kept = kept;
+    rep.chunks_unreferenced = unreferenced;
+    rep.bytes_unreferenced = bytes;
+    Ok(rep)
+}
+
+/// Over a listing of `chunks/` (names, sizes): the chunks `live` holds, and the
+/// others with their bytes. Names that are no chunk's are not counted.
+fn count_chunks(listing: &[(String, u64)], live: &HashSet<[u8; 32]>) -> (u64, u64, u64) {
+    let (mut kept, mut unreferenced, mut bytes) = (0, 0, 0);
+    for (name, len) in listing {
         let Some(h) = name.rsplit('/').next().and_then(fsutil::parse_hash) else {
             continue;
         };
         if live.contains(&h) {
-            rep.chunks_kept += 1;
+            kept += 1;
         } else {
-            rep.chunks_unreferenced += 1;
-            rep.bytes_unreferenced += len;
+            unreferenced += 1;
+            bytes += len;
         }
     }
-    Ok(rep)
+    (kept, unreferenced, bytes)
 }
 
 /// A complete group is kept or removed whole: when any member is kept (by a rule, a
@@ -464,6 +475,23 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn object_store_chunks_are_counted_against_the_mark() {
+        let h = |b: u8| [b; 32];
+        let name = |b: u8| format!("chunks/{:02x}/{}", b, fsutil::hex(&h(b)));
+        let listing = vec![
+            (name(1), 100),
+            (name(2), 200),
+            (name(3), 300),
+            ("chunks/zz/not-a-chunk".to_string(), 999),
+            (format!("chunks/01/{}.tmp", fsutil::hex(&h(1))), 999),
+        ];
+        let live: HashSet<[u8; 32]> = [h(2), h(9)].into_iter().collect();
+        assert_eq!(count_chunks(&listing, &live), (1, 2, 400));
+        assert_eq!(count_chunks(&listing, &HashSet::new()), (0, 3, 600));
+        assert_eq!(count_chunks(&[], &live), (0, 0, 0));
     }
 
     fn opts(policy: RetentionPolicy) -> PruneOptions {
