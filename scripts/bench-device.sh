@@ -7,13 +7,15 @@
 #   nbdfuse  cowsnapctl attach --via nbdfuse: nbdfuse on the daemon's NBD socket + loop
 #   nbdkit   nbdkit file plugin (cache=default) + nbdfuse + losetup --direct-io=on
 # Jobs: 4k randwrite QD32, 4k randread QD32, 4k randwrite QD1, 1M seq write QD8,
-# 1M seq read QD8. The file is filled with random data and read into the page cache
+# 1M seq read QD8; with BENCH_JOBS naming pgbench_c4 / pgbench_c1: PostgreSQL on ext4 on a
+# second image (2 GiB, `pgbench -i -s BENCH_PG_SCALE` once), `pgbench -c 4 -j 2` or
+# `-c 1` for BENCH_SECS on each path in turn (TPS). The file is filled with random data and read into the page cache
 # first and copied once through the cowsnap device, so every chunk's change-log bit is
 # set (the steady state between backups: the first write to a chunk after a backup also
 # persists its bit, which raw and nbdkit never do); jobs are interleaved (job by job, path by path) so background load hits all
 # four alike. Prints a markdown table with each path's ratio to raw and to nbdkit.
 #   scripts/bench-device.sh   (env: BENCH_SECS=10, BENCH_SIZE_MB=1024, BENCH_PATHS,
-#                              BENCH_JOBS, COWSNAP_BIN_DIR)
+#                              BENCH_JOBS, BENCH_PG_SCALE=20, COWSNAP_BIN_DIR)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${COWSNAP_BIN_DIR:-$ROOT/target/release}
@@ -29,14 +31,26 @@ done
 [ -x "$CTL" ] || { echo "no cowsnapctl at $CTL (cargo build --release)"; exit 1; }
 
 W=$(mktemp -d /tmp/cowsnap-benchdev.XXXXXX)
+chmod 755 "$W"   # PostgreSQL (user postgres) reaches its data and socket below
 export COWSNAP_RUN_DIR=$W/run COWSNAP_STATE_DIR=$W/state COWSNAP_NBD_BIN=$BIN/cowsnap-nbd
 IMG=$W/disk.img
+PGIMG=$W/pg.img
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
+PGPORT=$((20000 + RANDOM % 20000))
 DEV= NKPID= NFPID=
+pg() { runuser -u postgres -- "$@"; }
+pg_stop() { # stop PostgreSQL and unmount, if the job left them
+  if mountpoint -q "$W/m"; then
+    [ -f "$W/m/data/postmaster.pid" ] && pg "$PGBIN/pg_ctl" -D "$W/m/data" -m immediate stop >/dev/null 2>&1
+    for _ in $(seq 50); do umount "$W/m" 2>/dev/null && break; sleep 0.2; done
+  fi
+}
 teardown() {
   set +e
+  pg_stop
   if [ -n "$DEV" ] && [ "$CUR" != fuse ] && [ "$CUR" != nbdfuse ]; then losetup -d "$DEV" 2>/dev/null; fi
   case ${CUR:-} in
-    fuse|nbdfuse) "$CTL" detach bench >/dev/null 2>&1 ;;
+    fuse|nbdfuse) "$CTL" detach bench >/dev/null 2>&1; "$CTL" detach benchpg >/dev/null 2>&1 ;;
     nbdkit)
       for _ in $(seq 50); do [ -z "$(losetup -j "$W/nk/disk" 2>/dev/null)" ] && break; sleep 0.1; done
       fusermount3 -u "$W/nk" 2>/dev/null || fusermount3 -u -z "$W/nk" 2>/dev/null
@@ -49,14 +63,16 @@ CUR=
 cleanup() { teardown; rm -rf "$W"; }
 trap cleanup EXIT
 
-setup() {
+setup() { # PATH [IMAGE (the fio image)]
   CUR=$1
+  local img=${2:-$IMG} name=bench
+  [ "$img" = "$IMG" ] || name=benchpg
   case $1 in
-    raw) DEV=$(losetup --direct-io=off -f --show "$IMG") ;;
-    fuse|nbdfuse) DEV=$("$CTL" attach "$IMG" --name bench --via "$1" >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/bench.attach.json") ;;
+    raw) DEV=$(losetup --direct-io=off -f --show "$img") ;;
+    fuse|nbdfuse) DEV=$("$CTL" attach "$img" --name "$name" --via "$1" >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
     nbdkit)
       rm -f "$W/nk.sock"; mkdir -p "$W/nk"
-      nbdkit --foreground --unix "$W/nk.sock" file file="$IMG" cache=default >"$W/nbdkit.log" 2>&1 &
+      nbdkit --foreground --unix "$W/nk.sock" file file="$img" cache=default >"$W/nbdkit.log" 2>&1 &
       NKPID=$!
       for _ in $(seq 100); do [ -S "$W/nk.sock" ] && break; sleep 0.05; done
       nbdfuse "$W/nk/disk" "nbd+unix:///?socket=$W/nk.sock" >"$W/nbdfuse.log" 2>&1 &
@@ -64,6 +80,26 @@ setup() {
       DEV=$(losetup --direct-io=on -f --show "$W/nk/disk") ;;
   esac
   [ -b "$DEV" ] || { echo "set-up of $1 failed"; exit 1; }
+}
+
+pg_job() { # DEV CLIENTS -> "value TPS"
+  local c=$2 j=$(( $2 > 1 ? 2 : 1 )) tps
+  mount "$DEV" "$W/m"
+  pg "$PGBIN/pg_ctl" -D "$W/m/data" -l "$W/pglog/pg.log" -w -t 300 \
+    -o "-p $PGPORT -k $W/sock -c listen_addresses= -c fsync=on" start >/dev/null
+  tps=$(pg "$PGBIN/pgbench" -h "$W/sock" -p "$PGPORT" -n -c "$c" -j "$j" -T "$SECS" postgres 2>/dev/null |
+    awk '/^tps = / { printf "%d TPS", $3 }')
+  pg "$PGBIN/pg_ctl" -D "$W/m/data" -m fast stop >/dev/null
+  pg_stop
+  echo "${tps:-0 TPS}"
+}
+
+job() { # DEV JOB -> "value unit"
+  case $2 in
+    pgbench_c4) pg_job "$1" 4 ;;
+    pgbench_c1) pg_job "$1" 1 ;;
+    *) fio_job "$1" "$2" ;;
+  esac
 }
 
 fio_job() { # DEV JOB -> "value unit"
@@ -87,12 +123,32 @@ setup fuse
 dd if="$IMG" of="$DEV" bs=1M oflag=direct status=none
 teardown
 cat "$IMG" >/dev/null
+if [[ " $JOBS " == *" pgbench_"* ]]; then
+  [ -x "$PGBIN/initdb" ] || { echo "pgbench jobs need PostgreSQL (scripts/setup.sh)"; exit 1; }
+  echo "PostgreSQL on ext4 on $PGIMG (2 GiB), pgbench -i -s ${BENCH_PG_SCALE:-20}" >&2
+  mkdir -p "$W/m" "$W/sock" "$W/pglog" && chown postgres "$W/sock" "$W/pglog"
+  truncate -s 2G "$PGIMG"
+  setup raw "$PGIMG"
+  mkfs.ext4 -q -F "$DEV"
+  mount "$DEV" "$W/m"
+  mkdir "$W/m/data" && chown postgres "$W/m/data" && chmod 700 "$W/m/data"
+  pg "$PGBIN/initdb" -D "$W/m/data" -A trust >/dev/null
+  pg "$PGBIN/pg_ctl" -D "$W/m/data" -l "$W/pglog/pg.log" -w -t 300 \
+    -o "-p $PGPORT -k $W/sock -c listen_addresses=" start >/dev/null
+  pg "$PGBIN/pgbench" -h "$W/sock" -p "$PGPORT" -i -q -s "${BENCH_PG_SCALE:-20}" postgres >/dev/null 2>&1
+  pg "$PGBIN/pg_ctl" -D "$W/m/data" -m fast stop >/dev/null
+  teardown
+  # every chunk's change-log bit set, as for the fio image
+  setup fuse "$PGIMG"; dd if="$PGIMG" of="$DEV" bs=1M oflag=direct status=none; teardown
+  cat "$PGIMG" >/dev/null
+fi
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $(uname -r)" >&2
 declare -A R
 for j in $JOBS; do
+  img=$IMG; [[ $j == pgbench_* ]] && img=$PGIMG
   for p in $PATHS; do
-    setup "$p"
-    R[$j,$p]=$(fio_job "$DEV" "$j")
+    setup "$p" "$img"
+    R[$j,$p]=$(job "$DEV" "$j")
     teardown
     echo "$j $p: ${R[$j,$p]}" >&2
   done
