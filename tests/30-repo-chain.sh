@@ -10,19 +10,6 @@
 need nbdcopy sha256sum; [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
 
-# nbdw URI SEED COUNT: write COUNT random 1 MiB regions (distinct, aligned) with random data
-nbdw() {
-  /usr/bin/python3 - "$@" <<'PY'
-import nbd, random, sys
-uri, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-R = 1 << 20
-h = nbd.NBD(); h.connect_uri(uri)
-rng = random.Random(seed)
-for i in rng.sample(range(h.get_size() // R), count):
-    h.pwrite(rng.randbytes(R), i * R)
-h.flush(); h.shutdown()
-PY
-}
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 REPO=$T/repo
 bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; }
@@ -37,12 +24,12 @@ bk d30 --to "repo:$REPO"
 cat "$T/bk.out" | tail -n 1
 nbdcopy "$uri" "$T/e1.img" || fail "nbdcopy e1"
 log "writes: 64 random regions + a zeroed 8 MiB range, then incremental #1"
-nbdw "$uri" 1 64 || fail "writes 1"
+nbd_write_random "$uri" 1 64 || fail "writes 1"
 /usr/bin/python3 -c "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); h.zero(8<<20, 100<<20); h.flush(); h.shutdown()" "$uri" || fail "zero"
 bk d30 --to "repo:$REPO" --incremental
 nbdcopy "$uri" "$T/e2.img" || fail "nbdcopy e2"
 log "writes: 5 of 512 regions (~1%), then incremental #2"
-nbdw "$uri" 2 5 || fail "writes 2"
+nbd_write_random "$uri" 2 5 || fail "writes 2"
 bk d30 --to "repo:$REPO" --incremental
 grep -qi "full read" "$T/bk.out" && fail "1% incremental fell back to a full read: $(cat "$T/bk.out")"
 nbdcopy "$uri" "$T/e3.img" || fail "nbdcopy e3"
@@ -75,7 +62,7 @@ ctl restore "repo:$REPO@$g1" --to "$T/r.img" >/dev/null || fail "restore $g1 ove
 log "two disks backed up into one repository at the same time"
 head -c $((256 << 20)) /dev/urandom > "$T/o.img"
 ctl attach "$T/o.img" --name o30 --via none >/dev/null || fail "attach o30"
-nbdw "$uri" 3 16 || fail "writes 3"
+nbd_write_random "$uri" 3 16 || fail "writes 3"
 timeout 300 "$CTL" backup d30 --to "repo:$REPO" --incremental --quiesce-idle 0 >"$T/p1.out" 2>"$T/p1.err" & p1=$!
 timeout 300 "$CTL" backup o30 --to "repo:$REPO" --quiesce-idle 0 >"$T/p2.out" 2>"$T/p2.err" & p2=$!
 EXTRA_PIDS+=("$p1" "$p2")
@@ -114,7 +101,7 @@ lin_r=$(json_field "$st" .daemon.lineage)
 [ "$(json_field "$st" .daemon.restored_from.generation)" = "$g2" ] || fail "restored_from: $st"
 nbdcopy "$ruri" "$T/rl.img" || fail "nbdcopy restored"
 [ "$(sha "$T/rl.img")" = "$(sha "$T/e2.img")" ] || fail "live-restored disk differs from #2"
-nbdw "$ruri" 4 3 || fail "writes to the restored disk"
+nbd_write_random "$ruri" 4 3 || fail "writes to the restored disk"
 bk r30 --to "repo:$REPO" --incremental
 cat "$T/bk.out" | tail -n 1
 grep -qi "full read" "$T/bk.out" && fail "first incremental of the restored disk was a full read: $(cat "$T/bk.out")"

@@ -27,20 +27,6 @@ s3_cleanup() {
 }
 trap s3_cleanup EXIT
 
-# nbdw URI SEED COUNT: COUNT random 1 MiB regions of random data in 140..250 MiB: free
-# blocks of the 256 MiB ext4 below (no metadata there), so the file system stays clean.
-nbdw() {
-  /usr/bin/python3 - "$@" <<'PY'
-import nbd, random, sys
-uri, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-R = 1 << 20
-h = nbd.NBD(); h.connect_uri(uri)
-rng = random.Random(seed)
-for i in rng.sample(range(140, 250), count):
-    h.pwrite(rng.randbytes(R), i * R)
-h.flush(); h.shutdown()
-PY
-}
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; }
 
@@ -65,7 +51,7 @@ bk d70 --to "$REPO"
 tail -n 1 "$T/bk.out"
 nbdcopy "$uri" "$T/e1.img" || fail "nbdcopy e1"
 log "writes: 12 regions, then an incremental"
-nbdw "$uri" 1 12 || fail "writes"
+nbd_write_random "$uri" 1 12 140 250 || fail "writes"
 bk d70 --to "$REPO" --incremental
 tail -n 1 "$T/bk.out"
 grep -qi "full read" "$T/bk.out" && fail "the incremental fell back to a full read: $(cat "$T/bk.out")"

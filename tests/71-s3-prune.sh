@@ -27,19 +27,6 @@ s3_cleanup() {
 }
 trap s3_cleanup EXIT
 
-# nbdw URI SEED COUNT: COUNT random 1 MiB regions of random data in the first 64 MiB.
-nbdw() {
-  /usr/bin/python3 - "$@" <<'PY'
-import nbd, random, sys
-uri, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-R = 1 << 20
-h = nbd.NBD(); h.connect_uri(uri)
-rng = random.Random(seed)
-for i in rng.sample(range(0, 64), count):
-    h.pwrite(rng.randbytes(R), i * R)
-h.flush(); h.shutdown()
-PY
-}
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; }
 # s3keys PREFIX: the keys under PREFIX in the bucket (one request: fewer than 1000 here)
@@ -68,9 +55,9 @@ ub=$(ctl attach "$T/b.img" --name b71 --via none | tail -n 1) || fail "attach b7
 
 log "a71: full, then two incrementals with writes between; b71: full"
 bk a71 --to "$REPO"
-nbdw "$ua" 1 8 || fail "writes"
+nbd_write_random "$ua" 1 8 0 64 || fail "writes"
 bk a71 --to "$REPO" --incremental
-nbdw "$ua" 2 8 || fail "writes"
+nbd_write_random "$ua" 2 8 0 64 || fail "writes"
 bk a71 --to "$REPO" --incremental
 nbdcopy "$ua" "$T/a3.img" || fail "nbdcopy a3"
 bk b71 --to "$REPO"
@@ -93,7 +80,7 @@ s3keys p/generations/ | sort | cmp -s - "$T/gens0" || fail "the dry run changed 
 s3keys p/chunks/ | sort | cmp -s - "$T/chunks0" || fail "the dry run changed chunks"
 
 log "prune --keep-last 1 while a backup of b71 runs"
-nbdw "$ub" 3 16 || fail "writes b71"
+nbd_write_random "$ub" 3 16 0 64 || fail "writes b71"
 nbdcopy "$ub" "$T/b2.img" || fail "nbdcopy b2"
 timeout 300 "$CTL" backup b71 --to "$REPO" --quiesce-idle 0 >"$T/bg.out" 2>"$T/bg.err" &
 BGPID=$!

@@ -55,6 +55,22 @@ h = nbd.NBD(); h.connect_uri(sys.argv[1])
 h.pwrite(random.Random(int(sys.argv[3])).randbytes(1 << 20), int(sys.argv[2]) << 20)
 h.flush(); h.shutdown()' "$@"
 }
+# nbd_write_random URI SEED COUNT [FIRST_MIB END_MIB]: COUNT distinct random 1 MiB
+# regions (aligned) of random data in FIRST_MIB..END_MIB (default: the whole disk), flushed
+nbd_write_random() {
+  /usr/bin/python3 - "$@" <<'PY'
+import nbd, random, sys
+uri, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+R = 1 << 20
+h = nbd.NBD(); h.connect_uri(uri)
+first = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+end = int(sys.argv[5]) if len(sys.argv) > 5 else h.get_size() // R
+rng = random.Random(seed)
+for i in rng.sample(range(first, end), count):
+    h.pwrite(rng.randbytes(R), i * R)
+h.flush(); h.shutdown()
+PY
+}
 # backup_gen NAME ARGS...: back up (--quiesce-idle 0) and print the new generation; the
 # output stays in $T/bk.out and $T/bk.err
 backup_gen() {
