@@ -13,19 +13,9 @@ need_root
 need nbdcopy sha256sum mkfs.ext4 e2fsck curl
 [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
-command -v ceph-mon >/dev/null && command -v radosgw >/dev/null || skip "Ceph is not installed (scripts/setup.sh)"
+need_s3
 
-S3=$ROOT/scripts/s3-server.sh
-export COWSNAP_S3_DIR=$T/s3
-export COWSNAP_S3_PORT=${COWSNAP_TEST_S3_PORT:-17490}
-export COWSNAP_S3_MON_PORT=${COWSNAP_TEST_S3_MON_PORT:-13310}
-s3_cleanup() {
-  local rc=$?
-  bash "$S3" stop >/dev/null 2>&1
-  (exit "$rc")
-  cleanup
-}
-trap s3_cleanup EXIT
+s3_test_store "${COWSNAP_TEST_S3_PORT:-17490}" "${COWSNAP_TEST_S3_MON_PORT:-13310}"
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; }

@@ -11,21 +11,9 @@ need_root
 need nbdcopy sha256sum curl
 [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
-command -v ceph-mon >/dev/null && command -v radosgw >/dev/null || skip "Ceph is not installed (scripts/setup.sh)"
+need_s3
 
-S3=$ROOT/scripts/s3-server.sh
-export COWSNAP_S3_DIR=$T/s3
-export COWSNAP_S3_PORT=${COWSNAP_TEST_S3_PRUNE_PORT:-17495}
-export COWSNAP_S3_MON_PORT=${COWSNAP_TEST_S3_PRUNE_MON_PORT:-13315}
-BGPID=
-s3_cleanup() {
-  local rc=$?
-  [ -n "$BGPID" ] && kill "$BGPID" 2>/dev/null && wait "$BGPID" 2>/dev/null
-  bash "$S3" stop >/dev/null 2>&1
-  (exit "$rc")
-  cleanup
-}
-trap s3_cleanup EXIT
+s3_test_store "${COWSNAP_TEST_S3_PRUNE_PORT:-17495}" "${COWSNAP_TEST_S3_PRUNE_MON_PORT:-13315}"
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; }
@@ -83,10 +71,10 @@ log "prune --keep-last 1 while a backup of b71 runs"
 nbd_write_random "$ub" 3 16 0 64 || fail "writes b71"
 nbdcopy "$ub" "$T/b2.img" || fail "nbdcopy b2"
 timeout 300 "$CTL" backup b71 --to "$REPO" --quiesce-idle 0 >"$T/bg.out" 2>"$T/bg.err" &
-BGPID=$!
+S3_BGPID=$!
 out=$(ctl prune "$REPO" --keep-last 1 --json) || fail "prune: $out"
-wait "$BGPID" || fail "the concurrent backup failed: $(cat "$T/bg.err")"
-BGPID=
+wait "$S3_BGPID" || fail "the concurrent backup failed: $(cat "$T/bg.err")"
+S3_BGPID=
 removed=$(json_field "$(echo "$out" | tail -n 1)" '.removed_generations|sort|join(" ")')
 [ "$removed" = "$(printf '%s\n' "$a1" "$a2" | sort | tr '\n' ' ' | sed 's/ $//')" ] \
   || [ "$removed" = "$(printf '%s\n' "$a1" "$a2" "$b1" | sort | tr '\n' ' ' | sed 's/ $//')" ] \

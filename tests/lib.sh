@@ -71,6 +71,26 @@ for i in rng.sample(range(first, end), count):
 h.flush(); h.shutdown()
 PY
 }
+# need_s3: skip unless Ceph's daemons are installed (scripts/setup.sh)
+need_s3() {
+  command -v ceph-mon >/dev/null && command -v radosgw >/dev/null || skip "Ceph is not installed (scripts/setup.sh)"
+}
+# s3_test_store PORT MON_PORT: this test's own S3 store (scripts/s3-server.sh, state in
+# $T/s3, on ports of its own); at exit the background job $S3_BGPID (if any) is stopped,
+# then the store, then the usual cleanup. Start it with `bash "$S3" start`.
+s3_test_store() {
+  S3=$ROOT/scripts/s3-server.sh
+  export COWSNAP_S3_DIR=$T/s3 COWSNAP_S3_PORT=$1 COWSNAP_S3_MON_PORT=$2
+  S3_BGPID=
+  trap s3_cleanup EXIT
+}
+s3_cleanup() {
+  local rc=$?
+  [ -n "${S3_BGPID:-}" ] && kill "$S3_BGPID" 2>/dev/null && wait "$S3_BGPID" 2>/dev/null
+  bash "$S3" stop >/dev/null 2>&1
+  (exit "$rc")
+  cleanup
+}
 # backup_gen NAME ARGS...: back up (--quiesce-idle 0) and print the new generation; the
 # output stays in $T/bk.out and $T/bk.err
 backup_gen() {
