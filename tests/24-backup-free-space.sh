@@ -48,25 +48,14 @@ PY
 }
 
 fsck_img() { # FS IMG: replay the journal/log on a loop device, then a read-only check
-  local fs=$1 img=$2 lo m
-  lo=$(losetup -f --show "$img") || fail "losetup $img"
-  m=$T/fsck-mnt; mkdir -p "$m"
-  # the live filesystem with the same UUID is mounted: XFS needs nouuid
-  local o=; [ "$fs" = xfs ] && o=nouuid
-  mount ${o:+-o $o} "$lo" "$m" || fail "$fs image does not mount (journal replay)"
-  umount "$m" || fail "umount"
-  case $fs in
-    ext4) e2fsck -fn "$lo" >"$T/fsck.out" 2>&1 || fail "ext4 image not clean: $(tail -n 20 "$T/fsck.out")";;
-    xfs) xfs_repair -n "$lo" >"$T/fsck.out" 2>&1 || fail "xfs image not clean: $(tail -n 20 "$T/fsck.out")";;
-  esac
-  mount -o ro${o:+,$o} "$lo" "$m" || fail "mount ro"
-  track_mount "$m"
+  local fs=$1 img=$2 m=$T/fsck-mnt
+  fs_image_open "$fs" "$img" "$m"
   (cd "$m" && sha256sum -c --quiet "$T/live.sha") >"$T/sum.out" 2>&1 \
     || fail "$fs: live files differ after restore: $(head -n 5 "$T/sum.out")"
   (cd "$m" && sha256sum -c --quiet "$T/pre.sha") >"$T/sum.out" 2>&1 \
     || fail "$fs: files fsynced before the backup differ after restore: $(head -n 5 "$T/sum.out")"
   log "$fs: image fsck-clean; $(wc -l < "$T/live.sha") live and $(wc -l < "$T/pre.sha") writer files intact"
-  umount "$m"; losetup -d "$lo"
+  fs_image_close "$m"
 }
 
 writer() { # creates w/NNN (64-256 KiB, fsync) and logs its hash; churns other files

@@ -24,24 +24,13 @@ field() { jq -r "$2" "$1"; }
 mib() { echo $(( $(field "$1" "$2") / MIB )); }
 
 check_img() { # FS IMG: replay the journal/log on a loop device, fsck, compare hashes
-  local fs=$1 img=$2 lo m o=
-  lo=$(losetup -f --show "$img") || fail "losetup $img"
-  m=$T/chk-mnt; mkdir -p "$m"
-  # the live filesystem with the same UUID is mounted: XFS needs nouuid
-  [ "$fs" = xfs ] && o=nouuid
-  mount ${o:+-o $o} "$lo" "$m" || fail "$fs: the restored image does not mount"
-  umount "$m" || fail "umount"
-  case $fs in
-    ext4) e2fsck -fn "$lo" >"$T/fsck.out" 2>&1 || fail "ext4 image not clean: $(tail -n 20 "$T/fsck.out")";;
-    xfs) xfs_repair -n "$lo" >"$T/fsck.out" 2>&1 || fail "xfs image not clean: $(tail -n 20 "$T/fsck.out")";;
-  esac
-  mount -o ro${o:+,$o} "$lo" "$m" || fail "mount ro"
-  track_mount "$m"
+  local fs=$1 img=$2 m=$T/chk-mnt
+  fs_image_open "$fs" "$img" "$m"
   (cd "$m" && sha256sum -c --quiet "$T/keep.sha") >"$T/sum.out" 2>&1 \
     || fail "$fs: files differ after restore: $(head -n 5 "$T/sum.out")"
   [ ! -e "$m/gone" ] || fail "$fs: the deleted directory is back"
   log "$fs: restored image fsck-clean, $(wc -l < "$T/keep.sha") files intact"
-  umount "$m"; losetup -d "$lo"
+  fs_image_close "$m"
 }
 
 run_fs() {

@@ -91,6 +91,25 @@ s3_cleanup() {
   (exit "$rc")
   cleanup
 }
+# fs_image_open FS IMG MNT: IMG on a loop device ($FS_LO), its journal/log replayed
+# (mount, umount), checked read-only (e2fsck -fn, xfs_repair -n) and mounted read-only on
+# MNT (XFS with nouuid: the live file system of the same UUID may be mounted);
+# fs_image_close MNT undoes it
+fs_image_open() {
+  local fs=$1 img=$2 m=$3 o=
+  FS_LO=$(losetup -f --show "$img") || fail "losetup $img"
+  mkdir -p "$m"
+  [ "$fs" = xfs ] && o=nouuid
+  mount ${o:+-o $o} "$FS_LO" "$m" || fail "$fs image $img does not mount (journal replay)"
+  umount "$m" || fail "umount"
+  case $fs in
+    ext4) e2fsck -fn "$FS_LO" >"$T/fsck.out" 2>&1 || fail "ext4 image not clean: $(tail -n 20 "$T/fsck.out")";;
+    xfs) xfs_repair -n "$FS_LO" >"$T/fsck.out" 2>&1 || fail "xfs image not clean: $(tail -n 20 "$T/fsck.out")";;
+  esac
+  mount -o ro${o:+,$o} "$FS_LO" "$m" || fail "mount ro"
+  track_mount "$m"
+}
+fs_image_close() { umount "$1"; losetup -d "$FS_LO"; }
 # backup_gen NAME ARGS...: back up (--quiesce-idle 0) and print the new generation; the
 # output stays in $T/bk.out and $T/bk.err
 backup_gen() {
