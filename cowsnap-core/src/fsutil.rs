@@ -11,6 +11,14 @@ use std::path::{Path, PathBuf};
 /// `nbytes` random bytes from the kernel, as lowercase hex.
 pub fn random_hex(nbytes: usize) -> Result<String> {
     let mut buf = vec![0u8; nbytes];
+    random_bytes(&mut buf)?;
+    Ok(hex(&buf))
+}
+
+/// Fill `buf` with random bytes from the kernel (`getrandom(2)`, which blocks only
+/// until the kernel's generator is seeded).
+pub fn random_bytes(buf: &mut [u8]) -> Result<()> {
+    let nbytes = buf.len();
     let mut filled = 0;
     while filled < nbytes {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`, a live,
@@ -31,7 +39,7 @@ pub fn random_hex(nbytes: usize) -> Result<String> {
         }
         filled += r as usize;
     }
-    Ok(hex(&buf))
+    Ok(())
 }
 
 /// Lowercase hex of `bytes`.

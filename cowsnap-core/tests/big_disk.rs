@@ -96,7 +96,7 @@ fn start_on(dir: &Path, size: u64) -> (Duration, u64, u64) {
     let t0 = Instant::now();
     let geo = Geometry::new(size, EngineConfig::default().chunk_size).unwrap();
     let held = Held {
-        inner: target::open(&to, &geo, "", false, false).unwrap(),
+        inner: target::open(&to, &geo, "", false, false, None).unwrap(),
         open: open.clone(),
     };
     b.start_with(

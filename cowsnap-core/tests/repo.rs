@@ -303,6 +303,7 @@ fn prune_waits_for_a_running_backup() {
         RepoTargetParams {
             disk_name: "w".into(),
             incremental: false,
+            key: None,
         },
         TCS,
     )
@@ -379,6 +380,7 @@ fn untrusted_tracking_falls_back_to_a_full_read() {
         cowsnap_core::repo::RepoTargetParams {
             disk_name: "u".into(),
             incremental: true,
+            key: None,
         },
         TCS,
     )
@@ -401,6 +403,7 @@ fn abort_and_drop_publish_nothing() {
             cowsnap_core::repo::RepoTargetParams {
                 disk_name: "x".into(),
                 incremental: false,
+                key: None,
             },
             TCS,
         )
@@ -440,6 +443,7 @@ fn abort_and_drop_publish_nothing() {
         cowsnap_core::repo::RepoTargetParams {
             disk_name: "x".into(),
             incremental: false,
+            key: None,
         },
         TCS,
     )
@@ -461,6 +465,7 @@ fn a_chunk_handed_over_twice_keeps_the_last_data() {
         cowsnap_core::repo::RepoTargetParams {
             disk_name: "t".into(),
             incremental: false,
+            key: None,
         },
         TCS,
     )
@@ -505,6 +510,7 @@ fn prepare_resolves_the_parent_before_the_instant() {
             cowsnap_core::repo::RepoTargetParams {
                 disk_name: "p".into(),
                 incremental: true,
+                key: None,
             },
             TCS,
         )
@@ -576,6 +582,7 @@ fn zero_ranges_and_data_keep_their_order_and_the_parent_the_rest() {
         cowsnap_core::repo::RepoTargetParams {
             disk_name: "z".into(),
             incremental: true,
+            key: None,
         },
         TCS,
     )

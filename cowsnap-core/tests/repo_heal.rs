@@ -314,6 +314,7 @@ fn an_incremental_refuses_to_publish_a_generation_taking_a_missing_chunk_from_it
         RepoTargetParams {
             disk_name: "m".into(),
             incremental: true,
+            key: None,
         },
         TCS,
     )

@@ -76,6 +76,10 @@ pub struct Args {
     /// from the disk's state directory without this flag.
     #[arg(long, value_name = "repo:DIR@GEN")]
     pub restore_from: Option<String>,
+    /// The key file of the encrypted repository of --generation or --restore-from (its
+    /// path: the key itself is never on a command line).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
     /// NBD connections open at once; further ones are closed at once (and logged).
     #[arg(long, default_value_t = crate::nbd::limits::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,

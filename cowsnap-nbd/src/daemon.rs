@@ -242,6 +242,15 @@ fn lock_origin(path: &Path) -> Result<Option<Flock<std::fs::File>>> {
 /// Run the daemon until a stop event; returns after cleaning up.
 pub fn run(args: Args) -> Result<()> {
     let args = cli::absolute_args(args)?;
+    // The repository key of --generation / --restore-from: every repository this
+    // process opens by path uses it (a backup brings its own).
+    if let Some(k) = &args.key {
+        if args.generation.is_none() && args.restore_from.is_none() {
+            bail!("--key needs --generation or --restore-from");
+        }
+        let key = cowsnap_core::repo::crypt::RepoKey::load(k).context("invalid --key")?;
+        cowsnap_core::repo::crypt::set_process_key(Some(key));
+    }
     std::env::set_current_dir("/").context("unable to change the working directory to /")?;
     init_logging(args.log_file.as_deref())?;
     cowsnap_nbd::paths::validate_name(&args.name).context("invalid --name")?;

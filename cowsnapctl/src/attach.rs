@@ -378,6 +378,11 @@ fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths, via: Via) -> Re
     if let Some(r) = &a.restore_from {
         v.extend(["--restore-from".into(), r.clone()]);
     }
+    if a.generation.is_some() || a.restore_from.is_some() {
+        if let Some(k) = crate::key::key_file_for_daemon()? {
+            v.extend(["--key".into(), s(&k)]);
+        }
+    }
     if let Some(n) = a.max_connections {
         v.extend(["--max-connections".into(), n.to_string()]);
     }

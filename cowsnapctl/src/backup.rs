@@ -196,8 +196,10 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         quiesce_idle_ms: idle.as_millis() as u64,
         quiesce_timeout_ms: timeout.as_millis() as u64,
         all_blocks: a.all_blocks,
+        key_file: crate::key::key_file_for_daemon()?,
         ..Default::default()
     };
+    crate::key::check_backup_target(&params.to)?;
     // Early, for a clear error before any freeze; the daemon checks again before it
     // opens anything (it also knows the disk's default container).
     let own = cowsnap_nbd::attached::OwnDisk {

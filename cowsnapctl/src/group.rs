@@ -288,7 +288,9 @@ pub fn run(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         all_blocks: a.all_blocks,
         notes: Vec::new(),
         group: group.clone(),
+        key_file: crate::key::key_file_for_daemon()?,
     };
+    crate::key::check_backup_target(&base.to)?;
     for m in &members {
         let own = cowsnap_nbd::attached::OwnDisk {
             name: &m.name,

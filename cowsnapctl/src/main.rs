@@ -18,6 +18,7 @@ mod export;
 mod freeze;
 mod group;
 mod hooks;
+mod key;
 mod man;
 mod metrics;
 mod mount_record;
@@ -73,6 +74,11 @@ impl Dirs {
 struct Cli {
     #[command(flatten)]
     dirs: Dirs,
+    /// The key file of an encrypted repository (`cowsnapctl key create`): needed by
+    /// every command that opens one; a backup that creates a repository with it
+    /// encrypts it. Refused by an unencrypted repository.
+    #[arg(long, global = true, visible_alias = "encrypt", value_name = "FILE", env = key::ENV_KEY_FILE)]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -129,6 +135,9 @@ enum Cmd {
     /// For the udev rule: the /dev/cowsnap link name of a kernel device.
     #[command(hide = true)]
     UdevName(devlink::UdevNameArgs),
+    /// Repository keys: `key create FILE` makes a new one.
+    #[command(subcommand)]
+    Key(key::KeyCmd),
     /// Write the manual pages (cowsnapctl.1, one per subcommand, cowsnap-nbd.8).
     Man(man::ManArgs),
     /// Print a shell completion script (bash, zsh, fish, ...) to stdout.
@@ -156,6 +165,26 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Commands that open repositories use the key (read now: a bad key file fails
+    // before anything is done); the others ignore it.
+    let uses_key = !matches!(
+        cli.cmd,
+        Cmd::Key(_)
+            | Cmd::Man(_)
+            | Cmd::Completions(_)
+            | Cmd::Status(_)
+            | Cmd::Detach(_)
+            | Cmd::UdevName(_)
+            | Cmd::SystemdGenerator(_)
+            | Cmd::Config(_)
+    );
+    if uses_key {
+        if let Err(e) = key::init(cli.key.as_deref()) {
+            progress::error_result(&format!("{e:#}"));
+            eprintln!("cowsnapctl: {e:#}");
+            std::process::exit(1);
+        }
+    }
     let r: Result<i32> = match cli.cmd {
         Cmd::Attach(a) => attach::run(&cli.dirs, a).map(|_| 0),
         Cmd::Detach(a) => detach::run(&cli.dirs, a).map(|_| 0),
@@ -179,6 +208,7 @@ fn main() {
         Cmd::Config(a) => up::check(a),
         Cmd::SystemdGenerator(a) => up::generator(a),
         Cmd::UdevName(a) => devlink::run_udev_name(&cli.dirs, a),
+        Cmd::Key(k) => key::run(k).map(|_| 0),
         Cmd::Man(a) => man::run(a),
         Cmd::Completions(a) => completions::run(a),
     };

@@ -150,6 +150,10 @@ fn environment(ctl: bool) -> Vec<(String, String)> {
             ),
         ));
         v.push((
+            crate::key::ENV_KEY_FILE.into(),
+            "The key file of an encrypted repository, as --key.".into(),
+        ));
+        v.push((
             crate::devlink::ENV_DEV_DIR.into(),
             format!(
                 "Directory of the stable device links NAME and NAME-partN (default {}).",

@@ -95,6 +95,10 @@ pub struct BackupParams {
     /// The consistency group this backup is a member of, recorded in the generation.
     #[serde(default)]
     pub group: Option<crate::repo::generation::GroupRef>,
+    /// The key file of an encrypted repository (its path, never its content; the
+    /// daemon reads it). A repository created by this backup is encrypted under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// Where a backup job is. On the wire (control protocol, `--json`) it is the lower-case

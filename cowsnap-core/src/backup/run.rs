@@ -50,7 +50,13 @@ pub(super) fn start(
     };
     let mut target = match target {
         Some(t) => t,
-        None => target::open(&p.to, &geo, &cfg.name, p.incremental, cfg.direct_io)?,
+        None => {
+            let key = match &p.key_file {
+                Some(f) => Some(crate::repo::crypt::RepoKey::load(f)?),
+                None => None,
+            };
+            target::open(&p.to, &geo, &cfg.name, p.incremental, cfg.direct_io, key)?
+        }
     };
     // the parent's index is loaded now, while writes run, not under the pause
     let mut expect = Scope::All;

@@ -49,6 +49,7 @@
 //! chunk is reused without reading it back. There is no quarantine: a damaged chunk is
 //! reported and left in place.
 
+use super::crypt::RepoKey;
 use super::object::ObjectRepo;
 use crate::bytes::is_zero;
 use crate::error::{Error, IoContext, Result};
@@ -66,6 +67,8 @@ pub const ZSTD_LEVEL: i32 = 1;
 const MAGIC: [u8; 4] = *b"CSCK";
 /// The chunk file format version written and read (the header's fifth byte).
 pub const CHUNK_VERSION: u8 = 1;
+/// The version of a sealed chunk (an encrypted repository's; see `repo::crypt`).
+pub const CHUNK_VERSION_SEALED: u8 = 2;
 const HDR: usize = 16;
 /// Marks "a subdirectory was created" in the touched set: the parent needs a sync.
 const PARENT: u16 = 256;
@@ -93,12 +96,50 @@ pub fn worth_compressing(data: &[u8]) -> bool {
     }
 }
 
-/// The hash an index records for `data` (the zero hash for zeros).
+/// The hash an index records for `data` in an unencrypted repository (the zero hash
+/// for zeros); see [`ChunkStore::hash`].
 pub fn chunk_hash(data: &[u8]) -> [u8; 32] {
+    chunk_hash_keyed(data, None)
+}
+
+/// The hash an index records for `data`: blake3, or under `key` its keyed hash (the
+/// zero hash for zeros either way).
+pub fn chunk_hash_keyed(data: &[u8], key: Option<&RepoKey>) -> [u8; 32] {
     if is_zero(data) {
         ZERO_HASH
     } else {
-        *blake3::hash(data).as_bytes()
+        content_hash(data, key)
+    }
+}
+
+/// The name `data` (not all zeros) has.
+fn content_hash(data: &[u8], key: Option<&RepoKey>) -> [u8; 32] {
+    match key {
+        None => *blake3::hash(data).as_bytes(),
+        Some(k) => k.chunk_id(data),
+    }
+}
+
+/// The associated data a sealed chunk is bound to: its header and its name.
+fn chunk_aad(hdr: &[u8], hash: &[u8; 32]) -> [u8; HDR + 32] {
+    let mut aad = [0u8; HDR + 32];
+    aad[..HDR].copy_from_slice(&hdr[..HDR]);
+    aad[HDR..].copy_from_slice(hash);
+    aad
+}
+
+/// Open a sealed payload (`key` given) or pass a plain one through.
+fn unseal(hash: &[u8; 32], hdr: &[u8], payload: Vec<u8>, key: Option<&RepoKey>) -> Result<Vec<u8>> {
+    match key {
+        None => Ok(payload),
+        Some(k) => k
+            .open_chunk(&chunk_aad(hdr, hash), &payload)
+            .ok_or_else(|| {
+                corrupt(
+                    hash,
+                    "it does not authenticate (damaged, or not this chunk)",
+                )
+            }),
     }
 }
 
@@ -109,6 +150,8 @@ pub struct ChunkStore {
     touched: Mutex<BTreeSet<u16>>,
     /// The object store, for a repository on one (then `dir` is only for messages).
     remote: Option<Remote>,
+    /// The key of an encrypted repository: names are keyed hashes, payloads sealed.
+    key: Option<Arc<RepoKey>>,
 }
 
 /// The chunks of an object-store repository.
@@ -152,8 +195,9 @@ fn chunk_key(hash: &[u8; 32]) -> String {
     format!("chunks/{}/{h}", &h[..2])
 }
 
-/// A chunk's stored bytes: header and payload (zstd when that shrinks it).
-fn encode_chunk(hash: &[u8; 32], data: &[u8]) -> Result<Vec<u8>> {
+/// A chunk's stored bytes: header and payload (zstd when that shrinks it; sealed under
+/// `key`).
+fn encode_chunk(hash: &[u8; 32], data: &[u8], key: Option<&RepoKey>) -> Result<Vec<u8>> {
     let compressed = match worth_compressing(data) {
         true => zstd::bulk::compress(data, ZSTD_LEVEL)
             .ctx(|| format!("unable to compress chunk {}", hex(hash)))?,
@@ -164,14 +208,24 @@ fn encode_chunk(hash: &[u8; 32], data: &[u8]) -> Result<Vec<u8>> {
     } else {
         (0, data)
     };
-    let mut out = Vec::with_capacity(HDR + payload.len());
+    let stored_len = payload.len() + key.map_or(0, |_| super::crypt::CHUNK_OVERHEAD);
+    let mut out = Vec::with_capacity(HDR + stored_len);
     out.extend_from_slice(&MAGIC);
-    out.push(CHUNK_VERSION);
+    out.push(match key {
+        None => CHUNK_VERSION,
+        Some(_) => CHUNK_VERSION_SEALED,
+    });
     out.push(enc);
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(payload);
+    out.extend_from_slice(&(stored_len as u32).to_le_bytes());
+    match key {
+        None => out.extend_from_slice(payload),
+        Some(k) => {
+            let sealed = k.seal_chunk(&chunk_aad(&out, hash), payload)?;
+            out.extend_from_slice(&sealed);
+        }
+    }
     Ok(out)
 }
 
@@ -218,8 +272,17 @@ fn corrupt(hash: &[u8; 32], why: &str) -> Error {
 
 /// Check a chunk file's header (its first [`HDR`] bytes) against the payload length
 /// the file holds: `(encoding, raw length)`.
-fn parse_header(hash: &[u8; 32], hdr: &[u8], payload_len: usize) -> Result<(u8, usize)> {
-    if hdr.len() < HDR || hdr[..4] != MAGIC || hdr[4] != CHUNK_VERSION {
+fn parse_header(
+    hash: &[u8; 32],
+    hdr: &[u8],
+    payload_len: usize,
+    key: Option<&RepoKey>,
+) -> Result<(u8, usize)> {
+    let version = match key {
+        None => CHUNK_VERSION,
+        Some(_) => CHUNK_VERSION_SEALED,
+    };
+    if hdr.len() < HDR || hdr[..4] != MAGIC || hdr[4] != version {
         return Err(corrupt(hash, "bad header"));
     }
     let raw_len = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
@@ -239,11 +302,11 @@ fn parse_header(hash: &[u8; 32], hdr: &[u8], payload_len: usize) -> Result<(u8, 
 }
 
 /// Check a chunk file's header.
-fn decode_header<'a>(hash: &[u8; 32], raw: &'a [u8]) -> Result<Decoded<'a>> {
+fn decode_header<'a>(hash: &[u8; 32], raw: &'a [u8], key: Option<&RepoKey>) -> Result<Decoded<'a>> {
     if raw.len() < HDR {
         return Err(corrupt(hash, "bad header"));
     }
-    let (encoding, raw_len) = parse_header(hash, &raw[..HDR], raw.len() - HDR)?;
+    let (encoding, raw_len) = parse_header(hash, &raw[..HDR], raw.len() - HDR, key)?;
     Ok(Decoded {
         encoding,
         raw_len,
@@ -258,6 +321,7 @@ fn read_decoded(
     hash: &[u8; 32],
     path: &Path,
     expect_len: usize,
+    key: Option<&RepoKey>,
 ) -> std::io::Result<Result<Vec<u8>>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
@@ -268,7 +332,7 @@ fn read_decoded(
     }
     f.read_exact(&mut hdr)?;
     let payload_len = usize::try_from(size - HDR as u64).unwrap_or(usize::MAX);
-    let (encoding, raw_len) = match parse_header(hash, &hdr, payload_len) {
+    let (encoding, raw_len) = match parse_header(hash, &hdr, payload_len, key) {
         Ok(h) => h,
         Err(e) => return Ok(Err(e)),
     };
@@ -281,6 +345,10 @@ fn read_decoded(
             _ => Err(e),
         };
     }
+    let payload = match unseal(hash, &hdr, payload, key) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
     let data = match encoding {
         0 => payload,
         _ => match zstd::bulk::decompress(&payload, raw_len) {
@@ -288,7 +356,7 @@ fn read_decoded(
             Err(e) => return Ok(Err(corrupt(hash, &format!("does not decompress: {e}")))),
         },
     };
-    if data.len() != raw_len || blake3::hash(&data).as_bytes() != hash {
+    if data.len() != raw_len || content_hash(&data, key) != *hash {
         return Ok(Err(corrupt(hash, "content does not match its hash")));
     }
     if data.len() != expect_len {
@@ -298,14 +366,15 @@ fn read_decoded(
 }
 
 /// Decode a chunk file and check its content hashes to `hash`.
-fn decode_any(hash: &[u8; 32], raw: &[u8]) -> Result<Vec<u8>> {
-    let d = decode_header(hash, raw)?;
+fn decode_any(hash: &[u8; 32], raw: &[u8], key: Option<&RepoKey>) -> Result<Vec<u8>> {
+    let d = decode_header(hash, raw, key)?;
+    let payload = unseal(hash, &raw[..HDR], d.payload.to_vec(), key)?;
     let data = match d.encoding {
-        0 => d.payload.to_vec(),
-        _ => zstd::bulk::decompress(d.payload, d.raw_len)
+        0 => payload,
+        _ => zstd::bulk::decompress(&payload, d.raw_len)
             .map_err(|e| corrupt(hash, &format!("does not decompress: {e}")))?,
     };
-    if data.len() != d.raw_len || blake3::hash(&data).as_bytes() != hash {
+    if data.len() != d.raw_len || content_hash(&data, key) != *hash {
         return Err(corrupt(hash, "content does not match its hash"));
     }
     Ok(data)
@@ -313,8 +382,13 @@ fn decode_any(hash: &[u8; 32], raw: &[u8]) -> Result<Vec<u8>> {
 
 /// Decode a chunk object read whole (an object store's body) and check it holds
 /// `expect_len` bytes.
-fn decode(hash: &[u8; 32], raw: &[u8], expect_len: usize) -> Result<Vec<u8>> {
-    let data = decode_any(hash, raw)?;
+fn decode(
+    hash: &[u8; 32],
+    raw: &[u8],
+    expect_len: usize,
+    key: Option<&RepoKey>,
+) -> Result<Vec<u8>> {
+    let data = decode_any(hash, raw, key)?;
     if data.len() != expect_len {
         return Err(wrong_len(hash, data.len(), expect_len));
     }
@@ -332,13 +406,21 @@ fn wrong_len(hash: &[u8; 32], have: usize, expect_len: usize) -> Error {
 }
 
 /// Whether a chunk file holds exactly `data` (which the caller hashed to its name).
-fn holds(hash: &[u8; 32], raw: &[u8], data: &[u8]) -> Result<()> {
-    let d = decode_header(hash, raw)?;
+fn holds(hash: &[u8; 32], raw: &[u8], data: &[u8], key: Option<&RepoKey>) -> Result<()> {
+    let d = decode_header(hash, raw, key)?;
     if d.raw_len != data.len() {
         // Either the header is damaged or the file is healthy and of another length
         // (impossible for a correct hash): tell them apart by decoding it.
-        let have = decode_any(hash, raw)?;
+        let have = decode_any(hash, raw, key)?;
         return Err(wrong_len(hash, have.len(), data.len()));
+    }
+    if key.is_some() {
+        // sealed: authenticate and decode it whole, then compare
+        let have = decode_any(hash, raw, key)?;
+        return match have == data {
+            true => Ok(()),
+            false => Err(corrupt(hash, "content does not match its hash")),
+        };
     }
     let same = match d.encoding {
         0 => d.payload == data,
@@ -371,6 +453,7 @@ impl ChunkStore {
             quarantine: quarantine.to_path_buf(),
             touched: Mutex::new(BTreeSet::new()),
             remote: None,
+            key: None,
         }
     }
 
@@ -385,7 +468,26 @@ impl ChunkStore {
                 repo,
                 known: Mutex::new(None),
             }),
+            key: None,
         }
+    }
+
+    /// The store of an encrypted repository: chunks named by keyed hashes and sealed
+    /// under `key` (see `repo::crypt`).
+    pub fn with_key(mut self, key: Option<Arc<RepoKey>>) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// Whether chunks are sealed.
+    pub fn is_encrypted(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The name (index entry) of `data`: its blake3 hash, or keyed hash in an encrypted
+    /// repository; [`ZERO_HASH`] for zeros.
+    pub fn hash(&self, data: &[u8]) -> [u8; 32] {
+        chunk_hash_keyed(data, self.key.as_deref())
     }
 
     /// Whether the chunks live in an object store.
@@ -449,7 +551,7 @@ impl ChunkStore {
             if r.contains(hash)? {
                 return Ok((Insert::Reused, None));
             }
-            let bytes = encode_chunk(hash, data)?;
+            let bytes = encode_chunk(hash, data, self.key.as_deref())?;
             let n = bytes.len() as u64;
             r.repo.put(&chunk_key(hash), bytes)?;
             r.add(hash);
@@ -458,7 +560,7 @@ impl ChunkStore {
         let path = self.path_of(hash);
         let mut healed = false;
         match std::fs::read(&path) {
-            Ok(raw) => match holds(hash, &raw, data) {
+            Ok(raw) => match holds(hash, &raw, data, self.key.as_deref()) {
                 Ok(()) => return Ok((Insert::Reused, None)),
                 Err(e) if !is_damage(&e) => return Err(e),
                 Err(e) => {
@@ -487,7 +589,7 @@ impl ChunkStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(PARENT);
         }
-        let bytes = encode_chunk(hash, data)?;
+        let bytes = encode_chunk(hash, data, self.key.as_deref())?;
         let mut f = fsutil::AtomicFile::create(&path)?;
         let name = path.display().to_string();
         f.file()
@@ -571,10 +673,10 @@ impl ChunkStore {
                     r.repo.url()
                 )
             })?;
-            return decode(hash, &raw, expect_len);
+            return decode(hash, &raw, expect_len, self.key.as_deref());
         }
         let path = self.path_of(hash);
-        match read_decoded(hash, &path, expect_len) {
+        match read_decoded(hash, &path, expect_len, self.key.as_deref()) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.is_quarantined(hash) => {
                 Err(crate::err!(

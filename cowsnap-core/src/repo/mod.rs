@@ -4,7 +4,7 @@
 //! # Layout
 //!
 //! ```text
-//! DIR/cowsnap-repo.json          format marker and repository chunk size
+//! DIR/cowsnap-repo.json          format marker, repository chunk size, encryption (see crypt)
 //! DIR/lock                       flock: backups/restores LOCK_SH, prune LOCK_EX
 //! DIR/chunks/ab/<64 hex>         one chunk (see chunk_store)
 //! DIR/generations/<id>.idx       fixed index (see index)
@@ -35,6 +35,7 @@
 //! sweep deletes it.
 
 pub mod chunk_store;
+pub mod crypt;
 pub mod diff;
 pub mod generation;
 pub mod group;
@@ -62,6 +63,7 @@ pub use verify::{
 
 use crate::error::{IoContext, Result};
 use crate::fsutil;
+use crypt::{EncryptionConfig, RepoKey};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -78,10 +80,18 @@ fn valid_chunk_size(chunk_size: u32) -> bool {
     chunk_size.is_power_of_two() && (4096..=MAX_CHUNK_SIZE).contains(&chunk_size)
 }
 const CONFIG_FILE: &str = "cowsnap-repo.json";
+/// The largest sealed metadata file read (a generation's metadata is a few KiB).
+const MAX_META_BYTES: u64 = 16 << 20;
+/// The largest sealed index read whole: 32 bytes per chunk plus runs, so 1 GiB covers
+/// a disk of 32 TiB at 1 MiB chunks (plain indexes are read in pieces instead).
+const MAX_INDEX_BYTES: u64 = 1 << 30;
 /// The `format` of `cowsnap-repo.json`.
 pub const FORMAT: &str = "cowsnap-repo";
 /// The repository format version written and read (`cowsnap-repo.json` `version`).
 pub const VERSION: u32 = 1;
+/// The version of an encrypted repository (`encryption` present): a build that does
+/// not know encryption refuses it rather than reading sealed objects as damage.
+pub const VERSION_ENCRYPTED: u32 = 2;
 
 /// The repository's format marker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +102,9 @@ pub struct RepoConfig {
     pub version: u32,
     /// Repository chunk size in bytes (a power of two).
     pub chunk_size: u32,
+    /// Client-side encryption: algorithm and key check value (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 /// An opened repository.
@@ -101,6 +114,8 @@ pub struct Repo {
     store: ChunkStore,
     /// The object store of an `s3://` repository (`dir` is then its URL).
     remote: Option<Arc<object::ObjectRepo>>,
+    /// The key of an encrypted repository (checked against the config at open).
+    key: Option<Arc<RepoKey>>,
 }
 
 /// The repository lock held (see [`Repo::lock`]); none on an object store.
@@ -117,7 +132,11 @@ fn check_config(b: &[u8], dir: &Path) -> Result<RepoConfig> {
             dir.join(CONFIG_FILE).display()
         )
     })?;
-    if config.format != FORMAT || config.version != VERSION {
+    let version = match config.encryption {
+        None => VERSION,
+        Some(_) => VERSION_ENCRYPTED,
+    };
+    if config.format != FORMAT || config.version != version {
         return Err(crate::err!(
             Unsupported,
             "unable to open repository {}: format {} version {} is not supported",
@@ -145,9 +164,9 @@ fn not_a_repo(dir: &Path) -> crate::Error {
     )
 }
 
-/// The config of a new repository at `what` (its path or URL), checked before
-/// anything is created.
-fn new_config_json(what: &str, chunk_size: u32) -> Result<Vec<u8>> {
+/// The config of a new repository at `what` (its path or URL), encrypted under `key`
+/// if given, checked before anything is created.
+fn new_config_json(what: &str, chunk_size: u32, key: Option<&RepoKey>) -> Result<Vec<u8>> {
     if !valid_chunk_size(chunk_size) {
         return Err(crate::err!(
             InvalidInput,
@@ -156,8 +175,12 @@ fn new_config_json(what: &str, chunk_size: u32) -> Result<Vec<u8>> {
     }
     let cfg = RepoConfig {
         format: FORMAT.into(),
-        version: VERSION,
+        version: match key {
+            None => VERSION,
+            Some(_) => VERSION_ENCRYPTED,
+        },
         chunk_size,
+        encryption: key.map(|k| k.config()),
     };
     serde_json::to_vec_pretty(&cfg)
         .map_err(|e| crate::err!(InvalidInput, "unable to encode config: {e}"))
@@ -165,7 +188,7 @@ fn new_config_json(what: &str, chunk_size: u32) -> Result<Vec<u8>> {
 
 impl Repo {
     /// Open an existing object-store repository (`s3://…`).
-    fn open_object(url: &str) -> Result<Repo> {
+    fn open_object(url: &str, key: Option<Arc<RepoKey>>) -> Result<Repo> {
         let remote = Arc::new(object::ObjectRepo::open(url)?);
         let dir = PathBuf::from(remote.url());
         let b = remote
@@ -173,18 +196,26 @@ impl Repo {
             .map_err(|e| e.with_context(format!("unable to open repository {url}")))?
             .ok_or_else(|| not_a_repo(&dir))?;
         let config = check_config(&b, &dir)?;
+        crypt::check_key(url, config.encryption.as_ref(), key.as_deref())?;
         Ok(Repo {
-            store: ChunkStore::object(remote.clone()),
+            store: ChunkStore::object(remote.clone()).with_key(key.clone()),
             dir,
             config,
             remote: Some(remote),
+            key,
         })
     }
 
-    /// Open an existing repository.
+    /// Open an existing repository with the process key ([`crypt::set_process_key`]).
     pub fn open(dir: &Path) -> Result<Repo> {
+        Self::open_keyed(dir, crypt::process_key())
+    }
+
+    /// Open an existing repository with `key` (required by an encrypted repository,
+    /// refused by a plain one).
+    pub fn open_keyed(dir: &Path, key: Option<Arc<RepoKey>>) -> Result<Repo> {
         if let Some(url) = object::s3_url(dir) {
-            return Self::open_object(url);
+            return Self::open_object(url, key);
         }
         let path = dir.join(CONFIG_FILE);
         let b = match std::fs::read(&path) {
@@ -198,16 +229,35 @@ impl Repo {
             }
         };
         let config = check_config(&b, dir)?;
+        crypt::check_key(
+            &dir.display().to_string(),
+            config.encryption.as_ref(),
+            key.as_deref(),
+        )?;
         Ok(Repo {
             dir: dir.to_path_buf(),
-            store: ChunkStore::new(&dir.join("chunks"), &dir.join("quarantine")),
+            store: ChunkStore::new(&dir.join("chunks"), &dir.join("quarantine"))
+                .with_key(key.clone()),
             config,
             remote: None,
+            key,
         })
     }
 
-    /// Open the repository, creating it (with `chunk_size`) if `dir` holds none.
+    /// Open the repository with the process key, creating it (with `chunk_size`) if
+    /// `dir` holds none.
     pub fn open_or_create(dir: &Path, chunk_size: u32) -> Result<Repo> {
+        Self::open_or_create_keyed(dir, chunk_size, crypt::process_key())
+    }
+
+    /// Open the repository with `key`, creating it (with `chunk_size`, encrypted under
+    /// `key` if given) if `dir` holds none. An existing repository's key is checked
+    /// before anything is written.
+    pub fn open_or_create_keyed(
+        dir: &Path,
+        chunk_size: u32,
+        key: Option<Arc<RepoKey>>,
+    ) -> Result<Repo> {
         if let Some(url) = object::s3_url(dir) {
             // No conditional write: two first backups racing both write the marker;
             // with the one chunk size backups create repositories with, they agree.
@@ -217,15 +267,15 @@ impl Repo {
                 .map_err(|e| e.with_context(format!("unable to open repository {url}")))?
                 .is_none();
             if missing {
-                let json = new_config_json(url, chunk_size)?;
+                let json = new_config_json(url, chunk_size, key.as_deref())?;
                 remote
                     .put(CONFIG_FILE, json)
                     .map_err(|e| e.with_context(format!("unable to create repository {url}")))?;
             }
-            return Self::open_object(url);
+            return Self::open_object(url, key);
         }
         if !dir.join(CONFIG_FILE).exists() {
-            let json = new_config_json(&dir.display().to_string(), chunk_size)?;
+            let json = new_config_json(&dir.display().to_string(), chunk_size, key.as_deref())?;
             for d in [
                 dir.to_path_buf(),
                 dir.join("chunks"),
@@ -257,7 +307,49 @@ impl Repo {
                 let _ = fsutil::fsync_dir(parent);
             }
         }
-        Self::open(dir)
+        Self::open_keyed(dir, key)
+    }
+
+    /// Whether the repository is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Seal `plain` as the object `name` in an encrypted repository; as is otherwise.
+    fn seal(&self, name: &str, plain: Vec<u8>) -> Result<Vec<u8>> {
+        match &self.key {
+            None => Ok(plain),
+            Some(k) => k.seal_object(name, &plain),
+        }
+    }
+
+    /// Open the object `name` (read from `what`) of an encrypted repository; as is
+    /// otherwise.
+    fn unseal(&self, name: &str, b: Vec<u8>, what: &str) -> Result<Vec<u8>> {
+        match &self.key {
+            None => Ok(b),
+            Some(k) => k.open_object(name, &b, what),
+        }
+    }
+
+    /// Read a local generation file (index or metadata) named `name` (under `DIR`),
+    /// at most `limit` bytes.
+    fn read_local(&self, name: &str, limit: u64) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let path = self.dir.join(name);
+        let f = File::open(&path).ctx(|| format!("unable to read {}", path.display()))?;
+        let mut b = Vec::new();
+        f.take(limit + 1)
+            .read_to_end(&mut b)
+            .ctx(|| format!("unable to read {}", path.display()))?;
+        if b.len() as u64 > limit {
+            return Err(crate::err!(
+                Corrupt,
+                "{} is corrupt: larger than {limit} bytes",
+                path.display()
+            ));
+        }
+        Ok(b)
     }
 
     /// The directory.
@@ -316,12 +408,18 @@ impl Repo {
 
     /// Publish a generation's index (before its metadata); returns its size.
     pub fn write_index(&self, idx: &FixedIndex) -> Result<u64> {
-        match &self.remote {
-            None => idx.write(&self.index_path(&idx.generation)),
-            Some(r) => {
-                let b = idx.encode();
+        let name = format!("generations/{}.idx", idx.generation);
+        match (&self.remote, &self.key) {
+            (None, None) => idx.write(&self.index_path(&idx.generation)),
+            (None, Some(_)) => {
+                let b = self.seal(&name, idx.encode())?;
+                fsutil::write_atomic(&self.index_path(&idx.generation), &b)?;
+                Ok(b.len() as u64)
+            }
+            (Some(r), _) => {
+                let b = self.seal(&name, idx.encode())?;
                 let n = b.len() as u64;
-                r.put(&format!("generations/{}.idx", idx.generation), b)?;
+                r.put(&name, b)?;
                 Ok(n)
             }
         }
@@ -330,17 +428,19 @@ impl Repo {
     /// Publish a generation's metadata (its index and chunks first): the generation
     /// exists from here on. Returns its size.
     pub fn write_meta(&self, g: &GenerationInfo) -> Result<u64> {
-        match &self.remote {
-            None => g.write(&self.meta_path(&g.id)),
-            Some(r) => {
-                let json = serde_json::to_vec_pretty(g).map_err(|e| {
-                    crate::err!(InvalidInput, "unable to encode generation {}: {e}", g.id)
-                })?;
-                let n = json.len() as u64;
-                r.put(&format!("generations/{}.json", g.id), json)?;
-                Ok(n)
-            }
+        if self.remote.is_none() && self.key.is_none() {
+            return g.write(&self.meta_path(&g.id));
         }
+        let name = format!("generations/{}.json", g.id);
+        let json = serde_json::to_vec_pretty(g)
+            .map_err(|e| crate::err!(InvalidInput, "unable to encode generation {}: {e}", g.id))?;
+        let b = self.seal(&name, json)?;
+        let n = b.len() as u64;
+        match &self.remote {
+            None => fsutil::write_atomic(&self.meta_path(&g.id), &b)?,
+            Some(r) => r.put(&name, b)?,
+        }
+        Ok(n)
     }
 
     /// [`Self::list`] of an object store: one listing, then each metadata object.
@@ -366,6 +466,13 @@ impl Repo {
                 continue;
             }
             let Some(b) = r.get(n)? else { continue };
+            let b = match self.unseal(n, b, &format!("{}/{n}", r.url())) {
+                Ok(b) => b,
+                Err(e) => {
+                    log::warn!("{e}; generation ignored");
+                    continue;
+                }
+            };
             match serde_json::from_slice::<GenerationInfo>(&b) {
                 Ok(g) if g.id == id => out.push(g),
                 Ok(_) => log::warn!("{n}: id does not match the object name; ignored"),
@@ -391,7 +498,11 @@ impl Repo {
             if !generation::valid_id(id) || !self.index_path(id).exists() {
                 continue;
             }
-            match GenerationInfo::read(&ent.path()) {
+            let read = match &self.key {
+                None => GenerationInfo::read(&ent.path()),
+                Some(_) => self.read_sealed_meta(&name),
+            };
+            match read {
                 Ok(g) if g.id == id => out.push(g),
                 Ok(_) => log::warn!("{}: id does not match the file name; ignored", name),
                 Err(e) => log::warn!("{e}; generation ignored"),
@@ -399,6 +510,15 @@ impl Repo {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// Read and open the sealed metadata file `name` (`ID.json`).
+    fn read_sealed_meta(&self, name: &str) -> Result<GenerationInfo> {
+        let rel = format!("generations/{name}");
+        let what = self.dir.join(&rel).display().to_string();
+        let b = self.read_local(&rel, MAX_META_BYTES)?;
+        let b = self.unseal(&rel, b, &what)?;
+        serde_json::from_slice(&b).map_err(|e| crate::err!(Corrupt, "unable to parse {what}: {e}"))
     }
 
     /// The newest complete generation of `disk`.
@@ -415,14 +535,20 @@ impl Repo {
 
     /// Load a generation's index and check it matches its metadata.
     pub fn load_index(&self, g: &GenerationInfo) -> Result<FixedIndex> {
-        let idx = match &self.remote {
-            None => FixedIndex::read(&self.index_path(&g.id))?,
-            Some(r) => {
-                let name = format!("generations/{}.idx", g.id);
+        let name = format!("generations/{}.idx", g.id);
+        let idx = match (&self.remote, &self.key) {
+            (None, None) => FixedIndex::read(&self.index_path(&g.id))?,
+            (None, Some(_)) => {
+                let what = self.index_path(&g.id).display().to_string();
+                let b = self.read_local(&name, MAX_INDEX_BYTES)?;
+                FixedIndex::decode(&self.unseal(&name, b, &what)?, &what)?
+            }
+            (Some(r), _) => {
                 let b = r.get(&name)?.ok_or_else(|| {
                     crate::err!(NotFound, "unable to read index {}/{name}: gone", r.url())
                 })?;
-                FixedIndex::decode(&b, &format!("{}/{name}", r.url()))?
+                let what = format!("{}/{name}", r.url());
+                FixedIndex::decode(&self.unseal(&name, b, &what)?, &what)?
             }
         };
         if idx.generation != g.id || idx.disk_size != g.disk_size || idx.chunk_size != g.chunk_size
@@ -525,11 +651,18 @@ pub(crate) mod testutil {
             .unwrap()
             .write(&repo.index_path(id))
             .unwrap();
-        let g = GenerationInfo {
+        let g = make_info(id, img.len() as u64, cs as u32);
+        g.write(&repo.meta_path(id)).unwrap();
+        g
+    }
+
+    /// The metadata of a full generation `id` of disk "d".
+    pub(crate) fn make_info(id: &str, disk_size: u64, chunk_size: u32) -> GenerationInfo {
+        GenerationInfo {
             id: id.into(),
             disk: "d".into(),
-            disk_size: img.len() as u64,
-            chunk_size: cs as u32,
+            disk_size,
+            chunk_size,
             created_unix: 0,
             created: String::new(),
             kind: GenerationKind::Full,
@@ -540,8 +673,6 @@ pub(crate) mod testutil {
             stats: GenerationStats::default(),
             notes: Vec::new(),
             group: None,
-        };
-        g.write(&repo.meta_path(id)).unwrap();
-        g
+        }
     }
 }

@@ -38,7 +38,7 @@
 //!   abort or drop joins them before the lock is released, so no chunk is written
 //!   into the repository after the shared lock is gone.
 
-use super::chunk_store::{chunk_hash, Insert, PendingChunk, ZERO_HASH};
+use super::chunk_store::{Insert, PendingChunk, ZERO_HASH};
 use super::generation::{
     new_generation_id, GenerationInfo, GenerationKind, GenerationStats, GroupRef,
 };
@@ -150,7 +150,7 @@ fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, work: ChunkWork) {
     if lock_shared(shared).error.is_some() {
         return;
     }
-    let h = chunk_hash(&work.data);
+    let h = repo.store().hash(&work.data);
     let r = if h == ZERO_HASH {
         None
     } else {
@@ -257,6 +257,8 @@ pub struct RepoTargetParams {
     pub disk_name: String,
     /// Read only changed chunks when the change log can be trusted.
     pub incremental: bool,
+    /// The key of an encrypted repository (one created now is encrypted under it).
+    pub key: Option<Arc<super::crypt::RepoKey>>,
 }
 
 /// A backup into a repository.
@@ -312,7 +314,7 @@ impl RepoTarget {
                 "unable to back up: tracking chunk size {tracking_chunk} is not a power of two"
             ));
         }
-        let repo = Repo::open_or_create(dir, DEFAULT_CHUNK_SIZE)?;
+        let repo = Repo::open_or_create_keyed(dir, DEFAULT_CHUNK_SIZE, params.key.clone())?;
         let lock = repo.lock(false)?;
         Ok(RepoTarget {
             repo: Arc::new(repo),

@@ -350,7 +350,7 @@ pub fn verify_repair_with_progress(
                     log::warn!("unable to read {} at offset {off}: {e}", s.name);
                     continue;
                 }
-                if blake3::hash(&buf).as_bytes() == h {
+                if repo.store().hash(&buf) == *h {
                     repo.store().insert(h, &buf).map_err(|e| {
                         e.with_context(format!("unable to repair chunk {}", hex(h)))
                     })?;

@@ -19,13 +19,14 @@ use std::fs::File;
 
 /// Open a backup target from its spec for the disk `disk_name` of `geo`.
 /// `incremental` is only meaningful for repository targets; `direct` opens a `dev:`
-/// block device O_DIRECT.
+/// block device O_DIRECT. `key` is an encrypted repository's (refused for other kinds).
 pub fn open(
     spec: &str,
     geo: &Geometry,
     disk_name: &str,
     incremental: bool,
     direct: bool,
+    key: Option<std::sync::Arc<crate::repo::crypt::RepoKey>>,
 ) -> Result<Box<dyn Target>> {
     let bad = |why: &str| {
         crate::err!(
@@ -41,6 +42,12 @@ pub fn open(
         return Err(crate::err!(
             InvalidInput,
             "unable to open target {spec:?}: --incremental needs a repository target (repo:DIR)"
+        ));
+    }
+    if key.is_some() && kind != "repo" {
+        return Err(crate::err!(
+            InvalidInput,
+            "unable to open target {spec:?}: a key encrypts repositories only (repo:DIR)"
         ));
     }
     match kind {
@@ -60,6 +67,7 @@ pub fn open(
             crate::repo::RepoTargetParams {
                 disk_name: disk_name.to_string(),
                 incremental,
+                key,
             },
             geo.chunk_size,
         ),
