@@ -96,6 +96,7 @@ pub fn backup(
         RepoTargetParams {
             disk_name: name.into(),
             incremental,
+            key: None,
         },
         TCS,
     )

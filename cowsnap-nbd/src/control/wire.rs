@@ -374,6 +374,7 @@ mod tests {
                     id: "20261206T000000.000Z-0123abcd".into(),
                     disks: vec!["a".into(), "b".into()],
                 }),
+                key_file: Some("/etc/cowsnap/backup.key".into()),
             },
         });
         roundtrip(Request::GroupBackup {
