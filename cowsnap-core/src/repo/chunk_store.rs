@@ -124,6 +124,8 @@ struct Remote {
     known: Mutex<Option<HashMap<[u8; 32], i64>>>,
     /// The running backup's start and refreshes (see `repo::gc`, W1 to W3).
     writer: Mutex<Writer>,
+    /// When the listing of `chunks/` returned.
+    listed_at: Mutex<Option<Instant>>,
 }
 
 /// A backup's view of the garbage-collection rules.
@@ -151,6 +153,7 @@ impl Remote {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if k.is_none() {
             if let Ok(listed) = self.repo.list_meta("chunks/") {
+                *self.listed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 *k = Some(
                     listed
                         .iter()
@@ -445,6 +448,7 @@ impl ChunkStore {
                 grace,
                 known: Mutex::new(None),
                 writer: Mutex::new(Writer::default()),
+                listed_at: Mutex::new(None),
             }),
         }
     }
@@ -558,12 +562,22 @@ impl ChunkStore {
             }
             let bytes = encode_chunk(hash, data)?;
             let n = bytes.len() as u64;
+            // A new chunk PUT soon after the listing may have had an old copy that a
+            // prune listed before our listing and deletes only now: checked like a
+            // refresh (W3).
+            let soon = r
+                .listed_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() < r.grace.refresh_wait());
             r.repo.put(&chunk_key(hash), bytes)?;
             r.add(hash);
-            if presence == Presence::Stale {
-                let mut w = r.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let mut w = r.writer.lock().unwrap_or_else(|p| p.into_inner());
+            if w.start.is_some() && (presence == Presence::Stale || soon) {
                 w.refreshed.push(*hash);
                 w.last_refresh = Some(Instant::now());
+            }
+            if presence == Presence::Stale {
                 return Ok((Insert::Reused, None));
             }
             return Ok((Insert::New(n), None));

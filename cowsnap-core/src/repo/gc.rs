@@ -18,9 +18,10 @@
 //!   time is at least `S − G/2` ([`Grace::reusable`]); an older one is written again
 //!   (same bytes, fresh time) — a *refresh*.
 //! - W3 refresh check: before its index is written, a backup that refreshed chunks
-//!   waits until [`Grace::refresh_wait`] has passed since its last refresh returned,
-//!   then reads each refreshed chunk's time: one gone (a prune that listed it before
-//!   the refresh deleted it after) fails the backup, nothing published.
+//!   (or wrote new ones within [`Grace::refresh_wait`] of its listing of `chunks/`)
+//!   waits until that long has passed since the last such PUT returned, then checks
+//!   each is there: one gone (a prune that listed an old copy before the PUT deleted it
+//!   after) fails the backup, nothing published.
 //! - W4 publish: index, metadata, then probe `writers/<id>` again → `E`; if
 //!   `E > S + G/4` ([`Grace::published_in_time`]) the metadata is deleted again
 //!   and the backup fails (its chunks may have been collected meanwhile).
@@ -46,7 +47,7 @@ use std::time::Duration;
 /// The grace period when a repository's configuration names none: 1 day.
 pub const DEFAULT_GRACE_SECS: u64 = 86_400;
 /// The shortest grace period a repository may be created with (tests use seconds).
-pub const MIN_GRACE_SECS: u64 = 2;
+pub const MIN_GRACE_SECS: u64 = 4;
 /// The longest: 90 days.
 pub const MAX_GRACE_SECS: u64 = 90 * 86_400;
 
@@ -100,16 +101,17 @@ impl Grace {
         Duration::from_millis((self.ms / 8) as u64)
     }
 
-    /// P4: how long after listing a shard its deletes may still be issued.
+    /// P4: how long after listing a shard its deletes may still be issued: `G/64`,
+    /// at most 15 s.
     pub fn round(self) -> Duration {
-        Duration::from_millis((self.ms / 16) as u64)
-            .clamp(Duration::from_millis(250), Duration::from_secs(15))
+        Duration::from_millis((self.ms / 64) as u64).min(Duration::from_secs(15))
     }
 
-    /// P4: the longest a prune waits for one delete.
+    /// P4: the longest a prune waits for one delete: `G/64`, from 200 ms to 10 s.
+    /// (Short grace periods are for tests; with them the store must answer quickly.)
     pub fn request_timeout(self) -> Duration {
-        Duration::from_millis((self.ms / 16) as u64)
-            .clamp(Duration::from_secs(1), Duration::from_secs(10))
+        Duration::from_millis((self.ms / 64) as u64)
+            .clamp(Duration::from_millis(200), Duration::from_secs(10))
     }
 
     /// W3: how long after its last refresh a backup waits before it checks its
@@ -131,7 +133,7 @@ mod tests {
 
     #[test]
     fn bounds_are_clamped() {
-        assert_eq!(Grace::from_secs(0).millis(), 2000);
+        assert_eq!(Grace::from_secs(0).millis(), 4000);
         assert_eq!(
             Grace::from_secs(u64::MAX).millis(),
             MAX_GRACE_SECS as i64 * 1000
@@ -140,10 +142,28 @@ mod tests {
         assert_eq!(day.round(), Duration::from_secs(15));
         assert_eq!(day.request_timeout(), Duration::from_secs(10));
         assert_eq!(day.sweep_window(), Duration::from_secs(10_800));
-        let short = Grace::from_secs(2);
-        assert_eq!(short.round(), Duration::from_millis(250));
-        assert_eq!(short.request_timeout(), Duration::from_secs(1));
-        assert!(short.refresh_wait() >= short.round() + short.request_timeout());
+        assert_eq!(day.refresh_wait(), Duration::from_secs(35));
+        for secs in [
+            MIN_GRACE_SECS,
+            4,
+            60,
+            3600,
+            DEFAULT_GRACE_SECS,
+            MAX_GRACE_SECS,
+        ] {
+            let g = Grace::from_secs(secs);
+            assert!(g.refresh_wait() >= g.round() + g.request_timeout());
+            // the wait fits well inside the publish bound from 4 s up
+            if secs >= 4 {
+                assert!(
+                    g.refresh_wait().as_millis() * 2 < (g.millis() / 4) as u128,
+                    "{secs}"
+                );
+            }
+        }
+        let short = Grace::from_secs(4);
+        assert_eq!(short.round(), Duration::from_millis(62));
+        assert_eq!(short.request_timeout(), Duration::from_millis(200));
     }
 
     /// The argument of the module docs, checked over a grid of times: a chunk a

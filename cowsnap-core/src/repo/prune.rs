@@ -35,16 +35,21 @@
 //!
 //! # On an object store
 //!
-//! There is no lock (see `repo::object`), so a backup on another host may run during
-//! the prune. Steps 1, 3 (with no pins: an object store holds none) and 4 are the
-//! same; step 5 deletes each removed generation's metadata object (the unpublish)
-//! before its index, and nothing else: no chunk (a running backup may have decided to
-//! reuse an unreferenced one, or be taking its parent's hashes from a generation
-//! removed now) and no index without metadata (a running backup's, about to be
-//! published). That is safe with any number of concurrent backups: no chunk is ever
-//! deleted, and a backup that loaded a removed parent's index already holds every hash
-//! it takes from it. The chunks no kept generation references are counted and left in
-//! place (`chunks_collected` false, `chunks_unreferenced`, `bytes_unreferenced`).
+//! There is no lock (see `repo::object`), so backups on other hosts run during the
+//! prune. Steps 1, 3 (with no pins: an object store holds none) and 4 are the same;
+//! step 5 follows the rules of `repo::gc` instead: probe the store's clock; mark also
+//! the indexes of the generations removed now, of generations removed (tombstoned)
+//! less than the grace period ago, and of indexes without metadata younger than it;
+//! unpublish each removed generation (its tombstone `generations/<id>.removed`, then
+//! its metadata; the index stays for the grace period: a running incremental may be
+//! taking its hashes); sweep, one `chunks/xx/` shard at a time, the unmarked chunks
+//! last modified more than the grace period before the probe; then remove what is
+//! older than the grace period and no longer in use (tombstoned indexes and their
+//! tombstones, indexes of killed backups, their start probes). All of it must happen
+//! within an eighth of the grace period of the probe, each shard's deletes within a
+//! round of its listing; past that the prune stops (`chunks_collected` false) and a
+//! later one goes on. Unmarked chunks still too young are counted
+//! (`chunks_unreferenced`, `bytes_unreferenced`).
 
 use super::generation::valid_id;
 use super::retention::{self, Candidate, RetentionPolicy};
@@ -887,7 +892,7 @@ mod tests {
     }
 }
 
-/// Garbage collection on an object store (in memory, grace period 2 s: the store's
+/// Garbage collection on an object store (in memory, grace period 4 s: the store's
 /// clock is this host's), with backups interleaved adversarially.
 #[cfg(test)]
 mod object_tests {
@@ -896,7 +901,7 @@ mod object_tests {
     use crate::repo::testutil::{in_memory, meta, reopen, stage};
     use std::time::Duration;
 
-    const GRACE: u64 = 2;
+    const GRACE: u64 = 4;
 
     fn past_grace() {
         std::thread::sleep(Duration::from_millis(GRACE * 1000 + 200));
@@ -1105,6 +1110,20 @@ mod object_tests {
         );
         host3.writer_end("z");
         assert!(names(&host3, "writers/").is_empty());
+
+        // a new chunk PUT right after the listing: an old copy a prune listed before
+        // our listing may be deleted only now, so it is checked too
+        let host4 = reopen(&host1);
+        host4.writer_begin("n").unwrap();
+        let fresh = vec![8u8; 4096];
+        let hf = crate::repo::chunk_store::chunk_hash(&fresh);
+        assert!(matches!(
+            host4.store().insert(&hf, &fresh).unwrap(),
+            crate::repo::chunk_store::Insert::New(_)
+        ));
+        r.delete(&format!("chunks/{:02x}/{}", hf[0], fsutil::hex(&hf))).unwrap();
+        let e = host4.writer_before_publish().unwrap_err();
+        assert!(e.to_string().contains("deleted by a concurrent prune"), "{e}");
     }
 
     /// A chunk written recently by another backup is reused unwritten.
