@@ -137,6 +137,8 @@ struct Writer {
     refreshed: Vec<[u8; 32]>,
     /// When the last refresh returned.
     last_refresh: Option<Instant>,
+    /// New chunks PUT within [`super::gc::Grace::refresh_wait`] of the listing.
+    early: Vec<[u8; 32]>,
 }
 
 /// Whether a chunk is present, and if so whether it may be reused unwritten.
@@ -471,14 +473,27 @@ impl ChunkStore {
         let Some(r) = &self.remote else {
             return Ok(0);
         };
-        let (refreshed, last) = {
+        let (mut refreshed, last, early) = {
             let mut w = r.writer.lock().unwrap_or_else(|p| p.into_inner());
-            (std::mem::take(&mut w.refreshed), w.last_refresh.take())
+            (
+                std::mem::take(&mut w.refreshed),
+                w.last_refresh.take(),
+                std::mem::take(&mut w.early),
+            )
         };
-        if let Some(last) = last {
-            let wait = r.grace.refresh_wait().saturating_sub(last.elapsed());
-            std::thread::sleep(wait);
-        }
+        let wait = r.grace.refresh_wait();
+        let listed = *r.listed_at.lock().unwrap_or_else(|p| p.into_inner());
+        let since = |t: Option<Instant>| {
+            t.map_or(std::time::Duration::ZERO, |t| {
+                wait.saturating_sub(t.elapsed())
+            })
+        };
+        std::thread::sleep(since(last).max(if early.is_empty() {
+            std::time::Duration::ZERO
+        } else {
+            since(listed)
+        }));
+        refreshed.extend(early);
         for h in &refreshed {
             if !r.repo.exists(&chunk_key(h))? {
                 return Err(crate::err!(
@@ -573,9 +588,13 @@ impl ChunkStore {
             r.repo.put(&chunk_key(hash), bytes)?;
             r.add(hash);
             let mut w = r.writer.lock().unwrap_or_else(|p| p.into_inner());
-            if w.start.is_some() && (presence == Presence::Stale || soon) {
-                w.refreshed.push(*hash);
-                w.last_refresh = Some(Instant::now());
+            if w.start.is_some() {
+                if presence == Presence::Stale {
+                    w.refreshed.push(*hash);
+                    w.last_refresh = Some(Instant::now());
+                } else if soon {
+                    w.early.push(*hash);
+                }
             }
             if presence == Presence::Stale {
                 return Ok((Insert::Reused, None));

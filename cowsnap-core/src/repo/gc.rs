@@ -18,10 +18,11 @@
 //!   time is at least `S − G/2` ([`Grace::reusable`]); an older one is written again
 //!   (same bytes, fresh time) — a *refresh*.
 //! - W3 refresh check: before its index is written, a backup that refreshed chunks
-//!   (or wrote new ones within [`Grace::refresh_wait`] of its listing of `chunks/`)
-//!   waits until that long has passed since the last such PUT returned, then checks
-//!   each is there: one gone (a prune that listed an old copy before the PUT deleted it
-//!   after) fails the backup, nothing published.
+//!   waits until [`Grace::refresh_wait`] has passed since the last refresh returned,
+//!   one that PUT new chunks within that time of its listing of `chunks/` until it has
+//!   passed since the listing; then it checks each of those chunks is there: one gone
+//!   (a prune that listed an old copy before the PUT deleted it after) fails the
+//!   backup, nothing published.
 //! - W4 publish: index, metadata, then probe `writers/<id>` again → `E`; if
 //!   `E > S + G/4` ([`Grace::published_in_time`]) the metadata is deleted again
 //!   and the backup fails (its chunks may have been collected meanwhile).
@@ -102,16 +103,16 @@ impl Grace {
     }
 
     /// P4: how long after listing a shard its deletes may still be issued: `G/64`,
-    /// at most 15 s.
+    /// at most 2 s (a shard's deletes beyond that wait for a later prune).
     pub fn round(self) -> Duration {
-        Duration::from_millis((self.ms / 64) as u64).min(Duration::from_secs(15))
+        Duration::from_millis((self.ms / 64) as u64).min(Duration::from_secs(2))
     }
 
-    /// P4: the longest a prune waits for one delete: `G/64`, from 200 ms to 10 s.
+    /// P4: the longest a prune waits for one delete: `G/64`, from 200 ms to 3 s.
     /// (Short grace periods are for tests; with them the store must answer quickly.)
     pub fn request_timeout(self) -> Duration {
         Duration::from_millis((self.ms / 64) as u64)
-            .clamp(Duration::from_millis(200), Duration::from_secs(10))
+            .clamp(Duration::from_millis(200), Duration::from_secs(3))
     }
 
     /// W3: how long after its last refresh a backup waits before it checks its
@@ -139,10 +140,10 @@ mod tests {
             MAX_GRACE_SECS as i64 * 1000
         );
         let day = Grace::from_secs(DEFAULT_GRACE_SECS);
-        assert_eq!(day.round(), Duration::from_secs(15));
-        assert_eq!(day.request_timeout(), Duration::from_secs(10));
+        assert_eq!(day.round(), Duration::from_secs(2));
+        assert_eq!(day.request_timeout(), Duration::from_secs(3));
         assert_eq!(day.sweep_window(), Duration::from_secs(10_800));
-        assert_eq!(day.refresh_wait(), Duration::from_secs(35));
+        assert_eq!(day.refresh_wait(), Duration::from_secs(8));
         for secs in [
             MIN_GRACE_SECS,
             4,

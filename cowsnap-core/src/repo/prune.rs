@@ -1121,9 +1121,13 @@ mod object_tests {
             host4.store().insert(&hf, &fresh).unwrap(),
             crate::repo::chunk_store::Insert::New(_)
         ));
-        r.delete(&format!("chunks/{:02x}/{}", hf[0], fsutil::hex(&hf))).unwrap();
+        r.delete(&format!("chunks/{:02x}/{}", hf[0], fsutil::hex(&hf)))
+            .unwrap();
         let e = host4.writer_before_publish().unwrap_err();
-        assert!(e.to_string().contains("deleted by a concurrent prune"), "{e}");
+        assert!(
+            e.to_string().contains("deleted by a concurrent prune"),
+            "{e}"
+        );
     }
 
     /// A chunk written recently by another backup is reused unwritten.
