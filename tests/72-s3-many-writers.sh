@@ -31,13 +31,16 @@ s3keys() {
   echo "$body" | grep -o '<Key>[^<]*</Key>' | sed 's/<[^>]*>//g'
 }
 # prune_loop: prune --keep-last 2 over and over until $T/stop-prune exists; each run's
-# JSON report to $T/prune.N.json, a failed run's output to $T/prune.failed
+# JSON report to $T/prune.N.json, a failed run's output to $T/prune.failed (before the
+# first backup has created the repository, a prune is refused: not counted)
 prune_loop() {
   local i=0
   while [ ! -e "$T/stop-prune" ]; do
-    i=$((i + 1))
-    "$CTL" prune "$REPO" --keep-last 2 --json >"$T/prune.$i.json" 2>"$T/prune.$i.err" \
-      || { cat "$T/prune.$i.json" "$T/prune.$i.err" >>"$T/prune.failed"; }
+    if "$CTL" prune "$REPO" --keep-last 2 --json >"$T/prune.json" 2>"$T/prune.err"; then
+      i=$((i + 1))
+    elif ! grep -q "no cowsnap-repo.json" "$T/prune.err"; then
+      cat "$T/prune.json" "$T/prune.err" >>"$T/prune.failed"
+    fi
     sleep 0.5
   done
   echo "$i" >"$T/prune.runs"
@@ -120,10 +123,10 @@ for r in 2 3; do
   round $r --incremental
   stop_prunes
 done
-last_prune_at=$SECONDS # round 1's generations were pruned (tombstoned) by now
 
 log "prune once more right away: the garbage is younger than the grace period and stays"
 out=$(ctl prune "$REPO" --keep-last 2 --json | tail -n 1) || fail "prune: $out"
+last_prune_at=$SECONDS # round 1's generations are pruned (tombstoned) by now
 [ "$(json_field "$out" .grace_secs)" = $GRACE ] || fail "grace_secs: $out"
 while read -r k; do s3keys "$k" | grep -q . || fail "$k went before the grace period"; done <"$T/garbage"
 
@@ -131,12 +134,17 @@ log "verify, and restore every generation bit-exact"
 L=$(ctl list "$REPO" --json) || fail "list"
 [ "$(json_field "$L" 'length')" = $((2 * N)) ] || fail "expected $((2 * N)) generations: $L"
 ctl verify "$REPO" >"$T/verify.out" || fail "verify: $(cat "$T/verify.out")"
-for i in $(seq $N); do
-  for r in 2 3; do
+for r in 2 3; do
+  pids=()
+  for i in $(seq $N); do
     id=$(json_field "$L" "[.[]|select(.disk==\"h$i\")][$((r - 2))].id")
-    rm -f "$T/r.img"
-    ctl restore "$REPO@$id" --to "$T/r.img" >/dev/null || fail "restore $id"
-    [ "$(sha "$T/r.img")" = "$(sha "$T/d$i.r$r.img")" ] || fail "restore of h$i round $r ($id) differs"
+    "$CTL" restore "$REPO@$id" --to "$T/r$i.$r.img" >"$T/rs$i.$r.out" 2>&1 &
+    pids+=($!)
+  done
+  for i in $(seq $N); do
+    wait "${pids[$((i - 1))]}" || fail "restore of h$i round $r: $(cat "$T/rs$i.$r.out")"
+    [ "$(sha "$T/r$i.$r.img")" = "$(sha "$T/d$i.r$r.img")" ] || fail "restore of h$i round $r differs"
+    rm -f "$T/r$i.$r.img"
   done
 done
 

@@ -151,45 +151,40 @@ enum Presence {
 }
 
 impl Remote {
-    fn known(&self) -> std::sync::MutexGuard<'_, Option<HashMap<[u8; 32], i64>>> {
+    /// The chunks known present (lists the store at the first call).
+    fn known(&self) -> Result<std::sync::MutexGuard<'_, Option<HashMap<[u8; 32], i64>>>> {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if k.is_none() {
-            if let Ok(listed) = self.repo.list_meta("chunks/") {
-                *self.listed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-                *k = Some(
-                    listed
-                        .iter()
-                        .filter_map(|l| {
-                            let h = fsutil::parse_hash(l.name.rsplit('/').next()?)?;
-                            Some((h, l.modified_ms))
-                        })
-                        .collect(),
-                );
-            }
+            let listed = self.repo.list_meta("chunks/")?;
+            *self.listed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            *k = Some(
+                listed
+                    .iter()
+                    .filter_map(|l| {
+                        let h = fsutil::parse_hash(l.name.rsplit('/').next()?)?;
+                        Some((h, l.modified_ms))
+                    })
+                    .collect(),
+            );
         }
-        k
+        Ok(k)
     }
 
     /// Whether `hash` is known present (lists the store at the first call).
     fn contains(&self, hash: &[u8; 32]) -> Result<bool> {
-        let k = self.known();
-        match k.as_ref() {
-            Some(set) => Ok(set.contains_key(hash)),
-            None => Err(crate::err!(
-                Io,
-                "unable to list {}/chunks/",
-                self.repo.url()
-            )),
-        }
+        Ok(self
+            .known()?
+            .as_ref()
+            .is_some_and(|set| set.contains_key(hash)))
     }
 
     /// Whether `hash` is present and reusable by the running backup (W2).
     fn presence(&self, hash: &[u8; 32]) -> Result<Presence> {
         let start = self.writer.lock().unwrap_or_else(|p| p.into_inner()).start;
-        let k = self.known();
-        let set = k
-            .as_ref()
-            .ok_or_else(|| crate::err!(Io, "unable to list {}/chunks/", self.repo.url()))?;
+        let k = self.known()?;
+        let Some(set) = k.as_ref() else {
+            return Ok(Presence::Absent);
+        };
         Ok(match (set.get(hash), start) {
             (None, _) => Presence::Absent,
             (Some(_), None) => Presence::Reusable,

@@ -36,7 +36,8 @@
 //!   and of indexes without metadata younger than `G` ([`Grace::in_use`]).
 //! - P3 unpublish each removed generation: PUT its tombstone, then delete its metadata
 //!   (its index stays, in use, for `G`).
-//! - P4 sweep, one shard `chunks/xx/` at a time: list it, delete each unmarked chunk
+//! - P4 sweep, one page of 1000 keys of `chunks/` at a time: list it (one request),
+//!   delete each unmarked chunk
 //!   last modified before `N − G` ([`Grace::collectable`]), every delete issued within
 //!   [`Grace::round`] of that listing (the rest wait for a later prune) and bounded by
 //!   [`Grace::request_timeout`].
@@ -102,8 +103,8 @@ impl Grace {
         Duration::from_millis((self.ms / 8) as u64)
     }
 
-    /// P4: how long after listing a shard its deletes may still be issued: `G/64`,
-    /// at most 2 s (a shard's deletes beyond that wait for a later prune).
+    /// P4: how long after listing a page its deletes may still be issued: `G/64`,
+    /// at most 2 s (a page's deletes beyond that wait for a later prune).
     pub fn round(self) -> Duration {
         Duration::from_millis((self.ms / 64) as u64).min(Duration::from_secs(2))
     }

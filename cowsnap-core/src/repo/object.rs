@@ -42,7 +42,7 @@
 //! connection errors) with exponential backoff: up to 8 retries within 120 s.
 
 use crate::error::{Error, Result};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as Key;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
@@ -339,6 +339,40 @@ impl ObjectRepo {
             .list_meta(rel_prefix)?
             .into_iter()
             .map(|l| (l.name, l.size))
+            .collect())
+    }
+
+    /// Up to `max` objects under `rel_prefix` whose names sort after `after` (all from
+    /// the first when `None`), with sizes and last-modified times: one request for up
+    /// to 1000 (S3's page). Returned in the store's order (by name on S3).
+    pub fn list_page(
+        &self,
+        rel_prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<Listed>> {
+        let key = self.key(rel_prefix.trim_end_matches('/'));
+        let stream = match after {
+            Some(a) => self.store.list_with_offset(Some(&key), &self.key(a)),
+            None => self.store.list(Some(&key)),
+        };
+        let r: std::result::Result<Vec<_>, _> =
+            self.rt.block_on(stream.take(max).try_collect::<Vec<_>>());
+        let metas = r.map_err(|e| self.error("list", rel_prefix, e))?;
+        self.requests.fetch_add(
+            (metas.len() as u64).div_ceil(1000).max(1),
+            Ordering::Relaxed,
+        );
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let full = m.location.as_ref().to_string();
+                full.strip_prefix(&self.prefix).map(|rel| Listed {
+                    name: rel.to_string(),
+                    size: m.size,
+                    modified_ms: m.last_modified.timestamp_millis(),
+                })
+            })
             .collect())
     }
 

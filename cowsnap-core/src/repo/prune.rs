@@ -42,11 +42,11 @@
 //! less than the grace period ago, and of indexes without metadata younger than it;
 //! unpublish each removed generation (its tombstone `generations/<id>.removed`, then
 //! its metadata; the index stays for the grace period: a running incremental may be
-//! taking its hashes); sweep, one `chunks/xx/` shard at a time, the unmarked chunks
+//! taking its hashes); sweep, one page of the listing of `chunks/` at a time, the unmarked chunks
 //! last modified more than the grace period before the probe; then remove what is
 //! older than the grace period and no longer in use (tombstoned indexes and their
 //! tombstones, indexes of killed backups, their start probes). All of it must happen
-//! within an eighth of the grace period of the probe, each shard's deletes within a
+//! within an eighth of the grace period of the probe, each page's deletes within a
 //! round of its listing; past that the prune stops (`chunks_collected` false) and a
 //! later one goes on. Unmarked chunks still too young are counted
 //! (`chunks_unreferenced`, `bytes_unreferenced`).
@@ -122,10 +122,10 @@ pub struct PruneReport {
     /// Files in the quarantine (damaged chunks kept as evidence).
     pub quarantined_files: u64,
     /// Whether every collectable chunk was considered: false when a prune on an object
-    /// store ran out of its time window before the last shard (a later prune goes on).
+    /// store ran out of its time window before the end of the listing (a later prune goes on).
     pub chunks_collected: bool,
     /// Object stores: chunks nothing in use references that were left in place, being
-    /// younger than the grace period (or met after a shard's time was up).
+    /// younger than the grace period (or met after a page's time was up).
     pub chunks_unreferenced: u64,
     /// Their bytes.
     pub bytes_unreferenced: u64,
@@ -367,8 +367,8 @@ pub(crate) fn prune_repo(repo: &Repo, opts: &PruneOptions) -> Result<PruneReport
 /// The deleting half of [`prune`] on an object store, with no lock while backups on
 /// other hosts run (rules P1 to P5 of `repo::gc`): probe the store's clock, mark what
 /// is in use (`live`: the kept generations' chunks), unpublish the removed generations
-/// behind tombstones, sweep unmarked chunks older than the grace period shard by
-/// shard, and remove leftovers older than it. A dry run probes the clock (one object
+/// behind tombstones, sweep unmarked chunks older than the grace period a page
+/// of the listing at a time, and remove leftovers older than it. A dry run probes the clock (one object
 /// written and deleted) and counts without deleting.
 fn prune_object(
     repo: &Repo,
@@ -388,6 +388,9 @@ fn prune_object(
     }
     res.map(|()| rep)
 }
+
+/// Chunks listed a round of the sweep (S3's page: one request).
+const SWEEP_PAGE: usize = 1000;
 
 /// What one listing of `generations/`, `writers/` and `gc/` says, against the store
 /// time `now` (see [`prune_object`]).
@@ -513,16 +516,17 @@ fn prune_object_at(
         }
     }
 
-    // Sweep (P4), a shard at a time.
+    // Sweep (P4), a page of the listing (one request) at a time.
     rep.chunks_collected = true;
-    for shard in 0..=255u8 {
+    let mut after: Option<String> = None;
+    loop {
         if t0.elapsed() > window {
             rep.chunks_collected = false;
             break;
         }
         let listed_at = std::time::Instant::now();
-        let chunks = r.list_meta(&format!("chunks/{shard:02x}/"))?;
-        for c in &chunks {
+        let page = r.list_page("chunks/", after.as_deref(), SWEEP_PAGE)?;
+        for c in &page {
             let Some(h) = c.name.rsplit('/').next().and_then(fsutil::parse_hash) else {
                 continue;
             };
@@ -541,6 +545,10 @@ fn prune_object_at(
             rep.chunks_removed += 1;
             rep.bytes_freed += c.size;
         }
+        if page.len() < SWEEP_PAGE {
+            break;
+        }
+        after = page.iter().map(|c| c.name.clone()).max();
     }
 
     // Leftovers older than the grace period (P5).
