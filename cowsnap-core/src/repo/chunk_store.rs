@@ -115,13 +115,16 @@ pub struct ChunkStore {
     remote: Option<Remote>,
 }
 
+/// Chunks known present and their last-modified times (ms, the store's clock).
+type Known = HashMap<[u8; 32], i64>;
+
 /// The chunks of an object-store repository.
 struct Remote {
     repo: Arc<ObjectRepo>,
     grace: super::gc::Grace,
     /// Chunks known present with their last-modified times (ms, the store's clock): one
     /// listing at the first question, plus those written since (`i64::MAX`: by us).
-    known: Mutex<Option<HashMap<[u8; 32], i64>>>,
+    known: Mutex<Option<Known>>,
     /// The running backup's start and refreshes (see `repo::gc`, W1 to W3).
     writer: Mutex<Writer>,
     /// When the listing of `chunks/` returned.
@@ -152,7 +155,7 @@ enum Presence {
 
 impl Remote {
     /// The chunks known present (lists the store at the first call).
-    fn known(&self) -> Result<std::sync::MutexGuard<'_, Option<HashMap<[u8; 32], i64>>>> {
+    fn known(&self) -> Result<std::sync::MutexGuard<'_, Option<Known>>> {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if k.is_none() {
             let listed = self.repo.list_meta("chunks/")?;

@@ -216,7 +216,7 @@ pub(crate) fn prune_repo(repo: &Repo, opts: &PruneOptions) -> Result<PruneReport
     // An object store holds no pins (live restore from it is refused).
     let listed_pins = match &repo.remote {
         Some(_) => Vec::new(),
-        None => pin::list(&repo)?,
+        None => pin::list(repo)?,
     };
     for p in listed_pins {
         match pin::stale_reason(&p) {
