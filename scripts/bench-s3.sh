@@ -6,7 +6,17 @@
 # each restored offline (cowsnapctl restore, fsynced) to a file. Page cache dropped
 # before each timed step. Wall-clock times of the whole cowsnapctl command.
 # Usage: scripts/bench-s3.sh [SIZE_MIB (1024)]
+#        scripts/bench-s3.sh --writers N [DISK_MIB (64)]
+#   N disks of DISK_MIB, similar (one random base, 1/8 of each its own random data),
+#   each attached to its own daemon, backed up in full into one bucket: all N at once,
+#   against the same N one after another into another bucket (the peer). Reports the
+#   aggregate throughput of each and their ratio, the dedup ratio (disk bytes / chunk
+#   bytes in the bucket) and S3 requests per GiB of disk (radosgw's own request counter,
+#   its admin socket's perf dump).
 set -euo pipefail
+if [ "${1:-}" = --writers ]; then
+  exec bash "$(dirname "$0")/bench-s3-writers.sh" "${@:2}"
+fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${COWSNAP_BIN_DIR:-$ROOT/target/release}; CTL=$BIN/cowsnapctl
 PY=/usr/bin/python3

@@ -127,11 +127,13 @@ fn apply_retention(
         rep.chunks_removed,
         human_bytes(rep.bytes_freed)
     );
-    if !rep.chunks_collected {
-        eprintln!(
-            "retention of {name}: chunks are not collected on s3 repositories yet ({} unreferenced chunk(s) left in place)",
-            rep.chunks_unreferenced
-        );
+    if let (Some(g), n) = (rep.grace_secs, rep.chunks_unreferenced) {
+        if n > 0 || !rep.chunks_collected {
+            eprintln!(
+                "retention of {name}: {n} unreferenced chunk(s) younger than the grace period ({g} s) left for a later prune{}",
+                if rep.chunks_collected { "" } else { "; the sweep ran out of time and stopped early" }
+            );
+        }
     }
     Ok(())
 }

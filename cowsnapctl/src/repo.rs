@@ -385,12 +385,19 @@ pub fn prune(a: PruneArgs) -> Result<i32> {
             (false, n) => format!("; {n} leftover file(s) removed"),
         }
     );
-    if !rep.chunks_collected {
-        println!(
-            "chunks are not collected on s3 repositories yet: {} unreferenced chunk(s) ({}) left in place",
-            rep.chunks_unreferenced,
-            human_bytes(rep.bytes_unreferenced)
-        );
+    if let Some(g) = rep.grace_secs {
+        if rep.chunks_unreferenced > 0 {
+            println!(
+                "{} unreferenced chunk(s) ({}) younger than the grace period ({g} s) left for a later prune",
+                rep.chunks_unreferenced,
+                human_bytes(rep.bytes_unreferenced)
+            );
+        }
+        if !rep.chunks_collected {
+            println!(
+                "the sweep ran out of its time window and stopped early; a later prune goes on"
+            );
+        }
     }
     if rep.quarantined_files > 0 {
         println!(

@@ -46,7 +46,10 @@
 //! it is "published" when the PUT returns). Whether a chunk is present comes from one
 //! listing of `chunks/` taken at the first question, plus what this store wrote since
 //! (a chunk another writer added meanwhile is written again: the same bytes). A present
-//! chunk is reused without reading it back. There is no quarantine: a damaged chunk is
+//! chunk is reused without reading it back — during a backup only if the listing says
+//! it was last modified at most half a grace period before the backup started; an
+//! older one is written again (a refresh) and checked again before the backup
+//! publishes (`repo::gc`, rules W2 and W3). There is no quarantine: a damaged chunk is
 //! reported and left in place.
 
 use super::crypt::RepoKey;
@@ -54,11 +57,12 @@ use super::object::ObjectRepo;
 use crate::bytes::is_zero;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, hex};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// Reserved hash for an all-zero chunk (never stored).
 pub const ZERO_HASH: [u8; 32] = [0u8; 32];
@@ -154,27 +158,85 @@ pub struct ChunkStore {
     key: Option<Arc<RepoKey>>,
 }
 
+/// Chunks known present and their last-modified times (ms, the store's clock).
+type Known = HashMap<[u8; 32], i64>;
+
 /// The chunks of an object-store repository.
 struct Remote {
     repo: Arc<ObjectRepo>,
-    /// Chunks known present: one listing at the first question, plus those written since.
-    known: Mutex<Option<HashSet<[u8; 32]>>>,
+    grace: super::gc::Grace,
+    /// Chunks known present with their last-modified times (ms, the store's clock): one
+    /// listing at the first question, plus those written since (`i64::MAX`: by us).
+    known: Mutex<Option<Known>>,
+    /// The running backup's start and refreshes (see `repo::gc`, W1 to W3).
+    writer: Mutex<Writer>,
+    /// When the listing of `chunks/` returned.
+    listed_at: Mutex<Option<Instant>>,
+}
+
+/// A backup's view of the garbage-collection rules.
+#[derive(Default)]
+struct Writer {
+    /// The store's time at the backup's start (W1); `None`: no backup runs.
+    start: Option<i64>,
+    /// Chunks written again because they were too old to reuse unwritten (W2).
+    refreshed: Vec<[u8; 32]>,
+    /// When the last refresh returned.
+    last_refresh: Option<Instant>,
+    /// New chunks PUT within [`super::gc::Grace::refresh_wait`] of the listing.
+    early: Vec<[u8; 32]>,
+}
+
+/// Whether a chunk is present, and if so whether it may be reused unwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Absent,
+    Reusable,
+    /// Present, but too old to rely on without writing it again.
+    Stale,
 }
 
 impl Remote {
-    /// Whether `hash` is known present (lists the store at the first call).
-    fn contains(&self, hash: &[u8; 32]) -> Result<bool> {
+    /// The chunks known present (lists the store at the first call).
+    fn known(&self) -> Result<std::sync::MutexGuard<'_, Option<Known>>> {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if k.is_none() {
-            let listed: HashSet<[u8; 32]> = self
-                .repo
-                .list("chunks/")?
-                .iter()
-                .filter_map(|(name, _)| fsutil::parse_hash(name.rsplit('/').next()?))
-                .collect();
-            *k = Some(listed);
+            let listed = self.repo.list_meta("chunks/")?;
+            *self.listed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            *k = Some(
+                listed
+                    .iter()
+                    .filter_map(|l| {
+                        let h = fsutil::parse_hash(l.name.rsplit('/').next()?)?;
+                        Some((h, l.modified_ms))
+                    })
+                    .collect(),
+            );
         }
-        Ok(k.as_ref().is_some_and(|set| set.contains(hash)))
+        Ok(k)
+    }
+
+    /// Whether `hash` is known present (lists the store at the first call).
+    fn contains(&self, hash: &[u8; 32]) -> Result<bool> {
+        Ok(self
+            .known()?
+            .as_ref()
+            .is_some_and(|set| set.contains_key(hash)))
+    }
+
+    /// Whether `hash` is present and reusable by the running backup (W2).
+    fn presence(&self, hash: &[u8; 32]) -> Result<Presence> {
+        let start = self.writer.lock().unwrap_or_else(|p| p.into_inner()).start;
+        let k = self.known()?;
+        let Some(set) = k.as_ref() else {
+            return Ok(Presence::Absent);
+        };
+        Ok(match (set.get(hash), start) {
+            (None, _) => Presence::Absent,
+            (Some(_), None) => Presence::Reusable,
+            (Some(&m), Some(s)) if self.grace.reusable(m, s) => Presence::Reusable,
+            (Some(_), Some(_)) => Presence::Stale,
+        })
     }
 
     fn add(&self, hash: &[u8; 32]) {
@@ -184,7 +246,7 @@ impl Remote {
             .unwrap_or_else(|p| p.into_inner())
             .as_mut()
         {
-            set.insert(*hash);
+            set.insert(*hash, i64::MAX);
         }
     }
 }
@@ -458,7 +520,7 @@ impl ChunkStore {
     }
 
     /// The chunks of the object-store repository `repo` (`PREFIX/chunks/`).
-    pub fn object(repo: Arc<ObjectRepo>) -> Self {
+    pub fn object(repo: Arc<ObjectRepo>, grace: super::gc::Grace) -> Self {
         let base = PathBuf::from(repo.url());
         ChunkStore {
             dir: base.join("chunks"),
@@ -466,7 +528,10 @@ impl ChunkStore {
             touched: Mutex::new(BTreeSet::new()),
             remote: Some(Remote {
                 repo,
+                grace,
                 known: Mutex::new(None),
+                writer: Mutex::new(Writer::default()),
+                listed_at: Mutex::new(None),
             }),
             key: None,
         }
@@ -488,6 +553,64 @@ impl ChunkStore {
     /// repository; [`ZERO_HASH`] for zeros.
     pub fn hash(&self, data: &[u8]) -> [u8; 32] {
         chunk_hash_keyed(data, self.key.as_deref())
+    }
+
+    /// Object stores: a backup that started at the store time `start` (ms) begins
+    /// (see `repo::gc`, W1): from now on only chunks recent enough are reused unwritten.
+    pub fn writer_start(&self, start: i64) {
+        if let Some(r) = &self.remote {
+            *r.writer.lock().unwrap_or_else(|p| p.into_inner()) = Writer {
+                start: Some(start),
+                ..Writer::default()
+            };
+        }
+    }
+
+    /// Object stores, before the running backup writes its index (W3): when it wrote
+    /// old chunks again, wait until no prune that listed them before could still be
+    /// deleting them, then check each is there. Returns how many were refreshed.
+    pub fn writer_check_refreshed(&self) -> Result<u64> {
+        let Some(r) = &self.remote else {
+            return Ok(0);
+        };
+        let (mut refreshed, last, early) = {
+            let mut w = r.writer.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                std::mem::take(&mut w.refreshed),
+                w.last_refresh.take(),
+                std::mem::take(&mut w.early),
+            )
+        };
+        let wait = r.grace.refresh_wait();
+        let listed = *r.listed_at.lock().unwrap_or_else(|p| p.into_inner());
+        let since = |t: Option<Instant>| {
+            t.map_or(std::time::Duration::ZERO, |t| {
+                wait.saturating_sub(t.elapsed())
+            })
+        };
+        std::thread::sleep(since(last).max(if early.is_empty() {
+            std::time::Duration::ZERO
+        } else {
+            since(listed)
+        }));
+        refreshed.extend(early);
+        for h in &refreshed {
+            if !r.repo.exists(&chunk_key(h))? {
+                return Err(crate::err!(
+                    Io,
+                    "unable to publish the backup: chunk {} it wrote again was deleted by a concurrent prune meanwhile; nothing published, run the backup again",
+                    hex(h)
+                ));
+            }
+        }
+        Ok(refreshed.len() as u64)
+    }
+
+    /// Object stores: the running backup has ended (published or not).
+    pub fn writer_end(&self) {
+        if let Some(r) = &self.remote {
+            *r.writer.lock().unwrap_or_else(|p| p.into_inner()) = Writer::default();
+        }
     }
 
     /// Whether the chunks live in an object store.
@@ -548,13 +671,34 @@ impl ChunkStore {
         data: &[u8],
     ) -> Result<(Insert, Option<PendingChunk>)> {
         if let Some(r) = &self.remote {
-            if r.contains(hash)? {
+            let presence = r.presence(hash)?;
+            if presence == Presence::Reusable {
                 return Ok((Insert::Reused, None));
             }
             let bytes = encode_chunk(hash, data, self.key.as_deref())?;
             let n = bytes.len() as u64;
+            // A new chunk PUT soon after the listing may have had an old copy that a
+            // prune listed before our listing and deletes only now: checked like a
+            // refresh (W3).
+            let soon = r
+                .listed_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() < r.grace.refresh_wait());
             r.repo.put(&chunk_key(hash), bytes)?;
             r.add(hash);
+            let mut w = r.writer.lock().unwrap_or_else(|p| p.into_inner());
+            if w.start.is_some() {
+                if presence == Presence::Stale {
+                    w.refreshed.push(*hash);
+                    w.last_refresh = Some(Instant::now());
+                } else if soon {
+                    w.early.push(*hash);
+                }
+            }
+            if presence == Presence::Stale {
+                return Ok((Insert::Reused, None));
+            }
             return Ok((Insert::New(n), None));
         }
         let path = self.path_of(hash);

@@ -37,6 +37,7 @@
 pub mod chunk_store;
 pub mod crypt;
 pub mod diff;
+pub mod gc;
 pub mod generation;
 pub mod group;
 pub mod index;
@@ -105,6 +106,31 @@ pub struct RepoConfig {
     /// Client-side encryption: algorithm and key check value (never the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionConfig>,
+    /// Object stores: the garbage-collection grace period in seconds every backup and
+    /// prune follow (see [`gc`]); absent: [`gc::DEFAULT_GRACE_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gc_grace_secs: Option<u64>,
+}
+
+/// The environment variable that sets the grace period of a new object-store
+/// repository (seconds; see [`gc`]).
+pub const GRACE_ENV: &str = "COWSNAP_REPO_GC_GRACE";
+
+/// The grace period for a new object-store repository at `what`: [`GRACE_ENV`] or the
+/// default, checked before anything is created.
+fn new_grace(what: &str) -> Result<u64> {
+    match std::env::var(GRACE_ENV) {
+        Err(_) => Ok(gc::DEFAULT_GRACE_SECS),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if (gc::MIN_GRACE_SECS..=gc::MAX_GRACE_SECS).contains(&n) => Ok(n),
+            _ => Err(crate::err!(
+                InvalidInput,
+                "unable to create repository {what}: {GRACE_ENV}={v:?} is not a number of seconds from {} to {}",
+                gc::MIN_GRACE_SECS,
+                gc::MAX_GRACE_SECS
+            )),
+        },
+    }
 }
 
 /// An opened repository.
@@ -166,7 +192,12 @@ fn not_a_repo(dir: &Path) -> crate::Error {
 
 /// The config of a new repository at `what` (its path or URL), encrypted under `key`
 /// if given, checked before anything is created.
-fn new_config_json(what: &str, chunk_size: u32, key: Option<&RepoKey>) -> Result<Vec<u8>> {
+fn new_config_json(
+    what: &str,
+    chunk_size: u32,
+    key: Option<&RepoKey>,
+    gc_grace_secs: Option<u64>,
+) -> Result<Vec<u8>> {
     if !valid_chunk_size(chunk_size) {
         return Err(crate::err!(
             InvalidInput,
@@ -181,6 +212,7 @@ fn new_config_json(what: &str, chunk_size: u32, key: Option<&RepoKey>) -> Result
         },
         chunk_size,
         encryption: key.map(|k| k.config()),
+        gc_grace_secs,
     };
     serde_json::to_vec_pretty(&cfg)
         .map_err(|e| crate::err!(InvalidInput, "unable to encode config: {e}"))
@@ -189,16 +221,22 @@ fn new_config_json(what: &str, chunk_size: u32, key: Option<&RepoKey>) -> Result
 impl Repo {
     /// Open an existing object-store repository (`s3://…`).
     fn open_object(url: &str, key: Option<Arc<RepoKey>>) -> Result<Repo> {
-        let remote = Arc::new(object::ObjectRepo::open(url)?);
+        Self::open_object_on(Arc::new(object::ObjectRepo::open(url)?), key)
+    }
+
+    /// Open the object-store repository at `remote` with `key`.
+    fn open_object_on(remote: Arc<object::ObjectRepo>, key: Option<Arc<RepoKey>>) -> Result<Repo> {
+        let url = remote.url().to_string();
         let dir = PathBuf::from(remote.url());
         let b = remote
             .get(CONFIG_FILE)
             .map_err(|e| e.with_context(format!("unable to open repository {url}")))?
             .ok_or_else(|| not_a_repo(&dir))?;
         let config = check_config(&b, &dir)?;
-        crypt::check_key(url, config.encryption.as_ref(), key.as_deref())?;
+        crypt::check_key(&url, config.encryption.as_ref(), key.as_deref())?;
+        let grace = gc::Grace::from_secs(config.gc_grace_secs.unwrap_or(gc::DEFAULT_GRACE_SECS));
         Ok(Repo {
-            store: ChunkStore::object(remote.clone()).with_key(key.clone()),
+            store: ChunkStore::object(remote.clone(), grace).with_key(key.clone()),
             dir,
             config,
             remote: Some(remote),
@@ -267,7 +305,7 @@ impl Repo {
                 .map_err(|e| e.with_context(format!("unable to open repository {url}")))?
                 .is_none();
             if missing {
-                let json = new_config_json(url, chunk_size, key.as_deref())?;
+                let json = new_config_json(url, chunk_size, key.as_deref(), Some(new_grace(url)?))?;
                 remote
                     .put(CONFIG_FILE, json)
                     .map_err(|e| e.with_context(format!("unable to create repository {url}")))?;
@@ -275,7 +313,12 @@ impl Repo {
             return Self::open_object(url, key);
         }
         if !dir.join(CONFIG_FILE).exists() {
-            let json = new_config_json(&dir.display().to_string(), chunk_size, key.as_deref())?;
+            let json = new_config_json(
+                &dir.display().to_string(),
+                chunk_size,
+                key.as_deref(),
+                None,
+            )?;
             for d in [
                 dir.to_path_buf(),
                 dir.join("chunks"),
@@ -355,6 +398,16 @@ impl Repo {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The garbage-collection grace period of an object-store repository.
+    pub fn grace(&self) -> gc::Grace {
+        gc::Grace::from_secs(self.config.gc_grace_secs.unwrap_or(gc::DEFAULT_GRACE_SECS))
+    }
+
+    /// The object store of an `s3://` repository.
+    pub fn remote(&self) -> Option<&Arc<object::ObjectRepo>> {
+        self.remote.as_ref()
     }
 
     /// Repository chunk size.
@@ -441,6 +494,55 @@ impl Repo {
             Some(r) => r.put(&name, b)?,
         }
         Ok(n)
+    }
+
+    /// Object stores: a backup of generation `id` starts (see [`gc`], W1): probe the
+    /// store's clock with `writers/<id>`. Nothing to do on a directory.
+    pub fn writer_begin(&self, id: &str) -> Result<()> {
+        if let Some(r) = &self.remote {
+            let start = r.probe(&format!("writers/{id}"))?;
+            self.store.writer_start(start);
+        }
+        Ok(())
+    }
+
+    /// Object stores: before a backup writes its index (W3, see
+    /// [`ChunkStore::writer_check_refreshed`]).
+    pub fn writer_before_publish(&self) -> Result<()> {
+        self.store.writer_check_refreshed().map(|_| ())
+    }
+
+    /// Object stores: right after a backup published `id`'s metadata (W4): probe the
+    /// store's clock again; if the backup ran over a quarter of the grace period since
+    /// its start, delete the metadata again (unpublish) and fail.
+    pub fn writer_after_publish(&self, id: &str) -> Result<()> {
+        let Some(r) = &self.remote else {
+            return Ok(());
+        };
+        let probe = format!("writers/{id}");
+        let start = r.modified(&probe)?;
+        let end = r.probe(&probe)?;
+        match start {
+            Some(s) if self.grace().published_in_time(s, end) => Ok(()),
+            _ => {
+                r.delete(&format!("generations/{id}.json"))?;
+                Err(crate::err!(
+                    Io,
+                    "unable to publish generation {id}: the backup took longer than a quarter of the repository's grace period ({} s), so a concurrent prune may have collected chunks it relies on; unpublished again, run the backup again",
+                    self.grace().millis() / 1000
+                ))
+            }
+        }
+    }
+
+    /// Object stores: a backup of `id` ended (published or not): remove its probe.
+    pub fn writer_end(&self, id: &str) {
+        self.store.writer_end();
+        if let Some(r) = &self.remote {
+            if let Err(e) = r.delete(&format!("writers/{id}")) {
+                log::warn!("{e} (a later prune removes it)");
+            }
+        }
     }
 
     /// [`Self::list`] of an object store: one listing, then each metadata object.
@@ -632,6 +734,59 @@ pub fn list(dir: &Path) -> Result<Vec<GenerationInfo>> {
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::{FixedIndex, GenerationInfo, GenerationKind, GenerationStats, Repo};
+
+    /// A new object-store repository (4 KiB chunks, grace period `grace_secs`) in
+    /// memory: the store's clock is this host's.
+    pub(crate) fn in_memory(grace_secs: u64) -> Repo {
+        let store = Box::new(object_store::memory::InMemory::new());
+        let r = super::object::ObjectRepo::with_store("s3://mem/p", "p", store).unwrap();
+        let json = super::new_config_json("s3://mem/p", 4096, None, Some(grace_secs)).unwrap();
+        r.put(super::CONFIG_FILE, json).unwrap();
+        Repo::open_object_on(std::sync::Arc::new(r), None).unwrap()
+    }
+
+    /// Another handle on the same object store (another host's view).
+    pub(crate) fn reopen(repo: &Repo) -> Repo {
+        Repo::open_object_on(repo.remote().unwrap().clone(), None).unwrap()
+    }
+
+    /// Store `img`'s chunks and write the index of generation `id` (not published).
+    pub(crate) fn stage(repo: &Repo, id: &str, img: &[u8]) -> FixedIndex {
+        let cs = repo.chunk_size() as usize;
+        let hashes: Vec<[u8; 32]> = img
+            .chunks(cs)
+            .map(|c| {
+                let h = super::chunk_store::chunk_hash(c);
+                if h != super::ZERO_HASH {
+                    repo.store().insert(&h, c).unwrap();
+                }
+                h
+            })
+            .collect();
+        let idx = FixedIndex::from_hashes(id, cs as u32, img.len() as u64, &hashes).unwrap();
+        repo.write_index(&idx).unwrap();
+        idx
+    }
+
+    /// The metadata of a full generation `id` of `disk` made at `created_unix`.
+    pub(crate) fn meta(id: &str, disk: &str, size: u64, created_unix: u64) -> GenerationInfo {
+        GenerationInfo {
+            id: id.into(),
+            disk: disk.into(),
+            disk_size: size,
+            chunk_size: 4096,
+            created_unix,
+            created: String::new(),
+            kind: GenerationKind::Full,
+            parent: None,
+            lineage: "l".into(),
+            seq_next: 0,
+            seq_lowest_unacked: 0,
+            stats: GenerationStats::default(),
+            notes: Vec::new(),
+            group: None,
+        }
+    }
 
     /// Store `img` as a full generation `id` of disk "d".
     pub(crate) fn make_gen(repo: &Repo, id: &str, img: &[u8]) -> GenerationInfo {

@@ -42,11 +42,12 @@
 //! connection errors) with exponential backoff: up to 8 retries within 120 s.
 
 use crate::error::{Error, Result};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as Key;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The scheme of an object-store repository.
@@ -114,6 +115,20 @@ pub struct ObjectRepo {
     prefix: String,
     store: Box<dyn ObjectStore>,
     rt: tokio::runtime::Runtime,
+    /// Requests made (each GET, HEAD, PUT, DELETE, and each listing), for figures.
+    requests: AtomicU64,
+}
+
+/// An object's name (relative to the repository's prefix), size, and the store's
+/// last-modified time of it in milliseconds since the epoch (the store's clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Name relative to the repository's prefix.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The store's last-modified time, ms since the epoch.
+    pub modified_ms: i64,
 }
 
 impl ObjectRepo {
@@ -172,7 +187,41 @@ impl ObjectRepo {
             },
             store: Box::new(store),
             rt,
+            requests: AtomicU64::new(0),
         })
+    }
+
+    /// A repository location on any `store` (an in-memory one in tests), named `url`
+    /// in messages, with the keys under `prefix`.
+    pub fn with_store(url: &str, prefix: &str, store: Box<dyn ObjectStore>) -> Result<ObjectRepo> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cowsnap-s3")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::io(format!("unable to open repository {url}"), e))?;
+        let prefix = prefix.trim_matches('/');
+        Ok(ObjectRepo {
+            url: url.trim_end_matches('/').to_string(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            store,
+            rt,
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// Requests made so far through this location.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn count(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The repository's URL (for messages).
@@ -194,6 +243,7 @@ impl ObjectRepo {
 
     /// The object `rel` (relative to the prefix), `None` if there is none.
     pub fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        self.count();
         let key = self.key(rel);
         let r = self.rt.block_on(async {
             let r = self.store.get(&key).await?;
@@ -208,6 +258,7 @@ impl ObjectRepo {
 
     /// Whether the object `rel` exists.
     pub fn exists(&self, rel: &str) -> Result<bool> {
+        self.count();
         let key = self.key(rel);
         match self.rt.block_on(self.store.head(&key)) {
             Ok(_) => Ok(true),
@@ -218,6 +269,7 @@ impl ObjectRepo {
 
     /// Store `data` as the object `rel` (atomic: readers see all of it or none).
     pub fn put(&self, rel: &str, data: Vec<u8>) -> Result<()> {
+        self.count();
         let key = self.key(rel);
         self.rt
             .block_on(self.store.put(&key, PutPayload::from(data)))
@@ -227,6 +279,7 @@ impl ObjectRepo {
 
     /// Delete the object `rel`; one already gone is no error.
     pub fn delete(&self, rel: &str) -> Result<()> {
+        self.count();
         let key = self.key(rel);
         match self.rt.block_on(self.store.delete(&key)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -234,20 +287,116 @@ impl ObjectRepo {
         }
     }
 
+    /// Delete the object `rel` (one already gone is no error), giving up after
+    /// `limit`: a prune's deletes must not land later than its rules allow.
+    pub fn delete_within(&self, rel: &str, limit: Duration) -> Result<()> {
+        self.count();
+        let key = self.key(rel);
+        let r = self
+            .rt
+            .block_on(async { tokio::time::timeout(limit, self.store.delete(&key)).await });
+        match r {
+            Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => Ok(()),
+            Ok(Err(e)) => Err(self.error("delete", rel, e)),
+            Err(_) => Err(crate::err!(
+                Io,
+                "unable to delete {}/{rel}: no answer within {} ms",
+                self.url,
+                limit.as_millis()
+            )),
+        }
+    }
+
+    /// The store's last-modified time of the object `rel` (ms since the epoch), `None`
+    /// if there is none.
+    pub fn modified(&self, rel: &str) -> Result<Option<i64>> {
+        self.count();
+        let key = self.key(rel);
+        match self.rt.block_on(self.store.head(&key)) {
+            Ok(m) => Ok(Some(m.last_modified.timestamp_millis())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("look up", rel, e)),
+        }
+    }
+
+    /// The store's clock now: PUT the (empty) object `rel`, then read its last-modified
+    /// time. The only clock the repository's garbage collection trusts (see `repo::gc`).
+    pub fn probe(&self, rel: &str) -> Result<i64> {
+        self.put(rel, Vec::new())?;
+        self.modified(rel)?.ok_or_else(|| {
+            crate::err!(
+                Io,
+                "unable to read the store's clock: {}/{rel} vanished right after it was written",
+                self.url
+            )
+        })
+    }
+
     /// Every object under `rel_prefix` (a directory-like prefix such as
     /// `generations/`): names relative to the repository's prefix, and sizes.
     pub fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_meta(rel_prefix)?
+            .into_iter()
+            .map(|l| (l.name, l.size))
+            .collect())
+    }
+
+    /// Up to `max` objects under `rel_prefix` whose names sort after `after` (all from
+    /// the first when `None`), with sizes and last-modified times: one request for up
+    /// to 1000 (S3's page). Returned in the store's order (by name on S3).
+    pub fn list_page(
+        &self,
+        rel_prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<Listed>> {
+        let key = self.key(rel_prefix.trim_end_matches('/'));
+        let stream = match after {
+            Some(a) => self.store.list_with_offset(Some(&key), &self.key(a)),
+            None => self.store.list(Some(&key)),
+        };
+        let r: std::result::Result<Vec<_>, _> =
+            self.rt.block_on(stream.take(max).try_collect::<Vec<_>>());
+        let metas = r.map_err(|e| self.error("list", rel_prefix, e))?;
+        self.requests.fetch_add(
+            (metas.len() as u64).div_ceil(1000).max(1),
+            Ordering::Relaxed,
+        );
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let full = m.location.as_ref().to_string();
+                full.strip_prefix(&self.prefix).map(|rel| Listed {
+                    name: rel.to_string(),
+                    size: m.size,
+                    modified_ms: m.last_modified.timestamp_millis(),
+                })
+            })
+            .collect())
+    }
+
+    /// Every object under `rel_prefix` with its size and last-modified time.
+    pub fn list_meta(&self, rel_prefix: &str) -> Result<Vec<Listed>> {
         let key = self.key(rel_prefix.trim_end_matches('/'));
         let r: std::result::Result<Vec<_>, _> = self
             .rt
             .block_on(self.store.list(Some(&key)).try_collect::<Vec<_>>());
         let metas = r.map_err(|e| self.error("list", rel_prefix, e))?;
+        // one request per page of up to 1000 keys (S3's page size)
+        self.requests.fetch_add(
+            (metas.len() as u64).div_ceil(1000).max(1),
+            Ordering::Relaxed,
+        );
         Ok(metas
             .into_iter()
             .filter_map(|m| {
                 let full = m.location.as_ref().to_string();
-                full.strip_prefix(&self.prefix)
-                    .map(|rel| (rel.to_string(), m.size))
+                full.strip_prefix(&self.prefix).map(|rel| Listed {
+                    name: rel.to_string(),
+                    size: m.size,
+                    modified_ms: m.last_modified.timestamp_millis(),
+                })
             })
             .collect())
     }

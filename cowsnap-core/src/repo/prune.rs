@@ -35,16 +35,21 @@
 //!
 //! # On an object store
 //!
-//! There is no lock (see `repo::object`), so a backup on another host may run during
-//! the prune. Steps 1, 3 (with no pins: an object store holds none) and 4 are the
-//! same; step 5 deletes each removed generation's metadata object (the unpublish)
-//! before its index, and nothing else: no chunk (a running backup may have decided to
-//! reuse an unreferenced one, or be taking its parent's hashes from a generation
-//! removed now) and no index without metadata (a running backup's, about to be
-//! published). That is safe with any number of concurrent backups: no chunk is ever
-//! deleted, and a backup that loaded a removed parent's index already holds every hash
-//! it takes from it. The chunks no kept generation references are counted and left in
-//! place (`chunks_collected` false, `chunks_unreferenced`, `bytes_unreferenced`).
+//! There is no lock (see `repo::object`), so backups on other hosts run during the
+//! prune. Steps 1, 3 (with no pins: an object store holds none) and 4 are the same;
+//! step 5 follows the rules of `repo::gc` instead: probe the store's clock; mark also
+//! the indexes of the generations removed now, of generations removed (tombstoned)
+//! less than the grace period ago, and of indexes without metadata younger than it;
+//! unpublish each removed generation (its tombstone `generations/<id>.removed`, then
+//! its metadata; the index stays for the grace period: a running incremental may be
+//! taking its hashes); sweep, one page of the listing of `chunks/` at a time, the unmarked chunks
+//! last modified more than the grace period before the probe; then remove what is
+//! older than the grace period and no longer in use (tombstoned indexes and their
+//! tombstones, indexes of killed backups, their start probes). All of it must happen
+//! within an eighth of the grace period of the probe, each page's deletes within a
+//! round of its listing; past that the prune stops (`chunks_collected` false) and a
+//! later one goes on. Unmarked chunks still too young are counted
+//! (`chunks_unreferenced`, `bytes_unreferenced`).
 
 use super::generation::valid_id;
 use super::retention::{self, Candidate, RetentionPolicy};
@@ -116,13 +121,16 @@ pub struct PruneReport {
     pub stale_pins_removed: Vec<String>,
     /// Files in the quarantine (damaged chunks kept as evidence).
     pub quarantined_files: u64,
-    /// Whether unreferenced chunks were deleted (counted in `chunks_removed`): false on
-    /// an object store, which this prune does not collect chunks from.
+    /// Whether every collectable chunk was considered: false when a prune on an object
+    /// store ran out of its time window before the end of the listing (a later prune goes on).
     pub chunks_collected: bool,
-    /// Chunks no kept generation references that were left in place (object store).
+    /// Object stores: chunks nothing in use references that were left in place, being
+    /// younger than the grace period (or met after a page's time was up).
     pub chunks_unreferenced: u64,
     /// Their bytes.
     pub bytes_unreferenced: u64,
+    /// Object stores: the repository's grace period in seconds (see `repo::gc`).
+    pub grace_secs: Option<u64>,
 }
 
 /// The decision on one generation.
@@ -172,6 +180,12 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
         ));
     }
     let repo = Repo::open(dir)?;
+    prune_repo(&repo, opts)
+}
+
+/// [`prune`] of an opened repository (its policy checked).
+pub(crate) fn prune_repo(repo: &Repo, opts: &PruneOptions) -> Result<PruneReport> {
+    let dir = repo.dir();
     let _lock = repo.lock(true)?;
     let mut rep = PruneReport {
         chunks_collected: true,
@@ -202,7 +216,7 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     // An object store holds no pins (live restore from it is refused).
     let listed_pins = match &repo.remote {
         Some(_) => Vec::new(),
-        None => pin::list(&repo)?,
+        None => pin::list(repo)?,
     };
     for p in listed_pins {
         match pin::stale_reason(&p) {
@@ -284,7 +298,7 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     rep.kept_generations.sort();
 
     if let Some(r) = &repo.remote {
-        return prune_object(r, live, opts, rep);
+        return prune_object(repo, r, live, opts, rep);
     }
 
     // Delete the generations.
@@ -350,47 +364,200 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     Ok(rep)
 }
 
-/// The deleting half of [`prune`] on an object store: each removed generation's
-/// metadata object (the unpublish) before its index. No chunk is deleted and no index
-/// without metadata is touched: without a lock, either may belong to a backup running
-/// on another host (a chunk it decided to reuse, an index it is about to publish). The
-/// chunks no kept generation references are counted ([`PruneReport::chunks_unreferenced`]).
+/// The deleting half of [`prune`] on an object store, with no lock while backups on
+/// other hosts run (rules P1 to P5 of `repo::gc`): probe the store's clock, mark what
+/// is in use (`live`: the kept generations' chunks), unpublish the removed generations
+/// behind tombstones, sweep unmarked chunks older than the grace period a page
+/// of the listing at a time, and remove leftovers older than it. A dry run probes the clock (one object
+/// written and deleted) and counts without deleting.
 fn prune_object(
+    repo: &Repo,
     r: &super::object::ObjectRepo,
-    live: HashSet<[u8; 32]>,
+    mut live: HashSet<[u8; 32]>,
     opts: &PruneOptions,
     mut rep: PruneReport,
 ) -> Result<PruneReport> {
-    rep.chunks_collected = false;
-    if !opts.dry_run {
-        for id in &rep.removed_generations {
-            r.delete(&format!("generations/{id}.json"))?;
-            r.delete(&format!("generations/{id}.idx"))?;
-        }
+    let grace = repo.grace();
+    rep.grace_secs = Some((grace.millis() / 1000) as u64);
+    let probe = format!("gc/probe-{}", fsutil::random_hex(8)?);
+    let now = r.probe(&probe)?;
+    let t0 = std::time::Instant::now();
+    let res = prune_object_at(repo, r, &mut live, opts, &mut rep, now, t0);
+    if let Err(e) = r.delete(&probe) {
+        log::warn!("{e} (a later prune removes it)");
     }
-    let (kept, unreferenced, bytes) = count_chunks(&r.list("chunks/")?, &live);
-    rep.chunks_kept = kept;
-    rep.chunks_unreferenced = unreferenced;
-    rep.bytes_unreferenced = bytes;
-    Ok(rep)
+    res.map(|()| rep)
 }
 
-/// Over a listing of `chunks/` (names, sizes): the chunks `live` holds, and the
-/// others with their bytes. Names that are no chunk's are not counted.
-fn count_chunks(listing: &[(String, u64)], live: &HashSet<[u8; 32]>) -> (u64, u64, u64) {
-    let (mut kept, mut unreferenced, mut bytes) = (0, 0, 0);
-    for (name, len) in listing {
-        let Some(h) = name.rsplit('/').next().and_then(fsutil::parse_hash) else {
-            continue;
-        };
-        if live.contains(&h) {
-            kept += 1;
-        } else {
-            unreferenced += 1;
-            bytes += len;
+/// Chunks listed a round of the sweep (S3's page: one request).
+const SWEEP_PAGE: usize = 1000;
+
+/// What one listing of `generations/`, `writers/` and `gc/` says, against the store
+/// time `now` (see [`prune_object`]).
+#[derive(Debug, Default, PartialEq)]
+struct GenObjects {
+    /// Indexes still in use though unpublished: tombstoned or without metadata, and
+    /// younger than the grace period.
+    in_use: Vec<String>,
+    /// Objects older than the grace period to delete, in this order (an index before
+    /// its tombstone).
+    leftovers: Vec<String>,
+}
+
+/// Sort the objects of `generations/`, `writers/` and `gc/` (names and store times)
+/// into indexes in use and leftovers, at the store time `now`. `removing`: the
+/// generations this prune removes (their indexes stay, in use).
+fn classify(
+    listed: &[super::object::Listed],
+    removing: &HashSet<&str>,
+    grace: super::gc::Grace,
+    now: i64,
+) -> GenObjects {
+    let mut out = GenObjects::default();
+    let by_name: BTreeMap<&str, i64> = listed
+        .iter()
+        .map(|l| (l.name.as_str(), l.modified_ms))
+        .collect();
+    for l in listed {
+        let name = l.name.as_str();
+        if let Some(id) = name
+            .strip_prefix("generations/")
+            .and_then(|n| n.strip_suffix(".idx"))
+        {
+            if by_name.contains_key(format!("generations/{id}.json").as_str())
+                || removing.contains(id)
+            {
+                continue; // published (kept, or removed now: in use for the grace)
+            }
+            // in use from its tombstone's time if it has one, else from its own
+            let since = by_name
+                .get(format!("generations/{id}.removed").as_str())
+                .copied()
+                .unwrap_or(l.modified_ms);
+            if grace.in_use(since, now) {
+                out.in_use.push(id.to_string());
+            } else {
+                out.leftovers.push(name.to_string());
+            }
+        } else if let Some(id) = name
+            .strip_prefix("generations/")
+            .and_then(|n| n.strip_suffix(".removed"))
+        {
+            let json = by_name.contains_key(format!("generations/{id}.json").as_str());
+            // once its index has gone (listed as a leftover above, and sorted first)
+            let idx_in_use = by_name
+                .get(format!("generations/{id}.idx").as_str())
+                .is_some_and(|_| out.in_use.iter().any(|u| u == id));
+            if !json && !removing.contains(id) && !idx_in_use && !grace.in_use(l.modified_ms, now) {
+                out.leftovers.push(name.to_string());
+            }
+        } else if (name.starts_with("writers/") || name.starts_with("gc/probe-"))
+            && !grace.in_use(l.modified_ms, now)
+        {
+            out.leftovers.push(name.to_string());
         }
     }
-    (kept, unreferenced, bytes)
+    // every index before its tombstone
+    out.leftovers.sort_by_key(|n| n.ends_with(".removed"));
+    out
+}
+
+fn prune_object_at(
+    repo: &Repo,
+    r: &super::object::ObjectRepo,
+    live: &mut HashSet<[u8; 32]>,
+    opts: &PruneOptions,
+    rep: &mut PruneReport,
+    now: i64,
+    t0: std::time::Instant,
+) -> Result<()> {
+    let grace = repo.grace();
+    let window = grace.sweep_window();
+    let too_slow = |what: &str| {
+        crate::err!(
+            Io,
+            "unable to prune {}: {what} took longer than an eighth of the grace period ({} s); stopped, a later prune goes on",
+            r.url(),
+            grace.millis() / 1000
+        )
+    };
+    // Mark (P2): besides the kept generations, the indexes of the generations removed
+    // now, of tombstoned ones and of unpublished ones younger than the grace period.
+    let mut listed = r.list_meta("generations/")?;
+    listed.extend(r.list_meta("writers/")?);
+    listed.extend(r.list_meta("gc/")?);
+    let removing: HashSet<&str> = rep.removed_generations.iter().map(|s| s.as_str()).collect();
+    let objs = classify(&listed, &removing, grace, now);
+    for id in removing
+        .iter()
+        .copied()
+        .chain(objs.in_use.iter().map(|s| s.as_str()))
+    {
+        let name = format!("generations/{id}.idx");
+        let Some(b) = r.get(&name)? else { continue };
+        let idx = super::FixedIndex::decode(&b, &format!("{}/{name}", r.url())).map_err(|e| {
+            e.with_context(format!(
+                "unable to prune {}: index {name} may be in use but is unreadable; nothing deleted",
+                r.url()
+            ))
+        })?;
+        live.extend(idx.data().map(|(_, h)| *h));
+    }
+    rep.leftovers_removed = objs.leftovers.len() as u64;
+
+    // Unpublish (P3): the tombstone, then the metadata.
+    if !opts.dry_run {
+        for id in &rep.removed_generations {
+            if t0.elapsed() > window {
+                return Err(too_slow("unpublishing"));
+            }
+            r.put(&format!("generations/{id}.removed"), Vec::new())?;
+            r.delete(&format!("generations/{id}.json"))?;
+        }
+    }
+
+    // Sweep (P4), a page of the listing (one request) at a time.
+    rep.chunks_collected = true;
+    let mut after: Option<String> = None;
+    loop {
+        if t0.elapsed() > window {
+            rep.chunks_collected = false;
+            break;
+        }
+        let listed_at = std::time::Instant::now();
+        let page = r.list_page("chunks/", after.as_deref(), SWEEP_PAGE)?;
+        for c in &page {
+            let Some(h) = c.name.rsplit('/').next().and_then(fsutil::parse_hash) else {
+                continue;
+            };
+            if live.contains(&h) {
+                rep.chunks_kept += 1;
+                continue;
+            }
+            if !grace.collectable(c.modified_ms, now) || listed_at.elapsed() > grace.round() {
+                rep.chunks_unreferenced += 1;
+                rep.bytes_unreferenced += c.size;
+                continue;
+            }
+            if !opts.dry_run {
+                r.delete_within(&c.name, grace.request_timeout())?;
+            }
+            rep.chunks_removed += 1;
+            rep.bytes_freed += c.size;
+        }
+        if page.len() < SWEEP_PAGE {
+            break;
+        }
+        after = page.iter().map(|c| c.name.clone()).max();
+    }
+
+    // Leftovers older than the grace period (P5).
+    if !opts.dry_run {
+        for name in &objs.leftovers {
+            r.delete(name)?;
+        }
+    }
+    Ok(())
 }
 
 /// A complete group is kept or removed whole: when any member is kept (by a rule, a
@@ -475,23 +642,6 @@ mod tests {
             }
         }
         out
-    }
-
-    #[test]
-    fn object_store_chunks_are_counted_against_the_mark() {
-        let h = |b: u8| [b; 32];
-        let name = |b: u8| format!("chunks/{:02x}/{}", b, fsutil::hex(&h(b)));
-        let listing = vec![
-            (name(1), 100),
-            (name(2), 200),
-            (name(3), 300),
-            ("chunks/zz/not-a-chunk".to_string(), 999),
-            (format!("chunks/01/{}.tmp", fsutil::hex(&h(1))), 999),
-        ];
-        let live: HashSet<[u8; 32]> = [h(2), h(9)].into_iter().collect();
-        assert_eq!(count_chunks(&listing, &live), (1, 2, 400));
-        assert_eq!(count_chunks(&listing, &HashSet::new()), (0, 3, 600));
-        assert_eq!(count_chunks(&[], &live), (0, 0, 0));
     }
 
     fn opts(policy: RetentionPolicy) -> PruneOptions {
@@ -747,5 +897,326 @@ mod tests {
         let rep = prune(t.path(), &opts(last(1))).unwrap();
         assert_eq!(ids(&rep.kept_generations), ["a3", "bi"]);
         assert_eq!(ids(&rep.removed_generations), ["ai"]);
+    }
+}
+
+/// Garbage collection on an object store (in memory, grace period 4 s: the store's
+/// clock is this host's), with backups interleaved adversarially.
+#[cfg(test)]
+mod object_tests {
+    use super::*;
+    use crate::repo::object::Listed;
+    use crate::repo::testutil::{in_memory, meta, reopen, stage};
+    use std::time::Duration;
+
+    const GRACE: u64 = 4;
+
+    fn past_grace() {
+        std::thread::sleep(Duration::from_millis(GRACE * 1000 + 200));
+    }
+
+    /// An image of `n` 4 KiB chunks, chunk k filled with `seed + k`.
+    fn img(seed: u8, n: u8) -> Vec<u8> {
+        (0..n)
+            .flat_map(|k| vec![seed.wrapping_add(k); 4096])
+            .collect()
+    }
+
+    fn publish(repo: &Repo, id: &str, disk: &str, created: u64, image: &[u8]) {
+        stage(repo, id, image);
+        repo.write_meta(&meta(id, disk, image.len() as u64, created))
+            .unwrap();
+    }
+
+    fn names(repo: &Repo, prefix: &str) -> Vec<String> {
+        let mut v: Vec<String> = repo
+            .remote()
+            .unwrap()
+            .list(prefix)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn chunk_names(repo: &Repo) -> Vec<String> {
+        names(repo, "chunks/")
+    }
+
+    /// Every chunk of generation `id`'s index is in the store.
+    fn whole(repo: &Repo, id: &str) -> bool {
+        let g = repo
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|g| g.id == id)
+            .unwrap();
+        let idx = repo.load_index(&g).unwrap();
+        let r = reopen(repo);
+        let all = idx.data().all(|(_, h)| r.store().contains(h));
+        all
+    }
+
+    fn keep1() -> PruneOptions {
+        PruneOptions {
+            time_zone: TimeZone::UTC,
+            ..PruneOptions::keep_last(1)
+        }
+    }
+
+    #[test]
+    fn garbage_is_collected_only_after_the_grace_period() {
+        let repo = in_memory(GRACE);
+        publish(&repo, "a", "d", 1000, &img(1, 3)); // chunks 1 2 3
+        publish(&repo, "b", "d", 2000, &img(3, 3)); // chunks 3 4 5
+                                                    // a backup killed after its index (chunks 50..52), one killed before it (60),
+                                                    // and the start probe a crashed backup left
+        stage(&repo, "k1", &img(50, 3));
+        repo.store()
+            .insert(
+                &crate::repo::chunk_store::chunk_hash(&[60; 4096]),
+                &[60; 4096],
+            )
+            .unwrap();
+        repo.remote()
+            .unwrap()
+            .put("writers/k1", Vec::new())
+            .unwrap();
+        assert_eq!(chunk_names(&repo).len(), 9);
+
+        let rep = prune_repo(&repo, &keep1()).unwrap();
+        assert_eq!(rep.removed_generations, ["a"]);
+        assert_eq!(rep.grace_secs, Some(GRACE));
+        assert!(rep.chunks_collected);
+        assert_eq!((rep.chunks_removed, rep.leftovers_removed), (0, 0));
+        // a's index stays behind its tombstone; nothing else went
+        assert_eq!(
+            names(&repo, "generations/"),
+            [
+                "generations/a.idx",
+                "generations/a.removed",
+                "generations/b.idx",
+                "generations/b.json",
+                "generations/k1.idx"
+            ]
+        );
+        assert_eq!(chunk_names(&repo).len(), 9);
+        assert_eq!(names(&repo, "gc/"), Vec::<String>::new(), "the probe stays");
+
+        past_grace();
+        let before = (chunk_names(&repo), names(&repo, "generations/"));
+        let dry = prune_repo(
+            &repo,
+            &PruneOptions {
+                dry_run: true,
+                ..keep1()
+            },
+        )
+        .unwrap();
+        assert_eq!((chunk_names(&repo), names(&repo, "generations/")), before);
+        let rep = prune_repo(&repo, &keep1()).unwrap();
+        assert_eq!(
+            (dry.chunks_removed, dry.leftovers_removed),
+            (rep.chunks_removed, rep.leftovers_removed)
+        );
+        assert!(rep.removed_generations.is_empty());
+        // a's own chunks 1 2, k1's 50 51 52, and 60
+        assert_eq!(rep.chunks_removed, 6, "{rep:?}");
+        assert_eq!(rep.leftovers_removed, 4, "{rep:?}"); // a.idx a.removed k1.idx writers/k1
+        assert_eq!(
+            names(&repo, "generations/"),
+            ["generations/b.idx", "generations/b.json"]
+        );
+        assert!(names(&repo, "writers/").is_empty());
+        assert_eq!(chunk_names(&repo).len(), 3);
+        assert!(whole(&repo, "b"));
+    }
+
+    /// An incremental takes its parent's hashes unread; a prune removes the parent
+    /// between the backup's start and its publish. The tombstone keeps the parent's
+    /// chunks for the grace period, the backup publishes within a quarter of it, and
+    /// afterwards its generation holds them.
+    #[test]
+    fn a_parent_pruned_mid_backup_keeps_its_chunks() {
+        let host1 = in_memory(GRACE);
+        publish(&host1, "a", "d", 1000, &img(1, 4));
+        let host2 = reopen(&host1);
+        host2.writer_begin("x").unwrap();
+        let parent = host2
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|g| g.id == "a")
+            .unwrap();
+        let pidx = host2.load_index(&parent).unwrap();
+        // meanwhile: a newer generation of d, and a prune that removes a
+        publish(&host1, "c", "d", 2000, &img(100, 4));
+        let host3 = reopen(&host1);
+        let rep = prune_repo(&host3, &keep1()).unwrap();
+        assert_eq!(rep.removed_generations, ["a"]);
+        // the incremental: the parent's chunks 0..2, one new chunk
+        let new = vec![200u8; 4096];
+        let hn = crate::repo::chunk_store::chunk_hash(&new);
+        host2.store().insert(&hn, &new).unwrap();
+        let mut hashes: Vec<[u8; 32]> = pidx.data().map(|(_, h)| *h).collect();
+        hashes[3] = hn;
+        let idx = crate::repo::FixedIndex::from_hashes("x", 4096, 4 * 4096, &hashes).unwrap();
+        host2.writer_before_publish().unwrap();
+        host2.write_index(&idx).unwrap();
+        host2.write_meta(&meta("x", "e", 4 * 4096, 3000)).unwrap();
+        host2.writer_after_publish("x").unwrap();
+        host2.writer_end("x");
+        // a prune right away, and one after the grace period
+        prune_repo(&host3, &keep1()).unwrap();
+        assert!(whole(&host1, "x"));
+        past_grace();
+        let rep = prune_repo(&host3, &keep1()).unwrap();
+        assert!(whole(&host1, "x"));
+        assert!(whole(&host1, "c"));
+        assert_eq!(rep.chunks_removed, 1, "a's chunk 3 only: {rep:?}");
+    }
+
+    /// A chunk listed as present but older than half the grace period is written
+    /// again, not reused unwritten; if a prune that listed it before deletes it
+    /// after, the backup notices before it publishes.
+    #[test]
+    fn a_stale_chunk_is_written_again_and_checked_before_publishing() {
+        let host1 = in_memory(GRACE);
+        let data = vec![7u8; 4096];
+        let h = crate::repo::chunk_store::chunk_hash(&data);
+        host1.store().insert(&h, &data).unwrap();
+        let key = format!("chunks/{:02x}/{}", h[0], fsutil::hex(&h));
+        let r = host1.remote().unwrap().clone();
+        let old = r.modified(&key).unwrap().unwrap();
+        std::thread::sleep(Duration::from_millis(GRACE * 500 + 100));
+
+        let host2 = reopen(&host1);
+        host2.writer_begin("y").unwrap();
+        assert!(matches!(
+            host2.store().insert(&h, &data).unwrap(),
+            crate::repo::chunk_store::Insert::Reused
+        ));
+        assert!(
+            r.modified(&key).unwrap().unwrap() > old,
+            "not written again"
+        );
+        host2.writer_before_publish().unwrap();
+        host2.writer_end("y");
+
+        // the race: the refresh lands between a prune's listing and its delete
+        std::thread::sleep(Duration::from_millis(GRACE * 500 + 100));
+        let host3 = reopen(&host1);
+        host3.writer_begin("z").unwrap();
+        host3.store().insert(&h, &data).unwrap();
+        r.delete(&key).unwrap(); // the prune's delete
+        let e = host3.writer_before_publish().unwrap_err();
+        assert!(
+            e.to_string().contains("deleted by a concurrent prune"),
+            "{e}"
+        );
+        host3.writer_end("z");
+        assert!(names(&host3, "writers/").is_empty());
+
+        // a new chunk PUT right after the listing: an old copy a prune listed before
+        // our listing may be deleted only now, so it is checked too
+        let host4 = reopen(&host1);
+        host4.writer_begin("n").unwrap();
+        let fresh = vec![8u8; 4096];
+        let hf = crate::repo::chunk_store::chunk_hash(&fresh);
+        assert!(matches!(
+            host4.store().insert(&hf, &fresh).unwrap(),
+            crate::repo::chunk_store::Insert::New(_)
+        ));
+        r.delete(&format!("chunks/{:02x}/{}", hf[0], fsutil::hex(&hf)))
+            .unwrap();
+        let e = host4.writer_before_publish().unwrap_err();
+        assert!(
+            e.to_string().contains("deleted by a concurrent prune"),
+            "{e}"
+        );
+    }
+
+    /// A chunk written recently by another backup is reused unwritten.
+    #[test]
+    fn a_recent_chunk_is_reused_unwritten() {
+        let host1 = in_memory(GRACE);
+        let data = vec![9u8; 4096];
+        let h = crate::repo::chunk_store::chunk_hash(&data);
+        host1.store().insert(&h, &data).unwrap();
+        let r = host1.remote().unwrap().clone();
+        let host2 = reopen(&host1);
+        host2.writer_begin("w").unwrap();
+        let before = r.requests();
+        host2.store().insert(&h, &data).unwrap();
+        // one listing, no PUT
+        assert_eq!(r.requests() - before, 1);
+        assert_eq!(host2.store().writer_check_refreshed().unwrap(), 0);
+    }
+
+    /// A backup that publishes later than a quarter of the grace period after its
+    /// start unpublishes again and fails.
+    #[test]
+    fn a_backup_that_overruns_unpublishes_again() {
+        let repo = in_memory(GRACE);
+        repo.writer_begin("late").unwrap();
+        std::thread::sleep(Duration::from_millis(GRACE * 250 + 100));
+        stage(&repo, "late", &img(1, 2));
+        repo.write_meta(&meta("late", "d", 2 * 4096, 1)).unwrap();
+        let e = repo.writer_after_publish("late").unwrap_err();
+        assert!(e.to_string().contains("unpublished again"), "{e}");
+        assert!(repo.list().unwrap().is_empty());
+        // in time: published
+        repo.writer_begin("ok").unwrap();
+        publish(&repo, "ok", "d", 2, &img(1, 2));
+        repo.writer_after_publish("ok").unwrap();
+        assert_eq!(repo.list().unwrap().len(), 1);
+    }
+
+    fn l(name: &str, t: i64) -> Listed {
+        Listed {
+            name: name.into(),
+            size: 0,
+            modified_ms: t,
+        }
+    }
+
+    #[test]
+    fn unpublished_objects_are_in_use_for_the_grace_period() {
+        let g = crate::repo::gc::Grace::from_secs(100);
+        let now = 1_000_000;
+        let old = now - 100_001;
+        let young = now - 99_000;
+        let listed = [
+            l("generations/a.idx", old),
+            l("generations/a.json", old),
+            l("generations/b.idx", old), // tombstoned long ago
+            l("generations/b.removed", old),
+            l("generations/c.idx", old), // tombstoned recently
+            l("generations/c.removed", young),
+            l("generations/d.idx", young), // a backup about to publish
+            l("generations/e.idx", old),   // a killed backup's
+            l("generations/f.removed", old), // its index already gone
+            l("generations/g.idx", old),   // removed by this prune
+            l("generations/g.json", old),
+            l("writers/h", old),
+            l("writers/i", young),
+            l("gc/probe-1", old),
+        ];
+        let removing: HashSet<&str> = ["g"].into_iter().collect();
+        let o = classify(&listed, &removing, g, now);
+        assert_eq!(o.in_use, ["c", "d"]);
+        assert_eq!(
+            o.leftovers,
+            [
+                "generations/b.idx",
+                "generations/e.idx",
+                "writers/h",
+                "gc/probe-1",
+                "generations/b.removed",
+                "generations/f.removed"
+            ]
+        );
     }
 }

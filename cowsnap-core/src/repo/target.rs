@@ -509,7 +509,11 @@ impl Target for RepoTarget {
         if self.pool.is_none() {
             self.pool = Some(Pool::start(&self.repo, &self.shared)?);
         }
+        if !self.id.is_empty() {
+            self.repo.writer_end(&self.id);
+        }
         self.id = new_generation_id()?;
+        self.repo.writer_begin(&self.id)?;
         self.info = Some(info.clone());
         self.started = Instant::now();
         Ok(())
@@ -674,6 +678,7 @@ impl Target for RepoTarget {
             }
         }
         self.repo.store().sync_dirs()?;
+        self.repo.writer_before_publish()?;
         // The parent's data chunks not handed over, merged with the ones handed over
         // (consumed as they go, so the two are not held whole side by side).
         let mut idx = FixedIndex::new(self.id.clone(), self.repo.chunk_size(), info.disk_size);
@@ -736,6 +741,7 @@ impl Target for RepoTarget {
             group: self.group.clone(),
         };
         let meta_bytes = self.repo.write_meta(&g)?;
+        self.repo.writer_after_publish(&self.id)?;
         Ok(TargetSummary {
             generation: Some(self.id.clone()),
             bytes_stored: self.stats.bytes_stored_new + idx_bytes + meta_bytes,
@@ -772,5 +778,8 @@ impl Drop for RepoTarget {
             p.finish();
         }
         lock_shared(&self.shared).pending.clear();
+        if !self.id.is_empty() {
+            self.repo.writer_end(&self.id);
+        }
     }
 }

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Many writers, one bucket (see scripts/bench-s3.sh --writers): N similar disks backed up
+# in full at once into repo:s3://many/r, against the same N one after another into
+# repo:s3://seq/r (the peer, same store, same run). Page cache dropped before each timed
+# step. Wall-clock time of all backups; requests from radosgw's perf counter rgw.req.
+# Usage: scripts/bench-s3-writers.sh [N (16)] [DISK_MIB (64)]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${COWSNAP_BIN_DIR:-$ROOT/target/release}; CTL=$BIN/cowsnapctl
+PY=/usr/bin/python3
+N=${1:-16}
+MIB=${2:-64}
+[ "$N" -ge 1 ] && [ "$N" -le 64 ] || { echo "N must be 1 to 64"; exit 2; }
+[ "$MIB" -ge 8 ] && [ "$MIB" -le 4096 ] || { echo "DISK_MIB must be 8 to 4096"; exit 2; }
+W=$(mktemp -d /var/tmp/cowsnap-bench-s3w.XXXXXX)
+export COWSNAP_RUN_DIR=$W/run COWSNAP_STATE_DIR=$W/state
+export COWSNAP_S3_DIR=$W/s3 COWSNAP_S3_PORT=${COWSNAP_BENCH_S3_PORT:-17495} COWSNAP_S3_MON_PORT=${COWSNAP_BENCH_S3_MON_PORT:-13315}
+S3=$ROOT/scripts/s3-server.sh
+cleanup() {
+  set +e
+  for i in $(seq "$N"); do "$CTL" detach "w$i" --force >/dev/null 2>&1; done
+  bash "$S3" stop >/dev/null 2>&1; rm -rf "$W"
+}
+trap cleanup EXIT
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+now() { date +%s.%N; }
+calc() { $PY -c "print(round($1, ${2:-2}))"; }
+reqs() { ceph --admin-daemon "$COWSNAP_S3_DIR/run/client.rgw.cowsnap.asok" perf dump | $PY -c 'import json,sys; print(json.load(sys.stdin)["rgw"]["req"])'; }
+# bucket_bytes BUCKET: bytes of the chunk objects in BUCKET
+bucket_bytes() {
+  AWS_BKT=$1 $PY - <<'PY'
+import os, re, subprocess, urllib.parse
+ep, b = os.environ["AWS_ENDPOINT_URL"], os.environ["AWS_BKT"]
+total, token = 0, None
+while True:
+    q = "list-type=2&prefix=r%2Fchunks%2F&max-keys=1000" + ("&continuation-token=" + urllib.parse.quote(token, safe="") if token else "")
+    out = subprocess.run(["curl", "-s", "-K", "-", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+                          "--aws-sigv4", "aws:amz:us-east-1:s3", f"{ep}/{b}?{q}"],
+                         input=f'user = "{os.environ["AWS_ACCESS_KEY_ID"]}:{os.environ["AWS_SECRET_ACCESS_KEY"]}"\n',
+                         capture_output=True, text=True, check=True).stdout
+    total += sum(int(x) for x in re.findall(r"<Size>(\d+)</Size>", out))
+    m = re.search(r"<NextContinuationToken>([^<]*)</NextContinuationToken>", out)
+    if "<IsTruncated>true" not in out or not m:
+        break
+    token = m.group(1)
+print(total)
+PY
+}
+
+echo "# $(date -u +%F) $(nproc) vCPU (shared), $(free -g | awk '/Mem/ {print $2}') GiB RAM, kernel $(uname -r); $N disks of $MIB MiB; load $(cut -d' ' -f1-3 /proc/loadavg)"
+head -c $((MIB << 20)) /dev/urandom >"$W/base.img"
+for i in $(seq "$N"); do
+  cp "$W/base.img" "$W/w$i.img"
+  own=$((MIB / 8))
+  head -c $((own << 20)) /dev/urandom | dd of="$W/w$i.img" bs=1M seek=$(( (i * own) % (MIB - own + 1) )) conv=notrunc status=none
+done
+bash "$S3" start
+eval "$(bash "$S3" env)"
+bash "$S3" mb many; bash "$S3" mb seq
+for i in $(seq "$N"); do "$CTL" attach "$W/w$i.img" --name "w$i" --via none >/dev/null; done
+GIB=$(calc "$N * $MIB / 1024" 4)
+
+declare -A T R
+for mode in seq many; do
+  repo=repo:s3://$mode/r
+  drop; r0=$(reqs); t0=$(now)
+  if [ $mode = seq ]; then
+    for i in $(seq "$N"); do "$CTL" backup "w$i" --to "$repo" --quiesce-idle 0 >/dev/null; done
+  else
+    pids=()
+    for i in $(seq "$N"); do "$CTL" backup "w$i" --to "$repo" --quiesce-idle 0 >"$W/bk$i.out" 2>&1 & pids+=($!); done
+    for p in "${pids[@]}"; do wait "$p" || { echo "a concurrent backup failed"; cat "$W"/bk*.out; exit 1; }; done
+  fi
+  T[$mode]=$(calc "$(now) - $t0")
+  R[$mode]=$(( $(reqs) - r0 ))
+  stored=$(bucket_bytes "$mode")
+  echo "$mode: $N full backups in ${T[$mode]} s, aggregate $(calc "$N * $MIB / ${T[$mode]}" 0) MiB/s; dedup $(calc "$N * $MIB * 1048576 / $stored") x ($(calc "$stored / 1048576" 0) MiB of chunks for $((N * MIB)) MiB of disks); $(calc "${R[$mode]} / $GIB" 0) requests/GiB"
+done
+echo "many/seq aggregate throughput: $(calc "${T[seq]} / ${T[many]}") x"
+"$CTL" verify repo:s3://many/r >/dev/null && echo "verify many: ok"
