@@ -77,7 +77,7 @@ struct Cli {
     /// The key file of an encrypted repository (`cowsnapctl key create`): needed by
     /// every command that opens one; a backup that creates a repository with it
     /// encrypts it. Refused by an unencrypted repository.
-    #[arg(long, global = true, visible_alias = "encrypt", value_name = "FILE", env = key::ENV_KEY_FILE)]
+    #[arg(long, global = true, alias = "encrypt", value_name = "FILE", env = key::ENV_KEY_FILE)]
     key: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
