@@ -93,8 +93,15 @@ pub struct Args {
     pub fuse_threads: usize,
     /// With --fuse-mount: serve FUSE over io_uring (auto: when the kernel offers it,
     /// /sys/module/fuse/parameters/enable_uring = Y; on: refuse to start otherwise;
-    /// off: plain /dev/fuse).
-    #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+    /// off: plain /dev/fuse). `cowsnapctl attach --via fuse` passes it on through the
+    /// environment.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        value_name = "MODE",
+        env = "COWSNAP_FUSE_URING"
+    )]
     pub fuse_uring: crate::fuse::UringMode,
     /// An open descriptor of `RUN_DIR/NAME.lock` that the starting process has already
     /// locked (`cowsnapctl attach`); the daemon keeps it for its life.

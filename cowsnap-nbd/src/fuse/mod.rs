@@ -3,6 +3,10 @@
 //! socket and no second process in the way. `cowsnapctl attach --via fuse` then puts a
 //! loop device with direct I/O on that file.
 //!
+//! Two transports, one set of handlers ([`handle`], [`read_into`]): FUSE over io_uring
+//! ([`uring`], protocol 7.42) when the kernel offers it and `--fuse-uring` allows, and
+//! plain `/dev/fuse` otherwise, described here.
+//!
 //! Plain `/dev/fuse` protocol ([`abi`], 7.31): the daemon opens `/dev/fuse`, mounts
 //! with `mount(2)` (`fd=N,rootmode=40000,user_id=0,group_id=0,allow_other,
 //! default_permissions`: it runs as root, no fusermount), and clones the descriptor
