@@ -89,7 +89,12 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub fuse_mount: Option<PathBuf>,
     /// With --fuse-mount: FUSE worker threads (requests served at once; 1 to 32).
-    #[arg(long, default_value_t = crate::fuse::DEFAULT_THREADS, value_name = "N")]
+    #[arg(
+        long,
+        default_value_t = crate::fuse::DEFAULT_THREADS,
+        value_name = "N",
+        env = "COWSNAP_FUSE_THREADS"
+    )]
     pub fuse_threads: usize,
     /// With --fuse-mount: serve FUSE over io_uring (auto: when the kernel offers it,
     /// /sys/module/fuse/parameters/enable_uring = Y; on: refuse to start otherwise;

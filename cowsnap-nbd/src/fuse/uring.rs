@@ -112,7 +112,13 @@ impl QueueThread {
     /// Buffers and a ring for one entry on each queue of `qids`.
     pub fn new(qids: Vec<u16>) -> Result<QueueThread> {
         let size = (qids.len() as u32).next_power_of_two().max(2);
+        // Created disabled and enabled by the thread that uses it: one issuer, and the
+        // kernel's task work (copying a request into the buffers) runs only when that
+        // thread waits for completions, without interrupting it (DEFER_TASKRUN).
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+            .setup_r_disabled()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
             .build(size)
             .map_err(|e| Error::io("unable to create an io_uring for FUSE", e))?;
         let mut ents = Vec::with_capacity(qids.len());
@@ -144,6 +150,10 @@ impl QueueThread {
     }
 
     fn serve(mut self, sh: &Shared, fd: &File, served: &mut u64) {
+        if let Err(e) = self.ring.submitter().register_enable_rings() {
+            log::error!("FUSE: unable to enable an io_uring: {e}");
+            return;
+        }
         let fd = types::Fd(fd.as_raw_fd());
         // The iovecs of each entry (header, payload), read by the kernel when it takes
         // the REGISTER command; kept until the thread ends.
