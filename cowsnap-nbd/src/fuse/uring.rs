@@ -22,7 +22,10 @@
 //! a time, as a `/dev/fuse` worker does, so the queue depth of a queue is its thread
 //! count, the memory is threads × (1 MiB + 288 bytes), and requests in flight are
 //! bounded by `--fuse-threads`. With more possible CPUs than `MAX_THREADS`, a thread
-//! holds one entry on each of several queues. Threads are not pinned to their
+//! holds one entry on each of several queues. Each ring is `SINGLE_ISSUER |
+//! DEFER_TASKRUN`, created disabled and enabled by its thread, so the kernel's task
+//! work (copying a request into the buffers) runs when that thread waits instead of
+//! interrupting it. Threads are not pinned to their
 //! queue's CPU: on a loaded machine a pinned thread would wait for its CPU while
 //! another is idle.
 //!
