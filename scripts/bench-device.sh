@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Block device benchmark where nbd.ko is absent: fio (libaio, direct) on a loop device
-# over one file, reached four ways, in one run:
+# over one file, reached five ways, in one run:
 #   raw      losetup on the image file itself (buffered: the loop writes into the file's
-#            page cache, as the three servers below do with their origin)
-#   fuse     cowsnapctl attach --via fuse: the daemon's own FUSE file + losetup --direct-io=on
+#            page cache, as the servers below do with their origin)
+#   fuse     cowsnapctl attach --via fuse: the daemon's own FUSE file + losetup --direct-io=on,
+#            requests over plain /dev/fuse (COWSNAP_FUSE_URING=off)
+#   fuse-uring  the same over FUSE over io_uring (COWSNAP_FUSE_URING=on; the script sets
+#            /sys/module/fuse/parameters/enable_uring to Y for the run and restores it;
+#            libfuse's nbdfuse here (3.14) does not speak io_uring, so the others do not
+#            change with it)
 #   nbdfuse  cowsnapctl attach --via nbdfuse: nbdfuse on the daemon's NBD socket + loop
 #   nbdkit   nbdkit file plugin (cache=default) + nbdfuse + losetup --direct-io=on
 # Jobs: 4k randwrite QD32, 4k randread QD32, 4k randwrite QD1, 1M seq write QD8,
@@ -22,7 +27,7 @@ BIN=${COWSNAP_BIN_DIR:-$ROOT/target/release}
 CTL=$BIN/cowsnapctl
 SECS=${BENCH_SECS:-10}
 SIZE_MB=${BENCH_SIZE_MB:-1024}
-PATHS=${BENCH_PATHS:-"raw fuse nbdfuse nbdkit"}
+PATHS=${BENCH_PATHS:-"raw fuse fuse-uring nbdfuse nbdkit"}
 JOBS=${BENCH_JOBS:-"randwrite4k randread4k randwrite4k_qd1 seqwrite1m seqread1m"}
 for t in fio nbdkit nbdfuse losetup fusermount3 jq; do
   command -v "$t" >/dev/null || { echo "missing $t (scripts/setup.sh)"; exit 1; }
@@ -30,6 +35,15 @@ done
 [ "$(id -u)" = 0 ] || { echo "needs root (losetup, mount)"; exit 1; }
 [ -x "$CTL" ] || { echo "no cowsnapctl at $CTL (cargo build --release)"; exit 1; }
 
+KNOB=/sys/module/fuse/parameters/enable_uring
+KNOB_WAS=
+if [[ " $PATHS " == *" fuse-uring "* ]]; then
+  [ -w "$KNOB" ] || { echo "fuse-uring: no $KNOB (a kernel with CONFIG_FUSE_IO_URING)"; exit 1; }
+  KNOB_WAS=$(cat "$KNOB")
+  # on for the whole run (6.14 refuses every io_uring command while it is off, even on
+  # connections that negotiated it)
+  echo Y > "$KNOB"
+fi
 W=$(mktemp -d /tmp/cowsnap-benchdev.XXXXXX)
 chmod 755 "$W"   # PostgreSQL (user postgres) reaches its data and socket below
 export COWSNAP_RUN_DIR=$W/run COWSNAP_STATE_DIR=$W/state COWSNAP_NBD_BIN=$BIN/cowsnap-nbd
@@ -48,9 +62,9 @@ pg_stop() { # stop PostgreSQL and unmount, if the job left them
 teardown() {
   set +e
   pg_stop
-  if [ -n "$DEV" ] && [ "$CUR" != fuse ] && [ "$CUR" != nbdfuse ]; then losetup -d "$DEV" 2>/dev/null; fi
+  case ${CUR:-} in raw|nbdkit) [ -n "$DEV" ] && losetup -d "$DEV" 2>/dev/null ;; esac
   case ${CUR:-} in
-    fuse|nbdfuse) "$CTL" detach bench >/dev/null 2>&1; "$CTL" detach benchpg >/dev/null 2>&1 ;;
+    fuse|fuse-uring|nbdfuse) "$CTL" detach bench >/dev/null 2>&1; "$CTL" detach benchpg >/dev/null 2>&1 ;;
     nbdkit)
       for _ in $(seq 50); do [ -z "$(losetup -j "$W/nk/disk" 2>/dev/null)" ] && break; sleep 0.1; done
       fusermount3 -u "$W/nk" 2>/dev/null || fusermount3 -u -z "$W/nk" 2>/dev/null
@@ -60,7 +74,10 @@ teardown() {
   set -e
 }
 CUR=
-cleanup() { teardown; rm -rf "$W"; }
+cleanup() {
+  teardown; rm -rf "$W"
+  if [ -n "$KNOB_WAS" ]; then echo "$KNOB_WAS" > "$KNOB"; fi
+}
 trap cleanup EXIT
 
 setup() { # PATH [IMAGE (the fio image)]
@@ -69,7 +86,10 @@ setup() { # PATH [IMAGE (the fio image)]
   [ "$img" = "$IMG" ] || name=benchpg
   case $1 in
     raw) DEV=$(losetup --direct-io=off -f --show "$img") ;;
-    fuse|nbdfuse) DEV=$("$CTL" attach "$img" --name "$name" --via "$1" >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
+    fuse|nbdfuse) DEV=$(COWSNAP_FUSE_URING=off "$CTL" attach "$img" --name "$name" --via "$1" >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
+    fuse-uring)
+      DEV=$(COWSNAP_FUSE_URING=on "$CTL" attach "$img" --name "$name" --via fuse >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json")
+      grep -q "FUSE: $name served at .*io_uring)" "$COWSNAP_STATE_DIR/$name.log" || { echo "fuse-uring: not served over io_uring"; exit 1; } ;;
     nbdkit)
       rm -f "$W/nk.sock"; mkdir -p "$W/nk"
       nbdkit --foreground --unix "$W/nk.sock" file file="$img" cache=default >"$W/nbdkit.log" 2>&1 &
@@ -157,12 +177,14 @@ echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 num() { echo "${1%% *}"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
-printf '| job |'; for p in $PATHS; do printf ' %s |' "$p"; done; echo ' fuse / raw | fuse / nbdkit | fuse / nbdfuse |'
-printf '|---|'; for _ in $PATHS; do printf -- '---|'; done; echo '---|---|---|'
+printf '| job |'; for p in $PATHS; do printf ' %s |' "$p"; done
+echo ' fuse / raw | fuse-uring / raw | fuse-uring / fuse | fuse-uring / nbdkit | fuse / nbdkit |'
+printf '|---|'; for _ in $PATHS; do printf -- '---|'; done; echo '---|---|---|---|---|'
 for j in $JOBS; do
   printf '| %s |' "$j"
   for p in $PATHS; do printf ' %s |' "${R[$j,$p]:--}"; done
-  f=$(num "${R[$j,fuse]:-0}")
-  printf ' %s× | %s× | %s× |\n' "$(ratio "$f" "$(num "${R[$j,raw]:-0}")")" \
-    "$(ratio "$f" "$(num "${R[$j,nbdkit]:-0}")")" "$(ratio "$f" "$(num "${R[$j,nbdfuse]:-0}")")"
+  f=$(num "${R[$j,fuse]:-0}") u=$(num "${R[$j,fuse-uring]:-0}")
+  r=$(num "${R[$j,raw]:-0}") k=$(num "${R[$j,nbdkit]:-0}")
+  printf ' %s× | %s× | %s× | %s× | %s× |\n' "$(ratio "$f" "$r")" "$(ratio "$u" "$r")" \
+    "$(ratio "$u" "$f")" "$(ratio "$u" "$k")" "$(ratio "$f" "$k")"
 done

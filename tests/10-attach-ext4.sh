@@ -11,7 +11,8 @@ log "attach --via fuse"
 out=$(ctl attach "$T/disk.img" --name t10 --via fuse) || fail "attach failed: $out"
 dev=$(printf '%s\n' "$out" | tail -n 1)
 [ -b "$dev" ] || fail "attach did not print a block device: $out"
-log "device $dev"
+tr=$(fuse_transport t10) || exit 1
+log "device $dev, FUSE over $tr"
 [ "$(blockdev --getsize64 "$dev")" = $((1 << 30)) ] || fail "$dev has the wrong size"
 
 mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4 on $dev"

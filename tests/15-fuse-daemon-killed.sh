@@ -14,6 +14,8 @@ rec=$(cat "$COWSNAP_RUN_DIR/t15.attach.json")
 [ "$(json_field "$rec" .nbdfuse_pid)" = null ] || fail "an nbdfuse process was started: $rec"
 fusedir=$(json_field "$rec" .fuse_mount)
 pgrep -f "nbdfuse.*t15" >/dev/null && fail "nbdfuse runs for t15"
+transport=$(fuse_transport t15) || exit 1
+log "FUSE transport: $transport"
 mkfs.ext4 -q -F "$dev" || fail "mkfs"
 mkdir -p "$T/mnt"; mount "$dev" "$T/mnt" || fail "mount"; track_mount "$T/mnt"
 
@@ -62,4 +64,9 @@ log "fsynced file intact, fsck clean"
 ctl detach t15 || fail "detach"
 grep -qF "$fusedir" /proc/self/mountinfo && fail "FUSE mount left after detach"
 [ -e "$COWSNAP_RUN_DIR/t15.pid" ] && fail "pid file left after detach"
+if [ "$transport" = io_uring ]; then
+  n=$(fuse_uring_served t15)
+  [ "$n" -gt 0 ] || fail "no request was answered over io_uring"
+  log "$n requests answered over io_uring after the re-attach"
+fi
 log "PASS"

@@ -166,3 +166,25 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 mkdir -p -m 700 "$COWSNAP_RUN_DIR" "$COWSNAP_STATE_DIR"
+
+# fuse_transport NAME: which transport the daemon of NAME serves its FUSE file over
+# ("io_uring" or "/dev/fuse", from its start-up log line); fails the test when the
+# kernel's switch (/sys/module/fuse/parameters/enable_uring) is on and the daemon did
+# not use io_uring, or when it is off and the daemon did.
+fuse_transport() {
+  local t knob
+  t=$(grep -ho "FUSE: $1 served at .* workers, [^)]*)" "$COWSNAP_STATE_DIR/$1.log" 2>/dev/null \
+      | tail -n 1 | sed 's/.*workers, //; s/)$//')
+  knob=$(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null || echo N)
+  case "$knob/$t" in
+    Y/io_uring|N/"/dev/fuse") echo "$t" ;;
+    *) fail "FUSE transport of $1 is \"$t\" with enable_uring=$knob" ;;
+  esac
+}
+
+# fuse_uring_served NAME: requests the (stopped) daemon of NAME answered over io_uring
+# (its last "requests answered" log line).
+fuse_uring_served() {
+  grep -ho "requests answered: [0-9]* over io_uring" "$COWSNAP_STATE_DIR/$1.log" 2>/dev/null \
+    | tail -n 1 | grep -o '[0-9][0-9]*' || echo 0
+}

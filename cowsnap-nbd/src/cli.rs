@@ -93,8 +93,25 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub fuse_mount: Option<PathBuf>,
     /// With --fuse-mount: FUSE worker threads (requests served at once; 1 to 32).
-    #[arg(long, default_value_t = crate::fuse::DEFAULT_THREADS, value_name = "N")]
+    #[arg(
+        long,
+        default_value_t = crate::fuse::DEFAULT_THREADS,
+        value_name = "N",
+        env = "COWSNAP_FUSE_THREADS"
+    )]
     pub fuse_threads: usize,
+    /// With --fuse-mount: serve FUSE over io_uring (auto: when the kernel offers it,
+    /// /sys/module/fuse/parameters/enable_uring = Y; on: refuse to start otherwise;
+    /// off: plain /dev/fuse). `cowsnapctl attach --via fuse` passes it on through the
+    /// environment.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        value_name = "MODE",
+        env = "COWSNAP_FUSE_URING"
+    )]
+    pub fuse_uring: crate::fuse::UringMode,
     /// An open descriptor of `RUN_DIR/NAME.lock` that the starting process has already
     /// locked (`cowsnapctl attach`); the daemon keeps it for its life.
     #[arg(long, hide = true)]

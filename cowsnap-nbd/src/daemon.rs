@@ -467,7 +467,13 @@ pub fn run(args: Args) -> Result<()> {
     // The FUSE file exists before the pid file and the control socket: whoever sees the
     // daemon answer can put a loop device on it.
     if let Some(dir) = &args.fuse_mount {
-        let f = FuseServer::mount(export.clone(), dir, args.fuse_threads, &args.name);
+        let f = FuseServer::mount(
+            export.clone(),
+            dir,
+            args.fuse_threads,
+            args.fuse_uring,
+            &args.name,
+        );
         match f {
             Ok(f) => daemon.fuse = Some(f),
             Err(e) => {

@@ -6,6 +6,9 @@
 pub const KERNEL_VERSION: u32 = 7;
 /// Protocol minor version answered (at most; the kernel's if lower).
 pub const KERNEL_MINOR: u32 = 31;
+/// Protocol minor version answered when FUSE over io_uring is negotiated (the first
+/// with `FUSE_OVER_IO_URING`).
+pub const URING_MINOR: u32 = 42;
 
 /// Size of `fuse_in_header`.
 pub const IN_HEADER: usize = 40;
@@ -44,6 +47,10 @@ pub mod init {
     pub const ASYNC_DIO: u32 = 1 << 15;
     pub const PARALLEL_DIROPS: u32 = 1 << 18;
     pub const MAX_PAGES: u32 = 1 << 22;
+    /// `FUSE_INIT_EXT`: `flags2` is valid (in `fuse_init_in` and `fuse_init_out`).
+    pub const INIT_EXT: u32 = 1 << 30;
+    /// `FUSE_OVER_IO_URING` (bit 41 of the 64-bit flags): bit 9 of `flags2`.
+    pub const OVER_IO_URING_FLAGS2: u32 = 1 << (41 - 32);
 }
 
 /// `fuse_open_out.open_flags`: bypass the page cache for this file.
@@ -94,6 +101,33 @@ impl InHeader {
         let _ = u16_at(b, 36)?; // total_extlen: the header is whole
         (h.len as usize == b.len()).then_some(h)
     }
+
+    /// Parse a header whose arguments are not behind it (FUSE over io_uring puts the
+    /// op's header and the payload in buffers of their own): the fields only.
+    pub fn parse_fields(b: &[u8]) -> Option<InHeader> {
+        let _ = u16_at(b, 36)?;
+        Some(InHeader {
+            len: u32_at(b, 0)?,
+            opcode: u32_at(b, 4)?,
+            unique: u64_at(b, 8)?,
+            nodeid: u64_at(b, 16)?,
+        })
+    }
+}
+
+/// Size of `fuse_write_in`: a WRITE's header, before its data.
+pub const WRITE_IN: usize = 40;
+
+/// Split a `/dev/fuse` request body into the op's header (the kernel's first
+/// argument) and what follows it (LOOKUP's name, WRITE's data) — the two parts FUSE
+/// over io_uring delivers in separate buffers — so both transports call the same
+/// handlers.
+pub fn split_body(opcode: u32, body: &[u8]) -> (&[u8], &[u8]) {
+    match opcode {
+        op::LOOKUP => (&[], body),
+        op::WRITE => body.split_at(body.len().min(WRITE_IN)),
+        _ => (body, &[]),
+    }
 }
 
 /// `fuse_init_in` (the fields used).
@@ -103,15 +137,24 @@ pub struct InitIn {
     pub minor: u32,
     pub max_readahead: u32,
     pub flags: u32,
+    /// `flags2` when `flags` has `INIT_EXT` (and the kernel sent it), else 0.
+    pub flags2: u32,
 }
 
 impl InitIn {
     pub fn parse(b: &[u8]) -> Option<InitIn> {
+        let flags = u32_at(b, 12)?;
+        let flags2 = if flags & init::INIT_EXT != 0 {
+            u32_at(b, 16).unwrap_or(0)
+        } else {
+            0
+        };
         Some(InitIn {
             major: u32_at(b, 0)?,
             minor: u32_at(b, 4)?,
             max_readahead: u32_at(b, 8)?,
-            flags: u32_at(b, 12)?,
+            flags,
+            flags2,
         })
     }
 }
@@ -128,6 +171,8 @@ pub struct InitOut {
     pub max_write: u32,
     pub time_gran: u32,
     pub max_pages: u16,
+    /// Read by the kernel only when `flags` has `INIT_EXT`.
+    pub flags2: u32,
 }
 
 impl InitOut {
@@ -142,7 +187,8 @@ impl InitOut {
         out.extend_from_slice(&self.time_gran.to_ne_bytes());
         out.extend_from_slice(&self.max_pages.to_ne_bytes());
         out.extend_from_slice(&0u16.to_ne_bytes()); // map_alignment
-        out.extend_from_slice(&[0u8; 32]); // flags2, max_stack_depth, unused[6]
+        out.extend_from_slice(&self.flags2.to_ne_bytes());
+        out.extend_from_slice(&[0u8; 28]); // max_stack_depth, request_timeout, unused
     }
 }
 
@@ -256,12 +302,14 @@ pub fn read_in(b: &[u8]) -> Option<(u64, u32)> {
     Some((u64_at(b, 8)?, u32_at(b, 16)?))
 }
 
-/// `fuse_write_in` and the data after it: (offset, open flags, data).
-pub fn write_in(b: &[u8]) -> Option<(u64, u32, &[u8])> {
-    let off = u64_at(b, 8)?;
-    let size = u32_at(b, 16)? as usize;
-    let flags = u32_at(b, 32)?;
-    let data = b.get(40..40 + size)?;
+/// `fuse_write_in` (`arg`) and its data (the first `size` bytes of `data`):
+/// (offset, open flags, data).
+pub fn write_in<'a>(arg: &[u8], data: &'a [u8]) -> Option<(u64, u32, &'a [u8])> {
+    let _ = u32_at(arg, WRITE_IN - 4)?; // the whole struct
+    let off = u64_at(arg, 8)?;
+    let size = u32_at(arg, 16)? as usize;
+    let flags = u32_at(arg, 32)?;
+    let data = data.get(..size)?;
     Some((off, flags, data))
 }
 
@@ -282,6 +330,73 @@ pub fn out_header(unique: u64, error: i32, body_len: usize, out: &mut [u8]) {
     out[0..4].copy_from_slice(&len.to_ne_bytes());
     out[4..8].copy_from_slice(&error.to_ne_bytes());
     out[8..16].copy_from_slice(&unique.to_ne_bytes());
+}
+
+/// FUSE over io_uring (`include/uapi/linux/fuse.h`, protocol 7.42): the buffers of
+/// one ring entry and the command an `IORING_OP_URING_CMD` SQE carries.
+pub mod ring {
+    use super::{u32_at, u64_at};
+
+    /// `FUSE_URING_IN_OUT_HEADER_SZ`: room for `fuse_in_header` / `fuse_out_header`.
+    pub const IN_OUT_HEADER: usize = 128;
+    /// `FUSE_URING_OP_IN_OUT_SZ`: room for the op's header (`fuse_write_in`, ...).
+    pub const OP_IN_OUT: usize = 128;
+    /// Offset of `op_in` in `struct fuse_uring_req_header`.
+    pub const OP_IN_AT: usize = IN_OUT_HEADER;
+    /// Offset of `ring_ent_in_out` in `struct fuse_uring_req_header`.
+    pub const ENT_IN_OUT_AT: usize = IN_OUT_HEADER + OP_IN_OUT;
+    /// Size of `struct fuse_uring_ent_in_out`.
+    pub const ENT_IN_OUT: usize = 32;
+    /// Size of `struct fuse_uring_req_header` (the first iovec of an entry).
+    pub const REQ_HEADER: usize = ENT_IN_OUT_AT + ENT_IN_OUT;
+    /// Size of `struct fuse_uring_cmd_req` (in the SQE's 80-byte command area).
+    pub const CMD_REQ: usize = 24;
+    /// `FUSE_URING_IOV_SEGS`: header and payload.
+    pub const IOV_SEGS: u32 = 2;
+    /// `enum fuse_uring_cmd`.
+    pub const CMD_REGISTER: u32 = 1;
+    pub const CMD_COMMIT_AND_FETCH: u32 = 2;
+
+    /// The SQE's command area: `struct fuse_uring_cmd_req { u64 flags; u64
+    /// commit_id; u16 qid; u8 padding[6]; }`, zero-filled to 80 bytes.
+    pub fn cmd_req(qid: u16, commit_id: u64) -> [u8; 80] {
+        let mut c = [0u8; 80];
+        c[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+        c[16..18].copy_from_slice(&qid.to_ne_bytes());
+        c
+    }
+
+    /// `struct fuse_uring_ent_in_out` (the fields used).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct EntInOut {
+        /// Which request a commit answers.
+        pub commit_id: u64,
+        /// Bytes of the payload buffer used (by the request, then by the reply).
+        pub payload_sz: u32,
+    }
+
+    impl EntInOut {
+        /// From an entry's header buffer (`struct fuse_uring_req_header`).
+        pub fn parse(hdr: &[u8]) -> Option<EntInOut> {
+            let b = hdr.get(ENT_IN_OUT_AT..ENT_IN_OUT_AT + ENT_IN_OUT)?;
+            Some(EntInOut {
+                commit_id: u64_at(b, 8)?,
+                payload_sz: u32_at(b, 16)?,
+            })
+        }
+    }
+
+    /// Set the reply's payload size in an entry's header buffer; false if the buffer
+    /// is not a whole header.
+    pub fn set_payload_sz(hdr: &mut [u8], n: u32) -> bool {
+        match hdr.get_mut(ENT_IN_OUT_AT + 16..ENT_IN_OUT_AT + 20) {
+            Some(b) => {
+                b.copy_from_slice(&n.to_ne_bytes());
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -347,9 +462,12 @@ mod tests {
             max_write: 1 << 20,
             time_gran: 1,
             max_pages: 256,
+            flags2: init::OVER_IO_URING_FLAGS2,
         }
         .encode(&mut v);
         assert_eq!(v.len(), 64);
+        // flags2 at offset 32 (after max_pages and map_alignment)
+        assert_eq!(&v[32..36], &(1u32 << 9).to_ne_bytes());
         assert_eq!(&v[20..24], &(1u32 << 20).to_ne_bytes());
         assert_eq!(&v[28..30], &256u16.to_ne_bytes());
         v.clear();
@@ -369,13 +487,21 @@ mod tests {
         b.extend_from_slice(&(libc::O_DSYNC as u32).to_ne_bytes());
         b.extend_from_slice(&0u32.to_ne_bytes());
         b.extend_from_slice(b"abcd");
-        let (off, flags, data) = write_in(&b).unwrap();
+        let (arg, data) = split_body(op::WRITE, &b);
+        let (off, flags, data) = write_in(arg, data).unwrap();
         assert_eq!(
             (off, flags, data),
             (4096, libc::O_DSYNC as u32, &b"abc"[..])
         );
         // a size past the request is refused, not read past
-        assert!(write_in(&b[..42]).is_none());
+        let (arg, data) = split_body(op::WRITE, &b[..42]);
+        assert!(write_in(arg, data).is_none());
+        let (arg, data) = split_body(op::WRITE, &b[..30]);
+        assert!(write_in(arg, data).is_none());
+        assert_eq!(
+            split_body(op::LOOKUP, b"disk\0"),
+            (&b""[..], &b"disk\0"[..])
+        );
         assert!(read_in(&b[..39]).is_none());
     }
 
@@ -387,5 +513,57 @@ mod tests {
         assert!(!dirent(2, 4, 8, b"disk", 31, &mut v));
         assert_eq!(v.len(), 32);
         assert_eq!(name(b"disk\0junk"), b"disk");
+    }
+
+    #[test]
+    fn ring_layout_is_the_kernels() {
+        // struct fuse_uring_req_header { char in_out[128]; char op_in[128];
+        //   struct fuse_uring_ent_in_out { u64 flags; u64 commit_id; u32 payload_sz;
+        //   u32 padding; u64 reserved; } ring_ent_in_out; }
+        assert_eq!(ring::REQ_HEADER, 288);
+        assert_eq!(ring::OP_IN_AT, 128);
+        assert_eq!(ring::ENT_IN_OUT_AT, 256);
+        let mut hdr = vec![0u8; ring::REQ_HEADER];
+        hdr[264..272].copy_from_slice(&0x1234_5678_9abc_u64.to_ne_bytes());
+        hdr[272..276].copy_from_slice(&4096u32.to_ne_bytes());
+        assert_eq!(
+            ring::EntInOut::parse(&hdr),
+            Some(ring::EntInOut {
+                commit_id: 0x1234_5678_9abc,
+                payload_sz: 4096
+            })
+        );
+        assert!(ring::set_payload_sz(&mut hdr, 8));
+        assert_eq!(&hdr[272..276], &8u32.to_ne_bytes());
+        assert_eq!(ring::EntInOut::parse(&hdr[..287]), None);
+        assert!(!ring::set_payload_sz(&mut hdr[..275], 8));
+        // struct fuse_uring_cmd_req { u64 flags; u64 commit_id; u16 qid; u8 pad[6]; }
+        let c = ring::cmd_req(1, 77);
+        assert_eq!(&c[0..8], &[0u8; 8]);
+        assert_eq!(&c[8..16], &77u64.to_ne_bytes());
+        assert_eq!(&c[16..18], &1u16.to_ne_bytes());
+        assert!(c[18..].iter().all(|&b| b == 0));
+        assert_eq!(ring::CMD_REQ, 24);
+        assert_eq!((ring::CMD_REGISTER, ring::CMD_COMMIT_AND_FETCH), (1, 2));
+        // the in header read from in_out, without a length check against the buffer
+        let h = header(40 + 40 + 4096, op::WRITE, 9, 2);
+        let mut in_out = vec![0u8; ring::IN_OUT_HEADER];
+        in_out[..40].copy_from_slice(&h);
+        let p = InHeader::parse_fields(&in_out).unwrap();
+        assert_eq!((p.opcode, p.unique, p.nodeid), (op::WRITE, 9, 2));
+    }
+
+    #[test]
+    fn init_in_flags2_only_with_init_ext() {
+        let mut b = vec![0u8; 64];
+        b[0..4].copy_from_slice(&7u32.to_ne_bytes());
+        b[4..8].copy_from_slice(&45u32.to_ne_bytes());
+        b[16..20].copy_from_slice(&init::OVER_IO_URING_FLAGS2.to_ne_bytes());
+        assert_eq!(InitIn::parse(&b).unwrap().flags2, 0);
+        b[12..16].copy_from_slice(&init::INIT_EXT.to_ne_bytes());
+        let i = InitIn::parse(&b).unwrap();
+        assert_eq!((i.minor, i.flags2), (45, 1 << 9));
+        // an old kernel's 16-byte init_in
+        assert_eq!(InitIn::parse(&b[..16]).unwrap().flags2, 0);
     }
 }
