@@ -14,7 +14,7 @@ use std::path::Path;
 /// The refusal when the driver is not there.
 pub const NO_DRIVER: &str =
     "--via ublk needs the ublk_drv module: /dev/ublk-control not found (modprobe ublk_drv, \
-     Linux 6.0 or later; or use --via nbd or --via fuse)";
+     Linux 6.3 or later; or use --via nbd or --via fuse)";
 
 /// An open control device.
 pub struct Control {
