@@ -196,7 +196,7 @@ fn resolve(at: &Located, name: &Spanned<String>, d: &RawDisk, def: &RawDisk) -> 
         at,
         &pick(&d.via, &def.via),
         "via",
-        &["auto", "nbd", "fuse", "nbdfuse", "none"],
+        &["auto", "ublk", "nbd", "fuse", "nbdfuse", "none"],
     )?;
     let io_engine = one_of(
         at,
