@@ -578,7 +578,7 @@ retention = { keep-last = 48 }
                 "chunk-size",
             ),
             (
-                "[disk.a]\npath = \"/x\"\nvia = \"ublk\"\n",
+                "[disk.a]\npath = \"/x\"\nvia = \"iscsi\"\n",
                 "line 3",
                 "invalid via",
             ),
