@@ -112,6 +112,18 @@ pub struct Args {
         env = "COWSNAP_FUSE_URING"
     )]
     pub fuse_uring: crate::fuse::UringMode,
+    /// Also serve the disk as the block device /dev/ublkbN through the daemon's own ublk
+    /// server (needs the ublk_drv module; the id N is written to RUN_DIR/NAME.ublk).
+    #[arg(long)]
+    pub ublk: bool,
+    /// With --ublk: queues, one thread each (1 to 16).
+    #[arg(long, default_value_t = crate::ublk::DEFAULT_QUEUES, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=crate::ublk::MAX_QUEUES as i64))]
+    pub ublk_queues: u16,
+    /// With --ublk: requests in flight per queue (1 to 128; each has a 512 KiB buffer).
+    #[arg(long, default_value_t = crate::ublk::DEFAULT_DEPTH, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=crate::ublk::MAX_DEPTH as i64))]
+    pub ublk_depth: u16,
     /// An open descriptor of `RUN_DIR/NAME.lock` that the starting process has already
     /// locked (`cowsnapctl attach`); the daemon keeps it for its life.
     #[arg(long, hide = true)]
@@ -277,6 +289,9 @@ pub fn check_args(args: &Args) -> Result<()> {
             args.fuse_threads,
             crate::fuse::MAX_THREADS
         );
+    }
+    if args.ublk {
+        crate::attach::check_ublk()?;
     }
     cowsnap_core::engine::check_chunk_size(u64::from(args.chunk_size))?;
     if let Some(c) = &args.container {

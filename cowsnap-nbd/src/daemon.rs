@@ -18,6 +18,11 @@
 //! FUSE server (`cowsnap_nbd::fuse`), mounted after the engine is built and before the
 //! pid file is written; shutdown detaches loop devices on it and unmounts it first.
 //!
+//! With `--ublk` the export is also the block device `/dev/ublkbN` of the daemon's own
+//! ublk server (`cowsnap_nbd::ublk`), started after the FUSE mount and before the pid
+//! file, its id written to `RUN_DIR/NAME.ublk` for `cowsnapctl attach`; shutdown stops
+//! and deletes the device before the final flush.
+//!
 //! Threads: one signal thread (SIGTERM/SIGINT are blocked everywhere else), the NBD
 //! server's accept threads, the FUSE workers (`--fuse-threads`), one control accept
 //! thread and one thread per control connection. The main thread waits for a stop event.
@@ -54,6 +59,7 @@ use cowsnap_nbd::fuse::FuseServer;
 use cowsnap_nbd::name_lock::{self, NameLock};
 use cowsnap_nbd::nbd::server::Server;
 use cowsnap_nbd::paths::DiskPaths;
+use cowsnap_nbd::ublk::{self, UblkServer};
 use crossbeam_channel::{Receiver, Sender};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -127,6 +133,7 @@ struct Daemon {
     backups: Arc<Backups>,
     server: Arc<Server>,
     fuse: Option<Arc<FuseServer>>,
+    ublk: Option<Arc<UblkServer>>,
     changelog: Option<Arc<ChangeLog>>,
     filling: Option<Arc<FillingIo>>,
     generation: Option<Arc<GenerationExport>>,
@@ -424,6 +431,7 @@ pub fn run(args: Args) -> Result<()> {
         backups,
         server: server.clone(),
         fuse: None,
+        ublk: None,
         changelog,
         filling: filling.clone(),
         generation,
@@ -477,6 +485,38 @@ pub fn run(args: Args) -> Result<()> {
         match f {
             Ok(f) => daemon.fuse = Some(f),
             Err(e) => {
+                let _ = std::fs::remove_file(paths.nbd_socket());
+                let _ = std::fs::remove_file(paths.ctl_socket());
+                return Err(e.into());
+            }
+        }
+    }
+
+    // Likewise the ublk device, and the file naming it.
+    if args.ublk {
+        let opts = ublk::Options {
+            queues: args.ublk_queues,
+            depth: args.ublk_depth,
+        };
+        let started = UblkServer::start(export.clone(), opts, &args.name).and_then(|u| {
+            let tmp = paths.run_dir.join(format!(".{}.ublk.tmp", args.name));
+            std::fs::write(&tmp, format!("{}\n", u.id()))
+                .and_then(|_| std::fs::rename(&tmp, paths.ublk_file()))
+                .map_err(|e| {
+                    cowsnap_core::Error::io(
+                        format!("unable to write {}", paths.ublk_file().display()),
+                        e,
+                    )
+                })
+                .map(|_| u.clone())
+                .inspect_err(|_| u.stop())
+        });
+        match started {
+            Ok(u) => daemon.ublk = Some(u),
+            Err(e) => {
+                if let Some(f) = &daemon.fuse {
+                    f.stop();
+                }
                 let _ = std::fs::remove_file(paths.nbd_socket());
                 let _ = std::fs::remove_file(paths.ctl_socket());
                 return Err(e.into());
@@ -596,6 +636,10 @@ fn wait_stop(rx: &Receiver<Stop>) -> String {
 }
 
 fn shutdown(d: &Daemon) {
+    if let Some(u) = &d.ublk {
+        u.stop();
+        let _ = std::fs::remove_file(d.paths.ublk_file());
+    }
     if let Some(f) = &d.fuse {
         f.stop();
     }

@@ -11,6 +11,7 @@ pub mod logging;
 pub mod name_lock;
 pub mod nbd;
 pub mod paths;
+pub mod ublk;
 
 #[cfg(test)]
 mod test_support;

@@ -77,6 +77,10 @@ impl DiskPaths {
     pub fn fuse_dir(&self) -> PathBuf {
         self.run(".fuse")
     }
+    /// The id N of the daemon's ublk device `/dev/ublkbN` (`--ublk`).
+    pub fn ublk_file(&self) -> PathBuf {
+        self.run(".ublk")
+    }
     /// nbdfuse pid file.
     pub fn fuse_pid_file(&self) -> PathBuf {
         self.run(".fuse.pid")

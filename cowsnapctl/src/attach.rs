@@ -1,5 +1,11 @@
 //! `cowsnapctl attach`: start the disk's daemon in the background, wait until it
-//! answers, expose it (kernel nbd, the daemon's FUSE file + loop, nbdfuse + loop, or nothing), record what was set up.
+//! answers, expose it (the daemon's ublk device, kernel nbd, the daemon's FUSE file +
+//! loop, nbdfuse + loop, or nothing), record what was set up.
+//!
+//! `--via ublk` (`auto`'s first choice where `/dev/ublk-control` exists): the daemon
+//! creates `/dev/ublkbN` itself (`cowsnap-nbd --ublk`) before it answers, and names N
+//! in `RUN_DIR/NAME.ublk`; the record keeps N so that `detach` (and `attach` after a
+//! daemon died) can delete a device its daemon left behind.
 //!
 //! Everything is validated first (origin type and size, name, flags); then the name
 //! lock `RUN_DIR/NAME.lock` is taken before any file of the name is touched, and handed
@@ -40,9 +46,10 @@ pub struct AttachArgs {
     /// Disk name (default: derived from PATH, e.g. /dev/sdb → sdb).
     #[arg(long)]
     pub name: Option<String>,
-    /// How to expose the disk: kernel nbd, the daemon's FUSE file + loop device, nbdfuse
-    /// + loop device (the older FUSE path), or only the NBD URI.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "nbdfuse", "none"])]
+    /// How to expose the disk: the daemon's ublk device (/dev/ublkbN; needs ublk_drv),
+    /// kernel nbd, the daemon's FUSE file + loop device, nbdfuse + loop device (the older
+    /// FUSE path), or only the NBD URI. auto: ublk, else nbd, else fuse.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ublk", "nbd", "fuse", "nbdfuse", "none"])]
     pub via: String,
     /// Use this kernel NBD device (--via nbd), e.g. /dev/nbd3.
     #[arg(long)]
@@ -360,6 +367,9 @@ fn daemon_args(a: &AttachArgs, origin: &Path, paths: &DiskPaths, via: Via) -> Re
     if via == Via::Fuse {
         v.extend(["--fuse-mount".into(), s(&paths.fuse_dir())]);
     }
+    if via == Via::Ublk {
+        v.push("--ublk".into());
+    }
     if a.read_only {
         v.push("--read-only".into());
     }
@@ -492,6 +502,7 @@ pub fn remove_leftovers(paths: &DiskPaths, _lock: &NameLock) {
         paths.nbd_socket(),
         paths.pid_file(),
         paths.fuse_pid_file(),
+        paths.ublk_file(),
         paths.attach_record(),
     ] {
         let _ = std::fs::remove_file(p);
@@ -608,9 +619,31 @@ pub fn undo_device(rec: &AttachRecord) -> Result<()> {
                 })?;
             }
         }
+        Via::Ublk => {
+            // A running daemon removes its device when it stops; a dead one's is
+            // deleted here (stopped by the driver already, its id still taken).
+            let gone = !attach::pid_alive(rec.pid as i32) || attach::pid_zombie(rec.pid as i32);
+            if let (Some(id), true) = (rec.ublk_id, gone) {
+                cowsnap_nbd::ublk::ctrl::remove(id)?;
+            }
+        }
         Via::None => {}
     }
     Ok(())
+}
+
+/// The id N of the daemon's `/dev/ublkbN`, as it wrote it to `RUN_DIR/NAME.ublk`.
+fn read_ublk_id(paths: &DiskPaths) -> Result<u32> {
+    let f = paths.ublk_file();
+    let s = std::fs::read_to_string(&f)
+        .with_context(|| format!("unable to read {} (the daemon's ublk device)", f.display()))?;
+    s.trim().parse().map_err(|_| {
+        anyhow!(
+            "unable to read {}: {:?} is not a device id",
+            f.display(),
+            s.trim()
+        )
+    })
 }
 
 /// The leftovers of a daemon that died (killed, crashed): remove its device (unless
@@ -790,13 +823,10 @@ pub fn run(dirs: &Dirs, mut a: AttachArgs) -> Result<()> {
         bail!("invalid --max-connections 0: at least one connection is needed");
     }
     reconnect_timeout_secs(&a.reconnect_timeout)?;
-    let via = match a.via.as_str() {
-        "nbd" => Via::Nbd,
-        "fuse" => Via::Fuse,
-        "nbdfuse" => Via::Nbdfuse,
-        "none" => Via::None,
-        _ => attach::auto_via(),
-    };
+    let via = parse_via(&a.via);
+    if via == Via::Ublk {
+        attach::check_ublk()?;
+    }
     if let Some(n) = a.connections {
         if via != Via::Nbd {
             bail!("--connections {n} needs --via nbd (this attach uses {via})");
@@ -873,9 +903,11 @@ pub fn run_named(
     r
 }
 
-/// The `--via` value as a [`Via`] (`auto`: kernel nbd when it exists, else FUSE).
+/// The `--via` value as a [`Via`] (`auto`: ublk, else kernel nbd, else FUSE, by which
+/// devices exist).
 pub fn parse_via(v: &str) -> Via {
     match v {
+        "ublk" => Via::Ublk,
         "nbd" => Via::Nbd,
         "fuse" => Via::Fuse,
         "nbdfuse" => Via::Nbdfuse,
@@ -947,6 +979,7 @@ fn attach_locked(
         uri: st.uri.clone(),
         pid,
         nbd_index: None,
+        ublk_id: None,
         fuse_mount: None,
         nbdfuse_pid: None,
         loop_device: None,
@@ -967,6 +1000,11 @@ fn attach_locked(
         let mut notes = Vec::new();
         match via {
             Via::None => {}
+            Via::Ublk => {
+                let id = read_ublk_id(&paths)?;
+                rec.ublk_id = Some(id);
+                rec.device = Some(cowsnap_nbd::ublk::abi::block_path(id));
+            }
             Via::Nbd => {
                 let n = a.connections.unwrap_or_else(default_connections);
                 let t = reconnect_timeout_secs(&a.reconnect_timeout)?;

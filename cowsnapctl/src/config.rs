@@ -196,7 +196,7 @@ fn resolve(at: &Located, name: &Spanned<String>, d: &RawDisk, def: &RawDisk) -> 
         at,
         &pick(&d.via, &def.via),
         "via",
-        &["auto", "nbd", "fuse", "nbdfuse", "none"],
+        &["auto", "ublk", "nbd", "fuse", "nbdfuse", "none"],
     )?;
     let io_engine = one_of(
         at,
@@ -578,7 +578,7 @@ retention = { keep-last = 48 }
                 "chunk-size",
             ),
             (
-                "[disk.a]\npath = \"/x\"\nvia = \"ublk\"\n",
+                "[disk.a]\npath = \"/x\"\nvia = \"iscsi\"\n",
                 "line 3",
                 "invalid via",
             ),

@@ -222,6 +222,13 @@ pub fn run(dirs: &Dirs, a: DetachArgs) -> Result<()> {
         cancel_backup(&paths, &b)?;
     }
     stop_daemon(&paths, pid)?;
+    // The daemon deletes its ublk device as it stops; one it could not delete (a queue
+    // that did not end) is deleted now that the daemon is gone.
+    if let Some(r) = rec.as_ref().filter(|r| r.via == attach::Via::Ublk) {
+        if let Err(e) = undo_device(r) {
+            eprintln!("warning: {e:#}");
+        }
+    }
     match NameLock::acquire_within(&paths.lock_file(), Duration::from_secs(5)) {
         Ok(Some(lock)) => {
             remove_leftovers(&paths, &lock);

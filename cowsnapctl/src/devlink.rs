@@ -189,6 +189,7 @@ mod tests {
             uri: String::new(),
             pid: 1,
             nbd_index: None,
+            ublk_id: None,
             fuse_mount: None,
             nbdfuse_pid: None,
             loop_device: None,

@@ -81,7 +81,7 @@ pub struct DiffArgs {
     pub json: bool,
     /// With --files: how to expose the generations (kernel nbd, the daemon's
     /// FUSE file + loop, or nbdfuse + loop).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "nbdfuse"])]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ublk", "nbd", "fuse", "nbdfuse"])]
     pub via: String,
     /// With --files: the partition holding the filesystem (default: the whole device if
     /// it holds a filesystem, else its only partition).

@@ -37,7 +37,7 @@ pub struct ExportArgs {
     pub name: Option<String>,
     /// How to expose it: kernel nbd, the daemon's FUSE file + loop device, nbdfuse +
     /// loop device, or only the NBD URI.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "nbdfuse", "none"])]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ublk", "nbd", "fuse", "nbdfuse", "none"])]
     pub via: String,
     /// Also listen on TCP (tcp:ADDR:PORT). Repeatable. Needs --tls-creds (or
     /// --insecure-tcp).
@@ -69,7 +69,7 @@ pub struct MountArgs {
     pub name: Option<String>,
     /// How to expose the export: kernel nbd, the daemon's FUSE file + loop device, or
     /// nbdfuse + loop device.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "nbdfuse"])]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ublk", "nbd", "fuse", "nbdfuse"])]
     pub via: String,
     /// Memory for decompressed chunks kept for reuse by the daemon (default 64M).
     #[arg(long, value_name = "SIZE")]
@@ -334,7 +334,7 @@ pub(crate) fn mount_quiet(dirs: &Dirs, a: &MountArgs) -> Result<MountRecord> {
     }
     let via = attach::parse_via(&a.via);
     if via == Via::None {
-        bail!("mount needs a device: --via nbd, fuse or nbdfuse");
+        bail!("mount needs a device: --via ublk, nbd, fuse or nbdfuse");
     }
     let mut args = export_attach_args(&spec, &a.via, Vec::new(), a.cache_size.clone(), false);
     args.quiet = true;

@@ -483,7 +483,7 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "PREFIX")]
     pub name_prefix: Option<String>,
     /// With --live: how to expose the disk.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "fuse", "nbdfuse", "none"])]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ublk", "nbd", "fuse", "nbdfuse", "none"])]
     pub via: String,
     /// Print JSON.
     #[arg(long)]

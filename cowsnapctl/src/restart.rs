@@ -38,9 +38,9 @@ pub fn run(dirs: &Dirs, a: RestartArgs) -> Result<()> {
             dirs.run_dir.display()
         )
     })?;
-    if matches!(rec.via, Via::Fuse | Via::Nbdfuse) {
+    if matches!(rec.via, Via::Fuse | Via::Nbdfuse | Via::Ublk) {
         bail!(
-            "unable to restart {}: it is attached via {}, and a FUSE mount cannot be handed \
+            "unable to restart {}: it is attached via {}, and its device cannot be handed \
              to a new server; unmount {}, then detach and attach it again",
             a.name,
             rec.via,

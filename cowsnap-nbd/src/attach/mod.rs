@@ -1,6 +1,8 @@
 //! Making an attached disk visible to the kernel, and taking it away again.
 //!
-//! Four ways (`cowsnapctl attach --via`):
+//! Five ways (`cowsnapctl attach --via`):
+//! - `ublk`: the daemon's own ublk server (`crate::ublk`, `cowsnap-nbd --ublk`) makes
+//!   `/dev/ublkbN` itself; nothing is set up here but the record. Needs `ublk_drv`.
 //! - `nbd`: the kernel NBD client, configured over generic netlink ([`netlink`]). The
 //!   client side of the NBD handshake is done here ([`client`]); the kernel gets
 //!   sockets that are already in the transmission phase.
@@ -28,6 +30,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
+    /// The daemon's ublk device.
+    Ublk,
     /// Kernel NBD client (netlink).
     Nbd,
     /// The daemon's FUSE file + loop device.
@@ -41,6 +45,7 @@ pub enum Via {
 impl std::fmt::Display for Via {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Via::Ublk => "ublk",
             Via::Nbd => "nbd",
             Via::Fuse => "fuse",
             Via::Nbdfuse => "nbdfuse",
@@ -49,13 +54,44 @@ impl std::fmt::Display for Via {
     }
 }
 
-/// `auto`: the kernel client when `/dev/nbd0` exists, else the daemon's FUSE file + loop.
+/// The device nodes whose presence `auto` looks at.
+pub const UBLK_CONTROL: &str = crate::ublk::abi::CONTROL_PATH;
+/// The first kernel NBD device.
+pub const NBD0: &str = "/dev/nbd0";
+
+/// `auto`: the daemon's ublk device when `/dev/ublk-control` exists, else the kernel
+/// NBD client when `/dev/nbd0` exists, else the daemon's FUSE file + loop.
 pub fn auto_via() -> Via {
-    if Path::new("/dev/nbd0").exists() {
+    auto_via_with(|p| Path::new(p).exists())
+}
+
+/// [`auto_via`] with `exists` saying which device nodes exist.
+pub fn auto_via_with(exists: impl Fn(&str) -> bool) -> Via {
+    if exists(UBLK_CONTROL) {
+        Via::Ublk
+    } else if exists(NBD0) {
         Via::Nbd
     } else {
         Via::Fuse
     }
+}
+
+/// Refuse `--via ublk` on a host without the driver, before anything is started.
+pub fn check_ublk_with(exists: impl Fn(&str) -> bool) -> Result<()> {
+    if exists(UBLK_CONTROL) {
+        Ok(())
+    } else {
+        Err(cowsnap_core::err!(
+            NotFound,
+            "{}",
+            crate::ublk::ctrl::NO_DRIVER
+        ))
+    }
+}
+
+/// [`check_ublk_with`] on this host.
+pub fn check_ublk() -> Result<()> {
+    check_ublk_with(|p| Path::new(p).exists())
 }
 
 /// What `attach` set up, as stored in `RUN_DIR/NAME.attach.json`.
@@ -76,6 +112,9 @@ pub struct AttachRecord {
     /// Kernel NBD index (`--via nbd`).
     #[serde(default)]
     pub nbd_index: Option<u32>,
+    /// ublk device id N of `/dev/ublkbN` (`--via ublk`).
+    #[serde(default)]
+    pub ublk_id: Option<u32>,
     /// FUSE mount directory (`--via fuse`, `--via nbdfuse`).
     #[serde(default)]
     pub fuse_mount: Option<PathBuf>,
@@ -281,6 +320,7 @@ mod tests {
             uri: "nbd+unix:///d?socket=/r/d.nbd".into(),
             pid: 42,
             nbd_index: None,
+            ublk_id: None,
             fuse_mount: Some("/r/d.fuse".into()),
             nbdfuse_pid: Some(43),
             loop_device: Some("/dev/loop3".into()),
@@ -312,6 +352,65 @@ mod tests {
         assert_eq!(AttachRecord::load(&p).unwrap(), Some(nf));
         std::fs::write(&p, "{").unwrap();
         assert!(AttachRecord::load(&p).is_err());
+    }
+
+    #[test]
+    fn auto_prefers_ublk_then_nbd_then_fuse() {
+        let with = |devs: &'static [&'static str]| move |p: &str| devs.contains(&p);
+        assert_eq!(
+            auto_via_with(with(&["/dev/ublk-control", "/dev/nbd0"])),
+            Via::Ublk
+        );
+        assert_eq!(auto_via_with(with(&["/dev/ublk-control"])), Via::Ublk);
+        assert_eq!(auto_via_with(with(&["/dev/nbd0"])), Via::Nbd);
+        assert_eq!(
+            auto_via_with(with(&["/dev/nbd1", "/dev/ublkc0"])),
+            Via::Fuse
+        );
+        assert_eq!(auto_via_with(with(&[])), Via::Fuse);
+    }
+
+    #[test]
+    fn ublk_is_refused_without_the_driver() {
+        assert!(check_ublk_with(|p| p == "/dev/ublk-control").is_ok());
+        let e = check_ublk_with(|p| p == "/dev/nbd0")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--via ublk needs the ublk_drv module: /dev/ublk-control not found"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ublk_record_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("u.attach.json");
+        let r = AttachRecord {
+            name: "u".into(),
+            origin: "/x".into(),
+            via: Via::Ublk,
+            device: Some("/dev/ublkb2".into()),
+            uri: "nbd+unix:///u?socket=/r/u.nbd".into(),
+            pid: 42,
+            nbd_index: None,
+            ublk_id: Some(2),
+            fuse_mount: None,
+            nbdfuse_pid: None,
+            loop_device: None,
+            direct_io: None,
+            read_only: false,
+            nbd_connections: None,
+            dead_conn_timeout: None,
+            daemon_args: vec![],
+        };
+        r.save(&p).unwrap();
+        let s = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            s.contains("\"via\": \"ublk\"") && s.contains("\"ublk_id\": 2"),
+            "{s}"
+        );
+        assert_eq!(AttachRecord::load(&p).unwrap(), Some(r));
     }
 
     #[test]
