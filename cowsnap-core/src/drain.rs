@@ -21,7 +21,9 @@
 //!
 //! The origin handle the drainer reads may be a second, O_DIRECT one on the same block
 //! device (`BlockIo::open_direct_reader`, chosen by the backup: `EngineConfig::direct_io`)
-//! so that a backup does not fill the page cache of the machine it protects. Reads of
+//! or, for a repository target, on the same regular file
+//! (`blockio::open_direct_file_reader`: its unaligned tail read buffered) so that a
+//! backup does not fill the page cache of the machine it protects. Reads of
 //! busy chunks only: Linux writes back the dirty cached pages of the range before an
 //! O_DIRECT read, so the read sees every write that completed before the chunk was
 //! claimed, and writers cannot write the chunk until the read is done. Writers and

@@ -53,6 +53,7 @@ use super::object::ObjectRepo;
 use crate::bytes::is_zero;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, hex};
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -152,26 +153,35 @@ fn chunk_key(hash: &[u8; 32]) -> String {
     format!("chunks/{}/{h}", &h[..2])
 }
 
-/// A chunk's stored bytes: header and payload (zstd when that shrinks it).
-fn encode_chunk(hash: &[u8; 32], data: &[u8]) -> Result<Vec<u8>> {
+/// A chunk's header and payload (zstd when that shrinks it, otherwise the data
+/// itself, not copied).
+fn encode_parts<'a>(hash: &[u8; 32], data: &'a [u8]) -> Result<([u8; HDR], Cow<'a, [u8]>)> {
     let compressed = match worth_compressing(data) {
         true => zstd::bulk::compress(data, ZSTD_LEVEL)
             .ctx(|| format!("unable to compress chunk {}", hex(hash)))?,
         false => Vec::new(),
     };
-    let (enc, payload): (u8, &[u8]) = if !compressed.is_empty() && compressed.len() < data.len() {
-        (1, &compressed)
-    } else {
-        (0, data)
-    };
+    let (enc, payload): (u8, Cow<'a, [u8]>) =
+        if !compressed.is_empty() && compressed.len() < data.len() {
+            (1, Cow::Owned(compressed))
+        } else {
+            (0, Cow::Borrowed(data))
+        };
+    let mut hdr = [0u8; HDR];
+    hdr[..4].copy_from_slice(&MAGIC);
+    hdr[4] = CHUNK_VERSION;
+    hdr[5] = enc;
+    hdr[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    hdr[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    Ok((hdr, payload))
+}
+
+/// A chunk's stored bytes: header and payload (zstd when that shrinks it).
+fn encode_chunk(hash: &[u8; 32], data: &[u8]) -> Result<Vec<u8>> {
+    let (hdr, payload) = encode_parts(hash, data)?;
     let mut out = Vec::with_capacity(HDR + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.push(CHUNK_VERSION);
-    out.push(enc);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(payload);
+    out.extend_from_slice(&hdr);
+    out.extend_from_slice(&payload);
     Ok(out)
 }
 
@@ -251,14 +261,16 @@ fn decode_header<'a>(hash: &[u8; 32], raw: &'a [u8]) -> Result<Decoded<'a>> {
     })
 }
 
-/// Read the chunk file at `path` and decode it: it decodes, hashes to `hash` and holds
-/// `expect_len` bytes (the outer error is I/O, the inner one the file's content). A raw
-/// (encoding 0) payload is read straight into the buffer returned: no copy of it.
+/// Read the chunk file at `path` and decode it into `out` (replacing its content):
+/// it decodes, hashes to `hash` and holds `expect_len` bytes (the outer error is I/O,
+/// the inner one the file's content). A raw (encoding 0) payload is read straight
+/// into `out`, whose allocation is reused: no copy, no fresh zeroed memory per chunk.
 fn read_decoded(
     hash: &[u8; 32],
     path: &Path,
     expect_len: usize,
-) -> std::io::Result<Result<Vec<u8>>> {
+    out: &mut Vec<u8>,
+) -> std::io::Result<Result<()>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let size = f.metadata()?.len();
@@ -273,28 +285,32 @@ fn read_decoded(
         Err(e) => return Ok(Err(e)),
     };
     // stored_len (= payload_len) fits in the header's u32
-    let mut payload = vec![0u8; payload_len];
-    if let Err(e) = f.read_exact(&mut payload) {
-        return match e.kind() {
-            // shorter than its size said a moment ago: damage, like a truncation
-            std::io::ErrorKind::UnexpectedEof => Ok(Err(corrupt(hash, "truncated"))),
-            _ => Err(e),
-        };
-    }
-    let data = match encoding {
-        0 => payload,
-        _ => match zstd::bulk::decompress(&payload, raw_len) {
-            Ok(d) => d,
-            Err(e) => return Ok(Err(corrupt(hash, &format!("does not decompress: {e}")))),
-        },
+    let mut compressed = Vec::new();
+    let dst = match encoding {
+        0 => &mut *out,
+        _ => &mut compressed,
     };
-    if data.len() != raw_len || blake3::hash(&data).as_bytes() != hash {
+    dst.clear();
+    dst.reserve(payload_len);
+    // read_to_end fills the spare capacity without zeroing it first
+    (&mut f).take(payload_len as u64).read_to_end(dst)?;
+    if dst.len() != payload_len {
+        // shorter than its size said a moment ago: damage, like a truncation
+        return Ok(Err(corrupt(hash, "truncated")));
+    }
+    if encoding != 0 {
+        match zstd::bulk::decompress(&compressed, raw_len) {
+            Ok(d) => *out = d,
+            Err(e) => return Ok(Err(corrupt(hash, &format!("does not decompress: {e}")))),
+        }
+    }
+    if out.len() != raw_len || blake3::hash(out).as_bytes() != hash {
         return Ok(Err(corrupt(hash, "content does not match its hash")));
     }
-    if data.len() != expect_len {
-        return Ok(Err(wrong_len(hash, data.len(), expect_len)));
+    if out.len() != expect_len {
+        return Ok(Err(wrong_len(hash, out.len(), expect_len)));
     }
-    Ok(Ok(data))
+    Ok(Ok(()))
 }
 
 /// Decode a chunk file and check its content hashes to `hash`.
@@ -487,11 +503,13 @@ impl ChunkStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(PARENT);
         }
-        let bytes = encode_chunk(hash, data)?;
+        // header and payload written apart: a raw chunk's data is not copied first
+        let (hdr, payload) = encode_parts(hash, data)?;
         let mut f = fsutil::AtomicFile::create(&path)?;
         let name = path.display().to_string();
         f.file()
-            .write_all(&bytes)
+            .write_all(&hdr)
+            .and_then(|()| f.file().write_all(&payload))
             .ctx(|| format!("unable to write chunk {name}"))?;
         // SAFETY: sync_file_range takes a valid fd (borrowed from the open file) and
         // integers; it touches no memory of ours.
@@ -509,7 +527,7 @@ impl ChunkStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(hash[0] as u16);
-        let n = bytes.len() as u64;
+        let n = (HDR + payload.len()) as u64;
         let ins = if healed {
             Insert::Healed(n)
         } else {
@@ -538,16 +556,25 @@ impl ChunkStore {
     /// A damaged chunk is quarantined (the error says so); a quarantined one reads as
     /// `NotFound`, saying it was quarantined.
     pub fn read(&self, hash: &[u8; 32], expect_len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_into(hash, expect_len, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::read`] into `out` (its content replaced, its allocation reused): for
+    /// readers of many chunks, which then neither allocate nor fault in fresh memory
+    /// per chunk. On error `out` holds nothing of use.
+    pub fn read_into(&self, hash: &[u8; 32], expect_len: usize, out: &mut Vec<u8>) -> Result<()> {
         if self.remote.is_some() {
-            return self.read_no_quarantine(hash, expect_len);
+            return self.read_no_quarantine_into(hash, expect_len, out);
         }
-        match self.read_no_quarantine(hash, expect_len) {
-            Ok(d) => Ok(d),
+        match self.read_no_quarantine_into(hash, expect_len, out) {
+            Ok(()) => Ok(()),
             Err(e) if is_damage(&e) => match self.quarantine_damaged(hash, expect_len) {
                 Ok(Some(q)) => {
                     Err(e.with_context(format!("chunk moved to quarantine ({})", q.display())))
                 }
-                Ok(None) => self.read_no_quarantine(hash, expect_len),
+                Ok(None) => self.read_no_quarantine_into(hash, expect_len, out),
                 Err(qe) => {
                     log::warn!("{qe}");
                     Err(e)
@@ -559,8 +586,22 @@ impl ChunkStore {
 
     /// [`Self::read`] without quarantining anything.
     pub fn read_no_quarantine(&self, hash: &[u8; 32], expect_len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_no_quarantine_into(hash, expect_len, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::read_no_quarantine`] into `out` (see [`Self::read_into`]).
+    pub fn read_no_quarantine_into(
+        &self,
+        hash: &[u8; 32],
+        expect_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         if *hash == ZERO_HASH {
-            return Ok(vec![0u8; expect_len]);
+            out.clear();
+            out.resize(expect_len, 0);
+            return Ok(());
         }
         if let Some(r) = &self.remote {
             let raw = r.repo.get(&chunk_key(hash))?.ok_or_else(|| {
@@ -571,10 +612,11 @@ impl ChunkStore {
                     r.repo.url()
                 )
             })?;
-            return decode(hash, &raw, expect_len);
+            *out = decode(hash, &raw, expect_len)?;
+            return Ok(());
         }
         let path = self.path_of(hash);
-        match read_decoded(hash, &path, expect_len) {
+        match read_decoded(hash, &path, expect_len, out) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.is_quarantined(hash) => {
                 Err(crate::err!(

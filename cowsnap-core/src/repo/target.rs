@@ -431,6 +431,11 @@ impl RepoTarget {
 }
 
 impl Target for RepoTarget {
+    fn reads_file_origin_direct(&self) -> bool {
+        // every byte is hashed (and probed for compression) from the drainer's buffer
+        true
+    }
+
     fn granule_chunks(&self) -> u32 {
         (self.repo.chunk_size() / self.tracking_chunk).max(1)
     }

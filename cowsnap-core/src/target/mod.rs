@@ -132,6 +132,15 @@ pub trait Target: Send {
         let _ = relative_to;
         Scope::All
     }
+    /// Whether the backup's bulk reads of a regular-file origin should bypass the page
+    /// cache (O_DIRECT, where `EngineConfig::direct_io` allows it): for targets that
+    /// take every byte through the drainer's buffer anyway (hashing, compressing), so
+    /// the copy out of the page cache is saved and the machine's cache is left alone.
+    /// The default (`false`) keeps the buffered reads, which in-kernel copies
+    /// (`copy_from_file`) need.
+    fn reads_file_origin_direct(&self) -> bool {
+        false
+    }
     /// Which chunks must be read; called once, at the snapshot instant, with the cut.
     fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope>;
     /// Called once before any data, with facts about the snapshot.
