@@ -261,9 +261,21 @@ impl<'a> Drainer<'a> {
                     return Err(e);
                 }
                 self.snap.map.mark_copied(claim);
-                self.target
-                    .write(off, &self.buf[..len])
-                    .map_err(|e| e.with_context("unable to write the backup target"))?;
+                match self.target.takes_buffers() {
+                    // given away: the target keeps the bytes without copying them and
+                    // returns a buffer for the next batch
+                    true => {
+                        let data = std::mem::take(&mut self.buf);
+                        self.buf = self
+                            .target
+                            .write_owned(off, data, len)
+                            .map_err(|e| e.with_context("unable to write the backup target"))?;
+                    }
+                    false => self
+                        .target
+                        .write(off, &self.buf[..len])
+                        .map_err(|e| e.with_context("unable to write the backup target"))?,
+                }
             }
             Err(e) => {
                 self.snap.map.abandon(claim);

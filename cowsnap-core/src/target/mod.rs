@@ -10,6 +10,7 @@
 
 pub mod raw;
 
+use crate::aligned::AlignedBuf;
 use crate::changelog::Cut;
 use crate::chunk_map::Geometry;
 use crate::error::Result;
@@ -148,6 +149,20 @@ pub trait Target: Send {
     /// Store `data` (whole granules, `data.len()` a multiple of the chunk size except
     /// at the disk's end) at byte offset `off`.
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()>;
+    /// Whether the drainer should hand its batch buffers over (`write_owned`) instead
+    /// of lending them (`write`). The default (`false`): lent.
+    fn takes_buffers(&self) -> bool {
+        false
+    }
+    /// [`Self::write`] of `data[..len]`, the buffer given away (a target that keeps
+    /// the bytes for later work then needs no copy of them). Returns a buffer for the
+    /// drainer's next batch: a recycled one, or an empty one; it may block until one
+    /// is free, which is how such a target bounds its memory. Called only when
+    /// `takes_buffers`; the default lends the buffer to `write` and gives it back.
+    fn write_owned(&mut self, off: u64, data: AlignedBuf, len: usize) -> Result<AlignedBuf> {
+        self.write(off, &data[..len])?;
+        Ok(data)
+    }
     /// Store the bytes `off..off+len` of `src`, the origin's own file, at the same
     /// offset, copied in the kernel (`copy_file_range`) instead of through the
     /// drainer's buffer. Whole chunks; asked only of targets whose granule is one
