@@ -21,7 +21,9 @@
 //!
 //! The origin handle the drainer reads may be a second, O_DIRECT one on the same block
 //! device (`BlockIo::open_direct_reader`, chosen by the backup: `EngineConfig::direct_io`)
-//! so that a backup does not fill the page cache of the machine it protects. Reads of
+//! or, for a repository target, on the same regular file
+//! (`blockio::open_direct_file_reader`: its unaligned tail read buffered) so that a
+//! backup does not fill the page cache of the machine it protects. Reads of
 //! busy chunks only: Linux writes back the dirty cached pages of the range before an
 //! O_DIRECT read, so the read sees every write that completed before the chunk was
 //! claimed, and writers cannot write the chunk until the read is done. Writers and
@@ -259,9 +261,21 @@ impl<'a> Drainer<'a> {
                     return Err(e);
                 }
                 self.snap.map.mark_copied(claim);
-                self.target
-                    .write(off, &self.buf[..len])
-                    .map_err(|e| e.with_context("unable to write the backup target"))?;
+                match self.target.takes_buffers() {
+                    // given away: the target keeps the bytes without copying them and
+                    // returns a buffer for the next batch
+                    true => {
+                        let data = std::mem::take(&mut self.buf);
+                        self.buf = self
+                            .target
+                            .write_owned(off, data, len)
+                            .map_err(|e| e.with_context("unable to write the backup target"))?;
+                    }
+                    false => self
+                        .target
+                        .write(off, &self.buf[..len])
+                        .map_err(|e| e.with_context("unable to write the backup target"))?,
+                }
             }
             Err(e) => {
                 self.snap.map.abandon(claim);

@@ -214,14 +214,22 @@ pub(super) fn start(
                     discarded.as_ref(),
                 );
                 // the bulk reads bypass the page cache where the origin is a block
-                // device (drain.rs notes); anything else reads the origin as served
-                let direct = match direct_io {
-                    true => engine2.origin().open_direct_reader().unwrap_or_else(|e| {
-                        log::warn!("{e}; the backup reads the origin through the page cache");
-                        None
-                    }),
-                    false => None,
+                // device, or a plain file read by a target that takes every byte
+                // through the buffer (drain.rs notes); anything else reads the origin
+                // as served
+                let origin = &**engine2.origin();
+                let opened = match direct_io {
+                    false => Ok(None),
+                    true if origin.is_block_device() => origin.open_direct_reader(),
+                    true if target.reads_file_origin_direct() => {
+                        crate::blockio::open_direct_file_reader(origin)
+                    }
+                    true => Ok(None),
                 };
+                let direct = opened.unwrap_or_else(|e| {
+                    log::warn!("{e}; the backup reads the origin through the page cache");
+                    None
+                });
                 if direct.is_some() {
                     log::info!(
                         "backup of {}: reading the origin with O_DIRECT",

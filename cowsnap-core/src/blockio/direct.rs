@@ -18,7 +18,10 @@
 //!   ever read O_DIRECT (the writers' path stays buffered) and a target is written by
 //!   one thread.
 //! - Device sizes are multiples of the logical block size, so the covering range of a
-//!   request inside the device stays inside it.
+//!   request inside the device stays inside it. A regular file's size need not be
+//!   (`open_direct_file_reader`): its last, partial block is read through a second,
+//!   buffered fd of the same file ([`DirectIo::with_tail`]), as is any part of a
+//!   request past the last whole block; an O_DIRECT read never reaches past the end.
 
 use super::{check_range, BlockIo};
 use crate::aligned::AlignedBuf;
@@ -33,6 +36,9 @@ pub const BOUNCE: usize = 1 << 20;
 pub struct DirectIo {
     inner: Arc<dyn BlockIo>,
     lbs: usize,
+    /// A buffered fd of the same file, for the bytes past the last whole block of a
+    /// size that is not a multiple of `lbs` (regular files only).
+    tail: Option<File>,
 }
 
 impl DirectIo {
@@ -40,7 +46,42 @@ impl DirectIo {
     /// bytes (a power of two, at most `aligned::ALIGN`).
     pub fn new(inner: Arc<dyn BlockIo>, lbs: usize) -> Self {
         debug_assert!(lbs.is_power_of_two() && lbs <= crate::aligned::ALIGN);
-        DirectIo { inner, lbs }
+        DirectIo {
+            inner,
+            lbs,
+            tail: None,
+        }
+    }
+
+    /// Read the bytes from the last whole block on through `tail`, a buffered fd of
+    /// the same file (for a size that is not a multiple of the block size).
+    pub fn with_tail(mut self, tail: File) -> Self {
+        self.tail = Some(tail);
+        self
+    }
+
+    /// Read the part of `buf` (at `off`) at or past the last whole block through the
+    /// tail fd, if there is one; returns the part still to read.
+    fn read_tail<'b>(&self, buf: &'b mut [u8], off: u64) -> Result<&'b mut [u8]> {
+        let Some(t) = &self.tail else {
+            return Ok(buf);
+        };
+        let l = self.lbs as u64;
+        let whole = self.size() / l * l;
+        if off + buf.len() as u64 <= whole {
+            return Ok(buf);
+        }
+        let head = whole.saturating_sub(off).min(buf.len() as u64) as usize;
+        let (head_buf, rest) = buf.split_at_mut(head);
+        let roff = off + head as u64;
+        use std::os::unix::fs::FileExt;
+        t.read_exact_at(rest, roff).map_err(|e| {
+            crate::Error::io(
+                format!("unable to read {} bytes at offset {roff}", rest.len()),
+                e,
+            )
+        })?;
+        Ok(head_buf)
     }
 
     /// The logical block size requests are aligned to.
@@ -108,7 +149,10 @@ impl BlockIo for DirectIo {
     }
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         check_range(self.size(), off, buf.len() as u64, "read")?;
-        if self.aligned(buf.as_ptr(), off, buf.len()) {
+        let buf = self.read_tail(buf, off)?;
+        if buf.is_empty() {
+            Ok(())
+        } else if self.aligned(buf.as_ptr(), off, buf.len()) {
             self.inner.read_at(buf, off)
         } else {
             self.bounce_read(buf, off)
@@ -118,8 +162,12 @@ impl BlockIo for DirectIo {
         let mut direct: Vec<(&mut [u8], u64)> = Vec::with_capacity(reqs.len());
         for (buf, off) in reqs.iter_mut() {
             check_range(self.size(), *off, buf.len() as u64, "read")?;
+            let buf = self.read_tail(buf, *off)?;
+            if buf.is_empty() {
+                continue;
+            }
             if self.aligned(buf.as_ptr(), *off, buf.len()) {
-                direct.push((&mut buf[..], *off));
+                direct.push((buf, *off));
             } else {
                 self.bounce_read(buf, *off)?;
             }
@@ -128,6 +176,12 @@ impl BlockIo for DirectIo {
     }
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         check_range(self.size(), off, buf.len() as u64, "write")?;
+        if self.tail.is_some() {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to write at offset {off}: a file's O_DIRECT handle only reads"
+            ));
+        }
         if self.aligned(buf.as_ptr(), off, buf.len()) {
             self.inner.write_at(buf, off)
         } else {
@@ -260,6 +314,113 @@ mod tests {
             io.read_many(&mut reqs).unwrap();
             assert_eq!(&a[..], &data[..8192], "{name}");
             assert_eq!(&b[..], &data[65536..65536 + 4096], "{name}");
+        }
+    }
+
+    /// The buffered origin of a file of `size` bytes of a pattern on `engine`.
+    fn file_origin(
+        size: usize,
+        engine: crate::blockio::IoEngine,
+    ) -> (tempfile::NamedTempFile, Arc<dyn BlockIo>, Vec<u8>) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 / 4093 % 251) as u8 + 1).collect();
+        std::fs::write(f.path(), &data).unwrap();
+        let mut spec = crate::blockio::OpenSpec::origin(f.path());
+        spec.engine = engine;
+        let io = crate::blockio::open(&spec).unwrap();
+        (f, io, data)
+    }
+
+    fn file_engines() -> Vec<crate::blockio::IoEngine> {
+        let mut v = vec![crate::blockio::IoEngine::Sync];
+        if uring::probe() {
+            v.push(crate::blockio::IoEngine::Uring);
+        }
+        v
+    }
+
+    #[test]
+    fn a_file_read_with_o_direct_reads_its_unaligned_tail_on_both_engines() {
+        let size = (3 << 20) + 1234;
+        let whole = size / 4096 * 4096;
+        for engine in file_engines() {
+            let (_f, origin, data) = file_origin(size, engine);
+            let Some(d) = crate::blockio::open_direct_file_reader(&*origin).unwrap() else {
+                println!("SKIP: no O_DIRECT on this file system");
+                return;
+            };
+            let name = d.engine_name();
+            assert_eq!(name, origin.engine_name());
+            assert_eq!(d.size(), size as u64);
+            assert!(d.plain_file().is_none(), "{name}");
+            // the drainer's way: aligned buffers, runs of whole chunks, a short last one
+            let mut a = AlignedBuf::new();
+            a.resize(size);
+            {
+                let mut reqs: Vec<(&mut [u8], u64)> = a
+                    .chunks_mut(1 << 20)
+                    .enumerate()
+                    .map(|(i, c)| (c, (i as u64) << 20))
+                    .collect();
+                d.read_many(&mut reqs).unwrap();
+            }
+            assert!(a[..] == data[..], "{name}: whole file");
+            // aligned start, crossing the last whole block into the tail
+            let mut b = AlignedBuf::new();
+            b.resize(4096 + 1234);
+            d.read_at(&mut b, (whole - 4096) as u64).unwrap();
+            assert_eq!(&b[..], &data[whole - 4096..], "{name}: across the tail");
+            // inside the tail only, and unaligned across it
+            let mut t = vec![0u8; 100];
+            d.read_at(&mut t, whole as u64 + 10).unwrap();
+            assert_eq!(
+                &t[..],
+                &data[whole + 10..whole + 110],
+                "{name}: in the tail"
+            );
+            let mut u = vec![0u8; 9000];
+            d.read_at(&mut u, (size - 9000) as u64).unwrap();
+            assert_eq!(&u[..], &data[size - 9000..], "{name}: unaligned to the end");
+            // past the end: refused, as on every engine
+            assert!(d.read_at(&mut t, size as u64 - 50).is_err(), "{name}");
+            // a reader only
+            assert!(d.write_at(&b, 0).is_err(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_file_read_with_o_direct_sees_writes_still_dirty_in_the_page_cache() {
+        let size = (2 << 20) + 100;
+        for engine in file_engines() {
+            let (_f, origin, _) = file_origin(size, engine);
+            let Some(d) = crate::blockio::open_direct_file_reader(&*origin).unwrap() else {
+                println!("SKIP: no O_DIRECT on this file system");
+                return;
+            };
+            let name = d.engine_name();
+            // read once through O_DIRECT (nothing of it cached by this reader)
+            let mut a = AlignedBuf::new();
+            a.resize(1 << 20);
+            d.read_at(&mut a, 1 << 20).unwrap();
+            // buffered writes, never flushed: dirty pages of the file
+            origin.write_at(&[0xA5; 8192], (1 << 20) + 4096).unwrap();
+            origin.write_at(&[0x5A; 77], size as u64 - 80).unwrap();
+            d.read_at(&mut a, 1 << 20).unwrap();
+            assert!(
+                a[4096..4096 + 8192].iter().all(|&b| b == 0xA5),
+                "{name}: dirty pages"
+            );
+            assert!(
+                a[..4096].iter().all(|&b| b != 0xA5),
+                "{name}: neighbours kept"
+            );
+            let mut t = AlignedBuf::new();
+            t.resize(size - (2 << 20));
+            d.read_at(&mut t, 2 << 20).unwrap();
+            assert!(
+                t[t.len() - 80..t.len() - 3].iter().all(|&b| b == 0x5A),
+                "{name}: tail"
+            );
         }
     }
 }

@@ -279,6 +279,72 @@ pub(crate) fn reopen_direct(
     Ok(Some(Arc::new(direct::DirectIo::new(io, lbs))))
 }
 
+/// A read-only O_DIRECT handle on the regular file `origin` reads (its
+/// [`BlockIo::plain_file`]; `Ok(None)` for anything else), on the same engine, for a
+/// backup's bulk reads of a file origin (`Target::reads_file_origin_direct`). The
+/// same inode reopened through `/proc/self/fd`; requests aligned to
+/// [`crate::aligned::ALIGN`] (4096, a multiple of every common file system's O_DIRECT
+/// unit) go to the file O_DIRECT, the rest through an aligned bounce buffer, and the
+/// bytes past the last whole block of a size that is not a multiple of it through a
+/// buffered fd of the file ([`direct::DirectIo::with_tail`]). Coherence is the block
+/// device's (`direct` module notes): Linux writes back the dirty cached pages of a
+/// file range before an O_DIRECT read of it. `Ok(None)`, with a log line, where the
+/// file system refuses O_DIRECT or 4096-byte aligned direct reads (EINVAL).
+pub fn open_direct_file_reader(origin: &dyn BlockIo) -> Result<Option<Arc<dyn BlockIo>>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let Some(file) = origin.plain_file() else {
+        return Ok(None);
+    };
+    let size = origin.size();
+    let refused = |e: &std::io::Error| {
+        log::info!(
+            "O_DIRECT refused on the origin file ({e}); the drainer reads through the page cache"
+        );
+    };
+    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+        .open(&proc_path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            refused(&e);
+            return Ok(None);
+        }
+        Err(e) => return Err(Error::io("unable to reopen the origin with O_DIRECT", e)),
+    };
+    let lbs = crate::aligned::ALIGN;
+    // a file system that wants more than 4096-byte alignment refuses these
+    let mut probe = crate::aligned::AlignedBuf::new();
+    probe.resize(lbs);
+    for off in [0, lbs as u64] {
+        if off + lbs as u64 > size {
+            break;
+        }
+        match f.read_at(&mut probe, off) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                refused(&e);
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io("unable to read the origin with O_DIRECT", e)),
+        }
+    }
+    let tail = file
+        .try_clone()
+        .map_err(|e| Error::io("unable to duplicate the origin's fd", e))?;
+    let engine = match origin.engine_name() {
+        "uring" => IoEngine::Uring,
+        _ => IoEngine::Sync,
+    };
+    let io = with_engine(engine, f, size, false)?;
+    Ok(Some(Arc::new(
+        direct::DirectIo::new(io, lbs).with_tail(tail),
+    )))
+}
+
 /// Logical block size of a block device (BLKSSZGET): the unit of O_DIRECT offsets and
 /// lengths.
 pub fn logical_block_size(file: &File) -> std::io::Result<usize> {

@@ -57,6 +57,7 @@ use super::object::ObjectRepo;
 use crate::bytes::is_zero;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, hex};
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -257,37 +258,48 @@ fn chunk_key(hash: &[u8; 32]) -> String {
     format!("chunks/{}/{h}", &h[..2])
 }
 
-/// A chunk's stored bytes: header and payload (zstd when that shrinks it; sealed under
-/// `key`).
-fn encode_chunk(hash: &[u8; 32], data: &[u8], key: Option<&RepoKey>) -> Result<Vec<u8>> {
+/// A chunk's header and payload (zstd when that shrinks it; sealed under `key`;
+/// otherwise the data itself, not copied).
+fn encode_parts<'a>(
+    hash: &[u8; 32],
+    data: &'a [u8],
+    key: Option<&RepoKey>,
+) -> Result<([u8; HDR], Cow<'a, [u8]>)> {
     let compressed = match worth_compressing(data) {
         true => zstd::bulk::compress(data, ZSTD_LEVEL)
             .ctx(|| format!("unable to compress chunk {}", hex(hash)))?,
         false => Vec::new(),
     };
-    let (enc, payload): (u8, &[u8]) = if !compressed.is_empty() && compressed.len() < data.len() {
-        (1, &compressed)
-    } else {
-        (0, data)
-    };
+    let (enc, payload): (u8, Cow<'a, [u8]>) =
+        if !compressed.is_empty() && compressed.len() < data.len() {
+            (1, Cow::Owned(compressed))
+        } else {
+            (0, Cow::Borrowed(data))
+        };
     let stored_len = payload.len() + key.map_or(0, |_| super::crypt::CHUNK_OVERHEAD);
-    let mut out = Vec::with_capacity(HDR + stored_len);
-    out.extend_from_slice(&MAGIC);
-    out.push(match key {
+    let mut hdr = [0u8; HDR];
+    hdr[..4].copy_from_slice(&MAGIC);
+    hdr[4] = match key {
         None => CHUNK_VERSION,
         Some(_) => CHUNK_VERSION_SEALED,
-    });
-    out.push(enc);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(stored_len as u32).to_le_bytes());
-    match key {
-        None => out.extend_from_slice(payload),
-        Some(k) => {
-            let sealed = k.seal_chunk(&chunk_aad(&out, hash), payload)?;
-            out.extend_from_slice(&sealed);
-        }
-    }
+    };
+    hdr[5] = enc;
+    hdr[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    hdr[12..16].copy_from_slice(&(stored_len as u32).to_le_bytes());
+    let payload = match key {
+        None => payload,
+        Some(k) => Cow::Owned(k.seal_chunk(&chunk_aad(&hdr, hash), &payload)?),
+    };
+    Ok((hdr, payload))
+}
+
+/// A chunk's stored bytes: header and payload (zstd when that shrinks it; sealed under
+/// `key`).
+fn encode_chunk(hash: &[u8; 32], data: &[u8], key: Option<&RepoKey>) -> Result<Vec<u8>> {
+    let (hdr, payload) = encode_parts(hash, data, key)?;
+    let mut out = Vec::with_capacity(HDR + payload.len());
+    out.extend_from_slice(&hdr);
+    out.extend_from_slice(&payload);
     Ok(out)
 }
 
@@ -376,15 +388,17 @@ fn decode_header<'a>(hash: &[u8; 32], raw: &'a [u8], key: Option<&RepoKey>) -> R
     })
 }
 
-/// Read the chunk file at `path` and decode it: it decodes, hashes to `hash` and holds
-/// `expect_len` bytes (the outer error is I/O, the inner one the file's content). A raw
-/// (encoding 0) payload is read straight into the buffer returned: no copy of it.
+/// Read the chunk file at `path` and decode it into `out` (replacing its content):
+/// it decodes, hashes to `hash` and holds `expect_len` bytes (the outer error is I/O,
+/// the inner one the file's content). A raw (encoding 0) payload is read straight
+/// into `out`, whose allocation is reused: no copy, no fresh zeroed memory per chunk.
 fn read_decoded(
     hash: &[u8; 32],
     path: &Path,
     expect_len: usize,
     key: Option<&RepoKey>,
-) -> std::io::Result<Result<Vec<u8>>> {
+    out: &mut Vec<u8>,
+) -> std::io::Result<Result<()>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let size = f.metadata()?.len();
@@ -399,32 +413,41 @@ fn read_decoded(
         Err(e) => return Ok(Err(e)),
     };
     // stored_len (= payload_len) fits in the header's u32
-    let mut payload = vec![0u8; payload_len];
-    if let Err(e) = f.read_exact(&mut payload) {
-        return match e.kind() {
-            // shorter than its size said a moment ago: damage, like a truncation
-            std::io::ErrorKind::UnexpectedEof => Ok(Err(corrupt(hash, "truncated"))),
-            _ => Err(e),
-        };
+    let mut stored = Vec::new();
+    let dst = match (encoding, key) {
+        (0, None) => &mut *out,
+        _ => &mut stored,
+    };
+    dst.clear();
+    dst.reserve(payload_len);
+    // read_to_end fills the spare capacity without zeroing it first
+    (&mut f).take(payload_len as u64).read_to_end(dst)?;
+    if dst.len() != payload_len {
+        // shorter than its size said a moment ago: damage, like a truncation
+        return Ok(Err(corrupt(hash, "truncated")));
     }
-    let payload = match unseal(hash, &hdr, payload, key) {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(e)),
-    };
-    let data = match encoding {
-        0 => payload,
-        _ => match zstd::bulk::decompress(&payload, raw_len) {
-            Ok(d) => d,
+    if key.is_some() {
+        stored = match unseal(hash, &hdr, stored, key) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        if encoding == 0 {
+            *out = std::mem::take(&mut stored);
+        }
+    }
+    if encoding != 0 {
+        match zstd::bulk::decompress(&stored, raw_len) {
+            Ok(d) => *out = d,
             Err(e) => return Ok(Err(corrupt(hash, &format!("does not decompress: {e}")))),
-        },
-    };
-    if data.len() != raw_len || content_hash(&data, key) != *hash {
+        }
+    }
+    if out.len() != raw_len || content_hash(out, key) != *hash {
         return Ok(Err(corrupt(hash, "content does not match its hash")));
     }
-    if data.len() != expect_len {
-        return Ok(Err(wrong_len(hash, data.len(), expect_len)));
+    if out.len() != expect_len {
+        return Ok(Err(wrong_len(hash, out.len(), expect_len)));
     }
-    Ok(Ok(data))
+    Ok(Ok(()))
 }
 
 /// Decode a chunk file and check its content hashes to `hash`.
@@ -733,11 +756,13 @@ impl ChunkStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(PARENT);
         }
-        let bytes = encode_chunk(hash, data, self.key.as_deref())?;
+        // header and payload written apart: a raw chunk's data is not copied first
+        let (hdr, payload) = encode_parts(hash, data, self.key.as_deref())?;
         let mut f = fsutil::AtomicFile::create(&path)?;
         let name = path.display().to_string();
         f.file()
-            .write_all(&bytes)
+            .write_all(&hdr)
+            .and_then(|()| f.file().write_all(&payload))
             .ctx(|| format!("unable to write chunk {name}"))?;
         // SAFETY: sync_file_range takes a valid fd (borrowed from the open file) and
         // integers; it touches no memory of ours.
@@ -755,7 +780,7 @@ impl ChunkStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(hash[0] as u16);
-        let n = bytes.len() as u64;
+        let n = (HDR + payload.len()) as u64;
         let ins = if healed {
             Insert::Healed(n)
         } else {
@@ -784,16 +809,25 @@ impl ChunkStore {
     /// A damaged chunk is quarantined (the error says so); a quarantined one reads as
     /// `NotFound`, saying it was quarantined.
     pub fn read(&self, hash: &[u8; 32], expect_len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_into(hash, expect_len, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::read`] into `out` (its content replaced, its allocation reused): for
+    /// readers of many chunks, which then neither allocate nor fault in fresh memory
+    /// per chunk. On error `out` holds nothing of use.
+    pub fn read_into(&self, hash: &[u8; 32], expect_len: usize, out: &mut Vec<u8>) -> Result<()> {
         if self.remote.is_some() {
-            return self.read_no_quarantine(hash, expect_len);
+            return self.read_no_quarantine_into(hash, expect_len, out);
         }
-        match self.read_no_quarantine(hash, expect_len) {
-            Ok(d) => Ok(d),
+        match self.read_no_quarantine_into(hash, expect_len, out) {
+            Ok(()) => Ok(()),
             Err(e) if is_damage(&e) => match self.quarantine_damaged(hash, expect_len) {
                 Ok(Some(q)) => {
                     Err(e.with_context(format!("chunk moved to quarantine ({})", q.display())))
                 }
-                Ok(None) => self.read_no_quarantine(hash, expect_len),
+                Ok(None) => self.read_no_quarantine_into(hash, expect_len, out),
                 Err(qe) => {
                     log::warn!("{qe}");
                     Err(e)
@@ -805,8 +839,22 @@ impl ChunkStore {
 
     /// [`Self::read`] without quarantining anything.
     pub fn read_no_quarantine(&self, hash: &[u8; 32], expect_len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_no_quarantine_into(hash, expect_len, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::read_no_quarantine`] into `out` (see [`Self::read_into`]).
+    pub fn read_no_quarantine_into(
+        &self,
+        hash: &[u8; 32],
+        expect_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         if *hash == ZERO_HASH {
-            return Ok(vec![0u8; expect_len]);
+            out.clear();
+            out.resize(expect_len, 0);
+            return Ok(());
         }
         if let Some(r) = &self.remote {
             let raw = r.repo.get(&chunk_key(hash))?.ok_or_else(|| {
@@ -817,10 +865,11 @@ impl ChunkStore {
                     r.repo.url()
                 )
             })?;
-            return decode(hash, &raw, expect_len, self.key.as_deref());
+            *out = decode(hash, &raw, expect_len, self.key.as_deref())?;
+            return Ok(());
         }
         let path = self.path_of(hash);
-        match read_decoded(hash, &path, expect_len, self.key.as_deref()) {
+        match read_decoded(hash, &path, expect_len, self.key.as_deref(), out) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.is_quarantined(hash) => {
                 Err(crate::err!(

@@ -34,7 +34,10 @@
 //!   (`ChunkStore::insert_unpublished`); `commit` publishes the rest before it syncs the
 //!   directories and publishes the index, abort or drop removes them.
 //! - Hashing, compression and chunk writes run on a small worker pool (`write` copies
-//!   the data into a bounded queue and returns); `commit` waits for the workers, and
+//!   the data into a bounded queue and returns; `write_owned`, the drainer's way, takes
+//!   the batch buffer itself, its chunks' work sharing it without a copy, and returns a
+//!   free one of workers + [`SPARE_BATCHES`] buffers in circulation, waiting for one
+//!   if need be, so the data held stays bounded); `commit` waits for the workers, and
 //!   abort or drop joins them before the lock is released, so no chunk is written
 //!   into the repository after the shared lock is gone.
 
@@ -44,10 +47,11 @@ use super::generation::{
 };
 use super::index::{chunk_count, FixedIndex};
 use super::{Repo, DEFAULT_CHUNK_SIZE};
+use crate::aligned::AlignedBuf;
 use crate::changelog::Cut;
 use crate::error::Result;
 use crate::target::{Scope, SnapshotInfo, Target, TargetSummary};
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -60,8 +64,42 @@ struct ChunkWork {
     seq: u64,
     index: u64,
     off: u64,
-    data: Vec<u8>,
+    data: ChunkData,
 }
+
+/// A chunk's bytes: its own copy, or a range of a batch buffer the drainer gave away.
+enum ChunkData {
+    Owned(Vec<u8>),
+    Shared(Arc<Batch>, std::ops::Range<usize>),
+}
+
+impl ChunkData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            ChunkData::Owned(v) => v,
+            ChunkData::Shared(b, r) => &b.buf[r.clone()],
+        }
+    }
+}
+
+/// A drainer batch buffer handed over (`write_owned`), shared by the work of its
+/// chunks; the last of them to finish sends it back for the drainer to reuse.
+struct Batch {
+    buf: AlignedBuf,
+    back: Sender<AlignedBuf>,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // the pool's channel holds every buffer of it, so this never blocks; a full
+        // one (the drainer's own first buffer came on top) frees this buffer instead
+        let _ = self.back.try_send(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Batch buffers in circulation beyond the workers' count: with one per worker they
+/// bound a backup's buffered data at (workers + this) × the drainer's largest batch.
+const SPARE_BATCHES: usize = 2;
 
 /// The newest state of a chunk handed over in this backup.
 #[derive(Clone, Copy)]
@@ -100,6 +138,9 @@ const PUBLISH_LAG: usize = 32;
 struct Pool {
     tx: Option<Sender<ChunkWork>>,
     workers: Vec<JoinHandle<()>>,
+    /// Free batch buffers (`write_owned`); `batches` of them in circulation.
+    free_tx: Sender<AlignedBuf>,
+    free_rx: Receiver<AlignedBuf>,
 }
 
 impl Pool {
@@ -128,9 +169,17 @@ impl Pool {
                 .map_err(|e| crate::Error::io("unable to start a repository worker", e))?;
             workers.push(h);
         }
+        let batches = n + SPARE_BATCHES;
+        let (free_tx, free_rx) = bounded::<AlignedBuf>(batches);
+        for _ in 0..batches {
+            // empty: the drainer sizes (allocates) it at its first use
+            let _ = free_tx.try_send(AlignedBuf::new());
+        }
         Ok(Pool {
             tx: Some(tx),
             workers,
+            free_tx,
+            free_rx,
         })
     }
 
@@ -150,17 +199,14 @@ fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, work: ChunkWork) {
     if lock_shared(shared).error.is_some() {
         return;
     }
-    let h = repo.store().hash(&work.data);
+    let data = work.data.bytes();
+    let h = repo.store().hash(data);
     let r = if h == ZERO_HASH {
         None
     } else {
-        Some(
-            repo.store()
-                .insert_unpublished(&h, &work.data)
-                .map_err(|e| {
-                    e.with_context(format!("unable to store the chunk at offset {}", work.off))
-                }),
-        )
+        Some(repo.store().insert_unpublished(&h, data).map_err(|e| {
+            e.with_context(format!("unable to store the chunk at offset {}", work.off))
+        }))
     };
     let mut s = lock_shared(shared);
     let pending = match r {
@@ -430,9 +476,82 @@ impl RepoTarget {
         }
         Ok((parent, idx))
     }
+
+    /// Queue the repository chunks of `off..off+len` for the workers, each chunk's
+    /// bytes (its range of the data) made by `make`.
+    fn queue(
+        &mut self,
+        off: u64,
+        len: usize,
+        make: &mut dyn FnMut(std::ops::Range<usize>) -> ChunkData,
+    ) -> Result<()> {
+        let Some(info) = &self.info else {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to store data: backup not begun"
+            ));
+        };
+        let disk_size = info.disk_size;
+        let cs = self.repo.chunk_size() as u64;
+        if off & (cs - 1) != 0 {
+            return Err(crate::err!(
+                InvalidInput,
+                "unable to store data at offset {off}: not aligned to the repository chunk size {cs}"
+            ));
+        }
+        crate::blockio::check_range(disk_size, off, len as u64, "repository write")?;
+        let mut pos = 0usize;
+        while pos < len {
+            let coff = off + pos as u64;
+            let want = (disk_size - coff).min(cs) as usize;
+            if pos + want > len {
+                return Err(crate::err!(
+                    InvalidInput,
+                    "unable to store data at offset {coff}: {} bytes is not a whole repository chunk",
+                    len - pos
+                ));
+            }
+            let i = coff / cs;
+            {
+                let mut sh = lock_shared(&self.shared);
+                if let Some(e) = &sh.error {
+                    return Err(crate::Error::new(e.kind(), e.to_string()));
+                }
+                // registered before it is queued, so a zero range handed over before
+                // the work finishes takes precedence over it
+                sh.changes.entry(i).or_insert(Change {
+                    seq: 0,
+                    hash: ZERO_HASH,
+                });
+            }
+            self.work_seq += 1;
+            let tx = self
+                .pool
+                .as_ref()
+                .and_then(|p| p.tx.as_ref())
+                .ok_or_else(|| {
+                    crate::err!(InvalidInput, "unable to store data: backup not begun")
+                })?;
+            tx.send(ChunkWork {
+                seq: self.work_seq,
+                index: i,
+                off: coff,
+                data: make(pos..pos + want),
+            })
+            .map_err(|_| crate::err!(Io, "unable to store data: repository workers stopped"))?;
+            self.stats.bytes_read += want as u64;
+            pos += want;
+        }
+        Ok(())
+    }
 }
 
 impl Target for RepoTarget {
+    fn reads_file_origin_direct(&self) -> bool {
+        // every byte is hashed (and probed for compression) from the drainer's buffer
+        true
+    }
+
     fn granule_chunks(&self) -> u32 {
         (self.repo.chunk_size() / self.tracking_chunk).max(1)
     }
@@ -519,67 +638,58 @@ impl Target for RepoTarget {
         Ok(())
     }
 
+    fn takes_buffers(&self) -> bool {
+        true
+    }
+
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
-        let Some(info) = &self.info else {
+        self.queue(off, data.len(), &mut |r| ChunkData::Owned(data[r].to_vec()))
+    }
+
+    fn write_owned(&mut self, off: u64, data: AlignedBuf, len: usize) -> Result<AlignedBuf> {
+        let Some(pool) = &self.pool else {
             return Err(crate::err!(
                 InvalidInput,
                 "unable to store data: backup not begun"
             ));
         };
-        let disk_size = info.disk_size;
-        let cs = self.repo.chunk_size() as u64;
-        if off & (cs - 1) != 0 {
+        if len > data.len() {
             return Err(crate::err!(
                 InvalidInput,
-                "unable to store data at offset {off}: not aligned to the repository chunk size {cs}"
+                "unable to store data at offset {off}: {len} bytes asked of a buffer of {}",
+                data.len()
             ));
         }
-        crate::blockio::check_range(disk_size, off, data.len() as u64, "repository write")?;
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let coff = off + pos as u64;
-            let want = (disk_size - coff).min(cs) as usize;
-            let piece = data.get(pos..pos + want).ok_or_else(|| {
-                crate::err!(
-                    InvalidInput,
-                    "unable to store data at offset {coff}: {} bytes is not a whole repository chunk",
-                    data.len() - pos
-                )
-            })?;
-            let i = coff / cs;
-            {
-                let mut sh = lock_shared(&self.shared);
-                if let Some(e) = &sh.error {
-                    return Err(crate::Error::new(e.kind(), e.to_string()));
+        let free = pool.free_rx.clone();
+        let batch = Arc::new(Batch {
+            buf: data,
+            back: pool.free_tx.clone(),
+        });
+        self.queue(off, len, &mut |r| ChunkData::Shared(batch.clone(), r))?;
+        drop(batch);
+        // the next batch's buffer: a free one, once the work of an earlier batch is done
+        loop {
+            match free.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(b) => return Ok(b),
+                Err(RecvTimeoutError::Disconnected) => return Ok(AlignedBuf::new()),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(e) = &lock_shared(&self.shared).error {
+                        return Err(crate::Error::new(e.kind(), e.to_string()));
+                    }
+                    let stopped = self
+                        .pool
+                        .as_ref()
+                        .is_none_or(|p| p.workers.iter().all(|w| w.is_finished()));
+                    if stopped {
+                        return Err(crate::err!(
+                            Io,
+                            "unable to store data: repository workers stopped"
+                        ));
+                    }
                 }
-                // registered before it is queued, so a zero range handed over before
-                // the work finishes takes precedence over it
-                sh.changes.entry(i).or_insert(Change {
-                    seq: 0,
-                    hash: ZERO_HASH,
-                });
             }
-            self.work_seq += 1;
-            let tx = self
-                .pool
-                .as_ref()
-                .and_then(|p| p.tx.as_ref())
-                .ok_or_else(|| {
-                    crate::err!(InvalidInput, "unable to store data: backup not begun")
-                })?;
-            tx.send(ChunkWork {
-                seq: self.work_seq,
-                index: i,
-                off: coff,
-                data: piece.to_vec(),
-            })
-            .map_err(|_| crate::err!(Io, "unable to store data: repository workers stopped"))?;
-            self.stats.bytes_read += piece.len() as u64;
-            pos += want;
         }
-        Ok(())
     }
-
     fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
         let Some(info) = &self.info else {
             return Err(crate::err!(

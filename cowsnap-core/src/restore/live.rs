@@ -66,6 +66,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+thread_local! {
+    /// A chunk buffer per thread that fetches chunks (fillers, readers of a missing
+    /// chunk), reused for every chunk it fetches: no fresh allocation per chunk. At
+    /// most one repository chunk per such thread.
+    static FETCH_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Chunks fetched per durable step of the background fill.
 const FILL_BATCH: usize = 16;
 /// Most chunks of one zero run of the background fill (one durable step, one set of
@@ -508,14 +515,17 @@ impl FillingIo {
         if *h == ZERO_HASH {
             return self.dest.write_zeroes(off, len as u64, true);
         }
-        let data = repo.store().read(h, len).map_err(|e| {
-            e.with_context(format!(
-                "unable to restore generation {} at offset {off} (chunk {})",
-                self.index.generation,
-                hex(h)
-            ))
-        })?;
-        self.dest.write_at(&data, off)
+        FETCH_BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            repo.store().read_into(h, len, &mut buf).map_err(|e| {
+                e.with_context(format!(
+                    "unable to restore generation {} at offset {off} (chunk {})",
+                    self.index.generation,
+                    hex(h)
+                ))
+            })?;
+            self.dest.write_at(&buf, off)
+        })
     }
 
     /// Persist the bits of `chunks` (their data already durable), then publish them.

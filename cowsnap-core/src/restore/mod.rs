@@ -89,6 +89,7 @@ fn restore_chunk(
     i: u64,
     io: &dyn BlockIo,
     reads_zero: bool,
+    buf: &mut Vec<u8>,
 ) -> Result<Option<usize>> {
     let off = i * idx.chunk_size as u64;
     let len = idx.chunk_len(i);
@@ -99,14 +100,14 @@ fn restore_chunk(
         }
         return Ok(None);
     }
-    let data = repo.store().read(h, len).map_err(|e| {
+    repo.store().read_into(h, len, buf).map_err(|e| {
         e.with_context(format!(
             "unable to restore generation {} at offset {off} (chunk {})",
             idx.generation,
             hex(h)
         ))
     })?;
-    io.write_at(&data, off)?;
+    io.write_at(buf, off)?;
     Ok(Some(len))
 }
 
@@ -259,40 +260,44 @@ fn restore_body(
     };
     std::thread::scope(|s| {
         for _ in 0..workers {
-            s.spawn(|| loop {
-                if failed.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Some(&piece) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    return;
-                };
-                let r = match piece {
-                    Piece::Data(i) => restore_chunk(repo, idx, i, &*io, reads_zero)
-                        .map(|d| (d.is_some(), idx.chunk_len(i) as u64)),
-                    Piece::Zeros(a, b) => {
-                        let cs = u64::from(idx.chunk_size);
-                        let len = b.saturating_mul(cs).min(g.disk_size) - a * cs;
-                        match reads_zero {
-                            true => Ok((false, len)),
-                            false => io.write_zeroes(a * cs, len, true).map(|_| (false, len)),
-                        }
-                    }
-                };
-                match r {
-                    Ok((data, len)) => {
-                        if data {
-                            data_chunks.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let t = done_bytes.fetch_add(len, Ordering::Relaxed) + len;
-                        progress(t, g.disk_size);
-                    }
-                    Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        let mut fe = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                        if fe.is_none() {
-                            *fe = Some(e);
-                        }
+            s.spawn(|| {
+                // one chunk buffer per worker, reused for every chunk it restores
+                let mut buf = Vec::new();
+                loop {
+                    if failed.load(Ordering::Relaxed) {
                         return;
+                    }
+                    let Some(&piece) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    let r = match piece {
+                        Piece::Data(i) => restore_chunk(repo, idx, i, &*io, reads_zero, &mut buf)
+                            .map(|d| (d.is_some(), idx.chunk_len(i) as u64)),
+                        Piece::Zeros(a, b) => {
+                            let cs = u64::from(idx.chunk_size);
+                            let len = b.saturating_mul(cs).min(g.disk_size) - a * cs;
+                            match reads_zero {
+                                true => Ok((false, len)),
+                                false => io.write_zeroes(a * cs, len, true).map(|_| (false, len)),
+                            }
+                        }
+                    };
+                    match r {
+                        Ok((data, len)) => {
+                            if data {
+                                data_chunks.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let t = done_bytes.fetch_add(len, Ordering::Relaxed) + len;
+                            progress(t, g.disk_size);
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            let mut fe = first_err.lock().unwrap_or_else(|p| p.into_inner());
+                            if fe.is_none() {
+                                *fe = Some(e);
+                            }
+                            return;
+                        }
                     }
                 }
             });
@@ -306,7 +311,7 @@ fn restore_body(
         .map_err(|e| e.with_context(format!("unable to flush {}", dest.display())))?;
     let mut data_chunks = data_chunks.into_inner();
     if first == 1 {
-        if restore_chunk(repo, idx, 0, &*io, false)?.is_some() {
+        if restore_chunk(repo, idx, 0, &*io, false, &mut Vec::new())?.is_some() {
             data_chunks += 1;
         }
         io.flush()

@@ -10,6 +10,7 @@
 
 pub mod raw;
 
+use crate::aligned::AlignedBuf;
 use crate::changelog::Cut;
 use crate::chunk_map::Geometry;
 use crate::error::Result;
@@ -140,6 +141,15 @@ pub trait Target: Send {
         let _ = relative_to;
         Scope::All
     }
+    /// Whether the backup's bulk reads of a regular-file origin should bypass the page
+    /// cache (O_DIRECT, where `EngineConfig::direct_io` allows it): for targets that
+    /// take every byte through the drainer's buffer anyway (hashing, compressing), so
+    /// the copy out of the page cache is saved and the machine's cache is left alone.
+    /// The default (`false`) keeps the buffered reads, which in-kernel copies
+    /// (`copy_from_file`) need.
+    fn reads_file_origin_direct(&self) -> bool {
+        false
+    }
     /// Which chunks must be read; called once, at the snapshot instant, with the cut.
     fn scope(&mut self, cut: Option<&Cut>) -> Result<Scope>;
     /// Called once before any data, with facts about the snapshot.
@@ -147,6 +157,20 @@ pub trait Target: Send {
     /// Store `data` (whole granules, `data.len()` a multiple of the chunk size except
     /// at the disk's end) at byte offset `off`.
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()>;
+    /// Whether the drainer should hand its batch buffers over (`write_owned`) instead
+    /// of lending them (`write`). The default (`false`): lent.
+    fn takes_buffers(&self) -> bool {
+        false
+    }
+    /// [`Self::write`] of `data[..len]`, the buffer given away (a target that keeps
+    /// the bytes for later work then needs no copy of them). Returns a buffer for the
+    /// drainer's next batch: a recycled one, or an empty one; it may block until one
+    /// is free, which is how such a target bounds its memory. Called only when
+    /// `takes_buffers`; the default lends the buffer to `write` and gives it back.
+    fn write_owned(&mut self, off: u64, data: AlignedBuf, len: usize) -> Result<AlignedBuf> {
+        self.write(off, &data[..len])?;
+        Ok(data)
+    }
     /// Store the bytes `off..off+len` of `src`, the origin's own file, at the same
     /// offset, copied in the kernel (`copy_file_range`) instead of through the
     /// drainer's buffer. Whole chunks; asked only of targets whose granule is one
