@@ -159,7 +159,11 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
     }
     if let Some(r) = &a.restore_from {
         let (dir, gen) = restore_source(r)?;
-        let dir = abs(&dir)?;
+        // an object store's URL is no path
+        let dir = match cowsnap_core::repo::object::is_s3(&dir) {
+            true => dir,
+            false => abs(&dir)?,
+        };
         a.restore_from = Some(match gen {
             Some(g) => format!("repo:{}@{g}", dir.display()),
             None => format!("repo:{}", dir.display()),

@@ -20,9 +20,9 @@
 //! - Locks (`flock`): none, and no lock objects and no conditional writes. Every key is
 //!   written by one writer (a generation's two objects by its backup, whose id holds 32
 //!   random bits) or is content-addressed (a chunk: two writers PUT the same bytes).
-//!   What needs a lock — pins of live restores, the quarantine — is refused on these
-//!   repositories for now ("not yet supported for s3 repositories"), before anything
-//!   is touched. Prune removes generations but deletes no chunk (one may be what a
+//!   What needs a lock — exports (a `flock` on their pin), the quarantine — is refused
+//!   on these repositories for now ("not yet supported for s3 repositories"), before
+//!   anything is touched. A live restore's pin is an object (see `repo::pin`). Prune removes generations but deletes no chunk (one may be what a
 //!   running backup decided to reuse; see `repo::prune`).
 //! - Dedup: a backup lists `chunks/` once (1000 keys a request) and takes the chunks
 //!   listed as present; a chunk written by another writer since is written again (the

@@ -36,7 +36,7 @@
 //! # On an object store
 //!
 //! There is no lock (see `repo::object`), so a backup on another host may run during
-//! the prune. Steps 1, 3 (with no pins: an object store holds none) and 4 are the
+//! the prune. Steps 1, 3 (pins are objects `PREFIX/pins/…`) and 4 are the
 //! same; step 5 deletes each removed generation's metadata object (the unpublish)
 //! before its index, and nothing else: no chunk (a running backup may have decided to
 //! reuse an unreferenced one, or be taking its parent's hashes from a generation
@@ -199,12 +199,7 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     // Decide.
     let mut pins = Vec::new();
     let mut stale = Vec::new();
-    // An object store holds no pins (live restore from it is refused).
-    let listed_pins = match &repo.remote {
-        Some(_) => Vec::new(),
-        None => pin::list(&repo)?,
-    };
-    for p in listed_pins {
+    for p in pin::list(&repo)? {
         match pin::stale_reason(&p) {
             Some(why) => {
                 rep.stale_pins_removed

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Failures of backups into an S3 bucket (repo:s3://…, a real radosgw from
+# scripts/s3-server.sh on ports of its own), on a 384 MiB disk of random data (an upload
+# of several seconds):
+#  a. kill -9 of the daemon mid-upload: nothing is published, the disk file holds exactly
+#     the content acknowledged before (hashes equal), it attaches again, and a later
+#     backup succeeds and restores to that content.
+#  b. the store stopped mid-backup (radosgw alone, `s3-server.sh rgw-stop`): the backup
+#     fails within the retry bound (8 retries, at most 120 s) naming the store, publishes
+#     nothing; the disk keeps serving (a write reads back) and its content is exact; once
+#     radosgw is back a later backup succeeds and restores exactly.
+#  c. verify finds a deleted chunk object: it names the chunk and exits nonzero.
+. "$(dirname "$0")/lib.sh"
+need_root
+need nbdcopy sha256sum curl cmp qemu-io
+[ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
+need_s3
+
+s3_test_store "${COWSNAP_TEST_S3_PORT:-17555}" "${COWSNAP_TEST_S3_MON_PORT:-13375}"
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+ngen() { json_field "$(ctl list "$REPO" --json)" 'length'; }
+bstate() { ctl status f74 --json | jq -r "${1:-.daemon.backup.state}"; }
+wait_copied() { # N: until the running backup copied N chunks
+  local i
+  for i in $(seq 300); do
+    [ "$(bstate .daemon.backup.chunks_copied)" -ge "$1" ] 2>/dev/null && return 0
+    [ "$(bstate)" = running ] || fail "backup not running: $(ctl status f74 --json)"
+    sleep 0.1
+  done
+  fail "the backup did not copy $1 chunks"
+}
+
+log "start the S3 store"
+start=$SECONDS
+bash "$S3" start || fail "s3-server.sh start"
+log "store up in $((SECONDS - start))s"
+eval "$(bash "$S3" env)" || fail "s3-server.sh env"
+bash "$S3" mb cowsnap-t74 || fail "create bucket"
+REPO=repo:s3://cowsnap-t74/f
+
+head -c $((384 << 20)) /dev/urandom > "$T/d.img"
+uri=$(ctl attach "$T/d.img" --name f74 --via none | tail -n 1) || fail "attach"
+nbd_write_random "$uri" 7 8 || fail "writes"
+nbdcopy "$uri" "$T/e1.img" || fail "nbdcopy"
+
+log "a. kill -9 of the daemon mid-upload"
+"$CTL" backup f74 --to "$REPO" --quiesce-idle 0 >"$T/ka.out" 2>&1 &
+S3_BGPID=$!
+wait_copied 40
+pid=$(json_field "$(ctl status f74 --json)" .daemon.pid)
+kill -9 "$pid"; wait_gone "$pid" 10 || fail "daemon $pid survived kill -9"
+wait "$S3_BGPID" && fail "the backup whose daemon was killed succeeded: $(cat "$T/ka.out")"
+S3_BGPID=
+log "killed daemon $pid mid-upload; backup: $(tail -n 1 "$T/ka.out")"
+[ "$(ngen)" = 0 ] || fail "a killed backup published a generation: $(ctl list "$REPO")"
+[ "$(sha "$T/d.img")" = "$(sha "$T/e1.img")" ] || fail "the disk file differs from its acknowledged content after kill -9"
+uri=$(ctl attach "$T/d.img" --name f74 --via none 2>"$T/att.err" | tail -n 1) || fail "attach after kill -9: $(cat "$T/att.err")"
+timeout 120 "$CTL" backup f74 --to "$REPO" --quiesce-idle 0 >"$T/b1.out" 2>&1 || fail "backup after the kill: $(cat "$T/b1.out")"
+g1=$(tail -n 1 "$T/b1.out" | jq -r .generation)
+ctl restore "$REPO@$g1" --to "$T/r1.img" >/dev/null || fail "restore $g1"
+cmp "$T/r1.img" "$T/e1.img" || fail "the backup after the kill does not restore to the disk's content"
+log "a. OK: nothing published, disk exact, later backup $g1 restores exactly"
+
+log "b. radosgw stopped mid-backup"
+nbd_write_random "$uri" 8 8 || fail "writes"
+nbdcopy "$uri" "$T/e2.img" || fail "nbdcopy"
+"$CTL" backup f74 --to "$REPO" --quiesce-idle 0 >"$T/kb.out" 2>&1 &
+S3_BGPID=$!
+wait_copied 40
+bash "$S3" rgw-stop || fail "rgw-stop"
+t0=$SECONDS
+timeout 200 tail --pid="$S3_BGPID" -f /dev/null
+wait "$S3_BGPID" && fail "a backup with the store stopped succeeded: $(cat "$T/kb.out")"
+S3_BGPID=
+took=$((SECONDS - t0))
+log "backup failed ${took}s after the store stopped: $(tail -n 2 "$T/kb.out" | tr '\n' ' ')"
+[ "$took" -le 150 ] || fail "the failure took ${took}s, beyond the retry bound"
+grep -q "cowsnap-t74" "$T/kb.out" || fail "the error does not name the repository: $(cat "$T/kb.out")"
+[ "$(bstate)" = failed ] || fail "backup state: $(ctl status f74 --json)"
+qemu-io -f raw "$uri" -c "write -P 0x5a 4096 64k" -c "read -P 0x5a 4096 64k" >"$T/qio" 2>&1 || fail "the disk does not serve: $(cat "$T/qio")"
+grep -q "verification failed" "$T/qio" && fail "a write does not read back"
+/usr/bin/python3 - "$T/e2.img" <<'PY' || fail "update the expected image"
+import sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(4096); f.write(b"\x5a" * 65536)
+PY
+nbdcopy "$uri" "$T/now.img" || fail "nbdcopy"
+cmp "$T/now.img" "$T/e2.img" || fail "the disk's content changed across the failed backup"
+bash "$S3" rgw-start || fail "rgw-start"
+[ "$(ngen)" = 1 ] || fail "the failed backup published something: $(ctl list "$REPO")"
+timeout 120 "$CTL" backup f74 --to "$REPO" --incremental --quiesce-idle 0 >"$T/b2.out" 2>&1 || fail "backup after the outage: $(cat "$T/b2.out")"
+g2=$(tail -n 1 "$T/b2.out" | jq -r .generation)
+ctl restore "$REPO@$g2" --to "$T/r2.img" >/dev/null || fail "restore $g2"
+cmp "$T/r2.img" "$T/e2.img" || fail "the backup after the outage does not restore to the disk's content"
+ctl detach f74 || fail "detach"
+log "b. OK: clear failure in ${took}s, nothing published, disk exact, later backup $g2 restores exactly"
+
+log "c. verify finds a deleted chunk object"
+ctl verify "$REPO" >"$T/v0.out" 2>&1 || fail "verify of the intact repository: $(cat "$T/v0.out")"
+key=$(s3_keys cowsnap-t74 f/chunks/ | head -n 1)
+[ -n "$key" ] || fail "no chunk objects listed"
+h=${key##*/}
+code=$(s3_curl "cowsnap-t74/$key" -X DELETE -o /dev/null -w '%{http_code}')
+[ "$code" = 204 ] || fail "DELETE $key: HTTP $code"
+ctl verify "$REPO" >"$T/v1.out" 2>&1 && fail "verify passed with chunk $h deleted: $(cat "$T/v1.out")"
+grep -q "$h" "$T/v1.out" || fail "verify does not name the deleted chunk $h: $(cat "$T/v1.out")"
+log "verify: $(grep -m1 "$h" "$T/v1.out")"
+log "PASS"
