@@ -310,10 +310,7 @@ impl FillingIo {
     fn slot(&self) -> Slot<'_> {
         let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         while *n >= FETCH_SLOTS {
-            n = self
-                .slot_free
-                .wait(n)
-                .unwrap_or_else(|p| p.into_inner());
+            n = self.slot_free.wait(n).unwrap_or_else(|p| p.into_inner());
         }
         *n += 1;
         Slot(self)
