@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Failures of backups into an S3 bucket (repo:s3://…, a real radosgw from
-# scripts/s3-server.sh on ports of its own), on a 384 MiB disk of random data (an upload
+# scripts/s3-server.sh on ports of its own), on a 320 MiB disk of random data (an upload
 # of several seconds):
 #  a. kill -9 of the daemon mid-upload: nothing is published, the disk file holds exactly
 #     the content acknowledged before (hashes equal), it attaches again, and a later
-#     backup succeeds and restores to that content.
+#     backup succeeds (b's incremental on top of it restores exactly).
 #  b. the store stopped mid-backup (radosgw alone, `s3-server.sh rgw-stop`), with the
 #     daemon's retry limit set to 15 s (COWSNAP_S3_RETRY_TIMEOUT): the backup fails
 #     within the bound (15 s, plus one last wait of at most 15 s) naming the store, and
@@ -42,7 +42,7 @@ eval "$(bash "$S3" env)" || fail "s3-server.sh env"
 bash "$S3" mb cowsnap-t74 || fail "create bucket"
 REPO=repo:s3://cowsnap-t74/f
 
-head -c $((384 << 20)) /dev/urandom > "$T/d.img"
+head -c $((320 << 20)) /dev/urandom > "$T/d.img"
 uri=$(ctl attach "$T/d.img" --name f74 --via none | tail -n 1) || fail "attach"
 nbd_write_random "$uri" 7 8 || fail "writes"
 nbdcopy "$uri" "$T/e1.img" || fail "nbdcopy"
@@ -62,9 +62,7 @@ uri=$(COWSNAP_S3_RETRY_TIMEOUT=15 ctl attach "$T/d.img" --name f74 --via none 2>
   fail "attach after kill -9: $(cat "$T/att.err")"
 timeout 120 "$CTL" backup f74 --to "$REPO" --quiesce-idle 0 >"$T/b1.out" 2>&1 || fail "backup after the kill: $(cat "$T/b1.out")"
 g1=$(tail -n 1 "$T/b1.out" | jq -r .generation)
-ctl restore "$REPO@$g1" --to "$T/r1.img" >/dev/null || fail "restore $g1"
-cmp "$T/r1.img" "$T/e1.img" || fail "the backup after the kill does not restore to the disk's content"
-log "a. OK: nothing published, disk exact, later backup $g1 restores exactly"
+log "a. OK: nothing published, disk exact, later backup $g1 (restored as the parent of b's)"
 
 log "b. radosgw stopped mid-backup"
 nbd_write_random "$uri" 8 8 || fail "writes"

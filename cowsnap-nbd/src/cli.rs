@@ -133,7 +133,10 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
     }
     if let Some(g) = &a.generation {
         let (dir, gen) = crate::paths::parse_repo_spec(g).context("invalid --generation")?;
-        let dir = abs(&dir)?;
+        let dir = match cowsnap_core::repo::object::is_s3(&dir) {
+            true => dir,
+            false => abs(&dir)?,
+        };
         a.generation = Some(match gen {
             Some(g) => format!("repo:{}@{g}", dir.display()),
             None => format!("repo:{}", dir.display()),
