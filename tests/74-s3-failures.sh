@@ -65,7 +65,7 @@ g1=$(tail -n 1 "$T/b1.out" | jq -r .generation)
 log "a. OK: nothing published, disk exact, later backup $g1 (restored as the parent of b's)"
 
 log "b. radosgw stopped mid-backup"
-nbd_write_random "$uri" 8 8 || fail "writes"
+nbd_write_random "$uri" 8 160 || fail "writes"
 nbdcopy "$uri" "$T/e2.img" || fail "nbdcopy"
 "$CTL" backup f74 --to "$REPO" --quiesce-idle 0 >"$T/kb.out" 2>&1 &
 S3_BGPID=$!
@@ -99,7 +99,7 @@ cmp "$T/r2.img" "$T/e2.img" || fail "the backup after the outage does not restor
 log "b. OK: clear failure in ${took}s, nothing published, disk exact, later backup $g2 restores exactly"
 
 log "b2. a short outage mid-backup is ridden out"
-nbd_write_random "$uri" 9 8 || fail "writes"
+nbd_write_random "$uri" 9 160 || fail "writes"
 nbdcopy "$uri" "$T/e3.img" || fail "nbdcopy"
 "$CTL" backup f74 --to "$REPO" --quiesce-idle 0 >"$T/b3.out" 2>&1 &
 S3_BGPID=$!
