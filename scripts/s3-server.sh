@@ -7,6 +7,7 @@
 #   scripts/s3-server.sh env     print AWS_* exports for the user (eval "$(... env)")
 #   scripts/s3-server.sh mb BKT  create bucket BKT (as the user; curl's SigV4)
 #   scripts/s3-server.sh stop    stop every daemon it started and remove the state dir
+#   scripts/s3-server.sh rgw-stop / rgw-start   stop or start radosgw alone (an S3 outage)
 #
 # Everything lives under COWSNAP_S3_DIR (default /var/tmp/cowsnap-s3); the S3 endpoint is
 # http://127.0.0.1:COWSNAP_S3_PORT (default 17480), the monitor listens on
@@ -184,10 +185,29 @@ stop_all() {
   rm -rf "$S"
 }
 
+rgw_stop() { # stop radosgw only (the cluster keeps running): an S3 outage
+  local pid i
+  alive rgw || return 0
+  pid=$(cat "$S/run/rgw.pid")
+  kill "$pid" 2>/dev/null || true
+  for i in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+  kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+  rm -f "$S/run/rgw.pid"
+}
+
+rgw_start() { # start radosgw again after rgw-stop
+  [ -s "$S/user.json" ] || die "not running (start it first)"
+  alive rgw && rgw_up && return 0
+  run_daemon rgw radosgw -n client.rgw.cowsnap
+  wait_for 60 "radosgw" rgw_up
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop_all ;;
+  rgw-stop) rgw_stop ;;
+  rgw-start) rgw_start ;;
   env) env_ ;;
   mb) mb "${2:-}" ;;
-  *) echo "usage: $0 start|stop|env|mb BUCKET" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|env|mb BUCKET|rgw-stop|rgw-start" >&2; exit 2 ;;
 esac

@@ -6,8 +6,8 @@
 # with writes between them; list and verify; both generations restore (offline) to
 # exactly the content the export had at its snapshot and pass e2fsck (the full backup
 # skips ext4's free blocks: the image is made from a zeroed file); wrong credentials
-# give a clear error and publish nothing; live restore is refused before anything is
-# touched (prune: tests/71-s3-prune.sh).
+# give a clear error and publish nothing; export and mount are refused (live restore:
+# tests/73-s3-live-restore.sh, failures: tests/74-s3-failures.sh, prune: tests/71-s3-prune.sh).
 . "$(dirname "$0")/lib.sh"
 need_root
 need nbdcopy sha256sum mkfs.ext4 e2fsck curl
@@ -91,10 +91,13 @@ echo "$out" | grep -q "no credentials" || fail "unclear error without credential
 L=$(ctl list "$REPO" --json) || fail "list"
 [ "$(json_field "$L" 'length')" = 2 ] || fail "a failed backup published something: $L"
 
-log "live restore is refused, before anything is touched"
-out=$("$CTL" restore "$REPO@$g1" --to "$T/live.img" --live --via none --name l70 2>&1) && fail "live restore from s3 succeeded: $out"
-echo "$out" | grep -q "not yet supported for s3 repositories" || fail "unclear live restore refusal: $out"
-[ -e "$T/live.img" ] && fail "a refused live restore created its destination"
+log "export and mount are refused clearly (live restore: tests/73-s3-live-restore.sh)"
+out=$("$CTL" export "$REPO@$g1" --name x70 --via none 2>&1) && fail "export from s3 succeeded: $out"
+echo "$out" | grep -q "not yet supported for s3 repositories" || fail "unclear export refusal: $out"
+mkdir -p "$T/m70"
+out=$("$CTL" mount "$REPO@$g1" "$T/m70" 2>&1) && fail "mount from s3 succeeded: $out"
+echo "$out" | grep -q "not yet supported for s3 repositories" || fail "unclear mount refusal: $out"
+mountpoint -q "$T/m70" && fail "a refused mount mounted something"
 L=$(ctl list "$REPO" --json) || fail "list"
 [ "$(json_field "$L" 'length')" = 2 ] || fail "generations changed: $L"
 

@@ -84,6 +84,17 @@ s3_test_store() {
   S3_BGPID=
   trap s3_cleanup EXIT
 }
+# s3_curl URL_PATH [CURL ARGS...]: a signed S3 request as the store's user (the AWS_*
+# of `s3-server.sh env`; the keys go to curl in a config on a pipe); query values must
+# be URL-encoded (prefix=a%2Fb). s3_keys BUCKET PREFIX: the keys under PREFIX, one a line
+s3_curl() {
+  local p=$1; shift
+  curl -s -K <(printf 'user = "%s:%s"\n' "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY") \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 "aws:amz:us-east-1:s3" "$@" "$AWS_ENDPOINT_URL/$p"
+}
+s3_keys() {
+  s3_curl "$1?list-type=2&prefix=$(printf %s "$2" | sed 's|/|%2F|g')" | grep -o '<Key>[^<]*</Key>' | sed 's|<Key>||; s|</Key>||'
+}
 s3_cleanup() {
   local rc=$?
   [ -n "${S3_BGPID:-}" ] && kill "$S3_BGPID" 2>/dev/null && wait "$S3_BGPID" 2>/dev/null

@@ -118,9 +118,6 @@ pub fn open(opts: &DiskStateOptions<'_>, dest: Arc<dyn BlockIo>) -> Result<DiskS
         destination: origin_key(opts.origin),
     };
     if let Some((dir, gen)) = opts.restore_from {
-        if crate::repo::object::is_s3(dir) {
-            return Err(crate::repo::object::unsupported("restore live from", dir));
-        }
         let repo = Repo::open(dir)?;
         let g = repo.resolve(gen)?;
         if g.disk_size > size {

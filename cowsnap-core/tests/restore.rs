@@ -131,6 +131,39 @@ fn live_restore_reader_sees_the_generation_during_the_fill() {
     assert_eq!(&b, b"after");
 }
 
+/// A read that fetches moves the fill on to the chunk after it (read-ahead); the fill
+/// then comes back for the chunks it skipped, and completes with the generation.
+#[test]
+fn live_restore_fill_jumps_ahead_of_reads_and_still_fills_everything() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let disk = synth_disk(40 * MIB + 4096, 9);
+    let g = backup(&repo, "j", &disk, None, "l", false)
+        .summary
+        .generation
+        .unwrap();
+    let dest = d.path().join("live.img");
+    let f = FillingIo::open(
+        dest_file(&dest, disk.len() as u64),
+        &repo,
+        Some(&g),
+        &d.path().join("fill.state"),
+    )
+    .unwrap();
+    for c in [30usize, 12, 38] {
+        let mut b = vec![0u8; 3 * MIB / 2];
+        f.read_at(&mut b, (c * MIB) as u64).unwrap();
+        assert!(b == disk[c * MIB..c * MIB + b.len()], "chunk {c}");
+    }
+    assert_eq!(f.fill_status().done, 6);
+    f.start_fill();
+    wait_complete(&f);
+    assert_eq!(f.fill_status().done, 41);
+    assert_eq!(hash(&read_all(&*f)), hash(&disk));
+    drop(f);
+    assert_eq!(hash(&std::fs::read(&dest).unwrap()), hash(&disk));
+}
+
 #[test]
 fn live_restore_resumes_after_a_stop_and_keeps_writes() {
     let d = tempfile::tempdir().unwrap();

@@ -167,7 +167,10 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
     }
     if let Some(g) = &a.generation {
         let (dir, gen) = crate::paths::parse_repo_spec(g).context("invalid --generation")?;
-        let dir = abs(&dir)?;
+        let dir = match cowsnap_core::repo::object::is_s3(&dir) {
+            true => dir,
+            false => abs(&dir)?,
+        };
         a.generation = Some(match gen {
             Some(g) => format!("repo:{}@{g}", dir.display()),
             None => format!("repo:{}", dir.display()),
@@ -193,7 +196,11 @@ pub fn absolute_args(mut a: Args) -> Result<Args> {
     }
     if let Some(r) = &a.restore_from {
         let (dir, gen) = restore_source(r)?;
-        let dir = abs(&dir)?;
+        // an object store's URL is no path
+        let dir = match cowsnap_core::repo::object::is_s3(&dir) {
+            true => dir,
+            false => abs(&dir)?,
+        };
         a.restore_from = Some(match gen {
             Some(g) => format!("repo:{}@{g}", dir.display()),
             None => format!("repo:{}", dir.display()),

@@ -87,6 +87,10 @@ pub struct UmountArgs {
 /// repository opens and the generation exists).
 pub(crate) fn resolve(source: &str) -> Result<(String, GenerationInfo)> {
     let (dir, gen) = paths::parse_repo_spec(source)?;
+    if cowsnap_core::repo::object::is_s3(&dir) {
+        // the exporter's pin needs a flock: refused before anything is started
+        return Err(cowsnap_core::repo::object::unsupported("export from", &dir).into());
+    }
     let dir = std::path::absolute(&dir)
         .with_context(|| format!("unable to resolve {}", dir.display()))?;
     let repo = Repo::open(&dir)?;

@@ -496,9 +496,6 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         progress::set_json("restore");
     }
     let (dir, gen) = parse_repo_spec(&a.source)?;
-    if a.live && repo::object::is_s3(&dir) {
-        return Err(repo::object::unsupported("restore live from", &dir).into());
-    }
     // Absolute: a live restore records it and resumes from it, in another directory.
     let dir = match repo::object::is_s3(&dir) {
         true => dir,

@@ -10,13 +10,13 @@
 //! DIR/generations/<id>.idx       fixed index (see index)
 //! DIR/generations/<id>.json      metadata (see generation), written after the index
 //! DIR/quarantine/<64 hex>[.N]    damaged chunks moved out of the store (see chunk_store)
-//! DIR/pins/<id>.<8 hex>.json     generations unfinished live restores need (see pin)
+//! DIR/pins/<id>.<8 hex>.json     generations unfinished live restores need (see pin; objects on s3)
 //! ```
 //!
 //! A repository is a directory or, when its "directory" is an `s3://BUCKET[/PREFIX]`
 //! URL, the same layout as objects in an S3-compatible store (see [`object`]): [`Repo`]
-//! and [`ChunkStore`] hide which. What an object store cannot do yet — locks, pins,
-//! the quarantine — is refused there with "not yet supported for s3 repositories"
+//! and [`ChunkStore`] hide which. What an object store cannot do yet — locks, export
+//! pins, the quarantine — is refused there with "not yet supported for s3 repositories"
 //! ([`Repo::require_local`]); prune there removes generations but no chunk (see
 //! the `prune` module).
 //!

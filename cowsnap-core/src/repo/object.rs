@@ -20,9 +20,9 @@
 //! - Locks (`flock`): none, and no lock objects and no conditional writes. Every key is
 //!   written by one writer (a generation's two objects by its backup, whose id holds 32
 //!   random bits) or is content-addressed (a chunk: two writers PUT the same bytes).
-//!   What needs a lock — pins of live restores, the quarantine — is refused on these
-//!   repositories for now ("not yet supported for s3 repositories"), before anything
-//!   is touched. Prune removes generations but deletes no chunk (one may be what a
+//!   What needs a lock — exports (a `flock` on their pin), the quarantine — is refused
+//!   on these repositories for now ("not yet supported for s3 repositories"), before
+//!   anything is touched. A live restore's pin is an object (see `repo::pin`). Prune removes generations but deletes no chunk (one may be what a
 //!   running backup decided to reuse; see `repo::prune`).
 //! - Dedup: a backup lists `chunks/` once (1000 keys a request) and takes the chunks
 //!   listed as present; a chunk written by another writer since is written again (the
@@ -39,7 +39,14 @@
 //! the endpoint says so), never from the command line, and no message carries them.
 //! Requests use path-style addressing (`ENDPOINT/BUCKET/KEY`, what Ceph's radosgw and
 //! MinIO serve without DNS set-up) and are retried on transient errors (5xx, timeouts,
-//! connection errors) with exponential backoff: up to 8 retries within 120 s.
+//! connection errors) with exponential backoff (randomized: each wait is drawn from
+//! 0.5 s to 3 times the last one, at most 15 s), up to [`MAX_RETRIES`] retries within
+//! [`RETRY_TIMEOUT`] (`COWSNAP_S3_RETRY_TIMEOUT=SECONDS`, 1 to 3600, changes the
+//! latter): a request gives up after about that long, so a store that is down fails a
+//! backup within about two minutes, and an outage of up to about a minute (a radosgw
+//! restart) is ridden out. (The waits grow by about 1.5 times a retry on average; with
+//! `object_store`'s defaults of 0.1 s and twice the last, they hardly grow, and eight
+//! retries gave up after about a second.)
 
 use crate::error::{Error, Result};
 use futures_util::{StreamExt, TryStreamExt};
@@ -49,6 +56,27 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryC
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Retries of one request on transient errors (see the module notes).
+pub const MAX_RETRIES: usize = 16;
+/// How long one request keeps retrying, by default.
+pub const RETRY_TIMEOUT: Duration = Duration::from_secs(120);
+/// The environment variable that changes [`RETRY_TIMEOUT`] (seconds).
+pub const RETRY_TIMEOUT_ENV: &str = "COWSNAP_S3_RETRY_TIMEOUT";
+
+/// The retry time limit: [`RETRY_TIMEOUT`], or `COWSNAP_S3_RETRY_TIMEOUT` seconds
+/// (1 to 3600).
+fn retry_timeout(var: Option<String>) -> std::result::Result<Duration, String> {
+    match var {
+        None => Ok(RETRY_TIMEOUT),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(n) if (1..=3600).contains(&n) => Ok(Duration::from_secs(n)),
+            _ => Err(format!(
+                "{RETRY_TIMEOUT_ENV}={v:?} is not a number of seconds from 1 to 3600"
+            )),
+        },
+    }
+}
 
 /// The scheme of an object-store repository.
 pub const SCHEME: &str = "s3://";
@@ -144,17 +172,18 @@ impl ObjectRepo {
                 "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL, AWS_REGION for a store other than AWS) in the environment of cowsnapctl and of the disk's daemon".into(),
             ));
         }
+        let retry_timeout = retry_timeout(var(RETRY_TIMEOUT_ENV)).map_err(fail)?;
         let mut b = AmazonS3Builder::from_env()
             .with_bucket_name(&bucket)
             .with_virtual_hosted_style_request(false)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
+                    init_backoff: Duration::from_millis(500),
                     max_backoff: Duration::from_secs(15),
-                    base: 2.0,
+                    base: 3.0,
                 },
-                max_retries: 8,
-                retry_timeout: Duration::from_secs(120),
+                max_retries: MAX_RETRIES,
+                retry_timeout,
             })
             .with_client_options(
                 ClientOptions::new()
@@ -428,6 +457,14 @@ mod tests {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
         assert!(is_s3(Path::new("s3://bkt/p")));
+        assert_eq!(retry_timeout(None).unwrap(), RETRY_TIMEOUT);
+        assert_eq!(
+            retry_timeout(Some("15".into())).unwrap(),
+            Duration::from_secs(15)
+        );
+        for bad in ["0", "3601", "x", "-1", ""] {
+            assert!(retry_timeout(Some(bad.into())).is_err(), "{bad}");
+        }
         assert!(!is_s3(Path::new("/srv/s3://x")));
     }
 }

@@ -17,6 +17,12 @@
 //! or of another generation pins nothing any more: prune removes it and says so. A
 //! pin file that cannot be parsed still pins the generation its name starts with.
 //!
+//! On an object-store repository a pin is the object `PREFIX/pins/<generation>.<8 hex>.json`
+//! (one PUT, atomic), named by its URL (`s3://BUCKET/PREFIX/pins/…`) wherever a path is
+//! kept; there is no lock to write it under, which costs nothing since prune deletes
+//! no chunk there. Exports from an object store (which need a `flock` on their pin)
+//! are refused.
+//!
 //! An export (`kind: "export"`, a read-only NBD export of a generation) pins its
 //! generation for as long as it serves it. The exporter holds a shared `flock` on its
 //! pin file from before the repository lock is released until it removes the pin at a
@@ -131,21 +137,45 @@ pub fn create(repo: &Repo, pin: &Pin) -> Result<PathBuf> {
         ));
     }
     let dir = pins_dir(repo);
-    std::fs::create_dir_all(&dir).ctx(|| format!("unable to create {}", dir.display()))?;
-    let path = dir.join(format!(
-        "{}.{}.json",
-        pin.generation,
-        fsutil::random_hex(4)?
-    ));
+    let name = format!("{}.{}.json", pin.generation, fsutil::random_hex(4)?);
     let json = serde_json::to_vec_pretty(pin)
         .map_err(|e| crate::err!(InvalidInput, "unable to encode pin: {e}"))?;
+    if let Some(r) = &repo.remote {
+        // One PUT (atomic); the path is the object's URL.
+        r.put(&format!("pins/{name}"), json)?;
+        return Ok(dir.join(name));
+    }
+    std::fs::create_dir_all(&dir).ctx(|| format!("unable to create {}", dir.display()))?;
+    let path = dir.join(name);
     fsutil::write_atomic(&path, &json)?;
     fsutil::fsync_dir(repo.dir())?;
     Ok(path)
 }
 
-/// Remove a pin file (a missing one is fine).
+/// The object-store repository URL and the key (relative to it) of a pin given as
+/// `s3://BUCKET[/PREFIX]/pins/NAME`.
+fn object_pin(path: &Path) -> Option<(&str, &str)> {
+    let url = super::object::s3_url(path)?;
+    let at = url.rfind("/pins/")?;
+    Some((&url[..at], &url[at + 1..]))
+}
+
+/// Whether the pin at `path` (a file, or an object's URL) still exists; an object store
+/// that cannot be asked says "no" (the caller pins again: a second pin is harmless).
+pub fn exists(path: &Path) -> bool {
+    match object_pin(path) {
+        Some((url, key)) => super::object::ObjectRepo::open(url)
+            .and_then(|r| r.exists(key))
+            .unwrap_or(false),
+        None => path.exists(),
+    }
+}
+
+/// Remove a pin file or object (a missing one is fine).
 pub fn remove(path: &Path) -> Result<()> {
+    if let Some((url, key)) = object_pin(path) {
+        return super::object::ObjectRepo::open(url)?.delete(key);
+    }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -166,14 +196,36 @@ pub fn remove(path: &Path) -> Result<()> {
 pub fn list(repo: &Repo) -> Result<Vec<PinFile>> {
     let dir = pins_dir(repo);
     let mut out = Vec::new();
+    if let Some(r) = &repo.remote {
+        for (key, len) in r.list("pins/")? {
+            let Some(name) = key.strip_prefix("pins/").filter(|n| !n.contains('/')) else {
+                continue;
+            };
+            let Some(generation) = pin_generation(name) else {
+                continue;
+            };
+            let pin = match len > 1 << 20 {
+                true => None,
+                // Removed meanwhile (a fill completed): it pins nothing.
+                false => match r.get(&key)? {
+                    None => continue,
+                    Some(b) => serde_json::from_slice::<Pin>(&b)
+                        .ok()
+                        .filter(|p| p.generation == generation),
+                },
+            };
+            out.push(PinFile {
+                path: dir.join(name),
+                generation,
+                pin,
+            });
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        return Ok(out);
+    }
     for ent in crate::fsutil::dir_entries(&dir)? {
         let name = ent.file_name().to_string_lossy().into_owned();
-        let Some(generation) = name
-            .strip_suffix(".json")
-            .and_then(|s| s.rsplit_once('.'))
-            .map(|(g, _)| g.to_string())
-            .filter(|g| valid_id(g) && !name.starts_with('.'))
-        else {
+        let Some(generation) = pin_generation(&name) else {
             continue;
         };
         let pin = match std::fs::read(ent.path()) {
@@ -192,6 +244,14 @@ pub fn list(repo: &Repo) -> Result<Vec<PinFile>> {
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
+}
+
+/// The generation a pin file name `<generation>.<hex>.json` pins.
+fn pin_generation(name: &str) -> Option<String> {
+    name.strip_suffix(".json")
+        .and_then(|s| s.rsplit_once('.'))
+        .map(|(g, _)| g.to_string())
+        .filter(|g| valid_id(g) && !name.starts_with('.'))
 }
 
 /// Why a pin no longer pins anything, if that can be known from here: its fill state

@@ -36,7 +36,7 @@
 //! # On an object store
 //!
 //! There is no lock (see `repo::object`), so backups on other hosts run during the
-//! prune. Steps 1, 3 (with no pins: an object store holds none) and 4 are the same;
+//! prune. Steps 1, 3 (pins are objects `PREFIX/pins/…`) and 4 are the same;
 //! step 5 follows the rules of `repo::gc` instead: probe the store's clock; mark also
 //! the indexes of the generations removed now, of generations removed (tombstoned)
 //! less than the grace period ago, and of indexes without metadata younger than it;
@@ -213,12 +213,7 @@ pub(crate) fn prune_repo(repo: &Repo, opts: &PruneOptions) -> Result<PruneReport
     // Decide.
     let mut pins = Vec::new();
     let mut stale = Vec::new();
-    // An object store holds no pins (live restore from it is refused).
-    let listed_pins = match &repo.remote {
-        Some(_) => Vec::new(),
-        None => pin::list(repo)?,
-    };
-    for p in listed_pins {
+    for p in pin::list(&repo)? {
         match pin::stale_reason(&p) {
             Some(why) => {
                 rep.stale_pins_removed

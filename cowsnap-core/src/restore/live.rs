@@ -35,6 +35,16 @@
 //!   chunk a writer restored meanwhile is left out (its bit is set, its data the
 //!   writer's); a hole seen under the marks cannot be filled by anyone but the marks'
 //!   holder, and the flush makes a hole an earlier step punched durable.
+//! - Fetching: the chunks of one batch of the fill, or of one request, are fetched in
+//!   parallel ([`FETCHERS`], [`FETCHERS_OBJECT`] from an object store, where a fetch
+//!   waits on the network; the object store's fill batches are [`FILL_BATCH_OBJECT`]
+//!   chunks), each under the fill mark its batch or request already holds; requests
+//!   served at once fetch at once. Every chunk read, the fill's and the requests'
+//!   together, takes one of [`FETCH_SLOTS`] slots first, so at most that many fetched
+//!   chunks are in memory. Read-ahead: a read that had to fetch records the chunk after
+//!   its last one, and the background fill continues from there (a sequential reader
+//!   finds the next chunks fetched or in flight); when it reaches the end having
+//!   jumped, it starts over from chunk 0 for what it skipped.
 //! - Restart (daemon killed): the state file's bits are exactly the chunks whose data
 //!   and later writes are safe; the rest are fetched again. A missing state file means a
 //!   fresh destination. When every bit is set the header says "complete" and the
@@ -64,7 +74,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 thread_local! {
     /// A chunk buffer per thread that fetches chunks (fillers, readers of a missing
@@ -75,6 +85,17 @@ thread_local! {
 
 /// Chunks fetched per durable step of the background fill.
 const FILL_BATCH: usize = 16;
+/// The same from an object store: more chunks per step, fetched in parallel.
+const FILL_BATCH_OBJECT: usize = 32;
+/// Chunks of one batch or request fetched in parallel (each worker one chunk at a
+/// time), from a directory and from an object store (network latency, not CPU).
+const FETCHERS: usize = 4;
+const FETCHERS_OBJECT: usize = 8;
+/// Most chunk reads in flight at once over the background fill and every request
+/// together: bounds the memory of fetched chunks to this many chunks.
+const FETCH_SLOTS: usize = 16;
+/// No read-ahead position (see [`FillingIo::ahead`]).
+const NO_HINT: u64 = u64::MAX;
 /// Most chunks of one zero run of the background fill (one durable step, one set of
 /// fill marks).
 const ZERO_RUN_CHUNKS: u64 = 1 << 16;
@@ -147,7 +168,10 @@ fn pin_for(repo: &Repo, g: &str, state_path: &Path, owner: &PinOwner) -> Result<
             pid: None,
         },
     )?;
-    let abs = std::path::absolute(&p).unwrap_or(p);
+    let abs = match crate::repo::object::is_s3(&p) {
+        true => p,
+        false => std::path::absolute(&p).unwrap_or(p),
+    };
     crate::fsutil::write_atomic(
         &pin_note_path(state_path),
         abs.display().to_string().as_bytes(),
@@ -256,9 +280,49 @@ pub struct FillingIo {
     fill_running: AtomicBool,
     error: Mutex<Option<String>>,
     fill_rate: AtomicU64,
+    /// Chunks fetched in parallel per batch or request.
+    fetchers: usize,
+    /// Chunks per durable step of the background fill.
+    fill_batch: usize,
+    /// Chunk reads in flight (at most [`FETCH_SLOTS`]).
+    in_flight: Mutex<usize>,
+    slot_free: Condvar,
+    /// Read-ahead: the chunk after the last one a read had to fetch; the background
+    /// fill continues from there ([`NO_HINT`]: none).
+    ahead: AtomicU64,
+}
+
+/// One chunk read in flight (see [`FillingIo::slot`]).
+struct Slot<'a>(&'a FillingIo);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        drop(n);
+        self.0.slot_free.notify_one();
+    }
 }
 
 impl FillingIo {
+    /// Parallel fetches and fill batch size, for a repository on an object store or not.
+    fn tuning(object: bool) -> (usize, usize) {
+        match object {
+            true => (FETCHERS_OBJECT, FILL_BATCH_OBJECT),
+            false => (FETCHERS, FILL_BATCH),
+        }
+    }
+
+    /// Wait for one of the [`FETCH_SLOTS`] chunk reads.
+    fn slot(&self) -> Slot<'_> {
+        let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= FETCH_SLOTS {
+            n = self.slot_free.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Slot(self)
+    }
+
     /// Serve `dest` filled from generation `generation` (id, prefix or disk name; `None`
     /// = the newest when the repository holds one disk) of the repository at
     /// `repo_dir`, tracking progress in `state_path`. A missing state file starts a
@@ -354,13 +418,12 @@ impl FillingIo {
                 fill_running: AtomicBool::new(false),
                 error: Mutex::new(None),
                 fill_rate: AtomicU64::new(0),
+                fetchers: 1,
+                fill_batch: FILL_BATCH,
+                in_flight: Mutex::new(0),
+                slot_free: Condvar::new(),
+                ahead: AtomicU64::new(NO_HINT),
             }));
-        }
-        if crate::repo::object::is_s3(repo_dir) {
-            return Err(crate::repo::object::unsupported(
-                "restore live from",
-                repo_dir,
-            ));
         }
         let repo = Repo::open(repo_dir)?;
         let lock = repo.lock(false)?;
@@ -402,7 +465,7 @@ impl FillingIo {
                 bits = bitmap::from_le_bytes(&b[HEADER as usize..], words);
                 // A fill from before pins existed, or whose pin was removed: pin again.
                 let pinned = std::fs::read_to_string(pin_note_path(state_path))
-                    .is_ok_and(|p| Path::new(p.trim()).exists());
+                    .is_ok_and(|p| pin::exists(Path::new(p.trim())));
                 if !pinned {
                     pin_for(&repo, &g.id, state_path, owner)?;
                 }
@@ -447,6 +510,7 @@ impl FillingIo {
         // repository lock taken for the set-up is not held for the fill, so a prune
         // neither waits for a fill that may take hours nor depends on this process.
         drop(lock);
+        let (fetchers, fill_batch) = Self::tuning(repo.is_object());
         let fio = Arc::new(FillingIo {
             dest,
             repo: Some(repo),
@@ -463,6 +527,11 @@ impl FillingIo {
             fill_running: AtomicBool::new(false),
             error: Mutex::new(None),
             fill_rate: AtomicU64::new(0),
+            fetchers,
+            fill_batch,
+            in_flight: Mutex::new(0),
+            slot_free: Condvar::new(),
+            ahead: AtomicU64::new(NO_HINT),
         });
         if done == nchunks {
             fio.finish()?;
@@ -515,6 +584,7 @@ impl FillingIo {
         if *h == ZERO_HASH {
             return self.dest.write_zeroes(off, len as u64, true);
         }
+        let _slot = self.slot();
         FETCH_BUF.with(|b| {
             let mut buf = b.borrow_mut();
             repo.store().read_into(h, len, &mut buf).map_err(|e| {
@@ -526,6 +596,41 @@ impl FillingIo {
             })?;
             self.dest.write_at(&buf, off)
         })
+    }
+
+    /// [`Self::fetch_data`] for each of `chunks` (their fill marks held), up to
+    /// `fetchers` at a time; the first error stops the rest and is returned.
+    fn fetch_many(&self, chunks: &[u64]) -> Result<()> {
+        let workers = self.fetchers.min(chunks.len());
+        if workers <= 1 {
+            return chunks.iter().try_for_each(|&c| self.fetch_data(c));
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let first_err: Mutex<Option<crate::Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    while !failed.load(Ordering::Relaxed) {
+                        let Some(&c) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            return;
+                        };
+                        if let Err(e) = self.fetch_data(c) {
+                            failed.store(true, Ordering::Relaxed);
+                            first_err
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Persist the bits of `chunks` (their data already durable), then publish them.
@@ -606,10 +711,10 @@ impl FillingIo {
             .into_iter()
             .filter(|&c| !self.is_restored(c))
             .collect();
-        for &c in &todo {
-            self.fetch_data(c)?;
-        }
-        if !todo.is_empty() {
+        if let Some(&last) = todo.last() {
+            // read-ahead: the background fill goes on from the next chunk
+            self.ahead.store(last + 1, Ordering::Relaxed);
+            self.fetch_many(&todo)?;
             self.dest.flush()?;
             self.persist(&todo)?;
         }
@@ -643,9 +748,7 @@ impl FillingIo {
                 partial.push(c);
             }
         }
-        for &c in &partial {
-            self.fetch_data(c)?;
-        }
+        self.fetch_many(&partial)?;
         if !partial.is_empty() {
             self.dest.flush()?;
             self.persist(&partial)?;
@@ -722,8 +825,8 @@ impl FillingIo {
         if self.is_zero_chunk(*from) {
             return self.fill_zero_run(from).map(Some);
         }
-        let mut batch = Vec::with_capacity(FILL_BATCH);
-        while *from < self.nchunks && batch.len() < FILL_BATCH {
+        let mut batch = Vec::with_capacity(self.fill_batch);
+        while *from < self.nchunks && batch.len() < self.fill_batch {
             if !self.is_restored(*from) {
                 if self.is_zero_chunk(*from) {
                     break;
@@ -737,9 +840,7 @@ impl FillingIo {
             .into_iter()
             .filter(|&c| !self.is_restored(c))
             .collect();
-        for &c in &todo {
-            self.fetch_data(c)?;
-        }
+        self.fetch_many(&todo)?;
         if !todo.is_empty() {
             self.dest.flush()?;
             self.persist(&todo)?;
@@ -797,6 +898,9 @@ const FILL_BURST: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn fill_loop(weak: Weak<FillingIo>) {
     let mut from = 0u64;
+    // Whether the fill jumped ahead (read-ahead) since it last started from chunk 0:
+    // then chunks before the jump may be left when it reaches the end.
+    let mut jumped = false;
     let started = std::time::Instant::now();
     let mut bytes = 0u64;
     loop {
@@ -829,8 +933,17 @@ fn fill_loop(weak: Weak<FillingIo>) {
             io.fill_running.store(false, Ordering::SeqCst);
             return;
         }
+        let hint = io.ahead.swap(NO_HINT, Ordering::Relaxed);
+        if hint < io.nchunks && hint != from {
+            from = hint;
+            jumped = true;
+        }
         match io.fill_batch(&mut from) {
             Ok(Some(n)) => bytes += n,
+            Ok(None) if jumped && io.restored_count.load(Ordering::SeqCst) < io.nchunks => {
+                from = 0;
+                jumped = false;
+            }
             Ok(None) => {
                 if io.restored_count.load(Ordering::SeqCst) < io.nchunks {
                     log::error!("restore fill passed the end with chunks missing");

@@ -120,4 +120,4 @@ L2=$(ctl list "$ENC" --key "$K1" --json) || fail "list after the refusals"
 V2=$(ctl verify "$ENC" --key "$K1" --json | tail -n 1) || fail "verify after the refusals: $V2"
 [ "$(json_field "$V2" '.chunks_checked')" = "$checked" ] || fail "the refusals changed the chunks"
 
-echo "PASS: 73-s3-encrypt"
+echo "PASS: 76-s3-encrypt"
