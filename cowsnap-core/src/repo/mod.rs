@@ -17,8 +17,8 @@
 //! URL, the same layout as objects in an S3-compatible store (see [`object`]): [`Repo`]
 //! and [`ChunkStore`] hide which. What an object store cannot do yet — locks, export
 //! pins, the quarantine — is refused there with "not yet supported for s3 repositories"
-//! ([`Repo::require_local`]); prune there removes generations but no chunk (see
-//! the `prune` module).
+//! ([`Repo::require_local`]); prune there collects chunks by the rules of [`gc`],
+//! which backups follow too.
 //!
 //! # Locking
 //!
@@ -449,7 +449,7 @@ impl Repo {
     }
 
     /// Take the repository lock: shared for backups and restores, exclusive for prune.
-    /// An object store has none (see [`object`]; prune deletes no chunk there).
+    /// An object store has none (see [`object`] and [`gc`] for how prune and backups get along there).
     pub fn lock(&self, exclusive: bool) -> Result<RepoLock> {
         if self.remote.is_some() {
             return Ok(RepoLock { _file: None });

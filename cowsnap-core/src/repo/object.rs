@@ -9,6 +9,8 @@
 //! PREFIX/chunks/ab/<64 hex>         one chunk, same bytes as a chunk file (see chunk_store)
 //! PREFIX/generations/<id>.idx       fixed index (see index)
 //! PREFIX/generations/<id>.json      metadata, written after the index and the chunks: the publish
+//! PREFIX/generations/<id>.removed   tombstone of a pruned generation (see `repo::gc`)
+//! PREFIX/writers/<id>, gc/probe-*   clock probes of running backups and prunes
 //! ```
 //!
 //! # What an object store gets instead of the file system's features
@@ -22,8 +24,9 @@
 //!   random bits) or is content-addressed (a chunk: two writers PUT the same bytes).
 //!   What needs a lock — exports (a `flock` on their pin), the quarantine — is refused
 //!   on these repositories for now ("not yet supported for s3 repositories"), before
-//!   anything is touched. A live restore's pin is an object (see `repo::pin`). Prune removes generations but deletes no chunk (one may be what a
-//!   running backup decided to reuse; see `repo::prune`).
+//!   anything is touched. A live restore's pin is an object (see `repo::pin`). Prune
+//!   collects garbage by rules backups follow too, timed by the store's own clock
+//!   (last-modified times of probe objects; see `repo::gc`).
 //! - Dedup: a backup lists `chunks/` once (1000 keys a request) and takes the chunks
 //!   listed as present; a chunk written by another writer since is written again (the
 //!   same bytes). A chunk is reused without reading it back (the store checksums
