@@ -313,12 +313,8 @@ impl Repo {
             return Self::open_object(url, key);
         }
         if !dir.join(CONFIG_FILE).exists() {
-            let json = new_config_json(
-                &dir.display().to_string(),
-                chunk_size,
-                key.as_deref(),
-                None,
-            )?;
+            let json =
+                new_config_json(&dir.display().to_string(), chunk_size, key.as_deref(), None)?;
             for d in [
                 dir.to_path_buf(),
                 dir.join("chunks"),
