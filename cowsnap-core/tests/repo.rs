@@ -687,6 +687,7 @@ fn handed_over_batch_buffers_are_recycled_and_store_exactly() {
         cowsnap_core::repo::RepoTargetParams {
             disk_name: "o".into(),
             incremental: false,
+            key: None,
         },
         TCS,
     )

@@ -213,7 +213,7 @@ pub(crate) fn prune_repo(repo: &Repo, opts: &PruneOptions) -> Result<PruneReport
     // Decide.
     let mut pins = Vec::new();
     let mut stale = Vec::new();
-    for p in pin::list(&repo)? {
+    for p in pin::list(repo)? {
         match pin::stale_reason(&p) {
             Some(why) => {
                 rep.stale_pins_removed
