@@ -746,11 +746,9 @@ pub(crate) mod testutil {
         Repo::open_object_on(repo.remote().unwrap().clone(), None).unwrap()
     }
 
-    /// Store `img`'s chunks and write the index of generation `id` (not published).
-    pub(crate) fn stage(repo: &Repo, id: &str, img: &[u8]) -> FixedIndex {
-        let cs = repo.chunk_size() as usize;
-        let hashes: Vec<[u8; 32]> = img
-            .chunks(cs)
+    /// Store `img`'s chunks (zero chunks are not stored); their hashes.
+    fn store_chunks(repo: &Repo, img: &[u8]) -> Vec<[u8; 32]> {
+        img.chunks(repo.chunk_size() as usize)
             .map(|c| {
                 let h = super::chunk_store::chunk_hash(c);
                 if h != super::ZERO_HASH {
@@ -758,7 +756,13 @@ pub(crate) mod testutil {
                 }
                 h
             })
-            .collect();
+            .collect()
+    }
+
+    /// Store `img`'s chunks and write the index of generation `id` (not published).
+    pub(crate) fn stage(repo: &Repo, id: &str, img: &[u8]) -> FixedIndex {
+        let cs = repo.chunk_size() as usize;
+        let hashes = store_chunks(repo, img);
         let idx = FixedIndex::from_hashes(id, cs as u32, img.len() as u64, &hashes).unwrap();
         repo.write_index(&idx).unwrap();
         idx
@@ -787,16 +791,7 @@ pub(crate) mod testutil {
     /// Store `img` as a full generation `id` of disk "d".
     pub(crate) fn make_gen(repo: &Repo, id: &str, img: &[u8]) -> GenerationInfo {
         let cs = repo.chunk_size() as usize;
-        let hashes: Vec<[u8; 32]> = img
-            .chunks(cs)
-            .map(|c| {
-                let h = super::chunk_store::chunk_hash(c);
-                if h != super::ZERO_HASH {
-                    repo.store().insert(&h, c).unwrap();
-                }
-                h
-            })
-            .collect();
+        let hashes = store_chunks(repo, img);
         repo.store().sync_dirs().unwrap();
         FixedIndex::from_hashes(id, cs as u32, img.len() as u64, &hashes)
             .unwrap()

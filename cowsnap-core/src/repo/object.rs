@@ -391,21 +391,7 @@ impl ObjectRepo {
         let r: std::result::Result<Vec<_>, _> =
             self.rt.block_on(stream.take(max).try_collect::<Vec<_>>());
         let metas = r.map_err(|e| self.error("list", rel_prefix, e))?;
-        self.requests.fetch_add(
-            (metas.len() as u64).div_ceil(1000).max(1),
-            Ordering::Relaxed,
-        );
-        Ok(metas
-            .into_iter()
-            .filter_map(|m| {
-                let full = m.location.as_ref().to_string();
-                full.strip_prefix(&self.prefix).map(|rel| Listed {
-                    name: rel.to_string(),
-                    size: m.size,
-                    modified_ms: m.last_modified.timestamp_millis(),
-                })
-            })
-            .collect())
+        Ok(self.listed(metas))
     }
 
     /// Every object under `rel_prefix` with its size and last-modified time.
@@ -415,12 +401,17 @@ impl ObjectRepo {
             .rt
             .block_on(self.store.list(Some(&key)).try_collect::<Vec<_>>());
         let metas = r.map_err(|e| self.error("list", rel_prefix, e))?;
-        // one request per page of up to 1000 keys (S3's page size)
+        Ok(self.listed(metas))
+    }
+
+    /// A listing's objects under this repository's prefix, counting its requests: one
+    /// per page of up to 1000 keys (S3's page size).
+    fn listed(&self, metas: Vec<object_store::ObjectMeta>) -> Vec<Listed> {
         self.requests.fetch_add(
             (metas.len() as u64).div_ceil(1000).max(1),
             Ordering::Relaxed,
         );
-        Ok(metas
+        metas
             .into_iter()
             .filter_map(|m| {
                 let full = m.location.as_ref().to_string();
@@ -430,7 +421,7 @@ impl ObjectRepo {
                     modified_ms: m.last_modified.timestamp_millis(),
                 })
             })
-            .collect())
+            .collect()
     }
 }
 
