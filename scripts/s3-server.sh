@@ -54,7 +54,10 @@ wait_for() { # SECONDS WHAT CMD...
   local t=$1 what=$2; shift 2
   local end=$((SECONDS + t))
   until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $end ] || die "$what did not come up in ${t}s (logs: $S/log)"
+    if [ $SECONDS -ge $end ]; then
+      tail -n 3 "$S"/log/*.out >&2 2>/dev/null || true
+      die "$what did not come up in ${t}s (logs: $S/log)"
+    fi
     sleep 0.5
   done
 }
@@ -89,7 +92,9 @@ osd_pool_default_pgp_num = 8
 osd_pool_default_pg_autoscale_mode = off
 mon_allow_pool_size_one = true
 mon_warn_on_pool_no_redundancy = false
-mon_data_avail_warn = 5
+# a test store on a shared disk: the monitor refuses to start below 5 % free by default
+mon_data_avail_warn = 2
+mon_data_avail_crit = 1
 osd_crush_chooseleaf_type = 0
 run_dir = $S/run
 admin_socket = $S/run/\$name.asok
