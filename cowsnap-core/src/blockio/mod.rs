@@ -252,19 +252,23 @@ fn with_engine(engine: IoEngine, file: File, size: u64, is_blk: bool) -> Result<
 /// (`BlockIo::open_direct_reader`): the same inode reopened through `/proc/self/fd`, so
 /// it is the device the daemon holds even if the path was replaced since. Not
 /// exclusive: the daemon's own O_EXCL handle already keeps other claimants out.
+/// The inode open as `file`, opened again read-only with O_DIRECT through
+/// `/proc/self/fd` (EINVAL: the file system refuses O_DIRECT).
+fn reopen_proc_direct(file: &File) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
 /// `Ok(None)` when the kernel refuses O_DIRECT on it (EINVAL), with a log line.
 pub(crate) fn reopen_direct(
     file: &File,
     size: u64,
     engine: IoEngine,
 ) -> Result<Option<Arc<dyn BlockIo>>> {
-    use std::os::fd::AsRawFd;
-    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    let f = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
-        .open(&proc_path)
-    {
+    let f = match reopen_proc_direct(file) {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             log::info!(
@@ -291,7 +295,6 @@ pub(crate) fn reopen_direct(
 /// file range before an O_DIRECT read of it. `Ok(None)`, with a log line, where the
 /// file system refuses O_DIRECT or 4096-byte aligned direct reads (EINVAL).
 pub fn open_direct_file_reader(origin: &dyn BlockIo) -> Result<Option<Arc<dyn BlockIo>>> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let Some(file) = origin.plain_file() else {
         return Ok(None);
@@ -302,12 +305,7 @@ pub fn open_direct_file_reader(origin: &dyn BlockIo) -> Result<Option<Arc<dyn Bl
             "O_DIRECT refused on the origin file ({e}); the drainer reads through the page cache"
         );
     };
-    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    let f = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
-        .open(&proc_path)
-    {
+    let f = match reopen_proc_direct(file) {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             refused(&e);
