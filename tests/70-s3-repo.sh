@@ -20,12 +20,7 @@ s3_test_store "${COWSNAP_TEST_S3_PORT:-17490}" "${COWSNAP_TEST_S3_MON_PORT:-1331
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 bk() { timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"; }
 
-log "start the S3 store"
-start=$SECONDS
-bash "$S3" start || fail "s3-server.sh start"
-log "store up in $((SECONDS - start))s"
-eval "$(bash "$S3" env)" || fail "s3-server.sh env"
-bash "$S3" mb cowsnap-t70 || fail "create bucket"
+s3_start_bucket cowsnap-t70
 REPO=repo:s3://cowsnap-t70/hosts/a
 
 log "256 MiB ext4 disk with files, attach --via none"

@@ -30,11 +30,8 @@ s3keys() {
   echo "$body" | grep -o '<Key>[^<]*</Key>' | sed 's/<[^>]*>//g'
 }
 
-log "start the S3 store"
-bash "$S3" start || fail "s3-server.sh start"
-eval "$(bash "$S3" env)" || fail "s3-server.sh env"
 BKT=cowsnap-t71
-bash "$S3" mb $BKT || fail "create bucket"
+s3_start_bucket $BKT
 REPO=repo:s3://$BKT/p
 
 log "two 64 MiB raw disks of random data, attach --via none"

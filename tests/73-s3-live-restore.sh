@@ -30,12 +30,7 @@ wait_fill() {
 }
 pins() { s3_keys cowsnap-t73 h/pins/ | wc -l; }
 
-log "start the S3 store"
-start=$SECONDS
-bash "$S3" start || fail "s3-server.sh start"
-log "store up in $((SECONDS - start))s"
-eval "$(bash "$S3" env)" || fail "s3-server.sh env"
-bash "$S3" mb cowsnap-t73 || fail "create bucket"
+s3_start_bucket cowsnap-t73
 REPO=repo:s3://cowsnap-t73/h
 
 log "256 MiB ext4 disk with 40 MiB of files; full backup into $REPO"

@@ -34,12 +34,7 @@ wait_copied() { # N: until the running backup copied N (64 KiB tracking) chunks
   fail "the backup did not copy $1 chunks"
 }
 
-log "start the S3 store"
-start=$SECONDS
-bash "$S3" start || fail "s3-server.sh start"
-log "store up in $((SECONDS - start))s"
-eval "$(bash "$S3" env)" || fail "s3-server.sh env"
-bash "$S3" mb cowsnap-t74 || fail "create bucket"
+s3_start_bucket cowsnap-t74
 REPO=repo:s3://cowsnap-t74/f
 
 head -c $((320 << 20)) /dev/urandom > "$T/d.img"

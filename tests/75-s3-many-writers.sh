@@ -66,11 +66,8 @@ round() {
   log "round $r: $N concurrent backups in $((SECONDS - t0))s"
 }
 
-log "start the S3 store"
-bash "$S3" start || fail "s3-server.sh start"
-eval "$(bash "$S3" env)" || fail "s3-server.sh env"
-BKT=cowsnap-t72
-bash "$S3" mb $BKT || fail "create bucket"
+BKT=cowsnap-t75
+s3_start_bucket $BKT
 REPO=repo:s3://$BKT/p
 # read by the first backup, which creates the repository (the daemons inherit it)
 export COWSNAP_REPO_GC_GRACE=$GRACE

@@ -54,12 +54,7 @@ sys.exit(1)
 PY
 }
 
-log "start the S3 store"
-start=$SECONDS
-bash "$S3" start || fail "s3-server.sh start"
-log "store up in $((SECONDS - start))s"
-eval "$(bash "$S3" env)" || fail "s3-server.sh env"
-bash "$S3" mb cowsnap-t73 || fail "create bucket"
+s3_start_bucket cowsnap-t73
 ENC=repo:s3://cowsnap-t73/enc PLAIN=repo:s3://cowsnap-t73/plain
 
 ctl key create "$K1" >/dev/null || fail "key create"

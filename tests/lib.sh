@@ -84,6 +84,16 @@ s3_test_store() {
   S3_BGPID=
   trap s3_cleanup EXIT
 }
+# s3_start_bucket BUCKET: start this test's store (after s3_test_store), take its AWS_*
+# environment and create BUCKET
+s3_start_bucket() {
+  local start=$SECONDS
+  log "start the S3 store"
+  bash "$S3" start || fail "s3-server.sh start"
+  log "store up in $((SECONDS - start))s"
+  eval "$(bash "$S3" env)" || fail "s3-server.sh env"
+  bash "$S3" mb "$1" || fail "create bucket $1"
+}
 # s3_curl URL_PATH [CURL ARGS...]: a signed S3 request as the store's user (the AWS_*
 # of `s3-server.sh env`; the keys go to curl in a config on a pipe); query values must
 # be URL-encoded (prefix=a%2Fb). s3_keys BUCKET PREFIX: the keys under PREFIX, one a line
