@@ -48,10 +48,7 @@ ctl key create "$K2" >/dev/null || fail "key create k2"
 [ "$(sha "$K2")" != "$k1sum" ] || fail "two keys are equal"
 
 log "64 MiB disk: 16 MiB random, zeros, a 1 MiB random marker at 32 MiB"
-head -c $((64 << 20)) /dev/zero > "$T/d.img"
-head -c $((16 << 20)) /dev/urandom | dd of="$T/d.img" conv=notrunc status=none
-head -c $((1 << 20)) /dev/urandom > "$T/marker"
-dd if="$T/marker" of="$T/d.img" bs=1M seek=32 conv=notrunc status=none
+marker_disk "$T/d.img" "$T/marker"
 uri=$(ctl attach "$T/d.img" --name encdisk72 --via none | tail -n 1) || fail "attach"
 
 log "unencrypted backup: the marker is stored as is"

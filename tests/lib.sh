@@ -84,6 +84,14 @@ s3_test_store() {
   S3_BGPID=
   trap s3_cleanup EXIT
 }
+# marker_disk IMG MARKER: a 64 MiB disk image IMG, 16 MiB of random data, then zeros, and
+# at 32 MiB a 1 MiB random marker block, also written to the file MARKER
+marker_disk() {
+  head -c $((64 << 20)) /dev/zero >"$1"
+  head -c $((16 << 20)) /dev/urandom | dd of="$1" conv=notrunc status=none
+  head -c $((1 << 20)) /dev/urandom >"$2"
+  dd if="$2" of="$1" bs=1M seek=32 conv=notrunc status=none
+}
 # s3_start_bucket BUCKET: start this test's store (after s3_test_store), take its AWS_*
 # environment and create BUCKET
 s3_start_bucket() {
