@@ -133,6 +133,10 @@ fn new_grace(what: &str) -> Result<u64> {
     }
 }
 
+/// How long a backup's end tries to remove its clock probe (`writers/<id>`); one left
+/// behind is removed by a later prune once older than the grace period.
+const PROBE_CLEANUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// An opened repository.
 pub struct Repo {
     dir: PathBuf,
@@ -531,11 +535,13 @@ impl Repo {
         }
     }
 
-    /// Object stores: a backup of `id` ended (published or not): remove its probe.
+    /// Object stores: a backup of `id` ended (published or not): remove its probe,
+    /// trying for at most [`PROBE_CLEANUP_LIMIT`] — a backup that failed because the
+    /// store is down must not spend another retry period on it.
     pub fn writer_end(&self, id: &str) {
         self.store.writer_end();
         if let Some(r) = &self.remote {
-            if let Err(e) = r.delete(&format!("writers/{id}")) {
+            if let Err(e) = r.delete_within(&format!("writers/{id}"), PROBE_CLEANUP_LIMIT) {
                 log::warn!("{e} (a later prune removes it)");
             }
         }
