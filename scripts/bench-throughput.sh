@@ -8,7 +8,7 @@
 #   repo     cowsnapctl backup --to repo:DIR --quiesce-idle 0s   (a fresh repository)
 #   restore  cowsnapctl restore repo:DIR --to FILE               (compared with the disk)
 #   cpimg    cp --sparse=never IMG DST && sync DST   (the raw image: restore's peer)
-# for every build named in BENCH_BINS (space-separated LABEL=DIR pairs, default
+# (BENCH_ATTACH_ARGS: extra attach flags, e.g. "--direct-io off") for every build named in BENCH_BINS (space-separated LABEL=DIR pairs, default
 # "this=$COWSNAP_BIN_DIR"; each build attaches the disk with its own daemon), so that
 # two builds are measured alternately in the same run.
 # Wall-clock seconds of the whole command; "cpu" is the daemon's user+system seconds
@@ -43,7 +43,7 @@ head -c $((MIB << 20)) /dev/urandom >"$W/src.img"
 RES=$W/results.txt; : >"$RES"
 
 attach() { # attach with build DIR
-  "$1/cowsnapctl" attach "$W/src.img" --via none --name tsrc >"$W/attach.log" 2>&1 \
+  "$1/cowsnapctl" attach "$W/src.img" --via none --name tsrc ${BENCH_ATTACH_ARGS:-} >"$W/attach.log" 2>&1 \
     || { cat "$W/attach.log"; exit 1; }
   ATTACHED=$1
   PID=$(cat "$COWSNAP_RUN_DIR/tsrc.pid")

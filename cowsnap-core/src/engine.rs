@@ -75,9 +75,9 @@ pub struct EngineConfig {
     /// Bypass the page cache (O_DIRECT) for a backup's bulk I/O on block devices: the
     /// drainer's origin reads (a second, read-only handle) and `dev:` targets. A file
     /// origin's live I/O always uses the page cache; a backup whose target asks for it
-    /// (`Target::reads_file_origin_direct`: repositories) reads a file origin O_DIRECT
-    /// too (`blockio::open_direct_file_reader`). Where the kernel refuses O_DIRECT it
-    /// falls back to buffered I/O and logs it.
+    /// (`Target::reads_file_origin_direct`; no target does now) reads a file origin
+    /// O_DIRECT too (`blockio::open_direct_file_reader`). Where the kernel refuses
+    /// O_DIRECT it falls back to buffered I/O and logs it.
     pub direct_io: bool,
 }
 

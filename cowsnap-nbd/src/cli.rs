@@ -43,8 +43,8 @@ pub struct Args {
     #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
     pub io_engine: String,
     /// Bypass the page cache (O_DIRECT) for a backup's bulk I/O on block devices: the
-    /// drainer's reads of the origin and `dev:` targets; also a repository backup's
-    /// reads of a file origin. A file origin's own I/O always uses the page cache.
+    /// drainer's reads of the origin and `dev:` targets. A file origin is always read
+    /// and written through the page cache.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub direct_io: String,
     /// Also listen on TCP (e.g. tcp:127.0.0.1:10809). Repeatable. Needs --tls-creds

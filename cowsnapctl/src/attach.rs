@@ -67,8 +67,7 @@ pub struct AttachArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "uring", "sync"])]
     pub io_engine: String,
     /// O_DIRECT for a backup's bulk I/O on block devices (the drainer's origin reads,
-    /// dev: targets) and for a repository backup's reads of a file origin: on (the
-    /// default) or off.
+    /// dev: targets): on (the default) or off.
     #[arg(long, value_parser = ["on", "off"])]
     pub direct_io: Option<String>,
     /// Default backup container (ram:SIZE, file:PATH:SIZE, dev:PATH).

@@ -96,8 +96,7 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// auto, uring or sync.
     pub io_engine: String,
-    /// O_DIRECT for a backup's bulk I/O on block devices and a repository backup's
-    /// reads of a file origin (`--direct-io on|off`);
+    /// O_DIRECT for a backup's bulk I/O on block devices (`--direct-io on|off`);
     /// `None`: the daemon's default (on).
     pub direct_io: Option<bool>,
     /// TCP listeners (tcp:ADDR:PORT), with `tls_creds` or `insecure_tcp`.

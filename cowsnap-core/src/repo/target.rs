@@ -548,8 +548,10 @@ impl RepoTarget {
 
 impl Target for RepoTarget {
     fn reads_file_origin_direct(&self) -> bool {
-        // every byte is hashed (and probed for compression) from the drainer's buffer
-        true
+        // Measured on a quiet machine (BENCHMARKS.md, "O_DIRECT file reads measured
+        // again"): one O_DIRECT read at a time, without the page cache's read-ahead, made
+        // a repository backup of a file 1.5x slower, so file origins are read buffered.
+        false
     }
 
     fn granule_chunks(&self) -> u32 {
