@@ -777,20 +777,9 @@ pub(crate) mod testutil {
     /// The metadata of a full generation `id` of `disk` made at `created_unix`.
     pub(crate) fn meta(id: &str, disk: &str, size: u64, created_unix: u64) -> GenerationInfo {
         GenerationInfo {
-            id: id.into(),
             disk: disk.into(),
-            disk_size: size,
-            chunk_size: 4096,
             created_unix,
-            created: String::new(),
-            kind: GenerationKind::Full,
-            parent: None,
-            lineage: "l".into(),
-            seq_next: 0,
-            seq_lowest_unacked: 0,
-            stats: GenerationStats::default(),
-            notes: Vec::new(),
-            group: None,
+            ..make_info(id, size, 4096)
         }
     }
 

@@ -203,24 +203,7 @@ impl ObjectRepo {
             b = b.with_region("us-east-1");
         }
         let store = b.build().map_err(|e| fail(e.to_string()))?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("cowsnap-s3")
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| Error::io(format!("unable to open repository {url}"), e))?;
-        Ok(ObjectRepo {
-            url: url.trim_end_matches('/').to_string(),
-            prefix: if prefix.is_empty() {
-                String::new()
-            } else {
-                format!("{prefix}/")
-            },
-            store: Box::new(store),
-            rt,
-            requests: AtomicU64::new(0),
-        })
+        Self::with_store(url, &prefix, Box::new(store))
     }
 
     /// A repository location on any `store` (an in-memory one in tests), named `url`
