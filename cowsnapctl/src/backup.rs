@@ -356,6 +356,9 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                         human_bytes(b.bytes_excluded_discarded),
                         human_bytes(b.bytes_excluded_zero)
                     );
+                    if let Some(io) = &b.repo_io {
+                        println!("{}", repo_io_line(io));
+                    }
                     for n in &b.notes {
                         println!("note: {n}");
                     }
@@ -386,6 +389,26 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         // asked again at once
         std::thread::sleep(POLL.saturating_sub(asked.elapsed()));
     }
+}
+
+/// The object-store line of a finished backup: where the parent's index came from,
+/// index bytes fetched, store requests.
+fn repo_io_line(io: &cowsnap_core::repo::cache::RepoIo) -> String {
+    let parent = match io.parent_index.as_str() {
+        "" => "no parent index".to_string(),
+        from => format!("parent index from {from}"),
+    };
+    let mut s = format!(
+        "repository: {parent}; index: {} from cache, fetched {} ({} bytes); {} store requests",
+        io.index_cache_hits, io.indexes_fetched, io.index_bytes_fetched, io.store_requests
+    );
+    if io.index_cache_invalid > 0 {
+        s.push_str(&format!(
+            "; {} cached index(es) failed validation and were fetched again",
+            io.index_cache_invalid
+        ));
+    }
+    s
 }
 
 /// The daemon's answer to a request.
