@@ -479,3 +479,43 @@ fn cancel_and_wait(cl: &mut Client, id: u64) {
     }
     eprintln!("cowsnapctl: backup #{id} did not end within 60 s of being cancelled");
 }
+
+#[cfg(test)]
+mod repo_io_tests {
+    use super::repo_io_line;
+    use cowsnap_core::repo::cache::RepoIo;
+
+    #[test]
+    fn repo_io_lines() {
+        let io = RepoIo {
+            parent_index: "cache".into(),
+            index_cache_hits: 1,
+            store_requests: 23,
+            ..RepoIo::default()
+        };
+        assert_eq!(
+            repo_io_line(&io),
+            "repository: parent index from cache; index: 1 from cache, fetched 0 (0 bytes); 23 store requests"
+        );
+        let io = RepoIo {
+            parent_index: "store".into(),
+            index_cache_invalid: 1,
+            indexes_fetched: 1,
+            index_bytes_fetched: 4912,
+            store_requests: 25,
+            ..RepoIo::default()
+        };
+        let l = repo_io_line(&io);
+        assert!(
+            l.starts_with(
+                "repository: parent index from store; index: 0 from cache, fetched 1 (4912 bytes)"
+            ),
+            "{l}"
+        );
+        assert!(
+            l.ends_with("1 cached index(es) failed validation and were fetched again"),
+            "{l}"
+        );
+        assert!(repo_io_line(&RepoIo::default()).starts_with("repository: no parent index;"));
+    }
+}
