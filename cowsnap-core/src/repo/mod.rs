@@ -19,6 +19,8 @@
 //! pins, the quarantine — is refused there with "not yet supported for s3 repositories"
 //! ([`Repo::require_local`]); prune there collects chunks by the rules of [`gc`],
 //! which backups follow too.
+//! Indexes of an object store are kept in a local cache checked against the hash
+//! each generation's metadata records ([`cache`]); `verify` reads the store.
 //!
 //! # Locking
 //!
