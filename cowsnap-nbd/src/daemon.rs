@@ -258,6 +258,8 @@ pub fn run(args: Args) -> Result<()> {
         let key = cowsnap_core::repo::crypt::RepoKey::load(k).context("invalid --key")?;
         cowsnap_core::repo::crypt::set_process_key(Some(key));
     }
+    // Object-store repositories cache their indexes under the state directory.
+    cowsnap_core::repo::cache::set_state_dir(&args.state_dir);
     std::env::set_current_dir("/").context("unable to change the working directory to /")?;
     init_logging(args.log_file.as_deref())?;
     cowsnap_nbd::paths::validate_name(&args.name).context("invalid --name")?;

@@ -356,6 +356,9 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
                         human_bytes(b.bytes_excluded_discarded),
                         human_bytes(b.bytes_excluded_zero)
                     );
+                    if let Some(io) = &b.repo_io {
+                        println!("{}", repo_io_line(io));
+                    }
                     for n in &b.notes {
                         println!("note: {n}");
                     }
@@ -386,6 +389,26 @@ fn run_to(dirs: &Dirs, a: &BackupArgs) -> Result<i32> {
         // asked again at once
         std::thread::sleep(POLL.saturating_sub(asked.elapsed()));
     }
+}
+
+/// The object-store line of a finished backup: where the parent's index came from,
+/// index bytes fetched, store requests.
+fn repo_io_line(io: &cowsnap_core::repo::cache::RepoIo) -> String {
+    let parent = match io.parent_index.as_str() {
+        "" => "no parent index".to_string(),
+        from => format!("parent index from {from}"),
+    };
+    let mut s = format!(
+        "repository: {parent}; index: {} from cache, fetched {} ({} bytes); {} store requests",
+        io.index_cache_hits, io.indexes_fetched, io.index_bytes_fetched, io.store_requests
+    );
+    if io.index_cache_invalid > 0 {
+        s.push_str(&format!(
+            "; {} cached index(es) failed validation and were fetched again",
+            io.index_cache_invalid
+        ));
+    }
+    s
 }
 
 /// The daemon's answer to a request.
@@ -455,4 +478,44 @@ fn cancel_and_wait(cl: &mut Client, id: u64) {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("cowsnapctl: backup #{id} did not end within 60 s of being cancelled");
+}
+
+#[cfg(test)]
+mod repo_io_tests {
+    use super::repo_io_line;
+    use cowsnap_core::repo::cache::RepoIo;
+
+    #[test]
+    fn repo_io_lines() {
+        let io = RepoIo {
+            parent_index: "cache".into(),
+            index_cache_hits: 1,
+            store_requests: 23,
+            ..RepoIo::default()
+        };
+        assert_eq!(
+            repo_io_line(&io),
+            "repository: parent index from cache; index: 1 from cache, fetched 0 (0 bytes); 23 store requests"
+        );
+        let io = RepoIo {
+            parent_index: "store".into(),
+            index_cache_invalid: 1,
+            indexes_fetched: 1,
+            index_bytes_fetched: 4912,
+            store_requests: 25,
+            ..RepoIo::default()
+        };
+        let l = repo_io_line(&io);
+        assert!(
+            l.starts_with(
+                "repository: parent index from store; index: 0 from cache, fetched 1 (4912 bytes)"
+            ),
+            "{l}"
+        );
+        assert!(
+            l.ends_with("1 cached index(es) failed validation and were fetched again"),
+            "{l}"
+        );
+        assert!(repo_io_line(&RepoIo::default()).starts_with("repository: no parent index;"));
+    }
 }

@@ -165,6 +165,8 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Object-store repositories cache their indexes under the state directory.
+    cowsnap_core::repo::cache::set_state_dir(&cli.dirs.state_dir);
     // Commands that open repositories use the key (read now: a bad key file fails
     // before anything is done); the others ignore it.
     let uses_key = !matches!(

@@ -114,6 +114,12 @@ fn environment(ctl: bool) -> Vec<(String, String)> {
             ),
         ),
         (
+            cowsnap_core::repo::cache::MAX_ENV.into(),
+            "Bound of the local cache of s3 repositories' indexes under the state directory \
+             (bytes with an optional K, M, G or T suffix; default 1G; 0 turns it off)."
+                .into(),
+        ),
+        (
             "RUST_LOG".into(),
             format!(
                 "Log filter on standard error (default {}; e.g. info, debug).",

@@ -216,6 +216,10 @@ pub struct BackupStatus {
     /// Unix time (s) of the snapshot instant (0 before it).
     #[serde(default)]
     pub instant_unix: u64,
+    /// Object-store repositories: where the parent's index came from (local cache or
+    /// store), index bytes fetched, store requests (after commit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo_io: Option<crate::repo::cache::RepoIo>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -350,6 +350,7 @@ fn finish(
                     st.generation = summary.generation;
                     st.notes.extend(summary.notes);
                     st.bytes_stored = summary.bytes_stored;
+                    st.repo_io = summary.repo_io;
                 });
                 Ok(())
             }

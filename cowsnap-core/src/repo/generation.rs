@@ -87,6 +87,11 @@ pub struct GenerationInfo {
     /// The consistency group of this generation, if it was taken as one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupRef>,
+    /// blake3 (hex) of the index object as stored (sealed in an encrypted repository):
+    /// what a cached copy is checked against (see `repo::cache`). Object stores only;
+    /// absent in generations written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_hash: Option<String>,
 }
 
 /// A new generation id: `YYYYMMDDTHHMMSS.mmmZ-<8 hex>` (sorts by time).

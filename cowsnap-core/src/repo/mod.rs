@@ -19,6 +19,8 @@
 //! pins, the quarantine — is refused there with "not yet supported for s3 repositories"
 //! ([`Repo::require_local`]); prune there collects chunks by the rules of [`gc`],
 //! which backups follow too.
+//! Indexes of an object store are kept in a local cache checked against the hash
+//! each generation's metadata records ([`cache`]); `verify` reads the store.
 //!
 //! # Locking
 //!
@@ -34,6 +36,7 @@
 //! there is no window in which a backup has decided "chunk exists, reuse it" while a
 //! sweep deletes it.
 
+pub mod cache;
 pub mod chunk_store;
 pub mod crypt;
 pub mod diff;
@@ -146,6 +149,10 @@ pub struct Repo {
     remote: Option<Arc<object::ObjectRepo>>,
     /// The key of an encrypted repository (checked against the config at open).
     key: Option<Arc<RepoKey>>,
+    /// The local cache of an object store's indexes (see [`cache`]).
+    cache: Option<cache::IndexCache>,
+    /// Index reads of this handle (cache hits, fetches).
+    io: cache::IndexIo,
 }
 
 /// The repository lock held (see [`Repo::lock`]); none on an object store.
@@ -239,12 +246,16 @@ impl Repo {
         let config = check_config(&b, &dir)?;
         crypt::check_key(&url, config.encryption.as_ref(), key.as_deref())?;
         let grace = gc::Grace::from_secs(config.gc_grace_secs.unwrap_or(gc::DEFAULT_GRACE_SECS));
+        let cache = cache::IndexCache::for_url(&url)
+            .map_err(|e| e.with_context(format!("unable to open repository {url}")))?;
         Ok(Repo {
             store: ChunkStore::object(remote.clone(), grace).with_key(key.clone()),
             dir,
             config,
             remote: Some(remote),
             key,
+            cache,
+            io: cache::IndexIo::default(),
         })
     }
 
@@ -283,6 +294,8 @@ impl Repo {
             config,
             remote: None,
             key,
+            cache: None,
+            io: cache::IndexIo::default(),
         })
     }
 
@@ -461,21 +474,89 @@ impl Repo {
 
     /// Publish a generation's index (before its metadata); returns its size.
     pub fn write_index(&self, idx: &FixedIndex) -> Result<u64> {
+        self.publish_index(idx).map(|(n, _)| n)
+    }
+
+    /// Publish a generation's index (before its metadata); returns its size and, on an
+    /// object store, blake3 (hex) of the object as stored, for the metadata's
+    /// `index_hash`. The object goes into the local cache too (see [`cache`]).
+    pub fn publish_index(&self, idx: &FixedIndex) -> Result<(u64, Option<String>)> {
         let name = format!("generations/{}.idx", idx.generation);
         match (&self.remote, &self.key) {
-            (None, None) => idx.write(&self.index_path(&idx.generation)),
+            (None, None) => Ok((idx.write(&self.index_path(&idx.generation))?, None)),
             (None, Some(_)) => {
                 let b = self.seal(&name, idx.encode())?;
                 fsutil::write_atomic(&self.index_path(&idx.generation), &b)?;
-                Ok(b.len() as u64)
+                Ok((b.len() as u64, None))
             }
             (Some(r), _) => {
                 let b = self.seal(&name, idx.encode())?;
                 let n = b.len() as u64;
-                r.put(&name, b)?;
-                Ok(n)
+                let hash = blake3::hash(&b);
+                match &self.cache {
+                    Some(c) => {
+                        r.put(&name, b.clone())?;
+                        c.put(&idx.generation, &b);
+                    }
+                    None => r.put(&name, b)?,
+                }
+                Ok((n, Some(hash.to_hex().to_string())))
             }
         }
+    }
+
+    /// The index reads of this handle so far, and the store's request count.
+    pub fn io(&self) -> cache::RepoIo {
+        cache::RepoIo {
+            store_requests: self.remote.as_ref().map_or(0, |r| r.requests()),
+            ..self.io.snapshot()
+        }
+    }
+
+    /// Use `cache` for this object store's indexes instead of the process's.
+    #[cfg(test)]
+    pub(crate) fn set_cache(&mut self, cache: Option<cache::IndexCache>) {
+        self.cache = cache;
+    }
+
+    /// The index object of generation `g` from the store, or from the local cache when
+    /// `cached` and `g`'s metadata records its hash and the cached copy matches it.
+    fn fetch_index(
+        &self,
+        r: &object::ObjectRepo,
+        g: &GenerationInfo,
+        cached: bool,
+    ) -> Result<Vec<u8>> {
+        let name = format!("generations/{}.idx", g.id);
+        let want = g.index_hash.as_deref().and_then(cache::parse_hash);
+        let cache = self.cache.as_ref().filter(|_| cached);
+        if let (Some(c), Some(h)) = (cache, &want) {
+            if let Some(b) = c.get(&g.id, h, &self.io) {
+                return Ok(b);
+            }
+        }
+        let b = r.get(&name)?.ok_or_else(|| {
+            crate::err!(NotFound, "unable to read index {}/{name}: gone", r.url())
+        })?;
+        self.io
+            .fetched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.io
+            .fetched_bytes
+            .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = &want {
+            if blake3::hash(&b).as_bytes() != h {
+                return Err(crate::err!(
+                    Corrupt,
+                    "index {}/{name} does not match the hash its generation's metadata records",
+                    r.url()
+                ));
+            }
+            if let Some(c) = &self.cache {
+                c.put(&g.id, &b);
+            }
+        }
+        Ok(b)
     }
 
     /// Publish a generation's metadata (its index and chunks first): the generation
@@ -637,8 +718,18 @@ impl Repo {
         resolve_in(&self.list()?, spec, &self.dir)
     }
 
-    /// Load a generation's index and check it matches its metadata.
+    /// Load a generation's index and check it matches its metadata; on an object
+    /// store from the local cache when it holds a valid copy (see [`cache`]).
     pub fn load_index(&self, g: &GenerationInfo) -> Result<FixedIndex> {
+        self.load_index_with(g, true)
+    }
+
+    /// [`Self::load_index`] from the store itself, never the local cache (`verify`).
+    pub fn load_index_from_store(&self, g: &GenerationInfo) -> Result<FixedIndex> {
+        self.load_index_with(g, false)
+    }
+
+    fn load_index_with(&self, g: &GenerationInfo, cached: bool) -> Result<FixedIndex> {
         let name = format!("generations/{}.idx", g.id);
         let idx = match (&self.remote, &self.key) {
             (None, None) => FixedIndex::read(&self.index_path(&g.id))?,
@@ -648,9 +739,7 @@ impl Repo {
                 FixedIndex::decode(&self.unseal(&name, b, &what)?, &what)?
             }
             (Some(r), _) => {
-                let b = r.get(&name)?.ok_or_else(|| {
-                    crate::err!(NotFound, "unable to read index {}/{name}: gone", r.url())
-                })?;
+                let b = self.fetch_index(r, g, cached)?;
                 let what = format!("{}/{name}", r.url());
                 FixedIndex::decode(&self.unseal(&name, b, &what)?, &what)?
             }
@@ -814,6 +903,7 @@ pub(crate) mod testutil {
             stats: GenerationStats::default(),
             notes: Vec::new(),
             group: None,
+            index_hash: None,
         }
     }
 }

@@ -818,7 +818,7 @@ impl Target for RepoTarget {
             }
         }
         drop(from_parent);
-        let idx_bytes = self.repo.write_index(&idx)?;
+        let (idx_bytes, index_hash) = self.repo.publish_index(&idx)?;
         let total = idx.chunk_count();
         self.stats.chunks_total = total;
         self.stats.chunks_from_parent = match self.parent {
@@ -851,13 +851,28 @@ impl Target for RepoTarget {
             stats: self.stats.clone(),
             notes: self.notes.clone(),
             group: self.group.clone(),
+            index_hash,
         };
         let meta_bytes = self.repo.write_meta(&g)?;
         self.repo.writer_after_publish(&self.id)?;
+        // Object stores: where the parent's index came from, what the store served.
+        let repo_io = self.repo.remote().map(|_| {
+            let mut io = self.repo.io();
+            if self.parent.is_some() {
+                io.parent_index = if io.index_cache_hits > 0 {
+                    "cache"
+                } else {
+                    "store"
+                }
+                .into();
+            }
+            io
+        });
         Ok(TargetSummary {
             generation: Some(self.id.clone()),
             bytes_stored: self.stats.bytes_stored_new + idx_bytes + meta_bytes,
             notes: self.notes.clone(),
+            repo_io,
         })
     }
 

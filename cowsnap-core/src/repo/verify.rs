@@ -187,7 +187,7 @@ fn run(
     let mut seen: HashMap<[u8; 32], Option<(String, String)>> = HashMap::new();
     for g in &gens {
         rep.generations.push(g.id.clone());
-        let idx = match repo.load_index(g) {
+        let idx = match repo.load_index_from_store(g) {
             Ok(i) => i,
             Err(e) => {
                 rep.problems.push(VerifyProblem {

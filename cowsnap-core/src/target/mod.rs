@@ -114,6 +114,8 @@ pub struct TargetSummary {
     pub bytes_stored: u64,
     /// Notes for the user (e.g. "tracking not trusted: full read").
     pub notes: Vec<String>,
+    /// Object-store repositories: index reads and store requests of the backup.
+    pub repo_io: Option<crate::repo::cache::RepoIo>,
 }
 
 /// A backup destination.

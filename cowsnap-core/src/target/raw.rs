@@ -341,6 +341,7 @@ impl Target for RawImage {
             generation: None,
             bytes_stored: self.bytes_stored,
             notes: Vec::new(),
+            repo_io: None,
         })
     }
 
