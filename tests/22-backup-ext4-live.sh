@@ -23,23 +23,7 @@ head -c $((64 << 20)) /dev/urandom > "$M/static/big"
 sync
 (cd "$M" && find static -type f -print0 | sort -z | xargs -0 sha256sum) > "$T/static.sha" || fail "hash"
 
-# the writer: pauses (and says so in $T/paused) while $T/pause exists
-writer() {
-  local i=0 n f
-  while [ ! -e "$T/stop" ]; do
-    if [ -e "$T/pause" ]; then touch "$T/paused"; sleep 0.02; continue; fi
-    rm -f "$T/paused"
-    i=$((i + 1)); n=$((i % 64)); f=$M/live/f$n
-    case $((i % 6)) in
-      0|1) dd if=/dev/urandom of="$f" bs=4k count=$((RANDOM % 64 + 1)) conv=fsync status=none ;;
-      2) [ -e "$f" ] && dd if=/dev/urandom of="$f" bs=4k count=$((RANDOM % 16 + 1)) oflag=append conv=notrunc,fsync status=none ;;
-      3) rm -f "$f" ;;
-      4) [ -e "$f" ] && mv "$f" "$M/live/r$n" ;;
-      5) mkdir -p "$M/live/d$n" && dd if=/dev/urandom of="$M/live/d$n/x" bs=64k count=$((RANDOM % 8 + 1)) conv=fsync status=none ;;
-    esac
-  done
-}
-writer >"$T/writer.log" 2>&1 &
+fs_writer "$M/live" >"$T/writer.log" 2>&1 &
 WR=$!; EXTRA_PIDS+=("$WR")
 sleep 3
 running "$WR" || fail "the writer loop died: $(cat "$T/writer.log")"

@@ -145,6 +145,24 @@ backup_gen() {
   timeout 300 "$CTL" backup "$@" --quiesce-idle 0 >"$T/bk.out" 2>"$T/bk.err" || fail "backup $*: $(cat "$T/bk.err")"
   tail -n 1 "$T/bk.out" | jq -r .generation
 }
+# fs_writer DIR: keeps creating, changing, renaming and deleting files under DIR (with
+# fsync, so the changes reach the disk at once) until $T/stop exists; pauses (and says so
+# in $T/paused) while $T/pause exists
+fs_writer() {
+  local i=0 n f
+  while [ ! -e "$T/stop" ]; do
+    if [ -e "$T/pause" ]; then touch "$T/paused"; sleep 0.02; continue; fi
+    rm -f "$T/paused"
+    i=$((i + 1)); n=$((i % 64)); f=$1/f$n
+    case $((i % 6)) in
+      0|1) dd if=/dev/urandom of="$f" bs=4k count=$((RANDOM % 64 + 1)) conv=fsync status=none ;;
+      2) [ -e "$f" ] && dd if=/dev/urandom of="$f" bs=4k count=$((RANDOM % 16 + 1)) oflag=append conv=notrunc,fsync status=none ;;
+      3) rm -f "$f" ;;
+      4) [ -e "$f" ] && mv "$f" "$1/r$n" ;;
+      5) mkdir -p "$1/d$n" && dd if=/dev/urandom of="$1/d$n/x" bs=64k count=$((RANDOM % 8 + 1)) conv=fsync status=none ;;
+    esac
+  done
+}
 json_field() { printf '%s' "$1" | jq -r "$2"; }
 [ -x "$CTL" ] || { echo "FAIL: no cowsnapctl at $CTL (build first, or set COWSNAP_BIN_DIR)"; exit 1; }
 [ -x "$NBD" ] || { echo "FAIL: no cowsnap-nbd at $NBD"; exit 1; }
