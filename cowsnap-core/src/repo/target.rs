@@ -31,9 +31,11 @@
 //!   locking table).
 //! - Chunks are published late: a worker writes a chunk under its temporary name and
 //!   starts its writeback, and fsyncs and renames it [`PUBLISH_LAG`] chunks later
-//!   (`ChunkStore::insert_unpublished`); `commit` publishes the rest before it syncs the
-//!   directories and publishes the index, abort or drop removes them.
-//! - Hashing, compression and chunk writes run on a small worker pool (`write` copies
+//!   (`ChunkStore::insert_unpublished`); `commit` publishes the rest ([`PUBLISHERS`]
+//!   threads) before it syncs the directories and publishes the index, abort or drop
+//!   removes them.
+//! - Hashing, compression and chunk writes run on a worker pool of 4× the CPUs, at
+//!   least 8 and at most 16 (`write` copies
 //!   the data into a bounded queue and returns; `write_owned`, the drainer's way, takes
 //!   the batch buffer itself, its chunks' work sharing it without a copy, and returns a
 //!   free one of workers + [`SPARE_BATCHES`] buffers in circulation, waiting for one
