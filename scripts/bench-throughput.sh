@@ -10,7 +10,8 @@
 #   cpimg    cp --sparse=never IMG DST && sync DST   (the raw image: restore's peer)
 # (BENCH_ATTACH_ARGS: extra attach flags, e.g. "--direct-io off") for every build named in BENCH_BINS (space-separated LABEL=DIR pairs, default
 # "this=$COWSNAP_BIN_DIR"; each build attaches the disk with its own daemon), so that
-# two builds are measured alternately in the same run.
+# two builds are measured alternately in the same run; BENCH_ALTERNATE=1 reverses their
+# order every other round, so neither always runs first.
 # Wall-clock seconds of the whole command; "cpu" is the daemon's user+system seconds
 # during the backup (from /proc/PID/stat), per GiB (for cp and restore: the process's
 # own, /usr/bin/time; none counts the kernel's flusher threads). Ratios are the peer's
@@ -56,7 +57,10 @@ for r in $(seq 1 "$RUNS"); do
   t1=$(now)
   echo "cp - $r $($PY -c "print($t1 - $t0)") $(awk '{print $1 + $2}' "$W/cp.time")" >>"$RES"
   rm -f "$W/cp.img"
-  for b in $BINS; do
+  order=$BINS
+  # BENCH_ALTERNATE=1: the builds run in reverse order every other round
+  [ "${BENCH_ALTERNATE:-0}" = 1 ] && [ $((r % 2)) = 0 ] && order=$(printf '%s\n' $BINS | tac | tr '\n' ' ')
+  for b in $order; do
     label=${b%%=*}; dir=${b#*=}
     attach "$dir"
     drop; c0=$(cpu "$PID"); t0=$(now)

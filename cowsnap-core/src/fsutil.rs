@@ -163,6 +163,26 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Start writeback of `len` bytes of `f` at `off` (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`; `len` 0: to the end) without waiting for it, so a later
+/// fsync finds the data already on its way to the disk instead of writing it all
+/// then. Advice only: errors are logged, never returned (the fsync that makes the data
+/// durable reports them).
+pub fn start_writeback(f: &File, off: u64, len: u64) {
+    let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range takes a valid fd (borrowed from `f`, open for the whole
+    // call) and integers; it touches no memory of ours.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), o, l, libc::SYNC_FILE_RANGE_WRITE) };
+    if r != 0 {
+        log::debug!(
+            "unable to start writeback: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Write `data` to `dest` atomically and durably.
 pub fn write_atomic(dest: &Path, data: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(dest)?;

@@ -60,7 +60,6 @@ use crate::fsutil::{self, hex};
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -764,18 +763,7 @@ impl ChunkStore {
             .write_all(&hdr)
             .and_then(|()| f.file().write_all(&payload))
             .ctx(|| format!("unable to write chunk {name}"))?;
-        // SAFETY: sync_file_range takes a valid fd (borrowed from the open file) and
-        // integers; it touches no memory of ours.
-        let r = unsafe {
-            libc::sync_file_range(f.file().as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-        };
-        if r != 0 {
-            // advice only: publish's fsync writes it anyway and reports errors
-            log::debug!(
-                "unable to start writeback of {name}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        fsutil::start_writeback(f.file(), 0, 0);
         self.touched
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -31,9 +31,11 @@
 //!   locking table).
 //! - Chunks are published late: a worker writes a chunk under its temporary name and
 //!   starts its writeback, and fsyncs and renames it [`PUBLISH_LAG`] chunks later
-//!   (`ChunkStore::insert_unpublished`); `commit` publishes the rest before it syncs the
-//!   directories and publishes the index, abort or drop removes them.
-//! - Hashing, compression and chunk writes run on a small worker pool (`write` copies
+//!   (`ChunkStore::insert_unpublished`); `commit` publishes the rest ([`PUBLISHERS`]
+//!   threads) before it syncs the directories and publishes the index, abort or drop
+//!   removes them.
+//! - Hashing, compression and chunk writes run on a worker pool of 4× the CPUs, at
+//!   least 8 and at most 16 (`write` copies
 //!   the data into a bounded queue and returns; `write_owned`, the drainer's way, takes
 //!   the batch buffer itself, its chunks' work sharing it without a copy, and returns a
 //!   free one of workers + [`SPARE_BATCHES`] buffers in circulation, waiting for one
@@ -145,14 +147,14 @@ struct Pool {
 
 impl Pool {
     fn start(repo: &Arc<Repo>, shared: &Arc<Mutex<Shared>>) -> Result<Pool> {
-        // Twice the CPUs (at least 4): chunk fsyncs block a worker without using a
-        // CPU, and concurrent fsyncs share journal commits.
-        // On an object store a worker mostly waits for a PUT: at least 8.
-        let least = if repo.is_object() { 8 } else { 4 };
+        // Four times the CPUs, at least 8 (on an object store a worker mostly waits
+        // for a PUT, on a directory often for a chunk's fsync, neither using a CPU;
+        // concurrent fsyncs share journal commits). 8 workers on 2 CPUs measured
+        // faster than 4 and as fast as 16 (BENCHMARKS.md).
         let n = std::thread::available_parallelism()
-            .map(|p| p.get() * 2)
-            .unwrap_or(4)
-            .clamp(least, 16);
+            .map(|p| p.get() * 4)
+            .unwrap_or(8)
+            .clamp(8, 16);
         let (tx, rx) = bounded::<ChunkWork>(2 * n);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
@@ -286,14 +288,37 @@ fn in_ranges(set: &BTreeMap<u64, u64>, i: u64) -> bool {
     set.range(..=i).next_back().is_some_and(|(_, &e)| i < e)
 }
 
-/// Publish every chunk still pending (before the index is), oldest first.
+/// Threads that publish the chunks still pending at commit: each fsync waits for the
+/// disk, not a CPU, so several run at once.
+const PUBLISHERS: usize = 8;
+
+/// Publish every chunk still pending (before the index is), [`PUBLISHERS`] at a time;
+/// the first error is returned (the chunks not published are removed when dropped).
 fn publish_pending(shared: &Mutex<Shared>) -> Result<()> {
-    let pending = std::mem::take(&mut lock_shared(shared).pending);
-    for p in pending {
-        p.publish()
-            .map_err(|e| e.with_context("unable to store a chunk"))?;
+    let pending: Vec<PendingChunk> = std::mem::take(&mut lock_shared(shared).pending).into();
+    let per = pending.len().div_ceil(PUBLISHERS).max(1);
+    let mut groups: Vec<Vec<PendingChunk>> = Vec::new();
+    let mut rest = pending.into_iter().peekable();
+    while rest.peek().is_some() {
+        groups.push(rest.by_ref().take(per).collect());
     }
-    Ok(())
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = groups
+            .into_iter()
+            .map(|g| s.spawn(move || g.into_iter().try_for_each(PendingChunk::publish)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::err!(Io, "a chunk publisher stopped unexpectedly"))
+                })
+            })
+            .collect()
+    });
+    results
+        .into_iter()
+        .collect::<Result<()>>()
+        .map_err(|e| e.with_context("unable to store a chunk"))
 }
 
 /// What a repository backup needs to know up front.

@@ -594,7 +594,13 @@ impl FillingIo {
                     hex(h)
                 ))
             })?;
-            self.dest.write_at(&buf, off)
+            self.dest.write_at(&buf, off)?;
+            // on its way to the disk while the batch's other chunks are fetched, so the
+            // batch's flush waits for less
+            if let Some(f) = self.dest.plain_file() {
+                crate::fsutil::start_writeback(f, off, len as u64);
+            }
+            Ok(())
         })
     }
 
