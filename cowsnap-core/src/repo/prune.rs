@@ -294,6 +294,13 @@ pub(crate) fn prune_repo(repo: &Repo, opts: &PruneOptions) -> Result<PruneReport
     rep.kept_generations.sort();
 
     if let Some(r) = &repo.remote {
+        if !opts.dry_run {
+            for p in &stale {
+                if let Some(name) = p.path.file_name() {
+                    r.delete(&format!("pins/{}", name.to_string_lossy()))?;
+                }
+            }
+        }
         return prune_object(repo, r, live, opts, rep);
     }
 
@@ -1225,6 +1232,42 @@ mod object_tests {
             ["generations/c.idx", "generations/c.json"]
         );
         assert!(whole(&host1, "c"));
+    }
+
+    /// A pin whose fill state on this host is gone pins nothing: prune removes the
+    /// object (as it says), and collects the generation.
+    #[test]
+    fn a_stale_pin_is_removed() {
+        let repo = in_memory(GRACE);
+        publish(&repo, "a", "d", 1000, &img(1, 2));
+        publish(&repo, "c", "d", 2000, &img(100, 2));
+        let pin = crate::repo::pin::Pin {
+            generation: "a".into(),
+            disk: "d".into(),
+            destination: "/dev/x".into(),
+            state: "/nonexistent/cowsnap-test/fill.state".into(),
+            host: crate::repo::pin::host_name(),
+            created: String::new(),
+            kind: crate::repo::pin::PinKind::LiveRestore,
+            pid: None,
+        };
+        let r = repo.remote().unwrap().clone();
+        r.put("pins/a.0123abcd.json", serde_json::to_vec(&pin).unwrap())
+            .unwrap();
+        let dry = prune_repo(
+            &repo,
+            &PruneOptions {
+                dry_run: true,
+                ..keep1()
+            },
+        )
+        .unwrap();
+        assert_eq!(dry.stale_pins_removed.len(), 1, "{dry:?}");
+        assert_eq!(names(&repo, "pins/").len(), 1, "a dry run removes nothing");
+        let rep = prune_repo(&repo, &keep1()).unwrap();
+        assert_eq!(rep.stale_pins_removed.len(), 1, "{rep:?}");
+        assert_eq!(rep.removed_generations, ["a"]);
+        assert!(names(&repo, "pins/").is_empty());
     }
 
     fn l(name: &str, t: i64) -> Listed {
