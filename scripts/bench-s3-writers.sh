@@ -3,6 +3,12 @@
 # in full at once into repo:s3://many/r, against the same N one after another into
 # repo:s3://seq/r (the peer, same store, same run). Page cache dropped before each timed
 # step. Wall-clock time of all backups; requests from radosgw's perf counter rgw.req.
+# A backup that PUT new chunks soon after its listing of chunks/ waits before its commit
+# (rule W3 of repo::gc: 8 s with the default grace period), so small disks one after
+# another pay it N times. (A smaller grace period, COWSNAP_REPO_GC_GRACE in the
+# environment, shortens the wait but also the time a backup has to publish, G/4: with
+# 4 s, backups on this loaded 2-vCPU machine overran it and were unpublished.)
+# Ports: COWSNAP_BENCH_S3_PORT / COWSNAP_BENCH_S3_MON_PORT (defaults 17495 / 13315).
 # Usage: scripts/bench-s3-writers.sh [N (16)] [DISK_MIB (64)]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,11 +39,14 @@ import os, re, subprocess, urllib.parse
 ep, b = os.environ["AWS_ENDPOINT_URL"], os.environ["AWS_BKT"]
 total, token = 0, None
 while True:
-    q = "list-type=2&prefix=r%2Fchunks%2F&max-keys=1000" + ("&continuation-token=" + urllib.parse.quote(token, safe="") if token else "")
+    # parameters in sorted order: curl's SigV4 signs the query as given
+    q = ("continuation-token=" + urllib.parse.quote(token, safe="") + "&" if token else "") + "list-type=2&max-keys=1000&prefix=r%2Fchunks%2F"
     out = subprocess.run(["curl", "-s", "-K", "-", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
                           "--aws-sigv4", "aws:amz:us-east-1:s3", f"{ep}/{b}?{q}"],
                          input=f'user = "{os.environ["AWS_ACCESS_KEY_ID"]}:{os.environ["AWS_SECRET_ACCESS_KEY"]}"\n',
                          capture_output=True, text=True, check=True).stdout
+    if "<ListBucketResult" not in out:
+        raise SystemExit(f"listing {b} failed: {out[:300]}")
     total += sum(int(x) for x in re.findall(r"<Size>(\d+)</Size>", out))
     m = re.search(r"<NextContinuationToken>([^<]*)</NextContinuationToken>", out)
     if "<IsTruncated>true" not in out or not m:
@@ -47,7 +56,7 @@ print(total)
 PY
 }
 
-echo "# $(date -u +%F) $(nproc) vCPU (shared), $(free -g | awk '/Mem/ {print $2}') GiB RAM, kernel $(uname -r); $N disks of $MIB MiB; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# $(date -u +%F) $(nproc) vCPU (shared), $(free -g | awk '/Mem/ {print $2}') GiB RAM, kernel $(uname -r); $N disks of $MIB MiB; grace ${COWSNAP_REPO_GC_GRACE:-1 day}; load $(cut -d' ' -f1-3 /proc/loadavg)"
 head -c $((MIB << 20)) /dev/urandom >"$W/base.img"
 for i in $(seq "$N"); do
   cp "$W/base.img" "$W/w$i.img"
@@ -74,7 +83,7 @@ for mode in seq many; do
   T[$mode]=$(calc "$(now) - $t0")
   R[$mode]=$(( $(reqs) - r0 ))
   stored=$(bucket_bytes "$mode")
-  echo "$mode: $N full backups in ${T[$mode]} s, aggregate $(calc "$N * $MIB / ${T[$mode]}" 0) MiB/s; dedup $(calc "$N * $MIB * 1048576 / $stored") x ($(calc "$stored / 1048576" 0) MiB of chunks for $((N * MIB)) MiB of disks); $(calc "${R[$mode]} / $GIB" 0) requests/GiB"
+  echo "$mode: $N full backups in ${T[$mode]} s, aggregate $(calc "$N * $MIB / ${T[$mode]}" 1) MiB/s; dedup $(calc "$N * $MIB * 1048576 / $stored") x ($(calc "$stored / 1048576" 0) MiB of chunks for $((N * MIB)) MiB of disks); $(calc "${R[$mode]} / $GIB" 0) requests/GiB"
 done
 echo "many/seq aggregate throughput: $(calc "${T[seq]} / ${T[many]}") x"
 "$CTL" verify repo:s3://many/r >/dev/null && echo "verify many: ok"

@@ -20,6 +20,9 @@ pub struct Format {
 /// Versions read when only the written one is.
 const REPO_READS: &[u32] = &[repo::VERSION];
 const CHUNK_READS: &[u32] = &[repo::chunk_store::CHUNK_VERSION as u32];
+const REPO_ENC_READS: &[u32] = &[repo::VERSION_ENCRYPTED];
+const CHUNK_SEALED_READS: &[u32] = &[repo::chunk_store::CHUNK_VERSION_SEALED as u32];
+const SEALED_OBJECT_READS: &[u32] = &[repo::crypt::OBJ_VERSION as u32];
 const SEAL_READS: &[u32] = &[origin_seal::SEAL_VERSION];
 const FILL_READS: &[u32] = &[restore::live::FILL_VERSION];
 
@@ -36,6 +39,24 @@ pub const FORMATS: &[Format] = &[
         file: "DIR/chunks/ab/<hash>",
         writes: repo::chunk_store::CHUNK_VERSION as u32,
         reads: CHUNK_READS,
+    },
+    Format {
+        name: "encrypted repository",
+        file: "DIR/cowsnap-repo.json with \"encryption\"",
+        writes: repo::VERSION_ENCRYPTED,
+        reads: REPO_ENC_READS,
+    },
+    Format {
+        name: "encrypted repository chunk",
+        file: "DIR/chunks/ab/<keyed hash>",
+        writes: repo::chunk_store::CHUNK_VERSION_SEALED as u32,
+        reads: CHUNK_SEALED_READS,
+    },
+    Format {
+        name: "sealed index and metadata",
+        file: "DIR/generations/<id>.idx, .json of an encrypted repository",
+        writes: repo::crypt::OBJ_VERSION as u32,
+        reads: SEALED_OBJECT_READS,
     },
     Format {
         name: "repository index",
@@ -106,5 +127,17 @@ mod tests {
             "change log: writes {}, reads 1, 2",
             changelog::VERSION
         )));
+        assert!(
+            d.contains("encrypted repository: writes 2, reads 2 ("),
+            "{d}"
+        );
+        assert!(
+            d.contains("encrypted repository chunk: writes 2, reads 2 ("),
+            "{d}"
+        );
+        assert!(
+            d.contains("sealed index and metadata: writes 1, reads 1 ("),
+            "{d}"
+        );
     }
 }

@@ -227,6 +227,9 @@ fn version_names_the_format_versions() {
     let only = |n: u32| format!("writes {n}, reads {n} ");
     assert!(line("repository").contains(&only(repo::VERSION)));
     assert!(line("repository chunk").contains(&only(u32::from(repo::chunk_store::CHUNK_VERSION))));
+    assert!(line("encrypted repository").contains(&only(repo::VERSION_ENCRYPTED)));
+    assert!(line("encrypted repository chunk")
+        .contains(&only(u32::from(repo::chunk_store::CHUNK_VERSION_SEALED))));
     assert!(line("repository index").contains(&format!(
         "writes {}, reads 1, 2 ",
         repo::index::INDEX_VERSION

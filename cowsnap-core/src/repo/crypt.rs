@@ -69,7 +69,7 @@ const CTX_CHECK: &str = "cowsnap repository 2026 key check v1";
 
 /// Magic and version of a sealed index or metadata object.
 const OBJ_MAGIC: [u8; 4] = *b"CSEO";
-const OBJ_VERSION: u8 = 1;
+pub(crate) const OBJ_VERSION: u8 = 1;
 const OBJ_HDR: usize = 8;
 
 /// The `encryption` entry of an encrypted repository's `cowsnap-repo.json`.

@@ -136,6 +136,36 @@ fn new_grace(what: &str) -> Result<u64> {
     }
 }
 
+/// The environment variable that sets the chunk size of a new repository (a size such
+/// as `4M`, a power of two from 64 KiB to [`MAX_CHUNK_SIZE`]): read by the backup that
+/// creates the repository, ignored for an existing one (its config says).
+pub const CHUNK_SIZE_ENV: &str = "COWSNAP_REPO_CHUNK_SIZE";
+/// The smallest chunk size [`CHUNK_SIZE_ENV`] takes: the largest tracking chunk is
+/// below it, and smaller chunks only add requests.
+pub const MIN_NEW_CHUNK_SIZE: u32 = 64 << 10;
+
+/// The chunk size of a new repository at `what`: `value` (of [`CHUNK_SIZE_ENV`]) if
+/// given, else `default`; checked before anything is created.
+fn new_chunk_size(what: &str, value: Option<&str>, default: u32) -> Result<u32> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    match crate::container::parse_size(v).ok().and_then(|n| u32::try_from(n).ok()) {
+        Some(n) if valid_chunk_size(n) && n >= MIN_NEW_CHUNK_SIZE => Ok(n),
+        _ => Err(crate::err!(
+            InvalidInput,
+            "unable to create repository {what}: {CHUNK_SIZE_ENV}={v:?} is not a power of two from 64K to {}M",
+            MAX_CHUNK_SIZE >> 20
+        )),
+    }
+}
+
+/// [`new_chunk_size`] from the environment.
+fn new_chunk_size_env(what: &str, default: u32) -> Result<u32> {
+    let v = std::env::var(CHUNK_SIZE_ENV).ok();
+    new_chunk_size(what, v.as_deref(), default)
+}
+
 /// How long a backup's end tries to remove its clock probe (`writers/<id>`); one left
 /// behind is removed by a later prune once older than the grace period.
 const PROBE_CLEANUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -322,7 +352,8 @@ impl Repo {
                 .map_err(|e| e.with_context(format!("unable to open repository {url}")))?
                 .is_none();
             if missing {
-                let json = new_config_json(url, chunk_size, key.as_deref(), Some(new_grace(url)?))?;
+                let cs = new_chunk_size_env(url, chunk_size)?;
+                let json = new_config_json(url, cs, key.as_deref(), Some(new_grace(url)?))?;
                 remote
                     .put(CONFIG_FILE, json)
                     .map_err(|e| e.with_context(format!("unable to create repository {url}")))?;
@@ -330,8 +361,9 @@ impl Repo {
             return Self::open_object(url, key);
         }
         if !dir.join(CONFIG_FILE).exists() {
-            let json =
-                new_config_json(&dir.display().to_string(), chunk_size, key.as_deref(), None)?;
+            let what = dir.display().to_string();
+            let cs = new_chunk_size_env(&what, chunk_size)?;
+            let json = new_config_json(&what, cs, key.as_deref(), None)?;
             for d in [
                 dir.to_path_buf(),
                 dir.join("chunks"),
@@ -904,6 +936,33 @@ pub(crate) mod testutil {
             notes: Vec::new(),
             group: None,
             index_hash: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod chunk_size_tests {
+    use super::*;
+
+    #[test]
+    fn a_new_repositorys_chunk_size_comes_from_the_setting_checked() {
+        assert_eq!(
+            new_chunk_size("x", None, DEFAULT_CHUNK_SIZE).unwrap(),
+            1 << 20
+        );
+        assert_eq!(new_chunk_size("x", Some("4M"), 1 << 20).unwrap(), 4 << 20);
+        assert_eq!(
+            new_chunk_size("x", Some("256K"), 1 << 20).unwrap(),
+            256 << 10
+        );
+        assert_eq!(
+            new_chunk_size("x", Some("65536"), 1 << 20).unwrap(),
+            64 << 10
+        );
+        for bad in ["32K", "3M", "128M", "", "big", "99999999999999999999"] {
+            let e = new_chunk_size("s3://b/r", Some(bad), 1 << 20).unwrap_err();
+            assert!(e.to_string().contains(CHUNK_SIZE_ENV), "{bad}: {e}");
+            assert!(e.to_string().contains("s3://b/r"), "{e}");
         }
     }
 }

@@ -19,9 +19,13 @@
 //!
 //! On an object-store repository a pin is the object `PREFIX/pins/<generation>.<8 hex>.json`
 //! (one PUT, atomic), named by its URL (`s3://BUCKET/PREFIX/pins/…`) wherever a path is
-//! kept; there is no lock to write it under, which costs nothing since prune deletes
-//! no chunk there. Exports from an object store (which need a `flock` on their pin)
-//! are refused.
+//! kept; there is no lock to write it under. Instead, once the pin landed the
+//! generation's metadata must still be there (else the pin is deleted again and the
+//! restore refused), and every prune lists the pins again after its clock probe and
+//! keeps the index and chunks of a pinned generation even if it is tombstoned (a prune
+//! that had listed the pins before the pin landed may have removed it): see
+//! ARCHITECTURE, "A pin and a tombstone". Exports from an object store (which need a
+//! `flock` on their pin) are refused.
 //!
 //! An export (`kind: "export"`, a read-only NBD export of a generation) pins its
 //! generation for as long as it serves it. The exporter holds a shared `flock` on its
@@ -142,7 +146,23 @@ pub fn create(repo: &Repo, pin: &Pin) -> Result<PathBuf> {
         .map_err(|e| crate::err!(InvalidInput, "unable to encode pin: {e}"))?;
     if let Some(r) = &repo.remote {
         // One PUT (atomic); the path is the object's URL.
-        r.put(&format!("pins/{name}"), json)?;
+        let key = format!("pins/{name}");
+        r.put(&key, json)?;
+        // Then the generation must still be published: its metadata was read before
+        // the pin landed, and a prune that listed the pins before may have removed it
+        // meanwhile. Published after the pin landed means any later unpublishing is
+        // younger than the pin, so every prune that could collect its chunks lists
+        // the pin (see ARCHITECTURE, "A pin and a tombstone").
+        let meta = format!("generations/{}.json", pin.generation);
+        if !r.exists(&meta)? {
+            r.delete(&key)?;
+            return Err(crate::err!(
+                NotFound,
+                "unable to pin generation {} in {}: it was removed by a prune meanwhile",
+                pin.generation,
+                r.url()
+            ));
+        }
         return Ok(dir.join(name));
     }
     std::fs::create_dir_all(&dir).ctx(|| format!("unable to create {}", dir.display()))?;
@@ -320,6 +340,46 @@ pub fn hold(path: &Path) -> Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn restore_pin(g: &str) -> Pin {
+        Pin {
+            generation: g.into(),
+            disk: "d".into(),
+            destination: "/dev/x".into(),
+            state: String::new(),
+            host: String::new(),
+            created: String::new(),
+            kind: PinKind::LiveRestore,
+            pid: None,
+        }
+    }
+
+    /// On an object store a pin is confirmed against the generation's metadata after
+    /// it landed: a generation unpublished meanwhile is refused and leaves no pin.
+    #[test]
+    fn an_object_pin_of_a_removed_generation_is_refused() {
+        use crate::repo::testutil::{in_memory, meta, stage};
+        let repo = in_memory(4);
+        stage(&repo, "a", &[1u8; 8192]);
+        repo.write_meta(&meta("a", "d", 8192, 1000)).unwrap();
+        let p = create(&repo, &restore_pin("a")).unwrap();
+        assert!(
+            p.display().to_string().contains("/pins/a."),
+            "{}",
+            p.display()
+        );
+        assert_eq!(list(&repo).unwrap().len(), 1);
+        // a prune unpublishes it (tombstone, then the metadata) before the next pin
+        let r = repo.remote().unwrap().clone();
+        r.put("generations/a.removed", Vec::new()).unwrap();
+        r.delete("generations/a.json").unwrap();
+        let e = create(&repo, &restore_pin("a")).unwrap_err();
+        assert!(
+            e.to_string().contains("removed by a prune meanwhile"),
+            "{e}"
+        );
+        assert_eq!(list(&repo).unwrap().len(), 1, "the refused pin is gone");
+    }
 
     #[test]
     fn an_export_pin_is_stale_once_nobody_holds_it() {

@@ -39,7 +39,8 @@
 //! prune. Steps 1, 3 (pins are objects `PREFIX/pins/…`) and 4 are the same;
 //! step 5 follows the rules of `repo::gc` instead: probe the store's clock; mark also
 //! the indexes of the generations removed now, of generations removed (tombstoned)
-//! less than the grace period ago, and of indexes without metadata younger than it;
+//! less than the grace period ago or pinned (the pins listed again after the probe),
+//! and of indexes without metadata younger than it;
 //! unpublish each removed generation (its tombstone `generations/<id>.removed`, then
 //! its metadata; the index stays for the grace period: a running incremental may be
 //! taking its hashes); sweep, one page of the listing of `chunks/` at a time, the unmarked chunks
@@ -293,6 +294,13 @@ pub(crate) fn prune_repo(repo: &Repo, opts: &PruneOptions) -> Result<PruneReport
     rep.kept_generations.sort();
 
     if let Some(r) = &repo.remote {
+        if !opts.dry_run {
+            for p in &stale {
+                if let Some(name) = p.path.file_name() {
+                    r.delete(&format!("pins/{}", name.to_string_lossy()))?;
+                }
+            }
+        }
         return prune_object(repo, r, live, opts, rep);
     }
 
@@ -401,10 +409,13 @@ struct GenObjects {
 
 /// Sort the objects of `generations/`, `writers/` and `gc/` (names and store times)
 /// into indexes in use and leftovers, at the store time `now`. `removing`: the
-/// generations this prune removes (their indexes stay, in use).
+/// generations this prune removes (their indexes stay, in use). `pinned`: generations
+/// a pin listed after those names names; an unpublished (tombstoned) index of one is
+/// in use whatever its age (rule P2'), so neither it nor its tombstone is a leftover.
 fn classify(
     listed: &[super::object::Listed],
     removing: &HashSet<&str>,
+    pinned: &HashSet<String>,
     grace: super::gc::Grace,
     now: i64,
 ) -> GenObjects {
@@ -429,7 +440,7 @@ fn classify(
                 .get(format!("generations/{id}.removed").as_str())
                 .copied()
                 .unwrap_or(l.modified_ms);
-            if grace.in_use(since, now) {
+            if grace.in_use(since, now) || pinned.contains(id) {
                 out.in_use.push(id.to_string());
             } else {
                 out.leftovers.push(name.to_string());
@@ -481,8 +492,16 @@ fn prune_object_at(
     let mut listed = r.list_meta("generations/")?;
     listed.extend(r.list_meta("writers/")?);
     listed.extend(r.list_meta("gc/")?);
+    // The pins again, listed after the probe and after `generations/` (P2'): a live
+    // restore that pinned its generation while an earlier prune, which had listed the
+    // pins before, removed it keeps that generation's chunks for as long as it pins it.
+    let pinned: HashSet<String> = pin::list(repo)?
+        .into_iter()
+        .filter(|p| pin::stale_reason(p).is_none())
+        .map(|p| p.generation)
+        .collect();
     let removing: HashSet<&str> = rep.removed_generations.iter().map(|s| s.as_str()).collect();
-    let objs = classify(&listed, &removing, grace, now);
+    let objs = classify(&listed, &removing, &pinned, grace, now);
     for id in removing
         .iter()
         .copied()
@@ -1169,6 +1188,88 @@ mod object_tests {
         assert_eq!(repo.list().unwrap().len(), 1);
     }
 
+    /// A live restore pins generation `a` just as a prune that listed the pins before
+    /// removes it (the pin lands after that listing, the tombstone after the pin). The
+    /// fill may last longer than the grace period: every later prune sees the pin and
+    /// keeps the tombstoned generation's index and chunks until the pin goes.
+    #[test]
+    fn a_pin_keeps_a_tombstoned_generations_chunks() {
+        let host1 = in_memory(GRACE);
+        publish(&host1, "a", "d", 1000, &img(1, 3)); // chunks 1 2 3
+        publish(&host1, "c", "d", 2000, &img(100, 3));
+        let rep = prune_repo(&host1, &keep1()).unwrap();
+        assert_eq!(rep.removed_generations, ["a"]);
+        // the restore's pin, PUT after that prune listed the pins
+        let pin = crate::repo::pin::Pin {
+            generation: "a".into(),
+            disk: "d".into(),
+            destination: "/dev/x".into(),
+            state: String::new(),
+            host: "elsewhere".into(),
+            created: String::new(),
+            kind: crate::repo::pin::PinKind::LiveRestore,
+            pid: None,
+        };
+        let r = host1.remote().unwrap().clone();
+        r.put("pins/a.0123abcd.json", serde_json::to_vec(&pin).unwrap())
+            .unwrap();
+        // the fill outlasts the grace period; prunes run meanwhile
+        past_grace();
+        let host2 = reopen(&host1);
+        let rep = prune_repo(&host2, &keep1()).unwrap();
+        assert!(rep.chunks_collected);
+        assert_eq!(rep.chunks_removed, 0, "{rep:?}");
+        assert!(names(&host1, "generations/").contains(&"generations/a.idx".to_string()));
+        let b = r.get("generations/a.idx").unwrap().unwrap();
+        let idx = crate::repo::FixedIndex::decode(&b, "a.idx").unwrap();
+        assert!(idx.data().all(|(_, h)| host2.store().contains(h)));
+        // the fill completes and unpins: the next prune collects a
+        r.delete("pins/a.0123abcd.json").unwrap();
+        let rep = prune_repo(&host2, &keep1()).unwrap();
+        assert_eq!(rep.chunks_removed, 3, "{rep:?}");
+        assert_eq!(
+            names(&host1, "generations/"),
+            ["generations/c.idx", "generations/c.json"]
+        );
+        assert!(whole(&host1, "c"));
+    }
+
+    /// A pin whose fill state on this host is gone pins nothing: prune removes the
+    /// object (as it says), and collects the generation.
+    #[test]
+    fn a_stale_pin_is_removed() {
+        let repo = in_memory(GRACE);
+        publish(&repo, "a", "d", 1000, &img(1, 2));
+        publish(&repo, "c", "d", 2000, &img(100, 2));
+        let pin = crate::repo::pin::Pin {
+            generation: "a".into(),
+            disk: "d".into(),
+            destination: "/dev/x".into(),
+            state: "/nonexistent/cowsnap-test/fill.state".into(),
+            host: crate::repo::pin::host_name(),
+            created: String::new(),
+            kind: crate::repo::pin::PinKind::LiveRestore,
+            pid: None,
+        };
+        let r = repo.remote().unwrap().clone();
+        r.put("pins/a.0123abcd.json", serde_json::to_vec(&pin).unwrap())
+            .unwrap();
+        let dry = prune_repo(
+            &repo,
+            &PruneOptions {
+                dry_run: true,
+                ..keep1()
+            },
+        )
+        .unwrap();
+        assert_eq!(dry.stale_pins_removed.len(), 1, "{dry:?}");
+        assert_eq!(names(&repo, "pins/").len(), 1, "a dry run removes nothing");
+        let rep = prune_repo(&repo, &keep1()).unwrap();
+        assert_eq!(rep.stale_pins_removed.len(), 1, "{rep:?}");
+        assert_eq!(rep.removed_generations, ["a"]);
+        assert!(names(&repo, "pins/").is_empty());
+    }
+
     fn l(name: &str, t: i64) -> Listed {
         Listed {
             name: name.into(),
@@ -1198,10 +1299,13 @@ mod object_tests {
             l("writers/h", old),
             l("writers/i", young),
             l("gc/probe-1", old),
+            l("generations/j.idx", old), // tombstoned long ago, but pinned
+            l("generations/j.removed", old),
         ];
         let removing: HashSet<&str> = ["g"].into_iter().collect();
-        let o = classify(&listed, &removing, g, now);
-        assert_eq!(o.in_use, ["c", "d"]);
+        let pinned: HashSet<String> = ["j".to_string(), "a".to_string()].into_iter().collect();
+        let o = classify(&listed, &removing, &pinned, g, now);
+        assert_eq!(o.in_use, ["c", "d", "j"]);
         assert_eq!(
             o.leftovers,
             [
