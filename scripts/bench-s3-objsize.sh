@@ -37,56 +37,14 @@ now() { date +%s.%N; }
 calc() { $PY -c "print(round($1, ${2:-2}))"; }
 reqs() { ceph --admin-daemon "$COWSNAP_S3_DIR/run/client.rgw.cowsnap.asok" perf dump | $PY -c 'import json,sys; print(json.load(sys.stdin)["rgw"]["req"])'; }
 # objects BUCKET PREFIX: "count bytes small small_bytes" of the chunk objects (small: < 64 KiB)
-objects() {
-  AWS_BKT=$1 AWS_PFX=$2 $PY - <<'PY'
-import os, re, subprocess, urllib.parse
-ep, b, p = os.environ["AWS_ENDPOINT_URL"], os.environ["AWS_BKT"], os.environ["AWS_PFX"]
-sizes, token = [], None
-while True:
-    # parameters in sorted order: curl's SigV4 signs the query as given
-    q = ("continuation-token=" + urllib.parse.quote(token, safe="") + "&" if token else "") + "list-type=2&max-keys=1000&prefix=" + urllib.parse.quote(p + "/chunks/", safe="")
-    out = subprocess.run(["curl", "-s", "-K", "-", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
-                          "--aws-sigv4", "aws:amz:us-east-1:s3", f"{ep}/{b}?{q}"],
-                         input=f'user = "{os.environ["AWS_ACCESS_KEY_ID"]}:{os.environ["AWS_SECRET_ACCESS_KEY"]}"\n',
-                         capture_output=True, text=True, check=True).stdout
-    if "<ListBucketResult" not in out:
-        raise SystemExit(f"listing {b} failed: {out[:300]}")
-    sizes += [int(x) for x in re.findall(r"<Size>(\d+)</Size>", out)]
-    m = re.search(r"<NextContinuationToken>([^<]*)</NextContinuationToken>", out)
-    if "<IsTruncated>true" not in out or not m:
-        break
-    token = m.group(1)
-small = [s for s in sizes if s < 65536]
-print(len(sizes), sum(sizes), len(small), sum(small))
-PY
-}
+objects() { $PY "$ROOT/scripts/s3-chunk-objects.py" "$1" "$2"; }
 # dir_objects DIR: the same for a directory repository
 dir_objects() {
   find "$1/chunks" -type f -printf '%s\n' | $PY -c 'import sys; s=[int(x) for x in sys.stdin]; m=[x for x in s if x < 65536]; print(len(s), sum(s), len(m), sum(m))'
 }
 
 echo "# $(date -u +%F) $(nproc) vCPU (shared), $(free -g | awk '/Mem/ {print $2}') GiB RAM, kernel $(uname -r); disk $MIB MiB, ext4 $EXT_MIB MiB; load $(cut -d' ' -f1-3 /proc/loadavg)"
-$PY - "$W/src.img" "$MIB" <<'PY'
-import os, random, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-R = 1 << 20
-rng = random.Random(42)
-words = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 10))) for _ in range(5000)]
-with open(path, 'wb') as f:
-    for i in range(mib):
-        k = rng.random()
-        if k < 1/3:
-            f.seek(R, 1)
-        elif k < 2/3:
-            out, n = [], 0
-            while n < R:
-                line = ' '.join(rng.choices(words, k=12)) + '\n'
-                out.append(line); n += len(line)
-            f.write(''.join(out).encode()[:R])
-        else:
-            f.write(os.urandom(R))
-    f.truncate(mib * R)
-PY
+$PY "$ROOT/scripts/mixed-disk.py" "$W/src.img" "$MIB"
 SUM=$(sha256sum "$W/src.img" | cut -d' ' -f1)
 # The ext4 disk: files from /usr (documentation, libraries, Python, man pages: small
 # text files, binaries, already compressed .gz), in a fixed order, to 60 % full.

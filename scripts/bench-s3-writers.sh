@@ -32,29 +32,8 @@ drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 now() { date +%s.%N; }
 calc() { $PY -c "print(round($1, ${2:-2}))"; }
 reqs() { ceph --admin-daemon "$COWSNAP_S3_DIR/run/client.rgw.cowsnap.asok" perf dump | $PY -c 'import json,sys; print(json.load(sys.stdin)["rgw"]["req"])'; }
-# bucket_bytes BUCKET: bytes of the chunk objects in BUCKET
-bucket_bytes() {
-  AWS_BKT=$1 $PY - <<'PY'
-import os, re, subprocess, urllib.parse
-ep, b = os.environ["AWS_ENDPOINT_URL"], os.environ["AWS_BKT"]
-total, token = 0, None
-while True:
-    # parameters in sorted order: curl's SigV4 signs the query as given
-    q = ("continuation-token=" + urllib.parse.quote(token, safe="") + "&" if token else "") + "list-type=2&max-keys=1000&prefix=r%2Fchunks%2F"
-    out = subprocess.run(["curl", "-s", "-K", "-", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
-                          "--aws-sigv4", "aws:amz:us-east-1:s3", f"{ep}/{b}?{q}"],
-                         input=f'user = "{os.environ["AWS_ACCESS_KEY_ID"]}:{os.environ["AWS_SECRET_ACCESS_KEY"]}"\n',
-                         capture_output=True, text=True, check=True).stdout
-    if "<ListBucketResult" not in out:
-        raise SystemExit(f"listing {b} failed: {out[:300]}")
-    total += sum(int(x) for x in re.findall(r"<Size>(\d+)</Size>", out))
-    m = re.search(r"<NextContinuationToken>([^<]*)</NextContinuationToken>", out)
-    if "<IsTruncated>true" not in out or not m:
-        break
-    token = m.group(1)
-print(total)
-PY
-}
+# bucket_bytes BUCKET: bytes of the chunk objects in BUCKET (repository prefix r)
+bucket_bytes() { $PY "$ROOT/scripts/s3-chunk-objects.py" "$1" r | cut -d' ' -f2; }
 
 echo "# $(date -u +%F) $(nproc) vCPU (shared), $(free -g | awk '/Mem/ {print $2}') GiB RAM, kernel $(uname -r); $N disks of $MIB MiB; grace ${COWSNAP_REPO_GC_GRACE:-1 day}; load $(cut -d' ' -f1-3 /proc/loadavg)"
 head -c $((MIB << 20)) /dev/urandom >"$W/base.img"

@@ -32,27 +32,7 @@ now() { date +%s.%N; }
 calc() { $PY -c "print(round($1, ${2:-2}))"; }
 
 echo "# $(date -u +%F) $(nproc) vCPU (shared), $(free -g | awk '/Mem/ {print $2}') GiB RAM, kernel $(uname -r); disk $MIB MiB; load $(cut -d' ' -f1-3 /proc/loadavg)"
-$PY - "$W/src.img" "$MIB" <<'PY'
-import os, random, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-R = 1 << 20
-rng = random.Random(42)
-words = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 10))) for _ in range(5000)]
-with open(path, 'wb') as f:
-    for i in range(mib):
-        k = rng.random()
-        if k < 1/3:
-            f.seek(R, 1)
-        elif k < 2/3:
-            out, n = [], 0
-            while n < R:
-                line = ' '.join(rng.choices(words, k=12)) + '\n'
-                out.append(line); n += len(line)
-            f.write(''.join(out).encode()[:R])
-        else:
-            f.write(os.urandom(R))
-    f.truncate(mib * R)
-PY
+$PY "$ROOT/scripts/mixed-disk.py" "$W/src.img" "$MIB"
 bash "$S3" start
 eval "$(bash "$S3" env)"
 bash "$S3" mb bench

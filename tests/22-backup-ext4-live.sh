@@ -13,43 +13,15 @@
 . "$(dirname "$0")/lib.sh"
 need_root; need_fuse; need mkfs.ext4 e2fsck sha256sum losetup timeout
 
-truncate -s 512M "$T/disk.img"
-dev=$(ctl attach "$T/disk.img" --name t22 --via fuse | tail -n 1) || fail "attach --via fuse"
-mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4"
-M=$T/mnt; mkdir -p "$M"; mount "$dev" "$M" || fail "mount"; track_mount "$M"
-mkdir -p "$M/static" "$M/live"
-for i in $(seq 20); do head -c $((RANDOM * 16 + i)) /dev/urandom > "$M/static/s$i"; done
-head -c $((64 << 20)) /dev/urandom > "$M/static/big"
-sync
-(cd "$M" && find static -type f -print0 | sort -z | xargs -0 sha256sum) > "$T/static.sha" || fail "hash"
-
-fs_writer "$M/live" >"$T/writer.log" 2>&1 &
-WR=$!; EXTRA_PIDS+=("$WR")
-sleep 3
-running "$WR" || fail "the writer loop died: $(cat "$T/writer.log")"
-
-wait_state() { # wait until the backup is running (or ended)
-  local st
-  for _ in $(seq 1000); do
-    st=$(ctl status t22 --json | jq -r '.daemon.backup.state // "none"')
-    case $st in running|complete|failed) echo "$st"; return;; esac
-    sleep 0.01
-  done
-  echo "$st"
-}
+live_ext4 t22 64
 
 log "1: pause the writer, record the files, backup --freeze"
-touch "$T/pause"
-for _ in $(seq 500); do [ -e "$T/paused" ] && break; sleep 0.01; done
-[ -e "$T/paused" ] || fail "the writer did not pause"
-sync
-(cd "$M" && find . -path ./lost+found -prune -o -type f -print0 | sort -z | xargs -0 sha256sum) > "$T/expect.sha"
-log "$(wc -l < "$T/expect.sha") files recorded"
+writer_pause
 t0=$(date +%s)
 "$CTL" backup t22 --to "file:$T/frozen.img" --freeze "$M" --container ram:8M --rate-limit 64M --json \
   >"$T/b1.json" 2>"$T/b1.err" &
 BK=$!; EXTRA_PIDS+=("$BK")
-st=$(wait_state)
+st=$(backup_state t22)
 rm -f "$T/pause"
 [ "$st" = running ] || [ "$st" = complete ] || fail "backup did not start ($st): $(cat "$T/b1.err")"
 wait "$BK" || fail "backup --freeze failed: $(cat "$T/b1.err")"

@@ -11,8 +11,7 @@
 . "$(dirname "$0")/lib.sh"
 need_root
 need nbdcopy sha256sum mkfs.ext4 e2fsck curl
-[ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
-/usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
+need_python_nbd
 need_s3
 
 s3_test_store "${COWSNAP_TEST_S3_PORT:-17490}" "${COWSNAP_TEST_S3_MON_PORT:-13310}"

@@ -11,8 +11,7 @@
 # given to an unencrypted repository is refused; a second disk with the same content
 # backed up with the same key stores (almost) nothing new.
 . "$(dirname "$0")/lib.sh"
-need nbdcopy sha256sum; [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
-/usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
+need nbdcopy sha256sum; need_python_nbd
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 ENC=$T/enc PLAIN=$T/plain K1=$T/k1.key K2=$T/k2.key

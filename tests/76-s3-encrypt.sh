@@ -9,8 +9,7 @@
 # repository is refused. Run under flock /tmp/cowsnap-s3-test.lock like 70 and 71.
 . "$(dirname "$0")/lib.sh"
 need nbdcopy sha256sum
-[ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
-/usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
+need_python_nbd
 need_s3
 
 s3_test_store "${COWSNAP_TEST_S3_PORT:-17530}" "${COWSNAP_TEST_S3_MON_PORT:-13350}"

@@ -20,45 +20,17 @@ s3_test_store "${COWSNAP_TEST_S3_PORT:-17570}" "${COWSNAP_TEST_S3_MON_PORT:-1339
 s3_start_bucket cowsnap-t79
 REPO=repo:s3://cowsnap-t79/live
 
-truncate -s 512M "$T/disk.img"
-dev=$(ctl attach "$T/disk.img" --name t79 --via fuse | tail -n 1) || fail "attach --via fuse"
-mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4"
-M=$T/mnt; mkdir -p "$M"; mount "$dev" "$M" || fail "mount"; track_mount "$M"
-mkdir -p "$M/static" "$M/live"
-for i in $(seq 20); do head -c $((RANDOM * 16 + i)) /dev/urandom > "$M/static/s$i"; done
-head -c $((48 << 20)) /dev/urandom > "$M/static/big"
-sync
-(cd "$M" && find static -type f -print0 | sort -z | xargs -0 sha256sum) > "$T/static.sha" || fail "hash"
-
-fs_writer "$M/live" >"$T/writer.log" 2>&1 &
-WR=$!; EXTRA_PIDS+=("$WR")
-sleep 3
-running "$WR" || fail "the writer loop died: $(cat "$T/writer.log")"
-
-wait_state() { # wait until the backup is running (or ended)
-  local st
-  for _ in $(seq 3000); do
-    st=$(ctl status t79 --json | jq -r '.daemon.backup.state // "none"')
-    case $st in running|complete|failed) echo "$st"; return;; esac
-    sleep 0.01
-  done
-  echo "$st"
-}
+live_ext4 t79 48
 # restored GEN IMG: restore generation GEN from the bucket into IMG
 restored() { timeout 300 "$CTL" restore "$REPO@$1" --to "$2" >"$T/restore.out" 2>&1 || fail "restore $1: $(cat "$T/restore.out")"; }
 preserved() { tail -n 1 "$1" | jq .chunks_preserved; }
 
 log "1: pause the writer, record the files, full backup --freeze into $REPO"
-touch "$T/pause"
-for _ in $(seq 500); do [ -e "$T/paused" ] && break; sleep 0.01; done
-[ -e "$T/paused" ] || fail "the writer did not pause"
-sync
-(cd "$M" && find . -path ./lost+found -prune -o -type f -print0 | sort -z | xargs -0 sha256sum) > "$T/expect.sha"
-log "$(wc -l < "$T/expect.sha") files recorded"
+writer_pause
 timeout 300 "$CTL" backup t79 --to "$REPO" --freeze "$M" --container ram:8M --rate-limit 32M --json \
   >"$T/b1.json" 2>"$T/b1.err" &
 BK=$!; EXTRA_PIDS+=("$BK")
-st=$(wait_state)
+st=$(backup_state t79 3000)
 rm -f "$T/pause"
 [ "$st" = running ] || [ "$st" = complete ] || fail "backup did not start ($st): $(cat "$T/b1.err")"
 wait "$BK" || fail "backup --freeze failed: $(cat "$T/b1.err")"

@@ -38,6 +38,11 @@ dump_logs() {
 }
 fail() { echo "FAIL: $*" >&2; dump_logs >&2; exit 1; }
 need() { local c; for c in "$@"; do command -v "$c" >/dev/null 2>&1 || skip "$c is not installed"; done; }
+# need_python_nbd: /usr/bin/python3 with libnbd's bindings (lib.sh nbd_write_* use them)
+need_python_nbd() {
+  [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
+  /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd is not installed"
+}
 need_root() { [ "$(id -u)" = 0 ] || skip "needs root (mount, losetup)"; }
 need_fuse() { [ -c /dev/fuse ] || skip "no /dev/fuse"; need nbdfuse fusermount3 losetup; }
 track_mount() { MOUNTS+=("$1"); }
@@ -162,6 +167,45 @@ fs_writer() {
       5) mkdir -p "$1/d$n" && dd if=/dev/urandom of="$1/d$n/x" bs=64k count=$((RANDOM % 8 + 1)) conv=fsync status=none ;;
     esac
   done
+}
+# live_ext4 NAME BIG_MIB: a 512 MiB disk $T/disk.img attached as NAME --via fuse, ext4 on
+# it mounted on $M ($T/mnt) with static/ files (20 small, one of BIG_MIB MiB; their
+# sha256 in $T/static.sha) and fs_writer running in live/ ($WR)
+live_ext4() {
+  local dev i
+  truncate -s 512M "$T/disk.img"
+  dev=$(ctl attach "$T/disk.img" --name "$1" --via fuse | tail -n 1) || fail "attach --via fuse"
+  mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4"
+  M=$T/mnt; mkdir -p "$M"; mount "$dev" "$M" || fail "mount"; track_mount "$M"
+  mkdir -p "$M/static" "$M/live"
+  for i in $(seq 20); do head -c $((RANDOM * 16 + i)) /dev/urandom > "$M/static/s$i"; done
+  head -c $(($2 << 20)) /dev/urandom > "$M/static/big"
+  sync
+  (cd "$M" && find static -type f -print0 | sort -z | xargs -0 sha256sum) > "$T/static.sha" || fail "hash"
+  fs_writer "$M/live" >"$T/writer.log" 2>&1 &
+  WR=$!; EXTRA_PIDS+=("$WR")
+  sleep 3
+  running "$WR" || fail "the writer loop died: $(cat "$T/writer.log")"
+}
+# writer_pause: pause fs_writer, sync, and record every file's sha256 under $M in
+# $T/expect.sha (rm -f "$T/pause" lets the writer go on)
+writer_pause() {
+  touch "$T/pause"
+  for _ in $(seq 500); do [ -e "$T/paused" ] && break; sleep 0.01; done
+  [ -e "$T/paused" ] || fail "the writer did not pause"
+  sync
+  (cd "$M" && find . -path ./lost+found -prune -o -type f -print0 | sort -z | xargs -0 sha256sum) > "$T/expect.sha"
+  log "$(wc -l < "$T/expect.sha") files recorded"
+}
+# backup_state NAME [TRIES]: wait until NAME's backup runs (or ended); print its state
+backup_state() {
+  local st
+  for _ in $(seq "${2:-1000}"); do
+    st=$(ctl status "$1" --json | jq -r '.daemon.backup.state // "none"')
+    case $st in running|complete|failed) echo "$st"; return;; esac
+    sleep 0.01
+  done
+  echo "$st"
 }
 json_field() { printf '%s' "$1" | jq -r "$2"; }
 [ -x "$CTL" ] || { echo "FAIL: no cowsnapctl at $CTL (build first, or set COWSNAP_BIN_DIR)"; exit 1; }

@@ -279,23 +279,6 @@ impl IndexCache {
     }
 }
 
-/// The lowercase hex of `h`.
-pub fn hex(h: &[u8; 32]) -> String {
-    crate::fsutil::hex(h)
-}
-
-/// `s` as 64 lowercase hex digits, if it is.
-pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,7 +460,7 @@ mod tests {
         assert!(!cached.exists());
         // a store object that does not match the recorded hash is refused
         let mut wrong = g.clone();
-        wrong.index_hash = Some(hex(blake3::hash(b"other").as_bytes()));
+        wrong.index_hash = Some(crate::fsutil::hex(blake3::hash(b"other").as_bytes()));
         let e = repo.load_index(&wrong).unwrap_err().to_string();
         assert!(e.contains("does not match the hash"), "{e}");
         let _ = std::fs::remove_dir_all(&root);

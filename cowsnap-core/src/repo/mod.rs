@@ -560,7 +560,7 @@ impl Repo {
         cached: bool,
     ) -> Result<Vec<u8>> {
         let name = format!("generations/{}.idx", g.id);
-        let want = g.index_hash.as_deref().and_then(cache::parse_hash);
+        let want = g.index_hash.as_deref().and_then(fsutil::parse_hash);
         let cache = self.cache.as_ref().filter(|_| cached);
         if let (Some(c), Some(h)) = (cache, &want) {
             if let Some(b) = c.get(&g.id, h, &self.io) {
