@@ -76,6 +76,15 @@ pub trait BlockIo: Send + Sync {
     fn plain_file(&self) -> Option<&File> {
         None
     }
+    /// Start writing `off..off+len` back to the disk without waiting for it, so a later
+    /// flush finds little left to write (restores: the next chunks are read meanwhile).
+    /// Advice only, never data-changing: done where the backend is one plain file
+    /// ([`Self::plain_file`]), nothing elsewhere.
+    fn start_writeback(&self, off: u64, len: u64) {
+        if let Some(f) = self.plain_file() {
+            crate::fsutil::start_writeback(f, off, len);
+        }
+    }
     /// A second, read-only handle on the same block device that bypasses the page
     /// cache (O_DIRECT), on the same engine, taking any buffer and offset (unaligned
     /// requests go through an aligned bounce buffer: [`direct::DirectIo`]). `Ok(None)`

@@ -525,13 +525,12 @@ impl Repo {
                 let b = self.seal(&name, idx.encode())?;
                 let n = b.len() as u64;
                 let hash = blake3::hash(&b);
-                match &self.cache {
-                    Some(c) => {
-                        r.put(&name, b.clone())?;
-                        c.put(&idx.generation, &b);
-                    }
-                    None => r.put(&name, b)?,
+                // cached first, so the object moves into the PUT uncopied; a cached
+                // index whose publish fails is never used: no metadata records its hash
+                if let Some(c) = &self.cache {
+                    c.put(&idx.generation, &b);
                 }
+                r.put(&name, b)?;
                 Ok((n, Some(hash.to_hex().to_string())))
             }
         }

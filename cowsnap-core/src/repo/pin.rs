@@ -337,22 +337,24 @@ pub fn hold(path: &Path) -> Result<std::fs::File> {
     Ok(f)
 }
 
+/// A live restore's pin of generation `g` on disk `d`, for tests.
+#[cfg(test)]
+pub(crate) fn restore_pin(g: &str, host: &str, state: &str) -> Pin {
+    Pin {
+        generation: g.into(),
+        disk: "d".into(),
+        destination: "/dev/x".into(),
+        state: state.into(),
+        host: host.into(),
+        created: String::new(),
+        kind: PinKind::LiveRestore,
+        pid: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn restore_pin(g: &str) -> Pin {
-        Pin {
-            generation: g.into(),
-            disk: "d".into(),
-            destination: "/dev/x".into(),
-            state: String::new(),
-            host: String::new(),
-            created: String::new(),
-            kind: PinKind::LiveRestore,
-            pid: None,
-        }
-    }
 
     /// On an object store a pin is confirmed against the generation's metadata after
     /// it landed: a generation unpublished meanwhile is refused and leaves no pin.
@@ -362,7 +364,7 @@ mod tests {
         let repo = in_memory(4);
         stage(&repo, "a", &[1u8; 8192]);
         repo.write_meta(&meta("a", "d", 8192, 1000)).unwrap();
-        let p = create(&repo, &restore_pin("a")).unwrap();
+        let p = create(&repo, &restore_pin("a", "", "")).unwrap();
         assert!(
             p.display().to_string().contains("/pins/a."),
             "{}",
@@ -373,7 +375,7 @@ mod tests {
         let r = repo.remote().unwrap().clone();
         r.put("generations/a.removed", Vec::new()).unwrap();
         r.delete("generations/a.json").unwrap();
-        let e = create(&repo, &restore_pin("a")).unwrap_err();
+        let e = create(&repo, &restore_pin("a", "", "")).unwrap_err();
         assert!(
             e.to_string().contains("removed by a prune meanwhile"),
             "{e}"

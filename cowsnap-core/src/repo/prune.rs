@@ -1200,16 +1200,7 @@ mod object_tests {
         let rep = prune_repo(&host1, &keep1()).unwrap();
         assert_eq!(rep.removed_generations, ["a"]);
         // the restore's pin, PUT after that prune listed the pins
-        let pin = crate::repo::pin::Pin {
-            generation: "a".into(),
-            disk: "d".into(),
-            destination: "/dev/x".into(),
-            state: String::new(),
-            host: "elsewhere".into(),
-            created: String::new(),
-            kind: crate::repo::pin::PinKind::LiveRestore,
-            pid: None,
-        };
+        let pin = crate::repo::pin::restore_pin("a", "elsewhere", "");
         let r = host1.remote().unwrap().clone();
         r.put("pins/a.0123abcd.json", serde_json::to_vec(&pin).unwrap())
             .unwrap();
@@ -1241,16 +1232,11 @@ mod object_tests {
         let repo = in_memory(GRACE);
         publish(&repo, "a", "d", 1000, &img(1, 2));
         publish(&repo, "c", "d", 2000, &img(100, 2));
-        let pin = crate::repo::pin::Pin {
-            generation: "a".into(),
-            disk: "d".into(),
-            destination: "/dev/x".into(),
-            state: "/nonexistent/cowsnap-test/fill.state".into(),
-            host: crate::repo::pin::host_name(),
-            created: String::new(),
-            kind: crate::repo::pin::PinKind::LiveRestore,
-            pid: None,
-        };
+        let pin = crate::repo::pin::restore_pin(
+            "a",
+            &crate::repo::pin::host_name(),
+            "/nonexistent/cowsnap-test/fill.state",
+        );
         let r = repo.remote().unwrap().clone();
         r.put("pins/a.0123abcd.json", serde_json::to_vec(&pin).unwrap())
             .unwrap();

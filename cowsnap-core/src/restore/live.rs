@@ -597,9 +597,7 @@ impl FillingIo {
             self.dest.write_at(&buf, off)?;
             // on its way to the disk while the batch's other chunks are fetched, so the
             // batch's flush waits for less
-            if let Some(f) = self.dest.plain_file() {
-                crate::fsutil::start_writeback(f, off, len as u64);
-            }
+            self.dest.start_writeback(off, len as u64);
             Ok(())
         })
     }

@@ -108,6 +108,9 @@ fn restore_chunk(
         ))
     })?;
     io.write_at(buf, off)?;
+    // sent on to the disk at once, while the next chunks are read: the final fsync then
+    // finds little left instead of the whole disk
+    io.start_writeback(off, len as u64);
     Ok(Some(len))
 }
 
@@ -258,9 +261,6 @@ fn restore_body(
             .unwrap_or(4)
             .clamp(4, 16),
     };
-    // A file's written chunks are sent on to the disk at once, while the next ones
-    // are read: the final fsync then finds little left instead of the whole disk.
-    let writeback = io.plain_file();
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
@@ -275,17 +275,7 @@ fn restore_body(
                     };
                     let r = match piece {
                         Piece::Data(i) => restore_chunk(repo, idx, i, &*io, reads_zero, &mut buf)
-                            .map(|d| {
-                                let len = idx.chunk_len(i) as u64;
-                                if let (Some(f), Some(_)) = (writeback, d) {
-                                    crate::fsutil::start_writeback(
-                                        f,
-                                        i * u64::from(idx.chunk_size),
-                                        len,
-                                    );
-                                }
-                                (d.is_some(), len)
-                            }),
+                            .map(|d| (d.is_some(), idx.chunk_len(i) as u64)),
                         Piece::Zeros(a, b) => {
                             let cs = u64::from(idx.chunk_size);
                             let len = b.saturating_mul(cs).min(g.disk_size) - a * cs;
