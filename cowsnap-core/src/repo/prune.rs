@@ -980,6 +980,14 @@ mod object_tests {
         }
     }
 
+    /// [`keep1`] as a dry run.
+    fn keep1_dry() -> PruneOptions {
+        PruneOptions {
+            dry_run: true,
+            ..keep1()
+        }
+    }
+
     #[test]
     fn garbage_is_collected_only_after_the_grace_period() {
         let repo = in_memory(GRACE);
@@ -1021,14 +1029,7 @@ mod object_tests {
 
         past_grace();
         let before = (chunk_names(&repo), names(&repo, "generations/"));
-        let dry = prune_repo(
-            &repo,
-            &PruneOptions {
-                dry_run: true,
-                ..keep1()
-            },
-        )
-        .unwrap();
+        let dry = prune_repo(&repo, &keep1_dry()).unwrap();
         assert_eq!((chunk_names(&repo), names(&repo, "generations/")), before);
         let rep = prune_repo(&repo, &keep1()).unwrap();
         assert_eq!(
@@ -1240,14 +1241,7 @@ mod object_tests {
         let r = repo.remote().unwrap().clone();
         r.put("pins/a.0123abcd.json", serde_json::to_vec(&pin).unwrap())
             .unwrap();
-        let dry = prune_repo(
-            &repo,
-            &PruneOptions {
-                dry_run: true,
-                ..keep1()
-            },
-        )
-        .unwrap();
+        let dry = prune_repo(&repo, &keep1_dry()).unwrap();
         assert_eq!(dry.stale_pins_removed.len(), 1, "{dry:?}");
         assert_eq!(names(&repo, "pins/").len(), 1, "a dry run removes nothing");
         let rep = prune_repo(&repo, &keep1()).unwrap();
