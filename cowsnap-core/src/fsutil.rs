@@ -155,6 +155,58 @@ impl AtomicFile {
     }
 }
 
+impl AtomicFile {
+    /// Rename to the destination without an fsync and without replacing a file already
+    /// there (`renameat2` with `RENAME_NOREPLACE`): `true` if it got the name, `false`
+    /// if the name was taken (the temporary file is then removed). Durability is the
+    /// caller's: a `syncfs` of the file system before anything relies on the name.
+    pub fn name_unsynced(mut self) -> Result<bool> {
+        match nix::fcntl::renameat2(
+            None,
+            &self.tmp,
+            None,
+            &self.dest,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => {
+                self.tmp = PathBuf::new();
+                Ok(true)
+            }
+            Err(nix::errno::Errno::EEXIST) => Ok(false),
+            Err(e) => Err(crate::Error::io(
+                format!(
+                    "unable to rename {} to {}",
+                    self.tmp.display(),
+                    self.dest.display()
+                ),
+                std::io::Error::from(e),
+            )),
+        }
+    }
+}
+
+/// `syncfs` on the file system holding `f`: every dirty page and inode of that file
+/// system written and the device's cache flushed. Since Linux 5.8 it fails if any
+/// writeback error happened on the file system since `f` was opened.
+pub fn syncfs(f: &File) -> std::io::Result<()> {
+    // SAFETY: syncfs takes a valid fd (borrowed from `f`, open for the whole call) and
+    // touches no memory of ours.
+    match unsafe { libc::syncfs(f.as_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Drop the clean cached pages of the file at `path` (`POSIX_FADV_DONTNEED`), so the
+/// next read sees what the disk holds. Advice only: errors are ignored.
+pub fn forget_cached(path: &Path) {
+    if let Ok(f) = File::open(path) {
+        // SAFETY: posix_fadvise takes a valid fd (borrowed from `f`, open for the whole
+        // call) and integers; it touches no memory of ours.
+        let _ = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+}
+
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if !self.tmp.as_os_str().is_empty() {

@@ -24,16 +24,18 @@
 //! - Reusing a stored chunk reads it back and compares it (see `chunk_store`); a
 //!   damaged one is quarantined and written afresh, which heals every generation
 //!   referencing it, and the generation's notes say how many.
-//! - `commit`: fsync the touched chunk directories, publish the index, then the
-//!   metadata. `abort` or drop: nothing is published; chunks already stored stay
+//! - `commit`: make the chunks durable (`ChunkStore::sync_for_commit`: one `syncfs` of
+//!   the file system, or the touched chunk directories fsynced), publish the index, then
+//!   the metadata. `abort` or drop: nothing is published; chunks already stored stay
 //!   unreferenced until a prune.
 //! - The repository lock is held shared from open to commit/abort (see the module's
 //!   locking table).
-//! - Chunks are published late: a worker writes a chunk under its temporary name and
-//!   starts its writeback, and fsyncs and renames it [`PUBLISH_LAG`] chunks later
-//!   (`ChunkStore::insert_unpublished`); `commit` publishes the rest ([`PUBLISHERS`]
-//!   threads) before it syncs the directories and publishes the index, abort or drop
-//!   removes them.
+//! - A worker writes a chunk under its temporary name and starts its writeback
+//!   (`ChunkStore::insert_unpublished`). Synced per file system ([`ChunkSync`], chosen
+//!   when the target opens) it renames it at once; synced per chunk it fsyncs and
+//!   renames it [`PUBLISH_LAG`] chunks later, and `commit` publishes the rest
+//!   ([`PUBLISHERS`] threads) before it syncs and publishes the index; abort or drop
+//!   removes the chunks not renamed.
 //! - Hashing, compression and chunk writes run on a worker pool of 4× the CPUs, at
 //!   least 8 and at most 16 (`write` copies
 //!   the data into a bounded queue and returns; `write_owned`, the drainer's way, takes
@@ -43,7 +45,7 @@
 //!   abort or drop joins them before the lock is released, so no chunk is written
 //!   into the repository after the shared lock is gone.
 
-use super::chunk_store::{Insert, PendingChunk, ZERO_HASH};
+use super::chunk_store::{ChunkSync, Insert, PendingChunk, ZERO_HASH};
 use super::generation::{
     new_generation_id, GenerationInfo, GenerationKind, GenerationStats, GroupRef,
 };
@@ -146,7 +148,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(repo: &Arc<Repo>, shared: &Arc<Mutex<Shared>>) -> Result<Pool> {
+    fn start(repo: &Arc<Repo>, shared: &Arc<Mutex<Shared>>, sync: &Arc<ChunkSync>) -> Result<Pool> {
         // Four times the CPUs, at least 8 (on an object store a worker mostly waits
         // for a PUT, on a directory often for a chunk's fsync, neither using a CPU;
         // concurrent fsyncs share journal commits). 8 workers on 2 CPUs measured
@@ -161,11 +163,12 @@ impl Pool {
             let rx = rx.clone();
             let repo = repo.clone();
             let shared = shared.clone();
+            let sync = sync.clone();
             let h = std::thread::Builder::new()
                 .name(format!("cowsnap-repo-{i}"))
                 .spawn(move || {
                     for work in rx.iter() {
-                        store_chunk(&repo, &shared, work);
+                        store_chunk(&repo, &shared, &sync, work);
                     }
                 })
                 .map_err(|e| crate::Error::io("unable to start a repository worker", e))?;
@@ -197,7 +200,7 @@ fn lock_shared(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, work: ChunkWork) {
+fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, sync: &ChunkSync, work: ChunkWork) {
     if lock_shared(shared).error.is_some() {
         return;
     }
@@ -248,16 +251,21 @@ fn store_chunk(repo: &Repo, shared: &Mutex<Shared>, work: ChunkWork) {
             hash: h,
         };
     }
-    s.pending.extend(pending);
-    // a group at a time: the first fsync commits the file system's journal for all of
+    // synced per file system: named at once (nothing to wait for); per chunk: a group
+    // at a time, late: the first fsync commits the file system's journal for all of
     // them (their writeback is long done), so the others find little left to do
-    let due: Vec<PendingChunk> = match s.pending.len() >= 2 * PUBLISH_LAG {
-        true => s.pending.drain(..PUBLISH_LAG).collect(),
-        false => Vec::new(),
+    let due: Vec<PendingChunk> = if sync.per_file_system() {
+        pending.into_iter().collect()
+    } else {
+        s.pending.extend(pending);
+        match s.pending.len() >= 2 * PUBLISH_LAG {
+            true => s.pending.drain(..PUBLISH_LAG).collect(),
+            false => Vec::new(),
+        }
     };
     drop(s);
     for p in due {
-        if let Err(e) = p.publish() {
+        if let Err(e) = p.publish_for(sync) {
             let mut s = lock_shared(shared);
             if s.error.is_none() {
                 s.error = Some(e.with_context("unable to store a chunk"));
@@ -294,7 +302,7 @@ const PUBLISHERS: usize = 8;
 
 /// Publish every chunk still pending (before the index is), [`PUBLISHERS`] at a time;
 /// the first error is returned (the chunks not published are removed when dropped).
-fn publish_pending(shared: &Mutex<Shared>) -> Result<()> {
+fn publish_pending(shared: &Mutex<Shared>, sync: &ChunkSync) -> Result<()> {
     let pending: Vec<PendingChunk> = std::mem::take(&mut lock_shared(shared).pending).into();
     let per = pending.len().div_ceil(PUBLISHERS).max(1);
     let mut groups: Vec<Vec<PendingChunk>> = Vec::new();
@@ -305,7 +313,7 @@ fn publish_pending(shared: &Mutex<Shared>) -> Result<()> {
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let hs: Vec<_> = groups
             .into_iter()
-            .map(|g| s.spawn(move || g.into_iter().try_for_each(PendingChunk::publish)))
+            .map(|g| s.spawn(move || g.into_iter().try_for_each(|p| p.publish_for(sync))))
             .collect();
         hs.into_iter()
             .map(|h| {
@@ -354,6 +362,9 @@ pub struct RepoTarget {
     id: String,
     shared: Arc<Mutex<Shared>>,
     pool: Option<Pool>,
+    /// How the chunks are made durable (chosen when the target opens, before anything
+    /// is written: its descriptor reports writeback errors from then on).
+    sync: Arc<ChunkSync>,
     work_seq: u64,
     stats: GenerationStats,
     started: Instant,
@@ -387,6 +398,7 @@ impl RepoTarget {
         }
         let repo = Repo::open_or_create_keyed(dir, DEFAULT_CHUNK_SIZE, params.key.clone())?;
         let lock = repo.lock(false)?;
+        let sync = Arc::new(repo.store().begin_sync());
         Ok(RepoTarget {
             repo: Arc::new(repo),
             params,
@@ -402,6 +414,7 @@ impl RepoTarget {
             id: String::new(),
             shared: Arc::new(Mutex::new(Shared::default())),
             pool: None,
+            sync,
             work_seq: 0,
             stats: GenerationStats::default(),
             started: Instant::now(),
@@ -653,7 +666,7 @@ impl Target for RepoTarget {
             sh.zeroed.clear();
         }
         if self.pool.is_none() {
-            self.pool = Some(Pool::start(&self.repo, &self.shared)?);
+            self.pool = Some(Pool::start(&self.repo, &self.shared, &self.sync)?);
         }
         if !self.id.is_empty() {
             self.repo.writer_end(&self.id);
@@ -769,7 +782,7 @@ impl Target for RepoTarget {
         if let Some(e) = lock_shared(&self.shared).error.take() {
             return Err(e);
         }
-        publish_pending(&self.shared)?;
+        publish_pending(&self.shared, &self.sync)?;
         let (changes, zeroed) = {
             let mut sh = lock_shared(&self.shared);
             self.stats.chunks_new = sh.chunks_new;
@@ -814,7 +827,9 @@ impl Target for RepoTarget {
                 ));
             }
         }
-        self.repo.store().sync_dirs()?;
+        self.repo
+            .store()
+            .sync_for_commit(&self.sync, changes.values().map(|c| &c.hash))?;
         self.repo.writer_before_publish()?;
         // The parent's data chunks not handed over, merged with the ones handed over
         // (consumed as they go, so the two are not held whole side by side).
