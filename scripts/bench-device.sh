@@ -19,8 +19,14 @@
 # set (the steady state between backups: the first write to a chunk after a backup also
 # persists its bit, which raw and nbdkit never do); jobs are interleaved (job by job, path by path) so background load hits all
 # four alike. Prints a markdown table with each path's ratio to raw and to nbdkit.
+# BENCH_DURING_BACKUP=1: on the cowsnap paths a full backup of the disk (every block, to
+# a raw image file, --rate-limit of the disk size / (BENCH_SECS + 15 s), so it outlasts
+# the job) runs during each job: writes to chunks not yet copied are preserved first. raw
+# and nbdkit have no backup, so the ratios are against the plain devices; a value marked
+# "(backup ended early)" was not measured under a backup for the whole job.
 #   scripts/bench-device.sh   (env: BENCH_SECS=10, BENCH_SIZE_MB=1024, BENCH_PATHS,
-#                              BENCH_JOBS, BENCH_PG_SCALE=20, COWSNAP_BIN_DIR)
+#                              BENCH_JOBS, BENCH_PG_SCALE=20, BENCH_DURING_BACKUP,
+#                              COWSNAP_BIN_DIR)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${COWSNAP_BIN_DIR:-$ROOT/target/release}
@@ -168,7 +174,24 @@ for j in $JOBS; do
   img=$IMG; [[ $j == pgbench_* ]] && img=$PGIMG
   for p in $PATHS; do
     setup "$p" "$img"
+    BK=
+    if [ -n "${BENCH_DURING_BACKUP:-}" ] && [[ $p == fuse* || $p == nbdfuse ]]; then
+      # a full backup (every block, to a raw image) rate-limited to last the whole job
+      name=bench; [ "$img" = "$IMG" ] || name=benchpg
+      rm -f "$W/bk.img"
+      "$CTL" backup "$name" --to "file:$W/bk.img" --quiesce-idle 0 --all-blocks \
+        --rate-limit $(( $(stat -c %s "$img") / (SECS + 15) )) >"$W/bk.out" 2>&1 &
+      BK=$!
+      for _ in $(seq 100); do
+        [ "$("$CTL" status "$name" --json | jq -r '.daemon.backup.state // "none"')" = running ] && break
+        sleep 0.05
+      done
+    fi
     R[$j,$p]=$(job "$DEV" "$j")
+    if [ -n "$BK" ]; then
+      kill -0 "$BK" 2>/dev/null || R[$j,$p]="${R[$j,$p]} (backup ended early)"
+      wait "$BK" || { echo "the backup during $j on $p failed: $(tail -n 3 "$W/bk.out")" >&2; R[$j,$p]="${R[$j,$p]} (backup failed)"; }
+    fi
     teardown
     echo "$j $p: ${R[$j,$p]}" >&2
   done

@@ -251,15 +251,16 @@ fn restore_body(
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<crate::Error>> = Mutex::new(None);
     // An object store's reads wait on the network, not a CPU: more in flight. On a
-    // directory, twice the CPUs, at least 4: a worker mostly waits for its chunk file
+    // directory, four times the CPUs, at least 8 (8 measured faster than 4 on 2 CPUs,
+    // BENCHMARKS.md): a worker mostly waits for its chunk file
     // to be read (cold cache), so more reads in flight keep the repository's disk busy
     // while the others verify (blake3) and decompress.
     let workers = match repo.is_object() {
         true => OBJECT_READERS,
         false => std::thread::available_parallelism()
-            .map(|p| p.get() * 2)
-            .unwrap_or(4)
-            .clamp(4, 16),
+            .map(|p| p.get() * 4)
+            .unwrap_or(8)
+            .clamp(8, 16),
     };
     std::thread::scope(|s| {
         for _ in 0..workers {
