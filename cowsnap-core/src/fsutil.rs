@@ -153,9 +153,7 @@ impl AtomicFile {
         self.tmp = PathBuf::new();
         Ok(())
     }
-}
 
-impl AtomicFile {
     /// Rename to the destination without an fsync and without replacing a file already
     /// there (`renameat2` with `RENAME_NOREPLACE`): `true` if it got the name, `false`
     /// if the name was taken (the temporary file is then removed). Durability is the

@@ -150,8 +150,8 @@ struct Pool {
 impl Pool {
     fn start(repo: &Arc<Repo>, shared: &Arc<Mutex<Shared>>, sync: &Arc<ChunkSync>) -> Result<Pool> {
         // Four times the CPUs, at least 8 (on an object store a worker mostly waits
-        // for a PUT, on a directory often for a chunk's fsync, neither using a CPU;
-        // concurrent fsyncs share journal commits). 8 workers on 2 CPUs measured
+        // for a PUT, on a directory for the disk — synced per chunk, in its fsync —
+        // neither using a CPU; concurrent fsyncs share journal commits). 8 workers on 2 CPUs measured
         // faster than 4 and as fast as 16 (BENCHMARKS.md).
         let n = std::thread::available_parallelism()
             .map(|p| p.get() * 4)
