@@ -7,6 +7,8 @@
 #   raw      cowsnapctl backup --to file:IMG --quiesce-idle 0s   (the image is compared)
 #   repo     cowsnapctl backup --to repo:DIR --quiesce-idle 0s   (a fresh repository)
 #   restore  cowsnapctl restore repo:DIR --to FILE               (compared with the disk)
+#   live     (BENCH_LIVE=1) cowsnapctl restore repo:DIR --to FILE --live --via none, timed
+#            until the daemon reports the fill complete (compared with the disk; no cpu)
 #   cpimg    cp --sparse=never IMG DST && sync DST   (the raw image: restore's peer)
 # (BENCH_ATTACH_ARGS: extra attach flags, e.g. "--direct-io off") for every build named in BENCH_BINS (space-separated LABEL=DIR pairs, default
 # "this=$COWSNAP_BIN_DIR"; each build attaches the disk with its own daemon), so that
@@ -80,6 +82,23 @@ for r in $(seq 1 "$RUNS"); do
     cmp "$W/src.img" "$W/restored.img" || { echo "restore of $label differs from the idle disk"; exit 1; }
     echo "restore $label $r $($PY -c "print($t1 - $t0)") $(awk '{print $1 + $2}' "$W/restore.time")" >>"$RES"
     rm -f "$W/restored.img"
+    if [ "${BENCH_LIVE:-0}" = 1 ]; then
+      # restore --live (via none): from the command's start until the daemon reports
+      # the background fill complete and its destination flushed
+      drop; t0=$(now)
+      "$dir/cowsnapctl" restore "repo:$W/repo" --to "$W/live.img" --live --via none --name tlive >/dev/null
+      for _ in $(seq 6000); do
+        st=$("$dir/cowsnapctl" status tlive --json)
+        [ "$(printf '%s' "$st" | jq -r .daemon.fill.complete)" = true ] && break
+        [ "$(printf '%s' "$st" | jq -r .daemon.fill.error)" = null ] || { echo "live fill of $label failed: $st"; exit 1; }
+        sleep 0.02
+      done
+      t1=$(now)
+      "$dir/cowsnapctl" detach tlive >/dev/null
+      cmp "$W/src.img" "$W/live.img" || { echo "live restore of $label differs from the idle disk"; exit 1; }
+      echo "live $label $r $($PY -c "print($t1 - $t0)") 0" >>"$RES"
+      rm -f "$W/live.img"
+    fi
     drop; t0=$(now)
     /usr/bin/time -f "%U %S" -o "$W/cp.time" cp --sparse=never "$W/img" "$W/cp.img"; sync "$W/cp.img"
     t1=$(now)
@@ -100,7 +119,8 @@ cp = {int(r[2]): float(r[3]) for r in rows if r[0] == "cp"}
 cpimg = {(r[1], int(r[2])): float(r[3]) for r in rows if r[0] == "cpimg"}
 cpcpu = [float(r[4]) / gib for r in rows if r[0] == "cp"]
 # step -> (peer name, target ratio)
-TARGET = {"raw": ("cp+sync", 0.9), "repo": ("cp+sync", 0.9), "restore": ("cp of the raw image", 1.0)}
+TARGET = {"raw": ("cp+sync", 0.9), "repo": ("cp+sync", 0.9), "restore": ("cp of the raw image", 1.0),
+          "live": ("cp of the raw image", 1.0)}
 def mmm(v, fmt="{:.2f}"):
     v = sorted(v)
     return "/".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
@@ -118,7 +138,7 @@ for k in keys:
     if k[0] == "cpimg":
         print(f"{'cp raw image ' + k[1]:<16} {mmm(wall):<22} {mb / statistics.median(wall):>8.0f} {'':>22} {statistics.median(cpu):>14.2f}")
         continue
-    peer = cpimg if k[0] == "restore" else None
+    peer = cpimg if k[0] in ("restore", "live") else None
     ratio = [(peer[(k[1], int(r[2]))] if peer else cp[int(r[2])]) / float(r[3]) for r in sel]
     name, want = TARGET[k[0]]
     med = statistics.median(ratio)
