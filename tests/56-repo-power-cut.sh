@@ -29,7 +29,8 @@ power_on() {
   nbdkit -U "$T/k.sock" -P "$T/k.pid" --filter=cache --filter=rate file "$IMG" \
     cache=writeback rate=400M || fail "nbdkit"
   for _ in $(seq 50); do [ -s "$T/k.pid" ] && break; sleep 0.1; done
-  KPID=$(cat "$T/k.pid"); EXTRA_PIDS+=("$KPID")
+  KPID=$(cat "$T/k.pid" 2>/dev/null); [ -n "$KPID" ] || fail "nbdkit wrote no pid file"
+  EXTRA_PIDS+=("$KPID")
   nbdfuse "$T/fuse/f" "nbd+unix:///?socket=$T/k.sock" >"$T/fuse.log" 2>&1 &
   FPID=$!; EXTRA_PIDS+=("$FPID"); disown "$FPID"
   for _ in $(seq 100); do [ -f "$T/fuse/f" ] && break; sleep 0.1; done
