@@ -187,21 +187,19 @@ impl AtomicFile {
 /// system written and the device's cache flushed. Since Linux 5.8 it fails if any
 /// writeback error happened on the file system since `f` was opened.
 pub fn syncfs(f: &File) -> std::io::Result<()> {
-    // SAFETY: syncfs takes a valid fd (borrowed from `f`, open for the whole call) and
-    // touches no memory of ours.
-    match unsafe { libc::syncfs(f.as_raw_fd()) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
+    nix::unistd::syncfs(f.as_raw_fd()).map_err(std::io::Error::from)
 }
 
 /// Drop the clean cached pages of the file at `path` (`POSIX_FADV_DONTNEED`), so the
 /// next read sees what the disk holds. Advice only: errors are ignored.
 pub fn forget_cached(path: &Path) {
     if let Ok(f) = File::open(path) {
-        // SAFETY: posix_fadvise takes a valid fd (borrowed from `f`, open for the whole
-        // call) and integers; it touches no memory of ours.
-        let _ = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let _ = nix::fcntl::posix_fadvise(
+            f.as_raw_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
     }
 }
 

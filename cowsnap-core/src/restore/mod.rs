@@ -251,8 +251,8 @@ fn restore_body(
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<crate::Error>> = Mutex::new(None);
     // An object store's reads wait on the network, not a CPU: more in flight. On a
-    // directory, four times the CPUs, at least 8 (8 measured faster than 4 on 2 CPUs,
-    // BENCHMARKS.md): a worker mostly waits for its chunk file
+    // directory, four times the CPUs, at least 8 (on 2 CPUs 8 beat 4 in one paired
+    // run and tied in another, BENCHMARKS.md): a worker mostly waits for its chunk file
     // to be read (cold cache), so more reads in flight keep the repository's disk busy
     // while the others verify (blake3) and decompress.
     let workers = match repo.is_object() {
