@@ -7,8 +7,8 @@
 #   raw      cowsnapctl backup --to file:IMG --quiesce-idle 0s   (the image is compared)
 #   repo     cowsnapctl backup --to repo:DIR --quiesce-idle 0s   (a fresh repository)
 #   restore  cowsnapctl restore repo:DIR --to FILE               (compared with the disk)
-#   live     (BENCH_LIVE=1) cowsnapctl restore repo:DIR --to FILE --live --via none, timed
-#            until the daemon reports the fill complete (compared with the disk; no cpu)
+#   live     (BENCH_LIVE=1) cowsnapctl restore repo:DIR --to FILE --live --via none --wait,
+#            timed until it returns with the fill complete (compared with the disk; no cpu)
 #   cpimg    cp --sparse=never IMG DST && sync DST   (the raw image: restore's peer)
 # (BENCH_ATTACH_ARGS: extra attach flags, e.g. "--direct-io off") for every build named in BENCH_BINS (space-separated LABEL=DIR pairs, default
 # "this=$COWSNAP_BIN_DIR"; each build attaches the disk with its own daemon), so that
@@ -83,16 +83,12 @@ for r in $(seq 1 "$RUNS"); do
     echo "restore $label $r $($PY -c "print($t1 - $t0)") $(awk '{print $1 + $2}' "$W/restore.time")" >>"$RES"
     rm -f "$W/restored.img"
     if [ "${BENCH_LIVE:-0}" = 1 ]; then
-      # restore --live (via none): from the command's start until the daemon reports
-      # the background fill complete and its destination flushed
+      # restore --live --wait (via none): from the command's start until it returns, the
+      # daemon having reported the background fill complete (its destination flushed;
+      # the command asks every 20 ms over the control socket)
       drop; t0=$(now)
-      "$dir/cowsnapctl" restore "repo:$W/repo" --to "$W/live.img" --live --via none --name tlive >/dev/null
-      for _ in $(seq 6000); do
-        st=$("$dir/cowsnapctl" status tlive --json)
-        [ "$(printf '%s' "$st" | jq -r .daemon.fill.complete)" = true ] && break
-        [ "$(printf '%s' "$st" | jq -r .daemon.fill.error)" = null ] || { echo "live fill of $label failed: $st"; exit 1; }
-        sleep 0.02
-      done
+      "$dir/cowsnapctl" restore "repo:$W/repo" --to "$W/live.img" --live --via none --name tlive --wait \
+        >/dev/null 2>"$W/live.log" || { echo "live fill of $label failed:"; cat "$W/live.log"; exit 1; }
       t1=$(now)
       "$dir/cowsnapctl" detach tlive >/dev/null
       cmp "$W/src.img" "$W/live.img" || { echo "live restore of $label differs from the idle disk"; exit 1; }

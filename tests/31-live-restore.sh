@@ -161,10 +161,11 @@ cmp "$T/rf.img" "$T/exp_f.img" || fail "the backup taken during the fill does no
 ctl verify "repo:$REPO" >/dev/null || fail "verify"
 ctl detach b31 || fail "detach b31"
 
-log "restore --live again under the same name: restored afresh, not taken as resumed"
-ctl restore "repo:$REPO@$gen" --to "$T/b.img" --live --via none --name b31 >/dev/null 2>"$T/rr.err" || fail "second live restore: $(cat "$T/rr.err")"
+log "restore --live --wait again under the same name: restored afresh, not taken as resumed; returns complete"
+ctl restore "repo:$REPO@$gen" --to "$T/b.img" --live --via none --name b31 --wait >/dev/null 2>"$T/rr.err" || fail "second live restore: $(cat "$T/rr.err")"
 grep -q resuming "$T/rr.err" && fail "a completed live restore was taken as interrupted: $(cat "$T/rr.err")"
-wait_fill b31
+grep -q 'restore of "b31" complete' "$T/rr.err" || fail "--wait did not say the restore is complete: $(cat "$T/rr.err")"
+[ "$(fill b31 .daemon.fill.complete)" = true ] || fail "--wait returned before the fill was complete"
 ctl detach b31 || fail "detach b31"
 cmp "$T/b.img" "$T/src.img" || fail "the second live restore of the same generation did not restore it"
 
@@ -181,4 +182,19 @@ grep -q resuming "$T/rr.err" || fail "not resumed: $(cat "$T/rr.err")"
 wait_fill b31
 ctl detach b31 || fail "detach b31"
 cmp "$T/b.img" "$T/r2.img" || fail "resumed restore of $g2 differs from the generation"
+
+log "--wait: refused without --live (nothing created); a fill that stops on damage exits non-zero"
+ctl restore "repo:$REPO@$gen" --to "$T/w.img" --wait >/dev/null 2>"$T/w.err" && fail "--wait without --live was accepted"
+grep -q "needs --live" "$T/w.err" || fail "--wait without --live: unclear refusal: $(cat "$T/w.err")"
+[ -e "$T/w.img" ] && fail "a refused restore created its destination"
+cp -a "$REPO" "$T/bad-repo"
+# every chunk file damaged (a flipped byte at its end): the first batch of the fill fails
+find "$T/bad-repo/chunks" -type f | while read -r f; do
+  printf '\377' | dd of="$f" bs=1 seek=$(($(stat -c %s "$f") - 1)) conv=notrunc status=none
+done
+ctl restore "repo:$T/bad-repo@$gen" --to "$T/w.img" --live --via none --name w31 --wait >/dev/null 2>"$T/w.err" &&
+  fail "--wait returned success for a fill of damaged chunks"
+grep -q 'the restore of "w31" stopped' "$T/w.err" || fail "--wait does not say the fill stopped: $(cat "$T/w.err")"
+[ "$(fill w31 .daemon.fill.complete)" = false ] || fail "a failed fill reported complete"
+ctl detach w31 || fail "detach w31"
 log "PASS"

@@ -190,6 +190,17 @@ pub fn syncfs(f: &File) -> std::io::Result<()> {
     nix::unistd::syncfs(f.as_raw_fd()).map_err(std::io::Error::from)
 }
 
+/// Start reading the first `len` bytes of `f` into the page cache (`POSIX_FADV_WILLNEED`):
+/// one request for a file about to be read whole. Advice only: errors are ignored.
+pub fn will_need(f: &File, len: u64) {
+    let _ = nix::fcntl::posix_fadvise(
+        f.as_raw_fd(),
+        0,
+        i64::try_from(len).unwrap_or(i64::MAX),
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+    );
+}
+
 /// Drop the clean cached pages of the file at `path` (`POSIX_FADV_DONTNEED`), so the
 /// next read sees what the disk holds. Advice only: errors are ignored.
 pub fn forget_cached(path: &Path) {

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
-const SIZE: usize = 32 * MIB;
+/// More chunks than one fill batch (32): the kill finds the fill mid-way.
+const SIZE: usize = 128 * MIB;
 const ENV: &str = "COWSNAP_TEST_FILL_CHILD";
 
 fn open_io(path: &Path) -> Arc<dyn BlockIo> {

@@ -11,6 +11,7 @@ use cowsnap_core::origin_seal;
 use cowsnap_core::repo::{self, Repo, RetentionPolicy};
 use cowsnap_core::restore;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// `repo:DIR[@GEN]` → (DIR, GEN) ([`cowsnap_nbd::paths::parse_repo_spec`]).
 pub fn parse_repo_spec(spec: &str) -> Result<(PathBuf, Option<String>)> {
@@ -485,6 +486,12 @@ pub struct RestoreArgs {
     /// With --live: how to expose the disk.
     #[arg(long, default_value = "auto", value_parser = ["auto", "ublk", "nbd", "fuse", "nbdfuse", "none"])]
     pub via: String,
+    /// With --live: once attached, wait until the background fill has restored every
+    /// chunk (progress on a terminal); a fill that stops on an error exits non-zero.
+    /// The disk is usable meanwhile; interrupting the wait leaves it attached and
+    /// filling.
+    #[arg(long)]
+    pub wait: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -494,6 +501,9 @@ pub struct RestoreArgs {
 pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
     if a.json && !a.live {
         progress::set_json("restore");
+    }
+    if a.wait && !a.live {
+        bail!("--wait waits for a live restore's fill: it needs --live (a restore without --live returns when done)");
     }
     let (dir, gen) = parse_repo_spec(&a.source)?;
     // Absolute: a live restore records it and resumes from it, in another directory.
@@ -540,6 +550,9 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
         let resume = check_live_name(dirs, &name, &g.id, &a.to, &action, "--name")?;
         cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)?;
         start_live_onto(dirs, &a, &dir, &g, &name, &a.to, resume)?;
+        if a.wait {
+            wait_filled(dirs, &[name])?;
+        }
         return Ok(0);
     }
     cowsnap_nbd::attached::check_destination(&dirs.run_dir, None, &a.to, &action)?;
@@ -634,6 +647,47 @@ fn start_live_onto(
     )
 }
 
+/// `restore --live --wait`: poll the daemons of `names` (their control sockets, every
+/// 20 ms) until each fill is complete. Fails when a fill stops on an error or a daemon
+/// goes away; the disks stay as they are.
+fn wait_filled(dirs: &Dirs, names: &[String]) -> Result<()> {
+    let pr = Reporter::new("restore", Unit::Chunks, false);
+    loop {
+        let (mut done, mut total, mut complete) = (0, 0, true);
+        for name in names {
+            let Some(s) = attach::daemon_status_checked(&dirs.paths(name))? else {
+                bail!(
+                    "the daemon of {name:?} is gone before its restore was complete; \
+                     attaching the destination again under that name resumes the fill"
+                );
+            };
+            let Some(f) = s.fill else { continue };
+            if let Some(e) = f.error {
+                bail!(
+                    "the restore of {name:?} stopped at {}/{} chunks: {e}; the disk stays \
+                     attached (cowsnapctl status {name})",
+                    f.done,
+                    f.total
+                );
+            }
+            done += f.done;
+            total += f.total;
+            complete &= f.complete;
+        }
+        pr.update(done, total);
+        if complete {
+            pr.finish();
+            if names.len() == 1 {
+                eprintln!("restore of {:?} complete", names[0]);
+            } else {
+                eprintln!("restore of {} complete", names.join(", "));
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `cowsnapctl restore repo:DIR@GROUP --to NAME=PATH,... [--live]`: every check on
 /// every member (the mapping, each destination, with --live each name) before any
 /// destination is touched; then each member in turn.
@@ -721,6 +775,9 @@ fn restore_group(
                 );
             }
             attached.push(name.clone());
+        }
+        if a.wait {
+            wait_filled(dirs, &attached)?;
         }
         return Ok(0);
     }

@@ -470,6 +470,9 @@ fn read_decoded(
     if size < HDR as u64 {
         return Ok(Err(corrupt(hash, "bad header")));
     }
+    // the whole file is read next: ask for all of it at once, so a cold chunk costs one
+    // request to the disk instead of a read-ahead window growing from a few pages
+    crate::fsutil::will_need(&f, size);
     f.read_exact(&mut hdr)?;
     let payload_len = usize::try_from(size - HDR as u64).unwrap_or(usize::MAX);
     let (encoding, raw_len) = match parse_header(hash, &hdr, payload_len, key) {
@@ -482,13 +485,17 @@ fn read_decoded(
         (0, None) => &mut *out,
         _ => &mut stored,
     };
+    // one read of the payload's whole length (read_to_end would start at 8 KiB and
+    // double, a syscall and a wait per step on a cold file)
     dst.clear();
-    dst.reserve(payload_len);
-    // read_to_end fills the spare capacity without zeroing it first
-    (&mut f).take(payload_len as u64).read_to_end(dst)?;
-    if dst.len() != payload_len {
+    dst.resize(payload_len, 0);
+    match f.read_exact(dst) {
+        Ok(()) => {}
         // shorter than its size said a moment ago: damage, like a truncation
-        return Ok(Err(corrupt(hash, "truncated")));
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Ok(Err(corrupt(hash, "truncated")))
+        }
+        Err(e) => return Err(e),
     }
     if key.is_some() {
         stored = match unseal(hash, &hdr, stored, key) {

@@ -36,9 +36,8 @@
 //!   writer's); a hole seen under the marks cannot be filled by anyone but the marks'
 //!   holder, and the flush makes a hole an earlier step punched durable.
 //! - Fetching: the chunks of one batch of the fill, or of one request, are fetched in
-//!   parallel ([`FETCHERS`], [`FETCHERS_OBJECT`] from an object store, where a fetch
-//!   waits on the network; the object store's fill batches are [`FILL_BATCH_OBJECT`]
-//!   chunks), each under the fill mark its batch or request already holds; requests
+//!   parallel ([`FETCHERS`] at a time, from a directory or an object store: both wait,
+//!   on the disk or the network, more than on the CPU), each under the fill mark its batch or request already holds; requests
 //!   served at once fetch at once. Every chunk read, the fill's and the requests'
 //!   together, takes one of [`FETCH_SLOTS`] slots first, so at most that many fetched
 //!   chunks are in memory. Read-ahead: a read that had to fetch records the chunk after
@@ -83,14 +82,15 @@ thread_local! {
     static FETCH_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Chunks fetched per durable step of the background fill.
-const FILL_BATCH: usize = 16;
-/// The same from an object store: more chunks per step, fetched in parallel.
-const FILL_BATCH_OBJECT: usize = 32;
+/// Chunks fetched per durable step of the background fill: a write to one of them
+/// waits for the whole step (32 MiB of 1 MiB chunks: tens of milliseconds).
+const FILL_BATCH: usize = 32;
 /// Chunks of one batch or request fetched in parallel (each worker one chunk at a
-/// time), from a directory and from an object store (network latency, not CPU).
-const FETCHERS: usize = 4;
-const FETCHERS_OBJECT: usize = 8;
+/// time). A cold chunk of a directory repository costs a lookup, an inode read and a
+/// data read, each a wait on the disk; one of an object store a network round trip: 8
+/// keep the disk or the network busy (4 left the fill at 0.7x a cp of the same data on
+/// a 2-CPU VM, 8 reached 0.95x; BENCHMARKS.md).
+const FETCHERS: usize = 8;
 /// Most chunk reads in flight at once over the background fill and every request
 /// together: bounds the memory of fetched chunks to this many chunks.
 const FETCH_SLOTS: usize = 16;
@@ -305,14 +305,6 @@ impl Drop for Slot<'_> {
 }
 
 impl FillingIo {
-    /// Parallel fetches and fill batch size, for a repository on an object store or not.
-    fn tuning(object: bool) -> (usize, usize) {
-        match object {
-            true => (FETCHERS_OBJECT, FILL_BATCH_OBJECT),
-            false => (FETCHERS, FILL_BATCH),
-        }
-    }
-
     /// Wait for one of the [`FETCH_SLOTS`] chunk reads.
     fn slot(&self) -> Slot<'_> {
         let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -510,7 +502,6 @@ impl FillingIo {
         // repository lock taken for the set-up is not held for the fill, so a prune
         // neither waits for a fill that may take hours nor depends on this process.
         drop(lock);
-        let (fetchers, fill_batch) = Self::tuning(repo.is_object());
         let fio = Arc::new(FillingIo {
             dest,
             repo: Some(repo),
@@ -527,8 +518,8 @@ impl FillingIo {
             fill_running: AtomicBool::new(false),
             error: Mutex::new(None),
             fill_rate: AtomicU64::new(0),
-            fetchers,
-            fill_batch,
+            fetchers: FETCHERS,
+            fill_batch: FILL_BATCH,
             in_flight: Mutex::new(0),
             slot_free: Condvar::new(),
             ahead: AtomicU64::new(NO_HINT),
@@ -950,7 +941,11 @@ fn fill_loop(weak: Weak<FillingIo>) {
             }
             Ok(None) => {
                 if io.restored_count.load(Ordering::SeqCst) < io.nchunks {
-                    log::error!("restore fill passed the end with chunks missing");
+                    // said in the status too: a fill that is not running and not
+                    // complete must not look like one still at work
+                    let e = "restore fill passed the end with chunks missing";
+                    log::error!("{e}");
+                    *io.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.into());
                 }
                 io.fill_running.store(false, Ordering::SeqCst);
                 return;
