@@ -11,6 +11,7 @@
 #            change with it)
 #   nbdfuse  cowsnapctl attach --via nbdfuse: nbdfuse on the daemon's NBD socket + loop
 #   nbdkit   nbdkit file plugin (cache=default) + nbdfuse + losetup --direct-io=on
+#   fuse@N, fuse-uring@N   the same as fuse, fuse-uring with N FUSE threads (--fuse-threads)
 # Jobs: 4k randwrite QD32, 4k randread QD32, 4k randwrite QD1, 1M seq write QD8,
 # 1M seq read QD8; with BENCH_JOBS naming pgbench_c4 / pgbench_c1: PostgreSQL on ext4 on a
 # second image (2 GiB, `pgbench -i -s BENCH_PG_SCALE` once), `pgbench -c 4 -j 2` or
@@ -87,14 +88,16 @@ cleanup() {
 trap cleanup EXIT
 
 setup() { # PATH [IMAGE (the fio image)]
-  CUR=$1
-  local img=${2:-$IMG} name=bench
+  # PATH@N (fuse, fuse-uring): the daemon with N FUSE threads (COWSNAP_FUSE_THREADS)
+  CUR=${1%@*}
+  local img=${2:-$IMG} name=bench th=
+  [[ $1 == *@* ]] && th=COWSNAP_FUSE_THREADS=${1#*@}
   [ "$img" = "$IMG" ] || name=benchpg
-  case $1 in
+  case $CUR in
     raw) DEV=$(losetup --direct-io=off -f --show "$img") ;;
-    fuse|nbdfuse) DEV=$(COWSNAP_FUSE_URING=off "$CTL" attach "$img" --name "$name" --via "$1" >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
+    fuse|nbdfuse) DEV=$(env $th COWSNAP_FUSE_URING=off "$CTL" attach "$img" --name "$name" --via "$CUR" >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
     fuse-uring)
-      DEV=$(COWSNAP_FUSE_URING=on "$CTL" attach "$img" --name "$name" --via fuse >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json")
+      DEV=$(env $th COWSNAP_FUSE_URING=on "$CTL" attach "$img" --name "$name" --via fuse >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json")
       grep -q "FUSE: $name served at .*io_uring)" "$COWSNAP_STATE_DIR/$name.log" || { echo "fuse-uring: not served over io_uring"; exit 1; } ;;
     nbdkit)
       rm -f "$W/nk.sock"; mkdir -p "$W/nk"
@@ -200,14 +203,18 @@ echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 num() { echo "${1%% *}"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+# ratio columns: every path to raw, every cowsnap path to nbdkit (those measured)
+RC=()
+for p in $PATHS; do [ "$p" != raw ] && [[ " $PATHS " == *" raw "* ]] && RC+=("$p/raw"); done
+for p in $PATHS; do [[ $p == fuse* || $p == nbdfuse* ]] && [[ " $PATHS " == *" nbdkit "* ]] && RC+=("$p/nbdkit"); done
 printf '| job |'; for p in $PATHS; do printf ' %s |' "$p"; done
-echo ' fuse / raw | fuse-uring / raw | fuse-uring / fuse | fuse-uring / nbdkit | fuse / nbdkit |'
-printf '|---|'; for _ in $PATHS; do printf -- '---|'; done; echo '---|---|---|---|---|'
+for c in "${RC[@]}"; do printf ' %s |' "${c/\// \/ }"; done; echo
+printf '|---|'; for _ in $PATHS "${RC[@]}"; do printf -- '---|'; done; echo
 for j in $JOBS; do
   printf '| %s |' "$j"
   for p in $PATHS; do printf ' %s |' "${R[$j,$p]:--}"; done
-  f=$(num "${R[$j,fuse]:-0}") u=$(num "${R[$j,fuse-uring]:-0}")
-  r=$(num "${R[$j,raw]:-0}") k=$(num "${R[$j,nbdkit]:-0}")
-  printf ' %s× | %s× | %s× | %s× | %s× |\n' "$(ratio "$f" "$r")" "$(ratio "$u" "$r")" \
-    "$(ratio "$u" "$f")" "$(ratio "$u" "$k")" "$(ratio "$f" "$k")"
+  for c in "${RC[@]}"; do
+    printf ' %s× |' "$(ratio "$(num "${R[$j,${c%/*}]:-0}")" "$(num "${R[$j,${c#*/}]:-0}")")"
+  done
+  echo
 done
