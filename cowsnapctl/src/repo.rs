@@ -655,7 +655,14 @@ fn wait_filled(dirs: &Dirs, names: &[String]) -> Result<()> {
     loop {
         let (mut done, mut total, mut complete) = (0, 0, true);
         for name in names {
-            let Some(s) = attach::daemon_status_checked(&dirs.paths(name))? else {
+            let paths = dirs.paths(name);
+            let Some(s) = attach::daemon_status_checked(&paths)? else {
+                // a daemon too busy to answer in time is asked again; one that is gone
+                // ends the wait
+                if attach::read_pid(&paths).is_some_and(daemon_alive) {
+                    complete = false;
+                    continue;
+                }
                 bail!(
                     "the daemon of {name:?} is gone before its restore was complete; \
                      attaching the destination again under that name resumes the fill"

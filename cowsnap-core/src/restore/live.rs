@@ -37,8 +37,8 @@
 //!   holder, and the flush makes a hole an earlier step punched durable.
 //! - Fetching: the chunks of one batch of the fill, or of one request, are fetched in
 //!   parallel ([`FETCHERS`] at a time, from a directory or an object store: both wait,
-//!   on the disk or the network, more than on the CPU), each under the fill mark its batch or request already holds; requests
-//!   served at once fetch at once. Every chunk read, the fill's and the requests'
+//!   on the disk or the network, more than on the CPU), each under the fill mark its
+//!   batch or request already holds; requests served at once fetch at once. Every chunk read, the fill's and the requests'
 //!   together, takes one of [`FETCH_SLOTS`] slots first, so at most that many fetched
 //!   chunks are in memory. Read-ahead: a read that had to fetch records the chunk after
 //!   its last one, and the background fill continues from there (a sequential reader
@@ -88,8 +88,8 @@ const FILL_BATCH: usize = 32;
 /// Chunks of one batch or request fetched in parallel (each worker one chunk at a
 /// time). A cold chunk of a directory repository costs a lookup, an inode read and a
 /// data read, each a wait on the disk; one of an object store a network round trip: 8
-/// keep the disk or the network busy (4 left the fill at 0.7x a cp of the same data on
-/// a 2-CPU VM, 8 reached 0.95x; BENCHMARKS.md).
+/// keep the disk or the network busy (on a 2-CPU VM, 1 GiB filled in 1.7–2.5 s with 4
+/// fetchers and 16-chunk batches, 1.5–1.9 s with 8 and 32; BENCHMARKS.md).
 const FETCHERS: usize = 8;
 /// Most chunk reads in flight at once over the background fill and every request
 /// together: bounds the memory of fetched chunks to this many chunks.
