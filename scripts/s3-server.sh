@@ -25,7 +25,11 @@ die() { echo "s3-server: $*" >&2; exit 1; }
 
 install_pkgs() {
   local missing=() p
-  for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  # installed, not only known (a removed package keeps its configuration files and
+  # `dpkg -s` succeeds for it)
+  for p in "${PKGS[@]}"; do
+    [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *" ok installed" ]] || missing+=("$p")
+  done
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "s3-server: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -36,17 +36,27 @@ while [ $# -gt 0 ]; do
 done
 
 say() { echo "vm.sh: $*" >&2; }
+# installed PKG: the package is installed (not only known: a removed package keeps
+# its configuration files and `dpkg -s` succeeds for it)
+installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == *" ok installed" ]]; }
 
 install() {
   local p missing=()
   for p in qemu-system-x86 linux-image-amd64 busybox-static python3-venv; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    installed "$p" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
       { say "unable to install ${missing[*]}"; return 1; }
+    # The distribution's qemu-system-x86 takes a newer qemu-utils (a backport) away
+    # with it; the other tests need qemu-img and qemu-io: put the distribution's back.
+    if ! command -v qemu-io >/dev/null || ! command -v qemu-img >/dev/null; then
+      say "qemu-img/qemu-io gone with that install: installing the distribution's qemu-utils"
+      apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null ||
+        { say "unable to install qemu-utils"; return 1; }
+    fi
   fi
   if [ ! -x "$VENV/bin/vng" ]; then
     say "installing virtme-ng into $VENV"
