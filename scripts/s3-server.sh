@@ -24,12 +24,9 @@ CONF=$S/ceph.conf
 die() { echo "s3-server: $*" >&2; exit 1; }
 
 install_pkgs() {
-  local missing=() p
-  # installed, not only known (a removed package keeps its configuration files and
-  # `dpkg -s` succeeds for it)
-  for p in "${PKGS[@]}"; do
-    [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *" ok installed" ]] || missing+=("$p")
-  done
+  local missing=()
+  . "$(dirname "${BASH_SOURCE[0]}")/pkg.sh"
+  mapfile -t missing < <(pkg_missing "${PKGS[@]}")
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "s3-server: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

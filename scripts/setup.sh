@@ -5,11 +5,8 @@ PKGS=(nbdkit libnbd-bin python3-libnbd fio qemu-utils e2fsprogs xfsprogs fuse3 u
       postgresql postgresql-contrib kmod procps psmisc jq prometheus curl zsh fish openssl
       ceph-mon ceph-osd ceph-mgr radosgw ceph-common uuid-runtime)
 missing=()
-# installed, not only known (a removed package keeps its configuration files and
-# `dpkg -s` succeeds for it)
-for p in "${PKGS[@]}"; do
-  [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *" ok installed" ]] || missing+=("$p")
-done
+. "$(dirname "${BASH_SOURCE[0]}")/pkg.sh"
+mapfile -t missing < <(pkg_missing "${PKGS[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

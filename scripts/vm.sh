@@ -36,15 +36,11 @@ while [ $# -gt 0 ]; do
 done
 
 say() { echo "vm.sh: $*" >&2; }
-# installed PKG: the package is installed (not only known: a removed package keeps
-# its configuration files and `dpkg -s` succeeds for it)
-installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == *" ok installed" ]]; }
 
 install() {
-  local p missing=()
-  for p in qemu-system-x86 linux-image-amd64 busybox-static python3-venv; do
-    installed "$p" || missing+=("$p")
-  done
+  local missing=()
+  . "$(dirname "${BASH_SOURCE[0]}")/pkg.sh"
+  mapfile -t missing < <(pkg_missing qemu-system-x86 linux-image-amd64 busybox-static python3-venv)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

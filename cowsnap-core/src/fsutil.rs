@@ -3,6 +3,7 @@
 //! temp removed on drop), directory fsync, `flock`, random ids and UTC timestamps.
 
 use crate::error::{Error, IoContext, Result};
+use nix::fcntl::PosixFadviseAdvice;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -193,11 +194,10 @@ pub fn syncfs(f: &File) -> std::io::Result<()> {
 /// Start reading the first `len` bytes of `f` into the page cache (`POSIX_FADV_WILLNEED`):
 /// one request for a file about to be read whole. Advice only: errors are ignored.
 pub fn will_need(f: &File, len: u64) {
-    let _ = nix::fcntl::posix_fadvise(
-        f.as_raw_fd(),
-        0,
+    advise(
+        f,
         i64::try_from(len).unwrap_or(i64::MAX),
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        PosixFadviseAdvice::POSIX_FADV_WILLNEED,
     );
 }
 
@@ -205,13 +205,13 @@ pub fn will_need(f: &File, len: u64) {
 /// next read sees what the disk holds. Advice only: errors are ignored.
 pub fn forget_cached(path: &Path) {
     if let Ok(f) = File::open(path) {
-        let _ = nix::fcntl::posix_fadvise(
-            f.as_raw_fd(),
-            0,
-            0,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        );
+        advise(&f, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     }
+}
+
+/// `posix_fadvise(f, 0, len, advice)` (`len` 0: to the end), errors ignored.
+fn advise(f: &File, len: i64, advice: PosixFadviseAdvice) {
+    let _ = nix::fcntl::posix_fadvise(f.as_raw_fd(), 0, len, advice);
 }
 
 impl Drop for AtomicFile {

@@ -280,10 +280,6 @@ pub struct FillingIo {
     fill_running: AtomicBool,
     error: Mutex<Option<String>>,
     fill_rate: AtomicU64,
-    /// Chunks fetched in parallel per batch or request.
-    fetchers: usize,
-    /// Chunks per durable step of the background fill.
-    fill_batch: usize,
     /// Chunk reads in flight (at most [`FETCH_SLOTS`]).
     in_flight: Mutex<usize>,
     slot_free: Condvar,
@@ -410,8 +406,6 @@ impl FillingIo {
                 fill_running: AtomicBool::new(false),
                 error: Mutex::new(None),
                 fill_rate: AtomicU64::new(0),
-                fetchers: 1,
-                fill_batch: FILL_BATCH,
                 in_flight: Mutex::new(0),
                 slot_free: Condvar::new(),
                 ahead: AtomicU64::new(NO_HINT),
@@ -518,8 +512,6 @@ impl FillingIo {
             fill_running: AtomicBool::new(false),
             error: Mutex::new(None),
             fill_rate: AtomicU64::new(0),
-            fetchers: FETCHERS,
-            fill_batch: FILL_BATCH,
             in_flight: Mutex::new(0),
             slot_free: Condvar::new(),
             ahead: AtomicU64::new(NO_HINT),
@@ -594,9 +586,9 @@ impl FillingIo {
     }
 
     /// [`Self::fetch_data`] for each of `chunks` (their fill marks held), up to
-    /// `fetchers` at a time; the first error stops the rest and is returned.
+    /// [`FETCHERS`] at a time; the first error stops the rest and is returned.
     fn fetch_many(&self, chunks: &[u64]) -> Result<()> {
-        let workers = self.fetchers.min(chunks.len());
+        let workers = FETCHERS.min(chunks.len());
         if workers <= 1 {
             return chunks.iter().try_for_each(|&c| self.fetch_data(c));
         }
@@ -820,8 +812,8 @@ impl FillingIo {
         if self.is_zero_chunk(*from) {
             return self.fill_zero_run(from).map(Some);
         }
-        let mut batch = Vec::with_capacity(self.fill_batch);
-        while *from < self.nchunks && batch.len() < self.fill_batch {
+        let mut batch = Vec::with_capacity(FILL_BATCH);
+        while *from < self.nchunks && batch.len() < FILL_BATCH {
             if !self.is_restored(*from) {
                 if self.is_zero_chunk(*from) {
                     break;
