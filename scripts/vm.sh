@@ -7,6 +7,7 @@
 #
 #   scripts/vm.sh --install            install only
 #   scripts/vm.sh --check              install, then say whether a VM can boot here (exit 0/1)
+#   scripts/vm.sh --kernel             install, then print the path of the kernel it boots
 #   scripts/vm.sh [--rwdir DIR] [--memory 2G] [--cpus 2] -- CMD [ARG...]
 #                                      boot, run CMD (in the VM: root, cwd = this cwd,
 #                                      the host's files read-only except DIR), exit with
@@ -27,6 +28,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --install) MODE=install; shift;;
     --check) MODE=check; shift;;
+    --kernel) MODE=kernel; shift;;
     --rwdir) RWDIR=$2; shift 2;;
     --memory) MEM=$2; shift 2;;
     --cpus) CPUS=$2; shift 2;;
@@ -70,6 +72,7 @@ install || exit 125
 K=$(kernel)
 [ -n "$K" ] && [ -r "$K" ] || { say "no Debian kernel in /boot (linux-image-amd64)"; exit 125; }
 [ "$MODE" = install ] && { say "ready: $VENV/bin/vng, kernel $K"; exit 0; }
+[ "$MODE" = kernel ] && { echo "$K"; exit 0; }
 
 KVM=(--disable-kvm)
 [ "${COWSNAP_VM_KVM:-0}" = 1 ] && KVM=()

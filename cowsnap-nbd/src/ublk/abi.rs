@@ -1,6 +1,6 @@
 //! The ublk user-space ABI (`include/uapi/linux/ublk_cmd.h`): the control and I/O
-//! command payloads, the shared I/O descriptor, the parameter blocks, and the
-//! ioctl-encoded command numbers (`UBLK_U_CMD_*`, `UBLK_U_IO_*`). Layouts are
+//! command payloads, the shared I/O descriptor, the parameter blocks, and the command
+//! numbers, ioctl-encoded (`UBLK_U_CMD_*`, `UBLK_U_IO_*`) or plain ([`Encoding`]). Layouts are
 //! `#[repr(C)]` with compile-time size asserts; the tests pin sizes, offsets and the
 //! encoded numbers against the values the header gives on Linux.
 
@@ -71,22 +71,39 @@ pub const fn iowr_io(nr: u32) -> u32 {
     ioc(IOC_READ | IOC_WRITE, nr, size_of::<IoCmd>())
 }
 
-/// `UBLK_U_CMD_GET_DEV_INFO`.
-pub const U_CMD_GET_DEV_INFO: u32 = ior_ctrl(cmd::GET_DEV_INFO);
-/// `UBLK_U_CMD_ADD_DEV`.
-pub const U_CMD_ADD_DEV: u32 = iowr_ctrl(cmd::ADD_DEV);
-/// `UBLK_U_CMD_DEL_DEV`.
-pub const U_CMD_DEL_DEV: u32 = iowr_ctrl(cmd::DEL_DEV);
-/// `UBLK_U_CMD_START_DEV`.
-pub const U_CMD_START_DEV: u32 = iowr_ctrl(cmd::START_DEV);
-/// `UBLK_U_CMD_STOP_DEV`.
-pub const U_CMD_STOP_DEV: u32 = iowr_ctrl(cmd::STOP_DEV);
-/// `UBLK_U_CMD_SET_PARAMS`.
-pub const U_CMD_SET_PARAMS: u32 = iowr_ctrl(cmd::SET_PARAMS);
-/// `UBLK_U_IO_FETCH_REQ`.
-pub const U_IO_FETCH_REQ: u32 = iowr_io(io::FETCH_REQ);
-/// `UBLK_U_IO_COMMIT_AND_FETCH_REQ`.
-pub const U_IO_COMMIT_AND_FETCH_REQ: u32 = iowr_io(io::COMMIT_AND_FETCH_REQ);
+/// How command numbers are given to the driver.
+///
+/// Linux 6.3 added ioctl-encoded numbers (`UBLK_U_*`); a kernel built without
+/// `CONFIG_BLKDEV_UBLK_LEGACY_OPCODES` takes only those. The drivers of 6.0–6.2 (and
+/// distribution kernels of that age, e.g. Debian 12's 6.1) take only the plain
+/// numbers. A server tries the encoded form first and falls back (see
+/// [`super::ctrl::Control`]); a device's queues use the form its ADD_DEV took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `UBLK_U_CMD_*` / `UBLK_U_IO_*`.
+    Ioctl,
+    /// `UBLK_CMD_*` / `UBLK_IO_*`: the plain numbers.
+    Legacy,
+}
+
+impl Encoding {
+    /// The `cmd_op` of control command `nr` ([`cmd`]).
+    pub const fn ctrl(self, nr: u32) -> u32 {
+        match self {
+            // GET_DEV_INFO only reads the device (`_IOR`); the others are `_IOWR`.
+            Encoding::Ioctl if nr == cmd::GET_DEV_INFO => ior_ctrl(nr),
+            Encoding::Ioctl => iowr_ctrl(nr),
+            Encoding::Legacy => nr,
+        }
+    }
+    /// The `cmd_op` of I/O command `nr` ([`io`]).
+    pub const fn io(self, nr: u32) -> u32 {
+        match self {
+            Encoding::Ioctl => iowr_io(nr),
+            Encoding::Legacy => nr,
+        }
+    }
+}
 
 /// Device feature flags (`UBLK_F_*`) this server uses or refuses.
 pub mod flags {
@@ -414,27 +431,40 @@ mod tests {
         // _IOWR('u', nr, 32 bytes) = 0xc020_75nn; _IOR = 0x8020_75nn;
         // _IOWR('u', nr, 16 bytes) = 0xc010_75nn (the values the header yields on
         // x86-64 and arm64).
-        assert_eq!(U_CMD_GET_DEV_INFO, 0x8020_7502);
-        assert_eq!(U_CMD_ADD_DEV, 0xc020_7504);
-        assert_eq!(U_CMD_DEL_DEV, 0xc020_7505);
-        assert_eq!(U_CMD_START_DEV, 0xc020_7506);
-        assert_eq!(U_CMD_STOP_DEV, 0xc020_7507);
-        assert_eq!(U_CMD_SET_PARAMS, 0xc020_7508);
-        assert_eq!(U_IO_FETCH_REQ, 0xc010_7520);
-        assert_eq!(U_IO_COMMIT_AND_FETCH_REQ, 0xc010_7521);
+        assert_eq!(Encoding::Ioctl.ctrl(cmd::GET_DEV_INFO), 0x8020_7502);
+        assert_eq!(Encoding::Ioctl.ctrl(cmd::ADD_DEV), 0xc020_7504);
+        assert_eq!(Encoding::Ioctl.ctrl(cmd::DEL_DEV), 0xc020_7505);
+        assert_eq!(Encoding::Ioctl.ctrl(cmd::START_DEV), 0xc020_7506);
+        assert_eq!(Encoding::Ioctl.ctrl(cmd::STOP_DEV), 0xc020_7507);
+        assert_eq!(Encoding::Ioctl.ctrl(cmd::SET_PARAMS), 0xc020_7508);
+        assert_eq!(Encoding::Ioctl.io(io::FETCH_REQ), 0xc010_7520);
+        assert_eq!(Encoding::Ioctl.io(io::COMMIT_AND_FETCH_REQ), 0xc010_7521);
         // the same as libc's/nix's generic encoding
         assert_eq!(
-            U_CMD_ADD_DEV as u64,
+            Encoding::Ioctl.ctrl(cmd::ADD_DEV) as u64,
             nix::request_code_readwrite!(b'u', 0x04, size_of::<CtrlCmd>()) as u64
         );
         assert_eq!(
-            U_IO_FETCH_REQ as u64,
+            Encoding::Ioctl.io(io::FETCH_REQ) as u64,
             nix::request_code_readwrite!(b'u', 0x20, size_of::<IoCmd>()) as u64
         );
         assert_eq!(
-            U_CMD_GET_DEV_INFO as u64,
+            Encoding::Ioctl.ctrl(cmd::GET_DEV_INFO) as u64,
             nix::request_code_read!(b'u', 0x02, size_of::<CtrlCmd>()) as u64
         );
+    }
+
+    #[test]
+    fn legacy_numbers_are_the_plain_ones() {
+        // UBLK_CMD_* and UBLK_IO_* of Linux 6.0-6.2 (include/uapi/linux/ublk_cmd.h)
+        assert_eq!(Encoding::Legacy.ctrl(cmd::GET_DEV_INFO), 0x02);
+        assert_eq!(Encoding::Legacy.ctrl(cmd::ADD_DEV), 0x04);
+        assert_eq!(Encoding::Legacy.ctrl(cmd::DEL_DEV), 0x05);
+        assert_eq!(Encoding::Legacy.ctrl(cmd::START_DEV), 0x06);
+        assert_eq!(Encoding::Legacy.ctrl(cmd::STOP_DEV), 0x07);
+        assert_eq!(Encoding::Legacy.ctrl(cmd::SET_PARAMS), 0x08);
+        assert_eq!(Encoding::Legacy.io(io::FETCH_REQ), 0x20);
+        assert_eq!(Encoding::Legacy.io(io::COMMIT_AND_FETCH_REQ), 0x21);
     }
 
     #[test]

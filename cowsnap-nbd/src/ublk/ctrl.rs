@@ -2,8 +2,13 @@
 //! command (`UBLK_U_CMD_*`, a [`CtrlCmd`] in the 80-byte command area) is submitted
 //! and waited for, one at a time. Buffers given by address (ADD_DEV's [`DevInfo`],
 //! SET_PARAMS' [`Params`]) live on the caller's stack across the wait.
+//!
+//! Command numbers: ioctl-encoded first; a driver that answers an encoded command with
+//! EOPNOTSUPP, or an encoded ADD_DEV with ENODEV (the 6.0–6.2 drivers look up the
+//! device of any command that is not their plain ADD_DEV), gets the plain number, and
+//! this control device keeps using the plain numbers from then on ([`Encoding`]).
 
-use super::abi::{self, CtrlCmd, DevInfo, Params};
+use super::abi::{self, cmd, CtrlCmd, DevInfo, Encoding, Params};
 use cowsnap_core::error::{Error, Result};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
@@ -14,12 +19,13 @@ use std::path::Path;
 /// The refusal when the driver is not there.
 pub const NO_DRIVER: &str =
     "--via ublk needs the ublk_drv module: /dev/ublk-control not found (modprobe ublk_drv, \
-     Linux 6.3 or later; or use --via nbd or --via fuse)";
+     Linux 6.0 or later; or use --via nbd or --via fuse)";
 
 /// An open control device.
 pub struct Control {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     fd: File,
+    enc: Encoding,
 }
 
 impl Control {
@@ -37,7 +43,11 @@ impl Control {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build(4)
             .map_err(|e| Error::io("unable to set up an io_uring (SQE128) for ublk", e))?;
-        Ok(Control { ring, fd })
+        Ok(Control {
+            ring,
+            fd,
+            enc: Encoding::Ioctl,
+        })
     }
 
     /// Open the control device.
@@ -45,8 +55,40 @@ impl Control {
         Self::open_at(Path::new(abi::CONTROL_PATH))
     }
 
+    /// The numbering the driver took (the encoded one until a command said otherwise).
+    pub fn encoding(&self) -> Encoding {
+        self.enc
+    }
+
+    /// Submit control command `nr` ([`cmd`]) and wait for its result: in the numbering
+    /// known to work, else encoded and, if the driver does not know that, plain.
+    fn call(&mut self, nr: u32, c: CtrlCmd, what: &str) -> Result<i32> {
+        if self.enc == Encoding::Legacy {
+            return self.submit(Encoding::Legacy.ctrl(nr), c, what);
+        }
+        let first = match self.submit(Encoding::Ioctl.ctrl(nr), c, what) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        let unknown = first.errno() == libc::EOPNOTSUPP
+            || (nr == cmd::ADD_DEV && first.errno() == libc::ENODEV);
+        if !unknown {
+            return Err(first);
+        }
+        match self.submit(Encoding::Legacy.ctrl(nr), c, what) {
+            Ok(r) => {
+                log::info!("ublk: the driver takes the plain command numbers (Linux 6.0-6.2)");
+                self.enc = Encoding::Legacy;
+                Ok(r)
+            }
+            // A driver without the plain numbers: the encoded answer is the real one.
+            Err(e) if e.errno() == libc::EOPNOTSUPP || e.errno() == libc::EINVAL => Err(first),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Submit one command and wait for its result (>= 0, or the errno as an error).
-    fn call(&mut self, op: u32, c: CtrlCmd, what: &str) -> Result<i32> {
+    fn submit(&mut self, op: u32, c: CtrlCmd, what: &str) -> Result<i32> {
         let e = opcode::UringCmd80::new(types::Fd(self.fd.as_raw_fd()), op)
             .cmd(c.to_bytes())
             .build()
@@ -85,7 +127,7 @@ impl Control {
             addr: &mut info as *mut DevInfo as u64,
             ..Default::default()
         };
-        self.call(abi::U_CMD_ADD_DEV, c, "add a ublk device")?;
+        self.call(cmd::ADD_DEV, c, "add a ublk device")?;
         Ok(info)
     }
 
@@ -99,7 +141,7 @@ impl Control {
             ..Default::default()
         };
         self.call(
-            abi::U_CMD_SET_PARAMS,
+            cmd::SET_PARAMS,
             c,
             &format!("set the parameters of ublk device {id}"),
         )
@@ -114,7 +156,7 @@ impl Control {
             data: [u64::from(std::process::id())],
             ..Default::default()
         };
-        self.call(abi::U_CMD_START_DEV, c, &format!("start ublk device {id}"))
+        self.call(cmd::START_DEV, c, &format!("start ublk device {id}"))
             .map(|_| ())
     }
 
@@ -125,7 +167,7 @@ impl Control {
             queue_id: u16::MAX,
             ..Default::default()
         };
-        self.call(abi::U_CMD_STOP_DEV, c, &format!("stop ublk device {id}"))
+        self.call(cmd::STOP_DEV, c, &format!("stop ublk device {id}"))
             .map(|_| ())
     }
 
@@ -136,7 +178,7 @@ impl Control {
             queue_id: u16::MAX,
             ..Default::default()
         };
-        self.call(abi::U_CMD_DEL_DEV, c, &format!("delete ublk device {id}"))
+        self.call(cmd::DEL_DEV, c, &format!("delete ublk device {id}"))
             .map(|_| ())
     }
 
@@ -150,7 +192,7 @@ impl Control {
             addr: &mut info as *mut DevInfo as u64,
             ..Default::default()
         };
-        match self.call(abi::U_CMD_GET_DEV_INFO, c, "read ublk device info") {
+        match self.call(cmd::GET_DEV_INFO, c, "read ublk device info") {
             Ok(_) => Ok(Some(info)),
             Err(e) if e.errno() == libc::ENODEV || e.errno() == libc::ENOENT => Ok(None),
             Err(e) => Err(e),

@@ -1,6 +1,7 @@
 //! The daemon's ublk server (`--ublk`): the export as the block device `/dev/ublkbN`
-//! of the kernel's ublk driver (`ublk_drv`, Linux 6.0+; the ioctl-encoded commands
-//! used here need 6.3+), served by the same [`Export`] the NBD and FUSE servers use.
+//! of the kernel's ublk driver (`ublk_drv`, Linux 6.0+: ioctl-encoded commands where
+//! the driver takes them (6.3+), the plain numbers of 6.0–6.2 otherwise), served by the
+//! same [`Export`] the NBD and FUSE servers use.
 //! No socket, no loop device, no second process: the driver hands each request to a
 //! queue thread over io_uring and the thread calls the engine.
 //!
@@ -163,6 +164,7 @@ impl UblkServer {
             ..Default::default()
         })?;
         let id = info.dev_id;
+        let enc = ctrl.encoding();
         let server = Arc::new(UblkServer {
             id,
             ctrl: Mutex::new(ctrl),
@@ -171,7 +173,7 @@ impl UblkServer {
             live: Arc::new(AtomicUsize::new(0)),
             stopped: Mutex::new(false),
         });
-        match server.bring_up(export, info, size, caps, name) {
+        match server.bring_up(export, info, enc, size, caps, name) {
             Ok(()) => Ok(server),
             Err(e) => {
                 server.stop();
@@ -184,6 +186,7 @@ impl UblkServer {
         &self,
         export: Arc<dyn Export>,
         info: DevInfo,
+        enc: abi::Encoding,
         size: u64,
         caps: cowsnap_core::export::ExportCaps,
         name: &str,
@@ -223,6 +226,7 @@ impl UblkServer {
                 depth: info.queue_depth,
                 cdev: cdev.clone(),
                 limits,
+                enc,
             };
             let exp = export.clone();
             let tx = tx.clone();
@@ -275,10 +279,14 @@ impl UblkServer {
             ));
         }
         log::info!(
-            "ublk: {name} served as {bpath} ({} queues × {} tags, {} KiB requests{})",
+            "ublk: {name} served as {bpath} ({} queues × {} tags, {} KiB requests, {} commands{})",
             info.nr_hw_queues,
             info.queue_depth,
             limits.max_io / 1024,
+            match enc {
+                abi::Encoding::Ioctl => "ioctl-encoded",
+                abi::Encoding::Legacy => "plain",
+            },
             if caps.read_only { ", read-only" } else { "" }
         );
         Ok(())

@@ -77,6 +77,8 @@ pub struct QueueSpec {
     pub cdev: Arc<File>,
     /// Disk limits.
     pub limits: Limits,
+    /// The command numbering the device's ADD_DEV took.
+    pub enc: abi::Encoding,
 }
 
 fn page_size() -> usize {
@@ -152,7 +154,7 @@ impl Queue {
     /// Fetch on every tag (submitted; START_DEV waits for these).
     pub fn fetch_all(&mut self) -> Result<()> {
         for tag in 0..self.spec.depth {
-            self.push(abi::U_IO_FETCH_REQ, tag, 0)?;
+            self.push(self.spec.enc.io(abi::io::FETCH_REQ), tag, 0)?;
         }
         match self.ring.as_mut() {
             Some(r) => r
@@ -225,7 +227,8 @@ impl Queue {
                 let d = self.desc(tag);
                 let result = dispatch::handle(export, &lim, &d, self.buf(tag));
                 served += 1;
-                if let Err(e) = self.push(abi::U_IO_COMMIT_AND_FETCH_REQ, tag, result) {
+                let op = self.spec.enc.io(abi::io::COMMIT_AND_FETCH_REQ);
+                if let Err(e) = self.push(op, tag, result) {
                     log::error!("ublk queue {}: {e}", self.spec.q_id);
                     live -= 1;
                 }
