@@ -12,6 +12,9 @@
 #   nbdfuse  cowsnapctl attach --via nbdfuse: nbdfuse on the daemon's NBD socket + loop
 #   nbdkit   nbdkit file plugin (cache=default) + nbdfuse + losetup --direct-io=on
 #   fuse@N, fuse-uring@N   the same as fuse, fuse-uring with N FUSE threads (--fuse-threads)
+#   ublk     cowsnapctl attach --via ublk: the daemon's own /dev/ublkbN (needs ublk_drv;
+#            on a host without it, run the script in the VM of scripts/vm.sh with the
+#            module of scripts/ublk-module.sh, as tests/16-ublk.sh does)
 # Jobs: 4k randwrite QD32, 4k randread QD32, 4k randwrite QD1, 1M seq write QD8,
 # 1M seq read QD8; with BENCH_JOBS naming pgbench_c4 / pgbench_c1: PostgreSQL on ext4 on a
 # second image (2 GiB, `pgbench -i -s BENCH_PG_SCALE` once), `pgbench -c 4 -j 2` or
@@ -71,7 +74,7 @@ teardown() {
   pg_stop
   case ${CUR:-} in raw|nbdkit) [ -n "$DEV" ] && losetup -d "$DEV" 2>/dev/null ;; esac
   case ${CUR:-} in
-    fuse|fuse-uring|nbdfuse) "$CTL" detach bench >/dev/null 2>&1; "$CTL" detach benchpg >/dev/null 2>&1 ;;
+    fuse|fuse-uring|nbdfuse|ublk) "$CTL" detach bench >/dev/null 2>&1; "$CTL" detach benchpg >/dev/null 2>&1 ;;
     nbdkit)
       for _ in $(seq 50); do [ -z "$(losetup -j "$W/nk/disk" 2>/dev/null)" ] && break; sleep 0.1; done
       fusermount3 -u "$W/nk" 2>/dev/null || fusermount3 -u -z "$W/nk" 2>/dev/null
@@ -96,6 +99,7 @@ setup() { # PATH [IMAGE (the fio image)]
   case $CUR in
     raw) DEV=$(losetup --direct-io=off -f --show "$img") ;;
     fuse|nbdfuse) DEV=$(env $th COWSNAP_FUSE_URING=off "$CTL" attach "$img" --name "$name" --via "$CUR" >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
+    ublk) DEV=$("$CTL" attach "$img" --name "$name" --via ublk >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
     fuse-uring)
       DEV=$(env $th COWSNAP_FUSE_URING=on "$CTL" attach "$img" --name "$name" --via fuse >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json")
       grep -q "FUSE: $name served at .*io_uring)" "$COWSNAP_STATE_DIR/$name.log" || { echo "fuse-uring: not served over io_uring"; exit 1; } ;;
@@ -178,7 +182,7 @@ for j in $JOBS; do
   for p in $PATHS; do
     setup "$p" "$img"
     BK=
-    if [ -n "${BENCH_DURING_BACKUP:-}" ] && [[ $p == fuse* || $p == nbdfuse ]]; then
+    if [ -n "${BENCH_DURING_BACKUP:-}" ] && [[ $p == fuse* || $p == nbdfuse || $p == ublk ]]; then
       # a full backup (every block, to a raw image) rate-limited to last the whole job
       name=bench; [ "$img" = "$IMG" ] || name=benchpg
       rm -f "$W/bk.img"
@@ -206,7 +210,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 # ratio columns: every path to raw, every cowsnap path to nbdkit (those measured)
 RC=()
 for p in $PATHS; do [ "$p" != raw ] && [[ " $PATHS " == *" raw "* ]] && RC+=("$p/raw"); done
-for p in $PATHS; do [[ $p == fuse* || $p == nbdfuse* ]] && [[ " $PATHS " == *" nbdkit "* ]] && RC+=("$p/nbdkit"); done
+for p in $PATHS; do [[ $p == fuse* || $p == nbdfuse* || $p == ublk ]] && [[ " $PATHS " == *" nbdkit "* ]] && RC+=("$p/nbdkit"); done
 printf '| job |'; for p in $PATHS; do printf ' %s |' "$p"; done
 for c in "${RC[@]}"; do printf ' %s |' "${c/\// \/ }"; done; echo
 printf '|---|'; for _ in $PATHS "${RC[@]}"; do printf -- '---|'; done; echo
