@@ -15,6 +15,7 @@
 #   ublk     cowsnapctl attach --via ublk: the daemon's own /dev/ublkbN (needs ublk_drv;
 #            on a host without it, run the script in the VM of scripts/vm.sh with the
 #            module of scripts/ublk-module.sh, as tests/16-ublk.sh does)
+#   ublk@N   the same with N helper threads per queue (--ublk-helpers; 0: none)
 # Jobs: 4k randwrite QD32, 4k randread QD32, 4k randwrite QD1, 1M seq write QD8,
 # 1M seq read QD8; with BENCH_JOBS naming pgbench_c4 / pgbench_c1: PostgreSQL on ext4 on a
 # second image (2 GiB, `pgbench -i -s BENCH_PG_SCALE` once), `pgbench -c 4 -j 2` or
@@ -95,11 +96,12 @@ setup() { # PATH [IMAGE (the fio image)]
   CUR=${1%@*}
   local img=${2:-$IMG} name=bench th=
   [[ $1 == *@* ]] && th=COWSNAP_FUSE_THREADS=${1#*@}
+  [[ $1 == ublk@* ]] && th=COWSNAP_UBLK_HELPERS=${1#*@}
   [ "$img" = "$IMG" ] || name=benchpg
   case $CUR in
     raw) DEV=$(losetup --direct-io=off -f --show "$img") ;;
     fuse|nbdfuse) DEV=$(env $th COWSNAP_FUSE_URING=off "$CTL" attach "$img" --name "$name" --via "$CUR" >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
-    ublk) DEV=$("$CTL" attach "$img" --name "$name" --via ublk >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
+    ublk) DEV=$(env $th "$CTL" attach "$img" --name "$name" --via ublk >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json") ;;
     fuse-uring)
       DEV=$(env $th COWSNAP_FUSE_URING=on "$CTL" attach "$img" --name "$name" --via fuse >/dev/null 2>&1; jq -r .device "$COWSNAP_RUN_DIR/$name.attach.json")
       grep -q "FUSE: $name served at .*io_uring)" "$COWSNAP_STATE_DIR/$name.log" || { echo "fuse-uring: not served over io_uring"; exit 1; } ;;
@@ -182,7 +184,7 @@ for j in $JOBS; do
   for p in $PATHS; do
     setup "$p" "$img"
     BK=
-    if [ -n "${BENCH_DURING_BACKUP:-}" ] && [[ $p == fuse* || $p == nbdfuse || $p == ublk ]]; then
+    if [ -n "${BENCH_DURING_BACKUP:-}" ] && [[ $p == fuse* || $p == nbdfuse || $p == ublk* ]]; then
       # a full backup (every block, to a raw image) rate-limited to last the whole job
       name=bench; [ "$img" = "$IMG" ] || name=benchpg
       rm -f "$W/bk.img"
@@ -210,7 +212,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 # ratio columns: every path to raw, every cowsnap path to nbdkit (those measured)
 RC=()
 for p in $PATHS; do [ "$p" != raw ] && [[ " $PATHS " == *" raw "* ]] && RC+=("$p/raw"); done
-for p in $PATHS; do [[ $p == fuse* || $p == nbdfuse* || $p == ublk ]] && [[ " $PATHS " == *" nbdkit "* ]] && RC+=("$p/nbdkit"); done
+for p in $PATHS; do [[ $p == fuse* || $p == nbdfuse* || $p == ublk* ]] && [[ " $PATHS " == *" nbdkit "* ]] && RC+=("$p/nbdkit"); done
 printf '| job |'; for p in $PATHS; do printf ' %s |' "$p"; done
 for c in "${RC[@]}"; do printf ' %s |' "${c/\// \/ }"; done; echo
 printf '|---|'; for _ in $PATHS "${RC[@]}"; do printf -- '---|'; done; echo

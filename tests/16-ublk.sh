@@ -10,8 +10,8 @@
 # With the driver: attach --via ublk (and auto picks ublk), ext4 on the device, a backup
 # while a file is overwritten in place holds the file's old bytes (preserve before the
 # write is applied), an fsynced file survives a daemon kill -9 (the device fails I/O, no
-# hang), detach --force deletes the dead daemon's device, re-attach, fsck clean,
-# detach removes /dev/ublkbN.
+# hang), detach --force deletes the dead daemon's device, re-attach, fsck clean, fio
+# 1 MiB random writes read back verified at queue depth 8, detach removes /dev/ublkbN.
 . "$(dirname "$0")/lib.sh"
 need_root
 
@@ -57,7 +57,7 @@ if [ ! -e /dev/ublk-control ]; then
   log "PASS (in the VM, the driver of $kver)"
   exit 0
 fi
-need mkfs.ext4 e2fsck sha256sum timeout losetup
+need mkfs.ext4 e2fsck sha256sum timeout losetup fio
 
 log "attach --via auto picks ublk"
 dev=$(ctl attach "$T/disk.img" --name t16 | tail -n 1) || fail "attach"
@@ -117,6 +117,10 @@ mount "$dev" "$T/mnt" || fail "mount after re-attach"
 [ "$(sha256sum < "$T/mnt/f" | cut -d' ' -f1)" = "$new" ] || fail "the fsynced f changed"
 umount "$T/mnt" || fail "umount"
 e2fsck -f -n "$dev" >"$T/fsck.out" 2>&1 || fail "fsck: $(cat "$T/fsck.out")"
+log "1 MiB writes and reads at queue depth 8 read back what was written (large reads go to the queue's helpers)"
+fio --name=verify --filename="$dev" --rw=randwrite --bs=1M --iodepth=8 --ioengine=libaio \
+  --direct=1 --size=64M --verify=crc32c --do_verify=1 --verify_fatal=1 >"$T/fio.out" 2>&1 ||
+  fail "fio verify: $(tail -n 5 "$T/fio.out")"
 ctl detach t16 || fail "detach"
 [ -e "$dev" ] && fail "$dev left after detach"
 [ -e "$COWSNAP_RUN_DIR/t16.ublk" ] && fail "t16.ublk left after detach"

@@ -125,6 +125,12 @@ pub struct Args {
     #[arg(long, default_value_t = crate::ublk::DEFAULT_DEPTH, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=crate::ublk::MAX_DEPTH as i64))]
     pub ublk_depth: u16,
+    /// With --ublk: helper threads per queue that serve requests of 128 KiB and more
+    /// while others wait (0 to 8; 0: every request on the queue's own thread).
+    #[arg(long, default_value_t = crate::ublk::queue::HELPERS, value_name = "N",
+          env = "COWSNAP_UBLK_HELPERS",
+          value_parser = clap::value_parser!(u8).range(0..=crate::ublk::MAX_HELPERS as i64))]
+    pub ublk_helpers: u8,
     /// An open descriptor of `RUN_DIR/NAME.lock` that the starting process has already
     /// locked (`cowsnapctl attach`); the daemon keeps it for its life.
     #[arg(long, hide = true)]

@@ -499,6 +499,7 @@ pub fn run(args: Args) -> Result<()> {
         let opts = ublk::Options {
             queues: args.ublk_queues,
             depth: args.ublk_depth,
+            helpers: args.ublk_helpers,
         };
         let started = UblkServer::start(export.clone(), opts, &args.name).and_then(|u| {
             let tmp = paths.run_dir.join(format!(".{}.ublk.tmp", args.name));

@@ -66,6 +66,8 @@ pub const DEFAULT_DEPTH: u16 = 32;
 /// Most tags per queue accepted (buffers: queues × depth × 512 KiB of address space,
 /// touched only as used).
 pub const MAX_DEPTH: u16 = 128;
+/// Most helper threads per queue accepted.
+pub const MAX_HELPERS: u8 = 8;
 /// Largest discard / write-zeroes request in sectors (1 GiB).
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 
@@ -76,6 +78,8 @@ pub struct Options {
     pub queues: u16,
     /// Tags per queue, 1..=[`MAX_DEPTH`].
     pub depth: u16,
+    /// Helper threads per queue, 0..=[`MAX_HELPERS`] ([`queue::HELPERS`] by default).
+    pub helpers: u8,
 }
 
 impl Default for Options {
@@ -83,6 +87,7 @@ impl Default for Options {
         Options {
             queues: DEFAULT_QUEUES,
             depth: DEFAULT_DEPTH,
+            helpers: queue::HELPERS,
         }
     }
 }
@@ -153,6 +158,7 @@ impl UblkServer {
     pub fn start(export: Arc<dyn Export>, opts: Options, name: &str) -> Result<Arc<UblkServer>> {
         let queues = opts.queues.clamp(1, MAX_QUEUES);
         let depth = opts.depth.clamp(1, MAX_DEPTH);
+        let helpers = opts.helpers.min(MAX_HELPERS);
         let size = export.size();
         let caps = export.caps();
         let mut ctrl = Control::open()?;
@@ -173,7 +179,7 @@ impl UblkServer {
             live: Arc::new(AtomicUsize::new(0)),
             stopped: Mutex::new(false),
         });
-        match server.bring_up(export, info, enc, size, caps, name) {
+        match server.bring_up(export, info, enc, helpers, size, caps, name) {
             Ok(()) => Ok(server),
             Err(e) => {
                 server.stop();
@@ -187,6 +193,7 @@ impl UblkServer {
         export: Arc<dyn Export>,
         info: DevInfo,
         enc: abi::Encoding,
+        helpers: u8,
         size: u64,
         caps: cowsnap_core::export::ExportCaps,
         name: &str,
@@ -227,6 +234,7 @@ impl UblkServer {
                 cdev: cdev.clone(),
                 limits,
                 enc,
+                helpers,
             };
             let exp = export.clone();
             let tx = tx.clone();
