@@ -23,11 +23,18 @@ s3_test_store "${COWSNAP_TEST_S3_PORT:-17555}" "${COWSNAP_TEST_S3_MON_PORT:-1337
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 ngen() { json_field "$(ctl list "$REPO" --json)" 'length'; }
 bstate() { ctl status f74 --json | jq -r "${1:-.daemon.backup.state}"; }
-wait_copied() { # N: until the running backup copied N (64 KiB tracking) chunks
+# wait_copied N PREV: until the backup started after the one with id PREV (bstate
+# .daemon.backup.id before it was started) copied N (64 KiB tracking) chunks. Until the
+# daemon takes the new backup up, its status still shows the last one, which copied
+# more than N and ended: counting those stopped radosgw before the new backup had
+# opened the repository (part b failed there, b2 found it not yet running).
+wait_copied() {
   local i
   for i in $(seq 300); do
-    [ "$(bstate .daemon.backup.chunks_copied)" -ge "$1" ] 2>/dev/null && return 0
-    case $(bstate) in complete|failed) fail "backup ended early: $(ctl status f74 --json | jq -c .daemon.backup)";; esac
+    if [ "$(bstate .daemon.backup.id)" != "$2" ]; then
+      [ "$(bstate .daemon.backup.chunks_copied)" -ge "$1" ] 2>/dev/null && return 0
+      case $(bstate) in complete|failed) fail "backup ended early: $(ctl status f74 --json | jq -c .daemon.backup)";; esac
+    fi
     sleep 0.1
   done
   fail "the backup did not copy $1 chunks"
@@ -42,9 +49,10 @@ nbd_write_random "$uri" 7 8 || fail "writes"
 nbdcopy "$uri" "$T/e1.img" || fail "nbdcopy"
 
 log "a. kill -9 of the daemon mid-upload"
+prev=$(bstate .daemon.backup.id)
 "$CTL" backup f74 --to "$REPO" --quiesce-idle 0 >"$T/ka.out" 2>&1 &
 S3_BGPID=$!
-wait_copied 400
+wait_copied 400 "$prev"
 pid=$(json_field "$(ctl status f74 --json)" .daemon.pid)
 kill -9 "$pid"; wait_gone "$pid" 10 || fail "daemon $pid survived kill -9"
 wait "$S3_BGPID" && fail "the backup whose daemon was killed succeeded: $(cat "$T/ka.out")"
@@ -61,9 +69,10 @@ log "a. OK: nothing published, disk exact, later backup $g1 (restored as the par
 log "b. radosgw stopped mid-backup"
 nbd_write_random "$uri" 8 160 || fail "writes"
 nbdcopy "$uri" "$T/e2.img" || fail "nbdcopy"
+prev=$(bstate .daemon.backup.id)
 "$CTL" backup f74 --to "$REPO" --quiesce-idle 0 >"$T/kb.out" 2>&1 &
 S3_BGPID=$!
-wait_copied 400
+wait_copied 400 "$prev"
 bash "$S3" rgw-stop || fail "rgw-stop"
 t0=$SECONDS
 timeout 200 tail --pid="$S3_BGPID" -f /dev/null
@@ -95,9 +104,10 @@ log "b. OK: clear failure in ${took}s, nothing published, disk exact, later back
 log "b2. a short outage mid-backup is ridden out"
 nbd_write_random "$uri" 9 160 || fail "writes"
 nbdcopy "$uri" "$T/e3.img" || fail "nbdcopy"
+prev=$(bstate .daemon.backup.id)
 "$CTL" backup f74 --to "$REPO" --quiesce-idle 0 >"$T/b3.out" 2>&1 &
 S3_BGPID=$!
-wait_copied 400
+wait_copied 400 "$prev"
 t0=$SECONDS
 bash "$S3" rgw-stop || fail "rgw-stop"
 [ "$(bstate)" = running ] || fail "the backup was not running during the outage: $(ctl status f74 --json | jq -c .daemon.backup)"

@@ -62,6 +62,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -169,6 +170,10 @@ struct Remote {
     /// Chunks known present with their last-modified times (ms, the store's clock): one
     /// listing at the first question, plus those written since (`i64::MAX`: by us).
     known: Mutex<Option<Known>>,
+    /// Listings of `chunks/` that failed, and the last one's error: see
+    /// [`Remote::known`].
+    list_failures: AtomicU64,
+    list_failed: Mutex<Option<(crate::ErrorKind, String)>>,
     /// The running backup's start and refreshes (see `repo::gc`, W1 to W3).
     writer: Mutex<Writer>,
     /// When the listing of `chunks/` returned.
@@ -198,11 +203,32 @@ enum Presence {
 }
 
 impl Remote {
-    /// The chunks known present (lists the store at the first call).
+    /// The chunks known present (lists the store at the first call). A caller that
+    /// waited here while a listing failed gets that listing's error rather than
+    /// listing again: a backup's workers all ask at once, and with the store down each
+    /// of them in turn would spend a whole retry period on a listing of its own, so the
+    /// backup would fail only after as many retry periods as it has workers. A caller
+    /// that comes after the failure lists again.
     fn known(&self) -> Result<std::sync::MutexGuard<'_, Option<Known>>> {
+        let failures = self.list_failures.load(Ordering::SeqCst);
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if k.is_none() {
-            let listed = self.repo.list_meta("chunks/")?;
+            if self.list_failures.load(Ordering::SeqCst) != failures {
+                let failed = self.list_failed.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((kind, msg)) = failed.as_ref() {
+                    return Err(Error::new(*kind, msg.clone()));
+                }
+            }
+            let listed = match self.repo.list_meta("chunks/") {
+                Ok(l) => l,
+                Err(e) => {
+                    // Recorded before the count: a waiting caller reads it after.
+                    *self.list_failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((e.kind(), e.to_string()));
+                    self.list_failures.fetch_add(1, Ordering::SeqCst);
+                    return Err(e);
+                }
+            };
             *self.listed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             *k = Some(
                 listed
@@ -624,6 +650,8 @@ impl ChunkStore {
                 repo,
                 grace,
                 known: Mutex::new(None),
+                list_failures: AtomicU64::new(0),
+                list_failed: Mutex::new(None),
                 writer: Mutex::new(Writer::default()),
                 listed_at: Mutex::new(None),
             }),
@@ -1167,6 +1195,39 @@ impl ChunkStore {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn workers_that_waited_for_a_failed_listing_do_not_list_again() {
+        // Every listing fails after a second; eight workers ask at once.
+        let mut f = super::super::object::tests::Flaky::new(
+            usize::MAX,
+            super::super::object::tests::denied,
+        );
+        f.list_delay = std::time::Duration::from_secs(1);
+        let (repo, store) =
+            super::super::object::tests::flaky_repo(f, std::time::Duration::from_secs(10));
+        let s = ChunkStore::object(Arc::new(repo), super::super::gc::Grace::from_secs(3600));
+        let data = vec![7u8; 4096];
+        let h = s.hash(&data);
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            let ws: Vec<_> = (0..8).map(|_| sc.spawn(|| s.insert(&h, &data))).collect();
+            for w in ws {
+                let e = w.join().unwrap().unwrap_err();
+                assert!(e.to_string().contains("AccessDenied"), "{e}");
+            }
+        });
+        // One listing for all (as long as one), not one each in turn.
+        assert_eq!(store.reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(4),
+            "{:?}",
+            t.elapsed()
+        );
+        // A caller after the failure lists again.
+        assert!(s.insert(&h, &data).is_err());
+        assert_eq!(store.reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn store_and_read_back_both_encodings() {
