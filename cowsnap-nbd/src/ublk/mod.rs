@@ -159,8 +159,6 @@ impl UblkServer {
         let queues = opts.queues.clamp(1, MAX_QUEUES);
         let depth = opts.depth.clamp(1, MAX_DEPTH);
         let helpers = opts.helpers.min(MAX_HELPERS);
-        let size = export.size();
-        let caps = export.caps();
         let mut ctrl = Control::open()?;
         let info = ctrl.add(DevInfo {
             nr_hw_queues: queues,
@@ -179,7 +177,7 @@ impl UblkServer {
             live: Arc::new(AtomicUsize::new(0)),
             stopped: Mutex::new(false),
         });
-        match server.bring_up(export, info, enc, helpers, size, caps, name) {
+        match server.bring_up(export, info, enc, helpers, name) {
             Ok(()) => Ok(server),
             Err(e) => {
                 server.stop();
@@ -194,10 +192,9 @@ impl UblkServer {
         info: DevInfo,
         enc: abi::Encoding,
         helpers: u8,
-        size: u64,
-        caps: cowsnap_core::export::ExportCaps,
         name: &str,
     ) -> Result<()> {
+        let (size, caps) = (export.size(), export.caps());
         let id = self.id;
         let lock =
             |what: &str| cowsnap_core::err!(Io, "unable to {what} ublk device {id}: poisoned");
