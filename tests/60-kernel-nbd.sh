@@ -19,20 +19,7 @@ fi
 log "this kernel ($(uname -r)) has no nbd module: booting a VM (scripts/vm.sh)"
 bash "$ROOT/scripts/vm.sh" --install >"$T/install.out" 2>&1 ||
   skip "unable to install the VM's packages: $(tail -n 3 "$T/install.out")"
-mkdir -p "$T/vm"
-start=$(date +%s)
-# a hung VM must not eat CI's time: KNBD_TIMEOUT seconds (default 1200) for all of it
-timeout -k 10 "${KNBD_TIMEOUT:-1200}" bash "$ROOT/scripts/vm.sh" --memory 3G --rwdir "$T/vm" -- \
-  env "${envs[@]}" bash "$INNER" 2>&1 | tee "$T/vm.out"
-rc=${PIPESTATUS[0]}
-log "VM run: exit $rc after $(( $(date +%s) - start )) s"
-[ "$rc" = 124 ] && fail "the VM run did not end within ${KNBD_TIMEOUT:-1200} s"
-if [ "$rc" = 125 ]; then
-  # the VM did not come up, or did not run the command: nothing was tested. Once the
-  # test had started in the VM, stopping early is a failure.
-  grep -q "kernel-nbd: running on" "$T/vm.out" && fail "the VM stopped in the middle of the test"
-  skip "no VM could boot here (see the vm.sh lines above)"
-fi
-[ "$rc" = 0 ] || fail "kernel NBD test in the VM failed (exit $rc)"
-grep -q '^\[.*\] PASS' "$T/vm.out" || fail "the VM run ended without PASS"
+# KNBD_TIMEOUT seconds (default 1200) for all of it
+vm_test "${KNBD_TIMEOUT:-1200}" 3G "kernel-nbd: running on" -- env "${envs[@]}" bash "$INNER" ||
+  fail "kernel NBD test in the VM failed (exit $?)"
 log "PASS"

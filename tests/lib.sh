@@ -279,3 +279,29 @@ fuse_uring_served() {
   grep -ho "requests answered: [0-9]* over io_uring" "$COWSNAP_STATE_DIR/$1.log" 2>/dev/null \
     | tail -n 1 | grep -o '[0-9][0-9]*' || echo 0
 }
+
+# vm_test LIMIT MEM MARKER -- CMD...: run CMD as root in the VM of scripts/vm.sh (Debian's
+# kernel; the shared directory $T/vm), showing its output and keeping it in $T/vm.out.
+# Fails when the VM run took longer than LIMIT seconds, stopped after CMD printed MARKER
+# (it had started), or exited 0 without a "[time] PASS" line; skips when no VM came up.
+# Returns CMD's exit status otherwise, for the caller to name the failure.
+vm_test() {
+  local limit=$1 mem=$2 marker=$3 rc start
+  shift 4
+  mkdir -p "$T/vm"
+  start=$(date +%s)
+  # a hung VM must not eat CI's time
+  timeout -k 10 "$limit" bash "$ROOT/scripts/vm.sh" --memory "$mem" --rwdir "$T/vm" -- "$@" 2>&1 \
+    | tee "$T/vm.out"
+  rc=${PIPESTATUS[0]}
+  log "VM run: exit $rc after $(( $(date +%s) - start )) s"
+  [ "$rc" = 124 ] && fail "the VM run did not end within $limit s"
+  if [ "$rc" = 125 ]; then
+    # the VM did not come up, or did not run the command: nothing was tested. Once the
+    # test had started in the VM, stopping early is a failure.
+    grep -q "$marker" "$T/vm.out" && fail "the VM stopped in the middle of the test"
+    skip "no VM could boot here (see the vm.sh lines above)"
+  fi
+  [ "$rc" = 0 ] && { grep -q '^\[.*\] PASS' "$T/vm.out" || fail "the VM run ended without PASS"; }
+  return "$rc"
+}
