@@ -257,11 +257,12 @@ impl Queue {
     /// A lone request is served on this thread (no hand-over for QD1), and so is every
     /// request but a read of [`HAND_OVER_BYTES`] or more. Such reads, when several
     /// requests are waiting, go to the helper threads ([`HELPERS`] by default), so one
-    /// queue serves them concurrently (the block layer sends all of one submitting CPU's requests to one
-    /// queue: served one after another, 1 MiB reads at QD8 ran at 0.27× a loop device in
-    /// the VM benchmark). The driver takes a queue's commands only from the thread that
-    /// fetched, so helpers do not commit: each sends its result back and writes an
-    /// eventfd, whose read on this thread's ring wakes it to commit.
+    /// queue serves them concurrently (the block layer sends all of one submitting
+    /// CPU's requests to one queue: served one after another, 1 MiB reads at QD8 ran at
+    /// 0.27× a loop device in the VM benchmark). The driver takes a queue's commands
+    /// only from the thread that fetched, so helpers do not commit: each sends its
+    /// result back and writes an eventfd, whose read on this thread's ring wakes it to
+    /// commit.
     pub fn run(mut self, export: &dyn Export) -> u64 {
         if self.spec.helpers == 0 {
             return self.serve(export, None);
