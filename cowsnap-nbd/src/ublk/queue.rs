@@ -7,9 +7,9 @@
 //! already in the tag's buffer, a READ's is put there) and submit
 //! COMMIT_AND_FETCH_REQ with the result, which completes the request and waits for
 //! the next. A completion with `UBLK_IO_RES_ABORT` (STOP_DEV, or the device going
-//! away) retires the tag; the thread ends when every tag is retired. A lone request
-//! is served on the queue's thread; several waiting at once go to its helper threads
-//! ([`HELPERS`]), whose results come back over a channel and an eventfd (see
+//! away) retires the tag; the thread ends when every tag is retired. Requests are
+//! served on the queue's thread, but for large reads while others wait, which go to its
+//! helper threads ([`HELPERS`]; results come back over a channel and an eventfd, see
 //! [`Queue::run`]); queues run in parallel.
 //!
 //! Ownership: the buffers and the mapping outlive the ring (the ring is dropped first,
@@ -113,16 +113,16 @@ pub const HELPERS: u8 = 4;
 /// reads and every other request are served on the queue's thread. Measured in the VM
 /// benchmark (BENCHMARKS, ublk in a VM): handing 4 KiB requests over cost more than it
 /// gained (4k QD32 random reads 0.80× → 0.16× a loop device, writes 0.93× → 0.39×);
-/// 1 MiB reads gained in three runs of three (0.58× → 0.84× in the same run), 1 MiB
-/// writes lost in three of three (0.73× → 0.52×).
+/// 1 MiB reads gained in every run (0.58× → 0.84× and 0.53× → 0.98× in paired runs);
+/// 1 MiB writes handed over did not (0.73× → 0.52× paired), though that VM's noise is
+/// as large.
 pub const HAND_OVER_BYTES: u64 = 128 * 1024;
 
-/// A tag's request handed to a helper: its descriptor and its buffer.
+/// A tag's request handed to a helper: its descriptor and its buffer (`max_io` bytes).
 struct Job {
     tag: u16,
     desc: IoDesc,
     buf: *mut u8,
-    len: usize,
 }
 
 // SAFETY: the pointer is the tag's region of the queue's buffer mapping, which outlives
@@ -295,7 +295,8 @@ impl Queue {
                             // commit of the result sent below, nothing else touches it:
                             // the queue thread gave it away and the driver copies only
                             // while the tag's command is outstanding.
-                            let buf = unsafe { std::slice::from_raw_parts_mut(job.buf, job.len) };
+                            let buf =
+                                unsafe { std::slice::from_raw_parts_mut(job.buf, lim.max_io) };
                             let r = dispatch::handle(export, &lim, &job.desc, buf);
                             if tx.send((job.tag, r)).is_err() {
                                 break;
@@ -393,7 +394,6 @@ impl Queue {
                         tag,
                         desc: d,
                         buf: self.buf(tag).as_mut_ptr(),
-                        len: self.spec.limits.max_io,
                     };
                     // Bounded by the depth: never more jobs than tags.
                     if h.jobs.send(job).is_ok() {
