@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Backup throughput against cp, all figures from one run on one machine.
 #
-# An idle disk of random (incompressible) data, attached with --via none. Each round
-# runs, in this order and with the page cache dropped before each step:
+# An idle disk attached with --via none: random (incompressible) data, or with
+# BENCH_DATA=mixed a disk of used files: a third of its MiB random (media, archives), a
+# third base64 text (compresses to about 3/4), a third log-like text (compresses well);
+# no zeros, so restore writes every byte cp writes. Each round runs, in this order and
+# with the page cache dropped before each step:
 #   cp       cp --sparse=never SRC DST && sync DST
 #   raw      cowsnapctl backup --to file:IMG --quiesce-idle 0s   (the image is compared)
 #   repo     cowsnapctl backup --to repo:DIR --quiesce-idle 0s   (a fresh repository)
@@ -41,8 +44,34 @@ now() { date +%s.%N; }
 cpu() { $PY -c "import os,sys; f=open('/proc/%s/stat'%sys.argv[1]).read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$1"; }
 
 echo "# $(date -u '+%F %H:%M') UTC; $(nproc) vCPU, $(free -g | awk '/Mem/ {print $2}') GiB RAM, kernel $(uname -r); load $(cut -d' ' -f1-3 /proc/loadavg) at start"
-echo "# disk $MIB MiB of random data on $(df -T "$W" | awk 'NR==2 {print $2}') ($W); $RUNS rounds; builds: $BINS"
-head -c $((MIB << 20)) /dev/urandom >"$W/src.img"
+DATA=${BENCH_DATA:-random}
+echo "# disk $MIB MiB of $DATA data on $(df -T "$W" | awk 'NR==2 {print $2}') ($W); $RUNS rounds; builds: $BINS"
+case $DATA in
+  random) head -c $((MIB << 20)) /dev/urandom >"$W/src.img" ;;
+  mixed) $PY - "$W/src.img" "$MIB" <<'PY'
+import base64, os, random, sys
+words = [w.encode() for w in "the of and disk block write read backup restore chunk query table index commit page error warning user session 200 404 GET POST".split()]
+with open(sys.argv[1], "wb") as f:
+    for i in range(int(sys.argv[2])):
+        if i % 3 == 0:
+            b = os.urandom(1 << 20)
+        elif i % 3 == 1:
+            b = base64.b64encode(os.urandom(3 << 18))[: 1 << 20]
+        else:
+            rnd = random.Random(i)
+            lines = []
+            n = 0
+            while n < 1 << 20:
+                l = b"2026-12-07T%02d:%02d:%02d.%06d " % (rnd.randrange(24), rnd.randrange(60), rnd.randrange(60), rnd.randrange(10**6)) \
+                    + b" ".join(rnd.choices(words, k=12)) + b" id=%d\n" % rnd.randrange(10**9)
+                lines.append(l)
+                n += len(l)
+            b = b"".join(lines)[: 1 << 20]
+        f.write(b)
+PY
+  ;;
+  *) echo "BENCH_DATA: random or mixed, not $DATA"; exit 2 ;;
+esac
 RES=$W/results.txt; : >"$RES"
 
 attach() { # attach with build DIR

@@ -278,6 +278,42 @@ impl Remote {
     }
 }
 
+/// See [`ChunkStore::lookup`].
+pub struct Lookup<'a> {
+    store: &'a ChunkStore,
+    /// Whether an object store's listing is still asked (after it failed once, each
+    /// chunk is asked for alone: one failed listing costs one retry period, not one
+    /// per chunk).
+    listing: bool,
+}
+
+impl Lookup<'_> {
+    /// Whether a chunk file exists under `hash` (healthy or not); an error when the
+    /// store cannot tell (unreachable, a directory that cannot be read), never `false`
+    /// for a chunk that may be there.
+    pub fn contains(&mut self, hash: &[u8; 32]) -> Result<bool> {
+        if *hash == ZERO_HASH {
+            return Ok(true);
+        }
+        let Some(r) = &self.store.remote else {
+            let path = self.store.path_of(hash);
+            return path
+                .try_exists()
+                .ctx(|| format!("unable to look up chunk {}", path.display()));
+        };
+        if self.listing {
+            match r.contains(hash) {
+                Ok(b) => return Ok(b),
+                Err(e) => {
+                    log::warn!("{e}; asking for each chunk alone");
+                    self.listing = false;
+                }
+            }
+        }
+        r.repo.exists(&chunk_key(hash))
+    }
+}
+
 /// The object key of a chunk, relative to the repository's prefix.
 fn chunk_key(hash: &[u8; 32]) -> String {
     let h = hex(hash);
@@ -759,7 +795,18 @@ impl ChunkStore {
         self.quarantine.join(hex(hash)).exists()
     }
 
+    /// A lookup of many chunks' presence that tells "absent" from "could not ask"
+    /// ([`Lookup::contains`]), for checks whose answer decides what is published.
+    pub fn lookup(&self) -> Lookup<'_> {
+        Lookup {
+            store: self,
+            listing: true,
+        }
+    }
+
     /// Whether a chunk file exists under `hash` (healthy or not: see [`Self::read`]).
+    /// A store that cannot be asked answers `false`: for checks that decide what is
+    /// published, use [`Self::lookup`].
     pub fn contains(&self, hash: &[u8; 32]) -> bool {
         if let Some(r) = &self.remote {
             return *hash == ZERO_HASH
@@ -1227,6 +1274,63 @@ mod tests {
         // A caller after the failure lists again.
         assert!(s.insert(&h, &data).is_err());
         assert_eq!(store.reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_lookup_tells_a_store_it_cannot_ask_from_an_absent_chunk() {
+        use super::super::object::{tests as ot, ObjectRepo};
+        use object_store::ObjectStore;
+        // faults in place of answers (HEADs fail too)
+        let mut f = ot::Flaky::new(0, ot::denied);
+        f.body = false;
+        let (repo, store) = ot::flaky_repo(f, std::time::Duration::from_secs(5));
+        let s = ChunkStore::object(Arc::new(repo), super::super::gc::Grace::from_secs(3600));
+        let data = vec![7u8; 4096];
+        let h = s.hash(&data);
+        s.insert(&h, &data).unwrap();
+        let absent = s.hash(&[8u8; 4096]);
+        // a fresh store on the same bucket (no listing cached yet)
+        let fresh = || {
+            let r = ObjectRepo::with_store(
+                "s3://mem/p",
+                "p",
+                Box::new(Arc::clone(&store) as Arc<dyn ObjectStore>),
+            )
+            .unwrap();
+            ChunkStore::object(Arc::new(r), super::super::gc::Grace::from_secs(3600))
+        };
+        let reads = |n| {
+            let r = store.reads.load(Ordering::SeqCst);
+            assert_eq!(r, n, "reads of the store");
+        };
+        let base = store.reads.load(Ordering::SeqCst);
+        // healthy: one listing answers both
+        let s2 = fresh();
+        let mut l = s2.lookup();
+        assert!(l.contains(&h).unwrap());
+        assert!(!l.contains(&absent).unwrap());
+        reads(base + 1);
+        // only the listing fails: each chunk is asked for alone, the listing not again
+        store.left.store(1, Ordering::SeqCst);
+        let s3 = fresh();
+        let mut l = s3.lookup();
+        assert!(l.contains(&h).unwrap());
+        assert!(!l.contains(&absent).unwrap());
+        reads(base + 4);
+        // the store cannot be asked at all: an error, not "absent" (contains says false)
+        store.left.store(usize::MAX, Ordering::SeqCst);
+        let s4 = fresh();
+        let e = s4.lookup().contains(&h).unwrap_err();
+        assert!(e.to_string().contains("AccessDenied"), "{e}");
+        assert!(!s4.contains(&h));
+        // a directory store: present, absent, and a directory it may not read
+        let d = tempfile::tempdir().unwrap();
+        let local = ChunkStore::new(&d.path().join("chunks"), &d.path().join("quarantine"));
+        local.insert(&h, &data).unwrap();
+        let mut l = local.lookup();
+        assert!(l.contains(&h).unwrap());
+        assert!(!l.contains(&absent).unwrap());
+        assert!(l.contains(&ZERO_HASH).unwrap());
     }
 
     #[test]

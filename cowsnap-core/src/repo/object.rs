@@ -728,7 +728,7 @@ pub(crate) mod tests {
         inner: InMemory,
         pub(crate) left: AtomicUsize,
         fault: fn() -> object_store::Error,
-        body: bool,
+        pub(crate) body: bool,
         keys_first: usize,
         pub(crate) list_delay: Duration,
         hang: bool,

@@ -811,13 +811,24 @@ impl Target for RepoTarget {
         if let Some((p, pidx)) = &self.parent {
             let mut checked = std::collections::HashSet::new();
             let cs = self.repo.chunk_size() as u64;
-            let missing: Vec<u64> = pidx
-                .data()
-                .filter(|(i, h)| {
-                    !written(*i) && checked.insert(**h) && !self.repo.store().contains(h)
-                })
-                .map(|(i, _)| i * cs)
-                .collect();
+            // a store that cannot be asked fails the commit with its own error (not a
+            // count of "missing" chunks that may all be there)
+            let mut lookup = self.repo.store().lookup();
+            let mut missing = Vec::new();
+            for (i, h) in pidx.data() {
+                if written(i) || !checked.insert(*h) {
+                    continue;
+                }
+                let present = lookup.contains(h).map_err(|e| {
+                    e.with_context(format!(
+                        "unable to commit the incremental backup: unable to check that the chunks it reuses from its parent generation {} are in the repository",
+                        p.id
+                    ))
+                })?;
+                if !present {
+                    missing.push(i * cs);
+                }
+            }
             if let Some(first) = missing.first() {
                 return Err(crate::err!(
                     Corrupt,
