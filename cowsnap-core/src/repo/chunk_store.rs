@@ -1323,7 +1323,8 @@ mod tests {
         let e = s4.lookup().contains(&h).unwrap_err();
         assert!(e.to_string().contains("AccessDenied"), "{e}");
         assert!(!s4.contains(&h));
-        // a directory store: present, absent, and a directory it may not read
+        // a directory store: present, absent, zeros, and a lookup the file system
+        // cannot answer (a chunk directory that is a file: ENOTDIR)
         let d = tempfile::tempdir().unwrap();
         let local = ChunkStore::new(&d.path().join("chunks"), &d.path().join("quarantine"));
         local.insert(&h, &data).unwrap();
@@ -1331,6 +1332,11 @@ mod tests {
         assert!(l.contains(&h).unwrap());
         assert!(!l.contains(&absent).unwrap());
         assert!(l.contains(&ZERO_HASH).unwrap());
+        let sub = local.path_of(&absent).parent().unwrap().to_path_buf();
+        assert_ne!(sub, local.path_of(&h).parent().unwrap());
+        std::fs::write(&sub, b"not a directory").unwrap();
+        let e = local.lookup().contains(&absent).unwrap_err();
+        assert!(e.to_string().contains("unable to look up chunk"), "{e}");
     }
 
     #[test]
