@@ -4,7 +4,8 @@
 # quarantine, and `restore` refuse naming the offset (other generations still restore);
 # the quarantined chunk is reported missing. Once repaired (`verify --repair --from`
 # the disk), `prune --keep 1` keeps the newest generation of each disk and verify is
-# clean. A prune while a backup runs: both succeed, verify is clean, the new generation
+# clean; before that, a generation whose metadata is damaged makes prune refuse
+# (nothing deleted) and verify name it. A prune while a backup runs: both succeed, verify is clean, the new generation
 # restores exactly.
 . "$(dirname "$0")/lib.sh"
 need nbdcopy sha256sum cmp; [ -x /usr/bin/python3 ] || skip "no /usr/bin/python3"
@@ -62,6 +63,18 @@ log "the damaged chunk went to quarantine: reported missing from then on"
 [ -f "$REPO/quarantine/$(basename "$new")" ] || fail "damaged chunk not in $REPO/quarantine"
 ctl verify "repo:$REPO" 2>"$T/v2.err" >/dev/null && fail "verify with a missing chunk exits 0"
 grep -q "offset $off: missing" "$T/v2.err" || fail "missing chunk not reported at $off: $(cat "$T/v2.err")"
+
+log "damaged metadata of $g2: prune refuses and deletes nothing, verify names it"
+cp "$REPO/generations/$g2.json" "$T/g2.json"
+printf '{"id": "%s", torn' "$g2" >"$REPO/generations/$g2.json"
+tree() { (cd "$REPO" && find . -type f -not -name lock -printf '%p %s\n' | sort); }
+tree >"$T/tree.before"
+ctl prune "repo:$REPO" --keep 1 >/dev/null 2>"$T/p0.err" && fail "prune with unreadable metadata succeeded"
+grep -q "generation $g2 cannot be read" "$T/p0.err" || fail "prune does not name $g2: $(cat "$T/p0.err")"
+tree | cmp -s - "$T/tree.before" || fail "a refused prune changed the repository"
+ctl verify "repo:$REPO" >/dev/null 2>"$T/v3.err" && fail "verify with unreadable metadata exits 0"
+grep -q "generation $g2: metadata" "$T/v3.err" || fail "verify does not report $g2's metadata: $(cat "$T/v3.err")"
+cp "$T/g2.json" "$REPO/generations/$g2.json"
 
 log "verify --repair from the disk (unchanged there since $g3), prune --keep 1"
 ctl verify "repo:$REPO" --repair --from "$T/d.img" >/dev/null 2>&1 || fail "verify --repair"

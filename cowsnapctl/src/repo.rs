@@ -188,13 +188,14 @@ pub fn verify(dirs: &Dirs, a: VerifyArgs) -> Result<i32> {
                 p.problem,
                 p.detail
             ),
-            None => eprintln!(
-                "generation {}: chunk {}: {} ({})",
-                p.generation,
-                p.chunk.as_deref().unwrap_or("-"),
-                p.problem,
-                p.detail
-            ),
+            None => match p.chunk.as_deref() {
+                Some(c) => eprintln!(
+                    "generation {}: chunk {c}: {} ({})",
+                    p.generation, p.problem, p.detail
+                ),
+                // the index or the metadata itself
+                None => eprintln!("generation {}: {} ({})", p.generation, p.problem, p.detail),
+            },
         }
     }
     if !rep.quarantined.is_empty() {

@@ -170,6 +170,34 @@ fn new_chunk_size_env(what: &str, default: u32) -> Result<u32> {
 /// behind is removed by a later prune once older than the grace period.
 const PROBE_CLEANUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// A generation whose index is present but whose metadata cannot be read
+/// ([`Repo::list_all`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// Its id (from the file or object name).
+    pub id: String,
+    /// Why it cannot be read.
+    pub why: String,
+}
+
+/// What [`Repo::list_all`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Listed {
+    /// Every complete generation whose metadata reads, oldest first.
+    pub generations: Vec<GenerationInfo>,
+    /// Generations with an index whose metadata cannot be read.
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl Listed {
+    fn unreadable(&mut self, id: &str, why: String) {
+        self.unreadable.push(Unreadable {
+            id: id.to_string(),
+            why,
+        });
+    }
+}
+
 /// An opened repository.
 pub struct Repo {
     dir: PathBuf,
@@ -659,14 +687,14 @@ impl Repo {
         }
     }
 
-    /// [`Self::list`] of an object store: one listing, then each metadata object.
-    fn list_object(&self, r: &object::ObjectRepo) -> Result<Vec<GenerationInfo>> {
+    /// [`Self::list_all`] of an object store: one listing, then each metadata object.
+    fn list_object(&self, r: &object::ObjectRepo) -> Result<Listed> {
         let names = r.list("generations/")?;
         let idx: std::collections::HashSet<&str> = names
             .iter()
             .filter_map(|(n, _)| n.strip_prefix("generations/")?.strip_suffix(".idx"))
             .collect();
-        let mut out = Vec::new();
+        let mut out = Listed::default();
         for (n, len) in &names {
             let Some(id) = n
                 .strip_prefix("generations/")
@@ -678,34 +706,46 @@ impl Repo {
                 continue;
             }
             if *len > 16 << 20 {
-                log::warn!("{n}: {len} bytes of metadata; generation ignored");
+                out.unreadable(id, format!("{n}: {len} bytes of metadata"));
                 continue;
             }
             let Some(b) = r.get(n)? else { continue };
             let b = match self.unseal(n, b, &format!("{}/{n}", r.url())) {
                 Ok(b) => b,
                 Err(e) => {
-                    log::warn!("{e}; generation ignored");
+                    out.unreadable(id, e.to_string());
                     continue;
                 }
             };
             match serde_json::from_slice::<GenerationInfo>(&b) {
-                Ok(g) if g.id == id => out.push(g),
-                Ok(_) => log::warn!("{n}: id does not match the object name; ignored"),
-                Err(e) => log::warn!("unable to parse {}/{n}: {e}; generation ignored", r.url()),
+                Ok(g) if g.id == id => out.generations.push(g),
+                Ok(_) => out.unreadable(id, format!("{n}: id does not match the object name")),
+                Err(e) => out.unreadable(id, format!("unable to parse {}/{n}: {e}", r.url())),
             }
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.generations.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
-    /// Every complete generation (index and metadata present), oldest first.
+    /// Every complete generation (index and metadata present) whose metadata reads,
+    /// oldest first; one whose metadata does not is left out with a warning. For
+    /// callers that may delete what no listed generation references, [`Self::list_all`].
     pub fn list(&self) -> Result<Vec<GenerationInfo>> {
+        let l = self.list_all()?;
+        for u in &l.unreadable {
+            log::warn!("{}; generation ignored", u.why);
+        }
+        Ok(l.generations)
+    }
+
+    /// Every complete generation, and apart from them the ones whose metadata cannot be
+    /// read (unreadable, damaged, not matching its name).
+    pub fn list_all(&self) -> Result<Listed> {
         if let Some(r) = &self.remote {
             return self.list_object(r);
         }
         let dir = self.generations_dir();
-        let mut out = Vec::new();
+        let mut out = Listed::default();
         for ent in crate::fsutil::dir_entries(&dir)? {
             let name = ent.file_name().to_string_lossy().into_owned();
             let Some(id) = name.strip_suffix(".json") else {
@@ -719,12 +759,12 @@ impl Repo {
                 Some(_) => self.read_sealed_meta(&name),
             };
             match read {
-                Ok(g) if g.id == id => out.push(g),
-                Ok(_) => log::warn!("{}: id does not match the file name; ignored", name),
-                Err(e) => log::warn!("{e}; generation ignored"),
+                Ok(g) if g.id == id => out.generations.push(g),
+                Ok(_) => out.unreadable(id, format!("{name}: id does not match the file name")),
+                Err(e) => out.unreadable(id, e.to_string()),
             }
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.generations.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 

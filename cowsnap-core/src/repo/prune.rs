@@ -194,7 +194,21 @@ pub(crate) fn prune_repo(repo: &Repo, opts: &PruneOptions) -> Result<PruneReport
         disk: opts.disk.clone(),
         ..Default::default()
     };
-    let all = repo.list()?;
+    let listed = repo.list_all()?;
+    // A generation whose metadata cannot be read would be neither kept nor removed,
+    // and its chunks collected as garbage under its index: nothing is deleted.
+    if let Some(u) = listed.unreadable.first() {
+        return Err(crate::err!(
+            Corrupt,
+            "unable to prune {}: the metadata of generation {} cannot be read ({}); its chunks could be collected as garbage, so nothing is deleted ({} such generation(s)). Run cowsnapctl verify; to drop the generation, move its files (generations/{}.json and .idx) out of the repository",
+            dir.display(),
+            u.id,
+            u.why,
+            listed.unreadable.len(),
+            u.id
+        ));
+    }
+    let all = listed.generations;
     if let Some(d) = &opts.disk {
         if !all.iter().any(|g| &g.disk == d) {
             let disks: BTreeSet<&str> = all.iter().map(|g| g.disk.as_str()).collect();
@@ -315,15 +329,17 @@ pub(crate) fn prune_repo(repo: &Repo, opts: &PruneOptions) -> Result<PruneReport
             remove_if_exists(&repo.index_path(id))?;
         }
     }
-    // Leftovers: indexes without metadata, temporary files (no backup runs now).
+    // Leftovers: indexes without metadata, temporary files (no backup runs now). An
+    // index is removed only when its metadata is known to be absent: a metadata file
+    // that cannot be looked up (an I/O error) keeps its index.
     if let Ok(rd) = std::fs::read_dir(&gdir) {
         for ent in rd {
             let ent = ent.ctx(|| format!("unable to list {}", gdir.display()))?;
             let name = ent.file_name().to_string_lossy().into_owned();
             let stray = name.starts_with(".tmp-")
-                || name
-                    .strip_suffix(".idx")
-                    .is_some_and(|id| valid_id(id) && !repo.meta_path(id).exists());
+                || name.strip_suffix(".idx").is_some_and(|id| {
+                    valid_id(id) && matches!(repo.meta_path(id).try_exists(), Ok(false))
+                });
             if stray {
                 if !opts.dry_run {
                     remove_if_exists(&ent.path())?;
@@ -824,6 +840,41 @@ mod tests {
         let e = prune(t.path(), &opts(daily(1))).unwrap_err();
         assert!(e.to_string().contains("generation d31 is kept"), "{e}");
         assert_eq!(tree(t.path()), before);
+    }
+
+    #[test]
+    fn a_generation_whose_metadata_cannot_be_read_stops_prune_and_fails_verify() {
+        let (t, repo) = fixture();
+        // d31's index is whole; its metadata is damaged (a torn write, a bad sector)
+        std::fs::write(repo.meta_path("d31"), b"{\"id\": \"d31\", torn").unwrap();
+        let before = tree(t.path());
+        for o in [opts(daily(1)), opts(daily(30))] {
+            let e = prune(t.path(), &o).unwrap_err();
+            assert!(
+                e.to_string().contains("generation d31 cannot be read"),
+                "{e}"
+            );
+            assert_eq!(
+                tree(t.path()),
+                before,
+                "a refused prune changed the repository"
+            );
+        }
+        let v = crate::repo::verify(t.path(), None).unwrap();
+        assert!(!v.ok);
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.generation == "d31" && p.problem == "metadata"),
+            "{:?}",
+            v.problems
+        );
+        // once the damaged generation is moved out, prune works again
+        let aside = tempfile::tempdir().unwrap();
+        for f in [repo.meta_path("d31"), repo.index_path("d31")] {
+            std::fs::rename(&f, aside.path().join(f.file_name().unwrap())).unwrap();
+        }
+        prune(t.path(), &opts(daily(1))).unwrap();
     }
 
     /// Generation `id` of `disk` on day `day`, member of group `gid` of `disks` if given.

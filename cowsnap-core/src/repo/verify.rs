@@ -45,7 +45,8 @@ pub struct VerifyProblem {
     pub offset: Option<u64>,
     /// Chunk hash (hex).
     pub chunk: Option<String>,
-    /// "missing", "corrupt" or "index".
+    /// "missing", "corrupt", "index" or "metadata" (the generation's metadata cannot
+    /// be read; its index is not checked).
     pub problem: String,
     /// Details.
     pub detail: String,
@@ -167,7 +168,22 @@ fn run(
     generation: Option<&str>,
     progress: VerifyProgress,
 ) -> Result<(VerifyReport, BTreeMap<[u8; 32], Damaged>)> {
-    let all = repo.list()?;
+    let listed = repo.list_all()?;
+    let all = listed.generations;
+    let mut rep = VerifyReport::default();
+    // a whole-repository verify reports generations it cannot read (a named one that
+    // cannot be read is not found by its name)
+    if generation.is_none() {
+        for u in listed.unreadable {
+            rep.problems.push(VerifyProblem {
+                generation: u.id,
+                offset: None,
+                chunk: None,
+                problem: "metadata".into(),
+                detail: u.why,
+            });
+        }
+    }
     let gens = match generation {
         Some(s) => match super::group::resolve_in(&all, Some(s), repo.dir())? {
             super::Resolved::Generation(g) => vec![g],
@@ -182,7 +198,6 @@ fn run(
     let total: u64 = gens.iter().map(entries_of).sum();
     let mut done = 0u64;
     progress(Phase::Verify, 0, total);
-    let mut rep = VerifyReport::default();
     let mut damaged: BTreeMap<[u8; 32], Damaged> = BTreeMap::new();
     let mut seen: HashMap<[u8; 32], Option<(String, String)>> = HashMap::new();
     for g in &gens {
