@@ -514,12 +514,12 @@ pub fn restore(dirs: &Dirs, a: RestoreArgs) -> Result<i32> {
             .map_err(|e| anyhow!("unable to resolve {}: {e}", dir.display()))?,
     };
     let repo = Repo::open(&dir)?;
-    let all = repo.list()?;
-    let g = match repo::group::resolve_in(&all, gen.as_deref(), &dir)? {
+    let listed = repo.list_all()?;
+    let g = match repo::group::resolve_listed(&listed, gen.as_deref(), &dir)? {
         repo::Resolved::Generation(g) => g,
         repo::Resolved::Group(gr) => {
             drop(repo);
-            return restore_group(dirs, &a, &dir, &all, &gr);
+            return restore_group(dirs, &a, &dir, &listed.generations, &gr);
         }
     };
     drop(repo);

@@ -35,7 +35,7 @@
 //! restored one by one.
 
 use super::generation::GroupRef;
-use super::{GenerationInfo, Repo};
+use super::{GenerationInfo, Listed, Repo};
 use crate::error::Result;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -180,7 +180,18 @@ pub enum Resolved {
 /// generation id, a group id, a disk name, a unique prefix of either id, or `None` (the
 /// newest generation when the repository holds one disk).
 pub fn resolve(repo: &Repo, spec: Option<&str>) -> Result<Resolved> {
-    resolve_in(&repo.list()?, spec, repo.dir())
+    resolve_listed(&repo.list_all()?, spec, repo.dir())
+}
+
+/// [`resolve_in`] over a [`Listed`], refusing a spec or a pick that a generation whose
+/// metadata cannot be read could change ([`super::check_spec`], [`super::check_pick`]).
+pub fn resolve_listed(listed: &Listed, spec: Option<&str>, dir: &Path) -> Result<Resolved> {
+    super::check_spec(&listed.unreadable, &listed.generations, spec, dir)?;
+    let r = resolve_in(&listed.generations, spec, dir)?;
+    if let Resolved::Generation(g) = &r {
+        super::check_pick(&listed.unreadable, spec, &g.id, &g.disk, dir)?;
+    }
+    Ok(r)
 }
 
 /// [`resolve`] over the generations `all` of the repository at `dir`.
@@ -244,6 +255,53 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let r = Repo::open_or_create(t.path(), 4096).unwrap();
         (t, r)
+    }
+
+    #[test]
+    fn a_generation_whose_metadata_cannot_be_read_is_never_picked_around() {
+        let (_t, r) = repo();
+        for id in [
+            "20261201T000000.000Z-01",
+            "20261203T000000.000Z-02",
+            "20261203T120000.000Z-03",
+        ] {
+            gen(&r, id, "d", None);
+        }
+        let (old, mid, new) = (
+            "20261201T000000.000Z-01",
+            "20261203T000000.000Z-02",
+            "20261203T120000.000Z-03",
+        );
+        // healthy: the newest
+        assert_eq!(r.resolve(None).unwrap().id, new);
+        // the newest's metadata is torn: "the newest" and "disk d" are refused, not
+        // answered with the one before it
+        std::fs::write(r.meta_path(new), b"{ torn").unwrap();
+        for spec in [None, Some("d")] {
+            let e = r.resolve(spec).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("generation {new}, newer than {mid}")),
+                "{e}"
+            );
+            let e = resolve(&r, spec).unwrap_err().to_string();
+            assert!(e.contains("cannot be read"), "{e}");
+        }
+        // naming it, or a prefix only it matches, says why it cannot be used; a prefix
+        // matching it and another is ambiguous
+        for spec in [new, "20261203T12"] {
+            let e = r.resolve(Some(spec)).unwrap_err().to_string();
+            assert!(e.contains("its metadata cannot be read"), "{e}");
+        }
+        let e = r.resolve(Some("20261203T")).unwrap_err().to_string();
+        assert!(e.contains("cannot be read"), "{e}");
+        // an older one named, or a prefix only it matches, still resolves
+        assert_eq!(r.resolve(Some(mid)).unwrap().id, mid);
+        assert_eq!(r.resolve(Some("20261201")).unwrap().id, old);
+        // an unreadable generation older than the newest changes nothing
+        gen(&r, new, "d", None);
+        std::fs::write(r.meta_path(old), b"{ torn").unwrap();
+        assert_eq!(r.resolve(None).unwrap().id, new);
+        assert_eq!(r.resolve(Some("d")).unwrap().id, new);
     }
 
     #[test]
