@@ -184,12 +184,12 @@ pub fn resolve(repo: &Repo, spec: Option<&str>) -> Result<Resolved> {
 }
 
 /// [`resolve_in`] over a [`Listed`], refusing a spec or a pick that a generation whose
-/// metadata cannot be read could change ([`super::check_spec`], [`super::check_pick`]).
+/// metadata cannot be read could change ([`Listed::check_spec`], [`Listed::check_pick`]).
 pub fn resolve_listed(listed: &Listed, spec: Option<&str>, dir: &Path) -> Result<Resolved> {
-    super::check_spec(&listed.unreadable, &listed.generations, spec, dir)?;
+    listed.check_spec(spec, dir)?;
     let r = resolve_in(&listed.generations, spec, dir)?;
     if let Resolved::Generation(g) = &r {
-        super::check_pick(&listed.unreadable, spec, &g.id, &g.disk, dir)?;
+        listed.check_pick(spec, g, dir)?;
     }
     Ok(r)
 }

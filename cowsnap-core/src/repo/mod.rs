@@ -196,6 +196,70 @@ impl Listed {
             why,
         });
     }
+
+    /// Refuse a spec that names a generation whose metadata cannot be read, by its id or
+    /// by a prefix no readable generation matches, rather than answer "not found".
+    pub(crate) fn check_spec(&self, spec: Option<&str>, dir: &Path) -> Result<()> {
+        let named = |s: &str| {
+            self.unreadable.iter().find(|u| {
+                u.id == s
+                    || (u.id.starts_with(s)
+                        && !self
+                            .generations
+                            .iter()
+                            .any(|g| g.disk == s || g.id.starts_with(s)))
+            })
+        };
+        match spec.and_then(named) {
+            Some(u) => Err(crate::err!(
+                Corrupt,
+                "unable to use generation {} in {}: its metadata cannot be read ({}); run cowsnapctl verify",
+                u.id,
+                dir.display(),
+                u.why
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuse a pick `g`, resolved from `spec`, that a generation whose
+    /// metadata cannot be read could change: for "the newest" (no spec, or a disk name) an
+    /// unreadable generation newer than the pick — its disk unknown, it may be the newest
+    /// asked for; for an id prefix, an unreadable generation the prefix also matches.
+    /// Generation ids sort by time.
+    pub(crate) fn check_pick(
+        &self,
+        spec: Option<&str>,
+        g: &GenerationInfo,
+        dir: &Path,
+    ) -> Result<()> {
+        let (id, disk) = (g.id.as_str(), g.disk.as_str());
+        let newest = spec.is_none() || spec.is_some_and(|s| s == disk && s != id);
+        let hit = match spec {
+            _ if newest => self.unreadable.iter().find(|u| u.id.as_str() > id),
+            Some(s) if s != id => self.unreadable.iter().find(|u| u.id.starts_with(s)),
+            _ => None,
+        };
+        match hit {
+            Some(u) if newest => Err(crate::err!(
+                Corrupt,
+                "unable to pick the newest generation{} in {}: generation {}, newer than {id}, cannot be read ({}); name the generation to use (@ID), or run cowsnapctl verify",
+                spec.map(|s| format!(" of {s:?}")).unwrap_or_default(),
+                dir.display(),
+                u.id,
+                u.why
+            )),
+            Some(u) => Err(crate::err!(
+                Corrupt,
+                "unable to pick a generation: {:?} matches {id} and generation {}, whose metadata cannot be read ({}), in {}; give more of the id",
+                spec.unwrap_or_default(),
+                u.id,
+                u.why,
+                dir.display()
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// An opened repository.
@@ -787,12 +851,12 @@ impl Repo {
     /// [`group::resolve`] also accepts group ids.
     ///
     /// A generation whose metadata cannot be read is not picked silently around: a spec
-    /// naming it, or a pick it could change (see [`check_pick`]), is refused.
+    /// naming it, or a pick it could change (see [`Listed::check_pick`]), is refused.
     pub fn resolve(&self, spec: Option<&str>) -> Result<GenerationInfo> {
         let l = self.list_all()?;
-        check_spec(&l.unreadable, &l.generations, spec, &self.dir)?;
+        l.check_spec(spec, &self.dir)?;
         let g = resolve_in(&l.generations, spec, &self.dir)?;
-        check_pick(&l.unreadable, spec, &g.id, &g.disk, &self.dir)?;
+        l.check_pick(spec, &g, &self.dir)?;
         Ok(g)
     }
 
@@ -835,72 +899,6 @@ impl Repo {
 }
 
 /// [`Repo::resolve`] over the generations `all` of the repository at `dir`.
-/// Refuse a spec that names a generation whose metadata cannot be read, by its id or
-/// by a prefix no generation of `all` (the readable ones) matches, rather than answer
-/// "not found".
-pub fn check_spec(
-    unreadable: &[Unreadable],
-    all: &[GenerationInfo],
-    spec: Option<&str>,
-    dir: &Path,
-) -> Result<()> {
-    let named = |s: &str| {
-        unreadable.iter().find(|u| {
-            u.id == s
-                || (u.id.starts_with(s) && !all.iter().any(|g| g.disk == s || g.id.starts_with(s)))
-        })
-    };
-    match spec.and_then(named) {
-        Some(u) => Err(crate::err!(
-            Corrupt,
-            "unable to use generation {} in {}: its metadata cannot be read ({}); run cowsnapctl verify",
-            u.id,
-            dir.display(),
-            u.why
-        )),
-        None => Ok(()),
-    }
-}
-
-/// Refuse a pick (`id` of `disk`, resolved from `spec`) that a generation whose
-/// metadata cannot be read could change: for "the newest" (no spec, or a disk name) an
-/// unreadable generation newer than the pick — its disk unknown, it may be the newest
-/// asked for; for an id prefix, an unreadable generation the prefix also matches.
-/// Generation ids sort by time.
-pub fn check_pick(
-    unreadable: &[Unreadable],
-    spec: Option<&str>,
-    id: &str,
-    disk: &str,
-    dir: &Path,
-) -> Result<()> {
-    let newest = spec.is_none() || spec.is_some_and(|s| s == disk && s != id);
-    let hit = match spec {
-        _ if newest => unreadable.iter().find(|u| u.id.as_str() > id),
-        Some(s) if s != id => unreadable.iter().find(|u| u.id.starts_with(s)),
-        _ => None,
-    };
-    match hit {
-        Some(u) if newest => Err(crate::err!(
-            Corrupt,
-            "unable to pick the newest generation{} in {}: generation {}, newer than {id}, cannot be read ({}); name the generation to use (@ID), or run cowsnapctl verify",
-            spec.map(|s| format!(" of {s:?}")).unwrap_or_default(),
-            dir.display(),
-            u.id,
-            u.why
-        )),
-        Some(u) => Err(crate::err!(
-            Corrupt,
-            "unable to pick a generation: {:?} matches {id} and generation {}, whose metadata cannot be read ({}), in {}; give more of the id",
-            spec.unwrap_or_default(),
-            u.id,
-            u.why,
-            dir.display()
-        )),
-        None => Ok(()),
-    }
-}
-
 pub(crate) fn resolve_in(
     all: &[GenerationInfo],
     spec: Option<&str>,

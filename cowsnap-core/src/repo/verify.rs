@@ -169,31 +169,31 @@ fn run(
     progress: VerifyProgress,
 ) -> Result<(VerifyReport, BTreeMap<[u8; 32], Damaged>)> {
     let listed = repo.list_all()?;
-    let all = listed.generations;
     let mut rep = VerifyReport::default();
-    // a whole-repository verify reports generations it cannot read (a named one that
-    // cannot be read is not found by its name)
+    // a whole-repository verify reports generations it cannot read (a named one, or a
+    // pick one could change, is refused by the resolution)
     if generation.is_none() {
-        for u in listed.unreadable {
+        for u in &listed.unreadable {
             rep.problems.push(VerifyProblem {
-                generation: u.id,
+                generation: u.id.clone(),
                 offset: None,
                 chunk: None,
                 problem: "metadata".into(),
-                detail: u.why,
+                detail: u.why.clone(),
             });
         }
     }
     let gens = match generation {
-        Some(s) => match super::group::resolve_in(&all, Some(s), repo.dir())? {
+        Some(s) => match super::group::resolve_listed(&listed, Some(s), repo.dir())? {
             super::Resolved::Generation(g) => vec![g],
             // Every member present (of an incomplete group too: they are generations).
-            super::Resolved::Group(gr) => all
+            super::Resolved::Group(gr) => listed
+                .generations
                 .into_iter()
                 .filter(|g| g.group.as_ref().is_some_and(|r| r.id == gr.id))
                 .collect(),
         },
-        None => all,
+        None => listed.generations,
     };
     let total: u64 = gens.iter().map(entries_of).sum();
     let mut done = 0u64;
